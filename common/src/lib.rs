@@ -1,0 +1,4 @@
+//! Shared types, geometry, schedulers and method math.
+pub mod method;
+pub mod noise;
+pub mod spec;

@@ -1,0 +1,2 @@
+//! The methods' math as pure functions over tensors.
+pub mod guidance;

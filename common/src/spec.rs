@@ -1,0 +1,196 @@
+//! What a user asks for: the render specification, and the checks it must pass before any work
+//! starts. Every message says what to change, because it is shown to the user as it is.
+
+use crate::sched::SchedulerKind;
+
+/// Longest prompt accepted, in characters. CLIP reads 77 tokens; far longer text is a mistake
+/// (a pasted file, a runaway script) rather than a prompt.
+pub const MAX_PROMPT_CHARS: usize = 2000;
+/// Largest side in pixels (a 8192-pixel latent).
+pub const MAX_SIDE: u32 = 65536;
+/// Smallest side in pixels: one latent pixel per VAE downsampling step.
+pub const MIN_SIDE: u32 = 64;
+pub const MAX_STEPS: usize = 1000;
+/// Pixel sizes must be multiples of the VAE's downsampling factor.
+pub const PIXELS_PER_LATENT: u32 = 8;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderSpec {
+    pub prompt: String,
+    /// `None` is different from `Some("")` for SDXL, whose pipeline then uses zero embeddings.
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance: f64,
+    /// `None`: the model's `scheduler_config.json` decides, as in diffusers.
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+/// A `WIDTHxHEIGHT` size in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl std::str::FromStr for Size {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError(format!("size {s:?} is not WIDTHxHEIGHT in pixels, e.g. 1024x768"));
+        let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let width = w.trim().parse::<u32>().map_err(|_| bad())?;
+        let height = h.trim().parse::<u32>().map_err(|_| bad())?;
+        Ok(Size { width, height })
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// Checks one side of an image size.
+pub fn check_side(name: &str, value: u32) -> Result<(), SpecError> {
+    if value < MIN_SIDE {
+        return Err(SpecError(format!(
+            "{name} {value} is too small: use at least {MIN_SIDE} pixels"
+        )));
+    }
+    if value > MAX_SIDE {
+        return Err(SpecError(format!(
+            "{name} {value} is too large: use at most {MAX_SIDE} pixels"
+        )));
+    }
+    if value % PIXELS_PER_LATENT != 0 {
+        let down = value / PIXELS_PER_LATENT * PIXELS_PER_LATENT;
+        return Err(SpecError(format!(
+            "{name} {value} is not a multiple of {PIXELS_PER_LATENT}: use {down} or {}",
+            down + PIXELS_PER_LATENT
+        )));
+    }
+    Ok(())
+}
+
+impl RenderSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_side("width", self.width)?;
+        check_side("height", self.height)?;
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(SpecError(format!(
+                "steps {} is out of range: use 1 to {MAX_STEPS}",
+                self.steps
+            )));
+        }
+        if !self.guidance.is_finite() || !(0.0..=100.0).contains(&self.guidance) {
+            return Err(SpecError(format!(
+                "guidance {} is not a number from 0 to 100 (7.5 is typical; 1 or less turns guidance off)",
+                self.guidance
+            )));
+        }
+        check_prompt("prompt", &self.prompt)?;
+        if let Some(n) = &self.negative_prompt {
+            check_prompt("negative prompt", n)?;
+        }
+        if self.prompt.trim().is_empty() {
+            return Err(SpecError("prompt is empty: describe the picture to render".into()));
+        }
+        Ok(())
+    }
+
+    /// The generation parameters as `key: value` lines, for the PNG's metadata.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "prompt: {}\nnegative_prompt: {}\nsize: {}x{}\nsteps: {}\nguidance: {}\nseed: {}",
+            self.prompt,
+            self.negative_prompt.as_deref().unwrap_or(""),
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.seed
+        );
+        if let Some(k) = self.scheduler {
+            s.push_str(&format!("\nscheduler: {k}"));
+        }
+        s
+    }
+}
+
+fn check_prompt(name: &str, text: &str) -> Result<(), SpecError> {
+    let chars = text.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(SpecError(format!(
+            "{name} is {chars} characters long: shorten it to at most {MAX_PROMPT_CHARS} \
+             (the text encoder reads only the first 77 tokens anyway)"
+        )));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(SpecError(format!(
+            "{name} contains control characters: remove them"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RenderSpec {
+        RenderSpec {
+            prompt: "a lighthouse".into(),
+            negative_prompt: None,
+            width: 256,
+            height: 192,
+            steps: 4,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        let s: Size = "1024x768".parse().unwrap();
+        assert_eq!((s.width, s.height), (1024, 768));
+        assert_eq!(s.to_string(), "1024x768");
+        assert!("1024".parse::<Size>().is_err());
+        assert!("-8x8".parse::<Size>().is_err());
+        assert!("axb".parse::<Size>().is_err());
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_specs_say_what_to_change() {
+        let cases: Vec<(RenderSpec, &str)> = vec![
+            (RenderSpec { width: 250, ..spec() }, "use 248 or 256"),
+            (RenderSpec { height: 0, ..spec() }, "too small"),
+            (RenderSpec { width: 70000, ..spec() }, "at most 65536"),
+            (RenderSpec { steps: 0, ..spec() }, "use 1 to 1000"),
+            (RenderSpec { guidance: f64::NAN, ..spec() }, "guidance"),
+            (RenderSpec { guidance: f64::INFINITY, ..spec() }, "guidance"),
+            (RenderSpec { prompt: "  ".into(), ..spec() }, "prompt is empty"),
+            (RenderSpec { prompt: "x".repeat(10_000), ..spec() }, "shorten it"),
+            (
+                RenderSpec { negative_prompt: Some("a\u{7}".into()), ..spec() },
+                "control characters",
+            ),
+        ];
+        for (s, want) in cases {
+            let err = s.validate().unwrap_err().0;
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The coordinator: runs jobs (planning, the sampling loop, guidance, assembly) and hosts the
+//! `tessera` command line.
+pub mod assemble;
+pub mod cli;
+pub mod engine;
+pub mod latent_file;

@@ -1,0 +1,233 @@
+//! `tessera model synth` and `tessera render` driven as a user drives them: the real binary,
+//! real files, real exit codes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use common::*;
+
+#[test]
+fn readme_quick_start_renders_byte_identical_pngs() {
+    let model = tiny_model("sdxl-tiny");
+    let dir = Scratch::new("quickstart");
+    let (a, b) = (dir.path("a.png"), dir.path("b.png"));
+    for out in [&a, &b] {
+        tessera_ok(&[
+            "render", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse",
+            "--size", "256x256", "--steps", "4", "--seed", "7", "-o", out.to_str().unwrap(),
+        ]);
+    }
+    let (bytes_a, bytes_b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(bytes_a, bytes_b, "same seed must give byte-identical PNGs");
+    let (w, h, pixels, text) = read_png(&a);
+    assert_eq!((w, h), (256, 256));
+    let params = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    for want in ["prompt: a lighthouse", "seed: 7", "steps: 4", "size: 256x256", "scheduler: euler"] {
+        assert!(params.contains(want), "{want:?} missing from {params:?}");
+    }
+    // A picture, not a constant: the random model still produces varied pixels.
+    let distinct: std::collections::BTreeSet<u8> = pixels.iter().copied().collect();
+    assert!(distinct.len() > 16, "image is nearly constant");
+
+    // Another seed gives another picture.
+    let c = dir.path("c.png");
+    tessera_ok(&[
+        "render", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse",
+        "--size", "256x256", "--steps", "4", "--seed", "8", "-o", c.to_str().unwrap(),
+    ]);
+    assert_ne!(read_png(&c).2, pixels);
+}
+
+#[test]
+fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
+    let model = tiny_model("sd21-tiny");
+    let dir = Scratch::new("sd21");
+    let (png, lat) = (dir.path("o.png"), dir.path("o.safetensors"));
+    tessera_ok(&[
+        "render", "--model", model.to_str().unwrap(), "--prompt", "a red boat",
+        "--negative-prompt", "fog", "--size", "192x128", "--steps", "3", "--seed", "3",
+        "--output-latents", lat.to_str().unwrap(), "-o", png.to_str().unwrap(),
+    ]);
+    let (w, h, _, text) = read_png(&png);
+    assert_eq!((w, h), (192, 128));
+    assert!(text.iter().any(|(_, v)| v.contains("scheduler: ddim")));
+    let t = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    assert_eq!(t["latents"].dims(), &[1, 4, 16, 24]);
+}
+
+/// Renders a diffusers-made model directory from the pipeline's own initial latents and
+/// compares with what diffusers' pipeline produced for the same inputs.
+fn diffusers_pipeline_parity(arch: &str, case: &str) {
+    let root = repo_root().join("tests/parity/fixtures").join(arch);
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("reference.json")).unwrap()).unwrap();
+    let params = &reference["pipelines"][case];
+    let tensors = candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let get = |name: &str| -> &Tensor {
+        tensors.get(name).unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+    };
+
+    let dir = Scratch::new(&format!("parity-{arch}-{case}"));
+    let latents_in = dir.path("in.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("latents", get(&format!("pipe.{case}.latents")).clone())]),
+        &latents_in,
+    )
+    .unwrap();
+    let (latents_out, png) = (dir.path("out.safetensors"), dir.path("out.png"));
+    let size = format!("{}x{}", params["width"], params["height"]);
+    let steps = params["steps"].to_string();
+    let guidance = params["guidance"].to_string();
+    let mut args = vec![
+        "render", "--model", root.join("model").to_str().unwrap().to_owned().leak(),
+        "--prompt", params["prompt"].as_str().unwrap(),
+        "--size", &size, "--steps", &steps, "--guidance", &guidance,
+        "--latents", latents_in.to_str().unwrap(),
+        "--output-latents", latents_out.to_str().unwrap(),
+        "-o", png.to_str().unwrap(),
+    ];
+    if let Some(neg) = params["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt", neg]);
+    }
+    tessera_ok(&args);
+
+    let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
+    let ours: Vec<f32> = ours["latents"].flatten_all().unwrap().to_vec1().unwrap();
+    let theirs: Vec<f32> =
+        get(&format!("pipe.{case}.output_latents")).flatten_all().unwrap().to_vec1().unwrap();
+    let err = rel_l2(&ours, &theirs);
+    assert!(err <= 1e-3, "{arch}/{case}: final latents rel. L2 error {err:.3e} > 1e-3");
+
+    // The PNG against diffusers' decoded image (in [0, 1]), quantised the same way.
+    let image = get(&format!("pipe.{case}.image")).squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
+    let image: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
+    let (_, _, pixels, _) = read_png(&png);
+    let ours: Vec<f32> = pixels.iter().map(|&p| f32::from(p) / 255.0).collect();
+    let err = rel_l2(&ours, &image);
+    assert!(err <= 1e-2, "{arch}/{case}: image rel. L2 error {err:.3e} (8-bit quantised)");
+    eprintln!("{arch}/{case}: latents and image match diffusers");
+}
+
+#[test]
+fn diffusers_made_sd21_directory_matches_diffusers_pipeline() {
+    diffusers_pipeline_parity("sd21", "cfg");
+}
+
+#[test]
+fn diffusers_made_sdxl_directory_matches_diffusers_pipeline() {
+    diffusers_pipeline_parity("sdxl", "cfg");
+    diffusers_pipeline_parity("sdxl", "noneg");
+}
+
+/// Runs a render expected to fail and returns its stderr, checking the failure is short and
+/// free of panics and backtraces.
+fn failing_render(model: &Path, out: &Path) -> String {
+    let o = tessera(&[
+        "render", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "1",
+        "-o", out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "render of a broken model succeeded");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.lines().count() <= 4, "error too long:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(!out.exists(), "a failed render must not leave an output file");
+    err
+}
+
+#[test]
+fn broken_model_directories_get_short_errors_naming_the_file() {
+    let good = tiny_model("sdxl-tiny");
+    let dir = Scratch::new("broken");
+
+    // A truncated UNet file.
+    let m = dir.path("truncated");
+    copy_dir(&good, &m);
+    let f = m.join("unet/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    let err = failing_render(&m, &dir.path("a.png"));
+    assert!(err.contains("unet/diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(err.contains("truncated or corrupt"), "{err}");
+
+    // A missing unet/config.json.
+    let m = dir.path("noconfig");
+    copy_dir(&good, &m);
+    std::fs::remove_file(m.join("unet/config.json")).unwrap();
+    let err = failing_render(&m, &dir.path("b.png"));
+    assert!(err.contains("unet/config.json"), "{err}");
+    assert!(err.contains("missing"), "{err}");
+
+    // A unet file holding the wrong tensors (the VAE's).
+    let m = dir.path("wrongtensors");
+    copy_dir(&good, &m);
+    std::fs::copy(
+        m.join("vae/diffusion_pytorch_model.safetensors"),
+        m.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let err = failing_render(&m, &dir.path("c.png"));
+    assert!(err.contains("unet"), "{err}");
+    assert!(err.contains("conv_in") || err.contains("cannot find tensor") || err.contains("shape"), "{err}");
+
+    // Not a model directory at all.
+    let err = failing_render(&dir.path("nothing-here"), &dir.path("d.png"));
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn bad_flags_get_clear_errors() {
+    let model = tiny_model("sdxl-tiny");
+    let m = model.to_str().unwrap();
+    let dir = Scratch::new("flags");
+    let out = dir.path("x.png");
+    let o = out.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--size", "250x256"], "use 248 or 256"),
+        (&["--size", "256"], "WIDTHxHEIGHT"),
+        (&["--steps", "0"], "use 1 to 1000"),
+        (&["--guidance", "NaN"], "guidance"),
+        (&["--scheduler", "pndm"], "ddim"),
+        (&["--device", "gpu"], "use cpu or cuda:N"),
+        (&["--latents", "/nonexistent/l.safetensors"], "cannot read latents"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["render", "--model", m, "--prompt", "x", "-o", o];
+        args.extend_from_slice(extra);
+        let r = tessera(&args);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
+        assert!(!out.exists());
+    }
+    // Latents of the wrong shape.
+    let lat = dir.path("l.safetensors");
+    let t = Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("x", t)]), &lat).unwrap();
+    let r = tessera(&["render", "--model", m, "--prompt", "x", "--size", "128x128", "--latents",
+        lat.to_str().unwrap(), "--steps", "1", "-o", o]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--size 64x64"), "{:?}", r);
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["render", "--help"],
+        vec!["model", "--help"],
+        vec!["model", "synth", "--help"],
+    ] {
+        let o = tessera_ok(&args);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+    let o = tessera_ok(&["render", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for flag in ["--model", "--prompt", "--negative-prompt", "--size", "--steps", "--guidance",
+        "--scheduler", "--seed", "--latents", "--output-latents", "--device", "--output"] {
+        assert!(text.contains(flag), "render --help lacks {flag}");
+    }
+}

@@ -1,0 +1,117 @@
+//! Shared setup for the cross-process tests: the real `tessera` binary, scratch directories,
+//! and synthesized models.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn tessera_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tessera")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh directory under the target dir, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tessera-test-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `tessera` with `args`, returning its output whatever the exit status.
+pub fn tessera(args: &[&str]) -> Output {
+    Command::new(tessera_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run tessera")
+}
+
+/// Runs `tessera` and fails the test with its stderr if it does not succeed.
+pub fn tessera_ok(args: &[&str]) -> Output {
+    let out = tessera(args);
+    assert!(
+        out.status.success(),
+        "tessera {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A tiny synthesized model shared by the tests of one process (synthesis is deterministic).
+pub fn tiny_model(arch: &str) -> PathBuf {
+    static SDXL: OnceLock<PathBuf> = OnceLock::new();
+    static SD21: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match arch {
+        "sdxl-tiny" => &SDXL,
+        "sd21-tiny" => &SD21,
+        other => panic!("unknown tiny arch {other}"),
+    };
+    cell.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tessera-model-{arch}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        tessera_ok(&["model", "synth", "--arch", arch, "--out", dir.to_str().unwrap(), "--seed", "1"]);
+        dir
+    })
+    .clone()
+}
+
+/// Copies a directory tree (model fixtures are small).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// ||a - b|| / ||b||
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Decodes an 8-bit RGB PNG: (width, height, pixels, text chunks).
+pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, Vec<(String, String)>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(frame.buffer_size());
+    let info = reader.info();
+    let text = info
+        .utf8_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.get_text().unwrap()))
+        .collect();
+    (info.width, info.height, buf, text)
+}

@@ -1,0 +1,4 @@
+//! The worker side of Tessera: model code (UNet, VAE, CLIP), devices, and the tasks a worker runs.
+pub mod device;
+pub mod model;
+pub mod tasks;

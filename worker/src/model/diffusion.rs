@@ -1,0 +1,238 @@
+//! A whole Stable Diffusion model loaded from a diffusers directory: tokenizers, text encoders,
+//! UNet, VAE and the scheduler configuration, plus prompt encoding exactly as diffusers'
+//! StableDiffusionPipeline / StableDiffusionXLPipeline do it.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use tessera_common::sched::SchedulerConfig;
+
+use super::loader::{ModelDir, ModelError, PipelineKind, Result};
+use super::text::{ClipTextConfig, ClipTextModel};
+use super::tokenizer::ClipTokenizer;
+use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKL, VaeConfig};
+
+/// One tokenizer with its text encoder.
+struct TextBranch {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextModel,
+}
+
+pub struct DiffusionModel {
+    pub dir: ModelDir,
+    pub kind: PipelineKind,
+    pub device: Device,
+    pub dtype: DType,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    vae_dtype: DType,
+    text: Vec<TextBranch>,
+}
+
+/// Text conditioning for one prompt pair. Batches are laid out `[uncond, cond]`, as diffusers
+/// concatenates them.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// (1, 77, C) each.
+    pub cond: Tensor,
+    pub uncond: Tensor,
+    /// SDXL's pooled text embeddings, (1, P) each.
+    pub pooled_cond: Option<Tensor>,
+    pub pooled_uncond: Option<Tensor>,
+}
+
+/// SDXL's micro-conditioning (original size, crop, target size), in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeConditioning {
+    pub original: (u32, u32),
+    pub crop_top_left: (u32, u32),
+    pub target: (u32, u32),
+}
+
+impl SizeConditioning {
+    /// What the SDXL pipeline uses by default: no crop, original = target = the render size.
+    pub fn for_size(height: u32, width: u32) -> Self {
+        Self {
+            original: (height, width),
+            crop_top_left: (0, 0),
+            target: (height, width),
+        }
+    }
+
+    fn as_row(&self) -> [f32; 6] {
+        [
+            self.original.0 as f32,
+            self.original.1 as f32,
+            self.crop_top_left.0 as f32,
+            self.crop_top_left.1 as f32,
+            self.target.0 as f32,
+            self.target.1 as f32,
+        ]
+    }
+}
+
+impl DiffusionModel {
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = ModelDir::open(path)?;
+        let kind = dir.index().kind;
+
+        let unet_cfg: UNetConfig = dir.config("unet")?;
+        let unet = dir
+            .weights("unet", dtype, device)?
+            .build(|vb| UNet2DConditionModel::new(vb, &unet_cfg))?;
+
+        let vae_cfg: VaeConfig = dir.config("vae")?;
+        // The VAE stays in f32 when asked for f16: SDXL's VAE overflows in half precision
+        // (its config says force_upcast), and it runs once per tile, so the cost is small.
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = dir
+            .weights("vae", vae_dtype, device)?
+            .build(|vb| AutoencoderKL::new(vb, &vae_cfg))?;
+
+        let branches: &[(&str, &str, bool)] = match kind {
+            PipelineKind::StableDiffusion => &[("tokenizer", "text_encoder", false)],
+            PipelineKind::StableDiffusionXl => &[
+                ("tokenizer", "text_encoder", false),
+                ("tokenizer_2", "text_encoder_2", true),
+            ],
+        };
+        let mut text = Vec::with_capacity(branches.len());
+        for &(tok, enc, with_projection) in branches {
+            let tokenizer = ClipTokenizer::from_dir(&dir.component_dir(tok))
+                .map_err(|e| ModelError::Other(e.to_string()))?;
+            let cfg: ClipTextConfig = dir.config(enc)?;
+            let encoder = dir
+                .weights(enc, dtype, device)?
+                .build(|vb| ClipTextModel::new(vb, &cfg, with_projection))?;
+            text.push(TextBranch { tokenizer, encoder });
+        }
+
+        let sched_path = dir.scheduler_config_path();
+        if !sched_path.is_file() {
+            return Err(ModelError::MissingFile { path: sched_path });
+        }
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)
+            .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
+
+        Ok(Self {
+            dir,
+            kind,
+            device: device.clone(),
+            dtype,
+            unet,
+            vae,
+            scheduler_config,
+            vae_dtype,
+            text,
+        })
+    }
+
+    /// The training size in pixels (`unet.sample_size` latent pixels times 8).
+    pub fn training_size(&self) -> u32 {
+        (self.unet.config().sample_size() * 8) as u32
+    }
+
+    /// The VAE's own dtype (f32 where half precision would overflow).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
+    pub fn vae_scaling_factor(&self) -> f64 {
+        self.vae.config().scaling_factor
+    }
+
+    /// Encodes a prompt and its negative. A missing negative prompt is the empty string, except
+    /// for SDXL models whose pipeline config sets `force_zeros_for_empty_prompt`: there the
+    /// unconditional embeddings are zeros, as in diffusers.
+    pub fn encode_prompt(&self, prompt: &str, negative: Option<&str>) -> Result<PromptEmbeddings> {
+        let (cond, pooled_cond) = self.encode_text(prompt)?;
+        let zero_negative = negative.is_none()
+            && self.kind == PipelineKind::StableDiffusionXl
+            && self.dir.index().force_zeros_for_empty_prompt;
+        let (uncond, pooled_uncond) = if zero_negative {
+            (
+                cond.zeros_like().map_err(other)?,
+                pooled_cond
+                    .as_ref()
+                    .map(|p| p.zeros_like())
+                    .transpose()
+                    .map_err(other)?,
+            )
+        } else {
+            self.encode_text(negative.unwrap_or(""))?
+        };
+        Ok(PromptEmbeddings {
+            cond,
+            uncond,
+            pooled_cond,
+            pooled_uncond,
+        })
+    }
+
+    /// SD: the last hidden state of the one encoder. SDXL: the penultimate hidden states of both
+    /// encoders side by side, and the second encoder's projected pooled output.
+    fn encode_text(&self, text: &str) -> Result<(Tensor, Option<Tensor>)> {
+        let mut states = Vec::with_capacity(self.text.len());
+        let mut pooled = None;
+        for branch in &self.text {
+            let ids = branch
+                .tokenizer
+                .encode(text)
+                .map_err(|e| ModelError::Other(e.to_string()))?;
+            let ids = Tensor::new(ids.as_slice(), &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(other)?;
+            let out = branch.encoder.forward(&ids).map_err(other)?;
+            match self.kind {
+                PipelineKind::StableDiffusion => states.push(out.last_hidden_state),
+                PipelineKind::StableDiffusionXl => {
+                    states.push(out.penultimate);
+                    if out.text_embeds.is_some() {
+                        pooled = out.text_embeds;
+                    }
+                }
+            }
+        }
+        let context = Tensor::cat(&states, 2).map_err(other)?;
+        Ok((context, pooled))
+    }
+
+    /// The UNet's added conditioning for a batch laid out `[uncond, cond]` (or `[cond]` alone
+    /// when `guided` is false); `None` for SD models.
+    pub fn added_conditioning(
+        &self,
+        embeddings: &PromptEmbeddings,
+        size: SizeConditioning,
+        guided: bool,
+        repeat: usize,
+    ) -> Result<Option<AddedCond>> {
+        let (Some(pc), Some(pu)) = (&embeddings.pooled_cond, &embeddings.pooled_uncond) else {
+            return Ok(None);
+        };
+        let pooled = if guided {
+            Tensor::cat(&[pu.repeat((repeat, 1)).map_err(other)?, pc.repeat((repeat, 1)).map_err(other)?], 0)
+        } else {
+            pc.repeat((repeat, 1))
+        }
+        .map_err(other)?;
+        let rows = pooled.dim(0).map_err(other)?;
+        let ids: Vec<f32> = (0..rows).flat_map(|_| size.as_row()).collect();
+        let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(other)?;
+        Ok(Some(AddedCond {
+            text_embeds: pooled,
+            time_ids,
+        }))
+    }
+}
+
+fn other(e: candle_core::Error) -> ModelError {
+    ModelError::Other(e.to_string())
+}
