@@ -2,3 +2,4 @@
 pub mod method;
 pub mod noise;
 pub mod spec;
+pub mod sched;

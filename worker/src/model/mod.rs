@@ -3,3 +3,11 @@
 pub mod loader;
 pub mod diffusion;
 pub mod synth;
+pub mod vae;
+pub mod text;
+pub mod tokenizer;
+pub mod resnet;
+pub mod attention;
+pub mod blocks;
+pub mod unet;
+pub mod hooks;

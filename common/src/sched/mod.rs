@@ -1,0 +1,383 @@
+//! DDIM and Euler discrete schedulers, matching diffusers step for step. A `Scheduler` is one
+//! sampling schedule (kind, config, number of steps); `step` is a pure function of
+//! (model output, step index, sample), with no hidden counter, so a resumed or re-run step
+//! computes exactly what it computed the first time.
+
+mod config;
+mod ddim;
+mod euler;
+
+pub use config::{SchedulerConfig, TimestepSpacing};
+
+use candle_core::{DType, Result as TensorResult, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("scheduler config: {0}")]
+    Config(String),
+    #[error("unsupported scheduler setting: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = SchedulerError;
+
+    fn from_str(s: &str) -> Result<Self, SchedulerError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ddim" => Ok(Self::Ddim),
+            "euler" => Ok(Self::Euler),
+            other => Err(SchedulerError::Invalid(format!(
+                "scheduler {other:?} is not known: use ddim or euler"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ddim => "ddim",
+            Self::Euler => "euler",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub prev_sample: Tensor,
+    pub pred_original_sample: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    kind: SchedulerKind,
+    prediction: PredictionType,
+    num_train_timesteps: usize,
+    alphas_cumprod: Vec<f64>,
+    timesteps: Vec<f64>,
+    /// DDIM: ᾱ used after the last step. Euler: unused.
+    final_alpha_cumprod: f64,
+    clip_sample: Option<f64>,
+    /// Euler: σ per step plus a final 0. DDIM: empty.
+    sigmas: Vec<f64>,
+    init_noise_sigma: f64,
+}
+
+impl Scheduler {
+    pub fn new(
+        kind: SchedulerKind,
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Self, SchedulerError> {
+        cfg.check_supported(kind)?;
+        let n_train = cfg.num_train_timesteps;
+        if num_inference_steps == 0 || num_inference_steps > n_train {
+            return Err(SchedulerError::Invalid(format!(
+                "{num_inference_steps} steps: use 1 to {n_train} (the model's training timesteps)"
+            )));
+        }
+        let alphas_cumprod = cfg.alphas_cumprod()?;
+        let spacing = cfg.spacing()?;
+        let mut s = Scheduler {
+            kind,
+            prediction: cfg.prediction()?,
+            num_train_timesteps: n_train,
+            final_alpha_cumprod: if cfg.set_alpha_to_one {
+                1.0
+            } else {
+                alphas_cumprod[0]
+            },
+            clip_sample: cfg.clip_sample.then_some(cfg.clip_sample_range),
+            alphas_cumprod,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            init_noise_sigma: 1.0,
+        };
+        match kind {
+            SchedulerKind::Ddim => {
+                let timesteps =
+                    ddim::timesteps(spacing, n_train, num_inference_steps, cfg.steps_offset);
+                // diffusers would fail with an index error at the first step; say why now.
+                if let Some(t) = timesteps.iter().find(|&&t| t >= n_train as f64) {
+                    return Err(SchedulerError::Invalid(format!(
+                        "DDIM timestep {t} (steps_offset {} with {num_inference_steps} steps) \
+                         is past the model's {n_train} training timesteps",
+                        cfg.steps_offset
+                    )));
+                }
+                s.timesteps = timesteps;
+            }
+            SchedulerKind::Euler => {
+                let (timesteps, sigmas) = euler::schedule(
+                    spacing,
+                    n_train,
+                    num_inference_steps,
+                    cfg.steps_offset,
+                    &s.alphas_cumprod,
+                );
+                // diffusers' `init_noise_sigma`: max σ (in f32) for linspace/trailing, and
+                // √(σ_max² + 1) for leading, whose first timestep is below the top of the schedule.
+                let max_sigma = sigmas.iter().copied().fold(0.0f64, f64::max);
+                s.init_noise_sigma = match spacing {
+                    TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+                    TimestepSpacing::Leading => {
+                        f64::from((max_sigma * max_sigma + 1.0).sqrt() as f32)
+                    }
+                };
+                s.timesteps = timesteps;
+                s.sigmas = sigmas;
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn kind(&self) -> SchedulerKind {
+        self.kind
+    }
+
+    /// The timesteps the model is evaluated at, in order.
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    pub fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+
+    pub fn prediction_type(&self) -> PredictionType {
+        self.prediction
+    }
+
+    /// Euler's σ per step (plus the final 0); empty for DDIM.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    /// The model input for step `step_index`: Euler divides by sqrt(σ² + 1), DDIM passes it on.
+    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> TensorResult<Tensor> {
+        match self.kind {
+            SchedulerKind::Ddim => Ok(sample.clone()),
+            SchedulerKind::Euler => {
+                let sigma = self.sigma_at(step_index)?;
+                sample / (sigma * sigma + 1.0).sqrt()
+            }
+        }
+    }
+
+    /// One denoising step at `step_index` of the schedule (η = 0 for DDIM, no churn for
+    /// Euler). Both outputs have the sample's dtype; `model_output` is converted to it. Euler
+    /// works in f32 when the sample is f16/bf16, as diffusers upcasts before its step.
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> TensorResult<StepOutput> {
+        let t = *self.timesteps.get(step_index).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "step index {step_index} outside the schedule of {} steps",
+                self.timesteps.len()
+            ))
+        })?;
+        let out_dtype = sample.dtype();
+        match self.kind {
+            SchedulerKind::Ddim => {
+                // diffusers' DDIM steps back by the nominal ratio, not to the next timestep of
+                // the schedule (they differ for linspace spacing); below 0 it uses the final ᾱ.
+                let prev_t = t as i64 - (self.num_train_timesteps / self.timesteps.len()) as i64;
+                let alpha_t = self.alpha_at(t)?;
+                let alpha_prev = if prev_t >= 0 {
+                    self.alpha_at(prev_t as f64)?
+                } else {
+                    self.final_alpha_cumprod
+                };
+                ddim::step(
+                    self.prediction,
+                    &model_output.to_dtype(out_dtype)?,
+                    sample,
+                    alpha_t,
+                    alpha_prev,
+                    self.clip_sample,
+                )
+            }
+            SchedulerKind::Euler => {
+                let work = match out_dtype {
+                    DType::F16 | DType::BF16 => DType::F32,
+                    other => other,
+                };
+                let out = euler::step(
+                    self.prediction,
+                    &model_output.to_dtype(work)?,
+                    &sample.to_dtype(work)?,
+                    self.sigma_at(step_index)?,
+                    self.sigma_at(step_index + 1)?,
+                )?;
+                Ok(StepOutput {
+                    prev_sample: out.prev_sample.to_dtype(out_dtype)?,
+                    pred_original_sample: out.pred_original_sample.to_dtype(out_dtype)?,
+                })
+            }
+        }
+    }
+
+    /// Noises a clean sample to `timestep`, as the scheduler's `add_noise` does: DDIM uses
+    /// √ᾱ·x + √(1−ᾱ)·n at that (integer) training timestep; Euler x + σ·n with the σ of the
+    /// schedule's step at that timestep (it must be one of the schedule's timesteps).
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> TensorResult<Tensor> {
+        let noise = noise.to_dtype(original.dtype())?;
+        match self.kind {
+            SchedulerKind::Ddim => {
+                let a = self.alpha_at(timestep)?;
+                (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
+            }
+            SchedulerKind::Euler => {
+                let index = self.step_index_of(timestep).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "timestep {timestep} is not in this Euler schedule {:?}",
+                        self.timesteps
+                    ))
+                })?;
+                original + (noise * self.sigma_at(index)?)?
+            }
+        }
+    }
+
+    /// The step of the schedule evaluated at `timestep`, found as diffusers'
+    /// `index_for_timestep` finds it: the second of two equal timesteps, else the only one.
+    pub fn step_index_of(&self, timestep: f64) -> Option<usize> {
+        let mut hits = self
+            .timesteps
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == timestep)
+            .map(|(i, _)| i);
+        let first = hits.next()?;
+        Some(hits.next().unwrap_or(first))
+    }
+
+    /// ᾱ at an integer training timestep.
+    fn alpha_at(&self, timestep: f64) -> TensorResult<f64> {
+        if timestep.fract() != 0.0 || timestep < 0.0 {
+            return Err(candle_core::Error::Msg(format!(
+                "timestep {timestep} is not a training timestep (0..{})",
+                self.alphas_cumprod.len()
+            )));
+        }
+        self.alphas_cumprod
+            .get(timestep as usize)
+            .copied()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "timestep {timestep} outside 0..{}",
+                    self.alphas_cumprod.len()
+                ))
+            })
+    }
+
+    fn sigma_at(&self, step_index: usize) -> TensorResult<f64> {
+        self.sigmas.get(step_index).copied().ok_or_else(|| {
+            candle_core::Error::Msg(format!("step index {step_index} outside the schedule"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sdxl_config(kind: &str, pred: &str, spacing: &str) -> SchedulerConfig {
+        SchedulerConfig::from_json(
+            format!(
+                r#"{{"_class_name": "{kind}", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "{pred}",
+                "timestep_spacing": "{spacing}", "steps_offset": 1, "set_alpha_to_one": false,
+                "clip_sample": false}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn leading_timesteps_with_offset() {
+        let cfg = sdxl_config("EulerDiscreteScheduler", "epsilon", "leading");
+        let s = Scheduler::new(SchedulerKind::Euler, &cfg, 10).unwrap();
+        assert_eq!(
+            s.timesteps(),
+            &[901., 801., 701., 601., 501., 401., 301., 201., 101., 1.]
+        );
+        assert_eq!(s.sigmas().len(), 11);
+        assert_eq!(*s.sigmas().last().unwrap(), 0.0);
+        let d = Scheduler::new(SchedulerKind::Ddim, &cfg, 10).unwrap();
+        assert_eq!(d.timesteps(), s.timesteps());
+        assert_eq!(d.init_noise_sigma(), 1.0);
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_reproduce() {
+        let mut cfg = sdxl_config("PNDMScheduler", "epsilon", "leading");
+        assert!(cfg
+            .kind()
+            .unwrap_err()
+            .to_string()
+            .contains("--scheduler ddim"));
+        cfg.use_karras_sigmas = true;
+        let e = Scheduler::new(SchedulerKind::Euler, &cfg, 10).unwrap_err();
+        assert!(e.to_string().contains("Karras"));
+        let cfg = sdxl_config("DDIMScheduler", "sample", "leading");
+        assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 10).is_err());
+        let cfg = sdxl_config("DDIMScheduler", "epsilon", "leading");
+        assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 0).is_err());
+        assert!(Scheduler::new(SchedulerKind::Ddim, &cfg, 1001).is_err());
+        assert!("pndm"
+            .parse::<SchedulerKind>()
+            .unwrap_err()
+            .to_string()
+            .contains("ddim or euler"));
+        assert_eq!(
+            "Euler".parse::<SchedulerKind>().unwrap(),
+            SchedulerKind::Euler
+        );
+    }
+
+    #[test]
+    fn one_step_ddim_returns_the_predicted_clean_sample() -> TensorResult<()> {
+        // With a single step, prev_t < 0 and set_alpha_to_one=false uses ᾱ₀ ≈ 1: the result is
+        // almost exactly the x0 prediction.
+        let cfg = sdxl_config("DDIMScheduler", "epsilon", "leading");
+        let s = Scheduler::new(SchedulerKind::Ddim, &cfg, 1).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[0.5f32, -1.0], &dev)?;
+        let e = Tensor::new(&[0.1f32, 0.2], &dev)?;
+        let out = s.step(&e, 0, &x)?;
+        let prev = out.prev_sample.to_vec1::<f32>()?;
+        let x0 = out.pred_original_sample.to_vec1::<f32>()?;
+        for (p, q) in prev.iter().zip(&x0) {
+            assert!((p - q).abs() < 0.05, "{p} vs {q}");
+        }
+        Ok(())
+    }
+}
