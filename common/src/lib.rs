@@ -3,3 +3,4 @@ pub mod method;
 pub mod noise;
 pub mod spec;
 pub mod sched;
+pub mod tiling;

@@ -173,6 +173,12 @@ impl Scheduler {
 
     /// The model input for step `step_index`: Euler divides by sqrt(σ² + 1), DDIM passes it on.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> TensorResult<Tensor> {
+        if step_index >= self.timesteps.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "step index {step_index} outside the schedule of {} steps",
+                self.timesteps.len()
+            )));
+        }
         match self.kind {
             SchedulerKind::Ddim => Ok(sample.clone()),
             SchedulerKind::Euler => {
@@ -334,6 +340,125 @@ mod tests {
         let d = Scheduler::new(SchedulerKind::Ddim, &cfg, 10).unwrap();
         assert_eq!(d.timesteps(), s.timesteps());
         assert_eq!(d.init_noise_sigma(), 1.0);
+    }
+
+    /// Values printed by diffusers 0.42.1 for step counts that do not divide 1000: half-way
+    /// `linspace` points (DDIM rounds 499.5 to 500 and 832.5 to 832, half to even; Euler keeps
+    /// them and interpolates σ), and `trailing`'s fractional stride.
+    #[test]
+    fn odd_step_counts_match_diffusers() {
+        type Case = (
+            usize,
+            &'static str,
+            &'static [f64],
+            &'static [f64],
+            &'static [f64],
+        );
+        let cases: [Case; 4] = [
+            (
+                3,
+                "linspace",
+                &[999., 500., 0.],
+                &[999., 499.5, 0.],
+                &[
+                    14.614646911621094,
+                    1.6155834197998047,
+                    0.02916753478348255,
+                    0.,
+                ],
+            ),
+            (
+                3,
+                "trailing",
+                &[999., 666., 332.],
+                &[999., 666., 332.],
+                &[
+                    14.614646911621094,
+                    2.9183084964752197,
+                    0.9292148947715759,
+                    0.,
+                ],
+            ),
+            (
+                7,
+                "leading",
+                &[853., 711., 569., 427., 285., 143., 1.],
+                &[853., 711., 569., 427., 285., 143., 1.],
+                &[
+                    6.570651531219482,
+                    3.4854564666748047,
+                    2.0473127365112305,
+                    1.2720634937286377,
+                    0.7900615334510803,
+                    0.4403095841407776,
+                    0.04131447896361351,
+                    0.,
+                ],
+            ),
+            (
+                7,
+                "linspace",
+                &[999., 832., 666., 500., 333., 166., 0.],
+                &[999., 832.5, 666., 499.5, 333., 166.5, 0.],
+                &[
+                    14.614646911621094,
+                    5.948918342590332,
+                    2.9183084964752197,
+                    1.6155834197998047,
+                    0.9323583841323853,
+                    0.49355348944664,
+                    0.02916753478348255,
+                    0.,
+                ],
+            ),
+        ];
+        for (n, spacing, ddim_ts, euler_ts, sigmas) in cases {
+            let cfg = sdxl_config("DDIMScheduler", "epsilon", spacing);
+            let d = Scheduler::new(SchedulerKind::Ddim, &cfg, n).unwrap();
+            assert_eq!(d.timesteps(), ddim_ts, "ddim {n} {spacing}");
+            let e = Scheduler::new(SchedulerKind::Euler, &cfg, n).unwrap();
+            assert_eq!(e.timesteps(), euler_ts, "euler {n} {spacing}");
+            for (ours, theirs) in e.sigmas().iter().zip(sigmas) {
+                let err = if *theirs == 0.0 {
+                    ours.abs()
+                } else {
+                    (ours / theirs - 1.0).abs()
+                };
+                assert!(err < 1e-6, "euler {n} {spacing}: σ {ours} vs {theirs}");
+            }
+        }
+    }
+
+    /// At an integer timestep Euler's σ is √((1 − ᾱ_t)/ᾱ_t) of the training schedule.
+    #[test]
+    fn euler_sigma_at_an_integer_timestep() {
+        let cfg = sdxl_config("EulerDiscreteScheduler", "epsilon", "leading");
+        let s = Scheduler::new(SchedulerKind::Euler, &cfg, 10).unwrap();
+        let a = s.alphas_cumprod()[901];
+        let expected = ((1.0 - a) / a).sqrt();
+        assert!((s.sigmas()[0] / expected - 1.0).abs() < 1e-6);
+        assert!((s.init_noise_sigma() / (expected * expected + 1.0).sqrt() - 1.0).abs() < 1e-6);
+        assert_eq!(s.step_index_of(901.0), Some(0));
+        assert_eq!(s.step_index_of(900.0), None);
+    }
+
+    #[test]
+    fn outputs_keep_the_sample_dtype_and_bad_indices_are_errors() -> TensorResult<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[0.5f32, -1.0], &dev)?.to_dtype(DType::F16)?;
+        let e = Tensor::new(&[0.1f32, 0.2], &dev)?;
+        for class in ["EulerDiscreteScheduler", "DDIMScheduler"] {
+            let cfg = sdxl_config(class, "v_prediction", "trailing");
+            let s = Scheduler::new(cfg.kind().unwrap(), &cfg, 4).unwrap();
+            let out = s.step(&e, 3, &x)?;
+            assert_eq!(out.prev_sample.dtype(), DType::F16);
+            assert_eq!(out.pred_original_sample.dtype(), DType::F16);
+            assert!(s.step(&e, 4, &x).is_err());
+            assert!(s.scale_model_input(&x, 4).is_err());
+            assert!(s.add_noise(&x, &e, 998.5).is_err());
+            assert!(s.add_noise(&x, &e, 999.0).is_ok());
+        }
+        Ok(())
     }
 
     #[test]

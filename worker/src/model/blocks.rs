@@ -87,11 +87,19 @@ impl DownBlock {
             .collect::<Result<Vec<_>>>()?;
         let attentions = attentions(&vb, layers, out_channels, cross, s)?;
         let downsampler = if add_downsample {
-            Some(Downsample2D::new(vb.pp("downsamplers").pp(0), out_channels, downsample_padding)?)
+            Some(Downsample2D::new(
+                vb.pp("downsamplers").pp(0),
+                out_channels,
+                downsample_padding,
+            )?)
         } else {
             None
         };
-        Ok(Self { resnets, attentions, downsampler })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the block output and the skip tensors it contributes (one per resnet, plus the
@@ -151,7 +159,10 @@ impl MidBlock {
             })
             .collect::<Result<Vec<_>>>()?;
         let attentions = attentions(&vb, num_layers, channels, Some(cross), s)?;
-        Ok(Self { resnets, attentions })
+        Ok(Self {
+            resnets,
+            attentions,
+        })
     }
 
     pub fn forward(
@@ -196,8 +207,16 @@ impl UpBlock {
         let resnets = (0..layers)
             .map(|i| {
                 // The last resnet takes the skip from before the matching down block.
-                let skip = if i == layers - 1 { in_channels } else { out_channels };
-                let cin = if i == 0 { prev_output_channels } else { out_channels };
+                let skip = if i == layers - 1 {
+                    in_channels
+                } else {
+                    out_channels
+                };
+                let cin = if i == 0 {
+                    prev_output_channels
+                } else {
+                    out_channels
+                };
                 ResnetBlock2D::new(
                     vb.pp("resnets").pp(i),
                     cin + skip,
@@ -215,7 +234,12 @@ impl UpBlock {
         } else {
             None
         };
-        Ok(Self { resnets, attentions, upsampler, resolution_idx })
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+            resolution_idx,
+        })
     }
 
     pub fn num_resnets(&self) -> usize {
@@ -239,7 +263,10 @@ impl UpBlock {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let mut skip = match skips.pop() {
                 Some(s) => s,
-                None => candle_core::bail!("up block {}: ran out of skip connections", self.resolution_idx),
+                None => candle_core::bail!(
+                    "up block {}: ran out of skip connections",
+                    self.resolution_idx
+                ),
             };
             if let Some(freeu) = hooks.freeu {
                 let (h, s) = apply_freeu(self.resolution_idx, &x, &skip, &freeu)?;

@@ -222,7 +222,8 @@ mod tests {
             for k2 in 0..w {
                 for n1 in 0..h {
                     for n2 in 0..w {
-                        let a = -2.0 * PI * ((k1 * n1) as f64 / h as f64 + (k2 * n2) as f64 / w as f64);
+                        let a =
+                            -2.0 * PI * ((k1 * n1) as f64 / h as f64 + (k2 * n2) as f64 / w as f64);
                         fr[k1 * w + k2] += x[n1 * w + n2] * a.cos();
                         fi[k1 * w + k2] += x[n1 * w + n2] * a.sin();
                     }
@@ -253,7 +254,8 @@ mod tests {
                 let mut s = 0.0;
                 for k1 in 0..h {
                     for k2 in 0..w {
-                        let a = 2.0 * PI * ((k1 * n1) as f64 / h as f64 + (k2 * n2) as f64 / w as f64);
+                        let a =
+                            2.0 * PI * ((k1 * n1) as f64 / h as f64 + (k2 * n2) as f64 / w as f64);
                         s += fr[k1 * w + k2] * a.cos() - fi[k1 * w + k2] * a.sin();
                     }
                 }
@@ -271,11 +273,19 @@ mod tests {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             let gs = got.flatten_all()?.to_vec1::<f32>()?;
             for c in 0..2 {
-                let plane: Vec<f64> = xs[c * h * w..(c + 1) * h * w].iter().map(|&v| v as f64).collect();
+                let plane: Vec<f64> = xs[c * h * w..(c + 1) * h * w]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
                 let want = reference_filter(&plane, h, w, 0.6);
                 for i in 0..h * w {
                     let d = (gs[c * h * w + i] as f64 - want[i]).abs();
-                    assert!(d < 1e-5, "({h},{w}) c{c} i{i}: {} vs {}", gs[c * h * w + i], want[i]);
+                    assert!(
+                        d < 1e-5,
+                        "({h},{w}) c{c} i{i}: {} vs {}",
+                        gs[c * h * w + i],
+                        want[i]
+                    );
                 }
             }
         }

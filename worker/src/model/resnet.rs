@@ -100,7 +100,14 @@ impl ResnetBlock2D {
         let norm2 = candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
         let conv2 = HookedConv2d::new(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?;
         let conv_shortcut = if in_channels != out_channels {
-            Some(HookedConv2d::new(in_channels, out_channels, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            Some(HookedConv2d::new(
+                in_channels,
+                out_channels,
+                1,
+                1,
+                0,
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -175,7 +182,12 @@ impl Upsample2D {
 
     /// `size` is the skip connection's spatial size (diffusers' `upsample_size`); nearest
     /// resizing to it equals the ×2 resize whenever the size is even.
-    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>, hooks: &UNetHooks) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        size: Option<(usize, usize)>,
+        hooks: &UNetHooks,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let x = x.upsample_nearest2d(th, tw)?;

@@ -4,7 +4,7 @@
 //! penultimate hidden state without the final norm, transformers' two EOS-pooling rules, an
 //! optional bias-free projection and both checkpoint naming schemes (`text_model.` prefix or not).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 fn default_vocab_size() -> usize {
@@ -152,7 +152,8 @@ impl SelfAttention {
         let v = split(self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
         let in_dtype = scores.dtype();
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out_proj.forward(&out)
     }
@@ -182,8 +183,15 @@ impl EncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let h = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
-        let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let h = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        )?;
         h + m
     }
 }
@@ -224,7 +232,9 @@ impl ClipTextModel {
             );
         }
         if cfg.num_hidden_layers < 2 {
-            candle_core::bail!("clip text config: need at least 2 layers for the penultimate state");
+            candle_core::bail!(
+                "clip text config: need at least 2 layers for the penultimate state"
+            );
         }
         let act = Activation::parse(&cfg.hidden_act)?;
         let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
@@ -244,14 +254,23 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, act, vb_layers.pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm =
-            candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?;
+        let final_layer_norm = candle_nn::layer_norm(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            tm.pp("final_layer_norm"),
+        )?;
         let text_projection = if with_projection {
             let dim = match cfg.projection_dim {
                 Some(d) => d,
-                None => candle_core::bail!("clip text config: projection_dim is needed for text_projection"),
+                None => candle_core::bail!(
+                    "clip text config: projection_dim is needed for text_projection"
+                ),
             };
-            Some(candle_nn::linear_no_bias(cfg.hidden_size, dim, vb.pp("text_projection"))?)
+            Some(candle_nn::linear_no_bias(
+                cfg.hidden_size,
+                dim,
+                vb.pp("text_projection"),
+            )?)
         } else {
             None
         };
@@ -310,8 +329,15 @@ impl ClipTextModel {
                 .collect(),
             other => candle_core::bail!("clip text: token ids must be u32 or i64, got {other:?}"),
         };
-        if let Some(bad) = ids.iter().flatten().find(|&&t| t < 0 || t as usize >= self.cfg.vocab_size) {
-            candle_core::bail!("clip text: token id {bad} outside the vocabulary ({})", self.cfg.vocab_size);
+        if let Some(bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&t| t < 0 || t as usize >= self.cfg.vocab_size)
+        {
+            candle_core::bail!(
+                "clip text: token id {bad} outside the vocabulary ({})",
+                self.cfg.vocab_size
+            );
         }
         let dev = self.token_embedding.embeddings().device().clone();
         let flat: Vec<u32> = ids.iter().flatten().map(|&t| t as u32).collect();
@@ -386,11 +412,19 @@ mod tests {
         assert_eq!(out.penultimate.dims3().unwrap(), (1, 8, 16));
         assert_eq!(out.text_embeds.as_ref().unwrap().dims2().unwrap(), (1, 12));
         let at3 = out.last_hidden_state.get(0).unwrap().get(3).unwrap();
-        let d = (at3 - out.pooled.get(0).unwrap()).unwrap().abs().unwrap().sum_all().unwrap();
+        let d = (at3 - out.pooled.get(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
         assert!(m.pool_positions(&[vec![1, 2, 99, 0]]).unwrap() == vec![2]);
         let legacy = ClipTextModel::new(vb, &cfg(2), false).unwrap();
-        assert_eq!(legacy.pool_positions(&[vec![1, 50, 99, 99]]).unwrap(), vec![2]);
+        assert_eq!(
+            legacy.pool_positions(&[vec![1, 50, 99, 99]]).unwrap(),
+            vec![2]
+        );
         let bad = Tensor::new(&[[1u32, 500]], &dev).unwrap();
         assert!(m.forward(&bad).is_err());
     }

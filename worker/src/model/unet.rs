@@ -38,7 +38,10 @@ pub enum UNetConfigError {
     #[error("unet config field `{field}` = {value} is not supported")]
     Unsupported { field: &'static str, value: String },
     #[error("unet config field `{field}` {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl From<UNetConfigError> for candle_core::Error {
@@ -54,14 +57,24 @@ fn d_true() -> bool {
     true
 }
 fn d_down_blocks() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up_blocks() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -229,7 +242,11 @@ impl UNetConfig {
     /// Rejects what this implementation does not compute, naming the field.
     pub fn validate(&self) -> Result<()> {
         fn unsupported<T: std::fmt::Debug>(field: &'static str, v: T) -> candle_core::Error {
-            UNetConfigError::Unsupported { field, value: format!("{v:?}") }.into()
+            UNetConfigError::Unsupported {
+                field,
+                value: format!("{v:?}"),
+            }
+            .into()
         }
         if let Some(v) = &self.class_embed_type {
             return Err(unsupported("class_embed_type", v));
@@ -244,7 +261,10 @@ impl UNetConfig {
             return Err(unsupported("encoder_hid_dim", v));
         }
         if self.time_embedding_type != "positional" {
-            return Err(unsupported("time_embedding_type", &self.time_embedding_type));
+            return Err(unsupported(
+                "time_embedding_type",
+                &self.time_embedding_type,
+            ));
         }
         match self.addition_embed_type.as_deref() {
             None | Some("text_time") => {}
@@ -274,7 +294,10 @@ impl UNetConfig {
             OneOrMany::Many(v) => v.iter().any(|b| *b),
         };
         if only_cross {
-            return Err(unsupported("only_cross_attention", &self.only_cross_attention));
+            return Err(unsupported(
+                "only_cross_attention",
+                &self.only_cross_attention,
+            ));
         }
         if self.mid_block_only_cross_attention == Some(true) {
             return Err(unsupported("mid_block_only_cross_attention", true));
@@ -283,7 +306,10 @@ impl UNetConfig {
             return Err(unsupported("act_fn", &self.act_fn));
         }
         if self.resnet_time_scale_shift != "default" {
-            return Err(unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift));
+            return Err(unsupported(
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+            ));
         }
         if self.resnet_skip_time_act {
             return Err(unsupported("resnet_skip_time_act", true));
@@ -311,26 +337,39 @@ impl UNetConfig {
                 return Err(unsupported("reverse_transformer_layers_per_block", v));
             }
         }
-        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+        for (field, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
             if k % 2 == 0 {
                 return Err(unsupported(field, k));
             }
         }
         let n = self.block_out_channels.len();
         if n == 0 {
-            return Err(UNetConfigError::Invalid { field: "block_out_channels", message: "is empty".into() }.into());
+            return Err(UNetConfigError::Invalid {
+                field: "block_out_channels",
+                message: "is empty".into(),
+            }
+            .into());
         }
         if self.down_block_types.len() != n {
             return Err(UNetConfigError::Invalid {
                 field: "down_block_types",
-                message: format!("has {} entries, block_out_channels {n}", self.down_block_types.len()),
+                message: format!(
+                    "has {} entries, block_out_channels {n}",
+                    self.down_block_types.len()
+                ),
             }
             .into());
         }
         if self.up_block_types.len() != n {
             return Err(UNetConfigError::Invalid {
                 field: "up_block_types",
-                message: format!("has {} entries, block_out_channels {n}", self.up_block_types.len()),
+                message: format!(
+                    "has {} entries, block_out_channels {n}",
+                    self.up_block_types.len()
+                ),
             }
             .into());
         }
@@ -364,7 +403,8 @@ impl UNetConfig {
     }
 
     fn time_embed_dim(&self) -> usize {
-        self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
     }
 }
 
@@ -379,7 +419,12 @@ pub struct AddedCond {
 
 /// diffusers' `get_timestep_embedding` (max_period 10000, scale 1), in f32 as diffusers does:
 /// exp(−ln(10000)·i / (half − shift)) frequencies, [sin, cos] or [cos, sin] when flipped.
-pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
     let half = dim / 2;
     let device = timesteps.device();
     let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
@@ -443,14 +488,31 @@ impl UNet2DConditionModel {
         let ch = &cfg.block_out_channels;
         let heads = cfg.heads_per_block()?;
         let layers = cfg.layers_per_block.per_block(n, "layers_per_block")?;
-        let tlayers = cfg.transformer_layers_per_block.per_block(n, "transformer_layers_per_block")?;
-        let cross_dims = cfg.cross_attention_dim.per_block(n, "cross_attention_dim")?;
+        let tlayers = cfg
+            .transformer_layers_per_block
+            .per_block(n, "transformer_layers_per_block")?;
+        let cross_dims = cfg
+            .cross_attention_dim
+            .per_block(n, "cross_attention_dim")?;
         let temb = cfg.time_embed_dim();
 
-        let conv_in = HookedConv2d::new(cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2, vb.pp("conv_in"))?;
+        let conv_in = HookedConv2d::new(
+            cfg.in_channels,
+            ch[0],
+            cfg.conv_in_kernel,
+            1,
+            cfg.conv_in_kernel / 2,
+            vb.pp("conv_in"),
+        )?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
-        let add_embedding = match (cfg.is_sdxl(), cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
-            (true, Some(d), Some(p)) => Some((d, TimestepEmbedding::new(vb.pp("add_embedding"), p, temb)?)),
+        let add_embedding = match (
+            cfg.is_sdxl(),
+            cfg.addition_time_embed_dim,
+            cfg.projection_class_embeddings_input_dim,
+        ) {
+            (true, Some(d), Some(p)) => {
+                Some((d, TimestepEmbedding::new(vb.pp("add_embedding"), p, temb)?))
+            }
             _ => None,
         };
         let settings = BlockSettings {
@@ -461,7 +523,11 @@ impl UNet2DConditionModel {
             use_linear_projection: cfg.use_linear_projection,
         };
         let cross = |i: usize, has: bool| {
-            has.then_some(CrossAttnSettings { heads: heads[i], layers: tlayers[i], context_dim: cross_dims[i] })
+            has.then_some(CrossAttnSettings {
+                heads: heads[i],
+                layers: tlayers[i],
+                context_dim: cross_dims[i],
+            })
         };
 
         let mut down_blocks = Vec::with_capacity(n);
@@ -481,7 +547,11 @@ impl UNet2DConditionModel {
         let mid_block = MidBlock::new(
             vb.pp("mid_block"),
             ch[n - 1],
-            CrossAttnSettings { heads: heads[n - 1], layers: tlayers[n - 1], context_dim: cross_dims[n - 1] },
+            CrossAttnSettings {
+                heads: heads[n - 1],
+                layers: tlayers[n - 1],
+                context_dim: cross_dims[n - 1],
+            },
             &settings,
             cfg.mid_block_scale_factor,
         )?;
@@ -503,8 +573,20 @@ impl UNet2DConditionModel {
                 &settings,
             )?);
         }
-        let conv_norm_out = candle_nn::group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = HookedConv2d::new(ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2, vb.pp("conv_out"))?;
+        let conv_norm_out = candle_nn::group_norm(
+            cfg.norm_num_groups,
+            ch[0],
+            cfg.norm_eps,
+            vb.pp("conv_norm_out"),
+        )?;
+        let conv_out = HookedConv2d::new(
+            ch[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            1,
+            cfg.conv_out_kernel / 2,
+            vb.pp("conv_out"),
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             conv_in,
@@ -523,15 +605,29 @@ impl UNet2DConditionModel {
     }
 
     /// The time embedding plus, for SDXL, the size / pooled-text embedding.
-    fn embedding(&self, b: usize, timestep: f64, added: Option<&AddedCond>, dtype: DType, device: &Device) -> Result<Tensor> {
+    fn embedding(
+        &self,
+        b: usize,
+        timestep: f64,
+        added: Option<&AddedCond>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let t = Tensor::full(timestep as f32, b, device)?;
-        let t_emb = timestep_embedding(&t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?;
+        let t_emb = timestep_embedding(
+            &t,
+            self.cfg.block_out_channels[0],
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+        )?;
         let emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
         let Some((dim, add_embedding)) = &self.add_embedding else {
             return Ok(emb);
         };
         let Some(added) = added else {
-            candle_core::bail!("this SDXL UNet needs added conditioning (text_embeds and time_ids)");
+            candle_core::bail!(
+                "this SDXL UNet needs added conditioning (text_embeds and time_ids)"
+            );
         };
         let (tb, nids) = added.time_ids.dims2()?;
         let eb = added.text_embeds.dims2()?.0;
@@ -542,8 +638,13 @@ impl UNet2DConditionModel {
                 added.text_embeds.dims()
             );
         }
-        let time = timestep_embedding(&added.time_ids.flatten_all()?, *dim, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?
-            .reshape((b, 6 * dim))?;
+        let time = timestep_embedding(
+            &added.time_ids.flatten_all()?,
+            *dim,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+        )?
+        .reshape((b, 6 * dim))?;
         let text = added.text_embeds.to_dtype(DType::F32)?;
         let add = Tensor::cat(&[&text, &time], D::Minus1)?.to_dtype(dtype)?;
         emb + add_embedding.forward(&add)?
@@ -560,11 +661,16 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4()?;
         if c != self.cfg.in_channels {
-            candle_core::bail!("unet sample has {c} channels, the model expects {}", self.cfg.in_channels);
+            candle_core::bail!(
+                "unet sample has {c} channels, the model expects {}",
+                self.cfg.in_channels
+            );
         }
         let (eb, _, _) = encoder_hidden_states.dims3()?;
         if eb != b {
-            candle_core::bail!("unet: encoder_hidden_states batch {eb} differs from sample batch {b}");
+            candle_core::bail!(
+                "unet: encoder_hidden_states batch {eb} differs from sample batch {b}"
+            );
         }
         if h == 0 || w == 0 {
             candle_core::bail!("unet: empty sample {h}x{w}");
@@ -586,7 +692,9 @@ impl UNet2DConditionModel {
             x = y;
             skips.extend(s);
         }
-        x = self.mid_block.forward(&x, &emb, &context, input_hw, hooks)?;
+        x = self
+            .mid_block
+            .forward(&x, &emb, &context, input_hw, hooks)?;
         let last = self.up_blocks.len() - 1;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let keep = skips.len().checked_sub(block.num_resnets());
@@ -651,7 +759,13 @@ mod tests {
         let ctx = Tensor::randn(0f32, 1.0, (2, 5, ctx_dim), &dev)?;
         let added = AddedCond {
             text_embeds: Tensor::randn(0f32, 1.0, (2, 12), &dev)?,
-            time_ids: Tensor::new(&[[104f32, 80., 0., 0., 104., 80.], [104., 80., 0., 0., 104., 80.]], &dev)?,
+            time_ids: Tensor::new(
+                &[
+                    [104f32, 80., 0., 0., 104., 80.],
+                    [104., 80., 0., 0., 104., 80.],
+                ],
+                &dev,
+            )?,
         };
         let out = unet.forward(&sample, 500.5, &ctx, sdxl.then_some(&added), hooks)?;
         assert_eq!(out.dims(), &[2, 4, 13, 10]);
@@ -664,7 +778,12 @@ mod tests {
             let plain = run(sdxl, &mut UNetHooks::default())?;
             assert!(plain.sum_all()?.to_scalar::<f32>()?.is_finite());
             let mut hooks = UNetHooks {
-                freeu: Some(FreeU { b1: 1.1, b2: 1.2, s1: 0.6, s2: 0.4 }),
+                freeu: Some(FreeU {
+                    b1: 1.1,
+                    b2: 1.2,
+                    s1: 0.6,
+                    s2: 0.4,
+                }),
                 capture_cross_attention: true,
                 ..Default::default()
             };
@@ -686,6 +805,37 @@ mod tests {
     }
 
     #[test]
+    fn tiny_unet_runs_in_half_precision() -> Result<()> {
+        // BF16 is left out: candle has no BF16 matmul on the CPU.
+        let dtype = DType::F16;
+        let cfg = tiny(true);
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+        let unet = UNet2DConditionModel::new(vb, &cfg)?;
+        let dev = Device::Cpu;
+        let sample = Tensor::randn(0f32, 1.0, (1, 4, 8, 12), &dev)?.to_dtype(dtype)?;
+        let ctx = Tensor::randn(0f32, 1.0, (1, 5, 24), &dev)?.to_dtype(dtype)?;
+        let added = AddedCond {
+            text_embeds: Tensor::randn(0f32, 1.0, (1, 12), &dev)?.to_dtype(dtype)?,
+            time_ids: Tensor::new(&[[64f32, 96., 0., 0., 64., 96.]], &dev)?.to_dtype(dtype)?,
+        };
+        let mut hooks = UNetHooks {
+            freeu: Some(FreeU {
+                b1: 1.1,
+                b2: 1.2,
+                s1: 0.6,
+                s2: 0.4,
+            }),
+            capture_cross_attention: true,
+            ..Default::default()
+        };
+        let out = unet.forward(&sample, 999.0, &ctx, Some(&added), &mut hooks)?;
+        assert_eq!(out.dtype(), dtype);
+        assert_eq!(out.dims(), &[1, 4, 8, 12]);
+        Ok(())
+    }
+
+    #[test]
     fn rejects_unsupported_settings() {
         let mut cfg = tiny(false);
         cfg.class_embed_type = Some("timestep".into());
@@ -693,11 +843,20 @@ mod tests {
         assert!(err.contains("class_embed_type"), "{err}");
         let mut cfg = tiny(false);
         cfg.addition_embed_type = Some("text".into());
-        assert!(cfg.validate().unwrap_err().to_string().contains("addition_embed_type"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("addition_embed_type"));
         let mut cfg = tiny(false);
         cfg.down_block_types[0] = "SimpleCrossAttnDownBlock2D".into();
-        assert!(cfg.validate().unwrap_err().to_string().contains("down_block_types"));
-        let bad: std::result::Result<UNetConfig, _> = serde_json::from_value(serde_json::json!({"layers_per_block": "x"}));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("down_block_types"));
+        let bad: std::result::Result<UNetConfig, _> =
+            serde_json::from_value(serde_json::json!({"layers_per_block": "x"}));
         assert!(bad.is_err());
     }
 }

@@ -1,0 +1,251 @@
+//! FreCaS's frequency-aware CFG (paper §3.3; reference `utils/facfg_wrapper.py`,
+//! `freq_decompose` and `facfg_forward`).
+//!
+//! In a stage above the first, the previous stage already fixed the low frequencies; the new
+//! stage mostly adds detail. So each prediction is split into a low band, what survives a
+//! round trip through the previous stage's latent size (`F.interpolate(.., mode="bilinear")`
+//! down then up, align_corners = false, no antialias), and the high remainder, and each band
+//! gets its own guidance weight: `ε = Σ_band ε_u^band + w_band·(ε_c^band − ε_u^band)`.
+//! The reference then feeds `[0, ε/gs]` through the pipeline's own CFG, which returns ε up to
+//! rounding; here ε is returned directly.
+
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FaCfgError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, FaCfgError>;
+
+/// Guidance weights per band, `--facfg_weight W_HIGH W_LOW` order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaCfgWeights {
+    pub high: f64,
+    pub low: f64,
+}
+
+impl FaCfgWeights {
+    /// From the reference's `[w_high, w_low]` list.
+    pub fn from_pair([high, low]: [f64; 2]) -> Self {
+        Self { high, low }
+    }
+}
+
+/// Splits a `(B, C, H, W)` tensor into `(high, low)`: low = up(down(x, low_hw), (H, W)) with
+/// bilinear resampling, align_corners = false (candle's `upsample_bilinear2d`, which follows
+/// torch's source-index rule `(dst + ½)·in/out − ½` clamped at 0, also when shrinking),
+/// high = x − low. Computed in f32.
+pub fn frequency_split(x: &Tensor, low_hw: (usize, usize)) -> Result<(Tensor, Tensor)> {
+    let (_, _, h, w) = x.dims4()?;
+    if low_hw.0 == 0 || low_hw.1 == 0 {
+        return Err(FaCfgError::Invalid(format!(
+            "low-band size {}x{} must be positive",
+            low_hw.0, low_hw.1
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?;
+    let low = x
+        .upsample_bilinear2d(low_hw.0, low_hw.1, false)?
+        .upsample_bilinear2d(h, w, false)?;
+    let high = (&x - &low)?;
+    Ok((high, low))
+}
+
+/// FA-CFG of merged unconditional and conditional predictions; `low_hw` is the previous
+/// stage's latent size. f32 result.
+pub fn fa_cfg(
+    uncond: &Tensor,
+    cond: &Tensor,
+    low_hw: (usize, usize),
+    weights: FaCfgWeights,
+) -> Result<Tensor> {
+    if uncond.dims() != cond.dims() {
+        return Err(FaCfgError::Invalid(format!(
+            "unconditional {:?} and conditional {:?} predictions differ in shape",
+            uncond.dims(),
+            cond.dims()
+        )));
+    }
+    let (uh, ul) = frequency_split(uncond, low_hw)?;
+    let (ch, cl) = frequency_split(cond, low_hw)?;
+    // Same association as the reference's `_uncout + _gsw*(_cout-_uncout)` per band, summed
+    // high then low.
+    let high = (&uh + ((ch - &uh)? * weights.high)?)?;
+    let low = (&ul + ((cl - &ul)? * weights.low)?)?;
+    Ok((high + low)?)
+}
+
+// Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `sin(0.37·i + 0.1)` (or `cos(0.21·i)`) over the flat index of a (1, 2, 6, 8) tensor,
+    /// as built with torch in /tmp/ref/misc.py.
+    fn wave(cos: bool) -> Result<Tensor> {
+        let v: Vec<f32> = (0..96)
+            .map(|i| {
+                if cos {
+                    (i as f32 * 0.21).cos()
+                } else {
+                    (i as f32 * 0.37 + 0.1).sin()
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (1, 2, 6, 8), &Device::Cpu)?)
+    }
+
+    /// (low-band size, expected low values, expected high values).
+    type SplitCase = ((usize, usize), [f32; 6], [f32; 6]);
+
+    #[test]
+    fn split_matches_torch_interpolate() -> Result<()> {
+        // Expected: `freq_decompose` of facfg_wrapper.py (F.interpolate bilinear down to
+        // tsize and back up) run with torch in /tmp/ref/misc.py; flat indices
+        // [0, 5, 17, 40, 77, 95]. (5, 3) shrinks rows by a non-integer factor and (4, 6)
+        // shrinks both axes by 1.5 / 1.33.
+        let x = wave(false)?;
+        let idx = [0usize, 5, 17, 40, 77, 95];
+        let cases: [SplitCase; 3] = [
+            (
+                (3, 4),
+                [
+                    0.0874490886926651,
+                    -0.023541804403066635,
+                    0.08318594843149185,
+                    0.07679937034845352,
+                    0.07961826771497726,
+                    0.07364435493946075,
+                ],
+                [
+                    0.012384332716464996,
+                    0.9525015354156494,
+                    0.023425616323947906,
+                    0.6460815668106079,
+                    -0.3900681734085083,
+                    -0.7120928764343262,
+                ],
+            ),
+            (
+                (5, 3),
+                [
+                    0.3322959244251251,
+                    0.6414393186569214,
+                    -0.014979587867856026,
+                    0.3956027328968048,
+                    0.04342319071292877,
+                    -0.28042367100715637,
+                ],
+                [
+                    -0.23246249556541443,
+                    0.2875204086303711,
+                    0.12159115076065063,
+                    0.3272782266139984,
+                    -0.353873074054718,
+                    -0.35802486538887024,
+                ],
+            ),
+            (
+                (4, 6),
+                [
+                    0.12413523346185684,
+                    0.4324851930141449,
+                    0.005889804568141699,
+                    0.3721204400062561,
+                    -0.12710490822792053,
+                    -0.25873953104019165,
+                ],
+                [
+                    -0.024301812052726746,
+                    0.4964745342731476,
+                    0.10072176158428192,
+                    0.3507605195045471,
+                    -0.1833449900150299,
+                    -0.37970900535583496,
+                ],
+            ),
+        ];
+        for (hw, low, high) in cases {
+            let (h, l) = frequency_split(&x, hw)?;
+            let h = h.flatten_all()?.to_vec1::<f32>()?;
+            let l = l.flatten_all()?.to_vec1::<f32>()?;
+            for (j, &i) in idx.iter().enumerate() {
+                assert!(
+                    (l[i] - low[j]).abs() < 1e-6,
+                    "{hw:?} low[{i}] {} vs {}",
+                    l[i],
+                    low[j]
+                );
+                assert!(
+                    (h[i] - high[j]).abs() < 1e-6,
+                    "{hw:?} high[{i}] {} vs {}",
+                    h[i],
+                    high[j]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fa_cfg_matches_reference_band_sum() -> Result<()> {
+        // Expected: `sum([u + w*(c-u) for u, c, w in zip(freq_decompose(u), freq_decompose(c),
+        // [35.0, 7.5])])` with u = sin wave, c = cos wave, tsize (3, 4), torch
+        // (/tmp/ref/misc.py).
+        let u = wave(false)?;
+        let c = wave(true)?;
+        let got = fa_cfg(&u, &c, (3, 4), FaCfgWeights::from_pair([35.0, 7.5]))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = [
+            23.318283081054688,
+            -9.202779769897461,
+            -31.38697052001953,
+            -44.07026290893555,
+            -10.506627082824707,
+            21.560470581054688,
+        ];
+        for (j, &i) in [0usize, 5, 17, 40, 77, 95].iter().enumerate() {
+            assert!(
+                (got[i] - want[j]).abs() < 2e-5,
+                "[{i}] {} vs {}",
+                got[i],
+                want[j]
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn equal_weights_reduce_to_plain_cfg() -> Result<()> {
+        let u = wave(false)?;
+        let c = wave(true)?;
+        let got = fa_cfg(
+            &u,
+            &c,
+            (3, 4),
+            FaCfgWeights {
+                high: 7.5,
+                low: 7.5,
+            },
+        )?;
+        let plain = crate::method::guidance::classifier_free(&u, &c, 7.5)?;
+        let d = (got - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "max difference {d}");
+        assert!(fa_cfg(
+            &u,
+            &c.narrow(3, 0, 4)?,
+            (3, 4),
+            FaCfgWeights::from_pair([1.0, 1.0])
+        )
+        .is_err());
+        assert!(frequency_split(&u, (0, 4)).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,448 @@
+//! FreeScale's per-step schedule for stages above the training size (reference
+//! `pipeline_freescale.py`, `__call__`; detail control in `pipeline_freescale_imgen.py`).
+//!
+//! - Restart: the stage skips its first `int(0.3 · steps)` steps and starts from the upscaled
+//!   latent noised to that step's timestep.
+//! - Restrained structure (skip residual): before every step i ≥ restart,
+//!   `z ← (1 − c_i)·z + c_i·n_i` with `n_i = add_noise(z_up, ε, t_i)` (one ε per stage) and
+//!   `c_i = (½·(1 + cos(π·(T − t_i)/T)))^cosine_scale`, T = the scheduler's
+//!   `num_train_timesteps` and t_i the scheduler's own timestep value. Early (t near T) c ≈ 1
+//!   pins the layout to the upscaled image; late c → 0 frees the details.
+//! - Dilation: while i < dilate_tau, selected 3×3 convs use dilation = padding =
+//!   stage width // training width.
+
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FreeScaleError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, FreeScaleError>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(FreeScaleError::Invalid(msg.into()))
+}
+
+/// Fraction of the steps a stage > 0 skips: `restart_steps = [int(num_inference_steps*0.3)]`.
+pub const RESTART_FRACTION: f64 = 0.3;
+/// Reference default `cosine_scale` (`run_freescale.py` and the pipeline signature).
+pub const DEFAULT_COSINE_SCALE: f64 = 2.0;
+/// Reference default `dilate_tau`.
+pub const DEFAULT_DILATE_TAU: usize = 35;
+
+/// `int(steps · 0.3)`, truncating the f64 product as Python's `int` does.
+pub fn restart_index(steps: usize) -> usize {
+    (steps as f64 * RESTART_FRACTION) as usize
+}
+
+/// `½·(1 + cos(π·(T − t)/T))`: 1 at t = T, 0 at t = 0.
+pub fn cosine_factor(t: f64, num_train_timesteps: usize) -> f64 {
+    let big_t = num_train_timesteps as f64;
+    0.5 * (1.0 + (std::f64::consts::PI * (big_t - t) / big_t).cos())
+}
+
+/// c = cosine_factor^cosine_scale.
+pub fn restraint_weight(t: f64, num_train_timesteps: usize, cosine_scale: f64) -> f64 {
+    cosine_factor(t, num_train_timesteps).powf(cosine_scale)
+}
+
+/// `(1 − c)·z + c·n`, where `n` is only computed when c ≠ 0 (at c = 0 the result is z
+/// itself, which is what the formula gives for any finite n).
+pub fn restrain(
+    z: &Tensor,
+    c: f64,
+    noised: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    if !(0.0..=1.0).contains(&c) {
+        return invalid(format!("restraint weight {c} is outside [0, 1]"));
+    }
+    if c == 0.0 {
+        return Ok(z.clone());
+    }
+    let n = noised()?;
+    if n.dims() != z.dims() {
+        return invalid(format!(
+            "noised latent {:?} does not match the latent {:?}",
+            n.dims(),
+            z.dims()
+        ));
+    }
+    Ok(((z * (1.0 - c))? + (n * c)?)?)
+}
+
+/// The restrained-structure schedule of one stage > 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestrainedStructure {
+    pub restart: usize,
+    pub cosine_scale: f64,
+    pub num_train_timesteps: usize,
+}
+
+impl RestrainedStructure {
+    /// Reference defaults: restart at int(0.3 · steps), T = 1000.
+    pub fn new(steps: usize, cosine_scale: f64) -> Result<Self> {
+        if !(cosine_scale.is_finite() && cosine_scale >= 0.0) {
+            return invalid(format!("cosine scale must be ≥ 0, got {cosine_scale}"));
+        }
+        Ok(Self {
+            restart: restart_index(steps),
+            cosine_scale,
+            num_train_timesteps: 1000,
+        })
+    }
+
+    /// Whether step `i` is evaluated at all (the reference `continue`s below the restart).
+    pub fn runs_step(&self, i: usize) -> bool {
+        i >= self.restart
+    }
+
+    /// c for step `i` at timestep `t`, or `None` for skipped steps. At i = restart the
+    /// reference also blends, a no-op there because z is n_restart.
+    pub fn weight(&self, i: usize, t: f64) -> Option<f64> {
+        self.runs_step(i)
+            .then(|| restraint_weight(t, self.num_train_timesteps, self.cosine_scale))
+    }
+
+    /// z before the model call of step `i`; `add_noise` builds n_i = add_noise(z_up, ε, t_i)
+    /// on demand (scheduler-specific: Euler adds σ·ε, DDIM mixes by ᾱ).
+    pub fn apply(
+        &self,
+        z: &Tensor,
+        i: usize,
+        t: f64,
+        add_noise: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.weight(i, t) {
+            None => invalid(format!(
+                "step {i} is before the restart step {}: the stage starts at add_noise(z_up, ε, t_restart)",
+                self.restart
+            )),
+            Some(c) => restrain(z, c, add_noise),
+        }
+    }
+}
+
+/// Per-latent-pixel exponents `mask·cosine_scale + (1 − mask)·cosine_scale_bg`, with the mask
+/// (`(1, 1, Hm, Wm)` or `(Hm, Wm)`, 1 = keep structure strongly) resized nearest-neighbour to
+/// the latent as the reference's `F.interpolate(mask, size=latent, mode="nearest")`. Result
+/// `(1, 1, h, w)` f32. The reference binarises the mask image first (pixel ≠ 0 → 1); see
+/// [`binarize_mask`].
+pub fn exponent_map(
+    mask: &Tensor,
+    latent_hw: (usize, usize),
+    cosine_scale: f64,
+    cosine_scale_bg: f64,
+) -> Result<Tensor> {
+    let mask = match mask.rank() {
+        2 => mask.unsqueeze(0)?.unsqueeze(0)?,
+        4 if mask.dim(0)? == 1 && mask.dim(1)? == 1 => mask.clone(),
+        _ => {
+            return invalid(format!(
+                "mask must be (H, W) or (1, 1, H, W), got {:?}",
+                mask.dims()
+            ))
+        }
+    };
+    if latent_hw.0 == 0 || latent_hw.1 == 0 {
+        return invalid("latent size must be positive");
+    }
+    let m = mask
+        .to_dtype(DType::F32)?
+        .upsample_nearest2d(latent_hw.0, latent_hw.1)?;
+    let fg = (&m * cosine_scale)?;
+    let bg = ((m.ones_like()? - &m)? * cosine_scale_bg)?;
+    Ok((fg + bg)?)
+}
+
+/// 1 where the mask is non-zero, else 0 (the reference's `process_image_to_bitensor`).
+pub fn binarize_mask(mask: &Tensor) -> Result<Tensor> {
+    Ok(mask.ne(0.0)?.to_dtype(DType::F32)?)
+}
+
+/// c per latent pixel: cosine_factor^exponent (same shape as `exponents`). `0^0 = 1` as in
+/// torch.
+pub fn restraint_weight_map(
+    exponents: &Tensor,
+    t: f64,
+    num_train_timesteps: usize,
+) -> Result<Tensor> {
+    let cf = cosine_factor(t, num_train_timesteps);
+    let e = exponents.to_dtype(DType::F32)?;
+    if cf <= 0.0 {
+        return Ok(e.eq(0.0)?.to_dtype(DType::F32)?);
+    }
+    Ok((e * cf.ln())?.exp()?)
+}
+
+/// `(1 − c)·z + c·n` with a per-pixel c broadcast over batch and channels.
+pub fn restrain_with_map(
+    z: &Tensor,
+    weights: &Tensor,
+    noised: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let n = noised()?;
+    if n.dims() != z.dims() {
+        return invalid(format!(
+            "noised latent {:?} does not match the latent {:?}",
+            n.dims(),
+            z.dims()
+        ));
+    }
+    let c = weights.to_dtype(z.dtype())?;
+    let keep = (c.ones_like()? - &c)?;
+    Ok((z.broadcast_mul(&keep)? + n.broadcast_mul(&c)?)?)
+}
+
+/// The 3×3 convs FreeScale dilates (`dilate_layers` in `pipeline_freescale.py`), by
+/// diffusers parameter path. SD2.1's UNet has the same paths.
+pub const DILATED_CONVS: [&str; 9] = [
+    "down_blocks.1.downsamplers.0.conv",
+    "down_blocks.2.resnets.0.conv1",
+    "down_blocks.2.resnets.0.conv2",
+    "down_blocks.2.resnets.1.conv1",
+    "down_blocks.2.resnets.1.conv2",
+    "mid_block.resnets.0.conv1",
+    "mid_block.resnets.0.conv2",
+    "mid_block.resnets.1.conv1",
+    "mid_block.resnets.1.conv2",
+];
+
+/// `dilate_coef = target_size[1] // 1024`: stage width over training width, integer
+/// division, in pixels or latent pixels alike. At least 1.
+pub fn dilation_factor(stage_width: usize, training_width: usize) -> Result<usize> {
+    if training_width == 0 {
+        return invalid("training width must be positive");
+    }
+    Ok((stage_width / training_width).max(1))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DilationSchedule {
+    pub tau: usize,
+    pub factor: usize,
+}
+
+impl DilationSchedule {
+    pub fn new(stage_width: usize, training_width: usize, tau: usize) -> Result<Self> {
+        Ok(Self {
+            tau,
+            factor: dilation_factor(stage_width, training_width)?,
+        })
+    }
+
+    /// Dilation (= padding) of the [`DILATED_CONVS`] at step `i`: the factor while i < tau,
+    /// else 1.
+    pub fn dilation_at(&self, i: usize) -> usize {
+        if i < self.tau {
+            self.factor
+        } else {
+            1
+        }
+    }
+
+    /// (layer, dilation) for every dilated conv at step `i`; empty when nothing is dilated.
+    pub fn layers_at(&self, i: usize) -> Vec<(&'static str, usize)> {
+        let d = self.dilation_at(i);
+        if d == 1 {
+            return Vec::new();
+        }
+        DILATED_CONVS.iter().map(|&l| (l, d)).collect()
+    }
+}
+
+// Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+    use crate::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+    use candle_core::Device;
+
+    const SDXL_SCHEDULER: &str = r#"{"_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "timestep_spacing": "leading", "steps_offset": 1,
+        "prediction_type": "epsilon"}"#;
+
+    fn close(a: f64, b: f64, tol: f64) {
+        assert!((a - b).abs() <= tol, "{a} vs {b}");
+    }
+
+    #[test]
+    fn sdxl_euler_50_steps_restart_and_cosine_factors(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        // Expected: diffusers EulerDiscreteScheduler(SDXL config above).set_timesteps(50)
+        // gives 981, 961, …, 1 (step 20); restart = int(50*0.3) = 15 → t = 681; c1 computed
+        // as in pipeline_freescale.py, `0.5*(1+torch.cos(torch.pi*(T-t)/T))**cosine_scale`
+        // with T = config.num_train_timesteps, all run in /tmp/ref/fs.py (torch float32).
+        let cfg = SchedulerConfig::from_json(SDXL_SCHEDULER.as_bytes())?;
+        let sched = Scheduler::new(SchedulerKind::Euler, &cfg, 50)?;
+        let ts = sched.timesteps();
+        let want: Vec<f64> = (0..50).map(|i| 981.0 - 20.0 * i as f64).collect();
+        assert_eq!(ts, &want[..]);
+        let r = RestrainedStructure::new(50, 2.0)?;
+        assert_eq!(r.restart, 15);
+        assert_eq!(ts[r.restart], 681.0);
+        assert!(!r.runs_step(14) && r.weight(14, ts[14]).is_none());
+        // (step, cosine factor, c at scale 2, c at scale 3, c at scale 0.5)
+        let rows = [
+            (
+                15,
+                0.7692383527755737,
+                0.591727614402771,
+                0.4551795721054077,
+                0.8770623803138733,
+            ),
+            (
+                16,
+                0.7422521114349365,
+                0.5509381890296936,
+                0.4089350402355194,
+                0.8615405559539795,
+            ),
+            (
+                20,
+                0.6258657574653625,
+                0.3917079567909241,
+                0.24515660107135773,
+                0.7911167740821838,
+            ),
+            (
+                30,
+                0.3173990845680237,
+                0.10074217617511749,
+                0.03197547420859337,
+                0.5633818507194519,
+            ),
+            (
+                34,
+                0.20737957954406738,
+                0.0430062897503376,
+                0.008918626233935356,
+                0.45538946986198425,
+            ),
+            (
+                35,
+                0.18249982595443726,
+                0.03330618515610695,
+                0.006078373175114393,
+                0.42719998955726624,
+            ),
+            (
+                49,
+                2.473592758178711e-06,
+                6.118661133314163e-12,
+                1.5135075869115457e-17,
+                0.0015727659920230508,
+            ),
+        ];
+        for (i, cf, c2, c3, c05) in rows {
+            let t = ts[i];
+            // torch computes in f32, Tessera in f64: the cosine factor agrees to f32
+            // rounding everywhere. At t = 1 torch's `1 + cos(π·0.999)` cancels (its 2.4736e-6
+            // vs the exact sin²(π/2000) = 2.4674e-6), which the square root at scale 0.5
+            // carries into the third digit, hence the looser bound on that one entry.
+            let tol05 = if i == 49 { 3e-6 } else { 2e-7 };
+            close(cosine_factor(t, 1000), cf, 1e-7);
+            close(r.weight(i, t).unwrap(), c2, 2e-7);
+            close(restraint_weight(t, 1000, 3.0), c3, 2e-7);
+            close(restraint_weight(t, 1000, 0.5), c05, tol05);
+        }
+        let exact = (std::f64::consts::PI / 2000.0).sin().powi(2);
+        close(cosine_factor(1.0, 1000), exact, 1e-15);
+        assert_eq!(restart_index(10), 3);
+        assert_eq!(restart_index(1), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn restrain_blends_and_evaluates_noise_lazily() -> Result<()> {
+        let dev = Device::Cpu;
+        let z = Tensor::new(&[1.0f32, 2.0, -4.0], &dev)?;
+        let n = Tensor::new(&[3.0f32, 0.0, 4.0], &dev)?;
+        let got = restrain(&z, 0.25, || Ok(n.clone()))?.to_vec1::<f32>()?;
+        assert_eq!(got, vec![1.5, 1.5, -2.0]);
+        let mut called = false;
+        let got = restrain(&z, 0.0, || {
+            called = true;
+            Ok(n.clone())
+        })?;
+        assert!(!called);
+        assert_eq!(got.to_vec1::<f32>()?, z.to_vec1::<f32>()?);
+        assert!(restrain(&z, 1.5, || Ok(n.clone())).is_err());
+        let r = RestrainedStructure::new(50, 2.0)?;
+        assert!(r.apply(&z, 3, 921.0, || Ok(n.clone())).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn mask_exponents_match_reference_imgen() -> Result<()> {
+        // Expected: pipeline_freescale_imgen.py's
+        // `cosine_factor ** (mask_*cosine_scale + (1-mask_)*cosine_scale_bg)` with the mask
+        // (1,1,2,4) [[0,1,1,0],[1,0,0,1]] resized nearest to (4, 8), cosine_scale 3.0,
+        // cosine_scale_bg 0.5, t = 581 (step 20 of the SDXL Euler schedule), run with torch
+        // in /tmp/ref/fs.py (before the reference's cast to f16).
+        let dev = Device::Cpu;
+        let mask = Tensor::from_vec(vec![0f32, 1., 1., 0., 1., 0., 0., 1.], (1, 1, 2, 4), &dev)?;
+        let e = exponent_map(&mask, (4, 8), 3.0, 0.5)?;
+        let want_mask = [
+            0., 0., 1., 1., 1., 1., 0., 0., 0., 0., 1., 1., 1., 1., 0., 0., 1., 1., 0., 0., 0., 0.,
+            1., 1., 1., 1., 0., 0., 0., 0., 1., 1.,
+        ];
+        let ev = e.flatten_all()?.to_vec1::<f32>()?;
+        for (got, m) in ev.iter().zip(want_mask) {
+            assert_eq!(*got, if m == 1.0 { 3.0 } else { 0.5 });
+        }
+        let c = restraint_weight_map(&e, 581.0, 1000)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (got, m) in c.iter().zip(want_mask) {
+            let want = if m == 1.0 {
+                0.24515658617019653
+            } else {
+                0.7911167740821838
+            };
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        // At t = 0 the factor is 0: c = 0 for positive exponents, 1 for a zero exponent.
+        let z = Tensor::new(&[[[[2.0f32, 0.0]]]], &dev)?;
+        assert_eq!(
+            restraint_weight_map(&z, 0.0, 1000)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            vec![0.0, 1.0]
+        );
+        // Per-pixel blend broadcasts over batch and channels.
+        let lat = Tensor::ones((1, 2, 1, 2), DType::F32, &dev)?;
+        let noise = Tensor::zeros((1, 2, 1, 2), DType::F32, &dev)?;
+        let w = Tensor::new(&[[[[0.25f32, 1.0]]]], &dev)?;
+        let got = restrain_with_map(&lat, &w, || Ok(noise.clone()))?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.75, 0.0, 0.75, 0.0]
+        );
+        let bin = binarize_mask(&Tensor::new(&[0.0f32, 0.2, 1.0], &dev)?)?;
+        assert_eq!(bin.to_vec1::<f32>()?, vec![0.0, 1.0, 1.0]);
+        assert!(exponent_map(&Tensor::zeros(3, DType::F32, &dev)?, (4, 4), 1.0, 1.0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dilation_schedule_follows_reference() -> Result<()> {
+        // pipeline_freescale.py: dilate_coef = target_size[1] // 1024 and the dilated list
+        // applies while i < dilate_tau (35).
+        let d = DilationSchedule::new(4096, 1024, DEFAULT_DILATE_TAU)?;
+        assert_eq!(d.factor, 4);
+        assert_eq!(d.dilation_at(34), 4);
+        assert_eq!(d.dilation_at(35), 1);
+        assert_eq!(d.layers_at(20).len(), 9);
+        assert!(d.layers_at(35).is_empty());
+        assert_eq!(dilation_factor(3000, 1024)?, 2);
+        assert_eq!(dilation_factor(512, 1024)?, 1);
+        assert_eq!(DILATED_CONVS[0], "down_blocks.1.downsamplers.0.conv");
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! FreeScale's scale fusion: keep the low frequencies of the local (windowed) result and the
+//! high frequencies of the global one, `G(local) + (global − G(global))` (paper §3.3;
+//! reference `scale_forward` in `scale_attention.py`).
+//!
+//! G is the reference's `gaussian_filter`: a normalised Gaussian of size 2s − 1, σ = 1,
+//! applied as a 3-D convolution with zero padding over the last three axes of a 4-D tensor.
+//! In the reference those axes are (height, width, feature) of the self-attention output
+//! `(batch·heads, h, w, d)`, so the blur also smooths across the feature channels; the 3-D
+//! kernel is the outer product of three 1-D kernels, so it is applied here as three 1-D
+//! passes (same result up to f32 rounding).
+
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FusionError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, FusionError>;
+
+/// Which axes of a 4-D tensor G blurs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlurAxes {
+    /// The last three axes, as the reference's `conv3d` over (h, w, d).
+    #[default]
+    Volumetric,
+    /// The last two axes only: for latents `(B, C, H, W)`, where mixing the four latent
+    /// channels has no counterpart in the reference (it fuses attention features).
+    Spatial,
+}
+
+/// Kernel size of G for a stage `s` times the training size: 2s − 1.
+pub fn fusion_kernel_size(scale: usize) -> Result<usize> {
+    if scale == 0 {
+        return Err(FusionError::Invalid("scale must be at least 1".into()));
+    }
+    Ok(2 * scale - 1)
+}
+
+/// The reference's scale count: `current_hw // 1024` per axis, the larger of the two; in
+/// latent pixels `stage // training` (integer division).
+pub fn scale_count(stage_hw: (usize, usize), training_hw: (usize, usize)) -> Result<usize> {
+    if training_hw.0 == 0 || training_hw.1 == 0 {
+        return Err(FusionError::Invalid(
+            "training size must be positive".into(),
+        ));
+    }
+    Ok((stage_hw.0 / training_hw.0)
+        .max(stage_hw.1 / training_hw.1)
+        .max(1))
+}
+
+/// Normalised 1-D Gaussian `exp(−(i − (k−1)/2)² / 2σ²)`, computed in f32 as the reference's
+/// `gaussian_kernel` (torch default dtype).
+pub fn gaussian_kernel_1d(size: usize, sigma: f32) -> Result<Vec<f32>> {
+    if size == 0 || size.is_multiple_of(2) {
+        return Err(FusionError::Invalid(format!(
+            "Gaussian kernel size must be odd and positive, got {size}"
+        )));
+    }
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(FusionError::Invalid(format!(
+            "sigma must be positive, got {sigma}"
+        )));
+    }
+    let mid = (size as f32 - 1.0) / 2.0;
+    let g: Vec<f32> = (0..size)
+        .map(|i| {
+            let d = i as f32 - mid;
+            (-(d * d) / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
+    let sum: f32 = g.iter().sum();
+    Ok(g.into_iter().map(|v| v / sum).collect())
+}
+
+/// The reference's 3-D kernel `g[i]·g[j]·g[k]`, flattened in (i, j, k) order.
+pub fn gaussian_kernel_3d(size: usize, sigma: f32) -> Result<Vec<f32>> {
+    let g = gaussian_kernel_1d(size, sigma)?;
+    Ok(g.iter()
+        .flat_map(|a| {
+            let g = &g;
+            g.iter().flat_map(move |b| g.iter().map(move |c| a * b * c))
+        })
+        .collect())
+}
+
+/// Zero-padded 1-D convolution of `x` along `dim` with an odd symmetric kernel, same size.
+fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
+    if kernel.len() == 1 {
+        return Ok((x * f64::from(kernel[0]))?);
+    }
+    let r = kernel.len() / 2;
+    let n = x.dim(dim)?;
+    let padded = x.pad_with_zeros(dim, r, r)?;
+    let mut acc: Option<Tensor> = None;
+    for (j, &k) in kernel.iter().enumerate() {
+        let term = (padded.narrow(dim, j, n)? * f64::from(k))?;
+        acc = Some(match acc {
+            None => term,
+            Some(a) => (a + term)?,
+        });
+    }
+    Ok(acc.expect("kernel is not empty"))
+}
+
+/// G: Gaussian blur of a 4-D tensor (computed in f32, returned in f32).
+pub fn gaussian_blur(x: &Tensor, kernel_size: usize, sigma: f32, axes: BlurAxes) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() != 4 {
+        return Err(FusionError::Invalid(format!(
+            "Gaussian blur expects a 4-D tensor, got shape {dims:?}"
+        )));
+    }
+    let g = gaussian_kernel_1d(kernel_size, sigma)?;
+    let mut y = x.to_dtype(DType::F32)?;
+    let first = match axes {
+        BlurAxes::Volumetric => 1,
+        BlurAxes::Spatial => 2,
+    };
+    for dim in first..4 {
+        y = blur_axis(&y, dim, &g)?;
+    }
+    Ok(y)
+}
+
+/// `G(local) + (global − G(global))` with the reference's G (kernel 2s − 1, σ = 1, over the
+/// last three axes).
+pub fn fuse_scales(local: &Tensor, global: &Tensor, scale: usize) -> Result<Tensor> {
+    fuse_scales_with(local, global, scale, BlurAxes::Volumetric)
+}
+
+/// [`fuse_scales`] with a choice of blurred axes. Inputs of any float dtype; f32 result.
+pub fn fuse_scales_with(
+    local: &Tensor,
+    global: &Tensor,
+    scale: usize,
+    axes: BlurAxes,
+) -> Result<Tensor> {
+    if local.dims() != global.dims() {
+        return Err(FusionError::Invalid(format!(
+            "local {:?} and global {:?} predictions differ in shape",
+            local.dims(),
+            global.dims()
+        )));
+    }
+    let k = fusion_kernel_size(scale)?;
+    let gl = gaussian_blur(local, k, 1.0, axes)?;
+    let global = global.to_dtype(DType::F32)?;
+    let gg = gaussian_blur(&global, k, 1.0, axes)?;
+    Ok((gl + (global - gg)?)?)
+}
+
+// Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn close(got: f32, want: f32, tol: f32) {
+        assert!((got - want).abs() <= tol, "{got} vs {want}");
+    }
+
+    /// `sin(0.37·i + 0.1)` / `cos(0.21·i)` over the flat index, as built with torch in
+    /// /tmp/ref/misc.py.
+    fn inputs() -> Result<(Tensor, Tensor)> {
+        let n = 2 * 5 * 6 * 3;
+        let l: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + 0.1).sin()).collect();
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.21).cos()).collect();
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(l, (2, 5, 6, 3), &dev)?,
+            Tensor::from_vec(g, (2, 5, 6, 3), &dev)?,
+        ))
+    }
+
+    #[test]
+    fn kernels_match_reference_gaussian_kernel() -> Result<()> {
+        // Expected values: `gaussian_kernel(k)` of scale_attention.py run with torch
+        // (/tmp/ref/misc.py), the 1-D factor and three entries of the 3-D kernel for k = 3.
+        let want: [(usize, &[f32]); 4] = [
+            (1, &[1.0]),
+            (
+                3,
+                &[0.2740686237812042, 0.45186275243759155, 0.2740686237812042],
+            ),
+            (
+                5,
+                &[
+                    0.054488688707351685,
+                    0.24420136213302612,
+                    0.40261995792388916,
+                    0.24420136213302612,
+                    0.054488688707351685,
+                ],
+            ),
+            (
+                7,
+                &[
+                    0.004433047957718372,
+                    0.05400557816028595,
+                    0.24203622341156006,
+                    0.3990502655506134,
+                    0.24203622341156006,
+                    0.05400557816028595,
+                    0.004433047957718372,
+                ],
+            ),
+        ];
+        for (k, w) in want {
+            let g = gaussian_kernel_1d(k, 1.0)?;
+            assert_eq!(g.len(), k);
+            for (a, b) in g.iter().zip(w) {
+                close(*a, *b, 1e-7);
+            }
+        }
+        let g3 = gaussian_kernel_3d(3, 1.0)?;
+        close(g3[13], 0.09226131439208984, 1e-8); // centre (1,1,1)
+        close(g3[0], 0.02058628387749195, 1e-8); // corner (0,0,0)
+        close(g3[4], 0.055959317833185196, 1e-8); // (0,1,1)
+        assert!(gaussian_kernel_1d(4, 1.0).is_err());
+        assert_eq!(fusion_kernel_size(8)?, 15);
+        assert_eq!(scale_count((512, 256), (128, 128))?, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn blur_and_fusion_match_reference_gaussian_filter() -> Result<()> {
+        // Expected values: `gaussian_filter` (F.conv3d, groups = batch) and
+        // `gaussian_local + (attn_output_global − gaussian_global)` from scale_attention.py,
+        // run with torch on the (2, 5, 6, 3) inputs above (/tmp/ref/misc.py), flat indices
+        // [0, 7, 50, 89, 133, 179], plus Σ|fused|.
+        let (local, global) = inputs()?;
+        let idx = [0usize, 7, 50, 89, 133, 179];
+        let cases: [(usize, [f32; 6], [f32; 6], f32); 2] = [
+            (
+                2,
+                [
+                    0.22496850788593292,
+                    0.1457928568124771,
+                    -0.18108542263507843,
+                    0.25485602021217346,
+                    -0.5259168744087219,
+                    0.10271629691123962,
+                ],
+                [
+                    1.0894922018051147,
+                    0.08215811103582382,
+                    -0.6525181531906128,
+                    1.1017565727233887,
+                    -1.457495093345642,
+                    0.957546591758728,
+                ],
+                116.82972717285156,
+            ),
+            (
+                3,
+                [
+                    0.20958666503429413,
+                    0.08446832746267319,
+                    -0.1827118694782257,
+                    0.1710382103919983,
+                    -0.3633277118206024,
+                    0.1252659410238266,
+                ],
+                [
+                    1.1011784076690674,
+                    0.10081426054239273,
+                    -0.6435685157775879,
+                    1.0515656471252441,
+                    -1.275729775428772,
+                    1.0117343664169312,
+                ],
+                114.0733413696289,
+            ),
+        ];
+        for (s, blur, fused, abs_sum) in cases {
+            let k = fusion_kernel_size(s)?;
+            let b = gaussian_blur(&local, k, 1.0, BlurAxes::Volumetric)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let f = fuse_scales(&local, &global, s)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (j, &i) in idx.iter().enumerate() {
+                close(b[i], blur[j], 2e-6);
+                close(f[i], fused[j], 2e-6);
+            }
+            close(f.iter().map(|v| v.abs()).sum(), abs_sum, 1e-3);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn scale_one_is_identity_and_spatial_blur_keeps_channels_apart() -> Result<()> {
+        let (local, global) = inputs()?;
+        // s = 1: kernel size 1, G is the identity, fusion returns the local branch (at the
+        // training size local and global coincide anyway).
+        let f = fuse_scales(&local, &global, 1)?;
+        let d = (f - &local)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6);
+        // Spatial blur of a tensor constant along axes 2, 3 away from the border touches
+        // nothing along axis 1: a one-hot channel stays one-hot.
+        let mut v = vec![0f32; 4 * 9 * 9];
+        for i in 0..81 {
+            v[81 + i] = 1.0;
+        }
+        let x = Tensor::from_vec(v, (1, 4, 9, 9), &Device::Cpu)?;
+        let b = gaussian_blur(&x, 3, 1.0, BlurAxes::Spatial)?;
+        let ch0 = b.get(0)?.get(0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let centre = b.get(0)?.get(1)?.get(4)?.get(4)?.to_scalar::<f32>()?;
+        assert_eq!(ch0, 0.0);
+        close(centre, 1.0, 1e-6);
+        assert!(fuse_scales(&local, &global.narrow(0, 0, 1)?, 2).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,908 @@
+//! View geometry of a high-resolution step: which training-size pieces of the stage latent the
+//! model is evaluated on, how they are cut out, and how their outputs are put back.
+//!
+//! Two families, after FreeScale's scale fusion (`scale_attention.py`, `get_views` and the
+//! `fourg_window` branch of `scale_forward`), lifted from the attention tokens to the latent:
+//! - local views: b × b windows at stride b/2, the last one clamped to the edge, jittered;
+//!   outputs are merged by a weighted average;
+//! - global views: the s_h · s_w strided sub-latents `z[.., p::s_h, q::s_w]`; every latent pixel
+//!   lies in exactly one of them, so outputs are scattered back, not averaged.
+//!
+//! Merges run on the CPU in f32, views in index order, whatever the order their outputs arrived
+//! in: the same inputs give the same bits.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TilingError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TilingError>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(TilingError::Invalid(msg.into()))
+}
+
+/// What a view reads where it reaches past the latent's edge.
+///
+/// FreeScale pads with zeros (`F.pad(..., 'constant', 0)` before its jittered windows); that is
+/// harmless for attention features but puts an out-of-distribution band into a noisy latent, so
+/// Tessera defaults to `Replicate`. `Reflect` mirrors without repeating the edge pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EdgePadding {
+    Zero,
+    #[default]
+    Replicate,
+    Reflect,
+}
+
+/// Per-pixel weight of a local view in the merge.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ViewWeighting {
+    /// Plain average where views overlap, as the reference's `value / count`.
+    #[default]
+    Uniform,
+    /// Separable Gaussian centred on the window, σ = `sigma_fraction` × window side, so a
+    /// view's influence fades towards its border and tile seams blend smoothly.
+    Gaussian { sigma_fraction: f64 },
+}
+
+impl ViewWeighting {
+    /// σ = 0.1 × window, Mixture of Diffusers' choice (variance 0.01 in window units): a
+    /// view's weight at its own border is e^-12.5 of its centre, so a view ending leaves no
+    /// visible step.
+    pub const GAUSSIAN: Self = Self::Gaussian {
+        sigma_fraction: 0.1,
+    };
+
+    fn axis(&self, n: usize) -> Result<Vec<f64>> {
+        match *self {
+            Self::Uniform => Ok(vec![1.0; n]),
+            Self::Gaussian { sigma_fraction } => {
+                if !(sigma_fraction.is_finite() && sigma_fraction > 0.0) {
+                    return invalid(format!(
+                        "Gaussian view weights need sigma_fraction > 0, got {sigma_fraction}"
+                    ));
+                }
+                let sigma = sigma_fraction * n as f64;
+                let mid = (n as f64 - 1.0) / 2.0;
+                Ok((0..n)
+                    .map(|i| {
+                        let d = (i as f64 - mid) / sigma;
+                        (-0.5 * d * d).exp()
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// The `height × width` weight map of one view, row-major.
+    pub fn map(&self, height: usize, width: usize) -> Result<Vec<f32>> {
+        let wy = self.axis(height)?;
+        let wx = self.axis(width)?;
+        Ok(wy
+            .iter()
+            .flat_map(|a| wx.iter().map(move |b| (a * b) as f32))
+            .collect())
+    }
+}
+
+/// A view's window in latent pixels. `top`/`left` may be negative and the window may end past
+/// the latent when jitter pushed an edge window outwards (as the reference does); the part
+/// outside is read through [`EdgePadding`] and dropped when merging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ViewRect {
+    pub top: i64,
+    pub left: i64,
+    pub height: usize,
+    pub width: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalViewConfig {
+    /// Window side in latent pixels: the training latent size b (SDXL 128, SD2.1-base 64).
+    pub window: usize,
+    /// Fraction of a window shared with its neighbour; 0.5 gives the reference's stride b/2.
+    pub overlap: f64,
+    /// Largest jitter offset in latent pixels; the reference uses window / 8. 0 disables it.
+    pub jitter_range: usize,
+    pub padding: EdgePadding,
+}
+
+impl LocalViewConfig {
+    /// The reference's geometry: stride b/2, jitter up to b/8.
+    pub fn for_training_size(b: usize) -> Self {
+        Self {
+            window: b,
+            overlap: 0.5,
+            jitter_range: b / 8,
+            padding: EdgePadding::default(),
+        }
+    }
+}
+
+/// Window starts along one axis, as `get_views` lays them out: stride steps from 0, with the
+/// count `ceil((dim − win) / stride) + 1` (the reference's `int(x − 1e-6) + 2`) and the last
+/// window moved back so it ends at the edge.
+fn axis_starts(dim: usize, win: usize, stride: usize) -> Vec<usize> {
+    if dim <= win {
+        return vec![0];
+    }
+    let n = (dim - win).div_ceil(stride) + 1;
+    (0..n).map(|i| (i * stride).min(dim - win)).collect()
+}
+
+/// The reference's jitter rule for one axis: interior windows move by up to ±r, the first
+/// only outwards (negative), the last only outwards (positive), a window spanning the axis
+/// not at all.
+fn axis_jitter(rng: &mut ChaCha20Rng, start: usize, win: usize, dim: usize, r: i64) -> i64 {
+    let at_start = start == 0;
+    let at_end = start + win == dim;
+    match (at_start, at_end) {
+        (false, false) => rng.random_range(-r..=r),
+        (true, false) => rng.random_range(-r..=0),
+        (false, true) => rng.random_range(0..=r),
+        (true, true) => 0,
+    }
+}
+
+/// Overlapping training-size windows over a stage latent, in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalViews {
+    latent: (usize, usize),
+    window: (usize, usize),
+    grid: (usize, usize),
+    rects: Vec<ViewRect>,
+    padding: EdgePadding,
+}
+
+impl LocalViews {
+    /// Windows over an `height × width` latent. With `jitter_seed` the grid is jittered by a
+    /// ChaCha20 stream seeded from it (one draw per axis per view, width first, as the
+    /// reference draws); the caller derives the seed from (job, stage, step) so a retried or
+    /// resumed step sees the same windows. Axes shorter than the window get one window of
+    /// the axis' length.
+    pub fn new(
+        height: usize,
+        width: usize,
+        cfg: &LocalViewConfig,
+        jitter_seed: Option<u64>,
+    ) -> Result<Self> {
+        if height == 0 || width == 0 {
+            return invalid(format!("latent {height}x{width} is empty"));
+        }
+        if cfg.window == 0 {
+            return invalid("local view window must be at least 1 latent pixel");
+        }
+        if !(0.0..1.0).contains(&cfg.overlap) {
+            return invalid(format!(
+                "tile overlap {} is outside [0, 1): use e.g. 0.5 for half-window stride",
+                cfg.overlap
+            ));
+        }
+        let win = (cfg.window.min(height), cfg.window.min(width));
+        let stride_of = |w: usize| ((w as f64 * (1.0 - cfg.overlap)).round() as usize).max(1);
+        let stride = (stride_of(win.0), stride_of(win.1));
+        let r = if jitter_seed.is_some() {
+            cfg.jitter_range
+        } else {
+            0
+        };
+        // Neighbours drifting apart by up to 2r must still overlap, or pixels go uncovered.
+        for (axis, (w, s), dim) in [
+            ("height", (win.0, stride.0), height),
+            ("width", (win.1, stride.1), width),
+        ] {
+            if dim > w && 2 * r > w - s {
+                return invalid(format!(
+                    "jitter range {r} is too large for a {w}-pixel window at stride {s} along the {axis}: \
+                     it must be at most half the overlap ({})",
+                    (w - s) / 2
+                ));
+            }
+        }
+        let rows = axis_starts(height, win.0, stride.0);
+        let cols = axis_starts(width, win.1, stride.1);
+        let mut rng = ChaCha20Rng::seed_from_u64(jitter_seed.unwrap_or(0));
+        let mut rects = Vec::with_capacity(rows.len() * cols.len());
+        for &top in &rows {
+            for &left in &cols {
+                let (mut dy, mut dx) = (0i64, 0i64);
+                if r > 0 {
+                    dx = axis_jitter(&mut rng, left, win.1, width, r as i64);
+                    dy = axis_jitter(&mut rng, top, win.0, height, r as i64);
+                }
+                rects.push(ViewRect {
+                    top: top as i64 + dy,
+                    left: left as i64 + dx,
+                    height: win.0,
+                    width: win.1,
+                });
+            }
+        }
+        Ok(Self {
+            latent: (height, width),
+            window: win,
+            grid: (rows.len(), cols.len()),
+            rects,
+            padding: cfg.padding,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rects.is_empty()
+    }
+
+    /// (rows, columns) of the window grid.
+    pub fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+
+    pub fn window(&self) -> (usize, usize) {
+        self.window
+    }
+
+    pub fn latent_size(&self) -> (usize, usize) {
+        self.latent
+    }
+
+    pub fn rects(&self) -> &[ViewRect] {
+        &self.rects
+    }
+
+    /// View `index` of a `(B, C, H, W)` latent as `(B, C, window_h, window_w)`.
+    pub fn extract(&self, latent: &Tensor, index: usize) -> Result<Tensor> {
+        check_latent(latent, self.latent)?;
+        let rect = self.rect(index)?;
+        let (h, w) = self.latent;
+        let rows: Vec<i64> = (0..rect.height as i64).map(|i| rect.top + i).collect();
+        let cols: Vec<i64> = (0..rect.width as i64).map(|j| rect.left + j).collect();
+        gather(latent, &rows, &cols, h, w, self.padding)
+    }
+
+    /// Several views stacked along the batch axis, in the order given, for one forward pass.
+    pub fn extract_batch(&self, latent: &Tensor, indices: &[usize]) -> Result<Tensor> {
+        let views = indices
+            .iter()
+            .map(|&i| self.extract(latent, i))
+            .collect::<Result<Vec<_>>>()?;
+        if views.is_empty() {
+            return invalid("no views to extract");
+        }
+        Ok(Tensor::cat(&views, 0)?)
+    }
+
+    fn rect(&self, index: usize) -> Result<ViewRect> {
+        self.rects.get(index).copied().ok_or_else(|| {
+            TilingError::Invalid(format!(
+                "local view {index} does not exist ({} views)",
+                self.rects.len()
+            ))
+        })
+    }
+
+    /// Weighted average of the views' outputs (`outputs[i]` belongs to view i, each
+    /// `(B, C, window_h, window_w)`) into a `(B, C, H, W)` f32 tensor on the first output's
+    /// device. Accumulates in f32 on the CPU in view index order; pixels a view read through
+    /// padding are dropped.
+    pub fn merge(&self, outputs: &[Tensor], weighting: ViewWeighting) -> Result<Tensor> {
+        if outputs.len() != self.rects.len() {
+            return invalid(format!(
+                "{} outputs for {} local views",
+                outputs.len(),
+                self.rects.len()
+            ));
+        }
+        let (vh, vw) = self.window;
+        let (bc, device) = batch_channels(outputs, (vh, vw))?;
+        let (h, w) = self.latent;
+        let weights = weighting.map(vh, vw)?;
+        let mut acc = vec![0f32; bc * h * w];
+        let mut den = vec![0f32; h * w];
+        for (rect, out) in self.rects.iter().zip(outputs) {
+            let vals = to_f32_vec(out)?;
+            for y in 0..vh {
+                let gy = rect.top + y as i64;
+                if gy < 0 || gy >= h as i64 {
+                    continue;
+                }
+                for x in 0..vw {
+                    let gx = rect.left + x as i64;
+                    if gx < 0 || gx >= w as i64 {
+                        continue;
+                    }
+                    let wt = weights[y * vw + x];
+                    let dst = gy as usize * w + gx as usize;
+                    den[dst] += wt;
+                    for k in 0..bc {
+                        acc[k * h * w + dst] += wt * vals[(k * vh + y) * vw + x];
+                    }
+                }
+            }
+        }
+        if let Some(p) = den.iter().position(|&d| d <= 0.0) {
+            return invalid(format!(
+                "latent pixel ({}, {}) is covered by no local view",
+                p / w,
+                p % w
+            ));
+        }
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a /= den[k % (h * w)];
+        }
+        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
+        Ok(Tensor::from_vec(acc, (b, c, h, w), &Device::Cpu)?.to_device(&device)?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GlobalViewConfig {
+    /// The training latent size b; s = ceil(dim / b) views per axis.
+    pub training_size: usize,
+    /// View sides are rounded up to a multiple of this (the UNet's total downsampling, 8).
+    pub align: usize,
+    pub padding: EdgePadding,
+}
+
+impl GlobalViewConfig {
+    pub fn for_training_size(b: usize) -> Self {
+        Self {
+            training_size: b,
+            align: 8,
+            padding: EdgePadding::default(),
+        }
+    }
+}
+
+/// The strided sub-latents `z[.., p::s_h, q::s_w]`, in row-major (p, q) order.
+///
+/// When H is not a multiple of s_h the sub-grids would differ in size, so the latent is
+/// conceptually padded at the bottom (right) to `s_h · view_h` rows with
+/// `view_h = round_up(ceil(H / s_h), align)`: every view then has the same size, a multiple of
+/// the UNet's downsampling and at most b; padded rows come from [`EdgePadding`] and are
+/// dropped when scattering back. For H a multiple of b this is exactly the reference's view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalViews {
+    latent: (usize, usize),
+    strides: (usize, usize),
+    view: (usize, usize),
+    padding: EdgePadding,
+}
+
+impl GlobalViews {
+    pub fn new(height: usize, width: usize, cfg: &GlobalViewConfig) -> Result<Self> {
+        if height == 0 || width == 0 {
+            return invalid(format!("latent {height}x{width} is empty"));
+        }
+        if cfg.training_size == 0 || cfg.align == 0 {
+            return invalid("global views need a training size and alignment of at least 1");
+        }
+        let b = cfg.training_size;
+        let strides = (height.div_ceil(b), width.div_ceil(b));
+        let side = |dim: usize, s: usize| dim.div_ceil(s).div_ceil(cfg.align) * cfg.align;
+        let view = (side(height, strides.0), side(width, strides.1));
+        if cfg.padding == EdgePadding::Reflect {
+            for (dim, s, v) in [(height, strides.0, view.0), (width, strides.1, view.1)] {
+                if s * v - dim >= dim {
+                    return invalid(format!(
+                        "reflect padding of {} rows does not fit a {dim}-pixel latent axis: use replicate",
+                        s * v - dim
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            latent: (height, width),
+            strides,
+            view,
+            padding: cfg.padding,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.strides.0 * self.strides.1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (s_h, s_w).
+    pub fn strides(&self) -> (usize, usize) {
+        self.strides
+    }
+
+    /// Side lengths of every view.
+    pub fn view_size(&self) -> (usize, usize) {
+        self.view
+    }
+
+    pub fn latent_size(&self) -> (usize, usize) {
+        self.latent
+    }
+
+    /// The phase (p, q) of view `index`.
+    pub fn offset(&self, index: usize) -> Result<(usize, usize)> {
+        if index >= self.len() {
+            return invalid(format!(
+                "global view {index} does not exist ({} views)",
+                self.len()
+            ));
+        }
+        Ok((index / self.strides.1, index % self.strides.1))
+    }
+
+    /// View `index` of a `(B, C, H, W)` latent as `(B, C, view_h, view_w)`.
+    pub fn extract(&self, latent: &Tensor, index: usize) -> Result<Tensor> {
+        check_latent(latent, self.latent)?;
+        let (p, q) = self.offset(index)?;
+        let (sh, sw) = self.strides;
+        let rows: Vec<i64> = (0..self.view.0).map(|i| (p + i * sh) as i64).collect();
+        let cols: Vec<i64> = (0..self.view.1).map(|j| (q + j * sw) as i64).collect();
+        gather(
+            latent,
+            &rows,
+            &cols,
+            self.latent.0,
+            self.latent.1,
+            self.padding,
+        )
+    }
+
+    pub fn extract_batch(&self, latent: &Tensor, indices: &[usize]) -> Result<Tensor> {
+        let views = indices
+            .iter()
+            .map(|&i| self.extract(latent, i))
+            .collect::<Result<Vec<_>>>()?;
+        if views.is_empty() {
+            return invalid("no views to extract");
+        }
+        Ok(Tensor::cat(&views, 0)?)
+    }
+
+    /// Puts every view's output back at its strided positions, dropping padding: a
+    /// `(B, C, H, W)` f32 tensor on the first output's device. Each latent pixel belongs to
+    /// exactly one view, so this is a copy, not an average.
+    pub fn merge(&self, outputs: &[Tensor]) -> Result<Tensor> {
+        if outputs.len() != self.len() {
+            return invalid(format!(
+                "{} outputs for {} global views",
+                outputs.len(),
+                self.len()
+            ));
+        }
+        let (vh, vw) = self.view;
+        let (bc, device) = batch_channels(outputs, (vh, vw))?;
+        let (h, w) = self.latent;
+        let (sh, sw) = self.strides;
+        let mut dst = vec![0f32; bc * h * w];
+        for (index, out) in outputs.iter().enumerate() {
+            let (p, q) = (index / sw, index % sw);
+            let vals = to_f32_vec(out)?;
+            for k in 0..bc {
+                for i in 0..vh {
+                    let y = p + i * sh;
+                    if y >= h {
+                        break;
+                    }
+                    for j in 0..vw {
+                        let x = q + j * sw;
+                        if x >= w {
+                            break;
+                        }
+                        dst[(k * h + y) * w + x] = vals[(k * vh + i) * vw + j];
+                    }
+                }
+            }
+        }
+        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
+        Ok(Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?.to_device(&device)?)
+    }
+}
+
+/// The (2s − 1)² + s² model evaluations of one high-resolution step, as DESIGN counts them
+/// for square multiples: local then global view counts for this stage.
+pub fn view_counts(local: &LocalViews, global: &GlobalViews) -> (usize, usize) {
+    (local.len(), global.len())
+}
+
+fn check_latent(latent: &Tensor, (h, w): (usize, usize)) -> Result<()> {
+    let (_, _, lh, lw) = latent.dims4()?;
+    if (lh, lw) != (h, w) {
+        return invalid(format!(
+            "latent is {lh}x{lw} but the views were laid out for {h}x{w}"
+        ));
+    }
+    Ok(())
+}
+
+/// Maps a possibly out-of-range coordinate to a source index; `None` means a zero.
+fn pad_index(i: i64, n: usize, padding: EdgePadding) -> Option<u32> {
+    let n = n as i64;
+    if (0..n).contains(&i) {
+        return Some(i as u32);
+    }
+    match padding {
+        EdgePadding::Zero => None,
+        EdgePadding::Replicate => Some(i.clamp(0, n - 1) as u32),
+        EdgePadding::Reflect => {
+            if n == 1 {
+                return Some(0);
+            }
+            let period = 2 * (n - 1);
+            let m = i.rem_euclid(period);
+            Some((if m < n { m } else { period - m }) as u32)
+        }
+    }
+}
+
+/// `latent[.., rows, cols]` with out-of-range coordinates resolved by `padding`. Zero padding
+/// points at an appended zero row/column.
+fn gather(
+    latent: &Tensor,
+    rows: &[i64],
+    cols: &[i64],
+    h: usize,
+    w: usize,
+    padding: EdgePadding,
+) -> Result<Tensor> {
+    let ri: Vec<Option<u32>> = rows.iter().map(|&r| pad_index(r, h, padding)).collect();
+    let ci: Vec<Option<u32>> = cols.iter().map(|&c| pad_index(c, w, padding)).collect();
+    let needs_zero = ri.iter().chain(&ci).any(Option::is_none);
+    let src = if needs_zero {
+        latent.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
+    } else {
+        latent.clone()
+    };
+    let ri: Vec<u32> = ri.into_iter().map(|i| i.unwrap_or(h as u32)).collect();
+    let ci: Vec<u32> = ci.into_iter().map(|i| i.unwrap_or(w as u32)).collect();
+    let dev = latent.device();
+    let ri = Tensor::from_vec(ri, rows.len(), dev)?;
+    let ci = Tensor::from_vec(ci, cols.len(), dev)?;
+    Ok(src.index_select(&ri, 2)?.index_select(&ci, 3)?)
+}
+
+/// Checks all outputs have one `(B, C, vh, vw)` shape; returns B·C and the device.
+fn batch_channels(outputs: &[Tensor], (vh, vw): (usize, usize)) -> Result<(usize, Device)> {
+    let first = outputs
+        .first()
+        .ok_or_else(|| TilingError::Invalid("no view outputs to merge".into()))?;
+    let (b, c, _, _) = first.dims4()?;
+    for (i, out) in outputs.iter().enumerate() {
+        let dims = out.dims4()?;
+        if dims != (b, c, vh, vw) {
+            return invalid(format!(
+                "view {i} output is {dims:?}, expected ({b}, {c}, {vh}, {vw})"
+            ));
+        }
+    }
+    Ok((b * c, first.device().clone()))
+}
+
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+// Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+
+    /// (latent h, latent w, window, row starts, column starts).
+    type GridCase = (usize, usize, usize, Vec<i64>, Vec<i64>);
+
+    fn starts(v: &LocalViews) -> (Vec<i64>, Vec<i64>) {
+        let (rows, cols) = v.grid();
+        let r = (0..rows).map(|i| v.rects()[i * cols].top).collect();
+        let c = (0..cols).map(|j| v.rects()[j].left).collect();
+        (r, c)
+    }
+
+    fn ramp(b: usize, c: usize, h: usize, w: usize) -> Result<Tensor> {
+        // Dyadic values (multiples of 1/64 in [-4, 4)): sums of a few of them and their
+        // quotients by the count are exact in f32, so the identity merge can be compared
+        // bit for bit.
+        let n = b * c * h * w;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 512) as f32 - 256.0) / 64.0)
+            .collect();
+        Ok(Tensor::from_vec(v, (b, c, h, w), &Device::Cpu)?)
+    }
+
+    #[test]
+    fn local_grid_matches_reference_get_views() -> Result<()> {
+        // Expected starts: `get_views` of scale_attention.py run in /tmp/ref/misc.py with
+        // random_jitter disabled and scale_factor 1 (window in latent pixels).
+        let cases: [GridCase; 5] = [
+            (256, 256, 128, vec![0, 64, 128], vec![0, 64, 128]),
+            (
+                1024,
+                1024,
+                128,
+                (0..15).map(|i| i * 64).collect(),
+                (0..15).map(|i| i * 64).collect(),
+            ),
+            (300, 200, 128, vec![0, 64, 128, 172], vec![0, 64, 72]),
+            (128, 384, 128, vec![0], vec![0, 64, 128, 192, 256]),
+            (200, 100, 64, vec![0, 32, 64, 96, 128, 136], vec![0, 32, 36]),
+        ];
+        for (h, w, b, rows, cols) in cases {
+            let v = LocalViews::new(h, w, &LocalViewConfig::for_training_size(b), None)?;
+            assert_eq!(starts(&v), (rows.clone(), cols.clone()), "{h}x{w} b={b}");
+            assert_eq!(v.len(), rows.len() * cols.len());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sdxl_view_counts_at_2x_4x_8x() -> Result<()> {
+        // DESIGN: (2s − 1)² local + s² global; 8192² SDXL → latent 1024²: 225 + 64.
+        for (s, local, global) in [(2usize, 9usize, 4usize), (4, 49, 16), (8, 225, 64)] {
+            let n = 128 * s;
+            let l = LocalViews::new(n, n, &LocalViewConfig::for_training_size(128), Some(1))?;
+            let g = GlobalViews::new(n, n, &GlobalViewConfig::for_training_size(128))?;
+            assert_eq!(view_counts(&l, &g), (local, global));
+            assert_eq!(g.view_size(), (128, 128));
+            assert_eq!(g.strides(), (s, s));
+        }
+        let l = LocalViews::new(1024, 1024, &LocalViewConfig::for_training_size(128), None)?;
+        assert_eq!(l.grid(), (15, 15));
+        assert_eq!(
+            l.rects()[224],
+            ViewRect {
+                top: 896,
+                left: 896,
+                height: 128,
+                width: 128
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn non_square_and_non_multiple_sizes() -> Result<()> {
+        // 3000x1700 px SDXL → latent 375x212 (not multiples of 8 or 128).
+        let l = LocalViews::new(375, 212, &LocalViewConfig::for_training_size(128), None)?;
+        assert_eq!(l.grid(), (5, 3));
+        assert_eq!(starts(&l), (vec![0, 64, 128, 192, 247], vec![0, 64, 84]));
+        let g = GlobalViews::new(375, 212, &GlobalViewConfig::for_training_size(128))?;
+        assert_eq!(g.strides(), (3, 2));
+        // ceil(375/3) = 125 → 128; ceil(212/2) = 106 → 112.
+        assert_eq!(g.view_size(), (128, 112));
+        // A latent smaller than the window on one axis: one full-length window there.
+        let l = LocalViews::new(40, 300, &LocalViewConfig::for_training_size(128), Some(3))?;
+        assert_eq!(l.window(), (40, 128));
+        assert!(l.rects().iter().all(|r| r.top == 0));
+        Ok(())
+    }
+
+    #[test]
+    fn jitter_is_deterministic_per_seed_and_within_bounds() -> Result<()> {
+        let cfg = LocalViewConfig::for_training_size(128);
+        let plain = LocalViews::new(1024, 768, &cfg, None)?;
+        let a = LocalViews::new(1024, 768, &cfg, Some(42))?;
+        let b = LocalViews::new(1024, 768, &cfg, Some(42))?;
+        let c = LocalViews::new(1024, 768, &cfg, Some(43))?;
+        assert_eq!(a, b);
+        assert_ne!(a.rects(), c.rects());
+        assert_ne!(a.rects(), plain.rects());
+        let r = 16i64;
+        for (j, p) in a.rects().iter().zip(plain.rects()) {
+            for (js, ps, dim) in [(j.top, p.top, 1024i64), (j.left, p.left, 768i64)] {
+                let d = js - ps;
+                assert!((-r..=r).contains(&d), "jitter {d}");
+                if ps == 0 {
+                    assert!(d <= 0, "first window may only move outwards");
+                }
+                if ps + 128 == dim {
+                    assert!(d >= 0, "last window may only move outwards");
+                }
+            }
+        }
+        let bad = LocalViewConfig {
+            jitter_range: 40,
+            ..cfg
+        };
+        assert!(LocalViews::new(1024, 768, &bad, Some(1)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn identity_model_merge_reproduces_latent() -> Result<()> {
+        let latent = ramp(1, 4, 300, 212)?;
+        let want = latent.flatten_all()?.to_vec1::<f32>()?;
+        for padding in [
+            EdgePadding::Zero,
+            EdgePadding::Replicate,
+            EdgePadding::Reflect,
+        ] {
+            let cfg = LocalViewConfig {
+                padding,
+                ..LocalViewConfig::for_training_size(128)
+            };
+            for seed in [None, Some(7u64), Some(8)] {
+                let views = LocalViews::new(300, 212, &cfg, seed)?;
+                let outs = (0..views.len())
+                    .map(|i| views.extract(&latent, i))
+                    .collect::<Result<Vec<_>>>()?;
+                let got = views.merge(&outs, ViewWeighting::Uniform)?;
+                assert_eq!(
+                    got.flatten_all()?.to_vec1::<f32>()?,
+                    want,
+                    "{padding:?} {seed:?}"
+                );
+                // Gaussian weights: Σ w·v / Σ w rounds, so equal to a few ulp.
+                let got = views.merge(&outs, ViewWeighting::GAUSSIAN)?;
+                for (g, w) in got.flatten_all()?.to_vec1::<f32>()?.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 4.0 * f32::EPSILON * w.abs().max(1.0),
+                        "{g} vs {w}"
+                    );
+                }
+            }
+        }
+        let g = GlobalViews::new(300, 212, &GlobalViewConfig::for_training_size(128))?;
+        let outs = (0..g.len())
+            .map(|i| g.extract(&latent, i))
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(g.merge(&outs)?.flatten_all()?.to_vec1::<f32>()?, want);
+        Ok(())
+    }
+
+    #[test]
+    fn global_view_is_strided_slice() -> Result<()> {
+        let latent = ramp(1, 2, 256, 256)?;
+        let g = GlobalViews::new(256, 256, &GlobalViewConfig::for_training_size(128))?;
+        let v = g.extract(&latent, 3)?; // (p, q) = (1, 1)
+        let lat = latent.i_at(0, 1)?;
+        let view = v.i_at(0, 1)?;
+        for (i, j) in [(0usize, 0usize), (5, 9), (127, 127)] {
+            assert_eq!(view[i][j], lat[1 + 2 * i][1 + 2 * j]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn padding_modes_fill_outside_pixels() -> Result<()> {
+        let latent = ramp(1, 1, 4, 4)?;
+        let lat = latent.i_at(0, 0)?;
+        let rows = [-2i64, -1, 0, 3, 4, 5];
+        for (padding, want) in [
+            (EdgePadding::Replicate, [0usize, 0, 0, 3, 3, 3]),
+            (EdgePadding::Reflect, [2, 1, 0, 3, 2, 1]),
+        ] {
+            let t = gather(&latent, &rows, &[0], 4, 4, padding)?;
+            let got = t.flatten_all()?.to_vec1::<f32>()?;
+            let exp: Vec<f32> = want.iter().map(|&r| lat[r][0]).collect();
+            assert_eq!(got, exp, "{padding:?}");
+        }
+        let t = gather(&latent, &rows, &[0], 4, 4, EdgePadding::Zero)?;
+        let got = t.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got, vec![0.0, 0.0, lat[0][0], lat[3][0], 0.0, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn smooth_field_has_no_seams_with_gaussian_weights() -> Result<()> {
+        // Every view's "model" returns the same smooth analytic field f plus its own constant
+        // bias (models disagree between tiles). On the merged result minus f, the largest
+        // jump between neighbouring pixels across a window border must not exceed the largest
+        // one inside windows (where the Gaussian weights blend the biases smoothly). Uniform
+        // weights must fail the same check (the test's sensitivity).
+        let (h, w) = (320usize, 448usize);
+        let f = |y: i64, x: i64| ((y as f32) / 37.0).sin() * ((x as f32) / 53.0).cos();
+        let views = LocalViews::new(h, w, &LocalViewConfig::for_training_size(128), Some(5))?;
+        let (vh, vw) = views.window();
+        let outs = views
+            .rects()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let bias = ((i * 7919) % 11) as f32 / 10.0 * 0.05 - 0.025;
+                let v: Vec<f32> = (0..vh * vw)
+                    .map(|k| f(r.top + (k / vw) as i64, r.left + (k % vw) as i64) + bias)
+                    .collect();
+                Ok(Tensor::from_vec(v, (1, 1, vh, vw), &Device::Cpu)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut border_x = std::collections::HashSet::new();
+        let mut border_y = std::collections::HashSet::new();
+        for r in views.rects() {
+            border_x.extend([r.left, r.left + vw as i64]);
+            border_y.extend([r.top, r.top + vh as i64]);
+        }
+        let steps = |m: &Tensor| -> Result<(f32, f32)> {
+            let m = m.i_at(0, 0)?;
+            let e = |y: usize, x: usize| m[y][x] - f(y as i64, x as i64);
+            let (mut at_border, mut inside) = (0f32, 0f32);
+            for y in 0..h {
+                for x in 0..w {
+                    if x > 0 {
+                        let d = (e(y, x) - e(y, x - 1)).abs();
+                        if border_x.contains(&(x as i64)) {
+                            at_border = at_border.max(d);
+                        } else {
+                            inside = inside.max(d);
+                        }
+                    }
+                    if y > 0 {
+                        let d = (e(y, x) - e(y - 1, x)).abs();
+                        if border_y.contains(&(y as i64)) {
+                            at_border = at_border.max(d);
+                        } else {
+                            inside = inside.max(d);
+                        }
+                    }
+                }
+            }
+            Ok((at_border, inside))
+        };
+        let (border, inside) = steps(&views.merge(&outs, ViewWeighting::GAUSSIAN)?)?;
+        assert!(
+            border <= inside,
+            "Gaussian: border step {border} > inside {inside}"
+        );
+        let (border, inside) = steps(&views.merge(&outs, ViewWeighting::Uniform)?)?;
+        assert!(
+            border > inside,
+            "uniform should show the seam: {border} vs {inside}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn merge_is_reproducible_and_rejects_bad_outputs() -> Result<()> {
+        // Same outputs merged twice give the same bits (fixed view order), and a wrong
+        // output count or shape is an error rather than a panic.
+        let latent = ramp(2, 4, 192, 192)?;
+        let views = LocalViews::new(192, 192, &LocalViewConfig::for_training_size(64), Some(9))?;
+        let outs = (0..views.len())
+            .map(|i| Ok((views.extract(&latent, i)? * 1.5)?))
+            .collect::<Result<Vec<_>>>()?;
+        let a = views
+            .merge(&outs, ViewWeighting::GAUSSIAN)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = views
+            .merge(&outs, ViewWeighting::GAUSSIAN)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(a, b);
+        assert!(views.merge(&outs[1..], ViewWeighting::Uniform).is_err());
+        let mut bad = outs.clone();
+        bad[3] = Tensor::zeros((2, 4, 8, 8), DType::F32, &Device::Cpu)?;
+        assert!(views.merge(&bad, ViewWeighting::Uniform).is_err());
+        assert!(views.extract(&latent, views.len()).is_err());
+        assert!(LocalViews::new(0, 10, &LocalViewConfig::for_training_size(64), None).is_err());
+        Ok(())
+    }
+
+    /// Test helper: plane (b, c) of a 4-D tensor as nested vectors.
+    trait PlaneAt {
+        fn i_at(&self, b: usize, c: usize) -> Result<Vec<Vec<f32>>>;
+    }
+
+    impl PlaneAt for Tensor {
+        fn i_at(&self, b: usize, c: usize) -> Result<Vec<Vec<f32>>> {
+            Ok(self
+                .get(b)?
+                .get(c)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
+        }
+    }
+}
