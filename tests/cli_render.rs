@@ -16,16 +16,37 @@ fn readme_quick_start_renders_byte_identical_pngs() {
     let (a, b) = (dir.path("a.png"), dir.path("b.png"));
     for out in [&a, &b] {
         tessera_ok(&[
-            "render", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse",
-            "--size", "256x256", "--steps", "4", "--seed", "7", "-o", out.to_str().unwrap(),
+            "render",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lighthouse",
+            "--size",
+            "256x256",
+            "--steps",
+            "4",
+            "--seed",
+            "7",
+            "-o",
+            out.to_str().unwrap(),
         ]);
     }
     let (bytes_a, bytes_b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     assert_eq!(bytes_a, bytes_b, "same seed must give byte-identical PNGs");
     let (w, h, pixels, text) = read_png(&a);
     assert_eq!((w, h), (256, 256));
-    let params = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
-    for want in ["prompt: a lighthouse", "seed: 7", "steps: 4", "size: 256x256", "scheduler: euler"] {
+    let params = &text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters chunk")
+        .1;
+    for want in [
+        "prompt: a lighthouse",
+        "seed: 7",
+        "steps: 4",
+        "size: 256x256",
+        "scheduler: euler",
+    ] {
         assert!(params.contains(want), "{want:?} missing from {params:?}");
     }
     // A picture, not a constant: the random model still produces varied pixels.
@@ -35,8 +56,19 @@ fn readme_quick_start_renders_byte_identical_pngs() {
     // Another seed gives another picture.
     let c = dir.path("c.png");
     tessera_ok(&[
-        "render", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse",
-        "--size", "256x256", "--steps", "4", "--seed", "8", "-o", c.to_str().unwrap(),
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--size",
+        "256x256",
+        "--steps",
+        "4",
+        "--seed",
+        "8",
+        "-o",
+        c.to_str().unwrap(),
     ]);
     assert_ne!(read_png(&c).2, pixels);
 }
@@ -47,9 +79,23 @@ fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
     let dir = Scratch::new("sd21");
     let (png, lat) = (dir.path("o.png"), dir.path("o.safetensors"));
     tessera_ok(&[
-        "render", "--model", model.to_str().unwrap(), "--prompt", "a red boat",
-        "--negative-prompt", "fog", "--size", "192x128", "--steps", "3", "--seed", "3",
-        "--output-latents", lat.to_str().unwrap(), "-o", png.to_str().unwrap(),
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red boat",
+        "--negative-prompt",
+        "fog",
+        "--size",
+        "192x128",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--output-latents",
+        lat.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
     ]);
     let (w, h, _, text) = read_png(&png);
     assert_eq!((w, h), (192, 128));
@@ -65,9 +111,12 @@ fn diffusers_pipeline_parity(arch: &str, case: &str) {
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("reference.json")).unwrap()).unwrap();
     let params = &reference["pipelines"][case];
-    let tensors = candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
     let get = |name: &str| -> &Tensor {
-        tensors.get(name).unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+        tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
     };
 
     let dir = Scratch::new(&format!("parity-{arch}-{case}"));
@@ -82,12 +131,23 @@ fn diffusers_pipeline_parity(arch: &str, case: &str) {
     let steps = params["steps"].to_string();
     let guidance = params["guidance"].to_string();
     let mut args = vec![
-        "render", "--model", root.join("model").to_str().unwrap().to_owned().leak(),
-        "--prompt", params["prompt"].as_str().unwrap(),
-        "--size", &size, "--steps", &steps, "--guidance", &guidance,
-        "--latents", latents_in.to_str().unwrap(),
-        "--output-latents", latents_out.to_str().unwrap(),
-        "-o", png.to_str().unwrap(),
+        "render",
+        "--model",
+        root.join("model").to_str().unwrap().to_owned().leak(),
+        "--prompt",
+        params["prompt"].as_str().unwrap(),
+        "--size",
+        &size,
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--latents",
+        latents_in.to_str().unwrap(),
+        "--output-latents",
+        latents_out.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
     ];
     if let Some(neg) = params["negative_prompt"].as_str() {
         args.extend(["--negative-prompt", neg]);
@@ -96,19 +156,32 @@ fn diffusers_pipeline_parity(arch: &str, case: &str) {
 
     let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
     let ours: Vec<f32> = ours["latents"].flatten_all().unwrap().to_vec1().unwrap();
-    let theirs: Vec<f32> =
-        get(&format!("pipe.{case}.output_latents")).flatten_all().unwrap().to_vec1().unwrap();
-    let err = rel_l2(&ours, &theirs);
-    assert!(err <= 1e-3, "{arch}/{case}: final latents rel. L2 error {err:.3e} > 1e-3");
+    let theirs: Vec<f32> = get(&format!("pipe.{case}.output_latents"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let latent_err = rel_l2(&ours, &theirs);
+    assert!(
+        latent_err <= 1e-3,
+        "{arch}/{case}: final latents rel. L2 error {latent_err:.3e} > 1e-3"
+    );
 
     // The PNG against diffusers' decoded image (in [0, 1]), quantised the same way.
-    let image = get(&format!("pipe.{case}.image")).squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
+    let image = get(&format!("pipe.{case}.image"))
+        .squeeze(0)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap();
     let image: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
     let (_, _, pixels, _) = read_png(&png);
     let ours: Vec<f32> = pixels.iter().map(|&p| f32::from(p) / 255.0).collect();
     let err = rel_l2(&ours, &image);
-    assert!(err <= 1e-2, "{arch}/{case}: image rel. L2 error {err:.3e} (8-bit quantised)");
-    eprintln!("{arch}/{case}: latents and image match diffusers");
+    assert!(
+        err <= 5e-3,
+        "{arch}/{case}: image rel. L2 error {err:.3e} (8-bit quantised)"
+    );
+    eprintln!("{arch}/{case}: rel. L2 error vs diffusers: latents {latent_err:.2e}, 8-bit image {err:.2e}");
 }
 
 #[test]
@@ -126,14 +199,27 @@ fn diffusers_made_sdxl_directory_matches_diffusers_pipeline() {
 /// free of panics and backtraces.
 fn failing_render(model: &Path, out: &Path) -> String {
     let o = tessera(&[
-        "render", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "1",
-        "-o", out.to_str().unwrap(),
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert!(!o.status.success(), "render of a broken model succeeded");
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.lines().count() <= 4, "error too long:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-    assert!(!out.exists(), "a failed render must not leave an output file");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a failed render must not leave an output file"
+    );
     err
 }
 
@@ -147,9 +233,17 @@ fn broken_model_directories_get_short_errors_naming_the_file() {
     copy_dir(&good, &m);
     let f = m.join("unet/diffusion_pytorch_model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let err = failing_render(&m, &dir.path("a.png"));
-    assert!(err.contains("unet/diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     assert!(err.contains("truncated or corrupt"), "{err}");
 
     // A missing unet/config.json.
@@ -170,7 +264,10 @@ fn broken_model_directories_get_short_errors_naming_the_file() {
     .unwrap();
     let err = failing_render(&m, &dir.path("c.png"));
     assert!(err.contains("unet"), "{err}");
-    assert!(err.contains("conv_in") || err.contains("cannot find tensor") || err.contains("shape"), "{err}");
+    assert!(
+        err.contains("conv_in") || err.contains("cannot find tensor") || err.contains("shape"),
+        "{err}"
+    );
 
     // Not a model directory at all.
     let err = failing_render(&dir.path("nothing-here"), &dir.path("d.png"));
@@ -191,7 +288,10 @@ fn bad_flags_get_clear_errors() {
         (&["--guidance", "NaN"], "guidance"),
         (&["--scheduler", "pndm"], "ddim"),
         (&["--device", "gpu"], "use cpu or cuda:N"),
-        (&["--latents", "/nonexistent/l.safetensors"], "cannot read latents"),
+        (
+            &["--latents", "/nonexistent/l.safetensors"],
+            "cannot read latents",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["render", "--model", m, "--prompt", "x", "-o", o];
@@ -206,10 +306,27 @@ fn bad_flags_get_clear_errors() {
     let lat = dir.path("l.safetensors");
     let t = Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("x", t)]), &lat).unwrap();
-    let r = tessera(&["render", "--model", m, "--prompt", "x", "--size", "128x128", "--latents",
-        lat.to_str().unwrap(), "--steps", "1", "-o", o]);
+    let r = tessera(&[
+        "render",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--size",
+        "128x128",
+        "--latents",
+        lat.to_str().unwrap(),
+        "--steps",
+        "1",
+        "-o",
+        o,
+    ]);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--size 64x64"), "{:?}", r);
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("--size 64x64"),
+        "{:?}",
+        r
+    );
 }
 
 #[test]
@@ -226,8 +343,20 @@ fn every_subcommand_has_help() {
     }
     let o = tessera_ok(&["render", "--help"]);
     let text = String::from_utf8_lossy(&o.stdout);
-    for flag in ["--model", "--prompt", "--negative-prompt", "--size", "--steps", "--guidance",
-        "--scheduler", "--seed", "--latents", "--output-latents", "--device", "--output"] {
+    for flag in [
+        "--model",
+        "--prompt",
+        "--negative-prompt",
+        "--size",
+        "--steps",
+        "--guidance",
+        "--scheduler",
+        "--seed",
+        "--latents",
+        "--output-latents",
+        "--device",
+        "--output",
+    ] {
         assert!(text.contains(flag), "render --help lacks {flag}");
     }
 }

@@ -76,17 +76,33 @@ mod tests {
     fn same_key_same_numbers_other_key_other_numbers() -> Result<()> {
         let dev = Device::Cpu;
         let k = NoiseKey::new(7, NoisePurpose::InitialLatent);
-        let a = k.normal((1, 4, 8, 8), &dev)?.flatten_all()?.to_vec1::<f32>()?;
-        let b = k.normal((1, 4, 8, 8), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = k
+            .normal((1, 4, 8, 8), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = k
+            .normal((1, 4, 8, 8), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(a, b);
         let other = NoiseKey { step: 1, ..k };
-        let c = other.normal((1, 4, 8, 8), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let c = other
+            .normal((1, 4, 8, 8), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_ne!(a, c);
         // Standard normal: over 2^16 draws the moments are within a few standard errors.
         let big = k.normal(1 << 16, &dev)?.to_vec1::<f32>()?;
         let mean = big.iter().map(|&x| f64::from(x)).sum::<f64>() / big.len() as f64;
-        let var = big.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / big.len() as f64;
-        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.03, "mean {mean} var {var}");
+        let var = big
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / big.len() as f64;
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.03,
+            "mean {mean} var {var}"
+        );
         Ok(())
     }
 }

@@ -43,7 +43,11 @@ impl std::str::FromStr for Size {
     type Err = SpecError;
 
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let bad = || SpecError(format!("size {s:?} is not WIDTHxHEIGHT in pixels, e.g. 1024x768"));
+        let bad = || {
+            SpecError(format!(
+                "size {s:?} is not WIDTHxHEIGHT in pixels, e.g. 1024x768"
+            ))
+        };
         let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
         let width = w.trim().parse::<u32>().map_err(|_| bad())?;
         let height = h.trim().parse::<u32>().map_err(|_| bad())?;
@@ -69,7 +73,7 @@ pub fn check_side(name: &str, value: u32) -> Result<(), SpecError> {
             "{name} {value} is too large: use at most {MAX_SIDE} pixels"
         )));
     }
-    if value % PIXELS_PER_LATENT != 0 {
+    if !value.is_multiple_of(PIXELS_PER_LATENT) {
         let down = value / PIXELS_PER_LATENT * PIXELS_PER_LATENT;
         return Err(SpecError(format!(
             "{name} {value} is not a multiple of {PIXELS_PER_LATENT}: use {down} or {}",
@@ -100,7 +104,9 @@ impl RenderSpec {
             check_prompt("negative prompt", n)?;
         }
         if self.prompt.trim().is_empty() {
-            return Err(SpecError("prompt is empty: describe the picture to render".into()));
+            return Err(SpecError(
+                "prompt is empty: describe the picture to render".into(),
+            ));
         }
         Ok(())
     }
@@ -132,7 +138,10 @@ fn check_prompt(name: &str, text: &str) -> Result<(), SpecError> {
              (the text encoder reads only the first 77 tokens anyway)"
         )));
     }
-    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(SpecError(format!(
             "{name} contains control characters: remove them"
         )));
@@ -175,16 +184,61 @@ mod tests {
     #[test]
     fn bad_specs_say_what_to_change() {
         let cases: Vec<(RenderSpec, &str)> = vec![
-            (RenderSpec { width: 250, ..spec() }, "use 248 or 256"),
-            (RenderSpec { height: 0, ..spec() }, "too small"),
-            (RenderSpec { width: 70000, ..spec() }, "at most 65536"),
-            (RenderSpec { steps: 0, ..spec() }, "use 1 to 1000"),
-            (RenderSpec { guidance: f64::NAN, ..spec() }, "guidance"),
-            (RenderSpec { guidance: f64::INFINITY, ..spec() }, "guidance"),
-            (RenderSpec { prompt: "  ".into(), ..spec() }, "prompt is empty"),
-            (RenderSpec { prompt: "x".repeat(10_000), ..spec() }, "shorten it"),
             (
-                RenderSpec { negative_prompt: Some("a\u{7}".into()), ..spec() },
+                RenderSpec {
+                    width: 250,
+                    ..spec()
+                },
+                "use 248 or 256",
+            ),
+            (
+                RenderSpec {
+                    height: 0,
+                    ..spec()
+                },
+                "too small",
+            ),
+            (
+                RenderSpec {
+                    width: 70000,
+                    ..spec()
+                },
+                "at most 65536",
+            ),
+            (RenderSpec { steps: 0, ..spec() }, "use 1 to 1000"),
+            (
+                RenderSpec {
+                    guidance: f64::NAN,
+                    ..spec()
+                },
+                "guidance",
+            ),
+            (
+                RenderSpec {
+                    guidance: f64::INFINITY,
+                    ..spec()
+                },
+                "guidance",
+            ),
+            (
+                RenderSpec {
+                    prompt: "  ".into(),
+                    ..spec()
+                },
+                "prompt is empty",
+            ),
+            (
+                RenderSpec {
+                    prompt: "x".repeat(10_000),
+                    ..spec()
+                },
+                "shorten it",
+            ),
+            (
+                RenderSpec {
+                    negative_prompt: Some("a\u{7}".into()),
+                    ..spec()
+                },
                 "control characters",
             ),
         ];

@@ -13,13 +13,17 @@ use candle_core::{DType, Tensor};
 pub fn write_png(path: &Path, image: &Tensor, parameters: &str) -> Result<()> {
     let (c, h, w) = image.dims3().context("image tensor must be (3, H, W)")?;
     if c != 3 || image.dtype() != DType::U8 {
-        bail!("image tensor must be (3, H, W) u8, got {:?} {:?}", image.dims(), image.dtype());
+        bail!(
+            "image tensor must be (3, H, W) u8, got {:?} {:?}",
+            image.dims(),
+            image.dtype()
+        );
     }
     let rgb: Vec<u8> = image.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
     let tmp = partial_path(path);
     let result = (|| -> Result<()> {
-        let file = fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file =
+            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);

@@ -8,12 +8,18 @@ use candle_core::{Device, Tensor};
 /// Reads the one tensor of a safetensors file, whatever its name.
 pub fn read_latents(path: &Path) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
-        format!("cannot read latents from {} (expected a safetensors file)", path.display())
+        format!(
+            "cannot read latents from {} (expected a safetensors file)",
+            path.display()
+        )
     })?;
     let mut it = tensors.into_iter();
     match (it.next(), it.next()) {
         (Some((_, t)), None) => Ok(t),
-        (None, _) => bail!("{} holds no tensor; it must hold exactly one latent", path.display()),
+        (None, _) => bail!(
+            "{} holds no tensor; it must hold exactly one latent",
+            path.display()
+        ),
         (Some(_), Some(_)) => bail!(
             "{} holds several tensors; it must hold exactly one latent",
             path.display()
@@ -43,13 +49,19 @@ mod tests {
         write_latents(&p, &t)?;
         let back = read_latents(&p)?;
         assert_eq!(back.to_vec3::<f32>().ok(), None); // 4-D
-        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, t.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            back.flatten_all()?.to_vec1::<f32>()?,
+            t.flatten_all()?.to_vec1::<f32>()?
+        );
         let two = dir.join("two.safetensors");
         candle_core::safetensors::save(
             &std::collections::HashMap::from([("a", t.clone()), ("b", t)]),
             &two,
         )?;
-        assert!(read_latents(&two).unwrap_err().to_string().contains("several"));
+        assert!(read_latents(&two)
+            .unwrap_err()
+            .to_string()
+            .contains("several"));
         assert!(read_latents(&dir.join("none")).is_err());
         std::fs::remove_dir_all(&dir)?;
         Ok(())

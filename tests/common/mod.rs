@@ -72,7 +72,16 @@ pub fn tiny_model(arch: &str) -> PathBuf {
     cell.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("tessera-model-{arch}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        tessera_ok(&["model", "synth", "--arch", arch, "--out", dir.to_str().unwrap(), "--seed", "1"]);
+        tessera_ok(&[
+            "model",
+            "synth",
+            "--arch",
+            arch,
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            "1",
+        ]);
         dir
     })
     .clone()
@@ -95,7 +104,11 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// ||a - b|| / ||b||
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }

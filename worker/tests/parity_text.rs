@@ -157,3 +157,23 @@ fn missing_tokenizer_folder_is_an_error() {
     let e = ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer")).unwrap_err();
     assert!(e.to_string().contains("vocab.json"), "{e}");
 }
+
+/// Writes the tiny vocabulary to $TESSERA_DUMP_TINY_VOCAB (when set) for cross-checks in Python.
+#[test]
+fn dump_tiny_vocab_when_asked() -> Result<()> {
+    if let Ok(dir) = std::env::var("TESSERA_DUMP_TINY_VOCAB") {
+        tessera_worker::model::tokenizer::write_tiny_vocab(Path::new(&dir), "!")?;
+        let tok = ClipTokenizer::from_dir(Path::new(&dir))?;
+        let texts = std::fs::read_to_string(Path::new(&dir).join("texts.json"))?;
+        let texts: Vec<String> = serde_json::from_str(&texts)?;
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| tok.encode(t))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(
+            Path::new(&dir).join("ids_rust.json"),
+            serde_json::to_string(&ids)?,
+        )?;
+    }
+    Ok(())
+}

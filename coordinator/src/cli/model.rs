@@ -45,7 +45,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             };
             synth::synthesize(arch, &args.out, args.seed)
                 .with_context(|| format!("synthesizing a model into {}", args.out.display()))?;
-            eprintln!("wrote a tiny {} model to {}", arch.name(), args.out.display());
+            eprintln!(
+                "wrote a tiny {} model to {}",
+                arch.name(),
+                args.out.display()
+            );
             Ok(())
         }
     }

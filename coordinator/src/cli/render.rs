@@ -70,7 +70,8 @@ pub fn run(args: RenderArgs) -> Result<()> {
         .map(latent_file::read_latents)
         .transpose()?;
 
-    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
+    let spinner =
+        ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let model = DiffusionModel::load(&args.model, &device, compute_dtype(&device))?;
     spinner.finish_and_clear();

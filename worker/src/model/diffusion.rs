@@ -216,7 +216,13 @@ impl DiffusionModel {
             return Ok(None);
         };
         let pooled = if guided {
-            Tensor::cat(&[pu.repeat((repeat, 1)).map_err(other)?, pc.repeat((repeat, 1)).map_err(other)?], 0)
+            Tensor::cat(
+                &[
+                    pu.repeat((repeat, 1)).map_err(other)?,
+                    pc.repeat((repeat, 1)).map_err(other)?,
+                ],
+                0,
+            )
         } else {
             pc.repeat((repeat, 1))
         }

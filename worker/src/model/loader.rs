@@ -151,7 +151,12 @@ impl ModelDir {
 
     /// Opens the safetensors weights of one component, validating every file's header first so a
     /// truncated download is reported against its file rather than as a missing tensor later.
-    pub fn weights(&self, component: &str, dtype: DType, device: &Device) -> Result<ComponentWeights> {
+    pub fn weights(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ComponentWeights> {
         let dir = self.root.join(component);
         let files = weight_files(&dir)?;
         for file in &files {
@@ -159,12 +164,13 @@ impl ModelDir {
         }
         // SAFETY: the files are memory-mapped read-only; a concurrent writer truncating them is
         // outside what a model directory supports (the same contract as diffusers' loaders).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(
-            |e| ModelError::CorruptWeights {
-                path: files[0].clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+                ModelError::CorruptWeights {
+                    path: files[0].clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(ComponentWeights {
             component: component.to_string(),
             files: files
@@ -339,7 +345,8 @@ mod tests {
     struct TempDir(PathBuf);
     impl TempDir {
         fn new(name: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("tessera-loader-{name}-{}", std::process::id()));
+            let p =
+                std::env::temp_dir().join(format!("tessera-loader-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             fs::create_dir_all(&p).unwrap();
             TempDir(p)
@@ -360,8 +367,10 @@ mod tests {
     }
 
     fn save(path: &Path, tensors: &[(&str, Tensor)]) {
-        let map: HashMap<String, Tensor> =
-            tensors.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         candle_core::safetensors::save(&map, path).unwrap();
     }
 
@@ -373,8 +382,14 @@ mod tests {
         fs::create_dir_all(&unet).unwrap();
         let a = Tensor::new(&[[1.5f32, -2.0, 3.25]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[0.5f32, 4.0], &Device::Cpu).unwrap();
-        save(&unet.join("part-1.safetensors"), &[("a.weight", a.to_dtype(DType::F16).unwrap())]);
-        save(&unet.join("part-2.safetensors"), &[("b.bias", b.to_dtype(DType::BF16).unwrap())]);
+        save(
+            &unet.join("part-1.safetensors"),
+            &[("a.weight", a.to_dtype(DType::F16).unwrap())],
+        );
+        save(
+            &unet.join("part-2.safetensors"),
+            &[("b.bias", b.to_dtype(DType::BF16).unwrap())],
+        );
         fs::write(
             unet.join("diffusion_pytorch_model.safetensors.index.json"),
             r#"{"metadata": {}, "weight_map": {"a.weight": "part-1.safetensors", "b.bias": "part-2.safetensors"}}"#,
@@ -390,19 +405,33 @@ mod tests {
         let got = w.vb().get((1, 3), "a.weight").unwrap();
         assert_eq!(got.dtype(), DType::F32);
         assert_eq!(got.to_vec2::<f32>().unwrap(), vec![vec![1.5, -2.0, 3.25]]);
-        assert_eq!(w.vb().get(2, "b.bias").unwrap().to_vec1::<f32>().unwrap(), vec![0.5, 4.0]);
+        assert_eq!(
+            w.vb().get(2, "b.bias").unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.5, 4.0]
+        );
 
-        let e = w.build(|vb| vb.get((1, 4), "a.weight")).unwrap_err().to_string();
-        assert!(e.contains("unet weights") && e.contains("part-1.safetensors"), "{e}");
+        let e = w
+            .build(|vb| vb.get((1, 4), "a.weight"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unet weights") && e.contains("part-1.safetensors"),
+            "{e}"
+        );
         assert!(e.contains("a.weight"), "{e}");
-        let e = w.build(|vb| vb.get(3, "missing.weight")).unwrap_err().to_string();
+        let e = w
+            .build(|vb| vb.get(3, "missing.weight"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.weight"), "{e}");
     }
 
     #[test]
     fn variant_fallback_and_clear_errors() {
         let dir = TempDir::new("errors");
-        let e = ModelDir::open(dir.0.join("absent")).unwrap_err().to_string();
+        let e = ModelDir::open(dir.0.join("absent"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
         let e = ModelDir::open(&dir.0).unwrap_err().to_string();
         assert!(e.contains("model_index.json is missing"), "{e}");
@@ -416,25 +445,53 @@ mod tests {
         let vae = dir.0.join("vae");
         fs::create_dir_all(&vae).unwrap();
         fs::write(vae.join("diffusion_pytorch_model.bin"), b"pickle").unwrap();
-        let e = m.weights("vae", DType::F32, &Device::Cpu).err().unwrap().to_string();
+        let e = m
+            .weights("vae", DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("only pickled .bin"), "{e}");
 
         let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-        save(&vae.join("diffusion_pytorch_model.fp16.safetensors"), &[("x", t.to_dtype(DType::F16).unwrap())]);
+        save(
+            &vae.join("diffusion_pytorch_model.fp16.safetensors"),
+            &[("x", t.to_dtype(DType::F16).unwrap())],
+        );
         let w = m.weights("vae", DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(w.vb().get(2, "x").unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(
+            w.vb().get(2, "x").unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0, 2.0]
+        );
 
         // Truncate the file: reported against the file, before any tensor is read.
         let f = vae.join("diffusion_pytorch_model.fp16.safetensors");
         let len = fs::metadata(&f).unwrap().len();
-        fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 2).unwrap();
-        let e = m.weights("vae", DType::F32, &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("diffusion_pytorch_model.fp16.safetensors is truncated or corrupt"), "{e}");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        let e = m
+            .weights("vae", DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("diffusion_pytorch_model.fp16.safetensors is truncated or corrupt"),
+            "{e}"
+        );
 
-        let e = m.config::<serde_json::Value>("vae").unwrap_err().to_string();
+        let e = m
+            .config::<serde_json::Value>("vae")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vae/config.json is missing"), "{e}");
         fs::write(vae.join("config.json"), "{ not json").unwrap();
-        let e = m.config::<serde_json::Value>("vae").unwrap_err().to_string();
+        let e = m
+            .config::<serde_json::Value>("vae")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vae/config.json is not valid JSON"), "{e}");
     }
 }

@@ -177,9 +177,13 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     };
     let unet_cfg: UNetConfig = write_config(out, "unet", "config.json", &unet_json)?;
     let s = next_seed();
-    write_weights(out, "unet", "diffusion_pytorch_model.safetensors", s, |vb| {
-        UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ())
-    })?;
+    write_weights(
+        out,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        s,
+        |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ()),
+    )?;
 
     let vae_json = json!({
         "_class_name": "AutoencoderKL",
@@ -287,9 +291,10 @@ fn write_weights(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let build_err = |e: candle_core::Error| ModelError::Other(format!("building {component}: {e}"));
     construct(vb).map_err(build_err)?;
-    let data = varmap.data().lock().map_err(|_| {
-        ModelError::Other(format!("{component}: weight map lock poisoned"))
-    })?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Other(format!("{component}: weight map lock poisoned")))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -300,7 +305,9 @@ fn write_weights(
     }
     drop(data);
     let path = out.join(component).join(file);
-    varmap.save(&path).map_err(|e| ModelError::Other(format!("{}: {e}", path.display())))
+    varmap
+        .save(&path)
+        .map_err(|e| ModelError::Other(format!("{}: {e}", path.display())))
 }
 
 /// Values for one parameter: norms near one, biases small, weights scaled by 1/sqrt(fan_in)
@@ -360,7 +367,13 @@ mod tests {
         assert!(w.iter().all(|v| (v - 1.0).abs() < 0.6));
         let b = random_values("down_blocks.0.resnets.0.norm1.bias", &like, 3);
         assert!(b.iter().all(|v| v.abs() < 0.3));
-        assert_eq!(b, random_values("down_blocks.0.resnets.0.norm1.bias", &like, 3));
-        assert_ne!(b, random_values("down_blocks.0.resnets.0.norm1.bias", &like, 4));
+        assert_eq!(
+            b,
+            random_values("down_blocks.0.resnets.0.norm1.bias", &like, 3)
+        );
+        assert_ne!(
+            b,
+            random_values("down_blocks.0.resnets.0.norm1.bias", &like, 4)
+        );
     }
 }

@@ -224,7 +224,8 @@ impl ClipTextModel {
     /// `vb` is the component root (`text_encoder/`). Accepts `text_model.`-prefixed tensors
     /// (real checkpoints) or unprefixed ones (`CLIPTextModel` saved by transformers 5).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, with_projection: bool) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             candle_core::bail!(
                 "clip text config: hidden_size {} is not divisible by {} heads",
                 cfg.hidden_size,

@@ -121,7 +121,7 @@ impl TokenizerSettings {
         }
         // transformers writes a huge sentinel when no limit is known; CLIP's positions stop at 77.
         if let Some(n) = json.get("model_max_length").and_then(|v| v.as_f64()) {
-            if n >= 1.0 && n <= 1e6 {
+            if (1.0..=1e6).contains(&n) {
                 s.max_length = n as usize;
             }
         }
@@ -388,7 +388,7 @@ fn learn_tiny_merges(max_merges: usize) -> Vec<(String, String)> {
         // BTreeMap iterates in text order, so `max_by_key` keeping the first maximum is stable.
         let mut best: Option<(&(String, String), usize)> = None;
         for (pair, &n) in &counts {
-            if best.map_or(true, |(_, bn)| n > bn) {
+            if best.is_none_or(|(_, bn)| n > bn) {
                 best = Some((pair, n));
             }
         }

@@ -911,7 +911,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1f32, (2, 3, 21, 30), &dev).unwrap();
         let up = |t: &Tensor| {
             let (_, _, h, w) = t.dims4()?;
-            (t.upsample_nearest2d(4 * h, 4 * w)? * 2.0)
+            t.upsample_nearest2d(4 * h, 4 * w)? * 2.0
         };
         let t = TileSpec {
             tile_latent: 8,
@@ -947,7 +947,6 @@ mod tests {
     #[test]
     fn tiled_decode_is_close_and_seamless() {
         let vae = tiny_vae();
-        let dev = Device::Cpu;
         // An i.i.d. latent: its statistics are the same in every tile, so the per-tile group
         // norms see what the whole-image ones see and tiling changes little.
         let (h, w) = (48usize, 48usize);
