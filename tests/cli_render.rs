@@ -360,3 +360,60 @@ fn every_subcommand_has_help() {
         assert!(text.contains(flag), "render --help lacks {flag}");
     }
 }
+
+#[test]
+fn synth_is_deterministic_and_never_overwrites_foreign_directories() {
+    let dir = Scratch::new("synth");
+    let (a, b, c) = (dir.path("a"), dir.path("b"), dir.path("c"));
+    for (out, seed) in [(&a, "5"), (&b, "5"), (&c, "6")] {
+        tessera_ok(&[
+            "model",
+            "synth",
+            "--arch",
+            "sd21-tiny",
+            "--out",
+            out.to_str().unwrap(),
+            "--seed",
+            seed,
+        ]);
+    }
+    let files = [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+    ];
+    for f in files {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    assert_ne!(
+        std::fs::read(a.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        std::fs::read(c.join("unet/diffusion_pytorch_model.safetensors")).unwrap()
+    );
+    // A directory that is not a synthesized model is never replaced.
+    let foreign = dir.path("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "mine").unwrap();
+    let o = tessera(&[
+        "model",
+        "synth",
+        "--arch",
+        "sdxl-tiny",
+        "--out",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("keep.txt")).unwrap(),
+        "mine"
+    );
+}

@@ -182,18 +182,14 @@ fn unet_matches_diffusers_sdxl() -> Result<()> {
 }
 
 /// FreeScale's `scale_forward` on one transformer block (2× the training size, jitter off),
-/// from a fixture made by running the reference `scale_attention.py` in diffusers. Runs only
-/// when `TESSERA_SCALE_FUSION_FIXTURE` names a directory holding `sf_weights.safetensors`
-/// (block parameters under `blk.`) and `sf_ref.safetensors` (x, ctx, out.fast0, out.fast1).
+/// from the committed fixture made by `tests/parity/make_scale_fusion_fixture.py`, which runs
+/// the reference `scale_attention.py` in diffusers: block parameters under `blk.` in
+/// `sf_weights.safetensors`; x, ctx, out.fast0, out.fast1 in `sf_ref.safetensors`.
 #[test]
 fn scale_fusion_matches_freescale_reference() -> Result<()> {
     use tessera_worker::model::attention::{BasicTransformerBlock, LayerGrid};
     use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode};
-    let Some(dir) = std::env::var_os("TESSERA_SCALE_FUSION_FIXTURE") else {
-        println!("TESSERA_SCALE_FUSION_FIXTURE not set; skipping");
-        return Ok(());
-    };
-    let dir = PathBuf::from(dir);
+    let dir = fixtures_root().join("scale_fusion");
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[dir.join("sf_weights.safetensors")],
@@ -204,9 +200,9 @@ fn scale_fusion_matches_freescale_reference() -> Result<()> {
     let blk = BasicTransformerBlock::new(vb.pp("blk"), 8, 2, 4, 6)?;
     let refs = candle_core::safetensors::load(dir.join("sf_ref.safetensors"), &Device::Cpu)?;
     let (x, ctx) = (&refs["x"], &refs["ctx"]);
-    // 64×64 tokens at a layer 4× below a 256² latent; training latent 128² (SDXL at 2048²).
+    // 32×32 tokens at a layer 8× below a 256² latent; training latent 128² (SDXL at 2048²).
     let grid = LayerGrid {
-        hw: (64, 64),
+        hw: (32, 32),
         input_hw: (256, 256),
     };
     for fast in [false, true] {

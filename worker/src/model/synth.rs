@@ -307,7 +307,16 @@ fn write_weights(
     let path = out.join(component).join(file);
     varmap
         .save(&path)
-        .map_err(|e| ModelError::Other(format!("{}: {e}", path.display())))
+        .map_err(|e| ModelError::Other(format!("{}: {e}", path.display())))?;
+    // The safetensors writer creates owner-only files; a model directory is meant to be read
+    // by workers running as other users too, like the configs beside it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+            .map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Values for one parameter: norms near one, biases small, weights scaled by 1/sqrt(fan_in)
