@@ -1,26 +1,15 @@
 //! CLIP tokenizer and text encoder parity with transformers on the tiny fixture models.
 
+mod common;
+use common::{fixture_dir, references, rel_l2, TOLERANCE};
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::text::{ClipTextConfig, ClipTextModel};
 use tessera_worker::model::tokenizer::ClipTokenizer;
-
-const TOLERANCE: f32 = 1e-4;
-
-fn fixture_dir(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/parity/fixtures")
-        .join(arch)
-}
-
-fn references(arch: &str) -> Result<std::collections::HashMap<String, Tensor>> {
-    let path = fixture_dir(arch).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("{}", path.display()))
-}
 
 fn prompts(arch: &str) -> Result<Vec<(String, String)>> {
     let path = fixture_dir(arch).join("reference.json");
@@ -32,12 +21,6 @@ fn prompts(arch: &str) -> Result<Vec<(String, String)>> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
         .collect())
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    Ok((d / n).sqrt())
 }
 
 /// A copy of a tokenizer folder without `tokenizer.json`, to exercise the vocab + merges path

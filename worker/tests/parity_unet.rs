@@ -1,10 +1,13 @@
 //! Parity of the UNet with diffusers on tiny random models of the SD 2.1 and SDXL
 //! architectures. Fixtures come from `tests/parity/make_fixtures.py` (or the directory named
-//! by `TESSERA_UNET_FIXTURES`): `<arch>/model/unet/{config.json, *.safetensors}` and
+//! by `TESSERA_PARITY_FIXTURES`): `<arch>/model/unet/{config.json, *.safetensors}` and
 //! `<arch>/reference.{safetensors,json}`.
 
+mod common;
+use common::{fixtures_root, rel_l2, TOLERANCE};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -12,27 +15,6 @@ use candle_nn::VarBuilder;
 use tessera_worker::model::hooks::{FreeU, UNetHooks};
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
-
-const TOLERANCE: f64 = 1e-4;
-
-fn fixtures_root() -> PathBuf {
-    match std::env::var_os("TESSERA_UNET_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/fixtures"),
-    }
-}
-
-/// ||a − b|| / ||b||, in f64.
-fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
-    if a.dims() != b.dims() {
-        bail!("shape {:?} vs reference {:?}", a.dims(), b.dims());
-    }
-    let a = a.to_dtype(DType::F64)?;
-    let b = b.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    Ok(diff / norm.max(f64::MIN_POSITIVE))
-}
 
 struct Fixture {
     unet: UNet2DConditionModel,

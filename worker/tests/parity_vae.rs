@@ -1,31 +1,12 @@
 //! AutoencoderKL parity with diffusers on the tiny fixture models (tests/parity/fixtures).
 
-use std::path::PathBuf;
+mod common;
+use common::{fixture_dir, references, rel_l2, TOLERANCE};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::vae::{AutoencoderKL, TileSpec, VaeConfig};
-
-const TOLERANCE: f32 = 1e-4;
-
-fn fixture_dir(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/parity/fixtures")
-        .join(arch)
-}
-
-fn references(arch: &str) -> Result<std::collections::HashMap<String, Tensor>> {
-    let path = fixture_dir(arch).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("{}", path.display()))
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    Ok((d / n).sqrt())
-}
 
 fn load_vae(arch: &str) -> Result<AutoencoderKL> {
     let dir = ModelDir::open(fixture_dir(arch).join("model"))?;
