@@ -142,21 +142,25 @@ fn missing_tokenizer_folder_is_an_error() {
 }
 
 /// Writes the tiny vocabulary to $TESSERA_DUMP_TINY_VOCAB (when set) for cross-checks in Python.
+/// The vocabulary `tessera model synth` writes, tokenized by Tessera and by transformers'
+/// CLIPTokenizer (ids committed by tests/parity/make_tiny_vocab_ids.py): accents, CJK, emoji,
+/// contractions, special tokens inside the text, runs of the pad token "!", truncation.
 #[test]
-fn dump_tiny_vocab_when_asked() -> Result<()> {
-    if let Ok(dir) = std::env::var("TESSERA_DUMP_TINY_VOCAB") {
-        tessera_worker::model::tokenizer::write_tiny_vocab(Path::new(&dir), "!")?;
-        let tok = ClipTokenizer::from_dir(Path::new(&dir))?;
-        let texts = std::fs::read_to_string(Path::new(&dir).join("texts.json"))?;
-        let texts: Vec<String> = serde_json::from_str(&texts)?;
-        let ids: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| tok.encode(t))
-            .collect::<Result<_, _>>()?;
-        std::fs::write(
-            Path::new(&dir).join("ids_rust.json"),
-            serde_json::to_string(&ids)?,
-        )?;
+fn synthesized_vocab_tokenizes_like_transformers() -> Result<()> {
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        common::fixtures_root().join("tiny_vocab_ids.json"),
+    )?)?;
+    let dir = std::env::temp_dir().join(format!("tessera-tiny-vocab-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    tessera_worker::model::tokenizer::write_tiny_vocab(&dir, "!")?;
+    let tok = ClipTokenizer::from_dir(&dir)?;
+    let cases = expected["cases"].as_array().context("cases")?;
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().context("text")?;
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        assert_eq!(tok.encode(text)?, want, "token ids differ for {text:?}");
     }
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
