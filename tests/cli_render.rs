@@ -102,6 +102,48 @@ fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
     assert!(text.iter().any(|(_, v)| v.contains("scheduler: ddim")));
     let t = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
     assert_eq!(t["latents"].dims(), &[1, 4, 16, 24]);
+
+    // --scheduler overrides the model's config; guidance 1 runs the conditional branch alone.
+    let (euler, unguided) = (dir.path("euler.png"), dir.path("unguided.png"));
+    tessera_ok(&[
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red boat",
+        "--size",
+        "192x128",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--scheduler",
+        "euler",
+        "-o",
+        euler.to_str().unwrap(),
+    ]);
+    let (_, _, euler_pixels, text) = read_png(&euler);
+    assert!(text.iter().any(|(_, v)| v.contains("scheduler: euler")));
+    tessera_ok(&[
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red boat",
+        "--size",
+        "192x128",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--guidance",
+        "1",
+        "-o",
+        unguided.to_str().unwrap(),
+    ]);
+    let base = read_png(&png).2;
+    assert_ne!(euler_pixels, base);
+    assert_ne!(read_png(&unguided).2, base);
 }
 
 /// Renders a diffusers-made model directory from the pipeline's own initial latents and
