@@ -17,6 +17,10 @@ pub enum NoisePurpose {
     VaeSample = 2,
     /// Re-noising an upscaled latent between stages.
     StageNoise = 3,
+    /// Jitter of a step's local tiles.
+    ViewJitter = 4,
+    /// Jitter of the windows of FreeScale's in-UNet scale fusion, per view.
+    FusionJitter = 5,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +58,15 @@ impl NoiseKey {
             chunk.copy_from_slice(&z.to_le_bytes());
         }
         ChaCha20Rng::from_seed(seed)
+    }
+
+    /// A 64-bit seed for generators other than Gaussian noise (tile jitter), from the same
+    /// key mixing; `salt` separates several draws under one key (e.g. the view index).
+    pub fn derive_seed(&self, salt: u64) -> u64 {
+        use rand::RngCore;
+        let mut rng = self.rng();
+        rng.set_stream(salt);
+        rng.next_u64()
     }
 
     /// Standard normal f32 values of the given shape, drawn on the CPU (so every device gets

@@ -1,6 +1,7 @@
 //! What a user asks for: the render specification, and the checks it must pass before any work
 //! starts. Every message says what to change, because it is shown to the user as it is.
 
+use crate::method::params::MethodSpec;
 use crate::sched::SchedulerKind;
 
 /// Longest prompt accepted, in characters. CLIP reads 77 tokens; far longer text is a mistake
@@ -11,10 +12,13 @@ pub const MAX_SIDE: u32 = 65536;
 /// Smallest side in pixels: one latent pixel per VAE downsampling step.
 pub const MIN_SIDE: u32 = 64;
 pub const MAX_STEPS: usize = 1000;
-/// Pixel sizes must be multiples of the VAE's downsampling factor.
+/// Pixels per latent pixel (the VAE's downsampling factor).
 pub const PIXELS_PER_LATENT: u32 = 8;
+/// Sides must be whole multiples of 8 latent pixels (64 pixels): the UNet halves the latent
+/// up to three times, and tiles and strided views then line up with its grid.
+pub const SIZE_MULTIPLE: u32 = 64;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RenderSpec {
     pub prompt: String,
     /// `None` is different from `Some("")` for SDXL, whose pipeline then uses zero embeddings.
@@ -26,6 +30,9 @@ pub struct RenderSpec {
     /// `None`: the model's `scheduler_config.json` decides, as in diffusers.
     pub scheduler: Option<SchedulerKind>,
     pub seed: u64,
+    /// The cascade: method, stages and their parameters.
+    #[serde(default)]
+    pub method: MethodSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,7 +40,7 @@ pub struct RenderSpec {
 pub struct SpecError(pub String);
 
 /// A `WIDTHxHEIGHT` size in pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Size {
     pub width: u32,
     pub height: u32,
@@ -61,8 +68,14 @@ impl std::fmt::Display for Size {
     }
 }
 
-/// Checks one side of an image size.
+/// Checks one side of an image size: a multiple of 8 pixels (one latent pixel), as diffusers'
+/// pipelines accept for plain sampling.
 pub fn check_side(name: &str, value: u32) -> Result<(), SpecError> {
+    check_side_multiple(name, value, PIXELS_PER_LATENT)
+}
+
+/// Checks one side against a pixel multiple: cascade stages and tiles use [`SIZE_MULTIPLE`].
+pub fn check_side_multiple(name: &str, value: u32, multiple: u32) -> Result<(), SpecError> {
     if value < MIN_SIDE {
         return Err(SpecError(format!(
             "{name} {value} is too small: use at least {MIN_SIDE} pixels"
@@ -73,11 +86,17 @@ pub fn check_side(name: &str, value: u32) -> Result<(), SpecError> {
             "{name} {value} is too large: use at most {MAX_SIDE} pixels"
         )));
     }
-    if !value.is_multiple_of(PIXELS_PER_LATENT) {
-        let down = value / PIXELS_PER_LATENT * PIXELS_PER_LATENT;
+    if !value.is_multiple_of(multiple) {
+        let down = value / multiple * multiple;
+        let up = down + multiple;
+        let hint = if down == 0 {
+            format!("use {up}")
+        } else {
+            format!("use {down} or {up}")
+        };
         return Err(SpecError(format!(
-            "{name} {value} is not a multiple of {PIXELS_PER_LATENT}: use {down} or {}",
-            down + PIXELS_PER_LATENT
+            "{name} {value} is not a multiple of {multiple} pixels ({} latent pixels): {hint}",
+            multiple / PIXELS_PER_LATENT
         )));
     }
     Ok(())
@@ -163,6 +182,7 @@ mod tests {
             guidance: 7.5,
             scheduler: None,
             seed: 7,
+            method: MethodSpec::default(),
         }
     }
 

@@ -2,5 +2,7 @@
 //! `tessera` command line.
 pub mod assemble;
 pub mod cli;
+pub mod dispatch;
 pub mod engine;
+pub mod image_input;
 pub mod latent_file;

@@ -4,9 +4,16 @@
 //! their inputs — which is what makes a retried or duplicated task safe.
 
 use candle_core::{Result, Tensor};
+use tessera_common::method::camap::CaMapCollector;
+use tessera_common::method::freescale::DILATED_CONVS;
+use tessera_common::noise::{NoiseKey, NoisePurpose};
+use tessera_common::store::{get_tensor, keys, put_tensor, Store};
+use tessera_common::task::{DenoiseTask, Task, TaskKind};
 
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
-use crate::model::hooks::UNetHooks;
+use crate::model::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
+use crate::model::loader::PipelineKind;
+use crate::model::vae::TileSpec;
 
 /// The UNet's predictions for a batch of views: conditional, and unconditional when guided.
 #[derive(Debug, Clone)]
@@ -68,4 +75,218 @@ pub fn predict_noise(
 pub fn decode_latents(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
     let z = (latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?;
     model.vae.decode(&z)?.to_dtype(candle_core::DType::F32)
+}
+
+/// Encodes pixels (N, 3, H, W) in [-1, 1] to the scheduler's latent space: the posterior's
+/// sample with the given noise (N, C, H/8, W/8) times the scaling factor, as the pipelines'
+/// `vae.encode(image).latent_dist.sample() * scaling_factor`. Tiled with the decoder's tiles.
+pub fn encode_pixels(model: &DiffusionModel, pixels: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    let x = pixels.to_dtype(model.vae_dtype())?;
+    let posterior = model.vae.tiled_encode(&x, vae_tiles(model))?;
+    let z = posterior.sample(&noise.to_dtype(model.vae_dtype())?)?;
+    z.to_dtype(candle_core::DType::F32)? * model.vae_scaling_factor()
+}
+
+/// Decodes like [`decode_latents`], tile by tile when the latent exceeds one tile.
+pub fn decode_latents_tiled(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
+    let z = (latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?;
+    model
+        .vae
+        .tiled_decode(&z, vae_tiles(model))?
+        .to_dtype(candle_core::DType::F32)
+}
+
+/// VAE tiles of twice the training size with a quarter overlap: latents up to that size
+/// decode in one piece, exactly as diffusers' pipelines do (no tiling), and larger ones keep
+/// the VAE's memory bounded by the tile.
+fn vae_tiles(model: &DiffusionModel) -> TileSpec {
+    let t = 2 * (model.training_size() / 8) as usize;
+    TileSpec {
+        tile_latent: t,
+        overlap_latent: t / 4,
+    }
+}
+
+/// What went wrong running a task; the message names the task and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task {task}: {source}")]
+    Store {
+        task: String,
+        source: tessera_common::store::StoreError,
+    },
+    #[error("task {task}: {message}")]
+    Compute { task: String, message: String },
+}
+
+/// FreeU factors by family: FreeScale's SDXL values, and FreeU's recommended SD 2.x values.
+pub fn freeu_for(model: &DiffusionModel) -> FreeU {
+    match model.kind {
+        PipelineKind::StableDiffusionXl => FreeU {
+            b1: 1.1,
+            b2: 1.2,
+            s1: 0.6,
+            s2: 0.4,
+        },
+        PipelineKind::StableDiffusion => FreeU {
+            b1: 1.4,
+            b2: 1.6,
+            s1: 0.9,
+            s2: 0.2,
+        },
+    }
+}
+
+/// The UNet hooks a denoise task asks for.
+pub fn hooks_for(model: &DiffusionModel, d: &DenoiseTask) -> UNetHooks {
+    let mut hooks = UNetHooks::default();
+    if d.freeu {
+        hooks.freeu = Some(freeu_for(model));
+    }
+    if d.dilation > 1 {
+        for path in DILATED_CONVS {
+            hooks.dilation.insert(path.to_string(), d.dilation);
+        }
+    }
+    if let Some(f) = &d.scale_fusion {
+        hooks.self_attention = SelfAttentionMode::ScaleFusion(ScaleFusion {
+            train_latent: (f.train_latent[0], f.train_latent[1]),
+            fast: f.fast,
+            jitter_seed: f.jitter_seed,
+        });
+    }
+    hooks.capture_cross_attention = d.camap_capture.is_some();
+    hooks
+}
+
+/// Runs one task: reads its inputs from `store`, computes on the model's device, writes its
+/// outputs. Pure in its inputs, so running it twice writes the same bytes.
+pub fn execute(
+    model: &DiffusionModel,
+    store: &dyn Store,
+    task: &Task,
+) -> std::result::Result<(), TaskError> {
+    let st = |source| TaskError::Store {
+        task: task.id.clone(),
+        source,
+    };
+    let cx = |e: candle_core::Error| TaskError::Compute {
+        task: task.id.clone(),
+        message: e.to_string(),
+    };
+    let dev = &model.device;
+    match &task.kind {
+        TaskKind::EncodePrompt {
+            prompt,
+            negative_prompt,
+        } => {
+            let e = model
+                .encode_prompt(prompt, negative_prompt.as_deref())
+                .map_err(|e| TaskError::Compute {
+                    task: task.id.clone(),
+                    message: e.to_string(),
+                })?;
+            let put = |part: &str, t: &Tensor| -> std::result::Result<(), TaskError> {
+                let t = t.to_dtype(candle_core::DType::F32).map_err(cx)?;
+                put_tensor(store, &keys::embedding(&task.job, part), &t).map_err(st)
+            };
+            put("cond", &e.cond)?;
+            put("uncond", &e.uncond)?;
+            if let (Some(pc), Some(pu)) = (&e.pooled_cond, &e.pooled_uncond) {
+                put("pooled_cond", pc)?;
+                put("pooled_uncond", pu)?;
+            }
+            Ok(())
+        }
+        TaskKind::Denoise(d) => {
+            let views = get_tensor(store, &d.input, dev).map_err(st)?;
+            let emb = load_embeddings(model, store, &task.job).map_err(st)?;
+            let mut hooks = hooks_for(model, d);
+            if let Some(inj) = &d.camap_inject {
+                hooks.inject_cross_attention = Some(CrossAttnInjection {
+                    weight: inj.weight,
+                    map: get_tensor(store, &inj.key, dev)
+                        .map_err(st)?
+                        .to_dtype(model.dtype)
+                        .map_err(cx)?,
+                });
+            }
+            let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
+            let guided = d.output_uncond.is_some();
+            let pred = predict_noise(model, &views, d.timestep, &emb, size, guided, &mut hooks)
+                .map_err(cx)?;
+            if let Some(key) = &d.camap_capture {
+                let mut collector = CaMapCollector::new();
+                for m in &hooks.captured {
+                    collector.add(&m.probs, (m.height, m.width)).map_err(|e| {
+                        TaskError::Compute {
+                            task: task.id.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                }
+                let map = collector.finish().map_err(|e| TaskError::Compute {
+                    task: task.id.clone(),
+                    message: e.to_string(),
+                })?;
+                put_tensor(store, key, map.tensor()).map_err(st)?;
+            }
+            put_tensor(store, &d.output_cond, &pred.cond).map_err(st)?;
+            if let (Some(key), Some(u)) = (&d.output_uncond, &pred.uncond) {
+                put_tensor(store, key, u).map_err(st)?;
+            }
+            Ok(())
+        }
+        TaskKind::Decode { input, output } => {
+            let z = get_tensor(store, input, dev).map_err(st)?;
+            let px = decode_latents_tiled(model, &z).map_err(cx)?;
+            put_tensor(store, output, &px).map_err(st)
+        }
+        TaskKind::Encode {
+            input,
+            output,
+            noise,
+        } => {
+            let px = get_tensor(store, input, dev).map_err(st)?;
+            let (n, _, h, w) = px.dims4().map_err(cx)?;
+            let f = model.vae.config().downscale_factor();
+            let channels = model.unet.config().in_channels;
+            let eps = NoiseKey {
+                seed: noise.seed,
+                stage: noise.stage,
+                step: 0,
+                purpose: NoisePurpose::VaeSample,
+            }
+            .normal((n, channels, h / f, w / f), dev)
+            .map_err(cx)?;
+            let z = encode_pixels(model, &px, &eps).map_err(cx)?;
+            put_tensor(store, output, &z).map_err(st)
+        }
+    }
+}
+
+/// The job's prompt embeddings from the store, in the model's dtype.
+pub fn load_embeddings(
+    model: &DiffusionModel,
+    store: &dyn Store,
+    job: &str,
+) -> std::result::Result<PromptEmbeddings, tessera_common::store::StoreError> {
+    let dev = &model.device;
+    let get = |part: &str| get_tensor(store, &keys::embedding(job, part), dev);
+    let opt = |part: &str| match get(part) {
+        Ok(t) => Ok(Some(t)),
+        Err(tessera_common::store::StoreError::Missing(_)) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let cast = |t: Tensor| {
+        t.to_dtype(model.dtype).map_err(|e| {
+            tessera_common::store::StoreError::Unavailable(format!("embedding dtype: {e}"))
+        })
+    };
+    Ok(PromptEmbeddings {
+        cond: cast(get("cond")?)?,
+        uncond: cast(get("uncond")?)?,
+        pooled_cond: opt("pooled_cond")?.map(cast).transpose()?,
+        pooled_uncond: opt("pooled_uncond")?.map(cast).transpose()?,
+    })
 }

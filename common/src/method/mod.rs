@@ -5,3 +5,4 @@ pub mod frecas;
 pub mod freescale;
 pub mod fusion;
 pub mod guidance;
+pub mod params;

@@ -21,7 +21,8 @@ pub enum SchedulerError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SchedulerKind {
     Ddim,
     Euler,
@@ -205,25 +206,7 @@ impl Scheduler {
         })?;
         let out_dtype = sample.dtype();
         match self.kind {
-            SchedulerKind::Ddim => {
-                // diffusers' DDIM steps back by the nominal ratio, not to the next timestep of
-                // the schedule (they differ for linspace spacing); below 0 it uses the final ᾱ.
-                let prev_t = t as i64 - (self.num_train_timesteps / self.timesteps.len()) as i64;
-                let alpha_t = self.alpha_at(t)?;
-                let alpha_prev = if prev_t >= 0 {
-                    self.alpha_at(prev_t as f64)?
-                } else {
-                    self.final_alpha_cumprod
-                };
-                ddim::step(
-                    self.prediction,
-                    &model_output.to_dtype(out_dtype)?,
-                    sample,
-                    alpha_t,
-                    alpha_prev,
-                    self.clip_sample,
-                )
-            }
+            SchedulerKind::Ddim => self.ddim_step_from(model_output, t, sample),
             SchedulerKind::Euler => {
                 let work = match out_dtype {
                     DType::F16 | DType::BF16 => DType::F32,
@@ -242,6 +225,38 @@ impl Scheduler {
                 })
             }
         }
+    }
+
+    /// A DDIM step from any training timestep `t`, back by the schedule's nominal ratio
+    /// `num_train_timesteps / num_inference_steps`, as diffusers' `DDIMScheduler.step` does
+    /// (not to the next timestep of the schedule: they differ for linspace spacing); below 0
+    /// it uses the final ᾱ. FreCaS evaluates timesteps off the schedule's grid this way.
+    pub fn ddim_step_from(
+        &self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+    ) -> TensorResult<StepOutput> {
+        if self.kind != SchedulerKind::Ddim {
+            return Err(candle_core::Error::Msg(
+                "ddim_step_from needs a DDIM scheduler".into(),
+            ));
+        }
+        let prev_t = t as i64 - (self.num_train_timesteps / self.timesteps.len()) as i64;
+        let alpha_t = self.alpha_at(t)?;
+        let alpha_prev = if prev_t >= 0 {
+            self.alpha_at(prev_t as f64)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        ddim::step(
+            self.prediction,
+            &model_output.to_dtype(sample.dtype())?,
+            sample,
+            alpha_t,
+            alpha_prev,
+            self.clip_sample,
+        )
     }
 
     /// Noises a clean sample to `timestep`, as the scheduler's `add_noise` does: DDIM uses

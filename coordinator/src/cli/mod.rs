@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod job;
 pub mod model;
+pub mod plan;
 pub mod render;
 
 #[derive(Debug, Parser)]
@@ -23,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Render one image in this process (no Redis, no cluster needed).
     Render(render::RenderArgs),
+    /// Print the cascade a render would run (stages, timesteps, views, evaluations, memory)
+    /// without running it.
+    Plan(plan::PlanArgs),
     /// Model utilities: synthesize tiny random models for tests and trials.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -31,6 +36,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Render(args) => render::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Model(cmd) => model::run(cmd),
     }
 }

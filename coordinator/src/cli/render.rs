@@ -1,17 +1,24 @@
-//! `tessera render`: one image, start to finish, in this process.
+//! `tessera render`: one image, start to finish, in this process — an embedded coordinator,
+//! in-process workers and an in-memory store, running the same engine as the cluster.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{RenderSpec, Size};
+use tessera_common::plan::{self, Plan, StageSchedule};
+use tessera_common::spec::RenderSpec;
+use tessera_common::store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
+use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::DiffusionModel;
 
-use crate::{assemble, engine, latent_file};
+use super::job::JobArgs;
+use crate::dispatch::LocalWorkers;
+use crate::engine::{Engine, JobInputs, ModelInfo, Progress};
+use crate::{assemble, image_input, latent_file};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
@@ -19,29 +26,8 @@ pub struct RenderArgs {
     /// makes a tiny one).
     #[arg(long)]
     pub model: PathBuf,
-    /// What to render.
-    #[arg(long)]
-    pub prompt: String,
-    /// What to steer away from. Absent means "" for SD 2.1 and zero embeddings for SDXL, as in
-    /// diffusers.
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    /// Output size WIDTHxHEIGHT in pixels, multiples of 8 [default: the model's training size].
-    #[arg(long)]
-    pub size: Option<Size>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale; 1 or less disables guidance.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// Sampler [default: the model's scheduler/scheduler_config.json].
-    #[arg(long, value_parser = parse_scheduler)]
-    pub scheduler: Option<SchedulerKind>,
-    /// Seed of all random draws; the same seed and flags give the same image
-    /// [default: a random seed, printed and stored in the PNG].
-    #[arg(long)]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Initial noise of the first stage: a safetensors file with one tensor of shape
     /// 1x4xHEIGHT/8xWIDTH/8 (replaces the seeded noise).
     #[arg(long)]
@@ -49,6 +35,10 @@ pub struct RenderArgs {
     /// Also write the final latent (before decoding) to this safetensors file.
     #[arg(long)]
     pub output_latents: Option<PathBuf>,
+    /// In-process workers. On a CPU they share one loaded model; the image is the same for
+    /// any number.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
     /// Where to compute: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -57,12 +47,34 @@ pub struct RenderArgs {
     pub output: PathBuf,
 }
 
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    s.parse::<SchedulerKind>().map_err(|e| e.to_string())
+/// The PNG's `parameters` text: the spec, then what the plan resolved.
+pub fn describe(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
+    let stages: Vec<String> = plan
+        .stages
+        .iter()
+        .map(|s| format!("{}x{}", s.size[0], s.size[1]))
+        .collect();
+    let ms = serde_json::to_string(&spec.method).unwrap_or_default();
+    let mut s = spec.describe();
+    if spec.scheduler.is_none() {
+        let kind = match &plan.stages[0].schedule {
+            StageSchedule::Schedule { scheduler, .. } => scheduler.to_string(),
+            StageSchedule::Frecas { .. } => "ddim".to_string(),
+        };
+        s.push_str(&format!("\nscheduler: {kind}"));
+    }
+    format!(
+        "{s}\nmodel: {model}\nmethod: {}\nstages: {}\nmethod_flags: {ms}",
+        plan.method,
+        stages.join(",")
+    )
 }
 
 pub fn run(args: RenderArgs) -> Result<()> {
     let started = Instant::now();
+    if args.workers == 0 || args.workers > 64 {
+        bail!("--workers {}: use 1 to 64", args.workers);
+    }
     let device = open_device(&args.device)?;
     let initial = args
         .latents
@@ -70,61 +82,109 @@ pub fn run(args: RenderArgs) -> Result<()> {
         .map(latent_file::read_latents)
         .transpose()?;
 
+    // Plan before loading weights, so a bad flag costs nothing.
+    let weight_bytes = if device.is_cpu() { 4 } else { 2 };
+    let arch = arch_info(&args.model, weight_bytes)?;
+    let seed = args.job.seed.unwrap_or_else(rand::random);
+    let spec = args.job.to_spec(arch.training_size, true, seed)?;
+    let plan = plan::plan(&spec, &arch)?;
+    let target = (spec.width, spec.height);
+    let first = plan.stages[0].size;
+    let init_image = args
+        .job
+        .init_image
+        .as_deref()
+        .map(|p| image_input::read_init_image(p, (first[0], first[1])))
+        .transpose()?;
+    let mask = args
+        .job
+        .mask
+        .as_deref()
+        .map(|p| image_input::read_mask(p, target))
+        .transpose()?;
+    if args.job.seed.is_none() {
+        eprintln!("seed: {seed}");
+    }
+
     let spinner =
         ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = DiffusionModel::load(&args.model, &device, compute_dtype(&device))?;
+    let model = Arc::new(DiffusionModel::load(
+        &args.model,
+        &device,
+        compute_dtype(&device),
+    )?);
     spinner.finish_and_clear();
 
-    let size = args.size.unwrap_or(Size {
-        width: model.training_size(),
-        height: model.training_size(),
-    });
-    let seed = args.seed.unwrap_or_else(rand::random);
-    if args.seed.is_none() {
-        eprintln!("seed: {seed}");
-    }
-    let spec = RenderSpec {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        width: size.width,
-        height: size.height,
-        steps: args.steps,
-        guidance: args.guidance,
-        scheduler: args.scheduler,
-        seed,
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
+    let engine = Engine {
+        store: store.as_ref(),
+        workers: &workers,
+        model: ModelInfo {
+            scheduler: model.scheduler_config.clone(),
+            latent_channels: model.unet.config().in_channels,
+        },
     };
-    spec.validate()?;
 
-    let bar = ProgressBar::new(spec.steps as u64).with_style(
+    let total = plan.total_evaluations.max(1) as u64;
+    let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
-            "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} {msg}",
+            "{spinner} {msg} [{bar:30}] {pos}/{len} views · {elapsed_precise} · eta {eta}",
         )
         .expect("static template")
         .progress_chars("=> "),
     );
-    let out = engine::render_single(&model, &spec, initial, &mut |p| {
-        bar.set_message(format!("t={}", p.timestep));
-        bar.set_position(p.step as u64);
-    })?;
+    let halves = if plan.guided { 2 } else { 1 };
+    let stage_label = Mutex::new(String::new());
+    let on_progress = |p: Progress| match p {
+        Progress::Stage {
+            stage,
+            stages,
+            size,
+            steps,
+        } => {
+            let label = format!("stage {}/{stages} {}x{}", stage + 1, size[0], size[1]);
+            bar.set_message(format!("{label} step 0/{steps}"));
+            *stage_label.lock().unwrap_or_else(|e| e.into_inner()) = label;
+        }
+        Progress::Step { step, steps, .. } => {
+            let label = stage_label
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            bar.set_message(format!("{label} step {step}/{steps}"));
+        }
+        Progress::Views(n) => bar.inc((n * halves) as u64),
+        Progress::Decoding => bar.set_message("decoding"),
+    };
+    let out = engine.run(
+        "local",
+        &spec,
+        &plan,
+        JobInputs {
+            initial_latents: initial,
+            init_image,
+            mask,
+        },
+        &on_progress,
+    )?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, &out.latents)?;
     }
-    let parameters = format!(
-        "{}\nscheduler: {}\nmodel: {}\nmethod: single",
-        spec.describe(),
-        out.scheduler,
-        args.model.display()
-    );
+    let parameters = describe(&spec, &plan, &args.model.display().to_string());
     assemble::write_png(&args.output, &out.image, &parameters)
         .with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!(
-        "wrote {} ({}x{}) in {:.1}s",
+        "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
         args.output.display(),
         spec.width,
         spec.height,
+        plan.method,
+        plan.stages.len(),
+        if plan.stages.len() == 1 { "" } else { "s" },
         started.elapsed().as_secs_f64()
     );
     Ok(())

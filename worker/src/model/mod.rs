@@ -1,5 +1,6 @@
 //! Model code: the diffusers components re-implemented in candle, their loader and the
 //! tiny-model synthesizer used by tests.
+pub mod arch;
 pub mod attention;
 pub mod blocks;
 pub mod diffusion;

@@ -1,0 +1,1009 @@
+//! The cascade plan of a job: its stages, the timesteps the model is evaluated at, the views of
+//! every step and what they cost. Resolves every method default, so the engine executes the
+//! plan without deciding anything itself, and `tessera plan` prints exactly what will run.
+
+use serde::{Deserialize, Serialize};
+
+use crate::method::frecas::{self, FrecasPreset, StageSpec};
+use crate::method::freescale::{self, DEFAULT_COSINE_SCALE, DEFAULT_DILATE_TAU};
+use crate::method::guidance;
+use crate::method::params::{Method, MethodSpec, TileWeights};
+use crate::resize::ResizeFilter;
+use crate::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::spec::{
+    check_side_multiple, RenderSpec, Size, SpecError, PIXELS_PER_LATENT, SIZE_MULTIPLE,
+};
+use crate::tiling::{GlobalViewConfig, GlobalViews, LocalViewConfig, LocalViews};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+impl From<SpecError> for PlanError {
+    fn from(e: SpecError) -> Self {
+        PlanError(e.0)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, PlanError>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(PlanError(msg.into()))
+}
+
+/// Default views per model call.
+pub const DEFAULT_VIEW_BATCH: usize = 4;
+/// FreeScale's reference step count; `dilate_tau` counts in its steps.
+const FREESCALE_REFERENCE_STEPS: usize = 50;
+/// Text tokens of a CLIP prompt (the CA-map's channel count).
+const TEXT_TOKENS: usize = 77;
+
+/// What planning needs to know about a model.
+#[derive(Debug, Clone)]
+pub struct ArchInfo {
+    /// Preset name or model directory, for the report.
+    pub name: String,
+    pub sdxl: bool,
+    /// Training size in pixels (square).
+    pub training_size: u32,
+    pub latent_channels: usize,
+    pub scheduler: SchedulerConfig,
+    /// Parameters of UNet, VAE and text encoders together.
+    pub parameters: u64,
+    /// Bytes per weight on the worker (2 for f16 on a GPU, 4 for f32 on a CPU).
+    pub weight_bytes: u64,
+    /// Channels of the UNet's first block (activations scale with it).
+    pub base_channels: usize,
+}
+
+const SD_BETAS: &str = r#""beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000"#;
+
+impl ArchInfo {
+    /// Built-in presets: `sdxl` (SDXL base 1.0), `sd21` (SD 2.1, 768, v-prediction),
+    /// `sd21-base` (SD 2.1 base, 512, epsilon). Parameter counts are those of the released
+    /// checkpoints.
+    pub fn preset(name: &str) -> Result<Self> {
+        let sched = |class: &str, extra: &str| {
+            SchedulerConfig::from_json(
+                format!(
+                    r#"{{"_class_name": "{class}", {SD_BETAS}, "steps_offset": 1,
+                        "timestep_spacing": "leading", "set_alpha_to_one": false,
+                        "clip_sample": false{extra}}}"#
+                )
+                .as_bytes(),
+            )
+            .map_err(|e| PlanError(format!("preset scheduler: {e}")))
+        };
+        // UNet + VAE + text encoder(s).
+        const SD21_PARAMS: u64 = 865_910_724 + 83_653_863 + 340_387_840;
+        const SDXL_PARAMS: u64 = 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840;
+        Ok(match name {
+            "sdxl" => Self {
+                name: name.into(),
+                sdxl: true,
+                training_size: 1024,
+                latent_channels: 4,
+                scheduler: sched("EulerDiscreteScheduler", "")?,
+                parameters: SDXL_PARAMS,
+                weight_bytes: 2,
+                base_channels: 320,
+            },
+            "sd21" => Self {
+                name: name.into(),
+                sdxl: false,
+                training_size: 768,
+                latent_channels: 4,
+                scheduler: sched("DDIMScheduler", r#", "prediction_type": "v_prediction""#)?,
+                parameters: SD21_PARAMS,
+                weight_bytes: 2,
+                base_channels: 320,
+            },
+            "sd21-base" => Self {
+                name: name.into(),
+                sdxl: false,
+                training_size: 512,
+                latent_channels: 4,
+                scheduler: sched("DDIMScheduler", "")?,
+                parameters: SD21_PARAMS,
+                weight_bytes: 2,
+                base_channels: 320,
+            },
+            other => {
+                return invalid(format!(
+                    "architecture {other:?} is not a preset: use sd21, sd21-base or sdxl, or \
+                     --model DIR"
+                ))
+            }
+        })
+    }
+
+    fn training_latent(&self) -> usize {
+        (self.training_size / PIXELS_PER_LATENT) as usize
+    }
+}
+
+/// How a stage's timesteps are stepped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StageSchedule {
+    /// Steps `start..steps` of a diffusers schedule of `steps` steps.
+    Schedule {
+        scheduler: SchedulerKind,
+        steps: usize,
+        start: usize,
+    },
+    /// FreCaS: DDIM from each listed timestep back by `1000 / inference_steps`.
+    Frecas { inference_steps: usize },
+}
+
+/// Guidance applied to a stage's merged predictions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuidancePlan {
+    /// Conditional prediction only (guidance ≤ 1).
+    None,
+    Cfg {
+        scale: f64,
+    },
+    /// FreCaS' frequency-aware CFG; `low_latent` is the previous stage's latent (h, w).
+    FaCfg {
+        high: f64,
+        low: f64,
+        low_latent: [usize; 2],
+    },
+}
+
+/// Where a stage's starting latent comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StageEntry {
+    /// Seeded Gaussian noise (or `--latents`).
+    Noise,
+    /// `--init-image`, resized and encoded; the stage runs no steps.
+    InitImage { filter: ResizeFilter },
+    /// The previous stage's result, decoded, resized, encoded and noised.
+    Previous {
+        /// True: its last predicted clean latent (FreCaS); false: its final latent.
+        from_predicted_x0: bool,
+        filter: ResizeFilter,
+    },
+}
+
+/// FreeScale's restrained structure in a stage > 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestraintPlan {
+    pub cosine_scale: f64,
+    /// Exponent outside the mask, when a mask is given.
+    pub cosine_scale_bg: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagePlan {
+    /// [width, height] in pixels.
+    pub size: [u32; 2],
+    /// Latent [height, width].
+    pub latent: [usize; 2],
+    pub entry: StageEntry,
+    /// Timesteps the model is evaluated at, in order (empty for an init-image stage).
+    pub timesteps: Vec<f64>,
+    pub schedule: StageSchedule,
+    /// Latent [height, width] of a local view.
+    pub tile: [usize; 2],
+    pub tile_overlap: f64,
+    pub tile_weights: TileWeights,
+    pub local_views: usize,
+    pub global_views: usize,
+    /// Kernel scale s of the latent-level fusion G (kernel 2s − 1); 0 when there is none.
+    pub fusion_scale: usize,
+    /// Each view is larger than the training size: FreeScale's scale fusion inside the UNet.
+    pub in_unet_fusion: bool,
+    /// FreeScale's fast mode for the in-UNet global branch.
+    pub fast: bool,
+    /// Conv dilation inside views larger than the training size (1: none) and how many of the
+    /// stage's steps use it.
+    pub dilation: usize,
+    pub dilated_steps: usize,
+    pub freeu: bool,
+    pub guidance: GuidancePlan,
+    pub restraint: Option<RestraintPlan>,
+    /// Capture cross-attention maps at the stage's last step.
+    pub camap_capture: bool,
+    /// Reuse weight of the previous stage's maps.
+    pub camap_inject: Option<f64>,
+    pub evaluations_per_step: usize,
+    pub evaluations: usize,
+}
+
+impl StagePlan {
+    pub fn latent_hw(&self) -> (usize, usize) {
+        (self.latent[0], self.latent[1])
+    }
+
+    /// One local view covers the whole latent: no tiling, no global views.
+    pub fn is_whole(&self) -> bool {
+        self.local_views == 1 && self.global_views == 0
+    }
+
+    pub fn local_config(&self) -> LocalViewConfig {
+        LocalViewConfig {
+            window: self.tile[0].max(self.tile[1]),
+            overlap: self.tile_overlap,
+            jitter_range: self.tile[0].min(self.tile[1]) / 8,
+            padding: Default::default(),
+        }
+    }
+
+    pub fn global_config(&self) -> GlobalViewConfig {
+        GlobalViewConfig::for_training_size(self.tile[0].max(self.tile[1]))
+    }
+}
+
+/// Rough peak memory, in bytes (see DESIGN.md; formulas in [`plan`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    pub coordinator_bytes: u64,
+    pub worker_weights_bytes: u64,
+    pub worker_activation_bytes: u64,
+    pub worker_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub method: Method,
+    pub arch: String,
+    /// Training size in pixels.
+    pub training_size: u32,
+    pub guided: bool,
+    pub view_batch: usize,
+    /// SDXL size conditioning (height, width) used by every view: the base stage's size.
+    pub size_conditioning: [u32; 2],
+    pub stages: Vec<StagePlan>,
+    pub total_evaluations: usize,
+    pub memory: MemoryEstimate,
+}
+
+/// Doubling stages from the training size up to `size`: as many as it takes for the largest
+/// side, each an exact halving of the next (rounded to the 64-pixel grid).
+pub fn default_stages(size: Size, training: u32) -> Vec<Size> {
+    let ratio = f64::from(size.width.max(size.height)) / f64::from(training);
+    if ratio <= 1.0 {
+        return vec![size];
+    }
+    let n = 1 + ratio.log2().ceil() as u32;
+    let round = |v: u32, k: u32| -> u32 {
+        let x = f64::from(v) / f64::from(1u32 << k) / 64.0;
+        ((x.round() as u32).max(1)) * 64
+    };
+    (0..n)
+        .map(|k| {
+            let d = n - 1 - k;
+            if d == 0 {
+                return size;
+            }
+            Size {
+                width: round(size.width, d),
+                height: round(size.height, d),
+            }
+        })
+        .collect()
+}
+
+fn resolve_stages(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> Result<Vec<Size>> {
+    let target = Size {
+        width: spec.width,
+        height: spec.height,
+    };
+    let stages = match (&spec.method.stages, method) {
+        (Some(s), _) => s.clone(),
+        (None, Method::Single) => vec![target],
+        (None, _) => default_stages(target, arch.training_size),
+    };
+    if stages.is_empty() {
+        return invalid("--stages is empty: list sizes like 1024x1024,2048x2048");
+    }
+    // Cascade stages are tiled and strided: whole multiples of 8 latent pixels keep tiles,
+    // strided views and the UNet's grid aligned.
+    let multiple = if method == Method::Single {
+        PIXELS_PER_LATENT
+    } else {
+        SIZE_MULTIPLE
+    };
+    for (k, s) in stages.iter().enumerate() {
+        let name = if stages.len() == 1 {
+            "--size".to_string()
+        } else {
+            format!("stage {k}")
+        };
+        check_side_multiple(&format!("{name} width"), s.width, multiple)?;
+        check_side_multiple(&format!("{name} height"), s.height, multiple)?;
+        if k > 0 {
+            let p = stages[k - 1];
+            if s.width < p.width || s.height < p.height || *s == p {
+                return invalid(format!(
+                    "stage {k} ({s}) is not larger than stage {} ({p}): list --stages smallest first",
+                    k - 1
+                ));
+            }
+        }
+    }
+    let last = *stages.last().expect("not empty");
+    if last != target {
+        return invalid(format!(
+            "the last stage is {last} but --size is {target}: make them equal"
+        ));
+    }
+    if method == Method::Single && stages.len() > 1 {
+        return invalid(
+            "--method single renders one stage: drop --stages or pick a cascade method",
+        );
+    }
+    Ok(stages)
+}
+
+/// FreCaS stage timing: the user's `--end-times`/`--stage-steps`, else the reference preset
+/// for this many stages, else the 3-stage pattern stretched (first 400/30, middle 200/5,
+/// last 0/15).
+fn frecas_timing(
+    ms: &MethodSpec,
+    arch: &ArchInfo,
+    sizes: &[Size],
+    total_steps: usize,
+) -> Result<(Vec<StageSpec>, FrecasPreset)> {
+    let n = sizes.len();
+    let preset = FrecasPreset::reference(arch.sdxl, n).unwrap_or_else(|| {
+        let mut p = if arch.sdxl {
+            FrecasPreset::sdxl_4096()
+        } else {
+            FrecasPreset::sd21_2048()
+        };
+        p.stages = (0..n)
+            .map(|k| {
+                let (end_time, steps) = match (k, n) {
+                    (_, 1) => (0, 50),
+                    (0, _) => (400, 30),
+                    (k, n) if k + 1 == n => (0, 15),
+                    _ => (200, 5),
+                };
+                StageSpec {
+                    size: (0, 0),
+                    end_time,
+                    steps,
+                }
+            })
+            .collect();
+        p
+    });
+    let ends = ms
+        .end_times
+        .clone()
+        .unwrap_or_else(|| preset.stages.iter().map(|s| s.end_time).collect());
+    let steps = match &ms.stage_steps {
+        Some(s) => s.clone(),
+        None => split_steps(
+            &preset.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            total_steps,
+        )?,
+    };
+    if ends.len() != n {
+        return invalid(format!(
+            "--end-times lists {} values for {n} stages: give one per stage",
+            ends.len()
+        ));
+    }
+    if steps.len() != n {
+        return invalid(format!(
+            "--stage-steps lists {} values for {n} stages: give one per stage",
+            steps.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        if steps[k] == 0 || steps[k] > crate::spec::MAX_STEPS {
+            return invalid(format!(
+                "stage {k} has {} steps: use 1 to {}",
+                steps[k],
+                crate::spec::MAX_STEPS
+            ));
+        }
+        if ends[k] >= arch.scheduler.num_train_timesteps {
+            return invalid(format!(
+                "end time {} of stage {k} is not a training timestep (0 to {})",
+                ends[k],
+                arch.scheduler.num_train_timesteps - 1
+            ));
+        }
+        out.push(StageSpec {
+            size: (sizes[k].height as usize, sizes[k].width as usize),
+            end_time: ends[k],
+            steps: steps[k],
+        });
+    }
+    Ok((out, preset))
+}
+
+/// `--steps` spread over the stages in the preset's proportions (every reference preset has
+/// 50 steps in all, so the default of 50 gives the preset itself); each stage gets at least
+/// two steps (a FreCaS stage's DDIM stride comes from steps − 1) and the total is kept.
+pub fn split_steps(preset: &[usize], total: usize) -> Result<Vec<usize>> {
+    let n = preset.len();
+    if total < 2 * n {
+        return invalid(format!(
+            "--steps {total} is too few for {n} FreCaS-timed stages: give at least {} (two per \
+             stage), or --stage-steps",
+            2 * n
+        ));
+    }
+    let sum: usize = preset.iter().sum();
+    let mut out: Vec<usize> = preset
+        .iter()
+        .map(|&p| ((p * total) as f64 / sum as f64).round().max(2.0) as usize)
+        .collect();
+    // Settle rounding on the largest stages so the total is exact.
+    while out.iter().sum::<usize>() > total {
+        let i = (0..n).max_by_key(|&i| (out[i], n - i)).expect("n > 0");
+        out[i] -= 1;
+    }
+    while out.iter().sum::<usize>() < total {
+        let i = (0..n).max_by_key(|&i| (preset[i], n - i)).expect("n > 0");
+        out[i] += 1;
+    }
+    Ok(out)
+}
+
+fn check_fraction(name: &str, v: f64, range: std::ops::RangeInclusive<f64>) -> Result<()> {
+    if !v.is_finite() || !range.contains(&v) {
+        return invalid(format!(
+            "{name} {v} is out of range: use {} to {}",
+            range.start(),
+            range.end()
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves the method defaults of `spec` for `arch` and lays out every stage.
+pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
+    spec.validate()?;
+    let ms = &spec.method;
+    let method = match ms.method {
+        Some(m) => m,
+        None => {
+            let fits = spec.width <= arch.training_size && spec.height <= arch.training_size;
+            if fits && ms.stages.as_ref().is_none_or(|s| s.len() <= 1) {
+                Method::Single
+            } else {
+                Method::Hybrid
+            }
+        }
+    };
+    let sizes = resolve_stages(spec, arch, method)?;
+    let n = sizes.len();
+    let guided = guidance::uses_guidance(spec.guidance);
+    let b = arch.training_latent();
+    let frecas_like = matches!(method, Method::Frecas | Method::Hybrid);
+    let freescale_like = matches!(method, Method::Freescale | Method::Hybrid);
+
+    if ms.mask && !freescale_like {
+        return invalid(format!(
+            "--mask shapes FreeScale's restrained structure, which {method} does not use: \
+             use --method freescale or hybrid"
+        ));
+    }
+    if ms.mask && !ms.init_image && n < 2 {
+        return invalid("--mask acts on stages after the first: render at least two stages");
+    }
+    if ms.init_image && n < 2 {
+        return invalid(
+            "--init-image upscales a picture: give a --size (or --stages) larger than the first stage",
+        );
+    }
+    if frecas_like && spec.scheduler == Some(SchedulerKind::Euler) {
+        return invalid(format!(
+            "{method} steps its stages with DDIM (FreCaS' timing): drop --scheduler, or use \
+             --method freescale for Euler"
+        ));
+    }
+    let cosine_scale = ms.cosine_scale.unwrap_or(DEFAULT_COSINE_SCALE);
+    check_fraction("--cosine-scale", cosine_scale, 0.0..=100.0)?;
+    if let Some(bg) = ms.cosine_scale_bg {
+        check_fraction("--cosine-scale-bg", bg, 0.0..=100.0)?;
+    }
+    let overlap = ms.tile_overlap.unwrap_or(0.5);
+    check_fraction("--tile-overlap", overlap, 0.0..=0.9)?;
+    let view_batch = ms.view_batch.unwrap_or(DEFAULT_VIEW_BATCH);
+    if view_batch == 0 || view_batch > 256 {
+        return invalid(format!("--view-batch {view_batch}: use 1 to 256"));
+    }
+    let dilate_tau = ms.dilate_tau.unwrap_or(DEFAULT_DILATE_TAU);
+    let tile_px = ms.tile_size.unwrap_or(arch.training_size);
+    check_side_multiple("--tile-size", tile_px, SIZE_MULTIPLE)?;
+    let tile_latent = (tile_px / PIXELS_PER_LATENT) as usize;
+    let freeu = ms.freeu.unwrap_or(freescale_like);
+    let alphas = arch
+        .scheduler
+        .alphas_cumprod()
+        .map_err(|e| PlanError(e.to_string()))?;
+
+    // Timesteps per stage.
+    let mut timing: Vec<(Vec<f64>, StageSchedule)> = Vec::with_capacity(n);
+    let mut facfg = [35.0, 7.5];
+    let mut camap = 0.0;
+    if frecas_like {
+        let (stage_specs, preset) = frecas_timing(ms, arch, &sizes, spec.steps)?;
+        let gamma = ms.gamma.unwrap_or(preset.gamma);
+        check_fraction("--gamma", gamma, 0.01..=10.0)?;
+        facfg = ms.facfg.unwrap_or(preset.facfg);
+        for w in facfg {
+            check_fraction("--facfg weight", w, 0.0..=100.0)?;
+        }
+        camap = ms.camap.unwrap_or(preset.camap_weight);
+        check_fraction("--camap", camap, 0.0..=1.0)?;
+        let planned = frecas::plan_stages(&stage_specs, gamma, &alphas)
+            .map_err(|e| PlanError(e.to_string()))?;
+        for p in planned {
+            timing.push((
+                p.timesteps.iter().map(|&t| t as f64).collect(),
+                StageSchedule::Frecas {
+                    inference_steps: p.ddim_inference_steps,
+                },
+            ));
+        }
+    } else {
+        let kind = match (spec.scheduler, method) {
+            (Some(k), _) => k,
+            (None, Method::Freescale) => SchedulerKind::Euler,
+            (None, _) => arch
+                .scheduler
+                .kind()
+                .map_err(|e| PlanError(e.to_string()))?,
+        };
+        let sched = Scheduler::new(kind, &arch.scheduler, spec.steps)
+            .map_err(|e| PlanError(e.to_string()))?;
+        let restart = ms
+            .restart_step
+            .unwrap_or_else(|| freescale::restart_index(spec.steps));
+        if n > 1 && restart >= spec.steps {
+            return invalid(format!(
+                "--restart-step {restart} leaves no steps of {}: use 0 to {}",
+                spec.steps,
+                spec.steps - 1
+            ));
+        }
+        for k in 0..n {
+            let start = if k == 0 { 0 } else { restart };
+            timing.push((
+                sched.timesteps()[start..].to_vec(),
+                StageSchedule::Schedule {
+                    scheduler: kind,
+                    steps: spec.steps,
+                    start,
+                },
+            ));
+        }
+    }
+
+    let filter = ms.resize.unwrap_or(if method == Method::Frecas {
+        ResizeFilter::Nearest
+    } else {
+        ResizeFilter::Bicubic
+    });
+    let mut stages = Vec::with_capacity(n);
+    for (k, (size, (mut timesteps, schedule))) in sizes.iter().zip(timing).enumerate() {
+        let latent = [
+            (size.height / PIXELS_PER_LATENT) as usize,
+            (size.width / PIXELS_PER_LATENT) as usize,
+        ];
+        let entry = if k == 0 {
+            if ms.init_image {
+                timesteps.clear();
+                StageEntry::InitImage { filter }
+            } else {
+                StageEntry::Noise
+            }
+        } else {
+            StageEntry::Previous {
+                from_predicted_x0: frecas_like,
+                filter,
+            }
+        };
+        let whole =
+            method == Method::Single || (latent[0] <= tile_latent && latent[1] <= tile_latent);
+        let tile = if whole {
+            latent
+        } else {
+            [tile_latent.min(latent[0]), tile_latent.min(latent[1])]
+        };
+        let (local_views, global_views) = if whole {
+            (1, 0)
+        } else {
+            let lv = LocalViews::new(
+                latent[0],
+                latent[1],
+                &LocalViewConfig {
+                    window: tile_latent,
+                    overlap,
+                    jitter_range: tile_latent / 8,
+                    padding: Default::default(),
+                },
+                None,
+            )
+            .map_err(|e| PlanError(format!("stage {k}: {e}")))?;
+            let gv = if ms.no_fusion {
+                0
+            } else {
+                GlobalViews::new(
+                    latent[0],
+                    latent[1],
+                    &GlobalViewConfig::for_training_size(tile_latent),
+                )
+                .map_err(|e| PlanError(format!("stage {k}: {e}")))?
+                .len()
+            };
+            (lv.len(), gv)
+        };
+        let fusion_scale = if global_views > 0 {
+            latent[0]
+                .div_ceil(tile_latent)
+                .max(latent[1].div_ceil(tile_latent))
+        } else {
+            0
+        };
+        let view_larger = tile[0] > b || tile[1] > b;
+        let in_unet_fusion = method != Method::Single && !ms.no_fusion && view_larger;
+        let dilation = if freescale_like && view_larger {
+            (tile[1] / b).max(1)
+        } else {
+            1
+        };
+        let dilated_steps = if dilation == 1 {
+            0
+        } else {
+            match &schedule {
+                StageSchedule::Schedule { start, .. } => {
+                    dilate_tau.saturating_sub(*start).min(timesteps.len())
+                }
+                // FreCaS timing: dilate where FreeScale's 50-step schedule would (t above the
+                // timestep of its step tau).
+                StageSchedule::Frecas { .. } => {
+                    let t_min =
+                        1000.0 * (1.0 - dilate_tau as f64 / FREESCALE_REFERENCE_STEPS as f64);
+                    timesteps.iter().filter(|&&t| t >= t_min).count()
+                }
+            }
+        };
+        let guidance = if !guided {
+            GuidancePlan::None
+        } else if frecas_like && k > 0 {
+            let prev = &sizes[k - 1];
+            GuidancePlan::FaCfg {
+                high: facfg[0],
+                low: facfg[1],
+                low_latent: [
+                    (prev.height / PIXELS_PER_LATENT) as usize,
+                    (prev.width / PIXELS_PER_LATENT) as usize,
+                ],
+            }
+        } else {
+            GuidancePlan::Cfg {
+                scale: spec.guidance,
+            }
+        };
+        let restraint = (freescale_like && k > 0).then(|| RestraintPlan {
+            cosine_scale,
+            cosine_scale_bg: ms.mask.then(|| ms.cosine_scale_bg.unwrap_or(0.5)),
+        });
+        let camap_on = frecas_like && camap > 0.0;
+        let views = local_views + global_views;
+        let evaluations_per_step = views * if guided { 2 } else { 1 };
+        stages.push(StagePlan {
+            size: [size.width, size.height],
+            latent,
+            entry,
+            evaluations: evaluations_per_step * timesteps.len(),
+            timesteps,
+            schedule,
+            tile,
+            tile_overlap: overlap,
+            tile_weights: ms.tile_weights,
+            local_views,
+            global_views,
+            fusion_scale,
+            in_unet_fusion,
+            fast: ms.fast,
+            dilation,
+            dilated_steps,
+            freeu,
+            guidance,
+            restraint,
+            camap_capture: camap_on && k + 1 < n,
+            camap_inject: (camap_on && k > 0).then_some(camap),
+            evaluations_per_step,
+        });
+    }
+    // A camap captured in a stage that runs no steps (an init image) does not exist.
+    if let Some(first) = stages.first_mut() {
+        if first.timesteps.is_empty() {
+            first.camap_capture = false;
+            if let Some(s) = stages.get_mut(1) {
+                s.camap_inject = None;
+            }
+        }
+    }
+    let memory = estimate_memory(&stages, arch, view_batch, guided);
+    Ok(Plan {
+        method,
+        arch: arch.name.clone(),
+        training_size: arch.training_size,
+        guided,
+        view_batch,
+        size_conditioning: [sizes[0].height, sizes[0].width],
+        total_evaluations: stages.iter().map(|s| s.evaluations).sum(),
+        stages,
+        memory,
+    })
+}
+
+/// Peak memory, roughly:
+/// - coordinator: per stage about 12 latent-sized f32 buffers (latent, upscaled latent and its
+///   noise, merged local and global conditional/unconditional predictions, weights, guidance
+///   and step temporaries), the transition's pixels (decoded and resized, 3 channels, f32) and
+///   a captured CA-map (77 text tokens × 2 halves per latent pixel); the largest stage counts.
+/// - worker: the weights, plus activations of one call: views × CFG halves × tile tokens ×
+///   base channels × 24 live tensors of that size (the UNet's widest resolution dominates;
+///   attention is computed in query chunks), at the weights' precision.
+fn estimate_memory(
+    stages: &[StagePlan],
+    arch: &ArchInfo,
+    view_batch: usize,
+    guided: bool,
+) -> MemoryEstimate {
+    let mut coordinator = 0u64;
+    let mut activations = 0u64;
+    for (k, s) in stages.iter().enumerate() {
+        let px = (s.latent[0] * s.latent[1]) as u64;
+        let latent_bytes = px * arch.latent_channels as u64 * 4;
+        let mut bytes = 12 * latent_bytes;
+        if k > 0 {
+            let prev = &stages[k - 1];
+            let prev_px = (prev.size[0] as u64) * (prev.size[1] as u64);
+            let this_px = (s.size[0] as u64) * (s.size[1] as u64);
+            bytes += 3 * 4 * (prev_px + this_px);
+        }
+        if s.camap_capture {
+            bytes += px * TEXT_TOKENS as u64 * 2 * 4;
+        }
+        coordinator = coordinator.max(bytes);
+        let views = view_batch.min(s.local_views.max(1)) as u64;
+        let halves = if guided { 2 } else { 1 };
+        let tokens = (s.tile[0] * s.tile[1]) as u64;
+        activations = activations
+            .max(views * halves * tokens * arch.base_channels as u64 * 24 * arch.weight_bytes);
+    }
+    let weights = arch.parameters * arch.weight_bytes;
+    MemoryEstimate {
+        coordinator_bytes: coordinator,
+        worker_weights_bytes: weights,
+        worker_activation_bytes: activations,
+        worker_bytes: weights + activations,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: u32, method: Option<Method>) -> RenderSpec {
+        RenderSpec {
+            prompt: "a lighthouse".into(),
+            negative_prompt: None,
+            width: size,
+            height: size,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 1,
+            method: MethodSpec {
+                method,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn sdxl_8k_freescale_has_225_local_and_64_global_views() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let p = plan(&spec(8192, Some(Method::Freescale)), &arch).unwrap();
+        let sizes: Vec<u32> = p.stages.iter().map(|s| s.size[0]).collect();
+        assert_eq!(sizes, vec![1024, 2048, 4096, 8192]);
+        let last = p.stages.last().unwrap();
+        assert_eq!((last.local_views, last.global_views), (225, 64));
+        assert_eq!(last.evaluations_per_step, 2 * 289);
+        // Stages > 0 start at int(0.3 · 50) = 15 of SDXL's leading Euler schedule.
+        assert_eq!(last.timesteps.len(), 35);
+        assert_eq!(last.timesteps[0], 681.0);
+        assert_eq!(p.stages[0].timesteps.len(), 50);
+        assert_eq!((p.stages[1].local_views, p.stages[1].global_views), (9, 4));
+        assert_eq!(
+            (p.stages[2].local_views, p.stages[2].global_views),
+            (49, 16)
+        );
+        assert!(p.stages[0].is_whole());
+        assert_eq!(p.total_evaluations, 2 * (50 + 35 * (13 + 65 + 289)));
+    }
+
+    #[test]
+    fn frecas_preset_timing_and_guidance() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let p = plan(&spec(2048, Some(Method::Frecas)), &arch).unwrap();
+        assert_eq!(p.stages.len(), 2);
+        assert_eq!(p.stages[1].timesteps[0], 343.0);
+        assert_eq!(p.stages[1].timesteps.len(), 10);
+        assert_eq!(
+            p.stages[1].guidance,
+            GuidancePlan::FaCfg {
+                high: 35.0,
+                low: 7.5,
+                low_latent: [128, 128]
+            }
+        );
+        assert!(p.stages[0].camap_capture);
+        assert_eq!(p.stages[1].camap_inject, Some(0.6));
+        assert!(!p.stages[1].freeu);
+        assert!(p.stages[1].restraint.is_none());
+        assert!(matches!(
+            p.stages[1].entry,
+            StageEntry::Previous {
+                from_predicted_x0: true,
+                filter: ResizeFilter::Nearest
+            }
+        ));
+    }
+
+    #[test]
+    fn method_defaults_to_single_at_training_size_and_hybrid_above() {
+        let arch = ArchInfo::preset("sd21-base").unwrap();
+        assert_eq!(
+            plan(&spec(512, None), &arch).unwrap().method,
+            Method::Single
+        );
+        let p = plan(&spec(1024, None), &arch).unwrap();
+        assert_eq!(p.method, Method::Hybrid);
+        assert!(p.stages[1].restraint.is_some());
+        assert!(p.stages[1].freeu);
+    }
+
+    #[test]
+    fn steps_split_like_the_preset() {
+        assert_eq!(split_steps(&[40, 10], 50).unwrap(), vec![40, 10]);
+        assert_eq!(split_steps(&[30, 5, 15], 50).unwrap(), vec![30, 5, 15]);
+        assert_eq!(split_steps(&[40, 10], 4).unwrap(), vec![2, 2]);
+        assert_eq!(split_steps(&[40, 10], 7).unwrap(), vec![5, 2]);
+        assert_eq!(split_steps(&[30, 5, 15], 6).unwrap(), vec![2, 2, 2]);
+        assert_eq!(split_steps(&[30, 5, 15], 9).unwrap(), vec![4, 2, 3]);
+        assert_eq!(split_steps(&[30, 5, 15], 100).unwrap(), vec![60, 10, 30]);
+        assert!(split_steps(&[30, 5, 15], 5).is_err());
+    }
+
+    #[test]
+    fn default_stages_double_from_the_training_size() {
+        let s = |w, h| Size {
+            width: w,
+            height: h,
+        };
+        assert_eq!(
+            default_stages(s(4096, 2048), 1024),
+            vec![s(1024, 512), s(2048, 1024), s(4096, 2048)]
+        );
+        assert_eq!(default_stages(s(512, 512), 1024), vec![s(512, 512)]);
+        assert_eq!(
+            default_stages(s(1536, 1536), 1024),
+            vec![s(768, 768), s(1536, 1536)]
+        );
+    }
+
+    #[test]
+    fn a_whole_stage_tile_is_one_view_with_in_unet_fusion() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let mut s = spec(2048, Some(Method::Freescale));
+        s.method.tile_size = Some(2048);
+        let p = plan(&s, &arch).unwrap();
+        let st = &p.stages[1];
+        assert!(st.is_whole());
+        assert!(st.in_unet_fusion);
+        assert_eq!(st.dilation, 2);
+        assert_eq!(st.dilated_steps, 35 - 15);
+    }
+
+    #[test]
+    fn bad_method_flags_say_what_to_change() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let cases: Vec<(RenderSpec, &str)> = vec![
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        method: Some(Method::Frecas),
+                        end_times: Some(vec![200]),
+                        ..Default::default()
+                    },
+                    ..spec(2048, None)
+                },
+                "give one per stage",
+            ),
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        stages: Some(vec![
+                            Size {
+                                width: 2048,
+                                height: 2048,
+                            },
+                            Size {
+                                width: 1024,
+                                height: 1024,
+                            },
+                        ]),
+                        ..Default::default()
+                    },
+                    ..spec(1024, None)
+                },
+                "smallest first",
+            ),
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        stages: Some(vec![Size {
+                            width: 1024,
+                            height: 1024,
+                        }]),
+                        ..Default::default()
+                    },
+                    ..spec(2048, None)
+                },
+                "make them equal",
+            ),
+            (
+                RenderSpec {
+                    scheduler: Some(SchedulerKind::Euler),
+                    ..spec(2048, Some(Method::Frecas))
+                },
+                "DDIM",
+            ),
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        method: Some(Method::Frecas),
+                        mask: true,
+                        ..Default::default()
+                    },
+                    ..spec(2048, None)
+                },
+                "--method freescale or hybrid",
+            ),
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        method: Some(Method::Freescale),
+                        restart_step: Some(50),
+                        ..Default::default()
+                    },
+                    ..spec(2048, None)
+                },
+                "--restart-step",
+            ),
+            (
+                RenderSpec {
+                    method: MethodSpec {
+                        tile_size: Some(1000),
+                        ..Default::default()
+                    },
+                    ..spec(2048, None)
+                },
+                "--tile-size",
+            ),
+        ];
+        for (s, want) in cases {
+            let err = plan(&s, &arch).unwrap_err().0;
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The store's key layout. Every key of a job starts with `tessera:job:{id}:`, so one prefix
+//! delete removes a job; per-step keys carry stage and step, so a late result from a dead or
+//! slow worker can never be read as another step's.
+
+/// Root of every key Tessera writes.
+pub const ROOT: &str = "tessera";
+
+pub fn job_prefix(job: &str) -> String {
+    format!("{ROOT}:job:{job}:")
+}
+
+/// The job's render spec (JSON).
+pub fn spec(job: &str) -> String {
+    format!("{}spec", job_prefix(job))
+}
+
+/// The job's plan (JSON).
+pub fn plan(job: &str) -> String {
+    format!("{}plan", job_prefix(job))
+}
+
+/// Prompt embeddings; `part` is cond, uncond, pooled_cond or pooled_uncond.
+pub fn embedding(job: &str, part: &str) -> String {
+    format!("{}emb:{part}", job_prefix(job))
+}
+
+/// Checkpoint: the latent after `step` steps of `stage` and its position (JSON).
+pub fn checkpoint_latent(job: &str) -> String {
+    format!("{}ckpt:latent", job_prefix(job))
+}
+
+pub fn checkpoint_state(job: &str) -> String {
+    format!("{}ckpt:state", job_prefix(job))
+}
+
+/// Prefix of everything belonging to one step: deleted once the step is merged.
+pub fn step_prefix(job: &str, stage: usize, step: usize) -> String {
+    format!("{}s{stage}:t{step}:", job_prefix(job))
+}
+
+/// Input or output `part` of task `task` at a step.
+pub fn task(job: &str, stage: usize, step: usize, task: usize, part: &str) -> String {
+    format!("{}task{task}:{part}", step_prefix(job, stage, step))
+}
+
+/// Stage-level values (the upscaled latent of a stage, its CA-map, transition images).
+pub fn stage(job: &str, stage: usize, part: &str) -> String {
+    format!("{}stage{stage}:{part}", job_prefix(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_keys_are_distinct_and_under_the_job() {
+        let a = task("j1", 1, 3, 0, "out");
+        let b = task("j1", 1, 13, 0, "out");
+        let c = task("j1", 11, 3, 0, "out");
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert!(a.starts_with(&job_prefix("j1")));
+        assert!(a.starts_with(&step_prefix("j1", 1, 3)));
+        assert!(!b.starts_with(&step_prefix("j1", 1, 1)));
+    }
+}

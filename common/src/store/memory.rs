@@ -1,0 +1,103 @@
+//! The in-memory store of embedded renders and unit tests.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{Result, Store};
+
+/// A `BTreeMap` behind a mutex: prefix scans come out sorted, as Redis' SCAN results are
+/// sorted by the callers that need an order.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    map: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Total bytes held (values only), for memory reports.
+    pub fn bytes(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        // A panic while holding the lock cannot leave a half-written entry (inserts are
+        // single operations), so a poisoned map is still consistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.lock().insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().get(key).cloned())
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.lock().remove(key);
+        Ok(())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let mut map = self.lock();
+        let doomed: Vec<String> = map
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &doomed {
+            map.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .lock()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{get_tensor, put_tensor, StoreError};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn put_get_delete_and_prefixes() -> Result<()> {
+        let s = MemoryStore::new();
+        s.put("job:a:x", b"1")?;
+        s.put("job:a:y", b"2")?;
+        s.put("job:b:x", b"3")?;
+        assert_eq!(s.get("job:a:y")?, Some(b"2".to_vec()));
+        assert_eq!(s.keys("job:a:")?, vec!["job:a:x", "job:a:y"]);
+        assert_eq!(s.delete_prefix("job:a:")?, 2);
+        assert_eq!(s.keys("job:")?, vec!["job:b:x"]);
+        s.delete("job:b:x")?;
+        assert_eq!(s.get("job:b:x")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn tensors_round_trip_and_missing_keys_are_named() {
+        let s = MemoryStore::new();
+        let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        put_tensor(&s, "k", &t).unwrap();
+        let back = get_tensor(&s, "k", &Device::Cpu).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        match get_tensor(&s, "absent", &Device::Cpu) {
+            Err(StoreError::Missing(k)) => assert_eq!(k, "absent"),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Runs a job's whole cascade over the store: the coordinator's side of every stage (entry,
+//! guidance, restrained structure, scheduler steps, checkpoints, transitions) with the model
+//! work handed to workers as tasks. The embedded `tessera render` and the cluster drive this
+//! same loop; only the [`Dispatch`] and the [`Store`] differ.
+
+pub mod views;
+
+use candle_core::{DType, Device, Tensor};
+use tessera_common::method::camap::CaMap;
+use tessera_common::method::facfg::{fa_cfg, FaCfgWeights};
+use tessera_common::method::freescale::{
+    binarize_mask, exponent_map, restrain, restrain_with_map, restraint_weight,
+    restraint_weight_map,
+};
+use tessera_common::method::guidance;
+use tessera_common::noise::{NoiseKey, NoisePurpose};
+use tessera_common::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
+use tessera_common::resize::resize;
+use tessera_common::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+use tessera_common::spec::{RenderSpec, PIXELS_PER_LATENT};
+use tessera_common::store::{get_tensor, keys, put_json, put_tensor, Store};
+use tessera_common::task::{Task, TaskKind, VaeNoise};
+
+use crate::dispatch::{Dispatch, DispatchError};
+use views::StepAt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("store: {0}")]
+    Store(String),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error("computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+macro_rules! from_method_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for EngineError {
+            fn from(e: $t) -> Self {
+                EngineError::Compute(candle_core::Error::Msg(e.to_string()))
+            }
+        }
+    )*};
+}
+from_method_error!(
+    tessera_common::method::camap::CaMapError,
+    tessera_common::method::facfg::FaCfgError,
+    tessera_common::method::freescale::FreeScaleError,
+    tessera_common::method::fusion::FusionError,
+    tessera_common::tiling::TilingError,
+    tessera_common::resize::ResizeError,
+    tessera_common::sched::SchedulerError
+);
+
+/// What the engine reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress {
+    /// A stage begins: its index, the stage count, its size and step count.
+    Stage {
+        stage: usize,
+        stages: usize,
+        size: [u32; 2],
+        steps: usize,
+    },
+    /// A step of the current stage finished.
+    Step {
+        stage: usize,
+        step: usize,
+        steps: usize,
+        timestep: f64,
+    },
+    /// This many more view evaluations finished (for the bar; the plan has the total).
+    Views(usize),
+    /// Decoding the final latent.
+    Decoding,
+}
+
+/// Inputs that travel beside the spec.
+#[derive(Debug, Default)]
+pub struct JobInputs {
+    /// The first stage's initial noise (1, C, h, w), replacing the seeded draw.
+    pub initial_latents: Option<Tensor>,
+    /// `--init-image`: (1, 3, H, W) in [-1, 1].
+    pub init_image: Option<Tensor>,
+    /// `--mask`: (H, W), non-zero = keep the structure with `--cosine-scale`.
+    pub mask: Option<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct RenderOutput {
+    /// The final latent (1, C, h, w) f32, before the VAE's scaling is undone.
+    pub latents: Tensor,
+    /// The decoded picture, (3, H, W) 8-bit RGB.
+    pub image: Tensor,
+}
+
+/// The coordinator's view of a model: what the loop needs without the weights.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub scheduler: SchedulerConfig,
+    pub latent_channels: usize,
+}
+
+pub struct Engine<'a> {
+    pub store: &'a dyn Store,
+    pub workers: &'a dyn Dispatch,
+    pub model: ModelInfo,
+}
+
+/// A stage's stepping rule, built from its plan.
+struct Stepper {
+    scheduler: Scheduler,
+    schedule: StageSchedule,
+}
+
+impl Stepper {
+    fn new(stage: &StagePlan, cfg: &SchedulerConfig) -> Result<Self> {
+        let scheduler = match &stage.schedule {
+            StageSchedule::Schedule {
+                scheduler, steps, ..
+            } => Scheduler::new(*scheduler, cfg, *steps)?,
+            StageSchedule::Frecas { inference_steps } => {
+                Scheduler::new(SchedulerKind::Ddim, cfg, *inference_steps)?
+            }
+        };
+        Ok(Self {
+            scheduler,
+            schedule: stage.schedule.clone(),
+        })
+    }
+
+    /// Index into the scheduler's own schedule of the stage's step `j`.
+    fn index(&self, j: usize) -> usize {
+        match &self.schedule {
+            StageSchedule::Schedule { start, .. } => start + j,
+            StageSchedule::Frecas { .. } => j,
+        }
+    }
+
+    fn scale_input(&self, z: &Tensor, j: usize) -> Result<Tensor> {
+        Ok(match &self.schedule {
+            StageSchedule::Schedule { .. } => self.scheduler.scale_model_input(z, self.index(j))?,
+            StageSchedule::Frecas { .. } => z.clone(),
+        })
+    }
+
+    /// (next latent, predicted clean latent).
+    fn step(&self, eps: &Tensor, j: usize, t: f64, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = match &self.schedule {
+            StageSchedule::Schedule { .. } => self.scheduler.step(eps, self.index(j), z)?,
+            StageSchedule::Frecas { .. } => self.scheduler.ddim_step_from(eps, t, z)?,
+        };
+        Ok((out.prev_sample, out.pred_original_sample))
+    }
+}
+
+/// What a stage leaves for the next: its final latent and its last predicted clean latent.
+struct StageResult {
+    latent: Tensor,
+    x0: Tensor,
+    camap: Option<CaMap>,
+}
+
+impl Engine<'_> {
+    /// Runs `job` to the end and decodes it. `spec` must be the one `plan` was made from.
+    pub fn run(
+        &self,
+        job: &str,
+        spec: &RenderSpec,
+        plan: &Plan,
+        inputs: JobInputs,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<RenderOutput> {
+        put_json(self.store, &keys::spec(job), spec)?;
+        put_json(self.store, &keys::plan(job), plan)?;
+        self.dispatch_one(
+            job,
+            "prompt",
+            TaskKind::EncodePrompt {
+                prompt: spec.prompt.clone(),
+                negative_prompt: spec.negative_prompt.clone(),
+            },
+        )?;
+
+        let mut prev: Option<StageResult> = None;
+        let mut inputs = inputs;
+        for (k, stage) in plan.stages.iter().enumerate() {
+            progress(Progress::Stage {
+                stage: k,
+                stages: plan.stages.len(),
+                size: stage.size,
+                steps: stage.timesteps.len(),
+            });
+            let result = self.run_stage(job, spec, plan, k, prev.take(), &mut inputs, progress)?;
+            prev = Some(result);
+        }
+        let last = prev.expect("a plan has at least one stage");
+        progress(Progress::Decoding);
+        let pixels = self.decode(job, "final", &last.latent)?;
+        let image = to_rgb8(&pixels.squeeze(0)?)?;
+        self.store.delete_prefix(&keys::job_prefix(job))?;
+        Ok(RenderOutput {
+            latents: last.latent,
+            image,
+        })
+    }
+
+    fn dispatch_one(&self, job: &str, id: &str, kind: TaskKind) -> Result<()> {
+        let task = Task {
+            job: job.to_string(),
+            id: id.to_string(),
+            kind,
+        };
+        self.workers.run(std::slice::from_ref(&task), &|_| {})?;
+        Ok(())
+    }
+
+    fn decode(&self, job: &str, name: &str, latent: &Tensor) -> Result<Tensor> {
+        let input = keys::stage(job, 0, &format!("{name}:latent"));
+        let output = keys::stage(job, 0, &format!("{name}:pixels"));
+        put_tensor(self.store, &input, latent)?;
+        self.dispatch_one(
+            job,
+            &format!("decode:{name}"),
+            TaskKind::Decode {
+                input: input.clone(),
+                output: output.clone(),
+            },
+        )?;
+        let px = get_tensor(self.store, &output, &Device::Cpu)?;
+        self.store.delete(&input)?;
+        self.store.delete(&output)?;
+        Ok(px)
+    }
+
+    fn encode(&self, job: &str, seed: u64, stage: usize, pixels: &Tensor) -> Result<Tensor> {
+        let input = keys::stage(job, stage, "entry:pixels");
+        let output = keys::stage(job, stage, "entry:latent");
+        put_tensor(self.store, &input, pixels)?;
+        self.dispatch_one(
+            job,
+            &format!("encode:s{stage}"),
+            TaskKind::Encode {
+                input: input.clone(),
+                output: output.clone(),
+                noise: VaeNoise {
+                    seed,
+                    stage: stage as u32,
+                },
+            },
+        )?;
+        let z = get_tensor(self.store, &output, &Device::Cpu)?;
+        self.store.delete(&input)?;
+        self.store.delete(&output)?;
+        Ok(z)
+    }
+
+    /// Pixels → resized to the stage → clean latent of the stage.
+    fn reencode(
+        &self,
+        job: &str,
+        seed: u64,
+        k: usize,
+        stage: &StagePlan,
+        pixels: &Tensor,
+        filter: tessera_common::resize::ResizeFilter,
+    ) -> Result<Tensor> {
+        let resized = resize(
+            pixels,
+            stage.size[1] as usize,
+            stage.size[0] as usize,
+            filter,
+        )?;
+        self.encode(job, seed, k, &resized)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_stage(
+        &self,
+        job: &str,
+        spec: &RenderSpec,
+        plan: &Plan,
+        k: usize,
+        prev: Option<StageResult>,
+        inputs: &mut JobInputs,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<StageResult> {
+        let stage = &plan.stages[k];
+        let cpu = Device::Cpu;
+        let (h, w) = stage.latent_hw();
+        let shape = (1, self.model.latent_channels, h, w);
+        let stepper = Stepper::new(stage, &self.model.scheduler)?;
+        let seed = spec.seed;
+
+        // The stage's starting latent, and for restrained structure the clean latent and
+        // noise that define n_i = add_noise(z_up, ε, t_i).
+        let mut restraint_source: Option<(Tensor, Tensor)> = None;
+        let mut z = match &stage.entry {
+            StageEntry::Noise => {
+                let noise = match inputs.initial_latents.take() {
+                    Some(t) => check_initial_latents(t, shape, stage)?,
+                    None => NoiseKey {
+                        seed,
+                        stage: k as u32,
+                        step: 0,
+                        purpose: NoisePurpose::InitialLatent,
+                    }
+                    .normal(shape, &cpu)?,
+                };
+                // diffusers scales given latents by the scheduler's initial sigma too.
+                (noise * stepper.scheduler.init_noise_sigma())?
+            }
+            StageEntry::InitImage { filter } => {
+                let image = inputs.init_image.take().ok_or_else(|| {
+                    EngineError::Invalid(
+                        "the plan starts from an init image but none was given".into(),
+                    )
+                })?;
+                let z0 = self.reencode(job, seed, k, stage, &image.clamp(-1f32, 1f32)?, *filter)?;
+                return Ok(StageResult {
+                    latent: z0.clone(),
+                    x0: z0,
+                    camap: None,
+                });
+            }
+            StageEntry::Previous {
+                from_predicted_x0,
+                filter,
+            } => {
+                let p = prev.as_ref().expect("stage > 0 has a previous stage");
+                let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
+                let mut pixels = self.decode(job, &format!("s{k}"), source)?;
+                // FreCaS clips the decoded prediction to the image range before resizing.
+                if *from_predicted_x0 {
+                    pixels = pixels.clamp(-1f32, 1f32)?;
+                }
+                let z_up = self.reencode(job, seed, k, stage, &pixels, *filter)?;
+                let eps = NoiseKey {
+                    seed,
+                    stage: k as u32,
+                    step: 0,
+                    purpose: NoisePurpose::StageNoise,
+                }
+                .normal(shape, &cpu)?;
+                let t0 = *stage
+                    .timesteps
+                    .first()
+                    .ok_or_else(|| EngineError::Invalid(format!("stage {k} has no timesteps")))?;
+                let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
+                if stage.restraint.is_some() {
+                    restraint_source = Some((z_up, eps));
+                }
+                z
+            }
+        };
+        let camap_in = prev.and_then(|p| p.camap);
+
+        // Per-pixel restraint exponents under a mask.
+        let exponents = match (&stage.restraint, &inputs.mask) {
+            (Some(r), Some(mask)) => match r.cosine_scale_bg {
+                Some(bg) => Some(exponent_map(
+                    &binarize_mask(mask)?,
+                    (h, w),
+                    r.cosine_scale,
+                    bg,
+                )?),
+                None => None,
+            },
+            _ => None,
+        };
+
+        let steps = stage.timesteps.len();
+        let mut x0 = z.clone();
+        let mut camap_out = None;
+        for (j, &t) in stage.timesteps.iter().enumerate() {
+            if let (Some(r), Some((z_up, eps)), true) = (&stage.restraint, &restraint_source, j > 0)
+            {
+                let noised = || stepper.scheduler.add_noise(z_up, eps, t);
+                let big_t = self.model.scheduler.num_train_timesteps;
+                z = match &exponents {
+                    Some(e) => restrain_with_map(&z, &restraint_weight_map(e, t, big_t)?, noised)?,
+                    None => restrain(&z, restraint_weight(t, big_t, r.cosine_scale), noised)?,
+                };
+            }
+            let input = stepper.scale_input(&z, j)?;
+            let capture = stage.camap_capture && j + 1 == steps;
+            let at = StepAt {
+                job,
+                seed,
+                stage: k,
+                step: j,
+                timestep: t,
+            };
+            let pred = views::evaluate(
+                self.store,
+                self.workers,
+                plan,
+                stage,
+                at,
+                &input,
+                camap_in.as_ref(),
+                capture,
+                &|n| progress(Progress::Views(n)),
+            )?;
+            let eps = match (&stage.guidance, &pred.uncond) {
+                (GuidancePlan::Cfg { scale }, Some(u)) => {
+                    guidance::classifier_free(u, &pred.cond, *scale)?
+                }
+                (
+                    GuidancePlan::FaCfg {
+                        high,
+                        low,
+                        low_latent,
+                    },
+                    Some(u),
+                ) => fa_cfg(
+                    u,
+                    &pred.cond,
+                    (low_latent[0], low_latent[1]),
+                    FaCfgWeights {
+                        high: *high,
+                        low: *low,
+                    },
+                )?,
+                _ => pred.cond.clone(),
+            };
+            let (next, pred_x0) = stepper.step(&eps, j, t, &z)?;
+            z = next;
+            x0 = pred_x0;
+            if pred.camap.is_some() {
+                camap_out = pred.camap;
+            }
+            put_tensor(self.store, &keys::checkpoint_latent(job), &z)?;
+            put_json(
+                self.store,
+                &keys::checkpoint_state(job),
+                &serde_json::json!({ "stage": k, "step": j + 1 }),
+            )?;
+            progress(Progress::Step {
+                stage: k,
+                step: j + 1,
+                steps,
+                timestep: t,
+            });
+        }
+        Ok(StageResult {
+            latent: z.to_dtype(DType::F32)?,
+            x0,
+            camap: camap_out,
+        })
+    }
+}
+
+fn check_initial_latents(
+    t: Tensor,
+    shape: (usize, usize, usize, usize),
+    stage: &StagePlan,
+) -> Result<Tensor> {
+    let want = [shape.0, shape.1, shape.2, shape.3];
+    let dims = t.dims().to_vec();
+    // A (4, h, w) latent is the same thing without the batch axis; accept it.
+    let t = if dims.len() == 3 { t.unsqueeze(0)? } else { t };
+    if t.dims() != want {
+        return Err(EngineError::Invalid(format!(
+            "--latents holds a tensor of shape {dims:?}, but the first stage ({}x{}) needs \
+             {want:?} (1 x channels x height/8 x width/8): pass --size {}x{} (or matching \
+             --stages) or other latents",
+            stage.size[0],
+            stage.size[1],
+            dims.last().copied().unwrap_or(0) * PIXELS_PER_LATENT as usize,
+            dims.get(dims.len().saturating_sub(2)).copied().unwrap_or(0)
+                * PIXELS_PER_LATENT as usize,
+        )));
+    }
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+/// [-1, 1] floats to 8-bit RGB as diffusers' image processor does: `(x / 2 + 0.5)` clamped to
+/// [0, 1], times 255, rounded half away from zero (numpy's `round` is half-to-even, but exact
+/// halves do not occur in practice for float outputs).
+pub fn to_rgb8(image: &Tensor) -> Result<Tensor> {
+    let x = ((image.to_device(&Device::Cpu)?.to_dtype(DType::F32)? / 2.0)? + 0.5)?;
+    let x = (x.clamp(0f32, 1f32)? * 255.0)?.round()?;
+    Ok(x.to_dtype(DType::U8)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rgb_conversion_clamps_and_rounds() -> Result<()> {
+        let t = Tensor::new(&[[[-1.5f32, -1.0, 0.0, 0.999, 1.0, 2.0]]], &Device::Cpu)?;
+        let v = to_rgb8(&t)?.flatten_all()?.to_vec1::<u8>()?;
+        assert_eq!(v, vec![0, 0, 128, 255, 255, 255]);
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! The distributed engine against plain, independent sampling loops written here with the
+//! worker's model calls: with one view covering the whole latent and fusion off it must be
+//! plain sampling; with one tile covering the whole stage it must be FreeScale's in-UNet
+//! algorithm (restart, restrained structure, dilation, scale fusion, FreeU).
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use tessera_common::method::freescale::{restraint_weight, DILATED_CONVS};
+use tessera_common::method::guidance::classifier_free;
+use tessera_common::method::params::{Method, MethodSpec};
+use tessera_common::noise::{NoiseKey, NoisePurpose};
+use tessera_common::plan::{plan, ArchInfo};
+use tessera_common::resize::{resize, ResizeFilter};
+use tessera_common::sched::{Scheduler, SchedulerKind};
+use tessera_common::spec::{RenderSpec, Size};
+use tessera_common::store::{MemoryStore, Store};
+use tessera_coordinator::dispatch::LocalWorkers;
+use tessera_coordinator::engine::{Engine, JobInputs, ModelInfo};
+use tessera_worker::model::arch::arch_info;
+use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
+use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
+use tessera_worker::model::synth::{synthesize, TinyArch};
+use tessera_worker::tasks::{decode_latents_tiled, encode_pixels, freeu_for, predict_noise};
+
+const SEED: u64 = 5;
+
+fn model() -> (Arc<DiffusionModel>, ArchInfo) {
+    let dir = std::env::temp_dir().join(format!("tessera-engine-paths-{}", std::process::id()));
+    if !dir.join("model_index.json").is_file() {
+        let _ = std::fs::remove_dir_all(&dir);
+        synthesize(TinyArch::SdxlTiny, &dir, 1).unwrap();
+    }
+    let m = DiffusionModel::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+    (Arc::new(m), arch_info(&dir, 4).unwrap())
+}
+
+fn spec(stages: &[u32], method: MethodSpec) -> RenderSpec {
+    let last = *stages.last().unwrap();
+    RenderSpec {
+        prompt: "a lighthouse".into(),
+        negative_prompt: None,
+        width: last,
+        height: last,
+        steps: 4,
+        guidance: 7.5,
+        scheduler: Some(SchedulerKind::Euler),
+        seed: SEED,
+        method: MethodSpec {
+            stages: Some(
+                stages
+                    .iter()
+                    .map(|&s| Size {
+                        width: s,
+                        height: s,
+                    })
+                    .collect(),
+            ),
+            ..method
+        },
+    }
+}
+
+fn run_engine(model: &Arc<DiffusionModel>, arch: &ArchInfo, spec: &RenderSpec) -> Tensor {
+    let p = plan(spec, arch).unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let workers = LocalWorkers::new(vec![model.clone()], store.clone());
+    let engine = Engine {
+        store: store.as_ref(),
+        workers: &workers,
+        model: ModelInfo {
+            scheduler: model.scheduler_config.clone(),
+            latent_channels: 4,
+        },
+    };
+    let out = engine
+        .run("t", spec, &p, JobInputs::default(), &|_| {})
+        .unwrap();
+    out.latents
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A plain guided Euler loop over `steps[start..]` with the given hooks per step.
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    model: &DiffusionModel,
+    sched: &Scheduler,
+    mut z: Tensor,
+    start: usize,
+    size: SizeConditioning,
+    mut hooks_at: impl FnMut(usize) -> UNetHooks,
+    mut before: impl FnMut(usize, f64, Tensor) -> Tensor,
+) -> Tensor {
+    let emb = model.encode_prompt("a lighthouse", None).unwrap();
+    for (i, &t) in sched.timesteps().iter().enumerate().skip(start) {
+        z = before(i, t, z);
+        let input = sched.scale_model_input(&z, i).unwrap();
+        let mut hooks = hooks_at(i);
+        let p = predict_noise(model, &input, t, &emb, size, true, &mut hooks).unwrap();
+        let eps = classifier_free(p.uncond.as_ref().unwrap(), &p.cond, 7.5).unwrap();
+        z = sched.step(&eps, i, &z).unwrap().prev_sample;
+    }
+    z
+}
+
+#[test]
+fn one_whole_view_without_fusion_is_plain_sampling() {
+    let (model, arch) = model();
+    // A 2x-training-size stage evaluated as one view: no fusion, no dilation, no FreeU.
+    let s = spec(
+        &[256],
+        MethodSpec {
+            method: Some(Method::Freescale),
+            tile_size: Some(256),
+            no_fusion: true,
+            dilate_tau: Some(0),
+            freeu: Some(false),
+            ..Default::default()
+        },
+    );
+    let ours = run_engine(&model, &arch, &s);
+
+    let sched = Scheduler::new(SchedulerKind::Euler, &model.scheduler_config, 4).unwrap();
+    let noise = NoiseKey::new(SEED, NoisePurpose::InitialLatent)
+        .normal((1, 4, 32, 32), &Device::Cpu)
+        .unwrap();
+    let z0 = (noise * sched.init_noise_sigma()).unwrap();
+    let want = sample(
+        &model,
+        &sched,
+        z0,
+        0,
+        SizeConditioning::for_size(256, 256),
+        |_| UNetHooks::default(),
+        |_, _, z| z,
+    );
+    assert_eq!(max_abs_diff(&ours, &want), 0.0);
+}
+
+#[test]
+fn one_tile_covering_the_stage_is_in_unet_freescale() {
+    let (model, arch) = model();
+    let s = spec(
+        &[128, 256],
+        MethodSpec {
+            method: Some(Method::Freescale),
+            tile_size: Some(256),
+            ..Default::default()
+        },
+    );
+    let ours = run_engine(&model, &arch, &s);
+
+    // Stage 0: plain guided sampling at the training size, with FreeU.
+    let sched = Scheduler::new(SchedulerKind::Euler, &model.scheduler_config, 4).unwrap();
+    let freeu = || UNetHooks {
+        freeu: Some(freeu_for(&model)),
+        ..Default::default()
+    };
+    let noise = NoiseKey::new(SEED, NoisePurpose::InitialLatent)
+        .normal((1, 4, 16, 16), &Device::Cpu)
+        .unwrap();
+    let z0 = (noise * sched.init_noise_sigma()).unwrap();
+    let size = SizeConditioning::for_size(128, 128);
+    let base = sample(&model, &sched, z0, 0, size, |_| freeu(), |_, _, z| z);
+
+    // Stage 1 as pipeline_freescale.py runs it: decode, bicubic resize, encode (sample), one
+    // noise draw, restart at int(0.3 * 4) = 1, blend towards n_i before every later step,
+    // dilation 256 / 128 = 2 below tau = 35, scale fusion in every self-attention.
+    let px = decode_latents_tiled(&model, &base).unwrap();
+    let px = resize(&px, 256, 256, ResizeFilter::Bicubic).unwrap();
+    let vae_noise = NoiseKey {
+        seed: SEED,
+        stage: 1,
+        step: 0,
+        purpose: NoisePurpose::VaeSample,
+    }
+    .normal((1, 4, 32, 32), &Device::Cpu)
+    .unwrap();
+    let z_up = encode_pixels(&model, &px, &vae_noise).unwrap();
+    let eps = NoiseKey {
+        seed: SEED,
+        stage: 1,
+        step: 0,
+        purpose: NoisePurpose::StageNoise,
+    }
+    .normal((1, 4, 32, 32), &Device::Cpu)
+    .unwrap();
+    let restart = 1;
+    let z = sched
+        .add_noise(&z_up, &eps, sched.timesteps()[restart])
+        .unwrap();
+    let want = sample(
+        &model,
+        &sched,
+        z,
+        restart,
+        size,
+        |i| {
+            let mut h = freeu();
+            for conv in DILATED_CONVS {
+                h.dilation.insert(conv.to_string(), 2);
+            }
+            h.self_attention = SelfAttentionMode::ScaleFusion(ScaleFusion {
+                train_latent: (16, 16),
+                fast: false,
+                jitter_seed: Some(
+                    NoiseKey {
+                        seed: SEED,
+                        stage: 1,
+                        step: (i - restart) as u32,
+                        purpose: NoisePurpose::FusionJitter,
+                    }
+                    .derive_seed(0),
+                ),
+            });
+            h
+        },
+        |i, t, z| {
+            if i == restart {
+                return z;
+            }
+            let c = restraint_weight(t, 1000, 2.0);
+            let n = sched.add_noise(&z_up, &eps, t).unwrap();
+            ((z * (1.0 - c)).unwrap() + (n * c).unwrap()).unwrap()
+        },
+    );
+    let diff = max_abs_diff(&ours, &want);
+    assert!(diff <= 1e-5, "max |engine - reference loop| = {diff}");
+}

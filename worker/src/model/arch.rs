@@ -1,0 +1,92 @@
+//! What planning needs to know about a model directory, read from its configs and the
+//! safetensors headers without loading any weights (so `tessera plan --model` is instant).
+
+use std::path::Path;
+
+use tessera_common::plan::ArchInfo;
+use tessera_common::sched::SchedulerConfig;
+
+use super::loader::{ModelDir, ModelError, PipelineKind, Result};
+use super::unet::UNetConfig;
+
+/// Parameter count of the safetensors files directly in `dir` (fp16/bf16 variants of the
+/// same weights are skipped when a plain file exists).
+fn count_parameters(dir: &Path) -> Result<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let plain: Vec<_> = files
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            !name.contains(".fp16.") && !name.contains(".bf16.")
+        })
+        .cloned()
+        .collect();
+    let chosen = if plain.is_empty() { files } else { plain };
+    let mut total = 0u64;
+    for path in chosen {
+        let io = |source| ModelError::Io {
+            path: path.clone(),
+            source,
+        };
+        let corrupt = |reason: String| ModelError::CorruptWeights {
+            path: path.clone(),
+            reason,
+        };
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(io)?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(corrupt(format!("header of {n} bytes")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(io)?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| corrupt(e.to_string()))?;
+        for (name, entry) in json.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let shape = entry["shape"].as_array().cloned().unwrap_or_default();
+            total += shape
+                .iter()
+                .map(|d| d.as_u64().unwrap_or(0))
+                .product::<u64>();
+        }
+    }
+    Ok(total)
+}
+
+/// The plan's view of the model at `path`; `weight_bytes` is the precision workers will use.
+pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
+    let dir = ModelDir::open(path)?;
+    let unet: UNetConfig = dir.config("unet")?;
+    let sched_path = dir.scheduler_config_path();
+    if !sched_path.is_file() {
+        return Err(ModelError::MissingFile { path: sched_path });
+    }
+    let scheduler = SchedulerConfig::from_file(&sched_path)
+        .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
+    let mut parameters = 0;
+    for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        parameters += count_parameters(&dir.component_dir(component))?;
+    }
+    Ok(ArchInfo {
+        name: path.display().to_string(),
+        sdxl: dir.index().kind == PipelineKind::StableDiffusionXl,
+        training_size: (unet.sample_size() * 8) as u32,
+        latent_channels: unet.in_channels,
+        scheduler,
+        parameters,
+        weight_bytes,
+        base_channels: unet.block_out_channels.first().copied().unwrap_or(320),
+    })
+}
