@@ -119,22 +119,14 @@ fn write_picture(path: &Path, w: u32, h: u32) {
             ]);
         }
     }
-    let f = std::fs::File::create(path).unwrap();
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().unwrap().write_image_data(&data).unwrap();
+    write_png(path, w, h, png::ColorType::Rgb, &data);
 }
 
 fn write_mask(path: &Path, side: u32) {
     let data: Vec<u8> = (0..side * side)
         .map(|i| if (i % side) < side / 2 { 255 } else { 0 })
         .collect();
-    let f = std::fs::File::create(path).unwrap();
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), side, side);
-    enc.set_color(png::ColorType::Grayscale);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().unwrap().write_image_data(&data).unwrap();
+    write_png(path, side, side, png::ColorType::Grayscale, &data);
 }
 
 #[test]
@@ -217,24 +209,7 @@ fn init_image_upscales_128_to_512_through_two_stages_with_and_without_a_mask() {
             "cannot open",
         ),
     ];
-    for (extra, want) in bad {
-        let mut args = vec![
-            "render",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let r = tessera(&args);
-        assert!(!r.status.success(), "{extra:?} succeeded");
-        let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
-        assert!(err.lines().count() <= 3, "long error: {err}");
-        assert!(!out.exists());
-    }
+    expect_render_errors(&model, &out, bad);
 }
 
 #[test]
@@ -295,7 +270,6 @@ fn plan_reports_views_evaluations_and_memory() {
 #[test]
 fn bad_cascade_flags_say_what_to_change() {
     let model = tiny_model("sdxl-tiny");
-    let m = model.to_str().unwrap();
     let dir = Scratch::new("cascade-flags");
     let out = dir.path("x.png");
     let cases: &[(&[&str], &str)] = &[
@@ -341,21 +315,5 @@ fn bad_cascade_flags_say_what_to_change() {
         ),
         (&["--size", "256x256", "--workers", "0"], "--workers"),
     ];
-    for (extra, want) in cases {
-        let mut args = vec![
-            "render",
-            "--model",
-            m,
-            "--prompt",
-            "x",
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let r = tessera(&args);
-        assert!(!r.status.success(), "{extra:?} succeeded");
-        let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
-        assert!(!out.exists());
-    }
+    expect_render_errors(&model, &out, cases);
 }

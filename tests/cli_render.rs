@@ -345,15 +345,7 @@ fn bad_flags_get_clear_errors() {
             "cannot read latents",
         ),
     ];
-    for (extra, want) in cases {
-        let mut args = vec!["render", "--model", m, "--prompt", "x", "-o", o];
-        args.extend_from_slice(extra);
-        let r = tessera(&args);
-        assert!(!r.status.success(), "{extra:?} succeeded");
-        let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
-        assert!(!out.exists());
-    }
+    expect_render_errors(&model, &out, cases);
     // Latents of the wrong shape.
     let lat = dir.path("l.safetensors");
     let t = Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();

@@ -94,9 +94,12 @@ pub fn check_side_multiple(name: &str, value: u32, multiple: u32) -> Result<(), 
         } else {
             format!("use {down} or {up}")
         };
+        let latent = match multiple / PIXELS_PER_LATENT {
+            1 => String::new(),
+            n => format!(" ({n} latent pixels)"),
+        };
         return Err(SpecError(format!(
-            "{name} {value} is not a multiple of {multiple} pixels ({} latent pixels): {hint}",
-            multiple / PIXELS_PER_LATENT
+            "{name} {value} is not a multiple of {multiple} pixels{latent}: {hint}"
         )));
     }
     Ok(())

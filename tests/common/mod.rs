@@ -128,3 +128,35 @@ pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, Vec<(String, String)>) {
         .collect();
     (info.width, info.height, buf, text)
 }
+
+/// Runs `render` with each case's extra flags and checks that it fails, with a message of at
+/// most three lines containing the expected text, and leaves no output file.
+pub fn expect_render_errors(model: &Path, out: &Path, cases: &[(&[&str], &str)]) {
+    for (extra, want) in cases {
+        let mut args = vec![
+            "render",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let r = tessera(&args);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
+        assert!(err.lines().count() <= 3, "{extra:?}: long error {err:?}");
+        assert!(!out.exists(), "{extra:?} left {}", out.display());
+    }
+}
+
+/// Writes 8-bit pixels (`Rgb` or `Grayscale`) as a PNG.
+pub fn write_png(path: &Path, width: u32, height: u32, color: png::ColorType, data: &[u8]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), width, height);
+    enc.set_color(color);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header().unwrap().write_image_data(data).unwrap();
+}
