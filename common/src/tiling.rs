@@ -891,6 +891,68 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn sdxl_2x_4x_8x_rects_match_reference_scale_forward() -> Result<()> {
+        // Expected: tests/parity/ref_views.py, which imports FreeScale's scale_attention.py,
+        // makes `random.randint` return 0 (jitter off; the jitter padding is subtracted) and
+        // prints `get_views(n, n, 128, 128, scale_factor=1)` for latents 256, 512, 1024 (it also
+        // checks that the token-grid calls `scale_forward` makes at latent/2 and latent/4 give
+        // the same windows scaled back): every window is 128 x 128, the list is rows x columns
+        // in row-major order. For the global views it prints `scale_forward`'s `global_views`
+        // order and which latent pixels `x[:, h::s, w::s]` of view s + 1 (phase (1, 1)) holds.
+        type Case = (usize, Vec<i64>, ViewRect, (usize, usize), (usize, usize));
+        let rect = |top, left| ViewRect {
+            top,
+            left,
+            height: 128,
+            width: 128,
+        };
+        let cases: [Case; 3] = [
+            (2, vec![0, 64, 128], rect(64, 128), (11, 19), (128, 128)),
+            (
+                4,
+                vec![0, 64, 128, 192, 256, 320, 384],
+                rect(0, 320),
+                (21, 37),
+                (384, 384),
+            ),
+            (
+                8,
+                vec![
+                    0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896,
+                ],
+                rect(0, 320),
+                (41, 73),
+                (896, 896),
+            ),
+        ];
+        for (s, starts, at5, pixel_5_9, last) in cases {
+            let n = 128 * s;
+            let l = LocalViews::new(n, n, &LocalViewConfig::for_training_size(128), None)?;
+            let want: Vec<ViewRect> = starts
+                .iter()
+                .flat_map(|&t| starts.iter().map(move |&c| rect(t, c)))
+                .collect();
+            assert_eq!(l.rects(), &want[..], "{s}x");
+            assert_eq!(l.rects()[5], at5);
+            let end = l.rects()[l.len() - 1];
+            assert_eq!((end.top as usize, end.left as usize), last);
+            // Global views: s² of them, phase (p, q) = (index / s, index % s).
+            let g = GlobalViews::new(n, n, &GlobalViewConfig::for_training_size(128))?;
+            assert_eq!((g.len(), g.view_size()), (s * s, (128, 128)));
+            for idx in 0..g.len() {
+                assert_eq!(g.offset(idx)?, (idx / s, idx % s));
+            }
+            let v: Vec<f32> = (0..n * n).map(|i| i as f32).collect();
+            let latent = Tensor::from_vec(v, (1, 1, n, n), &Device::Cpu)?;
+            let view = g.extract(&latent, s + 1)?.i_at(0, 0)?;
+            let pos = |v: f32| (v as usize / n, v as usize % n);
+            assert_eq!(pos(view[0][0]), (1, 1));
+            assert_eq!(pos(view[5][9]), pixel_5_9);
+        }
+        Ok(())
+    }
+
     /// Test helper: plane (b, c) of a 4-D tensor as nested vectors.
     trait PlaneAt {
         fn i_at(&self, b: usize, c: usize) -> Result<Vec<Vec<f32>>>;

@@ -248,4 +248,42 @@ mod tests {
         assert!(frequency_split(&u, (0, 4)).is_err());
         Ok(())
     }
+
+    #[test]
+    fn split_at_stage_ratio_two_matches_reference_freq_decompose() -> Result<()> {
+        // Expected: tests/parity/ref_formulas.py, the reference's own `freq_decompose`
+        // imported from FreCaS utils/facfg_wrapper.py (torch f32), on `sin(0.37·i + 0.1)` over
+        // a latent-shaped (1, 4, 16, 16) tensor with tsize (8, 8), the previous stage's latent
+        // at the presets' size ratio 2; flat indices [0, 17, 255, 600, 1023].
+        let v: Vec<f32> = (0..1024).map(|i| (i as f32 * 0.37 + 0.1).sin()).collect();
+        let x = Tensor::from_vec(v, (1, 4, 16, 16), &Device::Cpu)?;
+        let (high, low) = frequency_split(&x, (8, 8))?;
+        let (high, low) = (
+            high.flatten_all()?.to_vec1::<f32>()?,
+            low.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let want_low = [
+            0.0997934341430664,
+            0.09282156825065613,
+            0.19094206392765045,
+            0.7056587338447571,
+            0.9658105373382568,
+        ];
+        let want_high = [
+            3.9987266063690186e-05,
+            0.01378999650478363,
+            0.009899914264678955,
+            0.10954004526138306,
+            0.03303283452987671,
+        ];
+        for (j, i) in [0usize, 17, 255, 600, 1023].into_iter().enumerate() {
+            assert!((low[i] - want_low[j]).abs() < 1e-6, "low[{i}] {}", low[i]);
+            assert!(
+                (high[i] - want_high[j]).abs() < 1e-6,
+                "high[{i}] {}",
+                high[i]
+            );
+        }
+        Ok(())
+    }
 }

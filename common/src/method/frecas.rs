@@ -433,4 +433,53 @@ mod tests {
         );
         assert_eq!(FrecasPreset::reference(false, 4), None);
     }
+
+    #[test]
+    fn presets_match_reference_scheduler_wrapper() {
+        // Expected: tests/parity/ref_frecas_schedule.py, which runs the reference's own
+        // `scheduler_wrapper(...)` + `set_timesteps` (utils/scheduler_wrapper.py) on a
+        // diffusers 0.42.1 DDIMScheduler with the SD/SDXL betas for the four test.sh presets
+        // and prints each stage's start, `num_inference_steps` and timesteps (the first and
+        // last of each list are checked here; the full lists above agree with it too).
+        type Row = (FrecasPreset, [usize; 3], [usize; 3], [usize; 3]);
+        let rows: [Row; 4] = [
+            (
+                FrecasPreset::sd21_1024(),
+                [999, 346, 0],
+                [43, 26, 0],
+                [100, 0, 0],
+            ),
+            (
+                FrecasPreset::sd21_2048(),
+                [999, 500, 500],
+                [36, 30, 18],
+                [200, 200, 0],
+            ),
+            (
+                FrecasPreset::sdxl_2048(),
+                [999, 343, 0],
+                [48, 26, 0],
+                [200, 0, 0],
+            ),
+            (
+                FrecasPreset::sdxl_4096(),
+                [999, 606, 395],
+                [48, 9, 35],
+                [400, 200, 0],
+            ),
+        ];
+        let a = alphas();
+        for (preset, start, nis, last) in rows {
+            let plan = plan_stages(&preset.stages, preset.gamma, &a).unwrap();
+            let n = plan.len();
+            assert_eq!(starts(&plan), start[..n], "{preset:?}");
+            let got: Vec<usize> = plan.iter().map(|s| s.ddim_inference_steps).collect();
+            assert_eq!(got, nis[..n], "{preset:?}");
+            for (k, st) in plan.iter().enumerate() {
+                assert_eq!(st.timesteps[0], start[k]);
+                assert_eq!(*st.timesteps.last().unwrap(), last[k]);
+                assert_eq!(st.timesteps.len(), preset.stages[k].steps);
+            }
+        }
+    }
 }

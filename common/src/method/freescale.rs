@@ -445,4 +445,69 @@ mod tests {
         assert_eq!(DILATED_CONVS[0], "down_blocks.1.downsamplers.0.conv");
         Ok(())
     }
+
+    #[test]
+    fn restart_and_weights_match_reference_source_lines(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        // Expected: tests/parity/ref_freescale_schedule.py, which evaluates the
+        // `restart_steps = [int(num_inference_steps*0.3)] ...`, `cosine_factor = ...` and
+        // `c1 = cosine_factor ** cosine_scale` lines read out of pipeline_freescale.py on a
+        // diffusers 0.42.1 EulerDiscreteScheduler with SDXL's config, 50 steps (torch f32).
+        for (steps, restart) in [
+            (1usize, 0usize),
+            (3, 0),
+            (4, 1),
+            (10, 3),
+            (20, 6),
+            (25, 7),
+            (30, 9),
+            (40, 12),
+            (60, 18),
+            (100, 30),
+        ] {
+            assert_eq!(
+                RestrainedStructure::new(steps, 2.0)?.restart,
+                restart,
+                "{steps}"
+            );
+        }
+        let cfg = SchedulerConfig::from_json(SDXL_SCHEDULER.as_bytes())?;
+        let sched = Scheduler::new(SchedulerKind::Euler, &cfg, 50)?;
+        let ts = sched.timesteps();
+        // The stage starts from add_noise(z_up, ε, 681) = z_up + σ·ε, σ printed by the script.
+        let restart = restart_index(50);
+        assert_eq!((restart, ts[restart]), (15, 681.0));
+        close(sched.sigmas()[restart], 3.093010187149048, 1e-6);
+        let dev = Device::Cpu;
+        let z = Tensor::new(&[0.5f32, -1.0], &dev)?;
+        let eps = Tensor::new(&[1.0f32, 2.0], &dev)?;
+        let n = sched.add_noise(&z, &eps, ts[restart])?.to_vec1::<f32>()?;
+        close(f64::from(n[0]), 0.5 + 3.093010187149048, 1e-5);
+        close(f64::from(n[1]), -1.0 + 2.0 * 3.093010187149048, 1e-5);
+        // (step, t, c at cosine_scale 1, 2, 0.5): steps not in the table above.
+        for (i, t, c1, c2, c05) in [
+            (
+                25usize,
+                481.0,
+                0.47017258405685425,
+                0.22106225788593292,
+                0.6856912970542908,
+            ),
+            (
+                40,
+                181.0,
+                0.07867977023124695,
+                0.006190506275743246,
+                0.280499130487442,
+            ),
+        ] {
+            assert_eq!(ts[i], t);
+            close(restraint_weight(t, 1000, 1.0), c1, 1e-7);
+            close(restraint_weight(t, 1000, 2.0), c2, 1e-7);
+            close(restraint_weight(t, 1000, 0.5), c05, 2e-7);
+            let r = RestrainedStructure::new(50, 2.0)?;
+            close(r.weight(i, t).unwrap(), c2, 1e-7);
+        }
+        Ok(())
+    }
 }

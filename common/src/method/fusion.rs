@@ -318,4 +318,67 @@ mod tests {
         assert!(fuse_scales(&local, &global.narrow(0, 0, 1)?, 2).is_err());
         Ok(())
     }
+
+    #[test]
+    fn volumetric_kernels_at_2x_4x_8x_match_reference() -> Result<()> {
+        // Expected: tests/parity/ref_formulas.py, the reference's own `gaussian_kernel(k, 1.0,
+        // 1)` imported from scale_attention.py (torch f32), entries of the 3-D kernel at
+        // (i, j, l) for the kernel sizes of s = 3, 4 and 8 (k = 2s − 1), and its sum.
+        type Case = (usize, [((usize, usize, usize), f32); 6], f32);
+        let cases: [Case; 3] = [
+            (
+                5,
+                [
+                    ((0, 0, 0), 0.00016177786164917052),
+                    ((0, 2, 2), 0.008832770399749279),
+                    ((2, 2, 2), 0.06526583433151245),
+                    ((2, 2, 0), 0.008832770399749279),
+                    ((1, 2, 3), 0.024009961634874344),
+                    ((4, 0, 2), 0.0011953855864703655),
+                ],
+                1.0000001192092896,
+            ),
+            (
+                7,
+                [
+                    ((0, 0, 0), 8.711787558013384e-08),
+                    ((0, 3, 3), 0.000705923477653414),
+                    ((3, 3, 3), 0.06354520469903946),
+                    ((3, 3, 0), 0.000705923477653414),
+                    ((2, 3, 4), 0.02337697707116604),
+                    ((6, 0, 3), 7.842101695132442e-06),
+                ],
+                0.9999998807907104,
+            ),
+            (
+                15,
+                [
+                    ((0, 0, 0), 7.622296589945345e-34),
+                    ((0, 7, 7), 1.4538360749646873e-12),
+                    ((7, 7, 7), 0.06349363923072815),
+                    ((7, 7, 0), 1.4538360749646873e-12),
+                    ((6, 7, 8), 0.02335800603032112),
+                    ((14, 0, 7), 3.3288993033571296e-23),
+                ],
+                1.0000001192092896,
+            ),
+        ];
+        for (k, entries, sum) in cases {
+            let g = gaussian_kernel_3d(k, 1.0)?;
+            assert_eq!(g.len(), k * k * k);
+            for ((i, j, l), want) in entries {
+                let got = g[(i * k + j) * k + l];
+                // Relative: the corner of k = 15 is ~1e-33.
+                assert!(
+                    (got - want).abs() <= 2e-7 * want,
+                    "k={k} ({i},{j},{l}): {got} vs {want}"
+                );
+            }
+            // torch sums pairwise in f32; summed in f64 here, both are 1 to about 1e-7.
+            let total: f64 = g.iter().map(|&v| f64::from(v)).sum();
+            assert!((total - f64::from(sum)).abs() < 1e-6, "k={k}: sum {total}");
+        }
+        assert_eq!(fusion_kernel_size(8)?, 15);
+        Ok(())
+    }
 }

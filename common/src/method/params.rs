@@ -57,10 +57,11 @@ impl std::fmt::Display for Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TileWeights {
-    /// Plain average, as the reference.
-    #[default]
+    /// Plain average, as the reference (which averages attention features, not predictions:
+    /// on predictions it leaves a step where a view starts, see common/tests/merge_seams.rs).
     Uniform,
     /// Gaussian window weights: a view fades out towards its border.
+    #[default]
     Gaussian,
 }
 

@@ -88,8 +88,9 @@ pub struct JobArgs {
     /// covering the whole stage runs the reference's in-UNet algorithm on one worker.
     #[arg(long)]
     pub tile_size: Option<u32>,
-    /// How overlapping tiles are averaged: uniform (the reference) or gaussian.
-    #[arg(long, default_value = "uniform", value_parser = parse_weights)]
+    /// How overlapping tiles are averaged: gaussian (tiles fade out towards their borders) or
+    /// uniform (the reference's plain average, which leaves steps at tile borders).
+    #[arg(long, default_value = "gaussian", value_parser = parse_weights)]
     pub tile_weights: TileWeights,
     /// Local tiles only: no global views and no scale fusion.
     #[arg(long)]
