@@ -255,7 +255,9 @@ pub fn evaluate(
             }
         }
     }
+    // One view has nothing to blend with: weights would only round its values.
     let weighting = match stage.tile_weights {
+        _ if local.len() == 1 => ViewWeighting::Uniform,
         TileWeights::Uniform => ViewWeighting::Uniform,
         TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
     };
