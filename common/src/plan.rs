@@ -225,16 +225,23 @@ impl StagePlan {
     }
 
     pub fn local_config(&self) -> LocalViewConfig {
-        LocalViewConfig {
-            window: self.tile[0].max(self.tile[1]),
-            overlap: self.tile_overlap,
-            jitter_range: self.tile[0].min(self.tile[1]) / 8,
-            padding: Default::default(),
-        }
+        local_view_config(self.tile[0].max(self.tile[1]), self.tile_overlap)
     }
 
     pub fn global_config(&self) -> GlobalViewConfig {
         GlobalViewConfig::for_training_size(self.tile[0].max(self.tile[1]))
+    }
+}
+
+/// Local tiles of side `window` at `overlap`: the reference's jitter of up to window / 8,
+/// capped so neighbours drifting apart by twice the jitter still overlap.
+pub fn local_view_config(window: usize, overlap: f64) -> LocalViewConfig {
+    let stride = ((window as f64 * (1.0 - overlap)).round() as usize).max(1);
+    LocalViewConfig {
+        window,
+        overlap,
+        jitter_range: (window / 8).min(window.saturating_sub(stride) / 2),
+        padding: Default::default(),
     }
 }
 
@@ -619,12 +626,7 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
             let lv = LocalViews::new(
                 latent[0],
                 latent[1],
-                &LocalViewConfig {
-                    window: tile_latent,
-                    overlap,
-                    jitter_range: tile_latent / 8,
-                    padding: Default::default(),
-                },
+                &local_view_config(tile_latent, overlap),
                 None,
             )
             .map_err(|e| PlanError(format!("stage {k}: {e}")))?;

@@ -306,6 +306,12 @@ impl LocalViews {
         let (vh, vw) = self.window;
         let (bc, device) = batch_channels(outputs, (vh, vw))?;
         let (h, w) = self.latent;
+        // A lone view has nothing to blend with; weights would only round its values.
+        let weighting = if self.rects.len() == 1 {
+            ViewWeighting::Uniform
+        } else {
+            weighting
+        };
         let weights = weighting.map(vh, vw)?;
         let mut acc = vec![0f32; bc * h * w];
         let mut den = vec![0f32; h * w];

@@ -40,6 +40,12 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+impl From<tessera_common::store::StoreError> for EngineError {
+    fn from(e: tessera_common::store::StoreError) -> Self {
+        EngineError::Store(e.to_string())
+    }
+}
+
 macro_rules! from_method_error {
     ($($t:ty),*) => {$(
         impl From<$t> for EngineError {
@@ -201,7 +207,7 @@ impl Engine<'_> {
             let result = self.run_stage(job, spec, plan, k, prev.take(), &mut inputs, progress)?;
             prev = Some(result);
         }
-        let last = prev.expect("a plan has at least one stage");
+        let last = prev.ok_or_else(|| EngineError::Invalid("the plan has no stages".into()))?;
         progress(Progress::Decoding);
         let pixels = self.decode(job, "final", &last.latent)?;
         let image = to_rgb8(&pixels.squeeze(0)?)?;
@@ -334,7 +340,11 @@ impl Engine<'_> {
                 from_predicted_x0,
                 filter,
             } => {
-                let p = prev.as_ref().expect("stage > 0 has a previous stage");
+                let p = prev.as_ref().ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "stage {k} continues a previous stage, but it is the first"
+                    ))
+                })?;
                 let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
                 let mut pixels = self.decode(job, &format!("s{k}"), source)?;
                 // FreCaS clips the decoded prediction to the image range before resizing.

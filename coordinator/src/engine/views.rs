@@ -47,15 +47,7 @@ enum Group {
 /// retried or resumed step sees the same windows. A whole-latent stage is one view.
 pub fn local_views(stage: &StagePlan, at: &StepAt) -> Result<LocalViews> {
     let (h, w) = stage.latent_hw();
-    let mut cfg = stage.local_config();
-    if stage.is_whole() {
-        cfg.window = h.max(w);
-    }
-    // Neighbours may drift apart by twice the jitter and must still overlap.
-    let stride = ((cfg.window as f64) * (1.0 - cfg.overlap)).round() as usize;
-    cfg.jitter_range = cfg
-        .jitter_range
-        .min(cfg.window.saturating_sub(stride.max(1)) / 2);
+    let cfg = stage.local_config();
     let seed = NoiseKey {
         seed: at.seed,
         stage: at.stage as u32,
@@ -168,7 +160,11 @@ pub fn evaluate(
                 (local.extract_batch(input, ix)?, (wh, ww), places, true)
             }
             Group::Global(ix) => {
-                let g = global.as_ref().expect("global group implies global views");
+                let Some(g) = global.as_ref() else {
+                    return Err(EngineError::Invalid(
+                        "global views without a global layout".into(),
+                    ));
+                };
                 let mut places = Vec::with_capacity(ix.len());
                 for &i in ix {
                     places.push(ViewPlacement::Strided {
@@ -215,9 +211,13 @@ pub fn evaluate(
             Group::Local(ix) | Group::Global(ix) => ix.len(),
         })
         .collect();
+    let views_of: std::collections::HashMap<&str, usize> = tasks
+        .iter()
+        .zip(&sizes)
+        .map(|(t, &n)| (t.id.as_str(), n))
+        .collect();
     workers.run(&tasks, &|t: &Task| {
-        let i = tasks.iter().position(|x| x.id == t.id).unwrap_or(0);
-        done(sizes[i]);
+        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
     })?;
 
     // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
@@ -255,9 +255,7 @@ pub fn evaluate(
             }
         }
     }
-    // One view has nothing to blend with: weights would only round its values.
     let weighting = match stage.tile_weights {
-        _ if local.len() == 1 => ViewWeighting::Uniform,
         TileWeights::Uniform => ViewWeighting::Uniform,
         TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
     };
@@ -305,10 +303,4 @@ fn merge_camaps(local: &LocalViews, maps: &[Tensor], weighting: ViewWeighting) -
     Ok(CaMap::from_tensor(
         merged.permute((0, 2, 3, 1))?.contiguous()?,
     )?)
-}
-
-impl From<tessera_common::store::StoreError> for EngineError {
-    fn from(e: tessera_common::store::StoreError) -> Self {
-        EngineError::Store(e.to_string())
-    }
 }
