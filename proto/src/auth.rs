@@ -1,0 +1,118 @@
+//! Bearer tokens: servers configured with a token refuse calls that do not carry it; clients
+//! attach theirs to every call.
+
+use std::sync::Arc;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// Server side: checks `authorization: Bearer <token>` when a token is configured.
+#[derive(Clone, Default)]
+pub struct RequireToken {
+    expected: Option<Arc<[u8]>>,
+}
+
+impl RequireToken {
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            expected: token
+                .filter(|t| !t.is_empty())
+                .map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
+        }
+    }
+}
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        match req.metadata().get("authorization") {
+            None => Err(Status::unauthenticated(
+                "this server needs a token: pass --token or set TESSERA_TOKEN",
+            )),
+            Some(given) if constant_time_eq(given.as_bytes(), expected) => Ok(req),
+            Some(_) => Err(Status::unauthenticated(
+                "the token is wrong: check --token or TESSERA_TOKEN",
+            )),
+        }
+    }
+}
+
+/// Compares without an early exit, so response times do not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Client side: adds the token to every call.
+#[derive(Clone, Default)]
+pub struct AttachToken {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the token holds characters that cannot go in a gRPC header; use printable ASCII")]
+pub struct BadToken;
+
+impl AttachToken {
+    pub fn new(token: Option<&str>) -> Result<Self, BadToken> {
+        let header = match token.filter(|t| !t.is_empty()) {
+            None => None,
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| BadToken)?),
+        };
+        Ok(Self { header })
+    }
+}
+
+impl Interceptor for AttachToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(check: &mut RequireToken, header: Option<&str>) -> Result<(), tonic::Code> {
+        let mut req = Request::new(());
+        if let Some(h) = header {
+            req.metadata_mut()
+                .insert("authorization", h.parse().unwrap());
+        }
+        check.call(req).map(|_| ()).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn tokens_are_checked_only_when_configured() {
+        let mut open = RequireToken::new(None);
+        assert_eq!(call(&mut open, None), Ok(()));
+        let mut closed = RequireToken::new(Some("s3cret"));
+        assert_eq!(call(&mut closed, Some("Bearer s3cret")), Ok(()));
+        assert_eq!(call(&mut closed, None), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            call(&mut closed, Some("Bearer s3cre")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            call(&mut closed, Some("s3cret")),
+            Err(tonic::Code::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn clients_attach_what_servers_expect() {
+        let mut attach = AttachToken::new(Some("abc")).unwrap();
+        let req = attach.call(Request::new(())).unwrap();
+        let mut check = RequireToken::new(Some("abc"));
+        assert!(check.call(req).is_ok());
+        assert!(AttachToken::new(Some("bad\ntoken")).is_err());
+    }
+}
