@@ -65,6 +65,32 @@ impl Store for MemoryStore {
             .map(|(k, _)| k.clone())
             .collect())
     }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.lock().contains_key(key))
+    }
+
+    fn put_guarded(&self, guard: &str, key: &str, value: &[u8]) -> Result<bool> {
+        let mut map = self.lock();
+        if !map.contains_key(guard) {
+            return Ok(false);
+        }
+        map.insert(key.to_string(), value.to_vec());
+        Ok(true)
+    }
+
+    fn put_many(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+        let mut map = self.lock();
+        for (key, value) in items {
+            map.insert(key.clone(), value.clone());
+        }
+        Ok(())
+    }
+
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        let map = self.lock();
+        Ok(keys.iter().map(|k| map.get(k).cloned()).collect())
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +111,26 @@ mod tests {
         assert_eq!(s.keys("job:")?, vec!["job:b:x"]);
         s.delete("job:b:x")?;
         assert_eq!(s.get("job:b:x")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn guarded_writes_need_the_guard() -> Result<()> {
+        let s = MemoryStore::new();
+        assert!(!s.put_guarded("in", "out", b"late")?);
+        assert!(!s.exists("out")?);
+        s.put("in", b"x")?;
+        assert!(s.put_guarded("in", "out", b"1")?);
+        assert_eq!(s.get("out")?, Some(b"1".to_vec()));
+        Ok(())
+    }
+
+    #[test]
+    fn many_at_once() -> Result<()> {
+        let s = MemoryStore::new();
+        s.put_many(&[("a".into(), b"1".to_vec()), ("b".into(), b"2".to_vec())])?;
+        let got = s.get_many(&["b".into(), "nope".into(), "a".into()])?;
+        assert_eq!(got, vec![Some(b"2".to_vec()), None, Some(b"1".to_vec())]);
         Ok(())
     }
 

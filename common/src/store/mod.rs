@@ -36,6 +36,28 @@ pub trait Store: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Keys starting with `prefix`, sorted.
     fn keys(&self, prefix: &str) -> Result<Vec<String>>;
+    fn exists(&self, key: &str) -> Result<bool>;
+
+    /// Writes `key` only if `guard` exists, as one atomic step; returns whether it wrote.
+    ///
+    /// A worker's result can arrive after the coordinator merged the step and deleted its
+    /// prefix. Guarding the write with the task's input key (deleted with the step) keeps such a
+    /// late result from re-creating keys nobody will ever delete.
+    fn put_guarded(&self, guard: &str, key: &str, value: &[u8]) -> Result<bool>;
+
+    /// Writes all items at once: a reader sees none or all of them where the store allows
+    /// (Redis and memory do).
+    fn put_many(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+        for (key, value) in items {
+            self.put(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// The values of `keys`, in order, `None` where a key is missing.
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
 }
 
 pub fn put_tensor(store: &dyn Store, key: &str, t: &Tensor) -> Result<()> {
