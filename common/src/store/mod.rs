@@ -7,7 +7,9 @@
 
 pub mod keys;
 mod memory;
+mod redis;
 
+pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
 
 use candle_core::{Device, Tensor};
@@ -16,8 +18,13 @@ use crate::codec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store cannot be reached (for Redis: after retrying for `RedisOptions::retry_for`).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered with an error that retrying cannot fix (wrong type, bad password,
+    /// script error).
+    #[error("Redis rejected {what}: {message}")]
+    Rejected { what: String, message: String },
     #[error("{key}: {message}")]
     Codec { key: String, message: String },
     #[error("{0} is missing from the store")]
