@@ -8,4 +8,5 @@ pub mod sched;
 pub mod spec;
 pub mod store;
 pub mod task;
+pub mod testing;
 pub mod tiling;

@@ -1,0 +1,382 @@
+//! Test support, not used by the binaries: a real `redis-server` per test, so store and
+//! cluster tests exercise the real protocol, AUTH, TTLs and restarts instead of a fake.
+//!
+//! It is a plain (not `cfg(test)`) module so that the cross-process tests of other crates can
+//! use it too. Everything here is synchronous, so plain `#[test]`s can use it, and panics with a
+//! message saying what to fix, as test setup should.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a starting server may take to answer PING (it may be loading an AOF).
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fresh ports tried when another process grabs the one we picked before the server binds it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// How to run the server.
+#[derive(Debug, Clone, Default)]
+pub struct RedisServerOptions {
+    /// Append-only file on: data written before a kill is back after [`RedisServer::restart`].
+    pub aof: bool,
+    /// `requirepass`: clients must authenticate.
+    pub password: Option<String>,
+    /// Clients connect over TLS (`rediss://`), with a certificate for 127.0.0.1 signed by a CA
+    /// made for this server ([`RedisServer::ca`]). Needs the `openssl` command.
+    pub tls: bool,
+}
+
+/// A `redis-server` child process on a free loopback port with its own directory; killed and
+/// its directory removed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// The port clients use (TLS when `opts.tls`).
+    port: u16,
+    /// With TLS, a plain port on which the harness itself talks to the server; else `port`.
+    admin_port: u16,
+    dir: PathBuf,
+    opts: RedisServerOptions,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A server without persistence or password.
+    pub fn start() -> RedisServer {
+        Self::start_with(RedisServerOptions::default())
+    }
+
+    pub fn start_with(opts: RedisServerOptions) -> RedisServer {
+        check_installed();
+        let dir = fresh_dir();
+        if opts.tls {
+            make_certificates(&dir);
+        }
+        let mut server = RedisServer {
+            port: 0,
+            admin_port: 0,
+            dir,
+            opts,
+            child: None,
+        };
+        let mut last_error = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            server.port = free_port();
+            server.admin_port = server.port;
+            while server.opts.tls && server.admin_port == server.port {
+                server.admin_port = free_port();
+            }
+            match server.launch() {
+                Ok(()) => return server,
+                // Most likely the port was taken between our probe and the server's bind.
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("redis-server did not start after {PORT_ATTEMPTS} attempts: {last_error}");
+    }
+
+    /// `redis://[:password@]127.0.0.1:PORT/0`, `rediss://` with TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.opts.tls { "rediss" } else { "redis" };
+        match &self.opts.password {
+            Some(p) => format!("{scheme}://:{}@127.0.0.1:{}/0", url_encode(p), self.port),
+            None => format!("{scheme}://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// With TLS, the PEM file of the CA that signed the server's certificate.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.opts.tls.then(|| self.dir.join("ca.pem"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's directory (its AOF and its log, `redis.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of keys in database 0.
+    pub fn dbsize(&self) -> usize {
+        let reply = self
+            .command(&["DBSIZE"])
+            .unwrap_or_else(|e| panic!("DBSIZE on redis-server :{}: {e}", self.port));
+        reply
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("DBSIZE answered {reply:?}"))
+    }
+
+    /// Kills the server with SIGKILL, like a crash of the process: what it acknowledged is
+    /// in its AOF (written before the reply), what it had not is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Errors mean it has exited already.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Shuts the server down cleanly (SHUTDOWN, which flushes the AOF).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The connection drops as the server exits, so the reply is usually an error.
+            let _ = self.command(&["SHUTDOWN"]);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory (after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop); a running server is killed first) and waits until it answers
+    /// PING, so with AOF on its data is back.
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Err(e) = self.launch() {
+            panic!("restarting redis-server on port {}: {e}", self.port);
+        }
+    }
+
+    fn launch(&mut self) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .map_err(|e| format!("creating the log in {}: {e}", self.dir.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("duplicating the log handle: {e}"))?;
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port").arg(self.admin_port.to_string());
+        if self.opts.tls {
+            let file = |name: &str| self.dir.join(name);
+            cmd.arg("--tls-port")
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(file("server.pem"))
+                .arg("--tls-key-file")
+                .arg(file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--appendonly", if self.opts.aof { "yes" } else { "no" }]);
+        if let Some(p) = &self.opts.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("running redis-server: {e}"))?;
+        self.child = Some(child);
+        self.wait_for_ping()
+    }
+
+    fn wait_for_ping(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("launched");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited ({status}); its log ends with:\n{}",
+                    self.port,
+                    self.log_tail()
+                ));
+            }
+            match self.command(&["PING"]) {
+                Ok(reply) if reply == "+PONG" => return Ok(()),
+                // "-LOADING ..." while it reads its AOF, or not listening yet.
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                other => {
+                    self.kill();
+                    return Err(format!(
+                        "redis-server on port {} did not answer PING within {START_TIMEOUT:?} \
+                         (last: {other:?}); its log ends with:\n{}",
+                        self.port,
+                        self.log_tail()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Sends one command on a fresh connection (authenticating first if there is a password)
+    /// and returns its one-line reply (`+OK`, `:3`, `-ERR ...`).
+    fn command(&self, args: &[&str]) -> std::io::Result<String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.admin_port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut request = Vec::new();
+        let mut replies = 1;
+        if let Some(p) = &self.opts.password {
+            request.extend(resp(&["AUTH", p]));
+            replies += 1;
+        }
+        request.extend(resp(args));
+        stream.write_all(&request)?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        for _ in 0..replies {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    fn log_tail(&self) -> String {
+        let mut text = String::new();
+        let _ = fs::File::open(self.dir.join("redis.log"))
+            .and_then(|mut f| f.read_to_string(&mut text));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn check_installed() {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        panic!(
+            "redis-server is not installed: run `apt-get install -y redis-server` \
+             (tests/run.sh does this)"
+        );
+    }
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, signed by it, in `dir`.
+fn make_certificates(dir: &Path) {
+    let ext = "basicConstraints=CA:FALSE\n\
+               keyUsage=digitalSignature,keyEncipherment\n\
+               extendedKeyUsage=serverAuth\n\
+               subjectAltName=IP:127.0.0.1,DNS:localhost\n";
+    fs::write(dir.join("server.ext"), ext).expect("writing server.ext");
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    let steps = [
+        format!("req -x509 {key} -keyout ca.key -out ca.pem -days 2 -subj /CN=tessera-test-ca"),
+        format!("req {key} -keyout server.key -out server.csr -subj /CN=localhost"),
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+         -days 2 -extfile server.ext"
+            .to_string(),
+    ];
+    for step in steps {
+        match Command::new("openssl")
+            .args(step.split_whitespace())
+            .current_dir(dir)
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "openssl {step} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => panic!(
+                "running openssl to make test certificates: {e} \
+                 (install it with `apt-get install -y openssl`)"
+            ),
+        }
+    }
+}
+
+/// A port nothing listens on right now. Another process may take it before the server binds
+/// it; `start_with` then tries another.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+fn fresh_dir() -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "tessera-redis-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// One command in RESP, so arguments may hold spaces or any bytes.
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+    }
+    out
+}
+
+/// Percent-encodes everything but unreserved characters, for a password inside a URL.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_counts_and_cleans_up() {
+        let server = RedisServer::start();
+        assert_eq!(server.dbsize(), 0);
+        assert!(server.url().starts_with("redis://127.0.0.1:"));
+        let dir = server.dir().to_path_buf();
+        assert!(dir.exists());
+        drop(server);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn aof_data_survives_kill_and_restart() {
+        let mut server = RedisServer::start_with(RedisServerOptions {
+            aof: true,
+            password: Some("p w%".into()),
+            ..RedisServerOptions::default()
+        });
+        assert_eq!(server.command(&["SET", "k", "v"]).unwrap(), "+OK");
+        server.kill();
+        assert!(server.command(&["PING"]).is_err());
+        server.restart();
+        assert_eq!(server.dbsize(), 1);
+        server.stop();
+        server.restart();
+        assert_eq!(server.dbsize(), 1);
+        assert!(server.url().contains(":p%20w%25@"), "{}", server.url());
+    }
+}

@@ -1,0 +1,392 @@
+//! The Redis store against a real redis-server per test (see `tessera_common::testing`):
+//! the trait's semantics as the in-memory store has them, plus what only Redis has (TTLs,
+//! passwords, outages).
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tessera_common::store::{
+    get_json, get_tensor, put_json, put_tensor, RedisOptions, RedisStore, Store, StoreError,
+};
+use tessera_common::testing::{RedisServer, RedisServerOptions};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A multi-thread runtime for tests that drive the sync trait from std threads.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn options(retry_for: Duration) -> RedisOptions {
+    RedisOptions {
+        retry_for,
+        ..RedisOptions::default()
+    }
+}
+
+#[test]
+fn round_trips_through_the_sync_trait_from_std_threads() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            let store = store.clone();
+            thread::spawn(move || store.put(&format!("job:a:{i}"), &[i as u8; 3]))
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread")?;
+    }
+    assert_eq!(store.get("job:a:2")?, Some(vec![2u8; 3]));
+    assert_eq!(store.get("job:a:nope")?, None);
+    assert!(store.exists("job:a:0")?);
+    assert!(!store.exists("job:a:nope")?);
+    assert_eq!(
+        store.keys("job:a:")?,
+        vec!["job:a:0", "job:a:1", "job:a:2", "job:a:3"]
+    );
+    store.delete("job:a:0")?;
+    assert!(!store.exists("job:a:0")?);
+    store.put("empty", b"")?;
+    assert_eq!(store.get("empty")?, Some(Vec::new()));
+    assert_eq!(server.dbsize(), 4);
+
+    let t = Tensor::new(&[[1f32, -2.5], [3.0, 4.25]], &Device::Cpu)?;
+    put_tensor(store.as_ref(), "t", &t)?;
+    let back = get_tensor(store.as_ref(), "t", &Device::Cpu)?;
+    assert_eq!(back.to_vec2::<f32>()?, t.to_vec2::<f32>()?);
+    assert!(matches!(
+        get_tensor(store.as_ref(), "absent", &Device::Cpu),
+        Err(StoreError::Missing(k)) if k == "absent"
+    ));
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct State {
+        stage: usize,
+        step: usize,
+    }
+    put_json(store.as_ref(), "state", &State { stage: 1, step: 7 })?;
+    assert_eq!(
+        get_json::<State>(store.as_ref(), "state")?,
+        State { stage: 1, step: 7 }
+    );
+    Ok(())
+}
+
+#[test]
+fn delete_prefix_removes_exactly_the_prefix() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    for key in ["job:a:x", "job:a:y", "job:a1:x", "job:a", "job:b:x"] {
+        store.put(key, b"1")?;
+    }
+    // Glob characters in a prefix are literal: `job:*:` must not match `job:a:`.
+    for key in ["job:*:x", "job:?:x", "job:[a]:x", r"job:\:x"] {
+        store.put(key, b"1")?;
+    }
+    assert_eq!(store.delete_prefix("job:*:")?, 1);
+    assert_eq!(store.delete_prefix("job:?:")?, 1);
+    assert_eq!(store.delete_prefix("job:[a]:")?, 1);
+    assert_eq!(store.delete_prefix(r"job:\:")?, 1);
+    assert_eq!(store.delete_prefix("job:a:")?, 2);
+    assert_eq!(store.delete_prefix("job:a:")?, 0);
+    assert_eq!(store.keys("job:")?, vec!["job:a", "job:a1:x", "job:b:x"]);
+    Ok(())
+}
+
+#[test]
+fn delete_prefix_handles_more_keys_than_one_batch() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    let items: Vec<(String, Vec<u8>)> = (0..25_000)
+        .map(|i| (format!("big:{i:05}"), vec![1]))
+        .collect();
+    store.put_many(&items)?;
+    store.put("bigger", b"stays")?;
+    assert_eq!(store.keys("big:")?.len(), 25_000);
+    assert_eq!(store.delete_prefix("big:")?, 25_000);
+    assert_eq!(server.dbsize(), 1);
+    Ok(())
+}
+
+#[test]
+fn guarded_writes_and_batches() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    let (input, output) = ("job:j:s0:t1:task0:in", "job:j:s0:t1:task0:out");
+
+    assert!(!store.put_guarded(input, output, b"early")?);
+    assert!(!store.exists(output)?);
+    store.put(input, b"in")?;
+    assert!(store.put_guarded(input, output, b"result")?);
+    assert_eq!(store.get(output)?, Some(b"result".to_vec()));
+    // The coordinator merges the step and deletes it; a late result must not come back.
+    store.delete_prefix("job:j:s0:t1:")?;
+    assert!(!store.put_guarded(input, output, b"late")?);
+    assert_eq!(server.dbsize(), 0);
+
+    let items = vec![
+        ("m:a".to_string(), b"1".to_vec()),
+        ("m:b".to_string(), vec![0u8, 255, 10]),
+    ];
+    store.put_many(&items)?;
+    let got = store.get_many(&["m:b".into(), "m:none".into(), "m:a".into()])?;
+    assert_eq!(
+        got,
+        vec![Some(vec![0u8, 255, 10]), None, Some(b"1".to_vec())]
+    );
+    assert_eq!(store.get_many(&[])?, Vec::<Option<Vec<u8>>>::new());
+    store.put_many(&[])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_expire() -> TestResult {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), RedisOptions::default()).await?;
+    store
+        .put_ex("hb:w1", b"alive", Duration::from_millis(150))
+        .await?;
+    assert!(store.exists_async("hb:w1").await?);
+    store.put_async("job:done:a", b"1").await?;
+    store.put_async("job:done:b", b"2").await?;
+    store.put_async("job:done2:a", b"3").await?;
+    store.put_async("lone", b"4").await?;
+    assert!(store.expire("lone", Duration::from_millis(150)).await?);
+    assert!(!store.expire("absent", Duration::from_secs(1)).await?);
+    assert_eq!(
+        store
+            .expire_prefix("job:done:", Duration::from_millis(150))
+            .await?,
+        2
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while store.dbsize().await? > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.keys_async("").await?, vec!["job:done2:a"]);
+    Ok(())
+}
+
+#[test]
+fn passwords_are_checked_and_auth_errors_are_not_retried() -> TestResult {
+    let server = RedisServer::start_with(RedisServerOptions {
+        password: Some("s3cret".into()),
+        ..RedisServerOptions::default()
+    });
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    store.put("k", b"v")?;
+    assert_eq!(store.get("k")?, Some(b"v".to_vec()));
+
+    let port = server.port();
+    let cases = [
+        (format!("redis://127.0.0.1:{port}/0"), "NOAUTH"),
+        (
+            format!("redis://:wrong-pass@127.0.0.1:{port}/0"),
+            "password",
+        ),
+    ];
+    for (url, expected) in cases {
+        let start = Instant::now();
+        // retry_for is long: the error must come from not retrying, not from giving up.
+        let err = rt
+            .block_on(RedisStore::connect(&url, RedisOptions::default()))
+            .expect_err("connecting with a bad password must fail");
+        let message = err.to_string();
+        assert!(start.elapsed() < Duration::from_secs(3), "{message}");
+        assert!(message.contains(expected), "{message}");
+        assert!(message.contains("check the password"), "{message}");
+        assert!(
+            !message.contains("wrong-pass"),
+            "password leaked: {message}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn an_absent_server_fails_after_retry_for_naming_the_url() {
+    // A port nothing listens on: start a server, note its port, stop it.
+    let port = RedisServer::start().port();
+    let rt = runtime();
+    let url = format!("redis://:hidden@127.0.0.1:{port}/0");
+    let start = Instant::now();
+    let err = rt
+        .block_on(RedisStore::connect(
+            &url,
+            options(Duration::from_millis(300)),
+        ))
+        .expect_err("nothing listens there");
+    let message = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{message}");
+    assert!(start.elapsed() < Duration::from_secs(3), "{message}");
+    assert!(
+        message.contains(&format!("redis://:***@127.0.0.1:{port}/0")),
+        "{message}"
+    );
+    assert!(message.contains("redis-server is running"), "{message}");
+}
+
+#[test]
+fn a_put_during_an_outage_completes_once_redis_is_back() -> TestResult {
+    let mut server = RedisServer::start_with(RedisServerOptions {
+        aof: true,
+        ..RedisServerOptions::default()
+    });
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(
+        &server.url(),
+        options(Duration::from_secs(20)),
+    ))?;
+    let items: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| (format!("job:a:{i:03}"), vec![i as u8; 64]))
+        .collect();
+    store.put_many(&items)?;
+
+    server.kill();
+    let writer = {
+        let store = store.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            store
+                .put("job:a:late", b"made it")
+                .map(|()| start.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_secs(1));
+    server.restart();
+    let waited = writer.join().expect("writer thread")?;
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+
+    let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
+    let back = store.get_many(&keys)?;
+    assert!(back
+        .iter()
+        .zip(&items)
+        .all(|(got, (_, want))| got.as_ref() == Some(want)));
+    assert_eq!(store.get("job:a:late")?, Some(b"made it".to_vec()));
+    assert_eq!(server.dbsize(), 101);
+    Ok(())
+}
+
+#[test]
+fn an_outage_longer_than_retry_for_fails_the_command() -> TestResult {
+    let mut server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(
+        &server.url(),
+        options(Duration::from_millis(400)),
+    ))?;
+    store.put("k", b"v")?;
+    server.kill();
+    let start = Instant::now();
+    let err = store.get("k").expect_err("Redis is gone");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(3), "{err}");
+    assert!(err.to_string().contains("GET k"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn server_errors_are_not_retried() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    rt.block_on(store.with_retry("LPUSH list", |mut c| async move {
+        redis::cmd("LPUSH")
+            .arg("list")
+            .arg("x")
+            .query_async::<usize>(&mut c)
+            .await
+    }))?;
+    let start = Instant::now();
+    let err = store.get("list").expect_err("GET of a list");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    match err {
+        StoreError::Rejected { what, message } => {
+            assert_eq!(what, "GET list");
+            assert!(message.contains("WRONGTYPE"), "{message}");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_trait_works_inside_a_multi_thread_runtime() -> TestResult {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), RedisOptions::default()).await?;
+    // On a runtime worker: block_in_place.
+    store.put("k", b"from a worker")?;
+    assert_eq!(store.get_async("k").await?, Some(b"from a worker".to_vec()));
+    // On the blocking pool, as the engine runs.
+    let s = store.clone();
+    let got = tokio::task::spawn_blocking(move || s.get("k")).await??;
+    assert_eq!(got, Some(b"from a worker".to_vec()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sync_trait_refuses_a_current_thread_runtime() -> TestResult {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), RedisOptions::default()).await?;
+    let err = store.put("k", b"v").expect_err("would deadlock");
+    assert!(err.to_string().contains("current-thread"), "{err}");
+    store.put_async("k", b"v").await?;
+    Ok(())
+}
+
+#[test]
+fn tls_works_with_the_servers_ca_and_fails_at_once_without_it() -> TestResult {
+    let server = RedisServer::start_with(RedisServerOptions {
+        tls: true,
+        password: Some("pw".into()),
+        ..RedisServerOptions::default()
+    });
+    assert!(server.url().starts_with("rediss://"));
+    let rt = runtime();
+    let trusted = RedisOptions {
+        ca: server.ca(),
+        ..RedisOptions::default()
+    };
+    let store = rt.block_on(RedisStore::connect(&server.url(), trusted))?;
+    store.put("k", b"over tls")?;
+    assert_eq!(store.get("k")?, Some(b"over tls".to_vec()));
+
+    // The system's roots do not know the test CA: no retry helps that.
+    let start = Instant::now();
+    let err = rt
+        .block_on(RedisStore::connect(&server.url(), RedisOptions::default()))
+        .expect_err("untrusted certificate");
+    let message = err.to_string();
+    assert!(start.elapsed() < Duration::from_secs(3), "{message}");
+    assert!(message.contains("certificate"), "{message}");
+
+    let plain = format!("redis://127.0.0.1:{}/0", server.port());
+    let err = rt
+        .block_on(RedisStore::connect(
+            &plain,
+            RedisOptions {
+                ca: server.ca(),
+                ..RedisOptions::default()
+            },
+        ))
+        .expect_err("a CA for a plain URL");
+    assert!(err.to_string().contains("not rediss://"), "{err}");
+    Ok(())
+}
