@@ -13,6 +13,10 @@ if ! need cc; then
   echo "tests/run.sh: installing a C compiler (needed by some crates' build scripts)" >&2
   apt-get update -qq && apt-get install -y -qq build-essential >/dev/null
 fi
+if ! need redis-server || ! need openssl; then
+  echo "tests/run.sh: installing redis-server and openssl (the Redis store tests run a real server)" >&2
+  apt-get update -qq && apt-get install -y -qq redis-server openssl >/dev/null
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
