@@ -39,7 +39,7 @@ const FREESCALE_REFERENCE_STEPS: usize = 50;
 const TEXT_TOKENS: usize = 77;
 
 /// What planning needs to know about a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArchInfo {
     /// Preset name or model directory, for the report.
     pub name: String,

@@ -2,7 +2,6 @@
 //! parameters, written to a temporary name and renamed so a crash never leaves half a file.
 
 use std::fs;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +10,17 @@ use candle_core::{DType, Tensor};
 /// Writes `image` (3, H, W) u8 as a PNG with `parameters` in an iTXt chunk (UTF-8, so any
 /// prompt survives) under the key `parameters`, the key most image viewers show.
 pub fn write_png(path: &Path, image: &Tensor, parameters: &str) -> Result<()> {
+    let bytes = png_bytes(image, parameters)?;
+    let tmp = partial_path(path);
+    if let Err(e) = fs::write(&tmp, &bytes) {
+        let _ = fs::remove_file(&tmp);
+        return Err(anyhow::Error::new(e).context(format!("writing {}", tmp.display())));
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+}
+
+/// The PNG of [`write_png`] in memory (the cluster keeps finished images in the store).
+pub fn png_bytes(image: &Tensor, parameters: &str) -> Result<Vec<u8>> {
     let (c, h, w) = image.dims3().context("image tensor must be (3, H, W)")?;
     if c != 3 || image.dtype() != DType::U8 {
         bail!(
@@ -20,11 +30,9 @@ pub fn write_png(path: &Path, image: &Tensor, parameters: &str) -> Result<()> {
         );
     }
     let rgb: Vec<u8> = image.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
-    let tmp = partial_path(path);
-    let result = (|| -> Result<()> {
-        let file =
-            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         enc.add_itxt_chunk("parameters".to_string(), parameters.to_string())?;
@@ -32,13 +40,8 @@ pub fn write_png(path: &Path, image: &Tensor, parameters: &str) -> Result<()> {
         let mut writer = enc.write_header()?;
         writer.write_image_data(&rgb)?;
         writer.finish()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", path.display())));
     }
-    fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+    Ok(out)
 }
 
 pub fn software() -> String {

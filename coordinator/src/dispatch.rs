@@ -16,6 +16,9 @@ pub enum DispatchError {
     Task(#[from] TaskError),
     #[error("worker failed: {0}")]
     Worker(String),
+    /// The job was cancelled while its tasks were out.
+    #[error("the job was cancelled")]
+    Cancelled,
 }
 
 /// Runs tasks to completion: when `run` returns Ok, every task's outputs are in the store.

@@ -8,10 +8,14 @@ use candle_core::{Device, Tensor};
 
 /// 8-bit pixels of a PNG as (height, width, channels) with channels 1 (grey) or 3 (RGB);
 /// alpha is dropped, 16-bit samples are reduced to 8.
-fn read_png(flag: &str, path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("{flag} {}: cannot open the file", path.display()))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}: cannot open the file", path.display()))
+}
+
+/// Decodes PNG `bytes`; `path` only names the source in messages (a file, or a submitted job's
+/// field).
+fn read_png(flag: &str, path: &Path, bytes: &[u8]) -> Result<(usize, usize, usize, Vec<u8>)> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().with_context(|| {
         format!(
@@ -69,7 +73,12 @@ fn check_aspect(flag: &str, path: &Path, (h, w): (usize, usize), target: (u32, u
 
 /// `--init-image`: (1, 3, H, W) in [-1, 1]; `target` is the render's (width, height).
 pub fn read_init_image(path: &Path, target: (u32, u32)) -> Result<Tensor> {
-    let (h, w, c, data) = read_png("--init-image", path)?;
+    decode_init_image(path, &read_file("--init-image", path)?, target)
+}
+
+/// [`read_init_image`] of PNG bytes already read; `path` names them in messages.
+pub fn decode_init_image(path: &Path, bytes: &[u8], target: (u32, u32)) -> Result<Tensor> {
+    let (h, w, c, data) = read_png("--init-image", path, bytes)?;
     check_aspect("--init-image", path, (h, w), target)?;
     let mut planar = vec![0f32; 3 * h * w];
     for y in 0..h {
@@ -86,7 +95,12 @@ pub fn read_init_image(path: &Path, target: (u32, u32)) -> Result<Tensor> {
 /// `--mask`: (H, W) with 1 where any channel is non-zero (the reference binarises the same
 /// way), 0 elsewhere.
 pub fn read_mask(path: &Path, target: (u32, u32)) -> Result<Tensor> {
-    let (h, w, c, data) = read_png("--mask", path)?;
+    decode_mask(path, &read_file("--mask", path)?, target)
+}
+
+/// [`read_mask`] of PNG bytes already read; `path` names them in messages.
+pub fn decode_mask(path: &Path, bytes: &[u8], target: (u32, u32)) -> Result<Tensor> {
+    let (h, w, c, data) = read_png("--mask", path, bytes)?;
     check_aspect("--mask", path, (h, w), target)?;
     let mask: Vec<f32> = data
         .chunks_exact(c)

@@ -7,23 +7,24 @@ use candle_core::{Device, Tensor};
 
 /// Reads the one tensor of a safetensors file, whatever its name.
 pub fn read_latents(path: &Path) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
-        format!(
-            "cannot read latents from {} (expected a safetensors file)",
-            path.display()
-        )
-    })?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read latents from {}", path.display()))?;
+    latents_from_bytes(&path.display().to_string(), &bytes)
+}
+
+/// The one tensor of safetensors `bytes`; `name` says where they came from in messages.
+pub fn latents_from_bytes(name: &str, bytes: &[u8]) -> Result<Tensor> {
+    let tensors =
+        candle_core::safetensors::load_buffer(bytes, &Device::Cpu).with_context(|| {
+            format!("cannot read latents from {name} (expected a safetensors file)")
+        })?;
     let mut it = tensors.into_iter();
     match (it.next(), it.next()) {
         (Some((_, t)), None) => Ok(t),
-        (None, _) => bail!(
-            "{} holds no tensor; it must hold exactly one latent",
-            path.display()
-        ),
-        (Some(_), Some(_)) => bail!(
-            "{} holds several tensors; it must hold exactly one latent",
-            path.display()
-        ),
+        (None, _) => bail!("{name} holds no tensor; it must hold exactly one latent"),
+        (Some(_), Some(_)) => {
+            bail!("{name} holds several tensors; it must hold exactly one latent")
+        }
     }
 }
 

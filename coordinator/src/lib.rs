@@ -2,6 +2,7 @@
 //! `tessera` command line.
 pub mod assemble;
 pub mod cli;
+pub mod cluster;
 pub mod dispatch;
 pub mod engine;
 pub mod image_input;

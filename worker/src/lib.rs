@@ -1,4 +1,5 @@
 //! The worker side of Tessera: model code (UNet, VAE, CLIP), devices, and the tasks a worker runs.
 pub mod device;
 pub mod model;
+pub mod service;
 pub mod tasks;

@@ -79,6 +79,15 @@ impl std::str::FromStr for TileWeights {
     }
 }
 
+impl std::fmt::Display for TileWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Uniform => "uniform",
+            Self::Gaussian => "gaussian",
+        })
+    }
+}
+
 /// The cascade part of a render spec. Every `Option` left `None` takes the method's default.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]

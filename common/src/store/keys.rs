@@ -5,6 +5,43 @@
 /// Root of every key Tessera writes.
 pub const ROOT: &str = "tessera";
 
+/// Live workers: one key per worker holding its description, kept alive by heartbeats (TTL).
+pub const WORKERS_PREFIX: &str = "tessera:worker:";
+
+pub fn worker(id: &str) -> String {
+    format!("{WORKERS_PREFIX}{id}")
+}
+
+/// Every job the coordinator knows (sorted set: job id → submission time in ms).
+pub const JOBS_INDEX: &str = "tessera:jobs";
+/// Jobs waiting to run (sorted set: job id → priority-then-submission order, lowest first).
+pub const JOB_QUEUE: &str = "tessera:queue";
+/// Jobs a coordinator has started and not finished (set): what a restart resumes.
+pub const JOBS_RUNNING: &str = "tessera:running";
+/// Held (with a TTL) by the one coordinator that runs jobs.
+pub const COORDINATOR_LOCK: &str = "tessera:coordinator:lock";
+
+/// A cluster job's record: state, spec, plan and progress (JSON).
+pub fn job_record(job: &str) -> String {
+    format!("{}record", job_prefix(job))
+}
+
+/// A submitted input file of a cluster job (`latents`, `init_image`, `mask`).
+pub fn job_input(job: &str, name: &str) -> String {
+    format!("{}input:{name}", job_prefix(job))
+}
+
+/// A finished image of a cluster job (PNG bytes).
+pub fn job_result(job: &str, image: u32) -> String {
+    format!("{}result:{image}", job_prefix(job))
+}
+
+/// The engine's namespace for image `image` of a cluster job: under the job's prefix, so
+/// deleting the job deletes it.
+pub fn image_job(job: &str, image: u32) -> String {
+    format!("{job}:i{image}")
+}
+
 pub fn job_prefix(job: &str) -> String {
     format!("{ROOT}:job:{job}:")
 }

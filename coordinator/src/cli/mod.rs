@@ -2,10 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod client;
 pub mod job;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod roles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +33,26 @@ pub enum Command {
     /// Model utilities: synthesize tiny random models for tests and trials.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Run the cluster coordinator: the job API for clients, dispatch to workers, state in
+    /// Redis (a restarted coordinator resumes every running job).
+    Coordinator(roles::CoordinatorArgs),
+    /// Run a cluster worker: serve one model on one device to the coordinator.
+    Worker(roles::WorkerArgs),
+    /// Queue a job on a coordinator; prints the job id alone on stdout.
+    Submit(client::SubmitArgs),
+    /// Show a job's state and progress.
+    Status(client::StatusArgs),
+    /// Follow a job with a progress bar until it ends: exit status 0 when it succeeds, 1 when
+    /// it fails, 3 when it is cancelled.
+    Watch(client::JobArg),
+    /// Stop a queued or running job and remove its data.
+    Cancel(client::JobArg),
+    /// List the coordinator's jobs, newest first.
+    List(client::ListArgs),
+    /// Download a finished job's PNG.
+    Fetch(client::FetchArgs),
+    /// Queue one job per prompt line of a file (for overnight runs); prints the job ids.
+    Batch(client::BatchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,5 +60,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Render(args) => render::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Model(cmd) => model::run(cmd),
+        Command::Coordinator(args) => roles::run_coordinator(args),
+        Command::Worker(args) => roles::run_worker(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Status(args) => client::status(args),
+        Command::Watch(args) => match client::watch(args)? {
+            0 => Ok(()),
+            code => std::process::exit(code),
+        },
+        Command::Cancel(args) => client::cancel(args),
+        Command::List(args) => client::list(args),
+        Command::Fetch(args) => client::fetch(args),
+        Command::Batch(args) => client::batch(args),
     }
 }

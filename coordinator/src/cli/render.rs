@@ -157,6 +157,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
         }
         Progress::Views(n) => bar.inc((n * halves) as u64),
         Progress::Decoding => bar.set_message("decoding"),
+        Progress::Resumed { .. } => {}
     };
     let out = engine.run(
         "local",

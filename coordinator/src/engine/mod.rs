@@ -86,6 +86,8 @@ pub enum Progress {
     Views(usize),
     /// Decoding the final latent.
     Decoding,
+    /// The job picked up from a checkpoint: stage index and steps of it already done.
+    Resumed { stage: usize, step: usize },
 }
 
 /// Inputs that travel beside the spec.
@@ -216,6 +218,12 @@ impl Engine<'_> {
             latents: last.latent,
             image,
         })
+    }
+
+    /// Deletes the job's keys.
+    pub fn finish(&self, job: &str) -> Result<()> {
+        self.store.delete_prefix(&keys::job_prefix(job))?;
+        Ok(())
     }
 
     fn dispatch_one(&self, job: &str, id: &str, kind: TaskKind) -> Result<()> {

@@ -1,0 +1,558 @@
+//! The client commands: `submit`, `status`, `watch`, `cancel`, `list`, `fetch`, `batch`.
+//! They talk gRPC to a coordinator; a refusal prints the server's message as it is.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_proto::auth::AttachToken;
+use tessera_proto::net::{self, ClientNet};
+use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_proto::v1::{
+    FetchResultRequest, JobInfo, JobRef, JobState, ListJobsRequest, SubmitJobRequest,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::job::JobArgs;
+use super::roles::runtime;
+use crate::cluster::wire::{self, WireFiles};
+
+type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+
+/// How to reach the coordinator.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// The coordinator's address.
+    #[arg(
+        long,
+        env = "TESSERA_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub coordinator: String,
+    /// Bearer token, when the coordinator requires one.
+    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) of the coordinator's TLS certificate; turns TLS on.
+    #[arg(long, env = "TESSERA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        let channel = net::channel(
+            &self.coordinator,
+            &ClientNet {
+                ca: self.tls_ca.clone(),
+                connect_timeout: Some(Duration::from_secs(5)),
+            },
+        )?;
+        Ok(
+            CoordinatorClient::with_interceptor(channel, AttachToken::new(self.token.as_deref())?)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+    }
+}
+
+/// A gRPC refusal as a person reads it: the server's message, not a debug dump.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    let what = match s.code() {
+        Code::InvalidArgument => "invalid request",
+        Code::NotFound => "not found",
+        Code::Unauthenticated => "not allowed",
+        Code::FailedPrecondition => "not possible now",
+        Code::Unavailable => "coordinator unavailable",
+        Code::DeadlineExceeded => "timed out",
+        _ => "failed",
+    };
+    let message = if s.code() == Code::Unavailable && s.message().contains("transport") {
+        "cannot connect: is `tessera coordinator` running at that address?".to_string()
+    } else {
+        s.message().to_string()
+    };
+    anyhow!("{what}: {message}")
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[command(flatten)]
+    pub opts: QueueOpts,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Initial noise of the first stage: a safetensors file with one tensor.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+}
+
+/// What to run the job on and how it queues.
+#[derive(Debug, Clone, Args)]
+pub struct QueueOpts {
+    /// A model name the workers serve (`tessera worker --model-name`).
+    #[arg(long)]
+    pub model: String,
+    /// Images to render, with seeds seed, seed+1, ...
+    #[arg(long, default_value_t = 1)]
+    pub count: i64,
+    /// Higher runs first (-1000 to 1000); equal priorities run in submission order.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
+    /// Directory on the coordinator's machine to write the PNGs to as they finish.
+    #[arg(long)]
+    pub output_dir: Option<String>,
+}
+
+fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
+    match path {
+        None => Ok(Vec::new()),
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
+        }
+    }
+}
+
+fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<SubmitJobRequest> {
+    let files = WireFiles {
+        latents: read_file("--latents", latents)?,
+        init_image: read_file("--init-image", job.init_image.as_deref())?,
+        mask: read_file("--mask", job.mask.as_deref())?,
+    };
+    Ok(SubmitJobRequest {
+        spec: Some(wire::to_wire(&opts.model, job, files)),
+        count: opts.count,
+        priority: opts.priority,
+        output_dir: opts.output_dir.clone().unwrap_or_default(),
+    })
+}
+
+pub fn submit(args: SubmitArgs) -> Result<()> {
+    let req = request(&args.opts, &args.job, args.latents.as_deref())?;
+    runtime()?.block_on(async move {
+        let mut client = args.conn.client()?;
+        let id = client
+            .submit_job(req)
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .job_id;
+        println!("{id}");
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// A text file with one prompt per line (empty lines and lines starting with # are
+    /// skipped); each line becomes a job with the flags given here.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub conn: Conn,
+    #[command(flatten)]
+    pub opts: QueueOpts,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+pub fn batch(args: BatchArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let prompts: Vec<(usize, String)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim().to_string()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if prompts.is_empty() {
+        bail!(
+            "{} holds no prompts: write one prompt per line",
+            args.file.display()
+        );
+    }
+    if args.job.prompt.is_some() {
+        bail!("batch takes its prompts from the file: drop --prompt");
+    }
+    runtime()?.block_on(async move {
+        let mut client = args.conn.client()?;
+        let mut failed = 0;
+        for (line, prompt) in &prompts {
+            let mut job = args.job.clone();
+            job.prompt = Some(prompt.clone());
+            let req = request(&args.opts, &job, None)?;
+            match client.submit_job(req).await {
+                Ok(r) => println!("{}", r.into_inner().job_id),
+                Err(s) => {
+                    failed += 1;
+                    eprintln!("{}:{line}: {}", args.file.display(), status_error(s));
+                }
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} of {} prompts were not queued", prompts.len());
+        }
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct JobArg {
+    /// The job id `tessera submit` printed.
+    pub job: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: JobArg,
+    /// Print the job as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn state_name(info: &JobInfo) -> &'static str {
+    match JobState::try_from(info.state).unwrap_or(JobState::Unspecified) {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Unspecified => "unknown",
+    }
+}
+
+fn job_json(info: &JobInfo) -> serde_json::Value {
+    let p = info.progress.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": info.job_id,
+        "state": state_name(info),
+        "model": info.model,
+        "prompt": info.prompt,
+        "size": [info.width, info.height],
+        "method": info.method,
+        "seed": info.seed,
+        "count": info.count,
+        "priority": info.priority,
+        "progress": {
+            "phase": p.phase, "image": p.image, "images_done": p.images_done,
+            "stage": p.stage, "stages": p.stages, "step": p.step, "steps": p.steps,
+            "views_done": p.views_done, "views_total": p.views_total,
+            "eta_seconds": (p.eta_seconds >= 0.0).then_some(p.eta_seconds),
+        },
+        "error": (!info.error.is_empty()).then_some(&info.error),
+        "resumed_from": info.resumed_from.as_ref().map(|r| serde_json::json!({
+            "image": r.image, "stage": r.stage, "step": r.step
+        })),
+        "created_unix_ms": info.created_unix_ms,
+        "started_unix_ms": info.started_unix_ms,
+        "finished_unix_ms": info.finished_unix_ms,
+        "output_dir": (!info.output_dir.is_empty()).then_some(&info.output_dir),
+    })
+}
+
+fn describe(info: &JobInfo) -> String {
+    let p = info.progress.clone().unwrap_or_default();
+    let mut s = format!(
+        "{}  {}  {}x{} {} seed {}  model {}",
+        info.job_id,
+        state_name(info),
+        info.width,
+        info.height,
+        info.method,
+        info.seed,
+        info.model
+    );
+    if JobState::try_from(info.state) == Ok(JobState::Running) {
+        s.push_str(&format!(
+            "\n  {}: image {}/{} stage {}/{} step {}/{} · {}/{} views",
+            p.phase,
+            p.image + 1,
+            info.count,
+            p.stage + 1,
+            p.stages.max(1),
+            p.step,
+            p.steps,
+            p.views_done,
+            p.views_total
+        ));
+        if p.eta_seconds >= 0.0 {
+            s.push_str(&format!(" · eta {:.0}s", p.eta_seconds));
+        }
+    }
+    if let Some(r) = &info.resumed_from {
+        s.push_str(&format!(
+            "\n  resumed after a coordinator restart at image {} stage {} step {}",
+            r.image + 1,
+            r.stage + 1,
+            r.step
+        ));
+    }
+    if !info.error.is_empty() {
+        s.push_str(&format!("\n  error: {}", info.error));
+    }
+    s.push_str(&format!("\n  prompt: {}", info.prompt));
+    s
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = args.target.conn.client()?;
+        let info = client
+            .get_job(JobRef {
+                job_id: args.target.job.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&job_json(&info))?);
+        } else {
+            println!("{}", describe(&info));
+        }
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Print the jobs as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn list(args: ListArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = args.conn.client()?;
+        let jobs = client
+            .list_jobs(ListJobsRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .jobs;
+        if args.json {
+            let all: Vec<_> = jobs.iter().map(job_json).collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        } else if jobs.is_empty() {
+            println!("no jobs");
+        } else {
+            for j in &jobs {
+                let p = j.progress.clone().unwrap_or_default();
+                println!(
+                    "{}  {:<9}  {}x{}  {:<9}  {:>3}%  {}",
+                    j.job_id,
+                    state_name(j),
+                    j.width,
+                    j.height,
+                    j.method,
+                    (p.views_done * 100).checked_div(p.views_total).unwrap_or(0),
+                    j.prompt.chars().take(50).collect::<String>()
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn cancel(args: JobArg) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = args.conn.client()?;
+        let info = client
+            .cancel_job(JobRef {
+                job_id: args.job.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        eprintln!("job {} {}", info.job_id, state_name(&info));
+        Ok(())
+    })
+}
+
+/// Exit status of `watch` for a cancelled job (a failed job exits with 1).
+pub const EXIT_CANCELLED: i32 = 3;
+
+/// Follows a job with a progress bar until it ends; reconnects when the coordinator
+/// restarts. Returns the process exit status: 0 succeeded, 1 failed, 3 cancelled.
+pub fn watch(args: JobArg) -> Result<i32> {
+    runtime()?.block_on(async move {
+        let mut client = args.conn.client()?;
+        let bar = ProgressBar::new(1).with_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} views · {elapsed_precise} · eta {prefix}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let stream = client
+                .watch_job(JobRef {
+                    job_id: args.job.clone(),
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    bar.set_message("coordinator unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(s) => return Err(status_error(s)),
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(info)) => {
+                        backoff = Duration::from_millis(250);
+                        let p = info.progress.clone().unwrap_or_default();
+                        bar.set_length(p.views_total.max(1));
+                        bar.set_position(p.views_done);
+                        bar.set_prefix(if p.eta_seconds >= 0.0 {
+                            format!("{:.0}s", p.eta_seconds)
+                        } else {
+                            "?".into()
+                        });
+                        bar.set_message(format!(
+                            "{} {} · image {}/{} · stage {}/{} step {}/{}",
+                            info.job_id,
+                            p.phase,
+                            (p.image + 1).min(info.count.max(1)),
+                            info.count.max(1),
+                            p.stage + 1,
+                            p.stages.max(1),
+                            p.step,
+                            p.steps
+                        ));
+                        match JobState::try_from(info.state).unwrap_or(JobState::Unspecified) {
+                            JobState::Succeeded => {
+                                bar.finish_and_clear();
+                                eprintln!("job {} succeeded", info.job_id);
+                                return Ok(0);
+                            }
+                            JobState::Failed => {
+                                bar.finish_and_clear();
+                                eprintln!("job {} failed: {}", info.job_id, info.error);
+                                return Ok(1);
+                            }
+                            JobState::Cancelled => {
+                                bar.finish_and_clear();
+                                eprintln!("job {} was cancelled", info.job_id);
+                                return Ok(EXIT_CANCELLED);
+                            }
+                            _ => {}
+                        }
+                    }
+                    // The stream broke (coordinator restart): follow again.
+                    Ok(None) => break,
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        bar.finish_and_clear();
+                        return Err(status_error(s));
+                    }
+                    Err(_) => break,
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub target: JobArg,
+    /// Where to write the PNG. For a job of several images, `-o out.png` writes out-0.png,
+    /// out-1.png, ... unless --image picks one.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Which image of a --count job (0-based) [default: all of them].
+    #[arg(long)]
+    pub image: Option<u32>,
+}
+
+pub fn fetch(args: FetchArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = args.target.conn.client()?;
+        let info = client
+            .get_job(JobRef {
+                job_id: args.target.job.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let images: Vec<u32> = match args.image {
+            Some(i) => vec![i],
+            None => (0..info.count.max(1)).collect(),
+        };
+        for i in images {
+            let path = if info.count > 1 && args.image.is_none() {
+                numbered(&args.output, i)
+            } else {
+                args.output.clone()
+            };
+            let mut stream = client
+                .fetch_result(FetchResultRequest {
+                    job_id: args.target.job.clone(),
+                    image: i,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(status_error)? {
+                if bytes.is_empty() {
+                    bytes.reserve(chunk.total_bytes as usize);
+                }
+                bytes.extend_from_slice(&chunk.data);
+            }
+            let tmp = crate::assemble::partial_path(&path);
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            f.write_all(&bytes)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            drop(f);
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot move {} into place", tmp.display()))?;
+            eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
+        }
+        Ok(())
+    })
+}
+
+/// `out.png` → `out-3.png`.
+fn numbered(path: &Path, i: u32) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}-{i}{ext}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_outputs() {
+        assert_eq!(
+            numbered(Path::new("/x/out.png"), 3),
+            PathBuf::from("/x/out-3.png")
+        );
+        assert_eq!(numbered(Path::new("out"), 0), PathBuf::from("out-0"));
+    }
+
+    #[test]
+    fn refusals_print_the_servers_message() {
+        let e = status_error(tonic::Status::invalid_argument("steps 0 is out of range"));
+        assert_eq!(e.to_string(), "invalid request: steps 0 is out of range");
+    }
+}

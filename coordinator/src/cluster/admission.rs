@@ -1,0 +1,232 @@
+//! Checking a submitted job before anything is stored: every flag, every file, the plan, the
+//! model. A refusal is INVALID_ARGUMENT (or NOT_FOUND for an unknown model) with a message
+//! that says what to change.
+
+use std::path::Path;
+
+use tessera_common::plan::{self, ArchInfo, Plan};
+use tessera_common::sched::SchedulerConfig;
+use tessera_common::spec::RenderSpec;
+use tessera_proto::v1::{self, WorkerDescription};
+use tonic::Status;
+
+use super::jobs::ModelRecord;
+use super::wire;
+use crate::{image_input, latent_file};
+
+/// Most images one job may ask for.
+pub const MAX_COUNT: i64 = 10_000;
+/// Priorities run from -MAX_PRIORITY to MAX_PRIORITY.
+pub const MAX_PRIORITY: i32 = 1000;
+
+/// A job that passed every check.
+#[derive(Debug)]
+pub struct Admitted {
+    pub spec: RenderSpec,
+    pub plan: Plan,
+    pub model: ModelRecord,
+    /// Input files to store, by name.
+    pub inputs: Vec<(String, Vec<u8>)>,
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}
+
+/// The served model named in `spec`, its planner info and scheduler.
+fn find_model(
+    name: &str,
+    served: &[WorkerDescription],
+) -> Result<(ArchInfo, SchedulerConfig, usize), Status> {
+    let mut names: Vec<String> = served
+        .iter()
+        .flat_map(|w| w.models.iter().map(|m| m.name.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
+    let listing = if names.is_empty() {
+        "no worker is connected yet; start one with `tessera worker --model DIR`".to_string()
+    } else {
+        format!("served now: {}", names.join(", "))
+    };
+    if name.trim().is_empty() {
+        return Err(invalid(format!(
+            "--model is missing: name a model the workers serve ({listing})"
+        )));
+    }
+    let m = served
+        .iter()
+        .flat_map(|w| w.models.iter())
+        .find(|m| m.name == name)
+        .ok_or_else(|| Status::not_found(format!("no worker serves model {name:?} ({listing})")))?;
+    let arch: ArchInfo = serde_json::from_str(&m.arch_json)
+        .map_err(|e| Status::internal(format!("worker's description of {name:?}: {e}")))?;
+    let sched: SchedulerConfig = serde_json::from_str(&m.scheduler_json)
+        .map_err(|e| Status::internal(format!("worker's scheduler of {name:?}: {e}")))?;
+    Ok((arch, sched, m.latent_channels as usize))
+}
+
+/// Checks a job; the seed is drawn here when the client left it open.
+pub fn admit(spec: &v1::JobSpec, served: &[WorkerDescription]) -> Result<Admitted, Status> {
+    let (arch, scheduler, latent_channels) = find_model(&spec.model, served)?;
+    let (rspec, plan) = plan_spec(spec, &arch)?;
+    let inputs = check_files(spec, &rspec, &plan, latent_channels)?;
+    Ok(Admitted {
+        spec: rspec,
+        plan,
+        model: ModelRecord {
+            scheduler,
+            latent_channels,
+        },
+        inputs,
+    })
+}
+
+/// The render spec and plan of a wire spec for a model of architecture `arch`.
+pub fn plan_spec(spec: &v1::JobSpec, arch: &ArchInfo) -> Result<(RenderSpec, Plan), Status> {
+    let args = wire::from_wire(spec).map_err(|e| invalid(e.0))?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let rspec = args
+        .to_spec(arch.training_size, true, seed)
+        .map_err(|e| invalid(format!("{e:#}")))?;
+    rspec.validate().map_err(|e| invalid(e.0))?;
+    let plan = plan::plan(&rspec, arch).map_err(|e| invalid(e.to_string()))?;
+    Ok((rspec, plan))
+}
+
+/// Planning without a live worker is possible for `PlanJob` when the request names a
+/// built-in architecture instead of a served model.
+pub fn served_arch(name: &str, served: &[WorkerDescription]) -> Result<ArchInfo, Status> {
+    if let Ok(arch) = ArchInfo::preset(name) {
+        if !served
+            .iter()
+            .any(|w| w.models.iter().any(|m| m.name == name))
+        {
+            return Ok(arch);
+        }
+    }
+    find_model(name, served).map(|(a, _, _)| a)
+}
+
+fn check_files(
+    spec: &v1::JobSpec,
+    rspec: &RenderSpec,
+    plan: &Plan,
+    channels: usize,
+) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let mut inputs = Vec::new();
+    let first = plan.stages[0].size;
+    if !spec.latents.is_empty() {
+        let t = latent_file::latents_from_bytes("--latents", &spec.latents)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        let (h, w) = plan.stages[0].latent_hw();
+        let dims = t.dims().to_vec();
+        let ok = dims == [1, channels, h, w] || dims == [channels, h, w];
+        if !ok {
+            return Err(invalid(format!(
+                "--latents holds a tensor of shape {dims:?}, but the first stage ({}x{}) needs \
+                 [1, {channels}, {h}, {w}]: pass matching --size/--stages or other latents",
+                first[0], first[1]
+            )));
+        }
+        inputs.push(("latents".to_string(), spec.latents.clone()));
+    }
+    if !spec.init_image.is_empty() {
+        image_input::decode_init_image(
+            Path::new("(submitted)"),
+            &spec.init_image,
+            (first[0], first[1]),
+        )
+        .map_err(|e| invalid(format!("{e:#}")))?;
+        inputs.push(("init_image".to_string(), spec.init_image.clone()));
+    }
+    if !spec.mask.is_empty() {
+        image_input::decode_mask(
+            Path::new("(submitted)"),
+            &spec.mask,
+            (rspec.width, rspec.height),
+        )
+        .map_err(|e| invalid(format!("{e:#}")))?;
+        inputs.push(("mask".to_string(), spec.mask.clone()));
+    }
+    Ok(inputs)
+}
+
+/// `--count`, `--priority` and `--output-dir`, checked.
+pub fn check_job_options(
+    count: i64,
+    priority: i32,
+    output_dir: &str,
+) -> Result<(u32, i32, Option<String>), Status> {
+    let count = match count {
+        0 => 1,
+        c if (1..=MAX_COUNT).contains(&c) => c as u32,
+        c => {
+            return Err(invalid(format!(
+                "--count {c} is out of range: use 1 to {MAX_COUNT}"
+            )))
+        }
+    };
+    if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
+        return Err(invalid(format!(
+            "--priority {priority} is out of range: use -{MAX_PRIORITY} to {MAX_PRIORITY}"
+        )));
+    }
+    let dir = if output_dir.is_empty() {
+        None
+    } else {
+        let p = Path::new(output_dir);
+        if !p.is_absolute() {
+            return Err(invalid(format!(
+                "--output-dir {output_dir:?} must be an absolute path on the coordinator's machine"
+            )));
+        }
+        std::fs::create_dir_all(p).map_err(|e| {
+            invalid(format!(
+                "--output-dir {output_dir}: cannot create it on the coordinator ({e})"
+            ))
+        })?;
+        let probe = p.join(".tessera-write-test");
+        std::fs::write(&probe, b"").map_err(|e| {
+            invalid(format!(
+                "--output-dir {output_dir}: the coordinator cannot write there ({e})"
+            ))
+        })?;
+        let _ = std::fs::remove_file(probe);
+        Some(output_dir.to_string())
+    };
+    Ok((count, priority, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_options_are_checked() {
+        assert_eq!(check_job_options(0, 0, "").unwrap(), (1, 0, None));
+        assert_eq!(
+            check_job_options(-1, 0, "").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(check_job_options(1, 5000, "")
+            .unwrap_err()
+            .message()
+            .contains("--priority"));
+        assert!(check_job_options(1, 0, "relative/dir")
+            .unwrap_err()
+            .message()
+            .contains("absolute"));
+    }
+
+    #[test]
+    fn unknown_models_are_not_found() {
+        let e = find_model("nope", &[]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("tessera worker"), "{}", e.message());
+        assert_eq!(
+            find_model("", &[]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! Job records in Redis: what a job is (spec, plan, model), where it is (state, progress),
+//! and the indexes a coordinator needs after a restart (queue, running set, all jobs).
+//! Every change that touches more than one key is one MULTI transaction, so a crash never
+//! leaves a job half-submitted or both queued and running.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tessera_common::plan::Plan;
+use tessera_common::sched::SchedulerConfig;
+use tessera_common::spec::RenderSpec;
+use tessera_common::store::{keys, RedisStore, StoreError};
+use tessera_proto::v1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn to_wire(self) -> v1::JobState {
+        match self {
+            Self::Queued => v1::JobState::Queued,
+            Self::Running => v1::JobState::Running,
+            Self::Succeeded => v1::JobState::Succeeded,
+            Self::Failed => v1::JobState::Failed,
+            Self::Cancelled => v1::JobState::Cancelled,
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub image: u32,
+    pub stage: u32,
+    pub stages: u32,
+    pub step: u32,
+    pub steps: u32,
+    pub views_done: u64,
+    pub views_total: u64,
+    pub phase: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRecord {
+    pub image: u32,
+    pub stage: u32,
+    pub step: u32,
+}
+
+/// The coordinator's view of the model a job runs on, fixed at submission.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub scheduler: SchedulerConfig,
+    pub latent_channels: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    /// Submission time in ms: the order among jobs of equal priority.
+    pub seq: u64,
+    pub state: JobState,
+    /// The served model's name.
+    pub model: String,
+    pub model_info: ModelRecord,
+    /// The first image's spec; image `n` uses seed + n.
+    pub spec: RenderSpec,
+    pub plan: Plan,
+    pub count: u32,
+    pub priority: i32,
+    pub output_dir: Option<String>,
+    /// Which submitted input files are stored (`latents`, `init_image`, `mask`).
+    pub inputs: Vec<String>,
+    pub images_done: u32,
+    pub progress: ProgressRecord,
+    pub error: Option<String>,
+    pub resumed_from: Option<ResumeRecord>,
+    pub created_ms: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Queue order: higher priority first, then submission time. `seq` is the submission time
+/// in ms (below 2^42 until 2109) and priorities are limited to ±1000 at submission, so the
+/// score stays an exact integer in a double.
+pub fn queue_score(priority: i32, seq: u64) -> f64 {
+    -(f64::from(priority)) * (1u64 << 42) as f64 + seq as f64
+}
+
+impl JobRecord {
+    pub fn to_wire(&self, eta_seconds: f64) -> v1::JobInfo {
+        let p = &self.progress;
+        v1::JobInfo {
+            job_id: self.id.clone(),
+            state: self.state.to_wire() as i32,
+            model: self.model.clone(),
+            prompt: self.spec.prompt.clone(),
+            width: self.spec.width,
+            height: self.spec.height,
+            method: self.plan.method.to_string(),
+            seed: self.spec.seed,
+            count: self.count,
+            priority: self.priority,
+            progress: Some(v1::JobProgress {
+                image: p.image,
+                images_done: self.images_done,
+                stage: p.stage,
+                stages: p.stages,
+                step: p.step,
+                steps: p.steps,
+                views_done: p.views_done,
+                views_total: p.views_total,
+                eta_seconds,
+                phase: p.phase.clone(),
+            }),
+            error: self.error.clone().unwrap_or_default(),
+            created_unix_ms: self.created_ms,
+            started_unix_ms: self.started_ms,
+            finished_unix_ms: self.finished_ms,
+            resumed_from: self.resumed_from.map(|r| v1::ResumePoint {
+                image: r.image,
+                stage: r.stage,
+                step: r.step,
+            }),
+            output_dir: self.output_dir.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn encode(record: &JobRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Codec {
+        key: keys::job_record(&record.id),
+        message: e.to_string(),
+    })
+}
+
+/// Job records and indexes over a Redis store.
+#[derive(Clone)]
+pub struct Jobs {
+    pub store: RedisStore,
+}
+
+impl Jobs {
+    /// Stores a new job with its input files and queues it, all or nothing.
+    pub async fn create(
+        &self,
+        record: &JobRecord,
+        inputs: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let id = record.id.clone();
+        let score = queue_score(record.priority, record.seq);
+        let seq = record.seq;
+        self.store
+            .with_retry("submit", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                pipe.set(keys::job_record(&id), bytes.clone()).ignore();
+                for (name, data) in inputs {
+                    pipe.set(keys::job_input(&id, name), data.clone()).ignore();
+                }
+                pipe.zadd(keys::JOBS_INDEX, &id, seq).ignore();
+                pipe.zadd(keys::JOB_QUEUE, &id, score).ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    pub async fn load(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let key = keys::job_record(id);
+        match self.store.get_async(&key).await? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Codec {
+                        key,
+                        message: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    pub async fn save(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.store
+            .put_async(&keys::job_record(&record.id), &encode(record)?)
+            .await
+    }
+
+    /// Queued → running, atomically.
+    pub async fn mark_running(&self, record: &JobRecord) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let id = record.id.clone();
+        self.store
+            .with_retry("start job", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .set(keys::job_record(&id), bytes.clone())
+                    .ignore()
+                    .zrem(keys::JOB_QUEUE, &id)
+                    .ignore()
+                    .sadd(keys::JOBS_RUNNING, &id)
+                    .ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    /// Records the end of a job and starts its expiry clock. `keep_results` is false for
+    /// cancelled and failed jobs: everything but the record goes at once.
+    pub async fn finish(
+        &self,
+        record: &JobRecord,
+        ttl: Duration,
+        keep_results: bool,
+    ) -> Result<(), StoreError> {
+        let id = record.id.clone();
+        let prefix = keys::job_prefix(&id);
+        if !keep_results {
+            self.store.delete_prefix_async(&prefix).await?;
+        } else {
+            // Scratch keys of the images (checkpoints, step data) are not results.
+            for n in 0..record.count {
+                let image = keys::image_job(&id, n);
+                self.store
+                    .delete_prefix_async(&keys::job_prefix(&image))
+                    .await?;
+            }
+            for name in &record.inputs {
+                self.store.delete_async(&keys::job_input(&id, name)).await?;
+            }
+        }
+        let bytes = encode(record)?;
+        self.store
+            .with_retry("finish job", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .set(keys::job_record(&id), bytes.clone())
+                    .ignore()
+                    .zrem(keys::JOB_QUEUE, &id)
+                    .ignore()
+                    .srem(keys::JOBS_RUNNING, &id)
+                    .ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await?;
+        self.store.expire_prefix(&prefix, ttl).await?;
+        Ok(())
+    }
+
+    /// Ids of queued jobs in run order.
+    pub async fn queued(&self) -> Result<Vec<String>, StoreError> {
+        self.store
+            .with_retry("queue", |mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(keys::JOB_QUEUE)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Jobs a coordinator started and did not finish.
+    pub async fn running(&self) -> Result<Vec<String>, StoreError> {
+        self.store
+            .with_retry("running jobs", |mut c| async move {
+                redis::cmd("SMEMBERS")
+                    .arg(keys::JOBS_RUNNING)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Every job id, newest first.
+    pub async fn all(&self) -> Result<Vec<String>, StoreError> {
+        self.store
+            .with_retry("job index", |mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(keys::JOBS_INDEX)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("REV")
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Drops index entries of jobs whose records expired.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let mut gone = 0;
+        for id in self.all().await? {
+            if !self.store.exists_async(&keys::job_record(&id)).await? {
+                let idc = id.clone();
+                self.store
+                    .with_retry("sweep", |mut c| {
+                        let id = idc.clone();
+                        async move {
+                            let mut pipe = redis::pipe();
+                            pipe.atomic()
+                                .zrem(keys::JOBS_INDEX, &id)
+                                .ignore()
+                                .zrem(keys::JOB_QUEUE, &id)
+                                .ignore()
+                                .srem(keys::JOBS_RUNNING, &id)
+                                .ignore();
+                            pipe.query_async::<()>(&mut c).await
+                        }
+                    })
+                    .await?;
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_order_is_priority_then_submission() {
+        let mut jobs = [(0, 5u64), (10, 9), (0, 2), (-3, 1), (10, 20)];
+        jobs.sort_by(|a, b| queue_score(a.0, a.1).total_cmp(&queue_score(b.0, b.1)));
+        assert_eq!(jobs, [(10, 9), (10, 20), (0, 2), (0, 5), (-3, 1)]);
+        // Exact at the limits.
+        let now = now_ms() as u64;
+        assert!(queue_score(1000, now) < queue_score(999, 0));
+        assert!(queue_score(-1000, now) < queue_score(-1000, now + 1));
+    }
+}

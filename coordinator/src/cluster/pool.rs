@@ -1,0 +1,528 @@
+//! The worker pool: every live worker, one task queue for all running jobs, and the loops that
+//! keep each worker fed. Engine threads hand a step's tasks to [`JobDispatch::run`] and block
+//! until every task has a result in the store.
+//!
+//! - Order: the queue is sorted by (job priority, job submission, task order), so a
+//!   higher-priority job goes first and jobs of equal priority interleave only where the
+//!   earlier one leaves workers idle.
+//! - Leases: a call that fails at the transport level, outlives its lease, or belongs to a
+//!   worker whose heartbeat expired puts its unfinished tasks back in the queue.
+//! - Stragglers: a worker with nothing queued for its model also takes a task that has been
+//!   running elsewhere for much longer than tasks usually take; the first result wins. Tasks
+//!   are pure functions of their inputs, so both copies write the same bytes.
+//! - A result for a task that is already done (a duplicate, or a call that returned after its
+//!   lease) is ignored.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tessera_common::task::Task;
+use tessera_proto::auth::AttachToken;
+use tessera_proto::net::{self, ClientNet};
+use tessera_proto::v1::worker_client::WorkerClient;
+use tessera_proto::v1::{RunTasksRequest, TaskRef, WorkerDescription};
+use tokio::sync::{watch, Notify};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::dispatch::{Dispatch, DispatchError};
+
+/// How many times a task may fail in a way worth retrying before its job fails.
+const MAX_ATTEMPTS: u32 = 6;
+/// Calls a worker may have outstanding: the second is sent while the first computes, so the
+/// worker never waits for a round trip.
+const CALLS_PER_WORKER: usize = 2;
+
+type Client = WorkerClient<InterceptedService<Channel, AttachToken>>;
+
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Longest a single RunTasks call may take before its tasks go to someone else.
+    pub lease: Duration,
+    pub net: ClientNet,
+    pub token: Option<String>,
+}
+
+/// Position in the queue: lower runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct QueueKey {
+    priority: Reverse<i32>,
+    job_seq: u64,
+    seq: u64,
+}
+
+struct Slot {
+    key: QueueKey,
+    task: Task,
+    task_json: String,
+    model: String,
+    index: usize,
+    batch: Arc<Batch>,
+    st: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    done: bool,
+    attempts: u32,
+    /// Workers computing it now, and since when.
+    running_on: Vec<(String, Instant)>,
+}
+
+enum BatchEvent {
+    Done(usize),
+    Failed(String),
+}
+
+struct Batch {
+    tx: Mutex<mpsc::Sender<BatchEvent>>,
+    abandoned: AtomicBool,
+}
+
+impl Batch {
+    fn send(&self, ev: BatchEvent) {
+        let _ = lock(&self.tx).send(ev);
+    }
+}
+
+struct WorkerEntry {
+    desc: WorkerDescription,
+    alive: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, WorkerEntry>,
+    queue: BTreeMap<QueueKey, Arc<Slot>>,
+    running: HashMap<QueueKey, Arc<Slot>>,
+    next_seq: u64,
+    /// Typical seconds per task (moving average), for spotting stragglers.
+    task_seconds: Option<f64>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    wake: Notify,
+    opts: PoolOptions,
+    token: AttachToken,
+    runtime: tokio::runtime::Handle,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state consistent, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    /// Must be created inside the tokio runtime the feeders will run on.
+    pub fn new(opts: PoolOptions) -> Result<Self, tessera_proto::auth::BadToken> {
+        let token = AttachToken::new(opts.token.as_deref())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                wake: Notify::new(),
+                opts,
+                token,
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        })
+    }
+
+    /// Brings the pool in line with the live membership: new workers get feeders, workers
+    /// whose heartbeat stopped are dropped and their calls abandoned.
+    pub fn update_members(&self, live: Vec<WorkerDescription>) {
+        let mut joined = Vec::new();
+        {
+            let mut st = lock(&self.inner.state);
+            let live_ids: Vec<String> = live.iter().map(|d| d.worker_id.clone()).collect();
+            let gone: Vec<String> = st
+                .workers
+                .keys()
+                .filter(|id| !live_ids.contains(id))
+                .cloned()
+                .collect();
+            for id in gone {
+                if let Some(w) = st.workers.remove(&id) {
+                    let _ = w.alive.send(false);
+                    tracing::warn!(worker = %id, "worker lost (heartbeat stopped)");
+                    eprintln!("worker {id} left");
+                }
+            }
+            for d in live {
+                match st.workers.get_mut(&d.worker_id) {
+                    Some(w) => w.desc = d,
+                    None => {
+                        let (tx, _) = watch::channel(true);
+                        st.workers.insert(
+                            d.worker_id.clone(),
+                            WorkerEntry {
+                                desc: d.clone(),
+                                alive: tx,
+                            },
+                        );
+                        joined.push(d);
+                    }
+                }
+            }
+        }
+        for d in joined {
+            tracing::info!(worker = %d.worker_id, address = %d.address, "worker joined");
+            eprintln!("worker {} joined ({})", d.worker_id, d.address);
+            self.start_feeders(d);
+        }
+        self.inner.wake.notify_waiters();
+    }
+
+    /// Live workers serving `model`.
+    pub fn serving(&self, model: &str) -> Vec<WorkerDescription> {
+        lock(&self.inner.state)
+            .workers
+            .values()
+            .filter(|w| w.desc.models.iter().any(|m| m.name == model))
+            .map(|w| w.desc.clone())
+            .collect()
+    }
+
+    pub fn members(&self) -> Vec<WorkerDescription> {
+        lock(&self.inner.state)
+            .workers
+            .values()
+            .map(|w| w.desc.clone())
+            .collect()
+    }
+
+    fn start_feeders(&self, desc: WorkerDescription) {
+        let alive = match lock(&self.inner.state).workers.get(&desc.worker_id) {
+            Some(w) => w.alive.subscribe(),
+            None => return,
+        };
+        let channel = match net::channel(&desc.address, &self.inner.opts.net) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(worker = %desc.worker_id, "cannot call the worker: {e}");
+                return;
+            }
+        };
+        let client = WorkerClient::with_interceptor(channel, self.inner.token.clone())
+            .max_decoding_message_size(64 << 20);
+        for _ in 0..CALLS_PER_WORKER {
+            let pool = self.clone();
+            let (desc, client, alive) = (desc.clone(), client.clone(), alive.clone());
+            self.inner
+                .runtime
+                .spawn(async move { pool.feed(desc, client, alive).await });
+        }
+    }
+
+    /// One call slot of one worker: take tasks, call, settle the results, repeat.
+    async fn feed(
+        &self,
+        desc: WorkerDescription,
+        mut client: Client,
+        mut alive: watch::Receiver<bool>,
+    ) {
+        let id = desc.worker_id.clone();
+        let models: Vec<String> = desc.models.iter().map(|m| m.name.clone()).collect();
+        let per_call = desc.tasks_per_call.max(1) as usize;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if !*alive.borrow() {
+                return;
+            }
+            let notified = self.inner.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let picked = self.pick(&id, &models, per_call);
+            if picked.is_empty() {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = alive.changed() => {}
+                }
+                continue;
+            }
+            let request = RunTasksRequest {
+                tasks: picked
+                    .iter()
+                    .map(|s| TaskRef {
+                        model: s.model.clone(),
+                        task_json: s.task_json.clone(),
+                    })
+                    .collect(),
+            };
+            let started = Instant::now();
+            let call = tokio::time::timeout(self.inner.opts.lease, client.run_tasks(request));
+            let outcome = tokio::select! {
+                r = call => Some(r),
+                _ = wait_lost(&mut alive) => None,
+            };
+            match outcome {
+                None => {
+                    self.release(&picked, &id);
+                    return;
+                }
+                Some(Err(_elapsed)) => {
+                    tracing::warn!(worker = %id, lease = ?self.inner.opts.lease, "call outlived its lease; its tasks go to others");
+                    self.release(&picked, &id);
+                }
+                Some(Ok(Err(status))) => {
+                    tracing::warn!(worker = %id, "call failed: {}", status.message());
+                    self.release(&picked, &id);
+                    let lost = tokio::select! {
+                        _ = tokio::time::sleep(backoff) => false,
+                        _ = wait_lost(&mut alive) => true,
+                    };
+                    if lost {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Some(Ok(Ok(resp))) => {
+                    backoff = Duration::from_millis(200);
+                    let results = resp.into_inner().results;
+                    let per_task = started.elapsed().as_secs_f64() / picked.len() as f64;
+                    self.note_task_time(per_task);
+                    for (slot, r) in picked.iter().zip(results.iter()) {
+                        if r.ok {
+                            self.complete(slot, &id);
+                        } else if r.retryable {
+                            self.retry(slot, &id, &r.error);
+                        } else {
+                            self.fail(slot, &id, &r.error);
+                        }
+                    }
+                    // A short answer means the worker dropped tasks: give them back.
+                    if results.len() < picked.len() {
+                        self.release(&picked[results.len()..], &id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_task_time(&self, seconds: f64) {
+        let mut st = lock(&self.inner.state);
+        st.task_seconds = Some(match st.task_seconds {
+            None => seconds,
+            Some(avg) => 0.8 * avg + 0.2 * seconds,
+        });
+    }
+
+    /// Up to `n` queued tasks for `models` in queue order; with none queued, one straggler.
+    fn pick(&self, worker: &str, models: &[String], n: usize) -> Vec<Arc<Slot>> {
+        let mut st = lock(&self.inner.state);
+        let keys: Vec<QueueKey> = st
+            .queue
+            .iter()
+            .filter(|(_, s)| models.contains(&s.model))
+            .take(n)
+            .map(|(k, _)| *k)
+            .collect();
+        let now = Instant::now();
+        let mut picked = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(slot) = st.queue.remove(&k) {
+                lock(&slot.st).running_on.push((worker.to_string(), now));
+                st.running.insert(k, slot.clone());
+                picked.push(slot);
+            }
+        }
+        if !picked.is_empty() {
+            return picked;
+        }
+        // Straggler: running on one other worker for well over the usual task time.
+        let usual = st.task_seconds.unwrap_or(f64::INFINITY);
+        let threshold = Duration::from_secs_f64((usual * 2.0).clamp(0.25, 3600.0));
+        let candidate = st
+            .running
+            .values()
+            .filter(|s| models.contains(&s.model))
+            .filter_map(|s| {
+                let ss = lock(&s.st);
+                match ss.running_on.as_slice() {
+                    [(other, since)] if !ss.done && other != worker => {
+                        let age = now.duration_since(*since);
+                        (age > threshold).then(|| (age, s.clone()))
+                    }
+                    _ => None,
+                }
+            })
+            .max_by_key(|(age, _)| *age)
+            .map(|(_, s)| s);
+        if let Some(slot) = candidate {
+            tracing::info!(worker, task = %slot.task.id, "duplicating a straggling task");
+            lock(&slot.st).running_on.push((worker.to_string(), now));
+            return vec![slot];
+        }
+        Vec::new()
+    }
+
+    fn complete(&self, slot: &Arc<Slot>, worker: &str) {
+        let first = {
+            let mut ss = lock(&slot.st);
+            ss.running_on.retain(|(w, _)| w != worker);
+            !std::mem::replace(&mut ss.done, true)
+        };
+        lock(&self.inner.state).running.remove(&slot.key);
+        if first {
+            slot.batch.send(BatchEvent::Done(slot.index));
+        }
+    }
+
+    /// Gives unfinished tasks back to the queue (unless another copy still runs).
+    fn release(&self, slots: &[Arc<Slot>], worker: &str) {
+        let mut st = lock(&self.inner.state);
+        for slot in slots {
+            let mut ss = lock(&slot.st);
+            ss.running_on.retain(|(w, _)| w != worker);
+            if ss.done || !ss.running_on.is_empty() || slot.batch.abandoned.load(Ordering::Relaxed)
+            {
+                continue;
+            }
+            st.running.remove(&slot.key);
+            st.queue.insert(slot.key, slot.clone());
+        }
+        drop(st);
+        self.inner.wake.notify_waiters();
+    }
+
+    fn retry(&self, slot: &Arc<Slot>, worker: &str, error: &str) {
+        let attempts = {
+            let mut ss = lock(&slot.st);
+            ss.attempts += 1;
+            ss.attempts
+        };
+        if attempts >= MAX_ATTEMPTS {
+            self.fail(
+                slot,
+                worker,
+                &format!("gave up after {attempts} attempts: {error}"),
+            );
+        } else {
+            tracing::warn!(worker, task = %slot.task.id, "task failed, retrying: {error}");
+            self.release(std::slice::from_ref(slot), worker);
+        }
+    }
+
+    fn fail(&self, slot: &Arc<Slot>, worker: &str, error: &str) {
+        lock(&slot.st).running_on.retain(|(w, _)| w != worker);
+        slot.batch.send(BatchEvent::Failed(format!(
+            "task {} of job {} failed on worker {worker}: {error}",
+            slot.task.id, slot.task.job
+        )));
+    }
+
+    /// Removes what is left of an abandoned batch from the queue.
+    fn forget(&self, batch: &Arc<Batch>) {
+        batch.abandoned.store(true, Ordering::Relaxed);
+        let mut st = lock(&self.inner.state);
+        st.queue.retain(|_, s| !Arc::ptr_eq(&s.batch, batch));
+        st.running.retain(|_, s| !Arc::ptr_eq(&s.batch, batch));
+    }
+}
+
+async fn wait_lost(alive: &mut watch::Receiver<bool>) {
+    loop {
+        if !*alive.borrow() {
+            return;
+        }
+        if alive.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One job's door into the pool: its model, its place in the order, and its cancel switch.
+pub struct JobDispatch<'a> {
+    pub pool: Pool,
+    pub model: String,
+    pub priority: i32,
+    pub job_seq: u64,
+    pub cancelled: Arc<AtomicBool>,
+    /// Called with true while the job waits for a worker serving its model, false once served.
+    pub waiting: &'a (dyn Fn(bool) + Sync),
+}
+
+impl Dispatch for JobDispatch<'_> {
+    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        let batch = Arc::new(Batch {
+            tx: Mutex::new(tx),
+            abandoned: AtomicBool::new(false),
+        });
+        {
+            let mut st = lock(&self.pool.inner.state);
+            for (index, task) in tasks.iter().enumerate() {
+                let key = QueueKey {
+                    priority: Reverse(self.priority),
+                    job_seq: self.job_seq,
+                    seq: st.next_seq,
+                };
+                st.next_seq += 1;
+                let task_json = serde_json::to_string(task)
+                    .map_err(|e| DispatchError::Worker(format!("cannot encode a task: {e}")))?;
+                st.queue.insert(
+                    key,
+                    Arc::new(Slot {
+                        key,
+                        task: task.clone(),
+                        task_json,
+                        model: self.model.clone(),
+                        index,
+                        batch: batch.clone(),
+                        st: Mutex::new(SlotState::default()),
+                    }),
+                );
+            }
+        }
+        self.pool.inner.wake.notify_waiters();
+        let mut remaining = tasks.len();
+        let mut was_waiting = false;
+        while remaining > 0 {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(BatchEvent::Done(i)) => {
+                    done(&tasks[i]);
+                    remaining -= 1;
+                }
+                Ok(BatchEvent::Failed(message)) => {
+                    self.pool.forget(&batch);
+                    return Err(DispatchError::Worker(message));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.cancelled.load(Ordering::Relaxed) {
+                        self.pool.forget(&batch);
+                        return Err(DispatchError::Cancelled);
+                    }
+                    let none = self.pool.serving(&self.model).is_empty();
+                    if none != was_waiting {
+                        (self.waiting)(none);
+                        was_waiting = none;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(DispatchError::Worker("the pool shut down".into()));
+                }
+            }
+        }
+        if was_waiting {
+            (self.waiting)(false);
+        }
+        Ok(())
+    }
+
+    fn workers(&self) -> usize {
+        self.pool.serving(&self.model).len().max(1)
+    }
+}

@@ -1,0 +1,447 @@
+//! Runs cluster jobs: takes queued jobs in order (a few at a time, so their tasks interleave
+//! on the workers), drives each through the engine on its own thread, stores the finished
+//! PNGs, and on a restart resumes every job that was running from its checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tessera_common::store::{keys, RedisStore, Store};
+use tokio::sync::Notify;
+
+use super::jobs::{now_ms, JobRecord, JobState, Jobs, ResumeRecord};
+use super::pool::{JobDispatch, Pool};
+use crate::dispatch::DispatchError;
+use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress};
+use crate::{assemble, image_input, latent_file};
+
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// How long finished jobs (record and results) stay fetchable.
+    pub job_ttl: Duration,
+    /// Jobs running at once.
+    pub max_jobs: usize,
+}
+
+struct Active {
+    record: JobRecord,
+    cancelled: Arc<AtomicBool>,
+    started: Instant,
+    /// Views already done when this coordinator took the job up (for the pace).
+    views_at_start: u64,
+}
+
+pub struct Runner {
+    pub jobs: Jobs,
+    pub pool: Pool,
+    pub opts: RunnerOptions,
+    active: Mutex<HashMap<String, Active>>,
+    wake: Notify,
+    /// Serializes starting and cancelling queued jobs.
+    admission: tokio::sync::Mutex<()>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Runner {
+    pub fn new(jobs: Jobs, pool: Pool, opts: RunnerOptions) -> Arc<Self> {
+        Arc::new(Self {
+            jobs,
+            pool,
+            opts,
+            active: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            admission: tokio::sync::Mutex::new(()),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn store(&self) -> &RedisStore {
+        &self.jobs.store
+    }
+
+    /// A new job was queued.
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The live record of a running job, with its ETA in seconds (negative when unknown).
+    pub fn snapshot(&self, id: &str) -> Option<(JobRecord, f64)> {
+        let active = lock(&self.active);
+        let a = active.get(id)?;
+        let p = &a.record.progress;
+        let done = p.views_done.saturating_sub(a.views_at_start);
+        let eta = if done == 0 {
+            -1.0
+        } else {
+            let per_view = a.started.elapsed().as_secs_f64() / done as f64;
+            per_view * p.views_total.saturating_sub(p.views_done) as f64
+        };
+        Some((a.record.clone(), eta))
+    }
+
+    /// The job as it stands: live when it runs here, else from the store.
+    pub async fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<(JobRecord, f64)>, tessera_common::store::StoreError> {
+        if let Some(s) = self.snapshot(id) {
+            return Ok(Some(s));
+        }
+        Ok(self.jobs.load(id).await?.map(|r| (r, -1.0)))
+    }
+
+    /// Resumes the jobs a previous coordinator left running, then starts queued jobs as
+    /// capacity allows, forever.
+    pub async fn run(self: Arc<Self>) {
+        match self.jobs.running().await {
+            Ok(ids) => {
+                for id in ids {
+                    match self.jobs.load(&id).await {
+                        Ok(Some(record)) if !record.state.is_terminal() => {
+                            eprintln!("resuming job {id}");
+                            tracing::info!(job = %id, "resuming a job left running");
+                            self.launch(record);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(job = %id, "cannot load the job to resume it: {e}")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cannot list running jobs: {e}"),
+        }
+        let mut last_sweep = Instant::now();
+        loop {
+            if let Err(e) = self.start_queued().await {
+                tracing::warn!("starting queued jobs: {e}");
+            }
+            if last_sweep.elapsed() > Duration::from_secs(5) {
+                last_sweep = Instant::now();
+                if let Err(e) = self.jobs.sweep().await {
+                    tracing::warn!("sweeping expired jobs: {e}");
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn start_queued(self: &Arc<Self>) -> Result<(), tessera_common::store::StoreError> {
+        let _turn = self.admission.lock().await;
+        let free = self.opts.max_jobs.saturating_sub(lock(&self.active).len());
+        if free == 0 {
+            return Ok(());
+        }
+        for id in self.jobs.queued().await?.into_iter().take(free) {
+            if lock(&self.active).contains_key(&id) {
+                continue;
+            }
+            let Some(mut record) = self.jobs.load(&id).await? else {
+                continue;
+            };
+            if record.state != JobState::Queued {
+                continue;
+            }
+            record.state = JobState::Running;
+            record.started_ms = now_ms();
+            record.progress.phase = "starting".into();
+            self.jobs.mark_running(&record).await?;
+            tracing::info!(job = %id, "job started");
+            self.launch(record);
+        }
+        Ok(())
+    }
+
+    fn launch(self: &Arc<Self>, record: JobRecord) {
+        let id = record.id.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        lock(&self.active).insert(
+            id.clone(),
+            Active {
+                views_at_start: record.progress.views_done,
+                record,
+                cancelled: cancelled.clone(),
+                started: Instant::now(),
+            },
+        );
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                me.run_job(&id, cancelled);
+                lock(&me.active).remove(&id);
+                me.wake.notify_one();
+            })
+            .expect("spawning a job thread");
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {
+        let mut active = lock(&self.active);
+        let a = active.get_mut(id)?;
+        f(&mut a.record);
+        Some(a.record.clone())
+    }
+
+    fn save(&self, record: &JobRecord) {
+        if let Err(e) = self.runtime.block_on(self.jobs.save(record)) {
+            tracing::warn!(job = %record.id, "cannot save progress: {e}");
+        }
+    }
+
+    /// The job thread: every image still to do, then the end of the job.
+    fn run_job(&self, id: &str, cancelled: Arc<AtomicBool>) {
+        let Some(record) = self.update(id, |_| {}) else {
+            return;
+        };
+        let outcome = self.render_images(&record, &cancelled);
+        let Some(mut record) = self.update(id, |_| {}) else {
+            return;
+        };
+        record.finished_ms = now_ms();
+        let keep = match outcome {
+            Ok(()) => {
+                record.state = JobState::Succeeded;
+                record.progress.phase = "done".into();
+                eprintln!("job {id} succeeded");
+                true
+            }
+            Err(JobEnd::Cancelled) => {
+                record.state = JobState::Cancelled;
+                record.progress.phase = "cancelled".into();
+                eprintln!("job {id} cancelled");
+                false
+            }
+            Err(JobEnd::Failed(message)) => {
+                record.state = JobState::Failed;
+                record.progress.phase = "failed".into();
+                eprintln!("job {id} failed: {message}");
+                record.error = Some(message);
+                false
+            }
+        };
+        self.update(id, |r| *r = record.clone());
+        if let Err(e) = self
+            .runtime
+            .block_on(self.jobs.finish(&record, self.opts.job_ttl, keep))
+        {
+            tracing::error!(job = %id, "cannot record the end of the job: {e}");
+        }
+    }
+
+    fn render_images(&self, record: &JobRecord, cancelled: &Arc<AtomicBool>) -> Result<(), JobEnd> {
+        let id = record.id.clone();
+        let store = self.store();
+        let inputs = load_inputs(store, record).map_err(|e| JobEnd::Failed(format!("{e:#}")))?;
+        let on_waiting = |waiting: bool| {
+            self.update(&id, |r| {
+                r.progress.phase = if waiting {
+                    "waiting for workers".into()
+                } else {
+                    "denoising".into()
+                }
+            });
+        };
+        let dispatch = JobDispatch {
+            pool: self.pool.clone(),
+            model: record.model.clone(),
+            priority: record.priority,
+            job_seq: record.seq,
+            cancelled: cancelled.clone(),
+            waiting: &on_waiting,
+        };
+        let engine = Engine {
+            store,
+            workers: &dispatch,
+            model: ModelInfo {
+                scheduler: record.model_info.scheduler.clone(),
+                latent_channels: record.model_info.latent_channels,
+            },
+        };
+        let plan = &record.plan;
+        let halves: u64 = if plan.guided { 2 } else { 1 };
+        let per_image = plan.total_evaluations as u64;
+        for n in record.images_done..record.count {
+            let mut spec = record.spec.clone();
+            spec.seed = record.spec.seed.wrapping_add(u64::from(n));
+            let image_job = keys::image_job(&id, n);
+            let on_progress = |p: Progress| {
+                let snapshot = self.update(&id, |r| {
+                    let pr = &mut r.progress;
+                    pr.image = n;
+                    match p {
+                        Progress::Resumed { stage, step } => {
+                            r.resumed_from = Some(ResumeRecord {
+                                image: n,
+                                stage: stage as u32,
+                                step: step as u32,
+                            });
+                            let before: u64 = plan.stages[..stage]
+                                .iter()
+                                .map(|s| s.evaluations as u64)
+                                .sum();
+                            let here = plan.stages[stage].evaluations_per_step as u64 * step as u64;
+                            pr.views_done = u64::from(n) * per_image + before + here;
+                            pr.stage = stage as u32;
+                            pr.step = step as u32;
+                        }
+                        Progress::Stage {
+                            stage,
+                            stages,
+                            steps,
+                            ..
+                        } => {
+                            pr.stage = stage as u32;
+                            pr.stages = stages as u32;
+                            pr.step = 0;
+                            pr.steps = steps as u32;
+                            pr.phase = "denoising".into();
+                        }
+                        Progress::Step { step, steps, .. } => {
+                            pr.step = step as u32;
+                            pr.steps = steps as u32;
+                        }
+                        Progress::Views(v) => pr.views_done += v as u64 * halves,
+                        Progress::Decoding => pr.phase = "decoding".into(),
+                    }
+                });
+                if let (Some(r), true) = (
+                    snapshot,
+                    matches!(p, Progress::Step { .. } | Progress::Resumed { .. }),
+                ) {
+                    self.save(&r);
+                }
+            };
+            let out = loop {
+                match engine.run(&image_job, &spec, plan, clone_inputs(&inputs), &on_progress) {
+                    Ok(out) => break out,
+                    Err(EngineError::Dispatch(DispatchError::Cancelled)) => {
+                        return Err(JobEnd::Cancelled)
+                    }
+                    // Redis stayed away longer than the store's own retries: wait and resume
+                    // from the checkpoint rather than lose the job.
+                    Err(EngineError::Store(e)) if !cancelled.load(Ordering::Relaxed) => {
+                        tracing::warn!(job = %id, "store unavailable ({e}); resuming shortly");
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(JobEnd::Failed(e.to_string())),
+                }
+            };
+            let parameters = crate::cli::render::describe(&spec, plan, &record.model);
+            let png = assemble::png_bytes(&out.image, &parameters)
+                .map_err(|e| JobEnd::Failed(format!("encoding the PNG: {e:#}")))?;
+            Store::put(store, &keys::job_result(&id, n), &png)
+                .map_err(|e| JobEnd::Failed(format!("storing the result: {e}")))?;
+            if let Some(dir) = &record.output_dir {
+                let path = output_path(Path::new(dir), &id, n, record.count);
+                write_file(&path, &png).map_err(|e| {
+                    JobEnd::Failed(format!("writing {} (--output-dir): {e}", path.display()))
+                })?;
+            }
+            if let Some(r) = self.update(&id, |r| r.images_done = n + 1) {
+                self.save(&r);
+            }
+            if let Err(e) = engine.finish(&image_job) {
+                tracing::warn!(job = %id, "cannot clear image {n}'s scratch keys: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops a job: a queued one at once, a running one once its current tasks are abandoned
+    /// (the engine checks between tasks). Returns the job's record afterwards.
+    pub async fn cancel(
+        &self,
+        id: &str,
+    ) -> Result<Option<JobRecord>, tessera_common::store::StoreError> {
+        let flag = lock(&self.active).get(id).map(|a| a.cancelled.clone());
+        match flag {
+            Some(flag) => {
+                flag.store(true, Ordering::Relaxed);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while lock(&self.active).contains_key(id) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            None => {
+                let _turn = self.admission.lock().await;
+                if let Some(mut record) = self.jobs.load(id).await? {
+                    if record.state == JobState::Queued {
+                        record.state = JobState::Cancelled;
+                        record.progress.phase = "cancelled".into();
+                        record.finished_ms = now_ms();
+                        self.jobs.finish(&record, self.opts.job_ttl, false).await?;
+                    }
+                }
+            }
+        }
+        self.jobs.load(id).await
+    }
+}
+
+enum JobEnd {
+    Cancelled,
+    Failed(String),
+}
+
+/// `DIR/ID.png`, or `DIR/ID-N.png` for jobs of several images.
+pub fn output_path(dir: &Path, id: &str, image: u32, count: u32) -> PathBuf {
+    if count == 1 {
+        dir.join(format!("{id}.png"))
+    } else {
+        dir.join(format!("{id}-{image}.png"))
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = assemble::partial_path(path);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The job's submitted files, decoded as `tessera render` decodes them.
+fn load_inputs(store: &RedisStore, record: &JobRecord) -> anyhow::Result<JobInputs> {
+    let get = |name: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        if !record.inputs.iter().any(|i| i == name) {
+            return Ok(None);
+        }
+        Ok(Some(
+            Store::get(store, &keys::job_input(&record.id, name))?.ok_or_else(|| {
+                anyhow::anyhow!("the job's {name} input is missing from the store")
+            })?,
+        ))
+    };
+    let first = record.plan.stages[0].size;
+    let target = (record.spec.width, record.spec.height);
+    let initial_latents = get("latents")?
+        .map(|b| latent_file::latents_from_bytes("--latents", &b))
+        .transpose()?;
+    let init_image = get("init_image")?
+        .map(|b| image_input::decode_init_image(Path::new("(submitted)"), &b, (first[0], first[1])))
+        .transpose()?;
+    let mask = get("mask")?
+        .map(|b| image_input::decode_mask(Path::new("(submitted)"), &b, target))
+        .transpose()?;
+    Ok(JobInputs {
+        initial_latents,
+        init_image,
+        mask,
+    })
+}
+
+/// Each image of a job starts from the same inputs (tensors: cheap to clone).
+fn clone_inputs(inputs: &JobInputs) -> JobInputs {
+    JobInputs {
+        initial_latents: inputs.initial_latents.clone(),
+        init_image: inputs.init_image.clone(),
+        mask: inputs.mask.clone(),
+    }
+}

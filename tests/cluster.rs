@@ -1,0 +1,1011 @@
+//! The cluster across processes: a real `redis-server` on a free loopback port, a `tessera
+//! coordinator` and `tessera worker` processes, driven through the CLI (and, for malformed
+//! requests, a raw gRPC client). Every finished image is compared pixel for pixel with
+//! `tessera render` of the same flags.
+//!
+//! The tests run one at a time: each starts its own cluster, and two clusters on two cores
+//! would only slow each other down.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{read_png, tessera, tessera_bin, tessera_ok, tiny_model, Scratch};
+use tessera_common::testing::{RedisServer, RedisServerOptions};
+
+/// The job every test renders: a 3-stage hybrid cascade of the tiny SDXL model.
+const JOB: &[&str] = &[
+    "--prompt",
+    "a lighthouse on a cliff at dusk",
+    "--size",
+    "512x512",
+    "--stages",
+    "128x128,256x256,512x512",
+    "--method",
+    "hybrid",
+    "--stage-steps",
+    "2,3,4",
+    "--seed",
+    "11",
+];
+
+fn serial() -> MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Pixels of `tessera render` with [`JOB`]'s flags, rendered once per test process.
+fn reference() -> &'static Vec<u8> {
+    static PIXELS: OnceLock<Vec<u8>> = OnceLock::new();
+    PIXELS.get_or_init(|| {
+        let dir = Scratch::new("cluster-reference");
+        let out = dir.path("ref.png");
+        let model = tiny_model("sdxl-tiny");
+        let mut args = vec!["render", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(JOB);
+        args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+        tessera_ok(&args);
+        read_png(&out).2
+    })
+}
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(tessera_bin())
+            .args(args)
+            .env("TESSERA_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start tessera");
+        Proc {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A whole cluster: Redis, a coordinator, workers.
+struct Cluster {
+    dir: Scratch,
+    redis: RedisServer,
+    port: u16,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+    extra: Vec<String>,
+    spawned: usize,
+}
+
+impl Cluster {
+    fn start(name: &str, workers: usize, redis: RedisServerOptions, extra: &[&str]) -> Cluster {
+        let mut c = Cluster {
+            dir: Scratch::new(name),
+            redis: RedisServer::start_with(redis),
+            port: free_port(),
+            coordinator: None,
+            workers: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            spawned: 0,
+        };
+        c.start_coordinator();
+        for _ in 0..workers {
+            c.add_worker();
+        }
+        c.wait_workers(workers);
+        c
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start_coordinator(&mut self) {
+        self.spawned += 1;
+        let listen = format!("127.0.0.1:{}", self.port);
+        let redis = self.redis.url();
+        let mut args = vec![
+            "coordinator",
+            "--listen",
+            &listen,
+            "--redis",
+            &redis,
+            "--job-ttl",
+            "3",
+        ];
+        let extra = self.extra.clone();
+        args.extend(extra.iter().map(String::as_str));
+        let log = self.dir.path(&format!("coordinator-{}.log", self.spawned));
+        self.coordinator = Some(Proc::spawn("coordinator", &args, log));
+        // Ready when it answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.client(&["list"]);
+            if out.status.success() {
+                return;
+            }
+            let c = self.coordinator.as_mut().unwrap();
+            assert!(c.alive(), "coordinator exited:\n{}", c.log());
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not come up:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn add_worker(&mut self) {
+        self.spawned += 1;
+        let model = tiny_model("sdxl-tiny");
+        let redis = self.redis.url();
+        let url = self.url();
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--redis",
+            &redis,
+            "--model",
+            model.to_str().unwrap(),
+            "--model-name",
+            "tiny",
+        ];
+        let extra: Vec<String> = self
+            .extra
+            .iter()
+            .skip_while(|a| *a != "--token")
+            .take(2)
+            .cloned()
+            .collect();
+        args.extend(extra.iter().map(String::as_str));
+        let n = self.spawned;
+        let log = self.dir.path(&format!("worker-{n}.log"));
+        self.workers
+            .push(Proc::spawn(&format!("worker-{n}"), &args, log));
+    }
+
+    /// Waits until `n` workers have heartbeat keys.
+    fn wait_workers(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.worker_keys() < n {
+            for w in &mut self.workers {
+                assert!(w.alive(), "{} exited:\n{}", w.name, w.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers did not join:\n{}",
+                self.workers
+                    .iter()
+                    .map(Proc::log)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.redis.port().to_string(),
+                "--scan",
+                "--pattern",
+                pattern,
+            ])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    fn worker_keys(&self) -> usize {
+        self.redis_keys("tessera:worker:*").len()
+    }
+
+    /// Runs a client command against this cluster.
+    fn client(&self, args: &[&str]) -> std::process::Output {
+        let url = self.url();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--coordinator", url.as_str()]);
+        let token: Vec<String> = self
+            .extra
+            .iter()
+            .skip_while(|a| *a != "--token")
+            .take(2)
+            .cloned()
+            .collect();
+        all.extend(token.iter().map(String::as_str));
+        tessera(&all)
+    }
+
+    fn client_ok(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert!(
+            out.status.success(),
+            "tessera {args:?} failed:\n{}\n--- coordinator ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.coordinator.as_ref().map(Proc::log).unwrap_or_default()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn submit(&self, extra: &[&str]) -> String {
+        let mut args = vec!["submit", "--model", "tiny"];
+        args.extend_from_slice(extra);
+        let id = self.client_ok(&args).trim().to_string();
+        assert!(
+            !id.is_empty() && !id.contains(char::is_whitespace),
+            "{id:?}"
+        );
+        id
+    }
+
+    fn status(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.client_ok(&["status", id, "--json"])).unwrap()
+    }
+
+    /// Polls the job until `pred` holds (or it ends, which fails the test).
+    fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let s = self.status(id);
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                s["state"] == "queued" || s["state"] == "running",
+                "job ended before {what}: {s}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the job's end through `tessera watch` and checks its exit status.
+    fn watch(&self, id: &str) -> std::process::Output {
+        self.client(&["watch", id])
+    }
+
+    fn fetch_pixels(&self, id: &str) -> Vec<u8> {
+        let out = self.dir.path(&format!("{id}.png"));
+        self.client_ok(&["fetch", id, "-o", out.to_str().unwrap()]);
+        read_png(&out).2
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Some(c) = &self.coordinator {
+            s.push_str(&format!("--- coordinator ---\n{}\n", c.log()));
+        }
+        for w in &self.workers {
+            s.push_str(&format!("--- {} ---\n{}\n", w.name, w.log()));
+        }
+        s
+    }
+}
+
+/// Mid-stage: in a stage after the first, with at least one of its steps done.
+fn mid_stage(s: &serde_json::Value) -> bool {
+    s["state"] == "running"
+        && s["progress"]["stage"].as_u64() >= Some(1)
+        && s["progress"]["step"].as_u64() >= Some(1)
+        && s["progress"]["phase"] == "denoising"
+}
+
+fn assert_same_image(cluster: &Cluster, id: &str) {
+    let pixels = cluster.fetch_pixels(id);
+    let want = reference();
+    assert_eq!(pixels.len(), want.len(), "image size differs");
+    let differing = pixels
+        .iter()
+        .zip(want.iter())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differing,
+        0,
+        "{differing} bytes differ from `tessera render`\n{}",
+        cluster.logs()
+    );
+}
+
+#[test]
+fn a_cluster_job_matches_the_embedded_render() {
+    let _one = serial();
+    reference();
+    let cluster = Cluster::start("cluster-basic", 2, RedisServerOptions::default(), &[]);
+    let id = cluster.submit(JOB);
+    let out = cluster.watch(&id);
+    assert!(
+        out.status.success(),
+        "watch: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let s = cluster.status(&id);
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(s["method"], "hybrid");
+    assert_eq!(
+        s["progress"]["views_done"], s["progress"]["views_total"],
+        "{s}"
+    );
+    assert_same_image(&cluster, &id);
+    let listed = cluster.client_ok(&["list"]);
+    assert!(listed.contains(&id), "{listed}");
+}
+
+#[test]
+fn a_worker_killed_mid_stage_costs_nothing() {
+    let _one = serial();
+    reference();
+    let mut cluster = Cluster::start("cluster-kill-worker", 2, RedisServerOptions::default(), &[]);
+    let id = cluster.submit(JOB);
+    cluster.wait_for(&id, "the second stage", mid_stage);
+    cluster.workers[0].kill();
+    // Another worker joins afterwards.
+    cluster.add_worker();
+    let out = cluster.watch(&id);
+    assert!(
+        out.status.success(),
+        "watch: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    assert_same_image(&cluster, &id);
+    let log = cluster.coordinator.as_ref().unwrap().log();
+    assert!(
+        log.contains("left"),
+        "the coordinator never noticed the loss:\n{log}"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_from_its_checkpoint() {
+    let _one = serial();
+    reference();
+    let mut cluster = Cluster::start("cluster-kill-coord", 2, RedisServerOptions::default(), &[]);
+    let id = cluster.submit(JOB);
+    let at = cluster.wait_for(&id, "the second stage", mid_stage);
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let out = cluster.watch(&id);
+    assert!(
+        out.status.success(),
+        "watch: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let s = cluster.status(&id);
+    let resumed = &s["resumed_from"];
+    assert!(resumed.is_object(), "no resume recorded: {s}");
+    assert!(
+        resumed["step"].as_u64().unwrap() > 0,
+        "resumed at step 0 (killed at {}): {s}",
+        at["progress"]
+    );
+    assert!(resumed["stage"].as_u64().unwrap() >= 1, "{s}");
+    assert_same_image(&cluster, &id);
+}
+
+#[test]
+fn cancel_removes_a_job_and_finished_jobs_expire() {
+    let _one = serial();
+    let cluster = Cluster::start("cluster-cancel", 2, RedisServerOptions::default(), &[]);
+    let baseline = cluster.redis.dbsize();
+
+    let id = cluster.submit(JOB);
+    cluster.wait_for(&id, "running", |s| {
+        s["state"] == "running" && s["progress"]["views_done"].as_u64() > Some(0)
+    });
+    cluster.client_ok(&["cancel", &id]);
+    let s = cluster.status(&id);
+    assert_eq!(s["state"], "cancelled", "{s}");
+    let left = cluster.redis_keys(&format!("tessera:job:{id}:*"));
+    assert_eq!(
+        left,
+        vec![format!("tessera:job:{id}:record")],
+        "cancel left data behind"
+    );
+    let out = cluster.watch(&id);
+    assert_eq!(out.status.code(), Some(3), "watch of a cancelled job");
+
+    // A small job runs to the end and is fetched; then everything expires (--job-ttl 3).
+    let small = cluster.submit(&["--prompt", "a small test", "--steps", "2", "--seed", "3"]);
+    let out = cluster.watch(&small);
+    assert!(out.status.success(), "{}", cluster.logs());
+    let dir = &cluster.dir;
+    let png = dir.path("small.png");
+    cluster.client_ok(&["fetch", &small, "-o", png.to_str().unwrap()]);
+    assert_eq!(read_png(&png).0, 128);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = cluster.redis.dbsize();
+        if n == baseline {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} keys instead of {baseline}: {:?}",
+            cluster.redis_keys("*")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(cluster.client_ok(&["list"]).contains("no jobs"));
+}
+
+#[test]
+fn redis_restarted_mid_job_costs_nothing() {
+    let _one = serial();
+    reference();
+    let mut cluster = Cluster::start(
+        "cluster-redis-restart",
+        2,
+        RedisServerOptions {
+            aof: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    let id = cluster.submit(JOB);
+    cluster.wait_for(&id, "the second stage", mid_stage);
+    cluster.redis.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.redis.restart();
+    let out = cluster.watch(&id);
+    assert!(
+        out.status.success(),
+        "watch: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    assert_same_image(&cluster, &id);
+}
+
+mod malformed {
+    use super::*;
+    use tessera_proto::v1::coordinator_client::CoordinatorClient;
+    use tessera_proto::v1::{JobRef, JobSpec, ListJobsRequest, Size, SubmitJobRequest};
+    use tonic::Code;
+
+    fn good() -> JobSpec {
+        JobSpec {
+            model: "tiny".into(),
+            prompt: "a valid prompt".into(),
+            steps: Some(2),
+            ..Default::default()
+        }
+    }
+
+    fn size(w: i64, h: i64) -> Option<Size> {
+        Some(Size {
+            width: w,
+            height: h,
+        })
+    }
+
+    #[test]
+    fn malformed_requests_get_clear_statuses_and_queue_nothing() {
+        let _one = serial();
+        let cluster = Cluster::start(
+            "cluster-malformed",
+            1,
+            RedisServerOptions::default(),
+            &["--token", "s3cret"],
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(cluster.url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let token: tonic::metadata::MetadataValue<_> = "Bearer s3cret".parse().unwrap();
+            let mut client = CoordinatorClient::with_interceptor(
+                channel.clone(),
+                move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", token.clone());
+                    Ok(r)
+                },
+            );
+            let long = "x".repeat(10_000);
+            let with = |f: &dyn Fn(&mut JobSpec)| {
+                let mut s = good();
+                f(&mut s);
+                s
+            };
+            type Case = (
+                &'static str,
+                JobSpec,
+                i64,
+                i32,
+                &'static str,
+                Code,
+                &'static str,
+            );
+            let cases: Vec<Case> = vec![
+                (
+                    "zero size",
+                    with(&|s| s.size = size(0, 0)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "positive",
+                ),
+                (
+                    "zero width",
+                    with(&|s| s.size = size(0, 512)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "width",
+                ),
+                (
+                    "negative width",
+                    with(&|s| s.size = size(-64, 128)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "width -64",
+                ),
+                (
+                    "negative height",
+                    with(&|s| s.size = size(128, -128)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "height -128",
+                ),
+                (
+                    "unaligned size",
+                    with(&|s| s.size = size(100, 128)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "multiple",
+                ),
+                (
+                    "unaligned cascade",
+                    with(&|s| s.size = size(520, 512)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "multiple",
+                ),
+                (
+                    "huge size",
+                    with(&|s| s.size = size(1_000_000, 1_000_000)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "65536",
+                ),
+                (
+                    "absurd size",
+                    with(&|s| s.size = size(1 << 40, 128)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "too large",
+                ),
+                (
+                    "negative stage",
+                    with(&|s| {
+                        s.stages = vec![Size {
+                            width: -128,
+                            height: 128,
+                        }]
+                    }),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--stages",
+                ),
+                (
+                    "zero steps",
+                    with(&|s| s.steps = Some(0)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--steps",
+                ),
+                (
+                    "negative steps",
+                    with(&|s| s.steps = Some(-5)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--steps",
+                ),
+                (
+                    "too many steps",
+                    with(&|s| s.steps = Some(100_000)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "steps",
+                ),
+                (
+                    "NaN guidance",
+                    with(&|s| s.guidance = Some(f64::NAN)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--guidance",
+                ),
+                (
+                    "infinite guidance",
+                    with(&|s| s.guidance = Some(f64::INFINITY)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--guidance",
+                ),
+                (
+                    "minus infinite guidance",
+                    with(&|s| s.guidance = Some(f64::NEG_INFINITY)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--guidance",
+                ),
+                (
+                    "negative guidance",
+                    with(&|s| s.guidance = Some(-2.0)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "guidance",
+                ),
+                (
+                    "empty prompt",
+                    with(&|s| s.prompt = String::new()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "prompt",
+                ),
+                (
+                    "blank prompt",
+                    with(&|s| s.prompt = "   ".into()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "prompt",
+                ),
+                (
+                    "10,000-character prompt",
+                    with(&|s| s.prompt = long.clone()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "shorten",
+                ),
+                (
+                    "10,000-character negative prompt",
+                    with(&|s| s.negative_prompt = Some(long.clone())),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "shorten",
+                ),
+                (
+                    "control characters",
+                    with(&|s| s.prompt = "bell\u{7}".into()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "control",
+                ),
+                (
+                    "unknown method",
+                    with(&|s| s.method = Some("dreamy".into())),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--method",
+                ),
+                (
+                    "unknown scheduler",
+                    with(&|s| s.scheduler = Some("plms".into())),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--scheduler",
+                ),
+                (
+                    "unknown tile weights",
+                    with(&|s| s.tile_weights = Some("square".into())),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--tile-weights",
+                ),
+                (
+                    "unknown resize",
+                    with(&|s| s.resize = Some("lanczos".into())),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--resize",
+                ),
+                (
+                    "NaN cosine scale",
+                    with(&|s| s.cosine_scale = Some(f64::NAN)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--cosine-scale",
+                ),
+                (
+                    "three FA-CFG weights",
+                    with(&|s| s.facfg = vec![1.0, 2.0, 3.0]),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--facfg",
+                ),
+                (
+                    "background scale without a mask",
+                    with(&|s| s.cosine_scale_bg = Some(0.5)),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--mask",
+                ),
+                (
+                    "garbage latents",
+                    with(&|s| s.latents = b"not safetensors".to_vec()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--latents",
+                ),
+                (
+                    "garbage init image",
+                    with(&|s| s.init_image = b"not a png".to_vec()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--init-image",
+                ),
+                (
+                    "garbage mask",
+                    with(&|s| s.mask = b"not a png".to_vec()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--mask",
+                ),
+                (
+                    "missing model",
+                    with(&|s| s.model = String::new()),
+                    1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--model",
+                ),
+                (
+                    "unknown model",
+                    with(&|s| s.model = "no-such-model".into()),
+                    1,
+                    0,
+                    "",
+                    Code::NotFound,
+                    "tiny",
+                ),
+                (
+                    "negative count",
+                    good(),
+                    -1,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--count",
+                ),
+                (
+                    "huge count",
+                    good(),
+                    1_000_000,
+                    0,
+                    "",
+                    Code::InvalidArgument,
+                    "--count",
+                ),
+                (
+                    "priority out of range",
+                    good(),
+                    1,
+                    5000,
+                    "",
+                    Code::InvalidArgument,
+                    "--priority",
+                ),
+                (
+                    "relative output dir",
+                    good(),
+                    1,
+                    0,
+                    "out/dir",
+                    Code::InvalidArgument,
+                    "absolute",
+                ),
+            ];
+            assert!(cases.len() >= 30);
+            for (name, spec, count, priority, dir, code, hint) in cases {
+                let r = client
+                    .submit_job(SubmitJobRequest {
+                        spec: Some(spec),
+                        count,
+                        priority,
+                        output_dir: dir.into(),
+                    })
+                    .await;
+                let status = r.expect_err(name);
+                assert_eq!(status.code(), code, "{name}: {}", status.message());
+                assert!(
+                    status.message().contains(hint),
+                    "{name}: message {:?} lacks {hint:?}",
+                    status.message()
+                );
+            }
+            // No spec at all; bad and unknown job ids.
+            let e = client
+                .submit_job(SubmitJobRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            let e = client
+                .get_job(JobRef {
+                    job_id: "../etc".into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+            let e = client
+                .get_job(JobRef {
+                    job_id: "0000deadbeef".into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+
+            // Tokens: none, and a wrong one.
+            let mut anonymous = CoordinatorClient::new(channel.clone());
+            let e = anonymous.list_jobs(ListJobsRequest {}).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated);
+            assert!(e.message().contains("--token"), "{}", e.message());
+            let e = anonymous
+                .submit_job(SubmitJobRequest {
+                    spec: Some(good()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated);
+            let wrong: tonic::metadata::MetadataValue<_> = "Bearer guess".parse().unwrap();
+            let mut guesser =
+                CoordinatorClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", wrong.clone());
+                    Ok(r)
+                });
+            let e = guesser
+                .submit_job(SubmitJobRequest {
+                    spec: Some(good()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated);
+
+            // Still up, and nothing was queued.
+            let jobs = client
+                .list_jobs(ListJobsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs;
+            assert!(jobs.is_empty(), "{jobs:?}");
+        });
+        assert!(cluster.redis_keys("tessera:job:*").is_empty());
+        assert!(cluster.redis_keys("tessera:queue").is_empty());
+        // The CLI prints the server's message, not a debug dump.
+        let out = cluster.client(&["submit", "--model", "tiny", "--prompt", "x", "--steps", "0"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid request: --steps 0"), "{err}");
+        assert!(!err.contains("Status {"), "{err}");
+        // And a client without the token is told what to do.
+        let out = tessera(&["list", "--coordinator", &cluster.url()]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    }
+}
