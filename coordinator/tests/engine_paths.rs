@@ -15,8 +15,8 @@ use tessera_common::resize::{resize, ResizeFilter};
 use tessera_common::sched::{Scheduler, SchedulerKind};
 use tessera_common::spec::{RenderSpec, Size};
 use tessera_common::store::{MemoryStore, Store};
-use tessera_coordinator::dispatch::LocalWorkers;
-use tessera_coordinator::engine::{Engine, JobInputs, ModelInfo};
+use tessera_coordinator::dispatch::{Dispatch, DispatchError, LocalWorkers};
+use tessera_coordinator::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
 use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
@@ -238,4 +238,152 @@ fn one_tile_covering_the_stage_is_in_unet_freescale() {
     );
     let diff = max_abs_diff(&ours, &want);
     assert!(diff <= 1e-5, "max |engine - reference loop| = {diff}");
+}
+
+/// A dispatch that stops working once it has been given `budget` tasks: a coordinator crash
+/// as the engine sees it.
+struct Crashing<'a> {
+    inner: &'a LocalWorkers,
+    budget: std::sync::atomic::AtomicUsize,
+    given: std::sync::atomic::AtomicUsize,
+}
+
+impl Dispatch for Crashing<'_> {
+    fn run(
+        &self,
+        tasks: &[tessera_common::task::Task],
+        done: &(dyn Fn(&tessera_common::task::Task) + Sync),
+    ) -> Result<(), DispatchError> {
+        use std::sync::atomic::Ordering;
+        let n = tasks.len();
+        if self.given.load(Ordering::Relaxed) + n > self.budget.load(Ordering::Relaxed) {
+            return Err(DispatchError::Worker("simulated crash".into()));
+        }
+        self.given.fetch_add(n, Ordering::Relaxed);
+        self.inner.run(tasks, done)
+    }
+
+    fn workers(&self) -> usize {
+        1
+    }
+}
+
+struct Outcome {
+    latents: Tensor,
+    image: Tensor,
+    tasks: usize,
+    resumed: Vec<(usize, usize)>,
+}
+
+/// Runs `spec` on `store`, crashing after `budget` tasks (None: never); returns what the run
+/// produced, or None when it crashed.
+fn run_on(
+    model: &Arc<DiffusionModel>,
+    arch: &ArchInfo,
+    spec: &RenderSpec,
+    store: &Arc<dyn Store>,
+    budget: Option<usize>,
+) -> Option<Outcome> {
+    let p = plan(spec, arch).unwrap();
+    let workers = LocalWorkers::new(vec![model.clone()], store.clone());
+    let crashing = Crashing {
+        inner: &workers,
+        budget: budget.unwrap_or(usize::MAX).into(),
+        given: 0.into(),
+    };
+    let engine = Engine {
+        store: store.as_ref(),
+        workers: &crashing,
+        model: ModelInfo {
+            scheduler: model.scheduler_config.clone(),
+            latent_channels: 4,
+        },
+    };
+    let resumed = std::sync::Mutex::new(Vec::new());
+    let on_progress = |p: Progress| {
+        if let Progress::Resumed { stage, step } = p {
+            resumed.lock().unwrap().push((stage, step));
+        }
+    };
+    match engine.run("job", spec, &p, JobInputs::default(), &on_progress) {
+        Ok(out) => Some(Outcome {
+            latents: out.latents,
+            image: out.image,
+            tasks: crashing.given.into_inner(),
+            resumed: resumed.into_inner().unwrap(),
+        }),
+        Err(EngineError::Dispatch(_)) => None,
+        Err(e) => panic!("unexpected engine error: {e}"),
+    }
+}
+
+/// Crashes at several points and resumes from the store; the result must be bit-identical to
+/// an uninterrupted run, and a mid-stage crash must resume mid-stage.
+fn crash_and_resume(spec: &RenderSpec, fractions: &[f64]) {
+    let (model, arch) = model();
+    let fresh: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let reference = run_on(&model, &arch, spec, &fresh, None).unwrap();
+    assert!(reference.resumed.is_empty());
+    for &f in fractions {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let budget = ((reference.tasks as f64) * f) as usize;
+        assert!(
+            run_on(&model, &arch, spec, &store, Some(budget)).is_none(),
+            "no crash at {f}"
+        );
+        // Crash again after a few more tasks: a resume of a resume.
+        let again = run_on(&model, &arch, spec, &store, Some(3));
+        let out = match again {
+            Some(out) => out,
+            None => run_on(&model, &arch, spec, &store, None).unwrap(),
+        };
+        assert_eq!(out.resumed.len(), 1, "crash at {f}: {:?}", out.resumed);
+        assert_eq!(
+            max_abs_diff(&out.latents, &reference.latents),
+            0.0,
+            "crash at {f}"
+        );
+        let a = out.image.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let b = reference
+            .image
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        assert_eq!(a, b, "crash at {f}: image differs");
+        assert!(
+            out.tasks < reference.tasks,
+            "crash at {f}: the resumed run redid everything ({} tasks)",
+            out.tasks
+        );
+    }
+}
+
+#[test]
+fn a_hybrid_job_resumes_bit_identically_from_any_crash() {
+    let spec = RenderSpec {
+        scheduler: None,
+        ..spec(
+            &[128, 256, 384],
+            MethodSpec {
+                method: Some(Method::Hybrid),
+                stage_steps: Some(vec![2, 2, 3]),
+                ..Default::default()
+            },
+        )
+    };
+    // Early (around the stage 0/1 transition), inside stage 1, inside stage 2.
+    crash_and_resume(&spec, &[0.05, 0.35, 0.75]);
+}
+
+#[test]
+fn a_freescale_job_resumes_with_its_restraint_source() {
+    let spec = spec(
+        &[128, 256],
+        MethodSpec {
+            method: Some(Method::Freescale),
+            ..Default::default()
+        },
+    );
+    crash_and_resume(&spec, &[0.7]);
 }

@@ -61,13 +61,21 @@ pub fn embedding(job: &str, part: &str) -> String {
     format!("{}emb:{part}", job_prefix(job))
 }
 
-/// Checkpoint: the latent after `step` steps of `stage` and its position (JSON).
-pub fn checkpoint_latent(job: &str) -> String {
-    format!("{}ckpt:latent", job_prefix(job))
-}
-
+/// The current checkpoint's position (JSON: stage, steps of it done, whether it is complete).
+/// Written after the tensors it names, so it never points at data that is not there.
 pub fn checkpoint_state(job: &str) -> String {
     format!("{}ckpt:state", job_prefix(job))
+}
+
+/// Prefix of the tensors of the checkpoint after `step` steps of `stage`. Each checkpoint has
+/// its own keys, so writing one never overwrites the one the state still names.
+pub fn checkpoint_prefix(job: &str, stage: usize, step: usize) -> String {
+    format!("{}ckpt:s{stage}:t{step}:", job_prefix(job))
+}
+
+/// A checkpoint tensor: `latent`, and at a stage's end `x0` and `camap`.
+pub fn checkpoint(job: &str, stage: usize, step: usize, part: &str) -> String {
+    format!("{}{part}", checkpoint_prefix(job, stage, step))
 }
 
 /// Prefix of everything belonging to one step: deleted once the step is merged.

@@ -18,7 +18,7 @@ use tessera_common::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSched
 use tessera_common::resize::resize;
 use tessera_common::sched::{Scheduler, SchedulerConfig, SchedulerKind};
 use tessera_common::spec::{RenderSpec, PIXELS_PER_LATENT};
-use tessera_common::store::{get_tensor, keys, put_json, put_tensor, Store};
+use tessera_common::store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 use tessera_common::task::{Task, TaskKind, VaeNoise};
 
 use crate::dispatch::{Dispatch, DispatchError};
@@ -169,6 +169,15 @@ impl Stepper {
     }
 }
 
+/// Where a job's last checkpoint is: `step` steps of `stage` done; `complete` when the stage
+/// is finished (its checkpoint then also holds x0 and the captured CA-map).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    stage: usize,
+    step: usize,
+    complete: bool,
+}
+
 /// What a stage leaves for the next: its final latent and its last predicted clean latent.
 struct StageResult {
     latent: Tensor,
@@ -188,36 +197,144 @@ impl Engine<'_> {
     ) -> Result<RenderOutput> {
         put_json(self.store, &keys::spec(job), spec)?;
         put_json(self.store, &keys::plan(job), plan)?;
-        self.dispatch_one(
-            job,
-            "prompt",
-            TaskKind::EncodePrompt {
-                prompt: spec.prompt.clone(),
-                negative_prompt: spec.negative_prompt.clone(),
-            },
-        )?;
+        // A resumed job already has its embeddings.
+        if !self.store.exists(&keys::embedding(job, "cond"))? {
+            self.dispatch_one(
+                job,
+                "prompt",
+                TaskKind::EncodePrompt {
+                    prompt: spec.prompt.clone(),
+                    negative_prompt: spec.negative_prompt.clone(),
+                },
+            )?;
+        }
 
+        let resume = self.load_checkpoint(job, plan)?;
         let mut prev: Option<StageResult> = None;
+        let mut first = 0;
+        let mut resume_at = None;
+        if let Some(c) = &resume {
+            progress(Progress::Resumed {
+                stage: c.stage,
+                step: c.step,
+            });
+            if c.complete {
+                prev = Some(self.load_stage_result(job, c)?);
+                first = c.stage + 1;
+            } else {
+                first = c.stage;
+                resume_at = Some(c.step);
+            }
+        }
         let mut inputs = inputs;
-        for (k, stage) in plan.stages.iter().enumerate() {
+        for (k, stage) in plan.stages.iter().enumerate().skip(first) {
             progress(Progress::Stage {
                 stage: k,
                 stages: plan.stages.len(),
                 size: stage.size,
                 steps: stage.timesteps.len(),
             });
-            let result = self.run_stage(job, spec, plan, k, prev.take(), &mut inputs, progress)?;
+            let at = if k == first { resume_at } else { None };
+            let result =
+                self.run_stage(job, spec, plan, k, prev.take(), at, &mut inputs, progress)?;
             prev = Some(result);
         }
         let last = prev.ok_or_else(|| EngineError::Invalid("the plan has no stages".into()))?;
         progress(Progress::Decoding);
         let pixels = self.decode(job, "final", &last.latent)?;
         let image = to_rgb8(&pixels.squeeze(0)?)?;
-        self.store.delete_prefix(&keys::job_prefix(job))?;
         Ok(RenderOutput {
             latents: last.latent,
             image,
         })
+    }
+
+    /// The job's checkpoint, if it has one.
+    fn load_checkpoint(&self, job: &str, plan: &Plan) -> Result<Option<Checkpoint>> {
+        if !self.store.exists(&keys::checkpoint_state(job))? {
+            return Ok(None);
+        }
+        let c: Checkpoint = get_json(self.store, &keys::checkpoint_state(job))?;
+        let steps = plan
+            .stages
+            .get(c.stage)
+            .map(|s| s.timesteps.len())
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "the checkpoint is at stage {}, but the plan has {} stages",
+                    c.stage,
+                    plan.stages.len()
+                ))
+            })?;
+        if c.step > steps {
+            return Err(EngineError::Invalid(format!(
+                "the checkpoint is at step {} of stage {}, which has {steps} steps",
+                c.step, c.stage
+            )));
+        }
+        Ok(Some(c))
+    }
+
+    /// What a completed stage left for the next, from its checkpoint.
+    fn load_stage_result(&self, job: &str, c: &Checkpoint) -> Result<StageResult> {
+        let cpu = Device::Cpu;
+        let key = |part: &str| keys::checkpoint(job, c.stage, c.step, part);
+        let camap = if self.store.exists(&key("camap"))? {
+            Some(CaMap::from_tensor(get_tensor(
+                self.store,
+                &key("camap"),
+                &cpu,
+            )?)?)
+        } else {
+            None
+        };
+        Ok(StageResult {
+            latent: get_tensor(self.store, &key("latent"), &cpu)?,
+            x0: get_tensor(self.store, &key("x0"), &cpu)?,
+            camap,
+        })
+    }
+
+    /// Records that `step` steps of stage `k` are done with latent `z`; at a stage's end
+    /// (`end`) also what the next stage needs. Tensors first, then the state that names them,
+    /// then the previous checkpoint's tensors go: a crash anywhere leaves a usable checkpoint.
+    fn checkpoint(
+        &self,
+        job: &str,
+        k: usize,
+        step: usize,
+        z: &Tensor,
+        end: Option<(&Tensor, Option<&CaMap>)>,
+    ) -> Result<()> {
+        let key = |part: &str| keys::checkpoint(job, k, step, part);
+        put_tensor(self.store, &key("latent"), z)?;
+        if let Some((x0, camap)) = end {
+            put_tensor(self.store, &key("x0"), x0)?;
+            if let Some(m) = camap {
+                put_tensor(self.store, &key("camap"), m.tensor())?;
+            }
+        }
+        let previous: Option<Checkpoint> = if self.store.exists(&keys::checkpoint_state(job))? {
+            Some(get_json(self.store, &keys::checkpoint_state(job))?)
+        } else {
+            None
+        };
+        put_json(
+            self.store,
+            &keys::checkpoint_state(job),
+            &Checkpoint {
+                stage: k,
+                step,
+                complete: end.is_some(),
+            },
+        )?;
+        if let Some(p) = previous {
+            if (p.stage, p.step) != (k, step) {
+                self.store
+                    .delete_prefix(&keys::checkpoint_prefix(job, p.stage, p.step))?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the job's keys.
@@ -303,6 +420,7 @@ impl Engine<'_> {
         plan: &Plan,
         k: usize,
         prev: Option<StageResult>,
+        resume_at: Option<usize>,
         inputs: &mut JobInputs,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<StageResult> {
@@ -316,69 +434,100 @@ impl Engine<'_> {
         // The stage's starting latent, and for restrained structure the clean latent and
         // noise that define n_i = add_noise(z_up, ε, t_i).
         let mut restraint_source: Option<(Tensor, Tensor)> = None;
-        let mut z = match &stage.entry {
-            StageEntry::Noise => {
-                let noise = match inputs.initial_latents.take() {
-                    Some(t) => check_initial_latents(t, shape, stage)?,
-                    None => NoiseKey {
-                        seed,
-                        stage: k as u32,
-                        step: 0,
-                        purpose: NoisePurpose::InitialLatent,
-                    }
-                    .normal(shape, &cpu)?,
-                };
-                // diffusers scales given latents by the scheduler's initial sigma too.
-                (noise * stepper.scheduler.init_noise_sigma())?
+        let stage_noise = || {
+            NoiseKey {
+                seed,
+                stage: k as u32,
+                step: 0,
+                purpose: NoisePurpose::StageNoise,
             }
-            StageEntry::InitImage { filter } => {
-                let image = inputs.init_image.take().ok_or_else(|| {
-                    EngineError::Invalid(
-                        "the plan starts from an init image but none was given".into(),
-                    )
-                })?;
-                let z0 = self.reencode(job, seed, k, stage, &image.clamp(-1f32, 1f32)?, *filter)?;
-                return Ok(StageResult {
-                    latent: z0.clone(),
-                    x0: z0,
-                    camap: None,
-                });
-            }
-            StageEntry::Previous {
-                from_predicted_x0,
-                filter,
-            } => {
-                let p = prev.as_ref().ok_or_else(|| {
-                    EngineError::Invalid(format!(
-                        "stage {k} continues a previous stage, but it is the first"
-                    ))
-                })?;
-                let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
-                let mut pixels = self.decode(job, &format!("s{k}"), source)?;
-                // FreCaS clips the decoded prediction to the image range before resizing.
-                if *from_predicted_x0 {
-                    pixels = pixels.clamp(-1f32, 1f32)?;
-                }
-                let z_up = self.reencode(job, seed, k, stage, &pixels, *filter)?;
-                let eps = NoiseKey {
-                    seed,
-                    stage: k as u32,
-                    step: 0,
-                    purpose: NoisePurpose::StageNoise,
-                }
-                .normal(shape, &cpu)?;
-                let t0 = *stage
-                    .timesteps
-                    .first()
-                    .ok_or_else(|| EngineError::Invalid(format!("stage {k} has no timesteps")))?;
-                let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
-                if stage.restraint.is_some() {
-                    restraint_source = Some((z_up, eps));
-                }
-                z
-            }
+            .normal(shape, &cpu)
         };
-        let camap_in = prev.and_then(|p| p.camap);
+        let (mut z, camap_in, first_step) = if let Some(j0) = resume_at {
+            // Mid-stage resume: the latent after j0 steps, and the stage's entry data.
+            let z = get_tensor(self.store, &keys::checkpoint(job, k, j0, "latent"), &cpu)?;
+            if stage.restraint.is_some() && self.store.exists(&keys::stage(job, k, "zup"))? {
+                let z_up = get_tensor(self.store, &keys::stage(job, k, "zup"), &cpu)?;
+                restraint_source = Some((z_up, stage_noise()?));
+            }
+            let camap_key = keys::stage(job, k, "camap_in");
+            let camap_in = if self.store.exists(&camap_key)? {
+                Some(CaMap::from_tensor(get_tensor(
+                    self.store, &camap_key, &cpu,
+                )?)?)
+            } else {
+                None
+            };
+            // Whatever the interrupted step left is redone from scratch.
+            self.store.delete_prefix(&keys::step_prefix(job, k, j0))?;
+            (z, camap_in, j0)
+        } else {
+            let z = match &stage.entry {
+                StageEntry::Noise => {
+                    let noise = match inputs.initial_latents.take() {
+                        Some(t) => check_initial_latents(t, shape, stage)?,
+                        None => NoiseKey {
+                            seed,
+                            stage: k as u32,
+                            step: 0,
+                            purpose: NoisePurpose::InitialLatent,
+                        }
+                        .normal(shape, &cpu)?,
+                    };
+                    // diffusers scales given latents by the scheduler's initial sigma too.
+                    (noise * stepper.scheduler.init_noise_sigma())?
+                }
+                StageEntry::InitImage { filter } => {
+                    let image = inputs.init_image.take().ok_or_else(|| {
+                        EngineError::Invalid(
+                            "the plan starts from an init image but none was given".into(),
+                        )
+                    })?;
+                    let z0 =
+                        self.reencode(job, seed, k, stage, &image.clamp(-1f32, 1f32)?, *filter)?;
+                    self.checkpoint(job, k, 0, &z0, Some((&z0, None)))?;
+                    return Ok(StageResult {
+                        latent: z0.clone(),
+                        x0: z0,
+                        camap: None,
+                    });
+                }
+                StageEntry::Previous {
+                    from_predicted_x0,
+                    filter,
+                } => {
+                    let p = prev.as_ref().ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "stage {k} continues a previous stage, but it is the first"
+                        ))
+                    })?;
+                    let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
+                    let mut pixels = self.decode(job, &format!("s{k}"), source)?;
+                    // FreCaS clips the decoded prediction to the image range before resizing.
+                    if *from_predicted_x0 {
+                        pixels = pixels.clamp(-1f32, 1f32)?;
+                    }
+                    let z_up = self.reencode(job, seed, k, stage, &pixels, *filter)?;
+                    let eps = stage_noise()?;
+                    let t0 = *stage.timesteps.first().ok_or_else(|| {
+                        EngineError::Invalid(format!("stage {k} has no timesteps"))
+                    })?;
+                    let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
+                    if stage.restraint.is_some() {
+                        put_tensor(self.store, &keys::stage(job, k, "zup"), &z_up)?;
+                        restraint_source = Some((z_up, eps));
+                    }
+                    z
+                }
+            };
+            let camap_in = prev.and_then(|p| p.camap);
+            if let Some(m) = &camap_in {
+                put_tensor(self.store, &keys::stage(job, k, "camap_in"), m.tensor())?;
+            }
+            // The entry (a noise draw or a whole decode-resize-encode transition) is not redone.
+            self.checkpoint(job, k, 0, &z, None)?;
+            (z, camap_in, 0)
+        };
 
         // Per-pixel restraint exponents under a mask.
         let exponents = match (&stage.restraint, &inputs.mask) {
@@ -397,7 +546,7 @@ impl Engine<'_> {
         let steps = stage.timesteps.len();
         let mut x0 = z.clone();
         let mut camap_out = None;
-        for (j, &t) in stage.timesteps.iter().enumerate() {
+        for (j, &t) in stage.timesteps.iter().enumerate().skip(first_step) {
             if let (Some(r), Some((z_up, eps)), true) = (&stage.restraint, &restraint_source, j > 0)
             {
                 let noised = || stepper.scheduler.add_noise(z_up, eps, t);
@@ -455,12 +604,8 @@ impl Engine<'_> {
             if pred.camap.is_some() {
                 camap_out = pred.camap;
             }
-            put_tensor(self.store, &keys::checkpoint_latent(job), &z)?;
-            put_json(
-                self.store,
-                &keys::checkpoint_state(job),
-                &serde_json::json!({ "stage": k, "step": j + 1 }),
-            )?;
+            let end = (j + 1 == steps).then_some((&x0, camap_out.as_ref()));
+            self.checkpoint(job, k, j + 1, &z, end)?;
             progress(Progress::Step {
                 stage: k,
                 step: j + 1,
