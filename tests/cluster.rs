@@ -114,18 +114,38 @@ struct Cluster {
     coordinator: Option<Proc>,
     workers: Vec<Proc>,
     extra: Vec<String>,
+    /// Directory with `ca.pem`, `server.pem` and `server.key` when every hop uses TLS.
+    tls: Option<PathBuf>,
     spawned: usize,
 }
 
 impl Cluster {
     fn start(name: &str, workers: usize, redis: RedisServerOptions, extra: &[&str]) -> Cluster {
+        Self::start_tls(name, workers, redis, extra, false)
+    }
+
+    fn start_tls(
+        name: &str,
+        workers: usize,
+        redis: RedisServerOptions,
+        extra: &[&str],
+        tls: bool,
+    ) -> Cluster {
+        let dir = Scratch::new(name);
+        let tls = tls.then(|| {
+            let certs = dir.path("certs");
+            std::fs::create_dir_all(&certs).unwrap();
+            tessera_common::testing::make_certificates(&certs);
+            certs
+        });
         let mut c = Cluster {
-            dir: Scratch::new(name),
+            dir,
             redis: RedisServer::start_with(redis),
             port: free_port(),
             coordinator: None,
             workers: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
             spawned: 0,
         };
         c.start_coordinator();
@@ -137,7 +157,23 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// TLS flags of a server role (certificate, key, and the CA of its peers).
+    fn server_tls(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(d) => vec![
+                "--tls-cert".into(),
+                d.join("server.pem").display().to_string(),
+                "--tls-key".into(),
+                d.join("server.key").display().to_string(),
+                "--tls-ca".into(),
+                d.join("ca.pem").display().to_string(),
+            ],
+        }
     }
 
     fn start_coordinator(&mut self) {
@@ -153,7 +189,8 @@ impl Cluster {
             "--job-ttl",
             "3",
         ];
-        let extra = self.extra.clone();
+        let mut extra = self.extra.clone();
+        extra.extend(self.server_tls());
         args.extend(extra.iter().map(String::as_str));
         let log = self.dir.path(&format!("coordinator-{}.log", self.spawned));
         self.coordinator = Some(Proc::spawn("coordinator", &args, log));
@@ -191,13 +228,14 @@ impl Cluster {
             "--model-name",
             "tiny",
         ];
-        let extra: Vec<String> = self
+        let mut extra: Vec<String> = self
             .extra
             .iter()
             .skip_while(|a| *a != "--token")
             .take(2)
             .cloned()
             .collect();
+        extra.extend(self.server_tls());
         args.extend(extra.iter().map(String::as_str));
         let n = self.spawned;
         let log = self.dir.path(&format!("worker-{n}.log"));
@@ -252,13 +290,19 @@ impl Cluster {
         let url = self.url();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--coordinator", url.as_str()]);
-        let token: Vec<String> = self
+        let mut token: Vec<String> = self
             .extra
             .iter()
             .skip_while(|a| *a != "--token")
             .take(2)
             .cloned()
             .collect();
+        if let Some(d) = &self.tls {
+            token.extend([
+                "--tls-ca".to_string(),
+                d.join("ca.pem").display().to_string(),
+            ]);
+        }
         all.extend(token.iter().map(String::as_str));
         tessera(&all)
     }
@@ -513,6 +557,20 @@ fn redis_restarted_mid_job_costs_nothing() {
         cluster.logs()
     );
     assert_same_image(&cluster, &id);
+}
+
+#[test]
+fn every_hop_can_use_tls() {
+    let _one = serial();
+    let cluster = Cluster::start_tls("cluster-tls", 1, RedisServerOptions::default(), &[], true);
+    let id = cluster.submit(&["--prompt", "over TLS", "--steps", "2", "--seed", "5"]);
+    let out = cluster.watch(&id);
+    assert!(out.status.success(), "{}", cluster.logs());
+    assert_eq!(cluster.fetch_pixels(&id).len(), 128 * 128 * 3);
+    // A client that does not speak TLS gets nowhere.
+    let plain = format!("http://127.0.0.1:{}", cluster.port);
+    let out = tessera(&["list", "--coordinator", &plain]);
+    assert!(!out.status.success());
 }
 
 mod malformed {

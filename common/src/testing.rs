@@ -269,8 +269,9 @@ fn check_installed() {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost, signed by it, in `dir`.
-fn make_certificates(dir: &Path) {
+/// A CA and a server certificate for 127.0.0.1 and localhost, signed by it, in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`. Also used by the cluster's TLS test.
+pub fn make_certificates(dir: &Path) {
     let ext = "basicConstraints=CA:FALSE\n\
                keyUsage=digitalSignature,keyEncipherment\n\
                extendedKeyUsage=serverAuth\n\
