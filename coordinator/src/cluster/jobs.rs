@@ -277,45 +277,35 @@ impl Jobs {
         Ok(())
     }
 
-    /// Ids of queued jobs in run order.
-    pub async fn queued(&self) -> Result<Vec<String>, StoreError> {
+    /// The job ids a read-only command returns.
+    async fn ids(&self, what: &str, cmd: redis::Cmd) -> Result<Vec<String>, StoreError> {
         self.store
-            .with_retry("queue", |mut c| async move {
-                redis::cmd("ZRANGE")
-                    .arg(keys::JOB_QUEUE)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async::<Vec<String>>(&mut c)
-                    .await
+            .with_retry(what, |mut c| {
+                let cmd = cmd.clone();
+                async move { cmd.query_async::<Vec<String>>(&mut c).await }
             })
             .await
+    }
+
+    /// Ids of queued jobs in run order.
+    pub async fn queued(&self) -> Result<Vec<String>, StoreError> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(keys::JOB_QUEUE).arg(0).arg(-1);
+        self.ids("queue", cmd).await
     }
 
     /// Jobs a coordinator started and did not finish.
     pub async fn running(&self) -> Result<Vec<String>, StoreError> {
-        self.store
-            .with_retry("running jobs", |mut c| async move {
-                redis::cmd("SMEMBERS")
-                    .arg(keys::JOBS_RUNNING)
-                    .query_async::<Vec<String>>(&mut c)
-                    .await
-            })
-            .await
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(keys::JOBS_RUNNING);
+        self.ids("running jobs", cmd).await
     }
 
     /// Every job id, newest first.
     pub async fn all(&self) -> Result<Vec<String>, StoreError> {
-        self.store
-            .with_retry("job index", |mut c| async move {
-                redis::cmd("ZRANGE")
-                    .arg(keys::JOBS_INDEX)
-                    .arg(0)
-                    .arg(-1)
-                    .arg("REV")
-                    .query_async::<Vec<String>>(&mut c)
-                    .await
-            })
-            .await
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(keys::JOBS_INDEX).arg(0).arg(-1).arg("REV");
+        self.ids("job index", cmd).await
     }
 
     /// Drops index entries of jobs whose records expired.
