@@ -190,13 +190,13 @@ pub fn execute(
                 let t = t.to_dtype(candle_core::DType::F32).map_err(cx)?;
                 put_tensor(store, &keys::embedding(&task.job, part), &t).map_err(st)
             };
-            put("cond", &e.cond)?;
             put("uncond", &e.uncond)?;
             if let (Some(pc), Some(pu)) = (&e.pooled_cond, &e.pooled_uncond) {
                 put("pooled_cond", pc)?;
                 put("pooled_uncond", pu)?;
             }
-            Ok(())
+            // Last: a resumed engine takes `cond` as the sign that all parts are stored.
+            put("cond", &e.cond)
         }
         TaskKind::Denoise(d) => {
             let views = get_tensor(store, &d.input, dev).map_err(st)?;
