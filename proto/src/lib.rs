@@ -1,8 +1,10 @@
 //! Tessera's wire contract: the code generated from `tessera.proto`, and what every connection
-//! shares — the bearer token ([`auth`]) and TLS and channel settings ([`net`]).
+//! shares — the bearer token ([`auth`]), TLS and channel settings ([`net`]) and the health and reflection
+//! services every server runs ([`server`]).
 
 pub mod auth;
 pub mod net;
+pub mod server;
 
 /// Generated messages, clients and servers of package `tessera.v1`.
 pub mod v1 {

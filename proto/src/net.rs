@@ -20,6 +20,8 @@ pub enum NetError {
     BadUrl { url: String, message: String },
     #[error("TLS settings for {url}: {message}")]
     Tls { url: String, message: String },
+    #[error("setting up the gRPC server: {0}")]
+    Server(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, NetError> {

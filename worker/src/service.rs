@@ -140,30 +140,14 @@ pub async fn serve(
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     tokio::spawn(check_coordinator(cfg.clone()));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<WorkerServer<WorkerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServiceError::Serve(e.to_string()))?;
     let token = RequireToken::new(cfg.token.as_deref());
-    let mut server = tonic::transport::Server::builder();
-    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        server = server
-            .tls_config(net::server_tls(cert, key)?)
-            .map_err(|e| ServiceError::Serve(e.to_string()))?;
-    }
+    let tls = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
+    let router = tessera_proto::server::router::<WorkerServer<WorkerService>>(tls, &token).await?;
     eprintln!(
         "worker {id} serving model {:?} on {address} (device {})",
         cfg.model_name, cfg.device
     );
-    let result = server
-        .add_service(health_service)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection,
-            token.clone(),
-        ))
+    let result = router
         .add_service(WorkerServer::with_interceptor(
             WorkerService {
                 shared: shared.clone(),

@@ -9,6 +9,25 @@ use clap::Args;
 
 use crate::cluster::{self, CoordinatorConfig};
 
+/// Token and TLS settings shared by both server roles.
+#[derive(Debug, Args)]
+pub struct ServerSecurity {
+    /// Bearer token: required on every call to this server and sent on every call it makes
+    /// (the whole cluster shares one; clients pass it with --token too).
+    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Serve TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the peers' certificates (the workers' for the
+    /// coordinator, the coordinator's for a worker).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
     /// Address to serve the client API on.
@@ -18,18 +37,8 @@ pub struct CoordinatorArgs {
     /// rediss:// for TLS.
     #[arg(long, env = "TESSERA_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// Require this bearer token on every call (clients pass --token); also sent to workers.
-    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Serve TLS with this certificate (PEM); needs --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) the workers' TLS certificates are signed by.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub security: ServerSecurity,
     /// Seconds finished jobs (records and images) are kept for `fetch` before they expire.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub job_ttl: u64,
@@ -48,10 +57,10 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     let cfg = CoordinatorConfig {
         listen: args.listen,
         redis_url: args.redis,
-        token: args.token,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        worker_ca: args.tls_ca,
+        token: args.security.token,
+        tls_cert: args.security.tls_cert,
+        tls_key: args.security.tls_key,
+        worker_ca: args.security.tls_ca,
         job_ttl: Duration::from_secs(args.job_ttl),
         max_jobs: args.max_jobs,
         lease: Duration::from_secs(args.lease),
@@ -92,18 +101,8 @@ pub struct WorkerArgs {
     /// Where to compute: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Require this bearer token on every call (the coordinator's --token).
-    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Serve TLS with this certificate (PEM); needs --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) of the coordinator's TLS certificate.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub security: ServerSecurity,
     /// Tasks (each a batch of views) per call from the coordinator.
     #[arg(long, default_value_t = 1)]
     pub tasks_per_call: u32,
@@ -135,10 +134,10 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         advertise: args.advertise,
         coordinator: args.coordinator,
         redis_url: args.redis,
-        token: args.token,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        tls_ca: args.tls_ca,
+        token: args.security.token,
+        tls_cert: args.security.tls_cert,
+        tls_key: args.security.tls_key,
+        tls_ca: args.security.tls_ca,
         tasks_per_call: args.tasks_per_call,
     };
     runtime()?.block_on(async move {

@@ -156,6 +156,13 @@ impl JobRecord {
     }
 }
 
+fn decode(key: &str, bytes: &[u8]) -> Result<JobRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Codec {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
 fn encode(record: &JobRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(record).map_err(|e| StoreError::Codec {
         key: keys::job_record(&record.id),
@@ -170,6 +177,23 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    /// Runs the commands `build` adds as one MULTI transaction, retried through outages.
+    async fn atomically(
+        &self,
+        what: &str,
+        build: impl FnOnce(&mut redis::Pipeline),
+    ) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        build(&mut pipe);
+        self.store
+            .with_retry(what, |mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
     /// Stores a new job with its input files and queues it, all or nothing.
     pub async fn create(
         &self,
@@ -177,37 +201,40 @@ impl Jobs {
         inputs: &[(String, Vec<u8>)],
     ) -> Result<(), StoreError> {
         let bytes = encode(record)?;
-        let id = record.id.clone();
-        let score = queue_score(record.priority, record.seq);
-        let seq = record.seq;
-        self.store
-            .with_retry("submit", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                pipe.set(keys::job_record(&id), bytes.clone()).ignore();
-                for (name, data) in inputs {
-                    pipe.set(keys::job_input(&id, name), data.clone()).ignore();
-                }
-                pipe.zadd(keys::JOBS_INDEX, &id, seq).ignore();
-                pipe.zadd(keys::JOB_QUEUE, &id, score).ignore();
-                async move { pipe.query_async::<()>(&mut c).await }
-            })
-            .await
+        let id = &record.id;
+        self.atomically("submit", |pipe| {
+            pipe.set(keys::job_record(id), bytes).ignore();
+            for (name, data) in inputs {
+                pipe.set(keys::job_input(id, name), data.clone()).ignore();
+            }
+            pipe.zadd(keys::JOBS_INDEX, id, record.seq).ignore();
+            pipe.zadd(
+                keys::JOB_QUEUE,
+                id,
+                queue_score(record.priority, record.seq),
+            )
+            .ignore();
+        })
+        .await
     }
 
     pub async fn load(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let key = keys::job_record(id);
         match self.store.get_async(&key).await? {
             None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Codec {
-                        key,
-                        message: e.to_string(),
-                    })
-            }
+            Some(bytes) => decode(&key, &bytes).map(Some),
         }
+    }
+
+    /// Records of several jobs in one round trip; expired ones are left out.
+    pub async fn load_many(&self, ids: &[String]) -> Result<Vec<JobRecord>, StoreError> {
+        let names: Vec<String> = ids.iter().map(|id| keys::job_record(id)).collect();
+        let values = self.store.get_many_async(&names).await?;
+        names
+            .iter()
+            .zip(values)
+            .filter_map(|(key, v)| v.map(|bytes| decode(key, &bytes)))
+            .collect()
     }
 
     pub async fn save(&self, record: &JobRecord) -> Result<(), StoreError> {
@@ -219,60 +246,46 @@ impl Jobs {
     /// Queued → running, atomically.
     pub async fn mark_running(&self, record: &JobRecord) -> Result<(), StoreError> {
         let bytes = encode(record)?;
-        let id = record.id.clone();
-        self.store
-            .with_retry("start job", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .set(keys::job_record(&id), bytes.clone())
-                    .ignore()
-                    .zrem(keys::JOB_QUEUE, &id)
-                    .ignore()
-                    .sadd(keys::JOBS_RUNNING, &id)
-                    .ignore();
-                async move { pipe.query_async::<()>(&mut c).await }
-            })
-            .await
+        let id = &record.id;
+        self.atomically("start job", |pipe| {
+            pipe.set(keys::job_record(id), bytes)
+                .ignore()
+                .zrem(keys::JOB_QUEUE, id)
+                .ignore()
+                .sadd(keys::JOBS_RUNNING, id)
+                .ignore();
+        })
+        .await
     }
 
     /// Records the end of a job and starts its expiry clock. `keep_results` is false for
-    /// cancelled and failed jobs: everything but the record goes at once.
+    /// cancelled and failed jobs: everything but the record goes at once. (Each finished
+    /// image's scratch keys are cleared as it finishes.)
     pub async fn finish(
         &self,
         record: &JobRecord,
         ttl: Duration,
         keep_results: bool,
     ) -> Result<(), StoreError> {
-        let id = record.id.clone();
-        let prefix = keys::job_prefix(&id);
+        let id = &record.id;
+        let prefix = keys::job_prefix(id);
         if !keep_results {
             self.store.delete_prefix_async(&prefix).await?;
         } else {
-            // Scratch keys of the images (checkpoints, step data) are not results.
-            for n in 0..record.count {
-                let image = keys::image_job(&id, n);
-                self.store
-                    .delete_prefix_async(&keys::job_prefix(&image))
-                    .await?;
-            }
             for name in &record.inputs {
-                self.store.delete_async(&keys::job_input(&id, name)).await?;
+                self.store.delete_async(&keys::job_input(id, name)).await?;
             }
         }
         let bytes = encode(record)?;
-        self.store
-            .with_retry("finish job", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .set(keys::job_record(&id), bytes.clone())
-                    .ignore()
-                    .zrem(keys::JOB_QUEUE, &id)
-                    .ignore()
-                    .srem(keys::JOBS_RUNNING, &id)
-                    .ignore();
-                async move { pipe.query_async::<()>(&mut c).await }
-            })
-            .await?;
+        self.atomically("finish job", |pipe| {
+            pipe.set(keys::job_record(id), bytes)
+                .ignore()
+                .zrem(keys::JOB_QUEUE, id)
+                .ignore()
+                .srem(keys::JOBS_RUNNING, id)
+                .ignore();
+        })
+        .await?;
         self.store.expire_prefix(&prefix, ttl).await?;
         Ok(())
     }
@@ -308,32 +321,41 @@ impl Jobs {
         self.ids("job index", cmd).await
     }
 
-    /// Drops index entries of jobs whose records expired.
+    /// Drops index entries of jobs whose records expired: one read and one transaction,
+    /// however many jobs there are.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
-        let mut gone = 0;
-        for id in self.all().await? {
-            if !self.store.exists_async(&keys::job_record(&id)).await? {
-                let idc = id.clone();
-                self.store
-                    .with_retry("sweep", |mut c| {
-                        let id = idc.clone();
-                        async move {
-                            let mut pipe = redis::pipe();
-                            pipe.atomic()
-                                .zrem(keys::JOBS_INDEX, &id)
-                                .ignore()
-                                .zrem(keys::JOB_QUEUE, &id)
-                                .ignore()
-                                .srem(keys::JOBS_RUNNING, &id)
-                                .ignore();
-                            pipe.query_async::<()>(&mut c).await
-                        }
-                    })
-                    .await?;
-                gone += 1;
-            }
+        let ids = self.all().await?;
+        let mut exists = redis::pipe();
+        for id in &ids {
+            exists.exists(keys::job_record(id));
         }
-        Ok(gone)
+        let present: Vec<bool> = self
+            .store
+            .with_retry("sweep", |mut c| {
+                let p = exists.clone();
+                async move { p.query_async(&mut c).await }
+            })
+            .await?;
+        let gone: Vec<&String> = ids
+            .iter()
+            .zip(present)
+            .filter(|(_, there)| !there)
+            .map(|(id, _)| id)
+            .collect();
+        if !gone.is_empty() {
+            self.atomically("sweep", |pipe| {
+                for id in &gone {
+                    pipe.zrem(keys::JOBS_INDEX, *id)
+                        .ignore()
+                        .zrem(keys::JOB_QUEUE, *id)
+                        .ignore()
+                        .srem(keys::JOBS_RUNNING, *id)
+                        .ignore();
+                }
+            })
+            .await?;
+        }
+        Ok(gone.len())
     }
 }
 

@@ -77,6 +77,21 @@ pub async fn acquire_lock(store: &RedisStore, holder: &str) -> Result<(), StoreE
     }
 }
 
+/// Runs a lock script on the lock key with the holder and the TTL as arguments.
+async fn lock_script(
+    store: &RedisStore,
+    script: &redis::Script,
+    holder: &str,
+) -> Result<i64, StoreError> {
+    store
+        .with_retry("coordinator lock", |mut c| {
+            let mut call = script.key(keys::COORDINATOR_LOCK);
+            call.arg(holder).arg(LOCK_TTL_MS);
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await
+}
+
 /// Refreshes the lock every second; returns if another coordinator took it over.
 pub async fn hold_lock(store: RedisStore, holder: String) {
     let script = redis::Script::new(
@@ -88,22 +103,7 @@ pub async fn hold_lock(store: RedisStore, holder: String) {
     );
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let h = holder.clone();
-        let script = script.clone();
-        let held: Result<i64, StoreError> = store
-            .with_retry("coordinator lock", |mut c| {
-                let (h, script) = (h.clone(), script.clone());
-                async move {
-                    script
-                        .key(keys::COORDINATOR_LOCK)
-                        .arg(&h)
-                        .arg(LOCK_TTL_MS)
-                        .invoke_async(&mut c)
-                        .await
-                }
-            })
-            .await;
-        match held {
+        match lock_script(&store, &script, &holder).await {
             Ok(0) => {
                 tracing::error!("another coordinator took the lock over; stopping");
                 return;
@@ -119,17 +119,5 @@ pub async fn release_lock(store: &RedisStore, holder: &str) {
     let script = redis::Script::new(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
     );
-    let h = holder.to_string();
-    let _: Result<i64, StoreError> = store
-        .with_retry("coordinator lock", |mut c| {
-            let (h, script) = (h.clone(), script.clone());
-            async move {
-                script
-                    .key(keys::COORDINATOR_LOCK)
-                    .arg(&h)
-                    .invoke_async(&mut c)
-                    .await
-            }
-        })
-        .await;
+    let _ = lock_script(store, &script, holder).await;
 }

@@ -100,22 +100,10 @@ pub async fn serve(
     );
     tokio::spawn(runner.clone().run());
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
     let token = RequireToken::new(cfg.token.as_deref());
-    let mut server = tonic::transport::Server::builder();
-    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        server = server
-            .tls_config(net::server_tls(cert, key)?)
-            .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
-    }
+    let tls = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
+    let router =
+        tessera_proto::server::router::<CoordinatorServer<CoordinatorService>>(tls, &token).await?;
     let service = tonic::service::interceptor::InterceptedService::new(
         CoordinatorServer::new(CoordinatorService { runner })
             .max_decoding_message_size(256 << 20)
@@ -129,11 +117,7 @@ pub async fn serve(
             _ = lock => {}
         }
     };
-    let result = server
-        .add_service(health_service)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection, token,
-        ))
+    let result = router
         .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -174,14 +174,19 @@ impl Runner {
             },
         );
         let me = self.clone();
-        std::thread::Builder::new()
+        let job = id.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("job-{id}"))
             .spawn(move || {
-                me.run_job(&id, cancelled);
-                lock(&me.active).remove(&id);
+                me.run_job(&job, cancelled);
+                lock(&me.active).remove(&job);
                 me.wake.notify_one();
-            })
-            .expect("spawning a job thread");
+            });
+        if let Err(e) = spawned {
+            // The job stays in the running set, so the next coordinator resumes it.
+            lock(&self.active).remove(&id);
+            tracing::error!(job = %id, "cannot start a thread for the job: {e}");
+        }
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {

@@ -204,12 +204,20 @@ impl Coordinator for CoordinatorService {
         _req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
         let ids = self.runner.jobs.all().await.map_err(store_status)?;
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some((r, eta)) = self.runner.get(&id).await.map_err(store_status)? {
-                jobs.push(r.to_wire(eta));
-            }
-        }
+        let stored = self
+            .runner
+            .jobs
+            .load_many(&ids)
+            .await
+            .map_err(store_status)?;
+        // Jobs running here report their live progress.
+        let jobs = stored
+            .into_iter()
+            .map(|r| match self.runner.snapshot(&r.id) {
+                Some((live, eta)) => live.to_wire(eta),
+                None => r.to_wire(-1.0),
+            })
+            .collect();
         Ok(Response::new(ListJobsResponse { jobs }))
     }
 

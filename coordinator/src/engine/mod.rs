@@ -301,6 +301,7 @@ impl Engine<'_> {
     fn checkpoint(
         &self,
         job: &str,
+        plan: &Plan,
         k: usize,
         step: usize,
         z: &Tensor,
@@ -314,11 +315,6 @@ impl Engine<'_> {
                 put_tensor(self.store, &key("camap"), m.tensor())?;
             }
         }
-        let previous: Option<Checkpoint> = if self.store.exists(&keys::checkpoint_state(job))? {
-            Some(get_json(self.store, &keys::checkpoint_state(job))?)
-        } else {
-            None
-        };
         put_json(
             self.store,
             &keys::checkpoint_state(job),
@@ -328,10 +324,16 @@ impl Engine<'_> {
                 complete: end.is_some(),
             },
         )?;
-        if let Some(p) = previous {
-            if (p.stage, p.step) != (k, step) {
-                self.store
-                    .delete_prefix(&keys::checkpoint_prefix(job, p.stage, p.step))?;
+        // The checkpoint before this one is known from the plan: the previous step, or the
+        // end of the previous stage.
+        let previous = match (k, step) {
+            (0, 0) => None,
+            (k, 0) => Some((k - 1, plan.stages[k - 1].timesteps.len())),
+            (k, j) => Some((k, j - 1)),
+        };
+        if let Some((pk, pj)) = previous {
+            for part in ["latent", "x0", "camap"] {
+                self.store.delete(&keys::checkpoint(job, pk, pj, part))?;
             }
         }
         Ok(())
@@ -485,7 +487,7 @@ impl Engine<'_> {
                     })?;
                     let z0 =
                         self.reencode(job, seed, k, stage, &image.clamp(-1f32, 1f32)?, *filter)?;
-                    self.checkpoint(job, k, 0, &z0, Some((&z0, None)))?;
+                    self.checkpoint(job, plan, k, 0, &z0, Some((&z0, None)))?;
                     return Ok(StageResult {
                         latent: z0.clone(),
                         x0: z0,
@@ -525,7 +527,7 @@ impl Engine<'_> {
                 put_tensor(self.store, &keys::stage(job, k, "camap_in"), m.tensor())?;
             }
             // The entry (a noise draw or a whole decode-resize-encode transition) is not redone.
-            self.checkpoint(job, k, 0, &z, None)?;
+            self.checkpoint(job, plan, k, 0, &z, None)?;
             (z, camap_in, 0)
         };
 
@@ -605,7 +607,7 @@ impl Engine<'_> {
                 camap_out = pred.camap;
             }
             let end = (j + 1 == steps).then_some((&x0, camap_out.as_ref()));
-            self.checkpoint(job, k, j + 1, &z, end)?;
+            self.checkpoint(job, plan, k, j + 1, &z, end)?;
             progress(Progress::Step {
                 stage: k,
                 step: j + 1,
