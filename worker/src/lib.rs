@@ -3,3 +3,4 @@ pub mod device;
 pub mod model;
 pub mod service;
 pub mod tasks;
+pub mod unet_bench;

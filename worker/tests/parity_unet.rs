@@ -4,7 +4,7 @@
 //! `<arch>/reference.{safetensors,json}`.
 
 mod common;
-use common::{fixtures_root, rel_l2, TOLERANCE};
+use common::{fixtures_root, rel_l2, to_test_device, tolerance};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ impl Fixture {
         let model_dir = dir.join("model");
         let unet = if model_dir.join("model_index.json").is_file() {
             ModelDir::open(&model_dir)?
-                .weights("unet", DType::F32, &Device::Cpu)?
+                .weights("unet", common::dtype(), &common::device())?
                 .build(|vb| UNet2DConditionModel::new(vb, &cfg))?
         } else {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&unet_dir)?
@@ -50,13 +50,14 @@ impl Fixture {
             if files.is_empty() {
                 bail!("no safetensors in {}", unet_dir.display());
             }
-            let vb =
-                unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&files, common::dtype(), &common::device())?
+            };
             UNet2DConditionModel::new(vb, &cfg)?
         };
         let refs = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?
             .into_iter()
-            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .map(|(k, v)| Ok((k, to_test_device(&v.to_dtype(DType::F32)?)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         Ok(Self { unet, refs, json })
@@ -86,8 +87,11 @@ impl Fixture {
     fn check(&self, arch: &str, what: &str, got: &Tensor) -> Result<f64> {
         let err = rel_l2(got, self.get(what)?)?;
         println!("{arch} {what}: rel L2 {err:.3e}");
-        if err.is_nan() || err > TOLERANCE {
-            bail!("{arch} {what}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+        if err.is_nan() || err > tolerance() {
+            bail!(
+                "{arch} {what}: relative L2 error {err:.3e} > {:e}",
+                tolerance()
+            );
         }
         Ok(err)
     }
@@ -118,7 +122,7 @@ fn parity(arch: &str) -> Result<()> {
     for map in &hooks.captured {
         let key = format!("unet.camap.{}", map.layer);
         let err = rel_l2(&map.probs, fx.get(&key)?)?;
-        if err.is_nan() || err > TOLERANCE {
+        if err.is_nan() || err > tolerance() {
             bail!("{arch} {key}: relative L2 error {err:.3e}");
         }
         worst = worst.max(err);
@@ -175,12 +179,16 @@ fn scale_fusion_matches_freescale_reference() -> Result<()> {
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[dir.join("sf_weights.safetensors")],
-            DType::F32,
-            &Device::Cpu,
+            common::dtype(),
+            &common::device(),
         )?
     };
     let blk = BasicTransformerBlock::new(vb.pp("blk"), 8, 2, 4, 6)?;
-    let refs = candle_core::safetensors::load(dir.join("sf_ref.safetensors"), &Device::Cpu)?;
+    let refs: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("sf_ref.safetensors"), &Device::Cpu)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, to_test_device(&v)?)))
+            .collect::<Result<_>>()?;
     let (x, ctx) = (&refs["x"], &refs["ctx"]);
     // 32×32 tokens at a layer 8× below a 256² latent; training latent 128² (SDXL at 2048²).
     let grid = LayerGrid {
@@ -201,7 +209,7 @@ fn scale_fusion_matches_freescale_reference() -> Result<()> {
         // Compare the block's update (output − input) so the residual does not hide errors.
         let err = rel_l2(&(&got - x)?, &(want - x)?)?;
         println!("scale fusion fast={fast}: rel L2 of the update {err:.3e}");
-        if err.is_nan() || err > TOLERANCE {
+        if err.is_nan() || err > tolerance() {
             bail!("scale fusion fast={fast}: relative L2 error {err:.3e}");
         }
     }

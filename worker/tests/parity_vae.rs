@@ -1,17 +1,17 @@
 //! AutoencoderKL parity with diffusers on the tiny fixture models (tests/parity/fixtures).
 
 mod common;
-use common::{fixture_dir, references, rel_l2, TOLERANCE};
+use common::{fixture_dir, references, rel_l2, tolerance};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::vae::{AutoencoderKL, TileSpec, VaeConfig};
 
 fn load_vae(arch: &str) -> Result<AutoencoderKL> {
     let dir = ModelDir::open(fixture_dir(arch).join("model"))?;
     let cfg: VaeConfig = dir.config("vae")?;
-    let w = dir.weights("vae", DType::F32, &Device::Cpu)?;
+    let w = dir.weights("vae", common::dtype(), &common::device())?;
     Ok(AutoencoderKL::new(w.vb(), &cfg)?)
 }
 
@@ -31,14 +31,14 @@ fn check(arch: &str) -> Result<()> {
     let e_dec = rel_l2(&decoded, &get("vae.decoded")?)?;
     eprintln!("{arch}: posterior mean {e_mean:.2e}, logvar {e_logvar:.2e}, decoded {e_dec:.2e}");
     assert!(
-        e_mean <= TOLERANCE,
+        e_mean <= tolerance(),
         "{arch} posterior mean rel err {e_mean}"
     );
     assert!(
-        e_logvar <= TOLERANCE,
+        e_logvar <= tolerance(),
         "{arch} posterior logvar rel err {e_logvar}"
     );
-    assert!(e_dec <= TOLERANCE, "{arch} decoded rel err {e_dec}");
+    assert!(e_dec <= tolerance(), "{arch} decoded rel err {e_dec}");
 
     // One tile covering everything is the plain path, bit for bit.
     let latent = get("vae.latent")?;
@@ -84,10 +84,10 @@ fn vae_matches_diffusers_sdxl_fp16_weights() -> Result<()> {
 #[test]
 fn bad_inputs_are_errors() -> Result<()> {
     let vae = load_vae("sd21")?;
-    let wrong = Tensor::zeros((1, 5, 8, 8), DType::F32, &Device::Cpu)?;
+    let wrong = Tensor::zeros((1, 5, 8, 8), common::dtype(), &common::device())?;
     assert!(vae.decode(&wrong).is_err());
     assert!(vae.encode(&wrong).is_err());
-    let img = Tensor::zeros((1, 3, 20, 20), DType::F32, &Device::Cpu)?;
+    let img = Tensor::zeros((1, 3, 20, 20), common::dtype(), &common::device())?;
     assert!(vae
         .tiled_encode(
             &img,
@@ -97,7 +97,7 @@ fn bad_inputs_are_errors() -> Result<()> {
             }
         )
         .is_err());
-    let z = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu)?;
+    let z = Tensor::zeros((1, 4, 8, 8), common::dtype(), &common::device())?;
     assert!(vae
         .tiled_decode(
             &z,

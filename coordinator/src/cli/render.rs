@@ -137,6 +137,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
     );
     let halves = if plan.guided { 2 } else { 1 };
     let stage_label = Mutex::new(String::new());
+    let timings = Mutex::new(StageTimings::default());
     let on_progress = |p: Progress| match p {
         Progress::Stage {
             stage,
@@ -145,6 +146,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
             steps,
         } => {
             let label = format!("stage {}/{stages} {}x{}", stage + 1, size[0], size[1]);
+            lock(&timings).begin(format!("{}x{}", size[0], size[1]), steps);
             bar.set_message(format!("{label} step 0/{steps}"));
             *stage_label.lock().unwrap_or_else(|e| e.into_inner()) = label;
         }
@@ -155,8 +157,14 @@ pub fn run(args: RenderArgs) -> Result<()> {
                 .clone();
             bar.set_message(format!("{label} step {step}/{steps}"));
         }
-        Progress::Views(n) => bar.inc((n * halves) as u64),
-        Progress::Decoding => bar.set_message("decoding"),
+        Progress::Views(n) => {
+            bar.inc((n * halves) as u64);
+            lock(&timings).views += n * halves;
+        }
+        Progress::Decoding => {
+            lock(&timings).begin("decode".into(), 0);
+            bar.set_message("decoding")
+        }
         Progress::Resumed { .. } => {}
     };
     let out = engine.run(
@@ -171,6 +179,11 @@ pub fn run(args: RenderArgs) -> Result<()> {
         &on_progress,
     )?;
     bar.finish_and_clear();
+    let mut timings = timings.into_inner().unwrap_or_else(|e| e.into_inner());
+    timings.begin(String::new(), 0);
+    for line in timings.summary() {
+        eprintln!("{line}");
+    }
 
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, &out.latents)?;
@@ -189,4 +202,48 @@ pub fn run(args: RenderArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wall time and model evaluations of each stage (and the decode), printed after a render.
+#[derive(Default)]
+struct StageTimings {
+    current: Option<(String, usize, std::time::Instant)>,
+    views: usize,
+    done: Vec<(String, usize, usize, f64)>,
+}
+
+impl StageTimings {
+    /// Closes the running stage (if any) and starts `name`.
+    fn begin(&mut self, name: String, steps: usize) {
+        if let Some((prev, prev_steps, t)) = self.current.take() {
+            let views = std::mem::take(&mut self.views);
+            self.done
+                .push((prev, prev_steps, views, t.elapsed().as_secs_f64()));
+        }
+        self.views = 0;
+        if !name.is_empty() {
+            self.current = Some((name, steps, std::time::Instant::now()));
+        }
+    }
+
+    fn summary(&self) -> Vec<String> {
+        self.done
+            .iter()
+            .map(|(name, steps, views, secs)| {
+                if *steps == 0 {
+                    format!("{name}: {secs:.2}s")
+                } else {
+                    format!(
+                        "{name}: {steps} steps, {views} view evaluations in {secs:.2}s \
+                         ({:.2} evaluations/s)",
+                        *views as f64 / secs.max(1e-9)
+                    )
+                }
+            })
+            .collect()
+    }
 }

@@ -65,6 +65,28 @@ fn count_parameters(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// A synthetic model has no files to count: its components are built over a backend that only
+/// records the shapes asked for.
+fn synthetic_parameters(dir: &ModelDir, unet: &UNetConfig) -> Result<u64> {
+    use super::synthetic::count_parameters;
+    use super::text::{ClipTextConfig, ClipTextModel};
+    use super::unet::UNet2DConditionModel;
+    use super::vae::{AutoencoderKL, VaeConfig};
+    let err = |e: candle_core::Error| ModelError::Other(format!("synthetic model: {e}"));
+    let mut total =
+        count_parameters(|vb| UNet2DConditionModel::new(vb, unet).map(|_| ())).map_err(err)?;
+    let vae: VaeConfig = dir.config("vae")?;
+    total += count_parameters(|vb| AutoencoderKL::new(vb, &vae).map(|_| ())).map_err(err)?;
+    for (name, projection) in [("text_encoder", false), ("text_encoder_2", true)] {
+        if dir.index().components.contains(name) {
+            let cfg: ClipTextConfig = dir.config(name)?;
+            total += count_parameters(|vb| ClipTextModel::new(vb, &cfg, projection).map(|_| ()))
+                .map_err(err)?;
+        }
+    }
+    Ok(total)
+}
+
 /// The plan's view of the model at `path`; `weight_bytes` is the precision workers will use.
 pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     let dir = ModelDir::open(path)?;
@@ -75,10 +97,15 @@ pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     }
     let scheduler = SchedulerConfig::from_file(&sched_path)
         .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
-    let mut parameters = 0;
-    for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
-        parameters += count_parameters(&dir.component_dir(component))?;
-    }
+    let parameters = if dir.is_synthetic() {
+        synthetic_parameters(&dir, &unet)?
+    } else {
+        let mut parameters = 0;
+        for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+            parameters += count_parameters(&dir.component_dir(component))?;
+        }
+        parameters
+    };
     Ok(ArchInfo {
         name: path.display().to_string(),
         sdxl: dir.index().kind == PipelineKind::StableDiffusionXl,

@@ -70,11 +70,17 @@ pub struct ModelIndex {
 pub struct ModelDir {
     root: PathBuf,
     index: ModelIndex,
+    /// `synthetic:NAME`: configs only, weights made at random on the device.
+    synthetic: bool,
 }
 
 impl ModelDir {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let root = path.as_ref().to_path_buf();
+        let synthetic = super::synthetic::synthetic_name(path.as_ref());
+        let root = match synthetic {
+            Some(name) => super::synthetic::config_dir(name)?,
+            None => path.as_ref().to_path_buf(),
+        };
         if !root.is_dir() {
             return Err(ModelError::NotADirectory(root));
         }
@@ -124,7 +130,13 @@ impl ModelDir {
                 force_zeros_for_empty_prompt,
                 components,
             },
+            synthetic: synthetic.is_some(),
         })
+    }
+
+    /// A `synthetic:NAME` model, whose weights are random.
+    pub fn is_synthetic(&self) -> bool {
+        self.synthetic
     }
 
     pub fn root(&self) -> &Path {
@@ -157,6 +169,13 @@ impl ModelDir {
         dtype: DType,
         device: &Device,
     ) -> Result<ComponentWeights> {
+        if self.synthetic {
+            return Ok(ComponentWeights {
+                component: component.to_string(),
+                files: "synthetic random weights".to_string(),
+                vb: super::synthetic::random_weights(dtype, device),
+            });
+        }
         let dir = self.root.join(component);
         let files = weight_files(&dir)?;
         for file in &files {

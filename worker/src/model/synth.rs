@@ -48,6 +48,23 @@ pub const SYNTH_MARKER: &str = "tessera-synth.json";
 /// Writes a complete tiny model into `out`, which must be absent, empty, or an earlier
 /// synthesized model (replaced).
 pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
+    prepare_dir(out)?;
+    // The marker goes first, so an interrupted synthesis can still be replaced.
+    write_file(
+        &out.join(SYNTH_MARKER),
+        &pretty(&json!({ "arch": arch.name(), "seed": seed })),
+    )?;
+    write_model(arch == TinyArch::SdxlTiny, Size::Tiny, out, Some(seed))
+}
+
+/// How big a synthesized architecture is: the tiny test models, or the real published sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    Tiny,
+    Full,
+}
+
+fn prepare_dir(out: &Path) -> Result<()> {
     if out.exists() {
         let non_empty = fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -62,13 +79,14 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
             fs::remove_dir_all(out).map_err(|source| io_err(out, source))?;
         }
     }
-    fs::create_dir_all(out).map_err(|source| io_err(out, source))?;
-    write_file(
-        &out.join(SYNTH_MARKER),
-        &pretty(&json!({ "arch": arch.name(), "seed": seed })),
-    )?;
+    fs::create_dir_all(out).map_err(|source| io_err(out, source))
+}
 
-    let sdxl = arch == TinyArch::SdxlTiny;
+/// Writes the configs and tokenizers of an SDXL or SD 2.1 model of `size` into `out`, and
+/// the weights drawn from `seed` when given (without, the loader makes them on the device).
+pub(crate) fn write_model(sdxl: bool, size: Size, out: &Path, seed: Option<u64>) -> Result<()> {
+    let full = size == Size::Full;
+    let seed_or_zero = seed.unwrap_or(0);
     // Tokenizers first: the text encoders' vocabulary size comes from them.
     let pad = if sdxl { "<|endoftext|>" } else { "!" };
     let tokenizer_dir = out.join("tokenizer");
@@ -82,20 +100,30 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     let id_of = |tok: &str| vocab.get(tok).and_then(|v| v.as_u64()).unwrap_or(0);
     let (bos, eos) = (id_of("<|startoftext|>"), id_of("<|endoftext|>"));
 
+    // Full sizes: CLIP ViT-L (SDXL's first encoder), OpenCLIP bigG (its second) and OpenCLIP
+    // ViT-H (SD 2.1's), over the real 49408-token vocabulary size; the tokenizer stays the tiny
+    // one, whose ids all fall inside it.
     let text_hidden = 32;
+    let vocab_size = if full { 49408 } else { vocab_size };
     let text_config = |act: &str, with_projection: bool| {
+        let (hidden, inter, layers, heads, proj) = match (full, sdxl, with_projection) {
+            (false, _, _) => (text_hidden, 64, 3, 4, text_hidden),
+            (true, true, false) => (768, 3072, 12, 12, 768),
+            (true, true, true) => (1280, 5120, 32, 20, 1280),
+            (true, false, _) => (1024, 4096, 23, 16, 512),
+        };
         json!({
             "architectures": [if with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
             "model_type": "clip_text_model",
             "vocab_size": vocab_size,
-            "hidden_size": text_hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             "max_position_embeddings": 77,
             "hidden_act": act,
             "layer_norm_eps": 1e-5,
-            "projection_dim": text_hidden,
+            "projection_dim": proj,
             "bos_token_id": bos,
             "eos_token_id": eos,
             "pad_token_id": if pad == "!" { id_of("!") } else { eos },
@@ -106,7 +134,7 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     let mut rng_stream = 0u64;
     let mut next_seed = || {
         rng_stream += 1;
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rng_stream
+        seed_or_zero.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rng_stream
     };
 
     // Text encoders. SD 2.1's OpenCLIP encoder uses gelu; SDXL's first is CLIP ViT-L (quick_gelu)
@@ -122,13 +150,17 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     for (name, cfg_json, with_projection) in &encoders {
         let cfg: ClipTextConfig = write_config(out, name, "config.json", cfg_json)?;
         let s = next_seed();
-        write_weights(out, name, "model.safetensors", s, |vb| {
-            ClipTextModel::new(vb, &cfg, *with_projection).map(|_| ())
-        })?;
+        if seed.is_some() {
+            write_weights(out, name, "model.safetensors", s, |vb| {
+                ClipTextModel::new(vb, &cfg, *with_projection).map(|_| ())
+            })?;
+        }
     }
 
     let cross_dim = if sdxl { 2 * text_hidden } else { text_hidden };
-    let unet_json = if sdxl {
+    let unet_json = if full {
+        full_unet_config(sdxl)
+    } else if sdxl {
         json!({
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": DIFFUSERS_VERSION,
@@ -177,33 +209,42 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     };
     let unet_cfg: UNetConfig = write_config(out, "unet", "config.json", &unet_json)?;
     let s = next_seed();
-    write_weights(
-        out,
-        "unet",
-        "diffusion_pytorch_model.safetensors",
-        s,
-        |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ()),
-    )?;
+    if seed.is_some() {
+        write_weights(
+            out,
+            "unet",
+            "diffusion_pytorch_model.safetensors",
+            s,
+            |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ()),
+        )?;
+    }
 
+    let (vae_channels, vae_layers, vae_groups) = if full {
+        (json!([128, 256, 512, 512]), 2, 32)
+    } else {
+        (json!([16, 32, 32, 32]), 1, 8)
+    };
     let vae_json = json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
         "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
         "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": [16, 32, 32, 32],
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
+        "block_out_channels": vae_channels,
+        "layers_per_block": vae_layers,
+        "norm_num_groups": vae_groups,
         "act_fn": "silu",
-        "sample_size": TINY_SAMPLE_SIZE * 8,
+        "sample_size": unet_cfg.sample_size() * 8,
         "scaling_factor": if sdxl { 0.13025 } else { 0.18215 },
         "force_upcast": sdxl,
     });
     let vae_cfg: VaeConfig = write_config(out, "vae", "config.json", &vae_json)?;
     let s = next_seed();
-    write_weights(out, "vae", "diffusion_pytorch_model.safetensors", s, |vb| {
-        AutoencoderKL::new(vb, &vae_cfg).map(|_| ())
-    })?;
+    if seed.is_some() {
+        write_weights(out, "vae", "diffusion_pytorch_model.safetensors", s, |vb| {
+            AutoencoderKL::new(vb, &vae_cfg).map(|_| ())
+        })?;
+    }
 
     let scheduler_json = if sdxl {
         json!({
@@ -261,6 +302,57 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     };
     write_file(&out.join("model_index.json"), &pretty(&index))?;
     Ok(())
+}
+
+/// The published UNet configurations of SDXL base 1.0 and SD 2.1 (768 px).
+fn full_unet_config(sdxl: bool) -> Value {
+    if sdxl {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "sample_size": 128,
+            "in_channels": 4, "out_channels": 4,
+            "center_input_sample": false, "flip_sin_to_cos": true, "freq_shift": 0,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "layers_per_block": 2,
+            "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20],
+            "num_attention_heads": null,
+            "cross_attention_dim": 2048,
+            "use_linear_projection": true,
+            "upcast_attention": false,
+            "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
+            "downsample_padding": 1, "mid_block_scale_factor": 1,
+            "resnet_time_scale_shift": "default",
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        })
+    } else {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "sample_size": 96,
+            "in_channels": 4, "out_channels": 4,
+            "center_input_sample": false, "flip_sin_to_cos": true, "freq_shift": 0,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [320, 640, 1280, 1280],
+            "layers_per_block": 2,
+            "attention_head_dim": [5, 10, 20, 20],
+            "num_attention_heads": null,
+            "cross_attention_dim": 1024,
+            "use_linear_projection": true,
+            "upcast_attention": true,
+            "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
+            "downsample_padding": 1, "mid_block_scale_factor": 1,
+            "resnet_time_scale_shift": "default",
+        })
+    }
 }
 
 /// Writes `component/file` from `value` and parses it back with the config type the loader

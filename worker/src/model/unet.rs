@@ -19,7 +19,7 @@ pub enum OneOrMany<T> {
 
 impl<T: Clone> OneOrMany<T> {
     /// One value per block; a list must have exactly `n` entries.
-    fn per_block(&self, n: usize, field: &'static str) -> Result<Vec<T>> {
+    pub(crate) fn per_block(&self, n: usize, field: &'static str) -> Result<Vec<T>> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),

@@ -1,0 +1,182 @@
+//! `tessera bench unet`: steady-state speed of one UNet evaluation on a device, as achieved
+//! TFLOP/s (FLOPs counted from the architecture) and as a fraction of the device's own
+//! measured matrix-multiply peak in the same run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::device::{compute_dtype, open_device};
+use crate::model::flops::unet_flops;
+use crate::model::hooks::UNetHooks;
+use crate::model::loader::ModelDir;
+use crate::model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+
+#[derive(Debug, Clone)]
+pub struct UnetBenchOptions {
+    pub model: PathBuf,
+    pub device: String,
+    /// Image size in pixels (height, width).
+    pub size: (usize, usize),
+    /// Samples per evaluation (2: conditional and unconditional, as CFG runs them).
+    pub batch: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    /// Weights and activations; the device's default when absent (f16 on GPUs).
+    pub dtype: Option<DType>,
+    /// Also time a large bf16 matrix product to express the result as a fraction of the peak.
+    pub measure_peak: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UnetBenchResult {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub size: [usize; 2],
+    pub batch: usize,
+    pub iters: usize,
+    /// Per evaluation (one batched forward), milliseconds.
+    pub ms_median: f64,
+    pub ms_mean: f64,
+    pub ms_min: f64,
+    pub tflop_per_eval: f64,
+    pub tflops: f64,
+    /// Measured bf16 matrix-multiply throughput of this device, TFLOP/s.
+    pub peak_tflops: Option<f64>,
+    pub fraction_of_peak: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Model(#[from] crate::model::loader::ModelError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Compute(#[from] candle_core::Error),
+}
+
+pub fn run(
+    opts: &UnetBenchOptions,
+    mut report: impl FnMut(&str),
+) -> Result<UnetBenchResult, BenchError> {
+    let (h, w) = opts.size;
+    if h == 0 || w == 0 || h % 8 != 0 || w % 8 != 0 {
+        return Err(BenchError::Invalid(format!(
+            "--size {h}x{w}: both sides must be positive multiples of 8"
+        )));
+    }
+    if opts.batch == 0 || opts.iters == 0 {
+        return Err(BenchError::Invalid(
+            "--batch and --iters must be at least 1".into(),
+        ));
+    }
+    let device = open_device(&opts.device)?;
+    let dtype = opts.dtype.unwrap_or_else(|| compute_dtype(&device));
+    let dir = ModelDir::open(&opts.model)?;
+    let cfg: UNetConfig = dir.config("unet")?;
+    report(&format!(
+        "loading the UNet of {} ({dtype:?})",
+        opts.model.display()
+    ));
+    let unet = dir
+        .weights("unet", dtype, &device)?
+        .build(|vb| UNet2DConditionModel::new(vb, &cfg))?;
+
+    let (lh, lw) = (h / 8, w / 8);
+    let b = opts.batch;
+    let context_dim = cfg
+        .cross_attention_dim
+        .per_block(1, "cross_attention_dim")?[0];
+    let sample =
+        Tensor::randn(0f32, 1.0, (b, cfg.in_channels, lh, lw), &device)?.to_dtype(dtype)?;
+    let context = Tensor::randn(0f32, 1.0, (b, 77, context_dim), &device)?.to_dtype(dtype)?;
+    let added = match (
+        cfg.addition_time_embed_dim,
+        cfg.projection_class_embeddings_input_dim,
+    ) {
+        (Some(t), Some(p)) if cfg.is_sdxl() => {
+            let pooled = p - 6 * t;
+            let row = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+            let ids: Vec<f32> = (0..b).flat_map(|_| row).collect();
+            Some(AddedCond {
+                text_embeds: Tensor::randn(0f32, 1.0, (b, pooled), &device)?.to_dtype(dtype)?,
+                time_ids: Tensor::from_vec(ids, (b, 6), &device)?,
+            })
+        }
+        _ => None,
+    };
+    let eval = || -> candle_core::Result<()> {
+        let mut hooks = UNetHooks::default();
+        let out = unet.forward(&sample, 500.0, &context, added.as_ref(), &mut hooks)?;
+        drop(out);
+        device.synchronize()
+    };
+    report(&format!("warming up ({} evaluations)", opts.warmup));
+    for _ in 0..opts.warmup {
+        eval()?;
+    }
+    let mut times = Vec::with_capacity(opts.iters);
+    for i in 0..opts.iters {
+        let t = Instant::now();
+        eval()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        report(&format!(
+            "evaluation {}/{}: {:.1} ms",
+            i + 1,
+            opts.iters,
+            times[i]
+        ));
+    }
+    let flops = unet_flops(&cfg, lh, lw, 77)? * b as f64;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let tflops = flops / (median * 1e-3) / 1e12;
+    let peak = if opts.measure_peak && !device.is_cpu() {
+        report("measuring the bf16 matrix-multiply peak");
+        Some(matmul_peak_tflops(&device)?)
+    } else {
+        None
+    };
+    Ok(UnetBenchResult {
+        model: opts.model.display().to_string(),
+        device: opts.device.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        size: [h, w],
+        batch: b,
+        iters: opts.iters,
+        ms_median: median,
+        ms_mean: mean,
+        ms_min: sorted[0],
+        tflop_per_eval: flops / 1e12,
+        tflops,
+        peak_tflops: peak,
+        fraction_of_peak: peak.map(|p| tflops / p),
+    })
+}
+
+/// Throughput of an 8192³ bf16 matrix product (the usual way to read a GPU's dense peak),
+/// median of ten after three warm-ups.
+pub fn matmul_peak_tflops(device: &Device) -> candle_core::Result<f64> {
+    let n = 8192;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    let mut times = Vec::new();
+    for i in 0..13 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        drop(c);
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e12)
+}
