@@ -3,6 +3,9 @@
 # machine that has neither a GPU nor a CUDA toolkit.
 #
 #   deploy/gpu/build.sh            -> target/gpu/tessera (stripped) + target/gpu/libcudart.so.13
+#   deploy/gpu/build.sh --with-tests   also the model parity tests, target/gpu/tests/parity_*,
+#       to check the model code on the GPU: TESSERA_TEST_DEVICE=cuda:0
+#       TESSERA_PARITY_FIXTURES=tests/parity/fixtures target/gpu/tests/parity_unet
 #
 # How: nvcc 13.0 and its companions come from PyPI wheels unpacked into a local CUDA root
 # (target/cuda-root); candle's kernels are compiled to PTX for sm_90 with it. The driver and
@@ -19,13 +22,30 @@
 #     the binary's rpath is $ORIGIN, so it is found there).
 #
 # Environment: TESSERA_CUDA_ROOT (where the toolkit is unpacked), CUDA_COMPUTE_CAP (default 90),
-# TESSERA_BUILD_THREADS (default: all cores).
+# TESSERA_BUILD_THREADS (default: all cores), TESSERA_CUDNN=1 (convolutions through cuDNN 9;
+# the GPU machine then also needs libcudnn.so.9 on LD_LIBRARY_PATH; output in target/gpu-cudnn).
+#
+# The binary is linked with fat LTO: besides the usual gains, it drops candle's quantized (GGUF)
+# kernels, which tessera never calls, and whose fatbins are otherwise half the binary.
 set -euo pipefail
+
+with_tests=false
+case "${1:-}" in
+  --with-tests) with_tests=true ;;
+  "") ;;
+  *) echo "usage: $0 [--with-tests]" >&2; exit 2 ;;
+esac
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cuda_root="${TESSERA_CUDA_ROOT:-$repo/target/cuda-root}"
 out="$repo/target/gpu"
 target_dir="$repo/target/cuda"
+features=cuda
+if [[ "${TESSERA_CUDNN:-0}" == 1 ]]; then
+  out="$repo/target/gpu-cudnn"
+  target_dir="$repo/target/cuda-cudnn"
+  features=cuda,cudnn
+fi
 compute_cap="${CUDA_COMPUTE_CAP:-90}"
 threads="${TESSERA_BUILD_THREADS:-$(nproc)}"
 max_bytes=$((64 * 1024 * 1024))
@@ -88,7 +108,7 @@ stubs="$cuda_root/stubs"
 mkdir -p "$stubs"
 make_stub() { # make_stub <bindings dir> <library name> <soname>
   local dir="$1" name="$2" soname="$3" c="$stubs/$2.c"
-  # Every function the bindings declare (and its link_name alias), as an empty definition: only
+  # Every function the bindings declare or load by name, as an empty definition: only
   # the symbol names matter at link time.
   { grep -rhoE 'load::<_F>\("[A-Za-z_][A-Za-z0-9_]*"\)' "$dir" | sed -E 's/.*\("(.*)"\)/\1/'
     grep -rhoE '^ +fn [A-Za-z_][A-Za-z0-9_]*\(' "$dir" | sed -E 's/ *fn (.*)\(/\1/'
@@ -101,17 +121,37 @@ make_stub "$registry/src/nvrtc/sys" nvrtc libnvrtc.so.13
 make_stub "$registry/src/curand/sys" curand libcurand.so.10
 make_stub "$registry/src/cublas/sys" cublas libcublas.so.13
 make_stub "$registry/src/cublaslt/sys" cublasLt libcublasLt.so.13
+make_stub "$registry/src/cudnn/sys" cudnn libcudnn.so.9
 say "link stubs in $stubs"
 
 # 3. The build. cudaforge compiles candle's kernels with nvcc for $compute_cap.
-say "building tessera (release, --features cuda, sm_$compute_cap) with $threads threads"
+say "building tessera (release, --features $features, sm_$compute_cap) with $threads threads"
 export CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" NVCC="$cuda_home/bin/nvcc"
 export PATH="$cuda_home/bin:$PATH"
 export CUDA_COMPUTE_CAP="$compute_cap" CUDARC_CUDA_VERSION=13000 CUDAFORGE_THREADS="$threads"
 export LIBRARY_PATH="$stubs:$cuda_home/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$cuda_home/lib -C link-arg=-Wl,-rpath,\$ORIGIN"
-CARGO_TARGET_DIR="$target_dir" cargo build --release --locked --features cuda \
-  -p tessera-coordinator --bin tessera -j "$threads"
+CARGO_PROFILE_RELEASE_LTO=fat CARGO_TARGET_DIR="$target_dir" cargo build --release --locked \
+  --features "$features" -p tessera-coordinator --bin tessera -j "$threads"
+
+if $with_tests; then
+  say "building the parity tests for the GPU"
+  mkdir -p "$out/tests"
+  CARGO_TARGET_DIR="$target_dir" cargo test --release --locked --features "$features" \
+    -p tessera-worker --no-run -j "$threads" --message-format=json \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and "/parity_" in exe:
+        print(exe)' \
+    | while read -r exe; do
+        name="$(basename "$exe")"
+        strip -o "$out/tests/${name%-*}" "$exe"
+        say "test binary $out/tests/${name%-*}"
+      done
+fi
 
 # 4. Strip, check the size, ship cudart beside it.
 mkdir -p "$out"
