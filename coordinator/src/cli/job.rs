@@ -8,7 +8,7 @@ use clap::Args;
 use tessera_common::method::params::{Method, MethodSpec, TileWeights};
 use tessera_common::resize::ResizeFilter;
 use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{RenderSpec, Size};
+use tessera_common::spec::{BitDepth, OutputFormat, RenderSpec, Size};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
@@ -116,6 +116,13 @@ pub struct JobArgs {
     /// Restrained-structure exponent outside the mask [default: 0.5].
     #[arg(long)]
     pub cosine_scale_bg: Option<f64>,
+    /// Bits per sample of the output PNG: 8 or 16.
+    #[arg(long, default_value = "8", value_parser = parse_bit_depth)]
+    pub bit_depth: BitDepth,
+}
+
+fn parse_bit_depth(s: &str) -> Result<BitDepth, String> {
+    s.parse::<BitDepth>().map_err(|e| e.to_string())
 }
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
@@ -193,6 +200,9 @@ impl JobArgs {
                 resize: self.resize,
                 init_image: self.init_image.is_some(),
                 mask: self.mask.is_some(),
+            },
+            output: OutputFormat {
+                bit_depth: self.bit_depth,
             },
         })
     }

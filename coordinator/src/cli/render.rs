@@ -170,14 +170,23 @@ pub fn run(args: RenderArgs) -> Result<()> {
         },
         &on_progress,
     )?;
-    bar.finish_and_clear();
-
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, &out.latents)?;
     }
+    // The picture streams to the PNG band by band as the tiled decode finishes it.
     let parameters = describe(&spec, &plan, &args.model.display().to_string());
-    assemble::write_png(&args.output, &out.image, &parameters)
+    let mut png = assemble::PngRows::create(
+        &args.output,
+        spec.width as usize,
+        spec.height as usize,
+        spec.output.bit_depth,
+        &parameters,
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    engine.decode_output("local", &plan, &out.latents, &mut png, &on_progress)?;
+    png.finish()
         .with_context(|| format!("writing {}", args.output.display()))?;
+    bar.finish_and_clear();
     eprintln!(
         "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
         args.output.display(),
