@@ -265,6 +265,18 @@ impl Engine<'_> {
         self.decode_rows(job, "final", VaeTiling::for_plan(plan), latent, sink)
     }
 
+    /// Encodes `pixels` (1, 3, H, W) in [-1, 1] to a latent in VAE tiles on the workers, the
+    /// posterior sampled with the seeded noise of `noise` (what a stage transition does).
+    pub fn encode_image(
+        &self,
+        job: &str,
+        plan: &Plan,
+        noise: VaeNoise,
+        pixels: &Tensor,
+    ) -> Result<Tensor> {
+        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, pixels)
+    }
+
     /// The decoded final picture as a (1, 3, H, W) f32 tensor in [-1, 1], for tests and small
     /// images.
     pub fn decode_image(&self, job: &str, plan: &Plan, latent: &Tensor) -> Result<Tensor> {
