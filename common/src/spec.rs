@@ -82,6 +82,55 @@ impl std::fmt::Display for BitDepth {
 pub struct OutputFormat {
     #[serde(default)]
     pub bit_depth: BitDepth,
+    /// Whether a Deep Zoom pyramid is written next to the PNG.
+    #[serde(default)]
+    pub dzi: DziMode,
+}
+
+/// When to write a Deep Zoom (DZI) pyramid beside the PNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DziMode {
+    /// Only for pictures wider or taller than the threshold (16384 px by default).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl DziMode {
+    pub fn wanted(self, width: u32, height: u32, threshold: u32) -> bool {
+        match self {
+            DziMode::Always => true,
+            DziMode::Never => false,
+            DziMode::Auto => width.max(height) > threshold,
+        }
+    }
+}
+
+impl std::str::FromStr for DziMode {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s.trim() {
+            "auto" => Ok(DziMode::Auto),
+            "always" => Ok(DziMode::Always),
+            "never" => Ok(DziMode::Never),
+            _ => Err(SpecError(format!(
+                "deep zoom mode {s:?} is not known: use auto, always or never"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DziMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DziMode::Auto => "auto",
+            DziMode::Always => "always",
+            DziMode::Never => "never",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

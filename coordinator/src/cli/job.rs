@@ -8,7 +8,7 @@ use clap::Args;
 use tessera_common::method::params::{Method, MethodSpec, TileWeights};
 use tessera_common::resize::ResizeFilter;
 use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{BitDepth, OutputFormat, RenderSpec, Size};
+use tessera_common::spec::{BitDepth, DziMode, OutputFormat, RenderSpec, Size};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
@@ -119,6 +119,14 @@ pub struct JobArgs {
     /// Bits per sample of the output PNG: 8 or 16.
     #[arg(long, default_value = "8", value_parser = parse_bit_depth)]
     pub bit_depth: BitDepth,
+    /// Deep Zoom pyramid (NAME.dzi, NAME_files/, NAME_viewer.html) beside the PNG: auto (only
+    /// wider or taller than 16384 px), always or never.
+    #[arg(long, default_value = "auto", value_parser = parse_dzi)]
+    pub dzi: DziMode,
+}
+
+fn parse_dzi(s: &str) -> Result<DziMode, String> {
+    s.parse::<DziMode>().map_err(|e| e.to_string())
 }
 
 fn parse_bit_depth(s: &str) -> Result<BitDepth, String> {
@@ -203,6 +211,7 @@ impl JobArgs {
             },
             output: OutputFormat {
                 bit_depth: self.bit_depth,
+                dzi: self.dzi,
             },
         })
     }

@@ -175,12 +175,11 @@ pub fn run(args: RenderArgs) -> Result<()> {
     }
     // The picture streams to the PNG band by band as the tiled decode finishes it.
     let parameters = describe(&spec, &plan, &args.model.display().to_string());
-    let mut png = assemble::PngRows::create(
+    let mut png = assemble::OutputFiles::create(
         &args.output,
-        spec.width as usize,
-        spec.height as usize,
-        spec.output.bit_depth,
+        &spec,
         &parameters,
+        assemble::dzi::AUTO_THRESHOLD,
     )
     .with_context(|| format!("writing {}", args.output.display()))?;
     engine.decode_output("local", &plan, &out.latents, &mut png, &on_progress)?;

@@ -423,12 +423,11 @@ impl Runner {
                 ImageError::File(anyhow::anyhow!("creating {}: {e}", dir.display()))
             })?;
         }
-        let mut png = assemble::PngRows::create(
+        let mut png = assemble::OutputFiles::create(
             image.path,
-            image.spec.width as usize,
-            image.spec.height as usize,
-            image.spec.output.bit_depth,
+            image.spec,
             image.parameters,
+            assemble::dzi::AUTO_THRESHOLD,
         )
         .map_err(ImageError::File)?;
         engine.decode_output(image.job, plan, image.latents, &mut png, progress)?;

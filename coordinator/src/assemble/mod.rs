@@ -14,6 +14,8 @@ use tessera_common::spec::BitDepth;
 
 use crate::engine::vae::RowSink;
 
+pub mod dzi;
+
 /// [-1, 1] to an 8-bit sample exactly as [`crate::engine::to_rgb8`] (diffusers' image
 /// processor): `(x / 2 + 0.5)` clamped to [0, 1], times 255, rounded half away from zero.
 pub fn sample_u8(x: f32) -> u8 {
@@ -168,6 +170,50 @@ impl Drop for PngRows {
             drop(self.stream.take());
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// Everything a finished picture is written to: the PNG, and a Deep Zoom pyramid beside it
+/// when the spec asks for one (`--dzi`). Both take the same rows as they stream.
+pub struct OutputFiles {
+    png: PngRows,
+    dzi: Option<dzi::DziRows>,
+}
+
+impl OutputFiles {
+    /// `threshold`: the side above which `--dzi auto` builds a pyramid
+    /// ([`dzi::AUTO_THRESHOLD`] unless a test says otherwise).
+    pub fn create(
+        path: &Path,
+        spec: &tessera_common::spec::RenderSpec,
+        parameters: &str,
+        threshold: u32,
+    ) -> Result<Self> {
+        let (w, h) = (spec.width as usize, spec.height as usize);
+        let png = PngRows::create(path, w, h, spec.output.bit_depth, parameters)?;
+        let dzi = if spec.output.dzi.wanted(spec.width, spec.height, threshold) {
+            Some(dzi::DziRows::create(path, w, h)?)
+        } else {
+            None
+        };
+        Ok(Self { png, dzi })
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if let Some(d) = self.dzi {
+            d.finish()?;
+        }
+        self.png.finish()
+    }
+}
+
+impl RowSink for OutputFiles {
+    fn write_rows(&mut self, rows: &[f32], width: usize) -> std::io::Result<()> {
+        self.png.write_rows(rows, width)?;
+        if let Some(d) = &mut self.dzi {
+            d.write_rows(rows, width)?;
+        }
+        Ok(())
     }
 }
 
