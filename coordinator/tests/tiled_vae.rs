@@ -306,10 +306,63 @@ fn tile_borders_leave_no_seams_in_the_png() {
         };
         let at_borders = mean(&mut borders.iter().copied());
         let inside = mean(&mut interior.iter().copied());
+        eprintln!(
+            "seam check (transpose {transpose}): borders {at_borders:.5}, interior {inside:.5}"
+        );
         assert!(
             at_borders <= inside,
             "{}: mean step across tile borders {at_borders:.5} > interior {inside:.5}",
             if transpose { "columns" } else { "rows" }
         );
+    }
+
+    // The measure can see a seam: the same tiles cut hard (each pixel from the tile whose
+    // centre is nearest, no blending) step visibly where the cut falls.
+    let owner = |p: usize| -> usize {
+        let centre = |i: usize| (starts[i] + tiling.tile / 2) * 8;
+        (0..starts.len())
+            .min_by_key(|&i| centre(i).abs_diff(p))
+            .unwrap()
+    };
+    let tiles: Vec<Vec<Vec<f32>>> = starts
+        .iter()
+        .map(|&r| {
+            starts
+                .iter()
+                .map(|&c| {
+                    let piece = z
+                        .narrow(2, r, tiling.tile)
+                        .unwrap()
+                        .narrow(3, c, tiling.tile)
+                        .unwrap();
+                    to_vec(&tessera_worker::tasks::decode_latents(&model, &piece).unwrap())
+                })
+                .collect()
+        })
+        .collect();
+    let t = tiling.tile * 8;
+    let mut cut = vec![0f32; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let (i, j) = (owner(y), owner(x));
+            let (ty, tx) = (y - starts[i] * 8, x - starts[j] * 8);
+            for k in 0..3 {
+                let v = tiles[i][j][k * t * t + ty * t + tx];
+                cut[(y * w + x) * 3 + k] = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+            }
+        }
+    }
+    let cuts: Vec<usize> = (1..h).filter(|&y| owner(y) != owner(y - 1)).collect();
+    assert_eq!(cuts.len(), starts.len() - 1);
+    for transpose in [false, true] {
+        let step = |img: &[f32]| {
+            cuts.iter()
+                .map(|&y| line_step(img, h, w, y, transpose))
+                .sum::<f64>()
+                / cuts.len() as f64
+        };
+        let (hard, blended) = (step(&cut), step(&img));
+        eprintln!("seam check (transpose {transpose}): hard cut {hard:.5}, blended {blended:.5}");
+        assert!(hard > blended, "hard cut {hard:.5} <= blended {blended:.5}");
     }
 }
