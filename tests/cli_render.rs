@@ -73,6 +73,46 @@ fn readme_quick_start_renders_byte_identical_pngs() {
         c.to_str().unwrap(),
     ]);
     assert_ne!(read_png(&c).2, pixels);
+
+    // 16-bit, with a Deep Zoom pyramid: the same picture at finer steps.
+    let d = dir.path("deep.png");
+    tessera_ok(&[
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--size",
+        "256x256",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--bit-depth",
+        "16",
+        "--dzi",
+        "always",
+        "-o",
+        d.to_str().unwrap(),
+    ]);
+    let (w16, h16, px16, text16) = read_png(&d);
+    assert_eq!((w16, h16), (256, 256));
+    assert_eq!(px16.len(), 2 * pixels.len(), "16 bits per sample");
+    assert!(text16.iter().any(|(_, v)| v.contains("bit_depth: 16")));
+    for (i, (p8, p16)) in pixels.iter().zip(px16.chunks(2)).enumerate() {
+        let v16 = f64::from(u16::from_be_bytes([p16[0], p16[1]])) / 65535.0 * 255.0;
+        assert!(
+            (v16 - f64::from(*p8)).abs() <= 0.51,
+            "sample {i}: 8-bit {p8}, 16-bit {v16}"
+        );
+    }
+    // 256 px: levels 0..=8, level 8 is 2x2 tiles of 254 px with a 1 px overlap.
+    assert!(dir.path("deep.dzi").is_file());
+    assert!(dir.path("deep_viewer.html").is_file());
+    let (tw, th, _, _) = read_png(&dir.path("deep_files/8/1_1.png"));
+    assert_eq!((tw, th), (256 - 253, 256 - 253));
+    assert_eq!(read_png(&dir.path("deep_files/0/0_0.png")).0, 1);
+    assert!(!dir.path("deep.png.partial").exists() && !dir.path("deep_files.partial").exists());
 }
 
 #[test]

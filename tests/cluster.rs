@@ -180,6 +180,8 @@ impl Cluster {
         self.spawned += 1;
         let listen = format!("127.0.0.1:{}", self.port);
         let redis = self.redis.url();
+        let images = self.dir.path("images");
+        let images = images.to_str().unwrap();
         let mut args = vec![
             "coordinator",
             "--listen",
@@ -188,6 +190,8 @@ impl Cluster {
             &redis,
             "--job-ttl",
             "3",
+            "--output-dir",
+            images,
         ];
         let mut extra = self.extra.clone();
         extra.extend(self.server_tls());
@@ -507,13 +511,29 @@ fn cancel_removes_a_job_and_finished_jobs_expire() {
     assert_eq!(out.status.code(), Some(3), "watch of a cancelled job");
 
     // A small job runs to the end and is fetched; then everything expires (--job-ttl 3).
-    let small = cluster.submit(&["--prompt", "a small test", "--steps", "2", "--seed", "3"]);
+    // In 16-bit: the image is a file under the coordinator's --output-dir, never in Redis.
+    let small = cluster.submit(&[
+        "--prompt",
+        "a small test",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--bit-depth",
+        "16",
+    ]);
     let out = cluster.watch(&small);
     assert!(out.status.success(), "{}", cluster.logs());
     let dir = &cluster.dir;
     let png = dir.path("small.png");
     cluster.client_ok(&["fetch", &small, "-o", png.to_str().unwrap()]);
-    assert_eq!(read_png(&png).0, 128);
+    let (w, _, px, _) = read_png(&png);
+    assert_eq!((w, px.len()), (128, 128 * 128 * 6));
+    let stored = dir.path("images").join(&small).join("0.png");
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        std::fs::read(&png).unwrap()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -529,6 +549,16 @@ fn cancel_removes_a_job_and_finished_jobs_expire() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(cluster.client_ok(&["list"]).contains("no jobs"));
+    // The expired job's image file goes with it (the coordinator sweeps every few seconds).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} outlived its job",
+            stored.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -808,6 +808,7 @@ mod tests {
                 method,
                 ..Default::default()
             },
+            output: Default::default(),
         }
     }
 

@@ -33,6 +33,104 @@ pub struct RenderSpec {
     /// The cascade: method, stages and their parameters.
     #[serde(default)]
     pub method: MethodSpec,
+    /// How the finished picture is written (bit depth); not part of what is computed.
+    #[serde(default)]
+    pub output: OutputFormat,
+}
+
+/// Sample depth of the output PNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum BitDepth {
+    #[default]
+    #[serde(rename = "8")]
+    Eight,
+    #[serde(rename = "16")]
+    Sixteen,
+}
+
+impl BitDepth {
+    pub fn bits(self) -> u32 {
+        match self {
+            BitDepth::Eight => 8,
+            BitDepth::Sixteen => 16,
+        }
+    }
+}
+
+impl std::str::FromStr for BitDepth {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s.trim() {
+            "8" => Ok(BitDepth::Eight),
+            "16" => Ok(BitDepth::Sixteen),
+            _ => Err(SpecError(format!(
+                "bit depth {s:?} is not supported: use 8 or 16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for BitDepth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.bits())
+    }
+}
+
+/// How the output is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct OutputFormat {
+    #[serde(default)]
+    pub bit_depth: BitDepth,
+    /// Whether a Deep Zoom pyramid is written next to the PNG.
+    #[serde(default)]
+    pub dzi: DziMode,
+}
+
+/// When to write a Deep Zoom (DZI) pyramid beside the PNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DziMode {
+    /// Only for pictures wider or taller than the threshold (16384 px by default).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl DziMode {
+    pub fn wanted(self, width: u32, height: u32, threshold: u32) -> bool {
+        match self {
+            DziMode::Always => true,
+            DziMode::Never => false,
+            DziMode::Auto => width.max(height) > threshold,
+        }
+    }
+}
+
+impl std::str::FromStr for DziMode {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s.trim() {
+            "auto" => Ok(DziMode::Auto),
+            "always" => Ok(DziMode::Always),
+            "never" => Ok(DziMode::Never),
+            _ => Err(SpecError(format!(
+                "deep zoom mode {s:?} is not known: use auto, always or never"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DziMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DziMode::Auto => "auto",
+            DziMode::Always => "always",
+            DziMode::Never => "never",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +246,9 @@ impl RenderSpec {
         if let Some(k) = self.scheduler {
             s.push_str(&format!("\nscheduler: {k}"));
         }
+        if self.output.bit_depth != BitDepth::Eight {
+            s.push_str(&format!("\nbit_depth: {}", self.output.bit_depth));
+        }
         s
     }
 }
@@ -186,6 +287,7 @@ mod tests {
             scheduler: None,
             seed: 7,
             method: MethodSpec::default(),
+            output: OutputFormat::default(),
         }
     }
 

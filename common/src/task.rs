@@ -21,8 +21,9 @@ pub enum TaskKind {
         negative_prompt: Option<String>,
     },
     Denoise(DenoiseTask),
-    /// Latent (1, C, h, w) in the scheduler's space → pixels (1, 3, 8h, 8w) in [-1, 1],
-    /// tiled when large.
+    /// Latent (1, C, h, w) in the scheduler's space → pixels (1, 3, 8h, 8w) in [-1, 1].
+    /// The coordinator sends one per VAE tile (`coordinator::tiled_vae`); a worker still
+    /// tiles internally if it is given more than a tile.
     Decode {
         input: String,
         output: String,
@@ -33,6 +34,14 @@ pub enum TaskKind {
         input: String,
         output: String,
         noise: VaeNoise,
+    },
+    /// One tile of a distributed encode: pixels (1, 3, H, W) in [-1, 1] → the posterior's
+    /// (1, 2C, H/8, W/8) `[mean, std]`, both times the VAE's scaling factor, so the
+    /// coordinator can blend tiles and draw the sample `mean + std · ε` with noise it owns
+    /// (whoever ran a tile, the sample is the same).
+    EncodeTile {
+        input: String,
+        output: String,
     },
 }
 

@@ -46,6 +46,7 @@ fn spec(stages: &[u32], method: MethodSpec) -> RenderSpec {
         guidance: 7.5,
         scheduler: Some(SchedulerKind::Euler),
         seed: SEED,
+        output: Default::default(),
         method: MethodSpec {
             stages: Some(
                 stages
@@ -307,8 +308,11 @@ fn run_on(
     };
     match engine.run("job", spec, &p, JobInputs::default(), &on_progress) {
         Ok(out) => Some(Outcome {
+            image: engine
+                .decode_image("job", &p, &out.latents)
+                .and_then(|px| tessera_coordinator::engine::to_rgb8(&px))
+                .unwrap(),
             latents: out.latents,
-            image: out.image,
             tasks: crashing.given.into_inner(),
             resumed: resumed.into_inner().unwrap(),
         }),

@@ -363,7 +363,9 @@ fn guard_key(task: &Task) -> String {
     match &task.kind {
         TaskKind::EncodePrompt { .. } => keys::spec(&task.job),
         TaskKind::Denoise(d) => d.input.clone(),
-        TaskKind::Decode { input, .. } | TaskKind::Encode { input, .. } => input.clone(),
+        TaskKind::Decode { input, .. }
+        | TaskKind::Encode { input, .. }
+        | TaskKind::EncodeTile { input, .. } => input.clone(),
     }
 }
 

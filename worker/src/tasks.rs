@@ -87,6 +87,18 @@ pub fn encode_pixels(model: &DiffusionModel, pixels: &Tensor, noise: &Tensor) ->
     z.to_dtype(candle_core::DType::F32)? * model.vae_scaling_factor()
 }
 
+/// One tile of a distributed encode: the posterior of `pixels` (N, 3, H, W) in [-1, 1] as
+/// (N, 2C, H/8, W/8) `[mean, std]`, both times the scaling factor, so that
+/// `mean + std · ε` is [`encode_pixels`]' sample for noise ε.
+pub fn encode_moments(model: &DiffusionModel, pixels: &Tensor) -> Result<Tensor> {
+    let x = pixels.to_dtype(model.vae_dtype())?;
+    let posterior = model.vae.tiled_encode(&x, vae_tiles(model))?;
+    let sf = model.vae_scaling_factor();
+    let mean = (posterior.mean().to_dtype(candle_core::DType::F32)? * sf)?;
+    let std = (posterior.std()?.to_dtype(candle_core::DType::F32)? * sf)?;
+    Tensor::cat(&[&mean, &std], 1)
+}
+
 /// Decodes like [`decode_latents`], tile by tile when the latent exceeds one tile.
 pub fn decode_latents_tiled(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
     let z = (latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?;
@@ -261,6 +273,11 @@ pub fn execute(
             .map_err(cx)?;
             let z = encode_pixels(model, &px, &eps).map_err(cx)?;
             put_tensor(store, output, &z).map_err(st)
+        }
+        TaskKind::EncodeTile { input, output } => {
+            let px = get_tensor(store, input, dev).map_err(st)?;
+            let moments = encode_moments(model, &px).map_err(cx)?;
+            put_tensor(store, output, &moments).map_err(st)
         }
     }
 }

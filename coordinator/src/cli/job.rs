@@ -8,7 +8,7 @@ use clap::Args;
 use tessera_common::method::params::{Method, MethodSpec, TileWeights};
 use tessera_common::resize::ResizeFilter;
 use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{RenderSpec, Size};
+use tessera_common::spec::{BitDepth, DziMode, OutputFormat, RenderSpec, Size};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
@@ -116,6 +116,21 @@ pub struct JobArgs {
     /// Restrained-structure exponent outside the mask [default: 0.5].
     #[arg(long)]
     pub cosine_scale_bg: Option<f64>,
+    /// Bits per sample of the output PNG: 8 or 16.
+    #[arg(long, default_value = "8", value_parser = parse_bit_depth)]
+    pub bit_depth: BitDepth,
+    /// Deep Zoom pyramid (NAME.dzi, NAME_files/, NAME_viewer.html) beside the PNG: auto (only
+    /// wider or taller than 16384 px), always or never.
+    #[arg(long, default_value = "auto", value_parser = parse_dzi)]
+    pub dzi: DziMode,
+}
+
+fn parse_dzi(s: &str) -> Result<DziMode, String> {
+    s.parse::<DziMode>().map_err(|e| e.to_string())
+}
+
+fn parse_bit_depth(s: &str) -> Result<BitDepth, String> {
+    s.parse::<BitDepth>().map_err(|e| e.to_string())
 }
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
@@ -193,6 +208,10 @@ impl JobArgs {
                 resize: self.resize,
                 init_image: self.init_image.is_some(),
                 mask: self.mask.is_some(),
+            },
+            output: OutputFormat {
+                bit_depth: self.bit_depth,
+                dzi: self.dzi,
             },
         })
     }

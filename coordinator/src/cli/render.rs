@@ -178,19 +178,29 @@ pub fn run(args: RenderArgs) -> Result<()> {
         },
         &on_progress,
     )?;
-    bar.finish_and_clear();
-    let mut timings = timings.into_inner().unwrap_or_else(|e| e.into_inner());
-    timings.begin(String::new(), 0);
-    for line in timings.summary() {
-        eprintln!("{line}");
-    }
-
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, &out.latents)?;
     }
+    // The picture streams to the PNG band by band as the tiled decode finishes it.
     let parameters = describe(&spec, &plan, &args.model.display().to_string());
-    assemble::write_png(&args.output, &out.image, &parameters)
+    let mut png = assemble::OutputFiles::create(
+        &args.output,
+        &spec,
+        &parameters,
+        assemble::dzi::AUTO_THRESHOLD,
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    engine.decode_output("local", &plan, &out.latents, &mut png, &on_progress)?;
+    png.finish()
         .with_context(|| format!("writing {}", args.output.display()))?;
+    bar.finish_and_clear();
+    {
+        let mut timings = lock(&timings);
+        timings.begin(String::new(), 0);
+        for line in timings.summary() {
+            eprintln!("{line}");
+        }
+    }
     eprintln!(
         "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
         args.output.display(),

@@ -48,6 +48,10 @@ pub struct CoordinatorArgs {
     /// Seconds one call to a worker may take before its tasks are given to another worker.
     #[arg(long, default_value_t = 600)]
     pub lease: u64,
+    /// Where finished images are kept (DIR/JOB/N.png) until they expire with their job; `fetch`
+    /// streams them from there. Default: tessera-output in the system's temporary directory.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
 }
 
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
@@ -64,7 +68,12 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         job_ttl: Duration::from_secs(args.job_ttl),
         max_jobs: args.max_jobs,
         lease: Duration::from_secs(args.lease),
+        output_dir: args
+            .output_dir
+            .unwrap_or_else(|| std::env::temp_dir().join("tessera-output")),
     };
+    std::fs::create_dir_all(&cfg.output_dir)
+        .with_context(|| format!("creating --output-dir {}", cfg.output_dir.display()))?;
     runtime()?.block_on(async move {
         cluster::serve(cfg, shutdown_signal())
             .await

@@ -323,7 +323,7 @@ impl Jobs {
 
     /// Drops index entries of jobs whose records expired: one read and one transaction,
     /// however many jobs there are.
-    pub async fn sweep(&self) -> Result<usize, StoreError> {
+    pub async fn sweep(&self) -> Result<Vec<String>, StoreError> {
         let ids = self.all().await?;
         let mut exists = redis::pipe();
         for id in &ids {
@@ -336,26 +336,26 @@ impl Jobs {
                 async move { p.query_async(&mut c).await }
             })
             .await?;
-        let gone: Vec<&String> = ids
+        let gone: Vec<String> = ids
             .iter()
             .zip(present)
             .filter(|(_, there)| !there)
-            .map(|(id, _)| id)
+            .map(|(id, _)| id.clone())
             .collect();
         if !gone.is_empty() {
             self.atomically("sweep", |pipe| {
                 for id in &gone {
-                    pipe.zrem(keys::JOBS_INDEX, *id)
+                    pipe.zrem(keys::JOBS_INDEX, id)
                         .ignore()
-                        .zrem(keys::JOB_QUEUE, *id)
+                        .zrem(keys::JOB_QUEUE, id)
                         .ignore()
-                        .srem(keys::JOBS_RUNNING, *id)
+                        .srem(keys::JOBS_RUNNING, id)
                         .ignore();
                 }
             })
             .await?;
         }
-        Ok(gone.len())
+        Ok(gone)
     }
 }
 

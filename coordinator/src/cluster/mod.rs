@@ -50,6 +50,8 @@ pub struct CoordinatorConfig {
     pub job_ttl: Duration,
     pub max_jobs: usize,
     pub lease: Duration,
+    /// Where finished images are written (one folder per job) and served from by FetchResult.
+    pub output_dir: PathBuf,
 }
 
 /// Runs the coordinator until `shutdown` resolves. Jobs still running then are resumed by the
@@ -96,6 +98,7 @@ pub async fn serve(
         RunnerOptions {
             job_ttl: cfg.job_ttl,
             max_jobs: cfg.max_jobs.max(1),
+            output_dir: cfg.output_dir.clone(),
         },
     );
     tokio::spawn(runner.clone().run());

@@ -1,6 +1,6 @@
 //! Runs cluster jobs: takes queued jobs in order (a few at a time, so their tasks interleave
-//! on the workers), drives each through the engine on its own thread, stores the finished
-//! PNGs, and on a restart resumes every job that was running from its checkpoint.
+//! on the workers), drives each through the engine on its own thread, streams the finished
+//! PNGs into files under the coordinator's output directory, and on a restart resumes every job that was running from its checkpoint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
+use tessera_common::plan::Plan;
+use tessera_common::spec::RenderSpec;
 use tessera_common::store::{keys, RedisStore, Store};
 use tokio::sync::Notify;
 
@@ -23,6 +26,9 @@ pub struct RunnerOptions {
     pub job_ttl: Duration,
     /// Jobs running at once.
     pub max_jobs: usize,
+    /// Finished images live in `output_dir/JOB/N.png` (never in Redis: a gigapixel PNG is
+    /// gigabytes) until their job expires.
+    pub output_dir: PathBuf,
 }
 
 struct Active {
@@ -124,8 +130,13 @@ impl Runner {
             }
             if last_sweep.elapsed() > Duration::from_secs(5) {
                 last_sweep = Instant::now();
-                if let Err(e) = self.jobs.sweep().await {
-                    tracing::warn!("sweeping expired jobs: {e}");
+                match self.jobs.sweep().await {
+                    Ok(gone) => {
+                        for id in gone {
+                            self.remove_images(&id);
+                        }
+                    }
+                    Err(e) => tracing::warn!("sweeping expired jobs: {e}"),
                 }
             }
             tokio::select! {
@@ -234,6 +245,9 @@ impl Runner {
             }
         };
         self.update(id, |r| *r = record.clone());
+        if !keep {
+            self.remove_images(id);
+        }
         if let Err(e) = self
             .runtime
             .block_on(self.jobs.finish(&record, self.opts.job_ttl, keep))
@@ -341,14 +355,33 @@ impl Runner {
                 }
             };
             let parameters = crate::cli::render::describe(&spec, plan, &record.model);
-            let png = assemble::png_bytes(&out.image, &parameters)
-                .map_err(|e| JobEnd::Failed(format!("encoding the PNG: {e:#}")))?;
-            Store::put(store, &keys::job_result(&id, n), &png)
-                .map_err(|e| JobEnd::Failed(format!("storing the result: {e}")))?;
+            let path = self.image_path(&id, n);
+            let image = ImageOut {
+                job: &image_job,
+                spec: &spec,
+                latents: &out.latents,
+                path: &path,
+                parameters: &parameters,
+            };
+            loop {
+                match self.write_image(&engine, plan, &image, &on_progress) {
+                    Ok(()) => break,
+                    Err(ImageError::Engine(EngineError::Dispatch(DispatchError::Cancelled))) => {
+                        return Err(JobEnd::Cancelled)
+                    }
+                    Err(ImageError::Engine(EngineError::Store(e)))
+                        if !cancelled.load(Ordering::Relaxed) =>
+                    {
+                        tracing::warn!(job = %id, "store unavailable ({e}); decoding again shortly");
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(JobEnd::Failed(e.to_string())),
+                }
+            }
             if let Some(dir) = &record.output_dir {
-                let path = output_path(Path::new(dir), &id, n, record.count);
-                write_file(&path, &png).map_err(|e| {
-                    JobEnd::Failed(format!("writing {} (--output-dir): {e}", path.display()))
+                let copy = output_path(Path::new(dir), &id, n, record.count);
+                copy_file(&path, &copy).map_err(|e| {
+                    JobEnd::Failed(format!("writing {} (--output-dir): {e}", copy.display()))
                 })?;
             }
             if let Some(r) = self.update(&id, |r| r.images_done = n + 1) {
@@ -359,6 +392,46 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// Where image `n` of job `id` is kept: `output_dir/ID/N.png`.
+    pub fn image_path(&self, id: &str, n: u32) -> PathBuf {
+        self.opts.output_dir.join(id).join(format!("{n}.png"))
+    }
+
+    /// Deletes a job's images (it expired, failed or was cancelled).
+    fn remove_images(&self, id: &str) {
+        let dir = self.opts.output_dir.join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::debug!(job = %id, "removed {}", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(job = %id, "cannot remove {}: {e}", dir.display()),
+        }
+    }
+
+    /// Decodes the final latent on the workers and streams it into the image's file (via
+    /// `NAME.partial`, renamed when complete).
+    fn write_image(
+        &self,
+        engine: &Engine<'_>,
+        plan: &Plan,
+        image: &ImageOut<'_>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<(), ImageError> {
+        if let Some(dir) = image.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                ImageError::File(anyhow::anyhow!("creating {}: {e}", dir.display()))
+            })?;
+        }
+        let mut png = assemble::OutputFiles::create(
+            image.path,
+            image.spec,
+            image.parameters,
+            assemble::dzi::AUTO_THRESHOLD,
+        )
+        .map_err(ImageError::File)?;
+        engine.decode_output(image.job, plan, image.latents, &mut png, progress)?;
+        png.finish().map_err(ImageError::File)
     }
 
     /// Stops a job: a queued one at once, a running one once its current tasks are abandoned
@@ -406,10 +479,31 @@ pub fn output_path(dir: &Path, id: &str, image: u32, count: u32) -> PathBuf {
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = assemble::partial_path(path);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+/// Copies a finished image to a user's `--output-dir` under a partial name, then renames it.
+fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = assemble::partial_path(to);
+    if let Err(e) = std::fs::copy(from, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, to)
+}
+
+/// One finished image to decode and write.
+struct ImageOut<'a> {
+    job: &'a str,
+    spec: &'a RenderSpec,
+    latents: &'a Tensor,
+    path: &'a Path,
+    parameters: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ImageError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0:#}")]
+    File(anyhow::Error),
 }
 
 /// The job's submitted files, decoded as `tessera render` decodes them.

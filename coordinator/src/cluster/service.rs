@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tessera_common::store::{keys, StoreError};
+use tessera_common::store::StoreError;
 use tessera_proto::v1::coordinator_server::Coordinator;
 use tessera_proto::v1::{
     FetchResultRequest, JobInfo, JobRef, ListJobsRequest, ListJobsResponse, PlanJobRequest,
@@ -238,17 +238,24 @@ impl Coordinator for CoordinatorService {
                 record.count - 1
             )));
         }
-        let bytes = if req.image < record.images_done {
-            self.runner
-                .jobs
-                .store
-                .get_async(&keys::job_result(&record.id, req.image))
-                .await
-                .map_err(store_status)?
+        // Finished images are files under the coordinator's output directory, streamed from
+        // there a chunk at a time (a gigapixel PNG never passes through memory whole).
+        let file = if req.image < record.images_done {
+            let path = self.runner.image_path(&record.id, req.image);
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(Status::internal(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
         } else {
             None
         };
-        let Some(bytes) = bytes else {
+        let Some(file) = file else {
             return Err(Status::failed_precondition(match record.state {
                 JobState::Queued | JobState::Running => format!(
                     "image {} of job {} is not finished yet ({}): wait with `tessera watch {}`",
@@ -263,17 +270,37 @@ impl Coordinator for CoordinatorService {
                 JobState::Succeeded => format!("the image of job {} has expired", record.id),
             }));
         };
-        let total = bytes.len() as u64;
-        let chunks: Vec<Result<ResultChunk, Status>> = bytes
-            .chunks(CHUNK)
-            .map(|c| {
-                Ok(ResultChunk {
-                    data: c.to_vec(),
-                    total_bytes: total,
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let total = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(format!("cannot read the image's size: {e}")))?
+            .len();
+        let chunks = futures::stream::unfold(Some(file), move |file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut file = file?;
+            let mut data = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match file.read(&mut data[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        let status = Status::internal(format!("reading the image: {e}"));
+                        return Some((Err(status), None));
+                    }
+                }
+            }
+            if filled == 0 {
+                return None;
+            }
+            data.truncate(filled);
+            let chunk = ResultChunk {
+                data,
+                total_bytes: total,
+            };
+            Some((Ok(chunk), Some(file)))
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn plan_job(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use tessera_common::method::params::{Method, TileWeights};
 use tessera_common::resize::ResizeFilter;
 use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::Size;
+use tessera_common::spec::{BitDepth, DziMode, Size};
 use tessera_proto::v1;
 
 use crate::cli::job::JobArgs;
@@ -68,6 +68,8 @@ pub fn to_wire(model: &str, job: &JobArgs, files: WireFiles) -> v1::JobSpec {
         latents: files.latents,
         init_image: files.init_image,
         mask: files.mask,
+        bit_depth: Some(job.bit_depth.bits()),
+        dzi: Some(job.dzi.to_string()),
     }
 }
 
@@ -225,6 +227,16 @@ pub fn from_wire(spec: &v1::JobSpec) -> Result<JobArgs, Invalid> {
         init_image: non_empty(&spec.init_image),
         mask: non_empty(&spec.mask),
         cosine_scale_bg: finite("--cosine-scale-bg", spec.cosine_scale_bg)?,
+        dzi: parsed::<DziMode>("--dzi", &spec.dzi, "auto, always, never")?.unwrap_or_default(),
+        bit_depth: match spec.bit_depth {
+            None | Some(8) => BitDepth::Eight,
+            Some(16) => BitDepth::Sixteen,
+            Some(v) => {
+                return Err(Invalid(format!(
+                    "--bit-depth {v} is not supported: use 8 or 16"
+                )))
+            }
+        },
     })
 }
 

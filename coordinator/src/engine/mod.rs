@@ -3,6 +3,7 @@
 //! work handed to workers as tasks. The embedded `tessera render` and the cluster drive this
 //! same loop; only the [`Dispatch`] and the [`Store`] differ.
 
+pub mod vae;
 pub mod views;
 
 use candle_core::{DType, Device, Tensor};
@@ -22,6 +23,7 @@ use tessera_common::store::{get_json, get_tensor, keys, put_json, put_tensor, St
 use tessera_common::task::{Task, TaskKind, VaeNoise};
 
 use crate::dispatch::{Dispatch, DispatchError};
+use vae::{RowSink, VaeTiling};
 use views::StepAt;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,9 @@ pub enum EngineError {
     Dispatch(#[from] DispatchError),
     #[error("computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+    /// Writing the output failed (disk full, a bad path).
+    #[error("writing the output: {0}")]
+    Output(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -103,10 +108,9 @@ pub struct JobInputs {
 
 #[derive(Debug)]
 pub struct RenderOutput {
-    /// The final latent (1, C, h, w) f32, before the VAE's scaling is undone.
+    /// The final latent (1, C, h, w) f32, before the VAE's scaling is undone; decode it with
+    /// [`Engine::decode_output`].
     pub latents: Tensor,
-    /// The decoded picture, (3, H, W) 8-bit RGB.
-    pub image: Tensor,
 }
 
 /// The coordinator's view of a model: what the loop needs without the weights.
@@ -186,7 +190,8 @@ struct StageResult {
 }
 
 impl Engine<'_> {
-    /// Runs `job` to the end and decodes it. `spec` must be the one `plan` was made from.
+    /// Runs `job`'s cascade to its final latent; [`Engine::decode_output`] then writes the
+    /// picture. `spec` must be the one `plan` was made from.
     pub fn run(
         &self,
         job: &str,
@@ -240,13 +245,42 @@ impl Engine<'_> {
             prev = Some(result);
         }
         let last = prev.ok_or_else(|| EngineError::Invalid("the plan has no stages".into()))?;
-        progress(Progress::Decoding);
-        let pixels = self.decode(job, "final", &last.latent)?;
-        let image = to_rgb8(&pixels.squeeze(0)?)?;
         Ok(RenderOutput {
             latents: last.latent,
-            image,
         })
+    }
+
+    /// Decodes the final latent in VAE tiles on the workers and streams the blended pixel
+    /// rows, top to bottom, into `sink` (a PNG, a tile pyramid): the whole picture is never
+    /// held, only about two bands of tiles.
+    pub fn decode_output(
+        &self,
+        job: &str,
+        plan: &Plan,
+        latent: &Tensor,
+        sink: &mut dyn RowSink,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<()> {
+        progress(Progress::Decoding);
+        self.decode_rows(job, "final", VaeTiling::for_plan(plan), latent, sink)
+    }
+
+    /// Encodes `pixels` (1, 3, H, W) in [-1, 1] to a latent in VAE tiles on the workers, the
+    /// posterior sampled with the seeded noise of `noise` (what a stage transition does).
+    pub fn encode_image(
+        &self,
+        job: &str,
+        plan: &Plan,
+        noise: VaeNoise,
+        pixels: &Tensor,
+    ) -> Result<Tensor> {
+        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, pixels)
+    }
+
+    /// The decoded final picture as a (1, 3, H, W) f32 tensor in [-1, 1], for tests and small
+    /// images.
+    pub fn decode_image(&self, job: &str, plan: &Plan, latent: &Tensor) -> Result<Tensor> {
+        self.decode_tiled(job, "final", VaeTiling::for_plan(plan), latent)
     }
 
     /// The job's checkpoint, if it has one.
@@ -355,51 +389,13 @@ impl Engine<'_> {
         Ok(())
     }
 
-    fn decode(&self, job: &str, name: &str, latent: &Tensor) -> Result<Tensor> {
-        let input = keys::stage(job, 0, &format!("{name}:latent"));
-        let output = keys::stage(job, 0, &format!("{name}:pixels"));
-        put_tensor(self.store, &input, latent)?;
-        self.dispatch_one(
-            job,
-            &format!("decode:{name}"),
-            TaskKind::Decode {
-                input: input.clone(),
-                output: output.clone(),
-            },
-        )?;
-        let px = get_tensor(self.store, &output, &Device::Cpu)?;
-        self.store.delete(&input)?;
-        self.store.delete(&output)?;
-        Ok(px)
-    }
-
-    fn encode(&self, job: &str, seed: u64, stage: usize, pixels: &Tensor) -> Result<Tensor> {
-        let input = keys::stage(job, stage, "entry:pixels");
-        let output = keys::stage(job, stage, "entry:latent");
-        put_tensor(self.store, &input, pixels)?;
-        self.dispatch_one(
-            job,
-            &format!("encode:s{stage}"),
-            TaskKind::Encode {
-                input: input.clone(),
-                output: output.clone(),
-                noise: VaeNoise {
-                    seed,
-                    stage: stage as u32,
-                },
-            },
-        )?;
-        let z = get_tensor(self.store, &output, &Device::Cpu)?;
-        self.store.delete(&input)?;
-        self.store.delete(&output)?;
-        Ok(z)
-    }
-
     /// Pixels → resized to the stage → clean latent of the stage.
+    #[allow(clippy::too_many_arguments)]
     fn reencode(
         &self,
         job: &str,
         seed: u64,
+        plan: &Plan,
         k: usize,
         stage: &StagePlan,
         pixels: &Tensor,
@@ -411,7 +407,11 @@ impl Engine<'_> {
             stage.size[0] as usize,
             filter,
         )?;
-        self.encode(job, seed, k, &resized)
+        let noise = VaeNoise {
+            seed,
+            stage: k as u32,
+        };
+        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, &resized)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -485,8 +485,15 @@ impl Engine<'_> {
                             "the plan starts from an init image but none was given".into(),
                         )
                     })?;
-                    let z0 =
-                        self.reencode(job, seed, k, stage, &image.clamp(-1f32, 1f32)?, *filter)?;
+                    let z0 = self.reencode(
+                        job,
+                        seed,
+                        plan,
+                        k,
+                        stage,
+                        &image.clamp(-1f32, 1f32)?,
+                        *filter,
+                    )?;
                     self.checkpoint(job, plan, k, 0, &z0, Some((&z0, None)))?;
                     return Ok(StageResult {
                         latent: z0.clone(),
@@ -504,12 +511,17 @@ impl Engine<'_> {
                         ))
                     })?;
                     let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
-                    let mut pixels = self.decode(job, &format!("s{k}"), source)?;
+                    let mut pixels = self.decode_tiled(
+                        job,
+                        &format!("s{k}"),
+                        VaeTiling::for_plan(plan),
+                        source,
+                    )?;
                     // FreCaS clips the decoded prediction to the image range before resizing.
                     if *from_predicted_x0 {
                         pixels = pixels.clamp(-1f32, 1f32)?;
                     }
-                    let z_up = self.reencode(job, seed, k, stage, &pixels, *filter)?;
+                    let z_up = self.reencode(job, seed, plan, k, stage, &pixels, *filter)?;
                     let eps = stage_noise()?;
                     let t0 = *stage.timesteps.first().ok_or_else(|| {
                         EngineError::Invalid(format!("stage {k} has no timesteps"))

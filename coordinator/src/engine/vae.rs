@@ -1,0 +1,469 @@
+//! The VAE distributed in tiles: a decode or an encode larger than one VAE tile becomes one task
+//! per tile, run by any worker through the [`Dispatch`], and the coordinator blends the
+//! overlapping results with smooth ramps. Tiles are taken band by band (a band = one row of
+//! tiles); while one band is blended the next is already out with the workers, so the store
+//! and the coordinator hold about two bands of tiles, and the final decode hands finished pixel
+//! rows to a [`RowSink`] as soon as no later band can touch them.
+//!
+//! Determinism: every tile task is a pure function of its input tile, the blend weights
+//! depend only on the geometry, and tiles are accumulated in a fixed order, so the result is
+//! the same bytes for any number of workers and any completion order. The encode's posterior
+//! noise is drawn here, over the whole latent, from the job's seeded key.
+
+use candle_core::{Device, Tensor};
+use tessera_common::noise::{NoiseKey, NoisePurpose};
+use tessera_common::plan::Plan;
+use tessera_common::store::{get_tensor, keys, put_tensor};
+use tessera_common::task::{Task, TaskKind, VaeNoise};
+
+use super::{Engine, EngineError, Result};
+
+/// Pixels per latent cell.
+const F: usize = 8;
+
+/// Receives finished output rows, top to bottom: `rows` holds whole rows of `width` RGB pixels,
+/// interleaved, as f32 in [-1, 1].
+pub trait RowSink {
+    fn write_rows(&mut self, rows: &[f32], width: usize) -> std::io::Result<()>;
+}
+
+/// VAE tile geometry in latent cells.
+///
+/// Tiles are twice the training latent (SDXL: 256 latent = 2048 px; the tiny models: 256 px)
+/// with a quarter of a tile shared between neighbours. Anything up to that size is one tile,
+/// decoded in one piece exactly as diffusers' pipelines do; larger images are blended over a
+/// quarter tile (SDXL: 512 px), well beyond the decoder's convolutional receptive field
+/// (~100 px), so the mid-block attention's reach is the only thing tiles change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaeTiling {
+    pub tile: usize,
+    pub overlap: usize,
+}
+
+impl VaeTiling {
+    pub fn for_plan(plan: &Plan) -> Self {
+        let tile = (2 * plan.training_size as usize / F).max(8);
+        Self {
+            tile,
+            overlap: tile / 4,
+        }
+    }
+
+    /// Tile starts along an axis of `n` cells: stride `tile - overlap`, the last tile pushed
+    /// back to end at `n` so every tile has full size (as the worker's in-tile VAE does).
+    pub fn starts(&self, n: usize) -> Vec<usize> {
+        if n <= self.tile {
+            return vec![0];
+        }
+        let stride = (self.tile - self.overlap).max(1);
+        let mut starts = vec![0];
+        let mut s = 0;
+        while s + self.tile < n {
+            s = (s + stride).min(n - self.tile);
+            starts.push(s);
+        }
+        starts
+    }
+
+    /// Tiles along an axis of `n` cells.
+    pub fn count(&self, n: usize) -> usize {
+        self.starts(n).len()
+    }
+}
+
+/// Raised-cosine ramp from 0 to 1 over `t` in [0, 1]; `r(t) + r(1 - t) = 1`, so where two
+/// tiles share a span their weights sum to one and the blend has a continuous slope.
+fn ramp(t: f32) -> f32 {
+    0.5 - 0.5 * (std::f32::consts::PI * t.clamp(0.0, 1.0)).cos()
+}
+
+/// Normalised blend weights along one axis: for each tile (starts in cells, `len` cells each),
+/// a weight per output position (`scale` outputs per cell). Each tile rises over the span it
+/// shares with the previous tile and falls over the span it shares with the next; the weights
+/// of all tiles at a position are divided by their sum, so they add up to one everywhere
+/// (also where a clamped last tile overlaps more than one neighbour).
+pub fn axis_weights(starts: &[usize], len: usize, scale: usize) -> Vec<Vec<f32>> {
+    let n = starts.len();
+    let raw: Vec<Vec<f32>> = (0..n)
+        .map(|i| {
+            let a = starts[i] * scale;
+            let b = (starts[i] + len) * scale;
+            let prev_end = (i > 0).then(|| (starts[i - 1] + len) * scale);
+            let next_start = (i + 1 < n).then(|| starts[i + 1] * scale);
+            (a..b)
+                .map(|x| {
+                    let xf = x as f32 + 0.5;
+                    let mut w = 1.0f32;
+                    if let Some(pe) = prev_end.filter(|pe| *pe > a) {
+                        w *= ramp((xf - a as f32) / (pe - a) as f32);
+                    }
+                    if let Some(ns) = next_start.filter(|ns| *ns < b) {
+                        w *= ramp((b as f32 - xf) / (b - ns) as f32);
+                    }
+                    w
+                })
+                .collect()
+        })
+        .collect();
+    let total = starts.last().map_or(0, |s| (s + len) * scale);
+    let mut sum = vec![0f32; total];
+    for (i, w) in raw.iter().enumerate() {
+        for (k, v) in w.iter().enumerate() {
+            sum[starts[i] * scale + k] += v;
+        }
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            w.into_iter()
+                .enumerate()
+                .map(|(k, v)| v / sum[starts[i] * scale + k])
+                .collect()
+        })
+        .collect()
+}
+
+/// Collects rows into a (1, 3, H, W) tensor: for transitions, whose pixels are resized whole.
+pub struct CollectRows {
+    rgb: Vec<f32>,
+}
+
+impl CollectRows {
+    pub fn new() -> Self {
+        Self { rgb: Vec::new() }
+    }
+
+    pub fn into_tensor(self, width: usize) -> Result<Tensor> {
+        let h = self.rgb.len() / (3 * width.max(1));
+        let t = Tensor::from_vec(self.rgb, (1, h, width, 3), &Device::Cpu)?;
+        Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+}
+
+impl Default for CollectRows {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RowSink for CollectRows {
+    fn write_rows(&mut self, rows: &[f32], _width: usize) -> std::io::Result<()> {
+        self.rgb.extend_from_slice(rows);
+        Ok(())
+    }
+}
+
+impl Engine<'_> {
+    /// Runs one band of tile tasks after another, the next band dispatched while `consume`
+    /// blends the current one. `prepare(i)` stores band `i`'s inputs and returns its tasks;
+    /// `consume(i, tasks)` reads their outputs (and deletes their keys).
+    fn run_bands(
+        &self,
+        bands: usize,
+        prepare: &dyn Fn(usize) -> Result<Vec<Task>>,
+        consume: &mut dyn FnMut(usize, &[Task]) -> Result<()>,
+    ) -> Result<()> {
+        if bands == 0 {
+            return Ok(());
+        }
+        let workers = self.workers;
+        std::thread::scope(|scope| -> Result<()> {
+            let launch = |tasks: Vec<Task>| {
+                scope.spawn(move || -> Result<Vec<Task>> {
+                    workers.run(&tasks, &|_| {})?;
+                    Ok(tasks)
+                })
+            };
+            let mut out = Some(launch(prepare(0)?));
+            for i in 0..bands {
+                let handle = out.take().ok_or_else(|| {
+                    EngineError::Invalid("tiled vae: a band was not dispatched".into())
+                })?;
+                let tasks = handle
+                    .join()
+                    .map_err(|_| EngineError::Invalid("tiled vae: dispatch panicked".into()))??;
+                if i + 1 < bands {
+                    out = Some(launch(prepare(i + 1)?));
+                }
+                consume(i, &tasks)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Decodes `latent` (1, C, h, w) to pixels in tiles and hands the rows, top to bottom, to
+    /// `sink`. Holds at most about two bands of tiles (and one band of f32 rows) at once.
+    pub(crate) fn decode_rows(
+        &self,
+        job: &str,
+        name: &str,
+        tiling: VaeTiling,
+        latent: &Tensor,
+        sink: &mut dyn RowSink,
+    ) -> Result<()> {
+        let latent = latent.to_device(&Device::Cpu)?.contiguous()?;
+        let (_, _, h, w) = latent.dims4()?;
+        let rows = tiling.starts(h);
+        let cols = tiling.starts(w);
+        let (th, tw) = (tiling.tile.min(h), tiling.tile.min(w));
+        let wy = axis_weights(&rows, th, F);
+        let wx = axis_weights(&cols, tw, F);
+        let width = w * F;
+        let key = |i: usize, j: usize, part: &str| {
+            keys::stage(job, 0, &format!("vae:{name}:r{i}c{j}:{part}"))
+        };
+        let prepare = |i: usize| -> Result<Vec<Task>> {
+            let mut tasks = Vec::with_capacity(cols.len());
+            for (j, &c) in cols.iter().enumerate() {
+                let piece = latent.narrow(2, rows[i], th)?.narrow(3, c, tw)?;
+                put_tensor(self.store, &key(i, j, "latent"), &piece)?;
+                tasks.push(Task {
+                    job: job.to_string(),
+                    id: format!("decode:{name}:r{i}c{j}"),
+                    kind: TaskKind::Decode {
+                        input: key(i, j, "latent"),
+                        output: key(i, j, "pixels"),
+                    },
+                });
+            }
+            Ok(tasks)
+        };
+        // `acc` holds the rows [acc_start, acc_start + acc.len() / (3 * width)) still open.
+        let mut acc: Vec<f32> = Vec::new();
+        let mut acc_start = 0usize;
+        let row_len = 3 * width;
+        let mut consume = |i: usize, _tasks: &[Task]| -> Result<()> {
+            let y0 = rows[i] * F;
+            let y1 = y0 + th * F;
+            let open_end = acc_start + acc.len() / row_len;
+            if y1 > open_end {
+                acc.resize((y1 - acc_start) * row_len, 0.0);
+            }
+            for (j, &c) in cols.iter().enumerate() {
+                let px = get_tensor(self.store, &key(i, j, "pixels"), &Device::Cpu)?;
+                let (_, ch, ph, pw) = px.dims4()?;
+                if ch != 3 || ph != th * F || pw != tw * F {
+                    return Err(EngineError::Model(format!(
+                        "a decoded tile has shape {:?}, expected (1, 3, {}, {})",
+                        px.dims(),
+                        th * F,
+                        tw * F
+                    )));
+                }
+                let data = px.flatten_all()?.to_vec1::<f32>()?;
+                let x0 = c * F;
+                let plane = ph * pw;
+                for (y, &wyv) in wy[i].iter().enumerate() {
+                    let row = &mut acc[(y0 + y - acc_start) * row_len..][..row_len];
+                    for (x, &wxv) in wx[j].iter().enumerate() {
+                        let wgt = wyv * wxv;
+                        let d = &mut row[(x0 + x) * 3..(x0 + x) * 3 + 3];
+                        for (k, dv) in d.iter_mut().enumerate() {
+                            *dv += data[k * plane + y * pw + x] * wgt;
+                        }
+                    }
+                }
+                self.store.delete(&key(i, j, "latent"))?;
+                self.store.delete(&key(i, j, "pixels"))?;
+            }
+            // Rows above the next band's first row are final.
+            let done_to = rows.get(i + 1).map_or(y1, |r| r * F);
+            if done_to > acc_start {
+                let n = done_to - acc_start;
+                sink.write_rows(&acc[..n * row_len], width)
+                    .map_err(|e| EngineError::Output(e.to_string()))?;
+                acc.drain(..n * row_len);
+                acc_start = done_to;
+            }
+            Ok(())
+        };
+        self.run_bands(rows.len(), &prepare, &mut consume)
+    }
+
+    /// Decodes `latent` whole (a transition's pixels), (1, 3, 8h, 8w) in [-1, 1].
+    pub(crate) fn decode_tiled(
+        &self,
+        job: &str,
+        name: &str,
+        tiling: VaeTiling,
+        latent: &Tensor,
+    ) -> Result<Tensor> {
+        let mut rows = CollectRows::new();
+        self.decode_rows(job, name, tiling, latent, &mut rows)?;
+        rows.into_tensor(latent.dim(3)? * F)
+    }
+
+    /// Encodes `pixels` (1, 3, H, W) in [-1, 1] to the stage's latent: one `Encode` task when
+    /// the image fits one tile, else `EncodeTile` tasks whose `[mean, std]` the coordinator
+    /// blends before drawing the sample with the seeded noise of (seed, stage).
+    pub(crate) fn encode_tiled(
+        &self,
+        job: &str,
+        tiling: VaeTiling,
+        noise: VaeNoise,
+        pixels: &Tensor,
+    ) -> Result<Tensor> {
+        let pixels = pixels.to_device(&Device::Cpu)?.contiguous()?;
+        let (_, _, ph, pw) = pixels.dims4()?;
+        if ph % F != 0 || pw % F != 0 {
+            return Err(EngineError::Invalid(format!(
+                "cannot encode a {pw}x{ph} picture: sides must be multiples of {F}"
+            )));
+        }
+        let (h, w) = (ph / F, pw / F);
+        let rows = tiling.starts(h);
+        let cols = tiling.starts(w);
+        let stage = noise.stage as usize;
+        if rows.len() == 1 && cols.len() == 1 {
+            return self.encode_whole(job, noise, &pixels);
+        }
+        let (th, tw) = (tiling.tile.min(h), tiling.tile.min(w));
+        let wy = axis_weights(&rows, th, 1);
+        let wx = axis_weights(&cols, tw, 1);
+        let key = |i: usize, j: usize, part: &str| {
+            keys::stage(job, stage, &format!("vae:encode:r{i}c{j}:{part}"))
+        };
+        let prepare = |i: usize| -> Result<Vec<Task>> {
+            let mut tasks = Vec::with_capacity(cols.len());
+            for (j, &c) in cols.iter().enumerate() {
+                let piece = pixels
+                    .narrow(2, rows[i] * F, th * F)?
+                    .narrow(3, c * F, tw * F)?;
+                put_tensor(self.store, &key(i, j, "pixels"), &piece)?;
+                tasks.push(Task {
+                    job: job.to_string(),
+                    id: format!("encode:s{stage}:r{i}c{j}"),
+                    kind: TaskKind::EncodeTile {
+                        input: key(i, j, "pixels"),
+                        output: key(i, j, "moments"),
+                    },
+                });
+            }
+            Ok(tasks)
+        };
+        // (2C, h, w) planes: C means then C standard deviations.
+        let mut acc: Vec<f32> = Vec::new();
+        let mut planes = 0usize;
+        let mut consume = |i: usize, _tasks: &[Task]| -> Result<()> {
+            for (j, &c) in cols.iter().enumerate() {
+                let m = get_tensor(self.store, &key(i, j, "moments"), &Device::Cpu)?;
+                let (_, c2, mh, mw) = m.dims4()?;
+                if mh != th || mw != tw || c2 % 2 != 0 || (planes != 0 && c2 != planes) {
+                    return Err(EngineError::Model(format!(
+                        "an encoded tile has shape {:?}, expected (1, 2C, {th}, {tw})",
+                        m.dims()
+                    )));
+                }
+                if planes == 0 {
+                    planes = c2;
+                    acc = vec![0f32; c2 * h * w];
+                }
+                let data = m.flatten_all()?.to_vec1::<f32>()?;
+                for p in 0..c2 {
+                    for (y, &wyv) in wy[i].iter().enumerate() {
+                        let dst = &mut acc[p * h * w + (rows[i] + y) * w + c..][..tw];
+                        let src = &data[p * th * tw + y * tw..][..tw];
+                        for ((d, s), &wxv) in dst.iter_mut().zip(src).zip(&wx[j]) {
+                            *d += s * wyv * wxv;
+                        }
+                    }
+                }
+                self.store.delete(&key(i, j, "pixels"))?;
+                self.store.delete(&key(i, j, "moments"))?;
+            }
+            Ok(())
+        };
+        self.run_bands(rows.len(), &prepare, &mut consume)?;
+        let c = planes / 2;
+        let moments = Tensor::from_vec(acc, (1, planes, h, w), &Device::Cpu)?;
+        let mean = moments.narrow(1, 0, c)?;
+        let std = moments.narrow(1, c, c)?;
+        let eps = NoiseKey {
+            seed: noise.seed,
+            stage: noise.stage,
+            step: 0,
+            purpose: NoisePurpose::VaeSample,
+        }
+        .normal((1, c, h, w), &Device::Cpu)?;
+        Ok((mean + std.mul(&eps)?)?)
+    }
+
+    /// One `Encode` task for a picture that fits a tile: the worker draws the same seeded
+    /// noise over the whole latent.
+    fn encode_whole(&self, job: &str, noise: VaeNoise, pixels: &Tensor) -> Result<Tensor> {
+        let stage = noise.stage as usize;
+        let input = keys::stage(job, stage, "entry:pixels");
+        let output = keys::stage(job, stage, "entry:latent");
+        put_tensor(self.store, &input, pixels)?;
+        let task = Task {
+            job: job.to_string(),
+            id: format!("encode:s{stage}"),
+            kind: TaskKind::Encode {
+                input: input.clone(),
+                output: output.clone(),
+                noise,
+            },
+        };
+        self.workers.run(std::slice::from_ref(&task), &|_| {})?;
+        let z = get_tensor(self.store, &output, &Device::Cpu)?;
+        self.store.delete(&input)?;
+        self.store.delete(&output)?;
+        Ok(z)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_axis_and_small_ones_are_one_tile() {
+        let t = VaeTiling {
+            tile: 32,
+            overlap: 8,
+        };
+        assert_eq!(t.starts(32), vec![0]);
+        assert_eq!(t.starts(20), vec![0]);
+        assert_eq!(t.starts(64), vec![0, 24, 32]);
+        assert_eq!(t.starts(80), vec![0, 24, 48]);
+        for n in [33, 57, 100, 1000] {
+            let s = t.starts(n);
+            assert_eq!(*s.last().unwrap() + 32, n);
+            for p in s.windows(2) {
+                assert!(p[1] > p[0] && p[1] - p[0] <= 24, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn blend_weights_sum_to_one_and_ramp_smoothly() {
+        let t = VaeTiling {
+            tile: 32,
+            overlap: 8,
+        };
+        for n in [32, 64, 80, 101] {
+            let starts = t.starts(n);
+            let len = 32.min(n);
+            let w = axis_weights(&starts, len, 8);
+            let mut sum = vec![0f32; n * 8];
+            for (i, wi) in w.iter().enumerate() {
+                assert_eq!(wi.len(), len * 8);
+                for (k, v) in wi.iter().enumerate() {
+                    assert!((0.0..=1.0).contains(v));
+                    sum[starts[i] * 8 + k] += v;
+                }
+            }
+            for s in sum {
+                assert!((s - 1.0).abs() < 1e-6, "{s}");
+            }
+            // No jumps: neighbouring weights of a tile differ by little.
+            for wi in &w {
+                for p in wi.windows(2) {
+                    assert!((p[1] - p[0]).abs() < 0.05, "{p:?}");
+                }
+            }
+        }
+        // A single tile has weight exactly one.
+        assert!(axis_weights(&[0], 16, 8)[0].iter().all(|&v| v == 1.0));
+    }
+}
