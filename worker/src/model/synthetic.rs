@@ -94,9 +94,11 @@ impl SimpleBackend for RandomBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         // Drawn in f32 (the random kernels' type everywhere), then cast; the f32 copy of the
-        // largest SDXL tensor is ~100 MB and lives only for this call.
+        // largest SDXL tensor is ~100 MB and lives only for this call. Detached: a `Var` (or
+        // anything computed from one) makes candle record every later op for backprop, which
+        // would keep all of a forward pass's activations alive.
         let t = init.var(shape, DType::F32, dev)?.as_tensor().clone();
-        t.to_dtype(dtype)
+        Ok(t.to_dtype(dtype)?.detach())
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -194,6 +196,8 @@ mod tests {
         let var = w.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / w.len() as f32;
         // Kaiming normal with fan-in 64: std = sqrt(2/64) = 0.177.
         assert!((var.sqrt() - 0.177).abs() < 0.03, "std {}", var.sqrt());
+        // Plain tensors, not variables: no op history is kept through a forward pass.
+        assert!(!lin.weight().is_variable() && !lin.weight().track_op());
         let norm = candle_nn::group_norm(4, 8, 1e-5, vb.pp("n"))?;
         let x = Tensor::randn(0f32, 1.0, (1, 8, 2, 2), &Device::Cpu)?;
         assert_eq!(
