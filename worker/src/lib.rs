@@ -2,4 +2,5 @@
 pub mod device;
 pub mod model;
 pub mod service;
+pub mod simulate;
 pub mod tasks;

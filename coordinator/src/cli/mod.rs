@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod client;
 pub mod job;
 pub mod model;
@@ -53,6 +54,10 @@ pub enum Command {
     Fetch(client::FetchArgs),
     /// Queue one job per prompt line of a file (for overnight runs); prints the job ids.
     Batch(client::BatchArgs),
+    /// Measure Tessera's own costs (coordinator step, scaling, memory, end to end); prints a
+    /// table and a markdown block for BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -72,5 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => client::list(args),
         Command::Fetch(args) => client::fetch(args),
         Command::Batch(args) => client::batch(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -15,7 +15,7 @@ use tessera_common::store::{get_tensor, keys, put_tensor, Store};
 use tessera_common::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
 use tessera_common::tiling::{GlobalViews, LocalViews, ViewWeighting};
 
-use super::{EngineError, Result};
+use super::{EngineError, Result, StepTimings};
 use crate::dispatch::Dispatch;
 
 /// Where a step is: job, stage, step index within the stage, timestep.
@@ -35,6 +35,8 @@ pub struct Predictions {
     pub uncond: Option<Tensor>,
     /// The stage's cross-attention map, when this step captured one.
     pub camap: Option<CaMap>,
+    /// Where the coordinator's time went (the evaluation's share of [`StepTimings`]).
+    pub timings: StepTimings,
 }
 
 /// Which views a task holds.
@@ -104,6 +106,8 @@ pub fn evaluate(
     capture: bool,
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Predictions> {
+    let mut timings = StepTimings::default();
+    let clock = std::time::Instant::now();
     let stage_hw = stage.latent_hw();
     let local = local_views(stage, &at)?;
     let global = global_views(stage)?;
@@ -216,9 +220,13 @@ pub fn evaluate(
         .zip(&sizes)
         .map(|(t, &n)| (t.id.as_str(), n))
         .collect();
+    timings.store_write += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     workers.run(&tasks, &|t: &Task| {
         done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
     })?;
+    timings.workers += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
 
     // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
     let cpu = Device::Cpu;
@@ -255,29 +263,34 @@ pub fn evaluate(
             }
         }
     }
+    timings.store_read += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let weighting = match stage.tile_weights {
         TileWeights::Uniform => ViewWeighting::Uniform,
         TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
     };
     let merged_local = local.merge(&local_out, weighting)?;
-    let merged = match &global {
-        Some(g) => {
-            let merged_global = g.merge(&global_out)?;
-            fuse_scales_with(
-                &merged_local,
-                &merged_global,
-                stage.fusion_scale,
-                BlurAxes::Spatial,
-            )?
-        }
-        None => merged_local,
-    };
+    let merged_global = global.as_ref().map(|g| g.merge(&global_out)).transpose()?;
     let camap = if capture {
         Some(merge_camaps(&local, &captured, weighting)?)
     } else {
         None
     };
+    timings.merge += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
+    let merged = match merged_global {
+        Some(merged_global) => fuse_scales_with(
+            &merged_local,
+            &merged_global,
+            stage.fusion_scale,
+            BlurAxes::Spatial,
+        )?,
+        None => merged_local,
+    };
+    timings.fusion += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     store.delete_prefix(&keys::step_prefix(at.job, at.stage, at.step))?;
+    timings.store_write += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
         (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?))
     } else {
@@ -287,6 +300,7 @@ pub fn evaluate(
         cond,
         uncond,
         camap,
+        timings,
     })
 }
 
