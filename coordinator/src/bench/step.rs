@@ -227,7 +227,6 @@ pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report
         costs.push(measure_size(size, opts, &model, &redis, &runtime)?);
     }
     let tiny_16 = tiny_eval_seconds(&scratch.0, 16)?;
-    let tiny_128 = tiny_eval_seconds(&scratch.0, 128)?;
 
     let ms = |s: f64| format!("{:.1}", s * 1e3);
     let mut table = Table::new(&[
@@ -264,7 +263,6 @@ pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report
     }
     let mut model_table = Table::new(&["tiny SDXL model, one CFG evaluation (CPU)", "ms"]);
     model_table.row(vec!["16x16 latent (its training size)".into(), ms(tiny_16)]);
-    model_table.row(vec!["128x128 latent (SDXL's)".into(), ms(tiny_128)]);
     let report = Report {
         title: format!(
             "bench step: coordinator cost per high-resolution step vs {} simulated workers at {} ms/evaluation",

@@ -222,24 +222,49 @@ pub fn evaluate(
         .collect();
     timings.store_write += clock.elapsed().as_secs_f64();
     let clock = std::time::Instant::now();
-    workers.run(&tasks, &|t: &Task| {
-        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
-    })?;
-    timings.workers += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
-
-    // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
+    // Each task's outputs are read as soon as it finishes, while the others still compute, so
+    // only the last few reads stay on the step's critical path. Merging below still follows
+    // view order, whatever the order of arrival.
     let cpu = Device::Cpu;
-    let mut local_out: Vec<Tensor> = Vec::with_capacity(local.len());
-    let mut global_out: Vec<Tensor> = Vec::new();
-    let mut captured: Vec<Tensor> = Vec::new();
-    for (ti, group) in groups.iter().enumerate() {
+    let index_of: std::collections::HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
+    let read_outputs = |ti: usize| -> Result<(Tensor, Option<Tensor>)> {
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
         let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
         let uncond = if guided {
             Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
         } else {
             None
+        };
+        Ok((cond, uncond))
+    };
+    let early: Vec<std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>> =
+        (0..tasks.len()).map(|_| std::sync::Mutex::new(None)).collect();
+    workers.run(&tasks, &|t: &Task| {
+        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
+        if let Some(&ti) = index_of.get(t.id.as_str()) {
+            // A failed early read is simply retried after the wait.
+            if let Ok(outputs) = read_outputs(ti) {
+                *early[ti].lock().unwrap_or_else(|e| e.into_inner()) = Some(outputs);
+            }
+        }
+    })?;
+    timings.workers += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
+
+    // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
+    let mut local_out: Vec<Tensor> = Vec::with_capacity(local.len());
+    let mut global_out: Vec<Tensor> = Vec::new();
+    let mut captured: Vec<Tensor> = Vec::new();
+    for (ti, group) in groups.iter().enumerate() {
+        let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
+        let early = early[ti].lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (cond, uncond) = match early {
+            Some(outputs) => outputs,
+            None => read_outputs(ti)?,
         };
         let (ix, out) = match group {
             Group::Local(ix) => (ix, &mut local_out),
