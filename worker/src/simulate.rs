@@ -140,16 +140,25 @@ impl SimulatedModel {
         match &task.kind {
             TaskKind::EncodePrompt { .. } => {
                 tokio::time::sleep(self.denoise_time(1, (1, 1), true).mul_f64(0.1)).await;
-                let tokens = |v: f32| Tensor::full(v, (1, TEXT_TOKENS, self.context_dim), &Device::Cpu);
+                let tokens =
+                    |v: f32| Tensor::full(v, (1, TEXT_TOKENS, self.context_dim), &Device::Cpu);
                 let mut parts = vec![("uncond", tokens(0.0).map_err(cx)?)];
                 if let Some(p) = self.pooled_dim {
-                    parts.push(("pooled_cond", Tensor::full(0.01f32, (1, p), &Device::Cpu).map_err(cx)?));
-                    parts.push(("pooled_uncond", Tensor::zeros((1, p), DType::F32, &Device::Cpu).map_err(cx)?));
+                    parts.push((
+                        "pooled_cond",
+                        Tensor::full(0.01f32, (1, p), &Device::Cpu).map_err(cx)?,
+                    ));
+                    parts.push((
+                        "pooled_uncond",
+                        Tensor::zeros((1, p), DType::F32, &Device::Cpu).map_err(cx)?,
+                    ));
                 }
                 // Last, as the real worker: `cond` says every part is stored.
                 parts.push(("cond", tokens(0.01).map_err(cx)?));
                 for (part, t) in parts {
-                    write(keys::embedding(&task.job, part), t).await.map_err(st)?;
+                    write(keys::embedding(&task.job, part), t)
+                        .await
+                        .map_err(st)?;
                 }
                 Ok(())
             }
@@ -234,9 +243,18 @@ mod tests {
             context_dim: 2048,
             pooled_dim: Some(1280),
         };
-        assert_eq!(m.denoise_time(1, (128, 128), true), Duration::from_millis(100));
-        assert_eq!(m.denoise_time(4, (128, 128), true), Duration::from_millis(400));
-        assert_eq!(m.denoise_time(1, (256, 128), false), Duration::from_millis(100));
+        assert_eq!(
+            m.denoise_time(1, (128, 128), true),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            m.denoise_time(4, (128, 128), true),
+            Duration::from_millis(400)
+        );
+        assert_eq!(
+            m.denoise_time(1, (256, 128), false),
+            Duration::from_millis(100)
+        );
         assert_eq!(m.vae_time((64, 64)), Duration::from_millis(25));
     }
 }

@@ -219,7 +219,11 @@ impl LocalCluster {
                 >= count
         })?;
         let log = self.coordinator_log();
-        lines.extend(parse_steps(&log, job).into_iter().filter(|s| s.stage == stage));
+        lines.extend(
+            parse_steps(&log, job)
+                .into_iter()
+                .filter(|s| s.stage == stage),
+        );
         if lines.len() < count {
             return Err(BenchError::Setup(format!(
                 "job {job} stopped after {} steps; see {}",

@@ -193,7 +193,8 @@ impl Report {
                 .append(true)
                 .open(path)
                 .map_err(io(format!("opening {}", path.display())))?;
-            writeln!(f, "\n{}", self.markdown()).map_err(io(format!("writing {}", path.display())))?;
+            writeln!(f, "\n{}", self.markdown())
+                .map_err(io(format!("writing {}", path.display())))?;
             eprintln!("appended to {}", path.display());
         }
         Ok(())
@@ -223,7 +224,8 @@ pub fn sdxl_geometry_model(dir: &Path) -> Result<PathBuf> {
     .map_err(|e| BenchError::Setup(format!("synthesizing the model: {e}")))?;
     for (component, size) in [("unet", SDXL_LATENT), ("vae", SDXL_LATENT * 8)] {
         let path = model.join(component).join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
         let mut cfg: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| BenchError::Setup(format!("{}: {e}", path.display())))?;
         cfg["sample_size"] = serde_json::json!(size);

@@ -98,7 +98,8 @@ fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
         ))
     })?;
     let stage = &plan["stages"][0];
-    let n = stage["local_views"].as_u64().unwrap_or(0) + stage["global_views"].as_u64().unwrap_or(0);
+    let n =
+        stage["local_views"].as_u64().unwrap_or(0) + stage["global_views"].as_u64().unwrap_or(0);
     if n == 0 {
         return Err(BenchError::Setup(format!("the plan has no views: {plan}")));
     }
@@ -139,8 +140,7 @@ fn run_one(
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
-    let coordinator_ms =
-        lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
+    let coordinator_ms = lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
     Ok(ScaleRun {
         label: label.to_string(),
         workers: speeds.len(),
@@ -160,7 +160,14 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
     let mut runs = Vec::new();
     for &n in &opts.workers {
         let speeds = vec![opts.eval_ms; n];
-        runs.push(run_one(&scratch.0, &model, &format!("{n} workers"), &speeds, opts, views)?);
+        runs.push(run_one(
+            &scratch.0,
+            &model,
+            &format!("{n} workers"),
+            &speeds,
+            opts,
+            views,
+        )?);
     }
     if let Some(m) = opts.mixed {
         let mut speeds = vec![opts.eval_ms; m.fast];

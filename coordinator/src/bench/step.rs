@@ -49,7 +49,10 @@ impl Dispatch for InstantWorkers {
         tasks: &[Task],
         done: &(dyn Fn(&Task) + Sync),
     ) -> std::result::Result<(), DispatchError> {
-        if tasks.iter().any(|t| matches!(t.kind, TaskKind::Decode { .. })) {
+        if tasks
+            .iter()
+            .any(|t| matches!(t.kind, TaskKind::Decode { .. }))
+        {
             // The steps are done; the decode is not what this bench measures.
             return Err(DispatchError::Cancelled);
         }
@@ -158,10 +161,22 @@ fn measure_size(
     };
     let timings = Mutex::new(Vec::new());
     let job_id = format!("bench-step-{size}");
-    eprintln!("{size}x{size}: {views} views per step, {} steps", opts.steps + 1);
+    eprintln!(
+        "{size}x{size}: {views} views per step, {} steps",
+        opts.steps + 1
+    );
     let outcome = engine.run(&job_id, &spec, &plan, JobInputs::default(), &|p| {
-        if let Progress::Step { step, steps, timings: t, .. } = p {
-            eprintln!("  step {step}/{steps}: coordinator {:.0} ms", t.coordinator() * 1e3);
+        if let Progress::Step {
+            step,
+            steps,
+            timings: t,
+            ..
+        } = p
+        {
+            eprintln!(
+                "  step {step}/{steps}: coordinator {:.0} ms",
+                t.coordinator() * 1e3
+            );
             timings.lock().unwrap_or_else(|e| e.into_inner()).push(t);
         }
     });
@@ -169,7 +184,11 @@ fn measure_size(
     match outcome {
         Err(EngineError::Dispatch(DispatchError::Cancelled)) => {}
         Err(e) => return Err(e.into()),
-        Ok(_) => return Err(BenchError::Setup("the job was not stopped at its decode".into())),
+        Ok(_) => {
+            return Err(BenchError::Setup(
+                "the job was not stopped at its decode".into(),
+            ))
+        }
     }
     let all = timings.into_inner().unwrap_or_else(|e| e.into_inner());
     let timed = &all[1.min(all.len())..];

@@ -39,6 +39,9 @@ pub struct Predictions {
     pub timings: StepTimings,
 }
 
+/// A task's conditional and (when guided) unconditional predictions.
+type TaskOutputs = (Tensor, Option<Tensor>);
+
 /// Which views a task holds.
 enum Group {
     Local(Vec<usize>),
@@ -231,7 +234,7 @@ pub fn evaluate(
         .enumerate()
         .map(|(i, t)| (t.id.as_str(), i))
         .collect();
-    let read_outputs = |ti: usize| -> Result<(Tensor, Option<Tensor>)> {
+    let read_outputs = |ti: usize| -> Result<TaskOutputs> {
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
         let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
         let uncond = if guided {
@@ -241,8 +244,9 @@ pub fn evaluate(
         };
         Ok((cond, uncond))
     };
-    let early: Vec<std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>> =
-        (0..tasks.len()).map(|_| std::sync::Mutex::new(None)).collect();
+    let early: Vec<std::sync::Mutex<Option<TaskOutputs>>> = (0..tasks.len())
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
     workers.run(&tasks, &|t: &Task| {
         done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
         if let Some(&ti) = index_of.get(t.id.as_str()) {
