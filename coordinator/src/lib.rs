@@ -1,6 +1,7 @@
 //! The coordinator: runs jobs (planning, the sampling loop, guidance, assembly) and hosts the
 //! `tessera` command line.
 pub mod assemble;
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod dispatch;

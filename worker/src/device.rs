@@ -36,6 +36,14 @@ pub fn open_device(name: &str) -> Result<Device, DeviceError> {
 /// f32 on the CPU (no fast half-precision kernels there, and exact parity with diffusers'
 /// float32 runs); f16 on GPUs.
 pub fn compute_dtype(device: &Device) -> DType {
+    // TESSERA_COMPUTE_DTYPE (f16, bf16, f32) overrides the choice; tests use it to run the
+    // half-precision paths on the CPU.
+    match std::env::var("TESSERA_COMPUTE_DTYPE").as_deref() {
+        Ok("f16") => return DType::F16,
+        Ok("bf16") => return DType::BF16,
+        Ok("f32") => return DType::F32,
+        _ => {}
+    }
     if device.is_cpu() {
         DType::F32
     } else {

@@ -2,5 +2,6 @@
 pub mod device;
 pub mod model;
 pub mod service;
+pub mod simulate;
 pub mod tasks;
 pub mod unet_bench;

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::device::{compute_dtype, open_device};
 use crate::model::arch::arch_info;
 use crate::model::diffusion::DiffusionModel;
+use crate::simulate::SimulatedModel;
 use crate::tasks::{self, TaskError};
 
 /// How often a worker refreshes its membership key, and how long the key outlives a silent
@@ -67,11 +68,21 @@ pub struct WorkerConfig {
     /// CA for checking the coordinator's certificate (only used for the reachability check).
     pub tls_ca: Option<PathBuf>,
     pub tasks_per_call: u32,
+    /// **Benchmark double** (`--simulate-eval-ms`): load no weights and answer every task after
+    /// this many milliseconds per training-size evaluation with CFG (see [`crate::simulate`]).
+    /// `None`, the default, runs the real model.
+    pub simulate_eval_ms: Option<f64>,
+}
+
+/// What computes the tasks: the real model, or the benchmark double.
+enum Backend {
+    Model(Arc<DiffusionModel>),
+    Simulated(SimulatedModel),
 }
 
 struct Shared {
     id: String,
-    model: Arc<DiffusionModel>,
+    backend: Backend,
     model_name: String,
     store: RedisStore,
     description: WorkerDescription,
@@ -108,29 +119,46 @@ pub async fn serve(
         None => advertised_url(local, &cfg.coordinator, tls),
     };
 
-    tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
-    let started = Instant::now();
-    let dir = cfg.model_dir.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        let dtype = compute_dtype(&device);
-        DiffusionModel::load(&dir, &device, dtype)
-    })
-    .await
-    .map_err(|e| ServiceError::Model {
-        path: cfg.model_dir.clone(),
-        message: e.to_string(),
-    })?
-    .map_err(|e| ServiceError::Model {
-        path: cfg.model_dir.clone(),
-        message: e.to_string(),
-    })?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let backend = match cfg.simulate_eval_ms {
+        Some(ms) => {
+            tracing::warn!(
+                eval_ms = ms,
+                "BENCHMARK DOUBLE: no weights loaded; tasks are simulated, outputs meaningless"
+            );
+            Backend::Simulated(SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| {
+                ServiceError::Model {
+                    path: cfg.model_dir.clone(),
+                    message: e.to_string(),
+                }
+            })?)
+        }
+        None => {
+            tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
+            let started = Instant::now();
+            let dir = cfg.model_dir.clone();
+            let model = tokio::task::spawn_blocking(move || {
+                let dtype = compute_dtype(&device);
+                DiffusionModel::load(&dir, &device, dtype)
+            })
+            .await
+            .map_err(|e| ServiceError::Model {
+                path: cfg.model_dir.clone(),
+                message: e.to_string(),
+            })?
+            .map_err(|e| ServiceError::Model {
+                path: cfg.model_dir.clone(),
+                message: e.to_string(),
+            })?;
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+            Backend::Model(Arc::new(model))
+        }
+    };
 
     let id = worker_id(local);
-    let description = describe(&id, &address, &cfg, &arch, &model);
+    let description = describe(&id, &address, &cfg, &arch);
     let shared = Arc::new(Shared {
         id: id.clone(),
-        model: Arc::new(model),
+        backend,
         model_name: cfg.model_name.clone(),
         store: store.clone(),
         description,
@@ -143,10 +171,17 @@ pub async fn serve(
     let token = RequireToken::new(cfg.token.as_deref());
     let tls = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
     let router = tessera_proto::server::router::<WorkerServer<WorkerService>>(tls, &token).await?;
-    eprintln!(
-        "worker {id} serving model {:?} on {address} (device {})",
-        cfg.model_name, cfg.device
-    );
+    match cfg.simulate_eval_ms {
+        Some(ms) => eprintln!(
+            "worker {id} serving model {:?} on {address} as a BENCHMARK DOUBLE ({ms} ms per \
+             evaluation, no weights, meaningless outputs)",
+            cfg.model_name
+        ),
+        None => eprintln!(
+            "worker {id} serving model {:?} on {address} (device {})",
+            cfg.model_name, cfg.device
+        ),
+    }
     let result = router
         .add_service(WorkerServer::with_interceptor(
             WorkerService {
@@ -198,21 +233,15 @@ fn advertised_url(local: SocketAddr, coordinator: &str, tls: bool) -> String {
     format!("{scheme}://{}", SocketAddr::new(ip, local.port()))
 }
 
-fn describe(
-    id: &str,
-    address: &str,
-    cfg: &WorkerConfig,
-    arch: &ArchInfo,
-    model: &DiffusionModel,
-) -> WorkerDescription {
+fn describe(id: &str, address: &str, cfg: &WorkerConfig, arch: &ArchInfo) -> WorkerDescription {
     WorkerDescription {
         worker_id: id.to_string(),
         address: address.to_string(),
         models: vec![ModelDescription {
             name: cfg.model_name.clone(),
             arch_json: serde_json::to_string(arch).unwrap_or_default(),
-            scheduler_json: serde_json::to_string(&model.scheduler_config).unwrap_or_default(),
-            latent_channels: model.unet.config().in_channels as u32,
+            scheduler_json: serde_json::to_string(&arch.scheduler).unwrap_or_default(),
+            latent_channels: arch.latent_channels as u32,
         }],
         device: cfg.device.clone(),
         free_memory_bytes: 0,
@@ -326,16 +355,24 @@ impl Worker for WorkerService {
                     self.shared.id, self.shared.model_name, r.model
                 );
             } else {
-                let shared = self.shared.clone();
                 let id = task.id.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let guarded = Guarded {
-                        inner: &shared.store,
-                        guard: guard_key(&task),
-                    };
-                    tasks::execute(&shared.model, &guarded, &task)
-                })
-                .await;
+                let outcome = match &self.shared.backend {
+                    Backend::Model(model) => {
+                        let shared = self.shared.clone();
+                        let model = model.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let guarded = Guarded {
+                                inner: &shared.store,
+                                guard: guard_key(&task),
+                            };
+                            tasks::execute(&model, &guarded, &task)
+                        })
+                        .await
+                    }
+                    Backend::Simulated(sim) => Ok(sim
+                        .execute(&self.shared.store, &guard_key(&task), &task)
+                        .await),
+                };
                 match outcome {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -359,7 +396,7 @@ impl Worker for WorkerService {
 
 /// The key whose existence says the task's results are still wanted: its input (deleted when
 /// the coordinator has merged the step), or for prompt encoding the job's spec.
-fn guard_key(task: &Task) -> String {
+pub fn guard_key(task: &Task) -> String {
     match &task.kind {
         TaskKind::EncodePrompt { .. } => keys::spec(&task.job),
         TaskKind::Denoise(d) => d.input.clone(),

@@ -71,7 +71,11 @@ impl Fixture {
 
     fn run(&self, hooks: &mut UNetHooks) -> Result<Tensor> {
         let sample = self.get("unet.sample")?;
-        let t = self.get("unet.timestep")?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+        let t = self
+            .get("unet.timestep")?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?[0] as f64;
         let ctx = self.get("unet.encoder_hidden_states")?;
         let added = if self.unet.config().is_sdxl() {
             Some(AddedCond {

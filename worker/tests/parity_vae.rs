@@ -4,7 +4,7 @@ mod common;
 use common::{fixture_dir, references, rel_l2, tolerance};
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::vae::{AutoencoderKL, TileSpec, VaeConfig};
 
@@ -48,13 +48,26 @@ fn check(arch: &str) -> Result<()> {
     };
     let tiled = vae.tiled_decode(&latent, one)?;
     assert_eq!(
-        tiled.flatten_all()?.to_vec1::<f32>()?,
-        decoded.flatten_all()?.to_vec1::<f32>()?
+        tiled
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        decoded
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
     );
     let tiled_post = vae.tiled_encode(&get("vae.image")?, one)?;
     assert_eq!(
-        tiled_post.mean().flatten_all()?.to_vec1::<f32>()?,
-        post.mean().flatten_all()?.to_vec1::<f32>()?
+        tiled_post
+            .mean()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        post.mean()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
     );
     // Several tiles: right shape, finite, same neighbourhood as the plain decode.
     let small = TileSpec {

@@ -250,6 +250,7 @@ impl CaMap {
         let src = self
             .map
             .to_device(&Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let at = |bi: usize, y: usize, x: usize, k: usize| src[((bi * mh + y) * mw + x) * t + k];

@@ -89,22 +89,61 @@ pub fn gaussian_kernel_3d(size: usize, sigma: f32) -> Result<Vec<f32>> {
 }
 
 /// Zero-padded 1-D convolution of `x` along `dim` with an odd symmetric kernel, same size.
+///
+/// A plain loop over contiguous f32 rows: each output adds its taps in kernel order, one
+/// `k · x` product at a time, the same arithmetic as summing shifted, scaled copies of the
+/// tensor, without the copies (an 8K step blurs 2 × 8 planes of 1024² here; the tensor-op
+/// version spent seconds on it).
 fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
     if kernel.len() == 1 {
         return Ok((x * f64::from(kernel[0]))?);
     }
+    let dims = x.dims().to_vec();
     let r = kernel.len() / 2;
-    let n = x.dim(dim)?;
-    let padded = x.pad_with_zeros(dim, r, r)?;
-    let mut acc: Option<Tensor> = None;
-    for (j, &k) in kernel.iter().enumerate() {
-        let term = (padded.narrow(dim, j, n)? * f64::from(k))?;
-        acc = Some(match acc {
-            None => term,
-            Some(a) => (a + term)?,
-        });
+    // (outer, n, inner): the blurred axis in the middle.
+    let n = dims[dim];
+    let outer: usize = dims[..dim].iter().product();
+    let inner: usize = dims[dim + 1..].iter().product();
+    let src = x
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = vec![0f32; src.len()];
+    if inner == 1 {
+        // The last axis: shift along each row, tap by tap.
+        for (dst, row) in out.chunks_mut(n).zip(src.chunks(n)) {
+            for (j, &k) in kernel.iter().enumerate() {
+                // dst[i] += k · row[i + j − r] where that index exists.
+                let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
+                if lo >= hi {
+                    continue;
+                }
+                let shift = lo + j - r;
+                for (d, &v) in dst[lo..hi].iter_mut().zip(&row[shift..shift + (hi - lo)]) {
+                    *d += v * k;
+                }
+            }
+        }
+        return Ok(Tensor::from_vec(out, dims, x.device())?);
     }
-    Ok(acc.expect("kernel is not empty"))
+    for o in 0..outer {
+        let base = o * n * inner;
+        for i in 0..n {
+            let dst = &mut out[base + i * inner..base + (i + 1) * inner];
+            for (j, &k) in kernel.iter().enumerate() {
+                // Source index along the axis: i + j − r, zero outside.
+                let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
+                    continue;
+                };
+                let row = &src[base + si * inner..base + (si + 1) * inner];
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d += v * k;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, dims, x.device())?)
 }
 
 /// G: Gaussian blur of a 4-D tensor (computed in f32, returned in f32).

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod bench_unet;
 pub mod client;
 pub mod job;
@@ -54,15 +55,10 @@ pub enum Command {
     Fetch(client::FetchArgs),
     /// Queue one job per prompt line of a file (for overnight runs); prints the job ids.
     Batch(client::BatchArgs),
-    /// Benchmarks; each prints its figures and the command line that reproduces them.
+    /// Benchmarks: Tessera's own costs (coordinator step, scaling) and the UNet on a device; prints a
+    /// table and a markdown block for BENCHMARKS.md.
     #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// UNet speed on one device: ms per evaluation, TFLOP/s, fraction of the bf16 peak.
-    Unet(bench_unet::UnetArgs),
+    Bench(bench::BenchCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -82,6 +78,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => client::list(args),
         Command::Fetch(args) => client::fetch(args),
         Command::Batch(args) => client::batch(args),
-        Command::Bench(BenchCommand::Unet(args)) => bench_unet::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -115,9 +115,20 @@ pub struct WorkerArgs {
     /// Tasks (each a batch of views) per call from the coordinator.
     #[arg(long, default_value_t = 1)]
     pub tasks_per_call: u32,
+    /// BENCHMARK DOUBLE, for `tessera bench`: load no weights and answer every task after MS
+    /// milliseconds per training-size model evaluation with CFG (scaled by view area and
+    /// batch), writing outputs of the real shapes with meaningless content. Never use it to
+    /// render. --model still gives the geometry (configs only).
+    #[arg(long, value_name = "MS")]
+    pub simulate_eval_ms: Option<f64>,
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    if let Some(ms) = args.simulate_eval_ms {
+        if !(ms.is_finite() && ms >= 0.0) {
+            bail!("--simulate-eval-ms must be a non-negative number of milliseconds, not {ms}");
+        }
+    }
     let model_name = match args.model_name {
         Some(n) if !n.trim().is_empty() => n,
         Some(_) => bail!("--model-name is empty: give a name or leave it out"),
@@ -148,6 +159,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         tls_key: args.security.tls_key,
         tls_ca: args.security.tls_ca,
         tasks_per_call: args.tasks_per_call,
+        simulate_eval_ms: args.simulate_eval_ms,
     };
     runtime()?.block_on(async move {
         tessera_worker::service::serve(cfg, shutdown_signal())

@@ -293,6 +293,28 @@ impl Runner {
             spec.seed = record.spec.seed.wrapping_add(u64::from(n));
             let image_job = keys::image_job(&id, n);
             let on_progress = |p: Progress| {
+                if let Progress::Step {
+                    stage,
+                    step,
+                    steps,
+                    timings,
+                    ..
+                } = p
+                {
+                    // `tessera bench scale` reads these lines to time the steps.
+                    tracing::info!(
+                        job = %id,
+                        image = n,
+                        stage,
+                        step,
+                        steps,
+                        at_ms = now_ms(),
+                        coordinator_ms = timings.coordinator() * 1e3,
+                        workers_ms = timings.workers * 1e3,
+                        timings = %serde_json::to_string(&timings).unwrap_or_default(),
+                        "step finished"
+                    );
+                }
                 let snapshot = self.update(&id, |r| {
                     let pr = &mut r.progress;
                     pr.image = n;

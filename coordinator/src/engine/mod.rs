@@ -80,12 +80,13 @@ pub enum Progress {
         size: [u32; 2],
         steps: usize,
     },
-    /// A step of the current stage finished.
+    /// A step of the current stage finished, and where the coordinator's time went.
     Step {
         stage: usize,
         step: usize,
         steps: usize,
         timestep: f64,
+        timings: StepTimings,
     },
     /// This many more view evaluations finished (for the bar; the plan has the total).
     Views(usize),
@@ -93,6 +94,49 @@ pub enum Progress {
     Decoding,
     /// The job picked up from a checkpoint: stage index and steps of it already done.
     Resumed { stage: usize, step: usize },
+}
+
+/// Wall-clock seconds one denoising step spent in each part of the coordinator's step code,
+/// measured in the engine's real loop (`tessera bench step` reports them). `workers` is the
+/// time the engine waited for the step's tasks; everything else is the coordinator's own
+/// work on the step's critical path: nothing of it overlaps the workers' computation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimings {
+    /// Cutting the views out of the latent, encoding them and writing them (and CA-maps) to
+    /// the store; deleting the step's keys afterwards.
+    pub store_write: f64,
+    /// Waiting for the workers (dispatch until the last task's result is in the store).
+    pub workers: f64,
+    /// Reading and decoding the task outputs.
+    pub store_read: f64,
+    /// Weighted merge of the local views, scatter of the global views (and CA-maps).
+    pub merge: f64,
+    /// Scale fusion `G(local) + (global − G(global))`.
+    pub fusion: f64,
+    /// Restrained structure, input scaling, CFG or FA-CFG.
+    pub guidance: f64,
+    /// The scheduler step.
+    pub scheduler: f64,
+    /// Writing the checkpoint (latent, and x0 at a stage's end) and dropping the previous one.
+    pub checkpoint: f64,
+}
+
+impl StepTimings {
+    /// The coordinator's own seconds in the step: all but waiting for workers.
+    pub fn coordinator(&self) -> f64 {
+        self.store_write
+            + self.store_read
+            + self.merge
+            + self.fusion
+            + self.guidance
+            + self.scheduler
+            + self.checkpoint
+    }
+
+    /// Part of the store traffic: writes, reads and the checkpoint.
+    pub fn store_io(&self) -> f64 {
+        self.store_write + self.store_read + self.checkpoint
+    }
 }
 
 /// Inputs that travel beside the spec.
@@ -561,6 +605,7 @@ impl Engine<'_> {
         let mut x0 = z.clone();
         let mut camap_out = None;
         for (j, &t) in stage.timesteps.iter().enumerate().skip(first_step) {
+            let clock = std::time::Instant::now();
             if let (Some(r), Some((z_up, eps)), true) = (&stage.restraint, &restraint_source, j > 0)
             {
                 let noised = || stepper.scheduler.add_noise(z_up, eps, t);
@@ -571,6 +616,7 @@ impl Engine<'_> {
                 };
             }
             let input = stepper.scale_input(&z, j)?;
+            let before_views = clock.elapsed().as_secs_f64();
             let capture = stage.camap_capture && j + 1 == steps;
             let at = StepAt {
                 job,
@@ -590,6 +636,9 @@ impl Engine<'_> {
                 capture,
                 &|n| progress(Progress::Views(n)),
             )?;
+            let mut timings = pred.timings;
+            timings.guidance += before_views;
+            let clock = std::time::Instant::now();
             let eps = match (&stage.guidance, &pred.uncond) {
                 (GuidancePlan::Cfg { scale }, Some(u)) => {
                     guidance::classifier_free(u, &pred.cond, *scale)?
@@ -612,19 +661,25 @@ impl Engine<'_> {
                 )?,
                 _ => pred.cond.clone(),
             };
+            timings.guidance += clock.elapsed().as_secs_f64();
+            let clock = std::time::Instant::now();
             let (next, pred_x0) = stepper.step(&eps, j, t, &z)?;
             z = next;
             x0 = pred_x0;
+            timings.scheduler += clock.elapsed().as_secs_f64();
+            let clock = std::time::Instant::now();
             if pred.camap.is_some() {
                 camap_out = pred.camap;
             }
             let end = (j + 1 == steps).then_some((&x0, camap_out.as_ref()));
             self.checkpoint(job, plan, k, j + 1, &z, end)?;
+            timings.checkpoint += clock.elapsed().as_secs_f64();
             progress(Progress::Step {
                 stage: k,
                 step: j + 1,
                 steps,
                 timestep: t,
+                timings,
             });
         }
         Ok(StageResult {

@@ -15,7 +15,7 @@ use tessera_common::store::{get_tensor, keys, put_tensor, Store};
 use tessera_common::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
 use tessera_common::tiling::{GlobalViews, LocalViews, ViewWeighting};
 
-use super::{EngineError, Result};
+use super::{EngineError, Result, StepTimings};
 use crate::dispatch::Dispatch;
 
 /// Where a step is: job, stage, step index within the stage, timestep.
@@ -35,7 +35,12 @@ pub struct Predictions {
     pub uncond: Option<Tensor>,
     /// The stage's cross-attention map, when this step captured one.
     pub camap: Option<CaMap>,
+    /// Where the coordinator's time went (the evaluation's share of [`StepTimings`]).
+    pub timings: StepTimings,
 }
+
+/// A task's conditional and (when guided) unconditional predictions.
+type TaskOutputs = (Tensor, Option<Tensor>);
 
 /// Which views a task holds.
 enum Group {
@@ -104,6 +109,8 @@ pub fn evaluate(
     capture: bool,
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Predictions> {
+    let mut timings = StepTimings::default();
+    let clock = std::time::Instant::now();
     let stage_hw = stage.latent_hw();
     let local = local_views(stage, &at)?;
     let global = global_views(stage)?;
@@ -216,22 +223,52 @@ pub fn evaluate(
         .zip(&sizes)
         .map(|(t, &n)| (t.id.as_str(), n))
         .collect();
-    workers.run(&tasks, &|t: &Task| {
-        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
-    })?;
-
-    // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
+    timings.store_write += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
+    // Each task's outputs are read as soon as it finishes, while the others still compute, so
+    // only the last few reads stay on the step's critical path. Merging below still follows
+    // view order, whatever the order of arrival.
     let cpu = Device::Cpu;
-    let mut local_out: Vec<Tensor> = Vec::with_capacity(local.len());
-    let mut global_out: Vec<Tensor> = Vec::new();
-    let mut captured: Vec<Tensor> = Vec::new();
-    for (ti, group) in groups.iter().enumerate() {
+    let index_of: std::collections::HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
+    let read_outputs = |ti: usize| -> Result<TaskOutputs> {
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
         let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
         let uncond = if guided {
             Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
         } else {
             None
+        };
+        Ok((cond, uncond))
+    };
+    let early: Vec<std::sync::Mutex<Option<TaskOutputs>>> = (0..tasks.len())
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    workers.run(&tasks, &|t: &Task| {
+        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
+        if let Some(&ti) = index_of.get(t.id.as_str()) {
+            // A failed early read is simply retried after the wait.
+            if let Ok(outputs) = read_outputs(ti) {
+                *early[ti].lock().unwrap_or_else(|e| e.into_inner()) = Some(outputs);
+            }
+        }
+    })?;
+    timings.workers += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
+
+    // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
+    let mut local_out: Vec<Tensor> = Vec::with_capacity(local.len());
+    let mut global_out: Vec<Tensor> = Vec::new();
+    let mut captured: Vec<Tensor> = Vec::new();
+    for (ti, group) in groups.iter().enumerate() {
+        let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
+        let early = early[ti].lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (cond, uncond) = match early {
+            Some(outputs) => outputs,
+            None => read_outputs(ti)?,
         };
         let (ix, out) = match group {
             Group::Local(ix) => (ix, &mut local_out),
@@ -255,29 +292,34 @@ pub fn evaluate(
             }
         }
     }
+    timings.store_read += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let weighting = match stage.tile_weights {
         TileWeights::Uniform => ViewWeighting::Uniform,
         TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
     };
     let merged_local = local.merge(&local_out, weighting)?;
-    let merged = match &global {
-        Some(g) => {
-            let merged_global = g.merge(&global_out)?;
-            fuse_scales_with(
-                &merged_local,
-                &merged_global,
-                stage.fusion_scale,
-                BlurAxes::Spatial,
-            )?
-        }
-        None => merged_local,
-    };
+    let merged_global = global.as_ref().map(|g| g.merge(&global_out)).transpose()?;
     let camap = if capture {
         Some(merge_camaps(&local, &captured, weighting)?)
     } else {
         None
     };
+    timings.merge += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
+    let merged = match merged_global {
+        Some(merged_global) => fuse_scales_with(
+            &merged_local,
+            &merged_global,
+            stage.fusion_scale,
+            BlurAxes::Spatial,
+        )?,
+        None => merged_local,
+    };
+    timings.fusion += clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     store.delete_prefix(&keys::step_prefix(at.job, at.stage, at.step))?;
+    timings.store_write += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
         (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?))
     } else {
@@ -287,6 +329,7 @@ pub fn evaluate(
         cond,
         uncond,
         camap,
+        timings,
     })
 }
 

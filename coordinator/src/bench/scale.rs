@@ -1,0 +1,224 @@
+//! `tessera bench scale`: high-resolution steps per second of an 8K SDXL-geometry stage on
+//! 1, 2, 4, … simulated workers (benchmark doubles taking a fixed time per evaluation), real
+//! Redis, a real coordinator process and real worker processes on loopback; efficiency against
+//! the ideal `capacity / views per step`, and a mixed set where some workers are slower.
+//!
+//! Only the high-resolution steps are timed: from the end of the stage's first step to the end
+//! of its last (as the coordinator logs them), so startup, prompt encoding, the stage's entry
+//! and the decode are excluded.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::cluster::LocalCluster;
+use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
+
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    /// Worker counts to measure, all at `eval_ms`.
+    pub workers: Vec<usize>,
+    /// Milliseconds per training-size evaluation with CFG of the simulated workers.
+    pub eval_ms: f64,
+    /// Also run the mixed set: `mixed_fast` workers at `eval_ms` and `mixed_slow` at
+    /// `slow_factor × eval_ms`.
+    pub mixed: Option<MixedSet>,
+    /// Image side in pixels (one high-resolution stage of this size).
+    pub size: u32,
+    /// Steps of the stage to run (at least 2); `None` picks enough for ~6 s of timed steps.
+    pub steps: Option<usize>,
+    /// Views per task (`--view-batch` of the job).
+    pub view_batch: usize,
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MixedSet {
+    pub fast: usize,
+    pub slow: usize,
+    pub slow_factor: f64,
+}
+
+/// One configuration's outcome.
+#[derive(Debug, Clone)]
+pub struct ScaleRun {
+    pub label: String,
+    pub workers: usize,
+    /// Evaluations per second the workers could do together.
+    pub capacity: f64,
+    pub views_per_step: usize,
+    pub timed_steps: usize,
+    pub steps_per_second: f64,
+    pub coordinator_ms: f64,
+}
+
+impl ScaleRun {
+    pub fn ideal_steps_per_second(&self) -> f64 {
+        self.capacity / self.views_per_step as f64
+    }
+
+    pub fn efficiency(&self) -> f64 {
+        self.steps_per_second / self.ideal_steps_per_second()
+    }
+}
+
+fn job_flags(size: u32, steps: usize, view_batch: usize) -> Vec<String> {
+    [
+        "--prompt",
+        "a lighthouse on a cliff at dusk",
+        "--size",
+        &format!("{size}x{size}"),
+        "--stages",
+        &format!("{size}x{size}"),
+        "--method",
+        "hybrid",
+        "--stage-steps",
+        &steps.to_string(),
+        "--view-batch",
+        &view_batch.to_string(),
+        "--seed",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Views (local + global) per step of the one-stage job, from `tessera plan --json`.
+fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
+    let exe = std::env::current_exe().map_err(super::io("finding the tessera binary"))?;
+    let out = std::process::Command::new(exe)
+        .args(["plan", "--model", &model.display().to_string(), "--json"])
+        .args(job_flags(size, 2, view_batch))
+        .output()
+        .map_err(super::io("running tessera plan"))?;
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        BenchError::Setup(format!(
+            "tessera plan --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    })?;
+    let stage = &plan["stages"][0];
+    let n =
+        stage["local_views"].as_u64().unwrap_or(0) + stage["global_views"].as_u64().unwrap_or(0);
+    if n == 0 {
+        return Err(BenchError::Setup(format!("the plan has no views: {plan}")));
+    }
+    Ok(n as usize)
+}
+
+/// Runs one configuration on a fresh cluster: `speeds` are the workers' ms per evaluation.
+fn run_one(
+    scratch: &Path,
+    model: &Path,
+    label: &str,
+    speeds: &[f64],
+    opts: &ScaleOptions,
+    views: usize,
+) -> Result<ScaleRun> {
+    let capacity: f64 = speeds.iter().map(|ms| 1000.0 / ms).sum();
+    let ideal_step = views as f64 / capacity;
+    let steps = opts
+        .steps
+        .unwrap_or_else(|| ((6.0 / ideal_step).ceil() as usize + 1).clamp(2, 8))
+        .max(2);
+    let dir = scratch.join(label.replace([' ', ','], "-"));
+    std::fs::create_dir_all(&dir).map_err(super::io(format!("creating {}", dir.display())))?;
+    eprintln!(
+        "{label}: {} workers, {steps} steps (ideal {ideal_step:.2} s each)",
+        speeds.len()
+    );
+    let mut cluster = LocalCluster::start(&dir)?;
+    for &ms in speeds {
+        cluster.add_workers(model, 1, Some(ms))?;
+    }
+    cluster.wait_workers()?;
+    let mut args = vec!["--model".to_string(), "sdxl-geometry".to_string()];
+    args.extend(job_flags(opts.size, steps, opts.view_batch));
+    let job = cluster.submit(&args)?;
+    let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
+    let lines = cluster.wait_steps(&job, 0, steps, limit)?;
+    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
+    let timed = lines.len() - 1;
+    let seconds = (last.at_ms - first.at_ms) / 1e3;
+    let coordinator_ms = lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
+    Ok(ScaleRun {
+        label: label.to_string(),
+        workers: speeds.len(),
+        capacity,
+        views_per_step: views,
+        timed_steps: timed,
+        steps_per_second: timed as f64 / seconds,
+        coordinator_ms,
+    })
+}
+
+pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Report)> {
+    let machine = Machine::probe();
+    let scratch = Scratch::new("scale")?;
+    let model = sdxl_geometry_model(&scratch.0)?;
+    let views = views_per_step(&model, opts.size, opts.view_batch)?;
+    let mut runs = Vec::new();
+    for &n in &opts.workers {
+        let speeds = vec![opts.eval_ms; n];
+        runs.push(run_one(
+            &scratch.0,
+            &model,
+            &format!("{n} workers"),
+            &speeds,
+            opts,
+            views,
+        )?);
+    }
+    if let Some(m) = opts.mixed {
+        let mut speeds = vec![opts.eval_ms; m.fast];
+        speeds.extend(vec![opts.eval_ms * m.slow_factor; m.slow]);
+        let label = format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor);
+        runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
+    }
+    let mut table = Table::new(&[
+        "workers",
+        "capacity (evals/s)",
+        "timed steps",
+        "steps/s",
+        "ideal steps/s",
+        "efficiency",
+        "coordinator ms/step",
+    ]);
+    for r in &runs {
+        table.row(vec![
+            r.label.clone(),
+            format!("{:.1}", r.capacity),
+            r.timed_steps.to_string(),
+            format!("{:.3}", r.steps_per_second),
+            format!("{:.3}", r.ideal_steps_per_second()),
+            format!("{:.1}%", 100.0 * r.efficiency()),
+            format!("{:.0}", r.coordinator_ms),
+        ]);
+    }
+    let report = Report {
+        title: format!(
+            "bench scale: {}x{} SDXL-geometry stage, simulated workers at {} ms/evaluation",
+            opts.size, opts.size, opts.eval_ms
+        ),
+        command,
+        machine,
+        tables: vec![table],
+        notes: vec![
+            format!(
+                "{views} views per step ({} per task); an evaluation = one training-size view with CFG",
+                opts.view_batch
+            ),
+            "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
+             real Redis and gRPC, no model compute"
+                .into(),
+            "timed: from the end of the stage's first step to the end of its last, as the \
+             coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
+             ideal = capacity / views per step"
+                .into(),
+            "coordinator ms/step: the engine's own time per step (StepTimings, all but waiting \
+             for workers), averaged over the timed steps"
+                .into(),
+        ],
+    };
+    Ok((runs, report))
+}

@@ -1,0 +1,309 @@
+//! `tessera bench step`: the coordinator's cost per high-resolution step, measured in the
+//! engine's real step loop ([`StepTimings`]) over a real Redis, next to one model evaluation of
+//! the tiny model, and as a fraction of the simulated step time at N workers.
+//!
+//! The workers are stood in for by the benchmark double with zero delay, run in this process
+//! over the same Redis (their time is the `workers` share, not counted as coordinator cost).
+//! The job is one high-resolution stage from noise; the bench stops it at its decode.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use futures::StreamExt;
+use tessera_common::store::{RedisOptions, RedisStore};
+use tessera_common::task::{Task, TaskKind};
+use tessera_common::testing::RedisServer;
+use tessera_worker::simulate::SimulatedModel;
+
+use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
+use crate::cli::job::JobArgs;
+use crate::dispatch::{Dispatch, DispatchError};
+use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress, StepTimings};
+
+#[derive(Debug, Clone)]
+pub struct StepOptions {
+    /// Image sides in pixels.
+    pub sizes: Vec<u32>,
+    /// Steps of the stage to time (the first is a warm-up and not counted).
+    pub steps: usize,
+    /// The simulated worker speed and count the cost is compared with.
+    pub eval_ms: f64,
+    pub workers: usize,
+    pub view_batch: usize,
+    pub markdown: Option<PathBuf>,
+}
+
+/// The workers, stood in for by the zero-delay benchmark double over the same store.
+struct InstantWorkers {
+    sim: SimulatedModel,
+    store: RedisStore,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Dispatch for InstantWorkers {
+    fn run(
+        &self,
+        tasks: &[Task],
+        done: &(dyn Fn(&Task) + Sync),
+    ) -> std::result::Result<(), DispatchError> {
+        if tasks
+            .iter()
+            .any(|t| matches!(t.kind, TaskKind::Decode { .. }))
+        {
+            // The steps are done; the decode is not what this bench measures.
+            return Err(DispatchError::Cancelled);
+        }
+        let results: Vec<_> = self.runtime.block_on(
+            futures::stream::iter(tasks)
+                .map(|t| async move {
+                    let guard = tessera_worker::service::guard_key(t);
+                    self.sim.execute(&self.store, &guard, t).await.map(|()| t)
+                })
+                .buffer_unordered(8)
+                .collect(),
+        );
+        for r in results {
+            done(r?);
+        }
+        Ok(())
+    }
+
+    fn workers(&self) -> usize {
+        1
+    }
+}
+
+#[derive(Parser)]
+struct JobOnly {
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+/// Per-step means of one size.
+#[derive(Debug, Clone)]
+pub struct StepCost {
+    pub size: u32,
+    pub views: usize,
+    pub timed_steps: usize,
+    pub mean: StepTimings,
+}
+
+fn mean(ts: &[StepTimings]) -> StepTimings {
+    let n = ts.len().max(1) as f64;
+    let mut m = StepTimings::default();
+    for t in ts {
+        m.store_write += t.store_write / n;
+        m.workers += t.workers / n;
+        m.store_read += t.store_read / n;
+        m.merge += t.merge / n;
+        m.fusion += t.fusion / n;
+        m.guidance += t.guidance / n;
+        m.scheduler += t.scheduler / n;
+        m.checkpoint += t.checkpoint / n;
+    }
+    m
+}
+
+fn measure_size(
+    size: u32,
+    opts: &StepOptions,
+    model_dir: &std::path::Path,
+    redis: &RedisServer,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<StepCost> {
+    let flags = [
+        "bench",
+        "--prompt",
+        "a lighthouse on a cliff at dusk",
+        "--size",
+        &format!("{size}x{size}"),
+        "--stages",
+        &format!("{size}x{size}"),
+        "--method",
+        "hybrid",
+        "--stage-steps",
+        &(opts.steps + 1).to_string(),
+        "--view-batch",
+        &opts.view_batch.to_string(),
+        "--seed",
+        "1",
+    ];
+    let job = JobOnly::try_parse_from(flags)
+        .map_err(|e| BenchError::Setup(format!("job flags: {e}")))?
+        .job;
+    let arch = tessera_worker::model::arch::arch_info(model_dir, 2)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let spec = job
+        .to_spec(arch.training_size, true, 1)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let plan =
+        tessera_common::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let views = plan.stages[0].local_views + plan.stages[0].global_views;
+    let store = runtime
+        .block_on(RedisStore::connect(&redis.url(), RedisOptions::default()))
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let workers = InstantWorkers {
+        sim: SimulatedModel::from_dir(model_dir, 0.0)
+            .map_err(|e| BenchError::Setup(e.to_string()))?,
+        store: store.clone(),
+        runtime: runtime.handle().clone(),
+    };
+    let engine = Engine {
+        store: &store,
+        workers: &workers,
+        model: ModelInfo {
+            scheduler: arch.scheduler.clone(),
+            latent_channels: arch.latent_channels,
+        },
+    };
+    let timings = Mutex::new(Vec::new());
+    let job_id = format!("bench-step-{size}");
+    eprintln!(
+        "{size}x{size}: {views} views per step, {} steps",
+        opts.steps + 1
+    );
+    let outcome = engine.run(&job_id, &spec, &plan, JobInputs::default(), &|p| {
+        if let Progress::Step {
+            step,
+            steps,
+            timings: t,
+            ..
+        } = p
+        {
+            eprintln!(
+                "  step {step}/{steps}: coordinator {:.0} ms",
+                t.coordinator() * 1e3
+            );
+            timings.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+    });
+    let _ = engine.finish(&job_id);
+    match outcome {
+        Err(EngineError::Dispatch(DispatchError::Cancelled)) => {}
+        Err(e) => return Err(e.into()),
+        Ok(_) => {
+            return Err(BenchError::Setup(
+                "the job was not stopped at its decode".into(),
+            ))
+        }
+    }
+    let all = timings.into_inner().unwrap_or_else(|e| e.into_inner());
+    let timed = &all[1.min(all.len())..];
+    Ok(StepCost {
+        size,
+        views,
+        timed_steps: timed.len(),
+        mean: mean(timed),
+    })
+}
+
+/// Seconds of one CFG evaluation (batch of one view) of the tiny SDXL model, median of 3, at
+/// a `latent`² view.
+fn tiny_eval_seconds(scratch: &std::path::Path, latent: usize) -> Result<f64> {
+    use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
+    let dir = scratch.join("sdxl-tiny");
+    if !dir.join("model_index.json").is_file() {
+        tessera_worker::model::synth::synthesize(
+            tessera_worker::model::synth::TinyArch::SdxlTiny,
+            &dir,
+            1,
+        )
+        .map_err(|e| BenchError::Setup(format!("synthesizing the tiny model: {e}")))?;
+    }
+    let model = DiffusionModel::load(&dir, &Device::Cpu, DType::F32)
+        .map_err(|e| BenchError::Setup(format!("loading the tiny model: {e}")))?;
+    let emb = model
+        .encode_prompt("a lighthouse", None)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let views = Tensor::randn(0f32, 1f32, (1, 4, latent, latent), &Device::Cpu)?;
+    let size = SizeConditioning::for_size(8 * latent as u32, 8 * latent as u32);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let mut hooks = Default::default();
+        let t = Instant::now();
+        tessera_worker::tasks::predict_noise(&model, &views, 500.0, &emb, size, true, &mut hooks)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[1])
+}
+
+pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report)> {
+    let machine = Machine::probe();
+    let scratch = Scratch::new("step")?;
+    let model = sdxl_geometry_model(&scratch.0)?;
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(super::io("starting the async runtime"))?;
+    let mut costs = Vec::new();
+    for &size in &opts.sizes {
+        costs.push(measure_size(size, opts, &model, &redis, &runtime)?);
+    }
+    let tiny_16 = tiny_eval_seconds(&scratch.0, 16)?;
+
+    let ms = |s: f64| format!("{:.1}", s * 1e3);
+    let mut table = Table::new(&[
+        "size",
+        "views/step",
+        "store write",
+        "store read",
+        "merge",
+        "fusion",
+        "guidance",
+        "scheduler",
+        "checkpoint",
+        "coordinator total (ms)",
+        "simulated step (ms)",
+        "share",
+    ]);
+    for c in &costs {
+        let simulated = c.views as f64 * opts.eval_ms / opts.workers as f64 / 1e3;
+        let m = &c.mean;
+        table.row(vec![
+            format!("{0}x{0}", c.size),
+            c.views.to_string(),
+            ms(m.store_write),
+            ms(m.store_read),
+            ms(m.merge),
+            ms(m.fusion),
+            ms(m.guidance),
+            ms(m.scheduler),
+            ms(m.checkpoint),
+            ms(m.coordinator()),
+            ms(simulated),
+            format!("{:.2}%", 100.0 * m.coordinator() / simulated),
+        ]);
+    }
+    let mut model_table = Table::new(&["tiny SDXL model, one CFG evaluation (CPU)", "ms"]);
+    model_table.row(vec!["16x16 latent (its training size)".into(), ms(tiny_16)]);
+    let report = Report {
+        title: format!(
+            "bench step: coordinator cost per high-resolution step vs {} simulated workers at {} ms/evaluation",
+            opts.workers, opts.eval_ms
+        ),
+        command,
+        machine,
+        tables: vec![table, model_table],
+        notes: vec![
+            "columns in ms per step, means over the timed steps (the stage's first step is a \
+             warm-up), measured by the engine's real step code (StepTimings) over a real \
+             redis-server"
+                .into(),
+            "counted: everything the coordinator does between handing a step's tasks out and \
+             the next step's (extract + encode + write views, read + decode outputs, merge, \
+             fusion, guidance, scheduler, checkpoint); not counted: waiting for workers"
+                .into(),
+            format!(
+                "simulated step = views × {} ms / {} workers; share = coordinator total / simulated step",
+                opts.eval_ms, opts.workers
+            ),
+        ],
+    };
+    Ok((costs, report))
+}

@@ -1,0 +1,140 @@
+//! `tessera bench <scenario>`: Tessera's own costs, measured. Each scenario prints a table and
+//! a markdown block for BENCHMARKS.md (`--markdown FILE` appends it there).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+
+use crate::bench::{self, scale, step};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// High-resolution steps per second of an 8K SDXL-geometry stage on 1..32 simulated
+    /// workers (benchmark doubles) over real Redis, coordinator and worker processes, with the
+    /// efficiency against the ideal; plus a mixed-speed set.
+    Scale(ScaleArgs),
+    /// The coordinator's own cost per high-resolution step at 8K and 32K (merge, fusion,
+    /// guidance, scheduler, store I/O), measured in the engine's step loop over a real Redis,
+    /// as a share of the simulated step time at N workers; and one tiny-model evaluation.
+    Step(StepArgs),
+    /// UNet speed on one device: ms per evaluation, achieved TFLOP/s and the fraction of the
+    /// device's measured bf16 peak (compare with bench/gpu/diffusers_baseline.py).
+    Unet(super::bench_unet::UnetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// Image sides in pixels, one high-resolution stage each.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    pub sizes: Vec<u32>,
+    /// Steps timed per size (one more runs first as a warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Simulated evaluation time the cost is compared with.
+    #[arg(long, default_value_t = 100.0)]
+    pub eval_ms: f64,
+    /// Simulated worker count the cost is compared with.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Views per task (the job's --view-batch).
+    #[arg(long, default_value_t = 4)]
+    pub view_batch: usize,
+    #[command(flatten)]
+    pub out: MarkdownArg,
+}
+
+/// Where to append the markdown block.
+#[derive(Debug, Args)]
+pub struct MarkdownArg {
+    /// Append the markdown block to this file (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// Worker counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    pub workers: Vec<usize>,
+    /// Milliseconds per training-size evaluation (with CFG) of the simulated workers.
+    #[arg(long, default_value_t = 100.0)]
+    pub eval_ms: f64,
+    /// The mixed set: FAST,SLOW workers, the slow ones --slow-factor times slower; "none" skips it.
+    #[arg(long, default_value = "6,2")]
+    pub mixed: String,
+    #[arg(long, default_value_t = 4.0)]
+    pub slow_factor: f64,
+    /// Side of the image in pixels (one high-resolution stage).
+    #[arg(long, default_value_t = 8192)]
+    pub size: u32,
+    /// Steps to run per configuration [default: enough for about 6 s of timed steps].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Views per task (the job's --view-batch).
+    #[arg(long, default_value_t = 4)]
+    pub view_batch: usize,
+    #[command(flatten)]
+    pub out: MarkdownArg,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    let command = bench::invocation();
+    match cmd {
+        BenchCommand::Unet(a) => super::bench_unet::run(a),
+        BenchCommand::Step(a) => {
+            if a.sizes.is_empty() || a.steps == 0 || a.workers == 0 || a.eval_ms <= 0.0 {
+                bail!("--sizes, --steps, --workers and --eval-ms must be positive");
+            }
+            let opts = step::StepOptions {
+                sizes: a.sizes,
+                steps: a.steps,
+                eval_ms: a.eval_ms,
+                workers: a.workers,
+                view_batch: a.view_batch,
+                markdown: a.out.markdown.clone(),
+            };
+            let (_, report) = step::run(&opts, command)?;
+            report.emit(a.out.markdown.as_deref())?;
+            Ok(())
+        }
+        BenchCommand::Scale(a) => {
+            if a.workers.is_empty() || a.workers.contains(&0) {
+                bail!("--workers needs counts of at least 1, e.g. 1,2,4");
+            }
+            if !(a.eval_ms > 0.0 && a.slow_factor >= 1.0) {
+                bail!("--eval-ms must be positive and --slow-factor at least 1");
+            }
+            let mixed = if a.mixed == "none" {
+                None
+            } else {
+                let parts: Vec<usize> = a
+                    .mixed
+                    .split(',')
+                    .map(|p| p.trim().parse())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| anyhow::anyhow!("--mixed takes FAST,SLOW (e.g. 6,2) or none"))?;
+                match parts[..] {
+                    [fast, slow] if fast + slow > 0 => Some(scale::MixedSet {
+                        fast,
+                        slow,
+                        slow_factor: a.slow_factor,
+                    }),
+                    _ => bail!("--mixed takes FAST,SLOW (e.g. 6,2) or none"),
+                }
+            };
+            let opts = scale::ScaleOptions {
+                workers: a.workers,
+                eval_ms: a.eval_ms,
+                mixed,
+                size: a.size,
+                steps: a.steps,
+                view_batch: a.view_batch,
+                markdown: a.out.markdown.clone(),
+            };
+            let (_, report) = scale::run(&opts, command)?;
+            report.emit(a.out.markdown.as_deref())?;
+            Ok(())
+        }
+    }
+}
