@@ -240,19 +240,40 @@ impl SpatialAttention {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         let scale = 1.0 / (self.channels as f64).sqrt();
-        // diffusers upcasts the softmax; do the whole score computation in f32.
+        // diffusers upcasts the softmax; do the whole score computation in f32. Queries go in
+        // chunks so the score block stays bounded: a 2048² tile has 65536 tokens here, and a
+        // full 65536² f32 matrix (16 GiB, over 2³² elements) is more than GPU kernels accept.
         let in_dtype = q.dtype();
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attended = probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
+        let q = q.to_dtype(DType::F32)?;
+        let kt = k.to_dtype(DType::F32)?.t()?;
+        let v = v.to_dtype(DType::F32)?;
+        let n = h * w;
+        let chunk = (MAX_VAE_SCORES / (b * n).max(1)).clamp(1, n.max(1));
+        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let qc = if len == n {
+                q.clone()
+            } else {
+                q.narrow(1, start, len)?
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&(qc.matmul(&kt)? * scale)?)?;
+            parts.push(probs.matmul(&v)?);
+        }
+        let attended = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 1)?
+        }
+        .to_dtype(in_dtype)?;
         let out = self.to_out.forward(&attended)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }
 }
+
+/// Largest (batch, queries, keys) f32 score block the VAE's attention holds at once (512 MiB).
+const MAX_VAE_SCORES: usize = 1 << 27;
 
 /// diffusers `UNetMidBlock2D` as the VAE uses it: resnet, (attention), resnet.
 #[derive(Debug)]
