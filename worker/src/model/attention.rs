@@ -2,8 +2,9 @@
 //! `Transformer2DModel` as the SD 2.1 / SDXL UNet uses them, plus the attention hooks:
 //! FreeScale's scale fusion on `attn1`, FreCaS's map capture / injection on `attn2`.
 
+use super::norm::GroupNorm;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 
 use super::hooks::{
@@ -309,7 +310,7 @@ impl Transformer2DModel {
         }
         let head_dim = channels / heads;
         let inner = heads * head_dim;
-        let norm = candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = super::norm::group_norm(groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if use_linear_projection {
             (
                 Projection::Linear(candle_nn::linear(channels, inner, vb.pp("proj_in"))?),

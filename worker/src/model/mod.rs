@@ -7,6 +7,7 @@ pub mod diffusion;
 pub mod flops;
 pub mod hooks;
 pub mod loader;
+pub mod norm;
 pub mod resnet;
 pub mod synth;
 pub mod synthetic;

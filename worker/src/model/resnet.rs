@@ -1,8 +1,9 @@
 //! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`, with convs whose dilation a
 //! hook can change per call (FreeScale's re-dilation).
 
+use super::norm::GroupNorm;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::hooks::UNetHooks;
 
@@ -91,13 +92,13 @@ impl ResnetBlock2D {
         eps: f64,
         output_scale_factor: f64,
     ) -> Result<Self> {
-        let norm1 = candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?;
+        let norm1 = super::norm::group_norm(groups, in_channels, eps, vb.pp("norm1"))?;
         let conv1 = HookedConv2d::new(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?;
         let time_emb_proj = match temb_channels {
             Some(t) => Some(candle_nn::linear(t, out_channels, vb.pp("time_emb_proj"))?),
             None => None,
         };
-        let norm2 = candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
+        let norm2 = super::norm::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
         let conv2 = HookedConv2d::new(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?;
         let conv_shortcut = if in_channels != out_channels {
             Some(HookedConv2d::new(

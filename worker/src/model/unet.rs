@@ -1,8 +1,9 @@
 //! diffusers' `UNet2DConditionModel` for SD 2.1 and SDXL, configured straight from
 //! `unet/config.json`, with parameter names matching the checkpoints and hooks per call.
 
+use super::norm::GroupNorm;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::blocks::{BlockSettings, CrossAttnSettings, DownBlock, MidBlock, UpBlock};
@@ -573,7 +574,7 @@ impl UNet2DConditionModel {
                 &settings,
             )?);
         }
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = super::norm::group_norm(
             cfg.norm_num_groups,
             ch[0],
             cfg.norm_eps,

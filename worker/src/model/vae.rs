@@ -5,8 +5,9 @@
 //! `down_blocks.N.{resnets.M, downsamplers.0.conv}`, `mid_block.{resnets.0, attentions.0,
 //! resnets.1}`, `conv_norm_out`, `conv_out`, and `up_blocks.N.{resnets.M, upsamplers.0.conv}`.
 
+use super::norm::GroupNorm;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 /// Every norm inside the diffusers VAE uses this epsilon (`resnet_eps=1e-6`).
 const VAE_EPS: f64 = 1e-6;
@@ -168,9 +169,9 @@ impl ResnetBlock {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, cin, VAE_EPS, vb.pp("norm1"))?,
+            norm1: super::norm::group_norm(groups, cin, VAE_EPS, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, vb.pp("conv1"))?,
-            norm2: candle_nn::group_norm(groups, cout, VAE_EPS, vb.pp("norm2"))?,
+            norm2: super::norm::group_norm(groups, cout, VAE_EPS, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, vb.pp("conv2"))?,
             conv_shortcut,
         })
@@ -219,7 +220,7 @@ impl SpatialAttention {
             )
         };
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, VAE_EPS, vb.pp("group_norm"))?,
+            group_norm: super::norm::group_norm(groups, channels, VAE_EPS, vb.pp("group_norm"))?,
             to_q: candle_nn::linear(channels, channels, q)?,
             to_k: candle_nn::linear(channels, channels, k)?,
             to_v: candle_nn::linear(channels, channels, v)?,
@@ -411,7 +412,7 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(top, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
-            conv_norm_out: candle_nn::group_norm(g, top, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: super::norm::group_norm(g, top, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(top, 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -475,7 +476,7 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(g, bottom, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: super::norm::group_norm(g, bottom, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(bottom, cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
