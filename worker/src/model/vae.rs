@@ -245,28 +245,7 @@ impl SpatialAttention {
         // chunks so the score block stays bounded: a 2048² tile has 65536 tokens here, and a
         // full 65536² f32 matrix (16 GiB, over 2³² elements) is more than GPU kernels accept.
         let in_dtype = q.dtype();
-        let q = q.to_dtype(DType::F32)?;
-        let kt = k.to_dtype(DType::F32)?.t()?;
-        let v = v.to_dtype(DType::F32)?;
-        let n = h * w;
-        let chunk = (MAX_VAE_SCORES / (b * n).max(1)).clamp(1, n.max(1));
-        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
-        for start in (0..n).step_by(chunk) {
-            let len = chunk.min(n - start);
-            let qc = if len == n {
-                q.clone()
-            } else {
-                q.narrow(1, start, len)?
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&(qc.matmul(&kt)? * scale)?)?;
-            parts.push(probs.matmul(&v)?);
-        }
-        let attended = if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Tensor::cat(&parts, 1)?
-        }
-        .to_dtype(in_dtype)?;
+        let attended = chunked_attention(&q, &k, &v, scale, MAX_VAE_SCORES)?.to_dtype(in_dtype)?;
         let out = self.to_out.forward(&attended)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
@@ -275,6 +254,39 @@ impl SpatialAttention {
 
 /// Largest (batch, queries, keys) f32 score block the VAE's attention holds at once (512 MiB).
 const MAX_VAE_SCORES: usize = 1 << 27;
+
+/// softmax(q·kᵀ·scale)·v in f32 for (B, N, C) inputs, in query chunks of at most `max_scores`
+/// score elements.
+fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_scores: usize,
+) -> Result<Tensor> {
+    let (b, n, _) = q.dims3()?;
+    let q = q.to_dtype(DType::F32)?;
+    let kt = k.to_dtype(DType::F32)?.t()?;
+    let v = v.to_dtype(DType::F32)?;
+    let nk = kt.dim(2)?;
+    let chunk = (max_scores / (b * nk).max(1)).clamp(1, n.max(1));
+    let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let qc = if len == n {
+            q.clone()
+        } else {
+            q.narrow(1, start, len)?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&(qc.matmul(&kt)? * scale)?)?;
+        parts.push(probs.matmul(&v)?);
+    }
+    if parts.len() == 1 {
+        Ok(parts.remove(0))
+    } else {
+        Tensor::cat(&parts, 1)
+    }
+}
 
 /// diffusers `UNetMidBlock2D` as the VAE uses it: resnet, (attention), resnet.
 #[derive(Debug)]
@@ -780,6 +792,20 @@ fn blend_tiles(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_in_query_chunks_equals_one_block() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
+        let whole = chunked_attention(&q, &k, &v, 0.35, usize::MAX)?;
+        // 2·37 keys per query: at most 3 queries per chunk, a short last chunk.
+        let chunked = chunked_attention(&q, &k, &v, 0.35, 2 * 37 * 3)?;
+        let d = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
     use candle_core::Device;
 
     fn tiny_cfg() -> VaeConfig {
