@@ -89,9 +89,7 @@ pub fn run(
 
     let (lh, lw) = (h / 8, w / 8);
     let b = opts.batch;
-    let context_dim = cfg
-        .cross_attention_dim
-        .per_block(1, "cross_attention_dim")?[0];
+    let context_dim = cfg.per_block()?.cross_dims[0];
     let sample =
         Tensor::randn(0f32, 1.0, (b, cfg.in_channels, lh, lw), &device)?.to_dtype(dtype)?;
     let context = Tensor::randn(0f32, 1.0, (b, 77, context_dim), &device)?.to_dtype(dtype)?;

@@ -17,13 +17,12 @@ pub fn unet_flops(
 ) -> candle_core::Result<f64> {
     let n = cfg.block_out_channels.len();
     let ch = &cfg.block_out_channels;
-    let layers = cfg.layers_per_block.per_block(n, "layers_per_block")?;
-    let tlayers = cfg
-        .transformer_layers_per_block
-        .per_block(n, "transformer_layers_per_block")?;
-    let cross = cfg
-        .cross_attention_dim
-        .per_block(n, "cross_attention_dim")?;
+    let blocks = cfg.per_block()?;
+    let (layers, tlayers, cross) = (
+        &blocks.layers,
+        &blocks.transformer_layers,
+        &blocks.cross_dims,
+    );
     let conv =
         |cin: usize, cout: usize, k: usize, px: usize| 2.0 * (cin * cout * k * k * px) as f64;
     let resnet = |cin: usize, cout: usize, px: usize| {

@@ -403,10 +403,35 @@ impl UNetConfig {
         }
     }
 
+    /// The per-block settings the config may give once or per block, resolved to one entry
+    /// per block (what the UNet's constructor and the FLOP count both walk).
+    pub fn per_block(&self) -> Result<PerBlock> {
+        let n = self.block_out_channels.len();
+        Ok(PerBlock {
+            heads: self.heads_per_block()?,
+            layers: self.layers_per_block.per_block(n, "layers_per_block")?,
+            transformer_layers: self
+                .transformer_layers_per_block
+                .per_block(n, "transformer_layers_per_block")?,
+            cross_dims: self
+                .cross_attention_dim
+                .per_block(n, "cross_attention_dim")?,
+        })
+    }
+
     fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim
             .unwrap_or(self.block_out_channels[0] * 4)
     }
+}
+
+/// [`UNetConfig::per_block`]: one entry per down block.
+#[derive(Debug, Clone)]
+pub struct PerBlock {
+    pub heads: Vec<usize>,
+    pub layers: Vec<usize>,
+    pub transformer_layers: Vec<usize>,
+    pub cross_dims: Vec<usize>,
 }
 
 /// SDXL's extra conditioning for a batch.
@@ -487,14 +512,12 @@ impl UNet2DConditionModel {
         cfg.validate()?;
         let n = cfg.block_out_channels.len();
         let ch = &cfg.block_out_channels;
-        let heads = cfg.heads_per_block()?;
-        let layers = cfg.layers_per_block.per_block(n, "layers_per_block")?;
-        let tlayers = cfg
-            .transformer_layers_per_block
-            .per_block(n, "transformer_layers_per_block")?;
-        let cross_dims = cfg
-            .cross_attention_dim
-            .per_block(n, "cross_attention_dim")?;
+        let PerBlock {
+            heads,
+            layers,
+            transformer_layers: tlayers,
+            cross_dims,
+        } = cfg.per_block()?;
         let temb = cfg.time_embed_dim();
 
         let conv_in = HookedConv2d::new(

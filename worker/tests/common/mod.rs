@@ -16,11 +16,15 @@ pub const HALF_TOLERANCE: f64 = 1e-2;
 /// Where the parity tests run: `TESSERA_TEST_DEVICE` (e.g. cuda:0, with a CUDA build), else
 /// the CPU. The references are always diffusers' f32 results.
 pub fn device() -> Device {
-    match std::env::var("TESSERA_TEST_DEVICE") {
-        Ok(name) => tessera_worker::device::open_device(&name)
-            .unwrap_or_else(|e| panic!("TESSERA_TEST_DEVICE={name}: {e}")),
-        Err(_) => Device::Cpu,
-    }
+    // Opened once: on a GPU each open would make a new context.
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("TESSERA_TEST_DEVICE") {
+            Ok(name) => tessera_worker::device::open_device(&name)
+                .unwrap_or_else(|e| panic!("TESSERA_TEST_DEVICE={name}: {e}")),
+            Err(_) => Device::Cpu,
+        })
+        .clone()
 }
 
 /// f32 on the CPU; on a GPU `TESSERA_TEST_DTYPE` (f16, bf16 or f32), f16 by default.
