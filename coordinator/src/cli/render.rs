@@ -148,13 +148,10 @@ pub fn run(args: RenderArgs) -> Result<()> {
             let label = format!("stage {}/{stages} {}x{}", stage + 1, size[0], size[1]);
             lock(&timings).begin(format!("{}x{}", size[0], size[1]), steps);
             bar.set_message(format!("{label} step 0/{steps}"));
-            *stage_label.lock().unwrap_or_else(|e| e.into_inner()) = label;
+            *lock(&stage_label) = label;
         }
         Progress::Step { step, steps, .. } => {
-            let label = stage_label
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let label = lock(&stage_label).clone();
             bar.set_message(format!("{label} step {step}/{steps}"));
         }
         Progress::Views(n) => {
