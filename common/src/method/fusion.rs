@@ -213,6 +213,50 @@ pub fn fuse_scales_with(
     Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_device(local.device())?)
 }
 
+/// [`fuse_scales_with`] with one blur instead of two: G is linear (a convolution with zero
+/// padding), so `G(local) + (global − G(global)) = global + G(local − global)`. Equal up to
+/// f32 rounding, half the cost; the coordinator fuses whole-stage predictions with it, once
+/// per step on the critical path. Inputs of any float dtype; f32 result.
+pub fn fuse_scales_once(
+    local: &Tensor,
+    global: &Tensor,
+    scale: usize,
+    axes: BlurAxes,
+) -> Result<Tensor> {
+    if local.dims() != global.dims() {
+        return Err(FusionError::Invalid(format!(
+            "local {:?} and global {:?} predictions differ in shape",
+            local.dims(),
+            global.dims()
+        )));
+    }
+    let k = fusion_kernel_size(scale)?;
+    let dims = local.dims().to_vec();
+    let row = dims[3].max(1);
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let g = flat(global)?;
+    let mut diff = flat(local)?;
+    for_each_row_chunk(&mut diff, row, |first_row, rows| {
+        let at = first_row * row;
+        let g = &g[at..at + rows.len()];
+        for (d, &b) in rows.iter_mut().zip(g) {
+            *d -= b;
+        }
+    });
+    let diff = Tensor::from_vec(diff, dims.clone(), &candle_core::Device::Cpu)?;
+    let mut out = flat(&gaussian_blur(&diff, k, 1.0, axes)?)?;
+    for_each_row_chunk(&mut out, row, |first_row, rows| {
+        let at = first_row * row;
+        let g = &g[at..at + rows.len()];
+        for (o, &b) in rows.iter_mut().zip(g) {
+            *o += b;
+        }
+    });
+    Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_device(local.device())?)
+}
+
 // Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
 #[cfg(test)]
 #[allow(clippy::excessive_precision)]
@@ -284,6 +328,28 @@ mod tests {
         assert!(gaussian_kernel_1d(4, 1.0).is_err());
         assert_eq!(fusion_kernel_size(8)?, 15);
         assert_eq!(scale_count((512, 256), (128, 128))?, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn one_blur_fusion_equals_the_two_blur_form() -> Result<()> {
+        let (local, global) = inputs()?;
+        for (scale, axes) in [
+            (2, BlurAxes::Spatial),
+            (4, BlurAxes::Spatial),
+            (3, BlurAxes::Volumetric),
+        ] {
+            let two = fuse_scales_with(&local, &global, scale, axes)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let one = fuse_scales_once(&local, &global, scale, axes)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (a, b) in one.iter().zip(&two) {
+                close(*a, *b, 1e-5);
+            }
+        }
+        assert!(fuse_scales_once(&local, &global.narrow(0, 0, 1)?, 2, BlurAxes::Spatial).is_err());
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::{fuse_scales_with, BlurAxes};
+use tessera_common::method::fusion::{fuse_scales_once, BlurAxes};
 use tessera_common::method::params::TileWeights;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{Plan, StagePlan};
@@ -374,7 +374,7 @@ pub fn evaluate(
     timings.merge += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let merged = match merged_global {
-        Some(merged_global) => fuse_scales_with(
+        Some(merged_global) => fuse_scales_once(
             &merged_local,
             &merged_global,
             stage.fusion_scale,
