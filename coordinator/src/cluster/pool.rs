@@ -73,7 +73,7 @@ struct SlotState {
 }
 
 enum BatchEvent {
-    Done(Task),
+    Done(Box<Task>),
     Failed(String),
     /// The engine's stream of tasks ended after this many.
     AllQueued(usize),
@@ -375,7 +375,8 @@ impl Pool {
         };
         lock(&self.inner.state).running.remove(&slot.key);
         if first {
-            slot.batch.send(BatchEvent::Done(slot.task.clone()));
+            slot.batch
+                .send(BatchEvent::Done(Box::new(slot.task.clone())));
         }
     }
 
