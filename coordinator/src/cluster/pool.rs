@@ -1,6 +1,7 @@
 //! The worker pool: every live worker, one task queue for all running jobs, and the loops that
-//! keep each worker fed. Engine threads hand a step's tasks to [`JobDispatch::run`] and block
-//! until every task has a result in the store.
+//! keep each worker fed. Engine threads stream a step's tasks into
+//! [`JobDispatch::run_streamed`] (each queued as soon as its input is written) and block until
+//! every task has a result in the store.
 //!
 //! - Order: the queue is sorted by (job priority, job submission, task order), so a
 //!   higher-priority job goes first and jobs of equal priority interleave only where the
