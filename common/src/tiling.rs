@@ -303,8 +303,23 @@ impl LocalViews {
                 self.rects.len()
             ));
         }
+        let (bc, device) = batch_channels(outputs, self.window)?;
+        let mut merge = self.merge_in_order(bc, weighting)?;
+        for out in outputs {
+            merge.add(&to_f32_vec(out)?)?;
+        }
+        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
+        Ok(merge
+            .finish()?
+            .reshape((b, c, self.latent.0, self.latent.1))?
+            .to_device(&device)?)
+    }
+
+    /// [`LocalViews::merge`] one view at a time, as outputs arrive: the views must be added
+    /// in index order (the accumulation order is what makes the result the same bytes for
+    /// any number of workers), each as `bc = B · C` planes of `window_h × window_w` f32.
+    pub fn merge_in_order(&self, bc: usize, weighting: ViewWeighting) -> Result<LocalMerge<'_>> {
         let (vh, vw) = self.window;
-        let (bc, device) = batch_channels(outputs, (vh, vw))?;
         let (h, w) = self.latent;
         // A lone view has nothing to blend with; weights would only round its values.
         let weighting = if self.rects.len() == 1 {
@@ -312,30 +327,86 @@ impl LocalViews {
         } else {
             weighting
         };
-        let weights = weighting.map(vh, vw)?;
-        let mut acc = vec![0f32; bc * h * w];
-        let mut den = vec![0f32; h * w];
-        for (rect, out) in self.rects.iter().zip(outputs) {
-            let vals = to_f32_vec(out)?;
-            for y in 0..vh {
-                let gy = rect.top + y as i64;
-                if gy < 0 || gy >= h as i64 {
+        Ok(LocalMerge {
+            views: self,
+            bc,
+            weights: weighting.map(vh, vw)?,
+            acc: vec![0f32; bc * h * w],
+            den: vec![0f32; h * w],
+            next: 0,
+        })
+    }
+}
+
+/// A weighted merge of local views in progress (see [`LocalViews::merge_in_order`]).
+pub struct LocalMerge<'a> {
+    views: &'a LocalViews,
+    bc: usize,
+    weights: Vec<f32>,
+    acc: Vec<f32>,
+    den: Vec<f32>,
+    next: usize,
+}
+
+impl LocalMerge<'_> {
+    /// Index of the view the next [`LocalMerge::add`] belongs to.
+    pub fn next_view(&self) -> usize {
+        self.next
+    }
+
+    /// Adds the next view's output, `bc` planes of `window_h × window_w` f32.
+    pub fn add(&mut self, vals: &[f32]) -> Result<()> {
+        let (vh, vw) = self.views.window;
+        let (h, w) = self.views.latent;
+        let bc = self.bc;
+        let Some(rect) = self.views.rects.get(self.next).copied() else {
+            return invalid(format!(
+                "more outputs than the {} local views",
+                self.views.rects.len()
+            ));
+        };
+        if vals.len() != bc * vh * vw {
+            return invalid(format!(
+                "view {} output has {} values, expected {bc} x {vh} x {vw}",
+                self.next,
+                vals.len()
+            ));
+        }
+        for y in 0..vh {
+            let gy = rect.top + y as i64;
+            if gy < 0 || gy >= h as i64 {
+                continue;
+            }
+            for x in 0..vw {
+                let gx = rect.left + x as i64;
+                if gx < 0 || gx >= w as i64 {
                     continue;
                 }
-                for x in 0..vw {
-                    let gx = rect.left + x as i64;
-                    if gx < 0 || gx >= w as i64 {
-                        continue;
-                    }
-                    let wt = weights[y * vw + x];
-                    let dst = gy as usize * w + gx as usize;
-                    den[dst] += wt;
-                    for k in 0..bc {
-                        acc[k * h * w + dst] += wt * vals[(k * vh + y) * vw + x];
-                    }
+                let wt = self.weights[y * vw + x];
+                let dst = gy as usize * w + gx as usize;
+                self.den[dst] += wt;
+                for k in 0..bc {
+                    self.acc[k * h * w + dst] += wt * vals[(k * vh + y) * vw + x];
                 }
             }
         }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The merged `(bc, H, W)` f32 tensor on the CPU, once every view was added. The
+    /// normalisation is split over rows between threads (each value's arithmetic is the same
+    /// whatever the split).
+    pub fn finish(self) -> Result<Tensor> {
+        let (h, w) = self.views.latent;
+        if self.next != self.views.rects.len() {
+            return invalid(format!(
+                "{} of {} local views merged",
+                self.next,
+                self.views.rects.len()
+            ));
+        }
+        let den = self.den;
         if let Some(p) = den.iter().position(|&d| d <= 0.0) {
             return invalid(format!(
                 "latent pixel ({}, {}) is covered by no local view",
@@ -343,12 +414,38 @@ impl LocalViews {
                 p % w
             ));
         }
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a /= den[k % (h * w)];
-        }
-        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
-        Ok(Tensor::from_vec(acc, (b, c, h, w), &Device::Cpu)?.to_device(&device)?)
+        let mut acc = self.acc;
+        for_each_row_chunk(&mut acc, w, |first_row, chunk| {
+            for (i, a) in chunk.iter_mut().enumerate() {
+                *a /= den[(first_row * w + i) % (h * w)];
+            }
+        });
+        Ok(Tensor::from_vec(acc, (self.bc, h, w), &Device::Cpu)?)
     }
+}
+
+/// Runs `f(first_row, rows)` over `data` cut into runs of whole rows of `row_len`, one run per
+/// available core (scoped threads; a coordinator host has many).
+pub fn for_each_row_chunk<F>(data: &mut [f32], row_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let rows = data.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(rows.max(1));
+    if threads <= 1 || row_len == 0 {
+        f(0, data);
+        return;
+    }
+    let per = rows.div_ceil(threads) * row_len;
+    std::thread::scope(|s| {
+        for (i, chunk) in data.chunks_mut(per).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per / row_len, chunk));
+        }
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -487,32 +584,83 @@ impl GlobalViews {
                 self.len()
             ));
         }
-        let (vh, vw) = self.view;
-        let (bc, device) = batch_channels(outputs, (vh, vw))?;
-        let (h, w) = self.latent;
-        let (sh, sw) = self.strides;
-        let mut dst = vec![0f32; bc * h * w];
+        let (bc, device) = batch_channels(outputs, self.view)?;
+        let mut scatter = self.scatter(bc);
         for (index, out) in outputs.iter().enumerate() {
-            let (p, q) = (index / sw, index % sw);
-            let vals = to_f32_vec(out)?;
-            for k in 0..bc {
-                for i in 0..vh {
-                    let y = p + i * sh;
-                    if y >= h {
+            scatter.add(index, &to_f32_vec(out)?)?;
+        }
+        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
+        Ok(scatter
+            .finish()?
+            .reshape((b, c, self.latent.0, self.latent.1))?
+            .to_device(&device)?)
+    }
+
+    /// [`GlobalViews::merge`] one view at a time, in any order (a copy: the order cannot
+    /// change the bytes), each view as `bc` planes of `view_h × view_w` f32.
+    pub fn scatter(&self, bc: usize) -> GlobalScatter<'_> {
+        GlobalScatter {
+            views: self,
+            bc,
+            dst: vec![0f32; bc * self.latent.0 * self.latent.1],
+            seen: vec![false; self.len()],
+        }
+    }
+}
+
+/// Global views being put back (see [`GlobalViews::scatter`]).
+pub struct GlobalScatter<'a> {
+    views: &'a GlobalViews,
+    bc: usize,
+    dst: Vec<f32>,
+    seen: Vec<bool>,
+}
+
+impl GlobalScatter<'_> {
+    pub fn add(&mut self, index: usize, vals: &[f32]) -> Result<()> {
+        let (vh, vw) = self.views.view;
+        let (h, w) = self.views.latent;
+        let (sh, sw) = self.views.strides;
+        let bc = self.bc;
+        if index >= self.seen.len() {
+            return invalid(format!(
+                "global view {index} does not exist ({} views)",
+                self.seen.len()
+            ));
+        }
+        if vals.len() != bc * vh * vw {
+            return invalid(format!(
+                "global view {index} output has {} values, expected {bc} x {vh} x {vw}",
+                vals.len()
+            ));
+        }
+        let (p, q) = (index / sw, index % sw);
+        for k in 0..bc {
+            for i in 0..vh {
+                let y = p + i * sh;
+                if y >= h {
+                    break;
+                }
+                for j in 0..vw {
+                    let x = q + j * sw;
+                    if x >= w {
                         break;
                     }
-                    for j in 0..vw {
-                        let x = q + j * sw;
-                        if x >= w {
-                            break;
-                        }
-                        dst[(k * h + y) * w + x] = vals[(k * vh + i) * vw + j];
-                    }
+                    self.dst[(k * h + y) * w + x] = vals[(k * vh + i) * vw + j];
                 }
             }
         }
-        let (b, c) = outputs[0].dims4().map(|d| (d.0, d.1))?;
-        Ok(Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?.to_device(&device)?)
+        self.seen[index] = true;
+        Ok(())
+    }
+
+    /// The `(bc, H, W)` f32 tensor on the CPU, once every view was added.
+    pub fn finish(self) -> Result<Tensor> {
+        if let Some(i) = self.seen.iter().position(|&s| !s) {
+            return invalid(format!("global view {i} was never merged"));
+        }
+        let (h, w) = self.views.latent;
+        Ok(Tensor::from_vec(self.dst, (self.bc, h, w), &Device::Cpu)?)
     }
 }
 
@@ -894,6 +1042,53 @@ mod tests {
         assert!(views.merge(&bad, ViewWeighting::Uniform).is_err());
         assert!(views.extract(&latent, views.len()).is_err());
         assert!(LocalViews::new(0, 10, &LocalViewConfig::for_training_size(64), None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn incremental_merges_match_the_whole_merges() -> Result<()> {
+        // Views added one by one (local in index order, global in any order) give the bytes
+        // of the all-at-once merges; a view too many or a missing one is an error.
+        let latent = ramp(2, 4, 192, 192)?;
+        let views = LocalViews::new(192, 192, &LocalViewConfig::for_training_size(64), Some(3))?;
+        let outs = (0..views.len())
+            .map(|i| Ok((views.extract(&latent, i)? * 0.75)?))
+            .collect::<Result<Vec<_>>>()?;
+        let whole = views.merge(&outs, ViewWeighting::GAUSSIAN)?;
+        let mut m = views.merge_in_order(8, ViewWeighting::GAUSSIAN)?;
+        assert!(views
+            .merge_in_order(8, ViewWeighting::GAUSSIAN)?
+            .finish()
+            .is_err());
+        for out in &outs {
+            m.add(&to_f32_vec(out)?)?;
+        }
+        assert!(m.add(&to_f32_vec(&outs[0])?).is_err());
+        let parts = m.finish()?.reshape((2, 4, 192, 192))?;
+        assert_eq!(
+            parts.flatten_all()?.to_vec1::<f32>()?,
+            whole.flatten_all()?.to_vec1::<f32>()?
+        );
+
+        let g = GlobalViews::new(300, 212, &GlobalViewConfig::for_training_size(128))?;
+        let latent = ramp(2, 4, 300, 212)?;
+        let outs = (0..g.len())
+            .map(|i| g.extract(&latent, i))
+            .collect::<Result<Vec<_>>>()?;
+        let whole = g.merge(&outs)?;
+        let mut sc = g.scatter(8);
+        for i in (0..g.len()).rev() {
+            sc.add(i, &to_f32_vec(&outs[i])?)?;
+        }
+        assert!(sc.add(g.len(), &to_f32_vec(&outs[0])?).is_err());
+        let parts = sc.finish()?.reshape((2, 4, 300, 212))?;
+        assert_eq!(
+            parts.flatten_all()?.to_vec1::<f32>()?,
+            whole.flatten_all()?.to_vec1::<f32>()?
+        );
+        let mut partial = g.scatter(8);
+        partial.add(0, &to_f32_vec(&outs[0])?)?;
+        assert!(partial.finish().is_err());
         Ok(())
     }
 

@@ -1,8 +1,9 @@
-//! Handing tasks to workers. The engine gives a step's tasks to a [`Dispatch`] and reads the
-//! results from the store once it returns; the embedded render runs them on in-process worker
-//! threads ([`LocalWorkers`]), the cluster over gRPC — the engine cannot tell the difference.
+//! Handing tasks to workers. The engine gives a step's tasks to a [`Dispatch`], streamed as
+//! their inputs are written, and reads each result from the store as it is reported; the
+//! embedded render runs them on in-process worker threads ([`LocalWorkers`]), the cluster
+//! over gRPC — the engine cannot tell the difference.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tessera_common::store::Store;
@@ -25,6 +26,19 @@ pub enum DispatchError {
 /// `done` is called once per finished task, from any thread, in completion order.
 pub trait Dispatch: Sync {
     fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError>;
+    /// [`Dispatch::run`] over tasks that arrive one by one as the engine writes their inputs:
+    /// each is handed out as soon as `tasks` yields it (it may block), so writing the later
+    /// inputs overlaps the workers' computation of the earlier ones. Returns once the
+    /// iterator has ended and every task it yielded is done. The default collects them all
+    /// first.
+    fn run_streamed(
+        &self,
+        tasks: &mut (dyn Iterator<Item = Task> + Send),
+        done: &(dyn Fn(&Task) + Sync),
+    ) -> Result<(), DispatchError> {
+        let tasks: Vec<Task> = tasks.collect();
+        self.run(&tasks, done)
+    }
     /// Workers available (for progress and plans).
     fn workers(&self) -> usize;
 }
@@ -45,22 +59,30 @@ impl LocalWorkers {
 
 impl Dispatch for LocalWorkers {
     fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
-        let next = AtomicUsize::new(0);
+        self.run_streamed(&mut tasks.iter().cloned(), done)
+    }
+
+    fn run_streamed(
+        &self,
+        tasks: &mut (dyn Iterator<Item = Task> + Send),
+        done: &(dyn Fn(&Task) + Sync),
+    ) -> Result<(), DispatchError> {
+        let feed = Mutex::new(tasks);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<TaskError>> = Mutex::new(None);
-        let threads = self.models.len().min(tasks.len());
         std::thread::scope(|scope| {
-            for model in self.models.iter().take(threads) {
-                let (next, failed, first_error) = (&next, &failed, &first_error);
+            for model in &self.models {
+                let (feed, failed, first_error) = (&feed, &failed, &first_error);
                 let store = self.store.as_ref();
                 scope.spawn(move || loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
                     }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(task) = tasks.get(i) else { return };
-                    match tasks::execute(model, store, task) {
-                        Ok(()) => done(task),
+                    // Waits here until the engine has written the next task's input.
+                    let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(task) = next else { return };
+                    match tasks::execute(model, store, &task) {
+                        Ok(()) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             first_error

@@ -11,6 +11,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::tiling::for_each_row_chunk;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FusionError {
     #[error("{0}")]
@@ -102,7 +104,6 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
     let r = kernel.len() / 2;
     // (outer, n, inner): the blurred axis in the middle.
     let n = dims[dim];
-    let outer: usize = dims[..dim].iter().product();
     let inner: usize = dims[dim + 1..].iter().product();
     let src = x
         .to_dtype(DType::F32)?
@@ -110,27 +111,33 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
         .flatten_all()?
         .to_vec1::<f32>()?;
     let mut out = vec![0f32; src.len()];
+    // Rows of the output are independent: they are split between threads, each computing its
+    // rows with the same arithmetic, so the bytes do not depend on the split.
     if inner == 1 {
         // The last axis: shift along each row, tap by tap.
-        for (dst, row) in out.chunks_mut(n).zip(src.chunks(n)) {
-            for (j, &k) in kernel.iter().enumerate() {
-                // dst[i] += k · row[i + j − r] where that index exists.
-                let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
-                if lo >= hi {
-                    continue;
-                }
-                let shift = lo + j - r;
-                for (d, &v) in dst[lo..hi].iter_mut().zip(&row[shift..shift + (hi - lo)]) {
-                    *d += v * k;
+        for_each_row_chunk(&mut out, n, |first_row, rows| {
+            let src = &src[first_row * n..first_row * n + rows.len()];
+            for (dst, row) in rows.chunks_mut(n).zip(src.chunks(n)) {
+                for (j, &k) in kernel.iter().enumerate() {
+                    // dst[i] += k · row[i + j − r] where that index exists.
+                    let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let shift = lo + j - r;
+                    for (d, &v) in dst[lo..hi].iter_mut().zip(&row[shift..shift + (hi - lo)]) {
+                        *d += v * k;
+                    }
                 }
             }
-        }
+        });
         return Ok(Tensor::from_vec(out, dims, x.device())?);
     }
-    for o in 0..outer {
-        let base = o * n * inner;
-        for i in 0..n {
-            let dst = &mut out[base + i * inner..base + (i + 1) * inner];
+    for_each_row_chunk(&mut out, inner, |first_row, rows| {
+        for (ri, dst) in rows.chunks_mut(inner).enumerate() {
+            // Output row (o, i) of the (outer, n) grid of rows.
+            let (o, i) = ((first_row + ri) / n, (first_row + ri) % n);
+            let base = o * n * inner;
             for (j, &k) in kernel.iter().enumerate() {
                 // Source index along the axis: i + j − r, zero outside.
                 let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
@@ -142,7 +149,7 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
                 }
             }
         }
-    }
+    });
     Ok(Tensor::from_vec(out, dims, x.device())?)
 }
 
@@ -190,7 +197,64 @@ pub fn fuse_scales_with(
     let gl = gaussian_blur(local, k, 1.0, axes)?;
     let global = global.to_dtype(DType::F32)?;
     let gg = gaussian_blur(&global, k, 1.0, axes)?;
-    Ok((gl + (global - gg)?)?)
+    // `gl + (global − gg)` element by element, the rows split between threads.
+    let dims = gl.dims().to_vec();
+    let row = dims[3].max(1);
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let (g, gg) = (flat(&global)?, flat(&gg)?);
+    let mut out = flat(&gl)?;
+    for_each_row_chunk(&mut out, row, |first_row, rows| {
+        let at = first_row * row;
+        let (g, gg) = (&g[at..at + rows.len()], &gg[at..at + rows.len()]);
+        for ((o, &a), &b) in rows.iter_mut().zip(g).zip(gg) {
+            *o += a - b;
+        }
+    });
+    Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_device(local.device())?)
+}
+
+/// [`fuse_scales_with`] with one blur instead of two: G is linear (a convolution with zero
+/// padding), so `G(local) + (global − G(global)) = global + G(local − global)`. Equal up to
+/// f32 rounding, half the cost; the coordinator fuses whole-stage predictions with it, once
+/// per step on the critical path. Inputs of any float dtype; f32 result.
+pub fn fuse_scales_once(
+    local: &Tensor,
+    global: &Tensor,
+    scale: usize,
+    axes: BlurAxes,
+) -> Result<Tensor> {
+    if local.dims() != global.dims() {
+        return Err(FusionError::Invalid(format!(
+            "local {:?} and global {:?} predictions differ in shape",
+            local.dims(),
+            global.dims()
+        )));
+    }
+    let k = fusion_kernel_size(scale)?;
+    let dims = local.dims().to_vec();
+    let row = dims[3].max(1);
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let g = flat(global)?;
+    let mut diff = flat(local)?;
+    for_each_row_chunk(&mut diff, row, |first_row, rows| {
+        let at = first_row * row;
+        let g = &g[at..at + rows.len()];
+        for (d, &b) in rows.iter_mut().zip(g) {
+            *d -= b;
+        }
+    });
+    let diff = Tensor::from_vec(diff, dims.clone(), &candle_core::Device::Cpu)?;
+    let mut out = flat(&gaussian_blur(&diff, k, 1.0, axes)?)?;
+    for_each_row_chunk(&mut out, row, |first_row, rows| {
+        let at = first_row * row;
+        let g = &g[at..at + rows.len()];
+        for (o, &b) in rows.iter_mut().zip(g) {
+            *o += b;
+        }
+    });
+    Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_device(local.device())?)
 }
 
 // Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
@@ -264,6 +328,28 @@ mod tests {
         assert!(gaussian_kernel_1d(4, 1.0).is_err());
         assert_eq!(fusion_kernel_size(8)?, 15);
         assert_eq!(scale_count((512, 256), (128, 128))?, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn one_blur_fusion_equals_the_two_blur_form() -> Result<()> {
+        let (local, global) = inputs()?;
+        for (scale, axes) in [
+            (2, BlurAxes::Spatial),
+            (4, BlurAxes::Spatial),
+            (3, BlurAxes::Volumetric),
+        ] {
+            let two = fuse_scales_with(&local, &global, scale, axes)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let one = fuse_scales_once(&local, &global, scale, axes)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (a, b) in one.iter().zip(&two) {
+                close(*a, *b, 1e-5);
+            }
+        }
+        assert!(fuse_scales_once(&local, &global.narrow(0, 0, 1)?, 2, BlurAxes::Spatial).is_err());
         Ok(())
     }
 

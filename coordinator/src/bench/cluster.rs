@@ -18,8 +18,10 @@ pub struct StepLine {
     pub steps: usize,
     /// Wall clock (ms since the epoch) when the step finished.
     pub at_ms: f64,
-    /// The coordinator's own milliseconds in the step (not waiting for workers).
+    /// The coordinator's own milliseconds of work in the step, overlapped or not.
     pub coordinator_ms: f64,
+    /// The step's critical path (`StepTimings::critical`).
+    pub critical_ms: f64,
     pub workers_ms: f64,
 }
 
@@ -40,6 +42,7 @@ pub fn parse_steps(log: &str, job: &str) -> Vec<StepLine> {
                 steps: get("steps")? as usize,
                 at_ms: get("at_ms")?,
                 coordinator_ms: get("coordinator_ms")?,
+                critical_ms: get("critical_ms")?,
                 workers_ms: get("workers_ms")?,
             })
         })
@@ -260,9 +263,9 @@ mod tests {
     fn step_lines_are_parsed_for_their_job_only() {
         let log = "2026-01-01T00:00:00Z  INFO tessera_coordinator::cluster::runner: step finished \
                    job=abc image=0 stage=1 step=2 steps=4 at_ms=1700000000123 \
-                   coordinator_ms=12.5 workers_ms=3000.25\n\
+                   coordinator_ms=12.5 critical_ms=4.5 workers_ms=3000.25\n\
                    x INFO r: step finished job=other image=0 stage=1 step=2 steps=4 at_ms=1 \
-                   coordinator_ms=1 workers_ms=1\n";
+                   coordinator_ms=1 critical_ms=1 workers_ms=1\n";
         let steps = parse_steps(log, "abc");
         assert_eq!(
             steps,
@@ -272,6 +275,7 @@ mod tests {
                 steps: 4,
                 at_ms: 1_700_000_000_123.0,
                 coordinator_ms: 12.5,
+                critical_ms: 4.5,
                 workers_ms: 3000.25,
             }]
         );

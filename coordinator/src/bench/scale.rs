@@ -49,6 +49,8 @@ pub struct ScaleRun {
     pub timed_steps: usize,
     pub steps_per_second: f64,
     pub coordinator_ms: f64,
+    /// Mean critical path per timed step (`StepTimings::critical`).
+    pub critical_ms: f64,
 }
 
 impl ScaleRun {
@@ -141,6 +143,7 @@ fn run_one(
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
     let coordinator_ms = lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
+    let critical_ms = lines[1..].iter().map(|l| l.critical_ms).sum::<f64>() / timed as f64;
     Ok(ScaleRun {
         label: label.to_string(),
         workers: speeds.len(),
@@ -149,6 +152,7 @@ fn run_one(
         timed_steps: timed,
         steps_per_second: timed as f64 / seconds,
         coordinator_ms,
+        critical_ms,
     })
 }
 
@@ -182,7 +186,8 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         "steps/s",
         "ideal steps/s",
         "efficiency",
-        "coordinator ms/step",
+        "coordinator work ms/step",
+        "critical path ms/step",
     ]);
     for r in &runs {
         table.row(vec![
@@ -193,6 +198,7 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
             format!("{:.3}", r.ideal_steps_per_second()),
             format!("{:.1}%", 100.0 * r.efficiency()),
             format!("{:.0}", r.coordinator_ms),
+            format!("{:.0}", r.critical_ms),
         ]);
     }
     let report = Report {
@@ -215,8 +221,11 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
              coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
              ideal = capacity / views per step"
                 .into(),
-            "coordinator ms/step: the engine's own time per step (StepTimings, all but waiting \
-             for workers), averaged over the timed steps"
+            "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
+             waiting for workers, most of it overlapping the workers); critical path ms/step: \
+             the part no worker of the job can overlap (StepTimings::critical: from the step's \
+             start to its first task out, and from its last result in to its end); both \
+             averaged over the timed steps"
                 .into(),
         ],
     };

@@ -1,6 +1,7 @@
 //! The worker pool: every live worker, one task queue for all running jobs, and the loops that
-//! keep each worker fed. Engine threads hand a step's tasks to [`JobDispatch::run`] and block
-//! until every task has a result in the store.
+//! keep each worker fed. Engine threads stream a step's tasks into
+//! [`JobDispatch::run_streamed`] (each queued as soon as its input is written) and block until
+//! every task has a result in the store.
 //!
 //! - Order: the queue is sorted by (job priority, job submission, task order), so a
 //!   higher-priority job goes first and jobs of equal priority interleave only where the
@@ -60,7 +61,6 @@ struct Slot {
     task: Task,
     task_json: String,
     model: String,
-    index: usize,
     batch: Arc<Batch>,
     st: Mutex<SlotState>,
 }
@@ -74,8 +74,10 @@ struct SlotState {
 }
 
 enum BatchEvent {
-    Done(usize),
+    Done(Box<Task>),
     Failed(String),
+    /// The engine's stream of tasks ended after this many.
+    AllQueued(usize),
 }
 
 struct Batch {
@@ -374,7 +376,8 @@ impl Pool {
         };
         lock(&self.inner.state).running.remove(&slot.key);
         if first {
-            slot.batch.send(BatchEvent::Done(slot.index));
+            slot.batch
+                .send(BatchEvent::Done(Box::new(slot.task.clone())));
         }
     }
 
@@ -452,74 +455,112 @@ pub struct JobDispatch<'a> {
     pub waiting: &'a (dyn Fn(bool) + Sync),
 }
 
-impl Dispatch for JobDispatch<'_> {
-    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
-        if tasks.is_empty() {
+impl JobDispatch<'_> {
+    /// Puts one task of `batch` in the queue, unless the batch was abandoned meanwhile.
+    fn enqueue(&self, batch: &Arc<Batch>, task: Task) -> Result<(), DispatchError> {
+        let task_json = serde_json::to_string(&task)
+            .map_err(|e| DispatchError::Worker(format!("cannot encode a task: {e}")))?;
+        let mut st = lock(&self.pool.inner.state);
+        // Checked under the state lock: `forget` marks the batch before it takes the lock, so
+        // a task is never queued behind its removal.
+        if batch.abandoned.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let key = QueueKey {
+            priority: Reverse(self.priority),
+            job_seq: self.job_seq,
+            seq: st.next_seq,
+        };
+        st.next_seq += 1;
+        st.queue.insert(
+            key,
+            Arc::new(Slot {
+                key,
+                task,
+                task_json,
+                model: self.model.clone(),
+                batch: batch.clone(),
+                st: Mutex::new(SlotState::default()),
+            }),
+        );
+        drop(st);
+        self.pool.inner.wake.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Dispatch for JobDispatch<'_> {
+    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
+        self.run_streamed(&mut tasks.iter().cloned(), done)
+    }
+
+    /// A feeder thread queues each task as the engine yields it; this thread reports results
+    /// as they come, watches for cancellation, and returns once the stream has ended and all
+    /// of it is done.
+    fn run_streamed(
+        &self,
+        tasks: &mut (dyn Iterator<Item = Task> + Send),
+        done: &(dyn Fn(&Task) + Sync),
+    ) -> Result<(), DispatchError> {
         let (tx, rx) = mpsc::channel();
         let batch = Arc::new(Batch {
             tx: Mutex::new(tx),
             abandoned: AtomicBool::new(false),
         });
-        {
-            let mut st = lock(&self.pool.inner.state);
-            for (index, task) in tasks.iter().enumerate() {
-                let key = QueueKey {
-                    priority: Reverse(self.priority),
-                    job_seq: self.job_seq,
-                    seq: st.next_seq,
-                };
-                st.next_seq += 1;
-                let task_json = serde_json::to_string(task)
-                    .map_err(|e| DispatchError::Worker(format!("cannot encode a task: {e}")))?;
-                st.queue.insert(
-                    key,
-                    Arc::new(Slot {
-                        key,
-                        task: task.clone(),
-                        task_json,
-                        model: self.model.clone(),
-                        index,
-                        batch: batch.clone(),
-                        st: Mutex::new(SlotState::default()),
-                    }),
-                );
-            }
-        }
-        self.pool.inner.wake.notify_waiters();
-        let mut remaining = tasks.len();
-        let mut was_waiting = false;
-        while remaining > 0 {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(BatchEvent::Done(i)) => {
-                    done(&tasks[i]);
-                    remaining -= 1;
+        std::thread::scope(|scope| {
+            let feeder_batch = batch.clone();
+            scope.spawn(move || {
+                let mut queued = 0;
+                for task in tasks {
+                    if feeder_batch.abandoned.load(Ordering::Relaxed) {
+                        // Drain the stream so the engine's writer is not left blocked.
+                        continue;
+                    }
+                    match self.enqueue(&feeder_batch, task) {
+                        Ok(()) => queued += 1,
+                        Err(e) => {
+                            feeder_batch.send(BatchEvent::Failed(e.to_string()));
+                            return;
+                        }
+                    }
                 }
-                Ok(BatchEvent::Failed(message)) => {
-                    self.pool.forget(&batch);
-                    return Err(DispatchError::Worker(message));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if self.cancelled.load(Ordering::Relaxed) {
+                feeder_batch.send(BatchEvent::AllQueued(queued));
+            });
+            let mut total: Option<usize> = None;
+            let mut finished = 0;
+            let mut was_waiting = false;
+            while total.is_none_or(|t| finished < t) {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(BatchEvent::Done(task)) => {
+                        done(&task);
+                        finished += 1;
+                    }
+                    Ok(BatchEvent::AllQueued(n)) => total = Some(n),
+                    Ok(BatchEvent::Failed(message)) => {
                         self.pool.forget(&batch);
-                        return Err(DispatchError::Cancelled);
+                        return Err(DispatchError::Worker(message));
                     }
-                    let none = self.pool.serving(&self.model).is_empty();
-                    if none != was_waiting {
-                        (self.waiting)(none);
-                        was_waiting = none;
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if self.cancelled.load(Ordering::Relaxed) {
+                            self.pool.forget(&batch);
+                            return Err(DispatchError::Cancelled);
+                        }
+                        let none = self.pool.serving(&self.model).is_empty();
+                        if none != was_waiting {
+                            (self.waiting)(none);
+                            was_waiting = none;
+                        }
                     }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(DispatchError::Worker("the pool shut down".into()));
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(DispatchError::Worker("the pool shut down".into()));
+                    }
                 }
             }
-        }
-        if was_waiting {
-            (self.waiting)(false);
-        }
-        Ok(())
+            if was_waiting {
+                (self.waiting)(false);
+            }
+            Ok(())
+        })
     }
 
     fn workers(&self) -> usize {

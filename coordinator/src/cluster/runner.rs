@@ -310,6 +310,7 @@ impl Runner {
                         steps,
                         at_ms = now_ms(),
                         coordinator_ms = timings.coordinator() * 1e3,
+                        critical_ms = timings.critical * 1e3,
                         workers_ms = timings.workers * 1e3,
                         timings = %serde_json::to_string(&timings).unwrap_or_default(),
                         "step finished"

@@ -6,6 +6,8 @@
 pub mod vae;
 pub mod views;
 
+use std::time::Instant;
+
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::CaMap;
 use tessera_common::method::facfg::{fa_cfg, FaCfgWeights};
@@ -97,13 +99,16 @@ pub enum Progress {
 }
 
 /// Wall-clock seconds one denoising step spent in each part of the coordinator's step code,
-/// measured in the engine's real loop (`tessera bench step` reports them). `workers` is the
-/// time the engine waited for the step's tasks; everything else is the coordinator's own
-/// work on the step's critical path: nothing of it overlaps the workers' computation.
+/// measured in the engine's real loop (`tessera bench step` reports them).
+///
+/// The parts (`store_write` … `checkpoint`) are the coordinator's work, wherever it runs;
+/// most of it now overlaps the workers: inputs are written while earlier tasks compute,
+/// outputs are read and merged as tasks finish, checkpoints are written during the next
+/// step. What holds a step up is [`StepTimings::critical`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StepTimings {
     /// Cutting the views out of the latent, encoding them and writing them (and CA-maps) to
-    /// the store; deleting the step's keys afterwards.
+    /// the store (on the writer thread, overlapping the workers after the first task).
     pub store_write: f64,
     /// Waiting for the workers (dispatch until the last task's result is in the store).
     pub workers: f64,
@@ -117,12 +122,26 @@ pub struct StepTimings {
     pub guidance: f64,
     /// The scheduler step.
     pub scheduler: f64,
-    /// Writing the checkpoint (latent, and x0 at a stage's end) and dropping the previous one.
+    /// Waiting for the previous checkpoint (if still being written) and starting this one;
+    /// the writing itself (latent, x0 at a stage's end, dropping the previous checkpoint and
+    /// the step's task keys) runs during the next step.
     pub checkpoint: f64,
+    /// The step's critical path: the coordinator's time during which none of the step's tasks
+    /// is out, so no worker can be computing for it. It is the head (from the step's start —
+    /// the previous step's end — until its first task is handed to the dispatcher:
+    /// restraint, input scaling, cutting and writing the first task's views) plus the tail
+    /// (from the last task's result coming in until the step's end: the merges still
+    /// pending, fusion, guidance, the scheduler step, starting the checkpoint). Time a
+    /// worker waits while later inputs are still being written is not in it; `tessera bench
+    /// step` measures that separately by comparing `wall` with the workers' own time.
+    pub critical: f64,
+    /// The step's wall-clock seconds, from its start to its end as above.
+    pub wall: f64,
 }
 
 impl StepTimings {
-    /// The coordinator's own seconds in the step: all but waiting for workers.
+    /// The coordinator's own seconds of work in the step, overlapped or not: all parts but
+    /// waiting for workers.
     pub fn coordinator(&self) -> f64 {
         self.store_write
             + self.store_read
@@ -604,84 +623,120 @@ impl Engine<'_> {
         let steps = stage.timesteps.len();
         let mut x0 = z.clone();
         let mut camap_out = None;
-        for (j, &t) in stage.timesteps.iter().enumerate().skip(first_step) {
-            let clock = std::time::Instant::now();
-            if let (Some(r), Some((z_up, eps)), true) = (&stage.restraint, &restraint_source, j > 0)
-            {
-                let noised = || stepper.scheduler.add_noise(z_up, eps, t);
-                let big_t = self.model.scheduler.num_train_timesteps;
-                z = match &exponents {
-                    Some(e) => restrain_with_map(&z, &restraint_weight_map(e, t, big_t)?, noised)?,
-                    None => restrain(&z, restraint_weight(t, big_t, r.cosine_scale), noised)?,
-                };
-            }
-            let input = stepper.scale_input(&z, j)?;
-            let before_views = clock.elapsed().as_secs_f64();
-            let capture = stage.camap_capture && j + 1 == steps;
-            let at = StepAt {
-                job,
-                seed,
-                stage: k,
-                step: j,
-                timestep: t,
+        // Each step's checkpoint (and the deletion of the step's task keys) is written on a
+        // thread of its own while the next step's tasks run; the next checkpoint waits for it,
+        // so they still land in order, and the stage does not end before its last one has.
+        std::thread::scope(|scope| -> Result<()> {
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
+            let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| -> Result<()> {
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
             };
-            let pred = views::evaluate(
-                self.store,
-                self.workers,
-                plan,
-                stage,
-                at,
-                &input,
-                camap_in.as_ref(),
-                capture,
-                &|n| progress(Progress::Views(n)),
-            )?;
-            let mut timings = pred.timings;
-            timings.guidance += before_views;
-            let clock = std::time::Instant::now();
-            let eps = match (&stage.guidance, &pred.uncond) {
-                (GuidancePlan::Cfg { scale }, Some(u)) => {
-                    guidance::classifier_free(u, &pred.cond, *scale)?
+            for (j, &t) in stage.timesteps.iter().enumerate().skip(first_step) {
+                let step_start = Instant::now();
+                let clock = Instant::now();
+                if let (Some(r), Some((z_up, eps)), true) =
+                    (&stage.restraint, &restraint_source, j > 0)
+                {
+                    let noised = || stepper.scheduler.add_noise(z_up, eps, t);
+                    let big_t = self.model.scheduler.num_train_timesteps;
+                    z = match &exponents {
+                        Some(e) => {
+                            restrain_with_map(&z, &restraint_weight_map(e, t, big_t)?, noised)?
+                        }
+                        None => restrain(&z, restraint_weight(t, big_t, r.cosine_scale), noised)?,
+                    };
                 }
-                (
-                    GuidancePlan::FaCfg {
-                        high,
-                        low,
-                        low_latent,
-                    },
-                    Some(u),
-                ) => fa_cfg(
-                    u,
-                    &pred.cond,
-                    (low_latent[0], low_latent[1]),
-                    FaCfgWeights {
-                        high: *high,
-                        low: *low,
-                    },
-                )?,
-                _ => pred.cond.clone(),
-            };
-            timings.guidance += clock.elapsed().as_secs_f64();
-            let clock = std::time::Instant::now();
-            let (next, pred_x0) = stepper.step(&eps, j, t, &z)?;
-            z = next;
-            x0 = pred_x0;
-            timings.scheduler += clock.elapsed().as_secs_f64();
-            let clock = std::time::Instant::now();
-            if pred.camap.is_some() {
-                camap_out = pred.camap;
+                let input = stepper.scale_input(&z, j)?;
+                let before_views = clock.elapsed().as_secs_f64();
+                let capture = stage.camap_capture && j + 1 == steps;
+                let at = StepAt {
+                    job,
+                    seed,
+                    stage: k,
+                    step: j,
+                    timestep: t,
+                };
+                let pred = views::evaluate(
+                    self.store,
+                    self.workers,
+                    plan,
+                    stage,
+                    at,
+                    &input,
+                    camap_in.as_ref(),
+                    capture,
+                    &|n| progress(Progress::Views(n)),
+                )?;
+                let mut timings = pred.timings;
+                timings.guidance += before_views;
+                let clock = Instant::now();
+                let eps = match (&stage.guidance, &pred.uncond) {
+                    (GuidancePlan::Cfg { scale }, Some(u)) => {
+                        guidance::classifier_free(u, &pred.cond, *scale)?
+                    }
+                    (
+                        GuidancePlan::FaCfg {
+                            high,
+                            low,
+                            low_latent,
+                        },
+                        Some(u),
+                    ) => fa_cfg(
+                        u,
+                        &pred.cond,
+                        (low_latent[0], low_latent[1]),
+                        FaCfgWeights {
+                            high: *high,
+                            low: *low,
+                        },
+                    )?,
+                    _ => pred.cond.clone(),
+                };
+                timings.guidance += clock.elapsed().as_secs_f64();
+                let clock = Instant::now();
+                let (next, pred_x0) = stepper.step(&eps, j, t, &z)?;
+                z = next;
+                x0 = pred_x0;
+                timings.scheduler += clock.elapsed().as_secs_f64();
+                let clock = Instant::now();
+                if pred.camap.is_some() {
+                    camap_out = pred.camap;
+                }
+                // Only a checkpoint still being written when this one is due waits here.
+                if let Some(h) = pending.take() {
+                    join(h)?;
+                }
+                let end = (j + 1 == steps).then(|| (x0.clone(), camap_out.clone()));
+                let z_saved = z.clone();
+                pending = Some(scope.spawn(move || -> Result<()> {
+                    let end = end.as_ref().map(|(x0, m)| (x0, m.as_ref()));
+                    self.checkpoint(job, plan, k, j + 1, &z_saved, end)?;
+                    self.store.delete_prefix(&keys::step_prefix(job, k, j))?;
+                    Ok(())
+                }));
+                timings.checkpoint += clock.elapsed().as_secs_f64();
+                let step_end = Instant::now();
+                timings.wall = step_end.duration_since(step_start).as_secs_f64();
+                timings.critical = match (pred.first_handed_out, pred.last_result) {
+                    (Some(first), Some(last)) => {
+                        first.saturating_duration_since(step_start).as_secs_f64()
+                            + step_end.saturating_duration_since(last).as_secs_f64()
+                    }
+                    _ => timings.wall,
+                };
+                progress(Progress::Step {
+                    stage: k,
+                    step: j + 1,
+                    steps,
+                    timestep: t,
+                    timings,
+                });
             }
-            let end = (j + 1 == steps).then_some((&x0, camap_out.as_ref()));
-            self.checkpoint(job, plan, k, j + 1, &z, end)?;
-            timings.checkpoint += clock.elapsed().as_secs_f64();
-            progress(Progress::Step {
-                stage: k,
-                step: j + 1,
-                steps,
-                timestep: t,
-                timings,
-            });
-        }
+            if let Some(h) = pending.take() {
+                join(h)?;
+            }
+            Ok(())
+        })?;
         Ok(StageResult {
             latent: z.to_dtype(DType::F32)?,
             x0,

@@ -4,16 +4,26 @@
 //!
 //! Every batch is the same whatever the number of workers, and merging follows view order, so
 //! the result does not depend on who computed what or when.
+//!
+//! The step is pipelined so the coordinator's work overlaps the workers': a writer thread
+//! hands each task out as soon as its input is in the store, and each result is read and
+//! merged as it arrives (held back only until the tasks before it are merged). What remains
+//! between the last result and the next step is the last merges, the fusion (split over
+//! threads), guidance and the scheduler — see [`super::StepTimings::critical`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{mpsc, Mutex};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::{fuse_scales_with, BlurAxes};
+use tessera_common::method::fusion::{fuse_scales_once, BlurAxes};
 use tessera_common::method::params::TileWeights;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{Plan, StagePlan};
 use tessera_common::store::{get_tensor, keys, put_tensor, Store};
 use tessera_common::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
-use tessera_common::tiling::{GlobalViews, LocalViews, ViewWeighting};
+use tessera_common::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
 
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::Dispatch;
@@ -37,6 +47,10 @@ pub struct Predictions {
     pub camap: Option<CaMap>,
     /// Where the coordinator's time went (the evaluation's share of [`StepTimings`]).
     pub timings: StepTimings,
+    /// When the first task was handed to the dispatcher, and when the last result came in:
+    /// the engine's critical path is what lies outside this span.
+    pub first_handed_out: Option<Instant>,
+    pub last_result: Option<Instant>,
 }
 
 /// A task's conditional and (when guided) unconditional predictions.
@@ -110,7 +124,7 @@ pub fn evaluate(
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Predictions> {
     let mut timings = StepTimings::default();
-    let clock = std::time::Instant::now();
+    let clock = Instant::now();
     let stage_hw = stage.latent_hw();
     let local = local_views(stage, &at)?;
     let global = global_views(stage)?;
@@ -148,10 +162,10 @@ pub fn evaluate(
         }
     }
 
-    let mut tasks = Vec::with_capacity(groups.len());
-    for (ti, group) in groups.iter().enumerate() {
+    // Writes task `ti`'s input (and CA-map) to the store and returns the task.
+    let make_task = |ti: usize| -> Result<Task> {
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-        let (views, view_hw, placements, is_local) = match group {
+        let (views, view_hw, placements, is_local) = match &groups[ti] {
             Group::Local(ix) => {
                 let (wh, ww) = local.window();
                 let places = ix
@@ -194,9 +208,9 @@ pub fn evaluate(
             }
             _ => None,
         };
-        tasks.push(Task {
+        Ok(Task {
             job: at.job.to_string(),
-            id: format!("s{}:t{}:task{ti}", at.stage, at.step),
+            id: task_id(&at, ti),
             kind: TaskKind::Denoise(DenoiseTask {
                 timestep: at.timestep,
                 input: key("in"),
@@ -209,31 +223,12 @@ pub fn evaluate(
                 camap_inject,
                 camap_capture: (capture && is_local).then(|| key("capture")),
             }),
-        });
-    }
-
-    let sizes: Vec<usize> = groups
-        .iter()
-        .map(|g| match g {
-            Group::Local(ix) | Group::Global(ix) => ix.len(),
         })
-        .collect();
-    let views_of: std::collections::HashMap<&str, usize> = tasks
-        .iter()
-        .zip(&sizes)
-        .map(|(t, &n)| (t.id.as_str(), n))
-        .collect();
-    timings.store_write += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
-    // Each task's outputs are read as soon as it finishes, while the others still compute, so
-    // only the last few reads stay on the step's critical path. Merging below still follows
-    // view order, whatever the order of arrival.
+    };
+
+    let index_of: HashMap<String, usize> =
+        (0..groups.len()).map(|ti| (task_id(&at, ti), ti)).collect();
     let cpu = Device::Cpu;
-    let index_of: std::collections::HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
     let read_outputs = |ti: usize| -> Result<TaskOutputs> {
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
         let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
@@ -244,71 +239,142 @@ pub fn evaluate(
         };
         Ok((cond, uncond))
     };
-    let early: Vec<std::sync::Mutex<Option<TaskOutputs>>> = (0..tasks.len())
-        .map(|_| std::sync::Mutex::new(None))
-        .collect();
-    workers.run(&tasks, &|t: &Task| {
-        done(views_of.get(t.id.as_str()).copied().unwrap_or(0));
-        if let Some(&ti) = index_of.get(t.id.as_str()) {
-            // A failed early read is simply retried after the wait.
-            if let Ok(outputs) = read_outputs(ti) {
-                *early[ti].lock().unwrap_or_else(|e| e.into_inner()) = Some(outputs);
-            }
-        }
-    })?;
-    timings.workers += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
-
-    // Gather per view [uncond; cond] (2 rows, or 1 unguided), in view order.
-    let mut local_out: Vec<Tensor> = Vec::with_capacity(local.len());
-    let mut global_out: Vec<Tensor> = Vec::new();
-    let mut captured: Vec<Tensor> = Vec::new();
-    for (ti, group) in groups.iter().enumerate() {
-        let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-        let early = early[ti].lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (cond, uncond) = match early {
-            Some(outputs) => outputs,
-            None => read_outputs(ti)?,
-        };
-        let (ix, out) = match group {
-            Group::Local(ix) => (ix, &mut local_out),
-            Group::Global(ix) => (ix, &mut global_out),
-        };
-        for n in 0..ix.len() {
-            let c = cond.narrow(0, n, 1)?;
-            out.push(match &uncond {
-                Some(u) => Tensor::cat(&[&u.narrow(0, n, 1)?, &c], 0)?,
-                None => c,
-            });
-        }
-        if capture && matches!(group, Group::Local(_)) {
-            let map = get_tensor(store, &key("capture"), &cpu)?.to_dtype(DType::F32)?;
-            let halves = map.dim(0)? / ix.len();
-            for n in 0..ix.len() {
-                let rows: Vec<Tensor> = (0..halves)
-                    .map(|h| map.narrow(0, h * ix.len() + n, 1))
-                    .collect::<candle_core::Result<_>>()?;
-                captured.push(Tensor::cat(&rows, 0)?);
-            }
-        }
-    }
-    timings.store_read += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
+    let read_capture = |ti: usize| -> Result<Tensor> {
+        let key = keys::task(at.job, at.stage, at.step, ti, "capture");
+        Ok(get_tensor(store, &key, &cpu)?.to_dtype(DType::F32)?)
+    };
     let weighting = match stage.tile_weights {
         TileWeights::Uniform => ViewWeighting::Uniform,
         TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
     };
-    let merged_local = local.merge(&local_out, weighting)?;
-    let merged_global = global.as_ref().map(|g| g.merge(&global_out)).transpose()?;
+    let merge = Mutex::new(StepMerge {
+        groups: &groups,
+        local: &local,
+        global: global.as_ref(),
+        weighting,
+        local_merge: None,
+        global_scatter: None,
+        next: 0,
+        arrived: BTreeMap::new(),
+    });
+    let captures: Vec<Mutex<Option<Tensor>>> =
+        (0..groups.len()).map(|_| Mutex::new(None)).collect();
+    let views_of = |t: &Task| -> usize {
+        index_of
+            .get(t.id.as_str())
+            .map(|&ti| match &groups[ti] {
+                Group::Local(ix) | Group::Global(ix) => ix.len(),
+            })
+            .unwrap_or(0)
+    };
+    // Seconds spent reading outputs and merging inside the completion callbacks, and the
+    // first error a merge met there (a failed read is simply retried after the wait).
+    let in_flight = Mutex::new((0f64, 0f64, None::<EngineError>, None::<Instant>));
+    // Reads a finished task's outputs and merges every task that is now next in order,
+    // while the other tasks still compute.
+    let on_done = |t: &Task| {
+        let arrived = Instant::now();
+        done(views_of(t));
+        let Some(&ti) = index_of.get(t.id.as_str()) else {
+            return;
+        };
+        let clock = Instant::now();
+        let outputs = read_outputs(ti);
+        if capture && matches!(groups[ti], Group::Local(_)) {
+            if let Ok(map) = read_capture(ti) {
+                *lock(&captures[ti]) = Some(map);
+            }
+        }
+        let read = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        let merged = match outputs {
+            Ok(outputs) => lock(&merge).arrive(ti, outputs),
+            Err(_) => Ok(()),
+        };
+        let merging = clock.elapsed().as_secs_f64();
+        let mut f = lock(&in_flight);
+        f.0 += read;
+        f.1 += merging;
+        if let Err(e) = merged {
+            f.2.get_or_insert(e);
+        }
+        f.3 = Some(f.3.map_or(arrived, |a| a.max(arrived)));
+    };
+    timings.store_write += clock.elapsed().as_secs_f64();
+
+    // The writer thread hands each task to the dispatcher as soon as its input is in the
+    // store, so the workers start on the first tasks while the later ones are written.
+    let first_handed_out = std::sync::OnceLock::new();
+    let (written, dispatched) = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<Task>();
+        let (make_task, first_handed_out, count) = (&make_task, &first_handed_out, groups.len());
+        let writer = scope.spawn(move || -> Result<f64> {
+            let mut busy = 0.0;
+            for ti in 0..count {
+                let clock = Instant::now();
+                let task = make_task(ti)?;
+                busy += clock.elapsed().as_secs_f64();
+                let _ = first_handed_out.set(Instant::now());
+                if tx.send(task).is_err() {
+                    break;
+                }
+            }
+            Ok(busy)
+        });
+        let dispatched = workers.run_streamed(&mut rx.into_iter(), &on_done);
+        let written = writer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (written, dispatched)
+    });
+    timings.store_write += written?;
+    dispatched?;
+    let (read, merging, error, last_result) =
+        std::mem::replace(&mut *lock(&in_flight), (0.0, 0.0, None, None));
+    if let Some(e) = error {
+        return Err(e);
+    }
+    timings.store_read += read;
+    timings.merge += merging;
+
+    // Whatever could not be read early is read now, in order.
+    let clock = Instant::now();
+    let mut merge = merge.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut captured: Vec<Tensor> = Vec::new();
+    for ti in 0..groups.len() {
+        if ti >= merge.next && !merge.arrived.contains_key(&ti) {
+            let outputs = read_outputs(ti)?;
+            merge.arrive(ti, outputs)?;
+        }
+        if capture {
+            if let Group::Local(ix) = &groups[ti] {
+                let map = match lock(&captures[ti]).take() {
+                    Some(m) => m,
+                    None => read_capture(ti)?,
+                };
+                let halves = map.dim(0)? / ix.len();
+                for n in 0..ix.len() {
+                    let rows: Vec<Tensor> = (0..halves)
+                        .map(|h| map.narrow(0, h * ix.len() + n, 1))
+                        .collect::<candle_core::Result<_>>()?;
+                    captured.push(Tensor::cat(&rows, 0)?);
+                }
+            }
+        }
+    }
+    timings.store_read += clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    let halves = if guided { 2 } else { 1 };
+    let (merged_local, merged_global) = merge.finish(halves, stage_hw)?;
     let camap = if capture {
         Some(merge_camaps(&local, &captured, weighting)?)
     } else {
         None
     };
     timings.merge += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
+    let clock = Instant::now();
     let merged = match merged_global {
-        Some(merged_global) => fuse_scales_with(
+        Some(merged_global) => fuse_scales_once(
             &merged_local,
             &merged_global,
             stage.fusion_scale,
@@ -317,9 +383,6 @@ pub fn evaluate(
         None => merged_local,
     };
     timings.fusion += clock.elapsed().as_secs_f64();
-    let clock = std::time::Instant::now();
-    store.delete_prefix(&keys::step_prefix(at.job, at.stage, at.step))?;
-    timings.store_write += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
         (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?))
     } else {
@@ -330,7 +393,116 @@ pub fn evaluate(
         uncond,
         camap,
         timings,
+        first_handed_out: first_handed_out.get().copied(),
+        last_result,
     })
+}
+
+fn task_id(at: &StepAt, ti: usize) -> String {
+    format!("s{}:t{}:task{ti}", at.stage, at.step)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A step's merge while its tasks come back: outputs may arrive in any order, but they are
+/// merged strictly in task (and so view) order, the early arrivals held until their turn, so
+/// the sums — and the bytes — are the same whoever computed what, and when.
+struct StepMerge<'a> {
+    groups: &'a [Group],
+    local: &'a LocalViews,
+    global: Option<&'a GlobalViews>,
+    weighting: ViewWeighting,
+    local_merge: Option<LocalMerge<'a>>,
+    global_scatter: Option<GlobalScatter<'a>>,
+    /// The next task to merge.
+    next: usize,
+    arrived: BTreeMap<usize, TaskOutputs>,
+}
+
+impl StepMerge<'_> {
+    fn arrive(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {
+        if ti < self.next {
+            return Ok(());
+        }
+        self.arrived.insert(ti, outputs);
+        while let Some(outputs) = self.arrived.remove(&self.next) {
+            self.add(self.next, outputs)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds task `ti`'s views, each as its `[uncond; cond]` planes (or `[cond]` unguided).
+    fn add(&mut self, ti: usize, (cond, uncond): TaskOutputs) -> Result<()> {
+        let ix = match &self.groups[ti] {
+            Group::Local(ix) | Group::Global(ix) => ix,
+        };
+        let (n, c, _, _) = cond.dims4()?;
+        if n != ix.len() {
+            return Err(EngineError::Invalid(format!(
+                "task {ti} returned {n} views for {}",
+                ix.len()
+            )));
+        }
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let cond = flat(&cond)?;
+        let uncond = uncond.as_ref().map(flat).transpose()?;
+        let halves = if uncond.is_some() { 2 } else { 1 };
+        let per = cond.len() / n;
+        let mut vals = Vec::with_capacity(halves * per);
+        for (v, &view) in ix.iter().enumerate() {
+            vals.clear();
+            if let Some(u) = &uncond {
+                vals.extend_from_slice(&u[v * per..(v + 1) * per]);
+            }
+            vals.extend_from_slice(&cond[v * per..(v + 1) * per]);
+            match &self.groups[ti] {
+                Group::Local(_) => {
+                    if self.local_merge.is_none() {
+                        self.local_merge =
+                            Some(self.local.merge_in_order(halves * c, self.weighting)?);
+                    }
+                    if let Some(m) = self.local_merge.as_mut() {
+                        debug_assert_eq!(m.next_view(), view);
+                        m.add(&vals)?;
+                    }
+                }
+                Group::Global(_) => {
+                    let Some(g) = self.global else {
+                        return Err(EngineError::Invalid(
+                            "global views without a global layout".into(),
+                        ));
+                    };
+                    self.global_scatter
+                        .get_or_insert_with(|| g.scatter(halves * c))
+                        .add(view, &vals)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The merged local and global predictions, `(halves, C, H, W)` each.
+    fn finish(self, halves: usize, (h, w): (usize, usize)) -> Result<(Tensor, Option<Tensor>)> {
+        let shape = |t: Tensor| -> Result<Tensor> {
+            let bc = t.dim(0)?;
+            Ok(t.reshape((halves, bc / halves, h, w))?)
+        };
+        let local = self
+            .local_merge
+            .ok_or_else(|| EngineError::Invalid("no local view outputs".into()))?
+            .finish()?;
+        let global = match (self.global, self.global_scatter) {
+            (Some(_), Some(s)) => Some(shape(s.finish()?)?),
+            (Some(_), None) => {
+                return Err(EngineError::Invalid("no global view outputs".into()));
+            }
+            (None, _) => None,
+        };
+        Ok((shape(local)?, global))
+    }
 }
 
 /// One CA-map over the stage from the per-view maps `(halves, h0, w0, 77)`: each resized to
@@ -346,4 +518,94 @@ fn merge_camaps(local: &LocalViews, maps: &[Tensor], weighting: ViewWeighting) -
     Ok(CaMap::from_tensor(
         merged.permute((0, 2, 3, 1))?.contiguous()?,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_common::tiling::{GlobalViewConfig, LocalViewConfig};
+
+    #[test]
+    fn step_merge_gives_the_same_bytes_in_any_arrival_order() -> Result<()> {
+        let (h, w) = (96, 80);
+        let local = LocalViews::new(h, w, &LocalViewConfig::for_training_size(32), Some(5))?;
+        let global = GlobalViews::new(h, w, &GlobalViewConfig::for_training_size(32))?;
+        // A smooth (uncond, cond) × 4-channel prediction field; a task's outputs are its
+        // views cut from it, as an identity model would return them.
+        let field = Tensor::arange(0f32, (2 * 4 * h * w) as f32, &Device::Cpu)?
+            .reshape((2, 4, h, w))?
+            .affine(1e-4, -1.0)?
+            .sin()?;
+        let mut groups = Vec::new();
+        let locals: Vec<usize> = (0..local.len()).collect();
+        for chunk in locals.chunks(3) {
+            groups.push(Group::Local(chunk.to_vec()));
+        }
+        let globals: Vec<usize> = (0..global.len()).collect();
+        for chunk in globals.chunks(3) {
+            groups.push(Group::Global(chunk.to_vec()));
+        }
+        // Each view's batch rows are [uncond, cond] of the field: split them per task.
+        let per_task = |g: &Group| -> Result<TaskOutputs> {
+            let ix = match g {
+                Group::Local(ix) | Group::Global(ix) => ix.clone(),
+            };
+            let mut c = Vec::new();
+            let mut u = Vec::new();
+            for &i in &ix {
+                let v = match g {
+                    Group::Local(_) => local.extract(&field, i)?,
+                    Group::Global(_) => global.extract(&field, i)?,
+                };
+                u.push(v.narrow(0, 0, 1)?);
+                c.push(v.narrow(0, 1, 1)?);
+            }
+            Ok((Tensor::cat(&c, 0)?, Some(Tensor::cat(&u, 0)?)))
+        };
+        let run = |order: &[usize]| -> Result<Vec<f32>> {
+            let mut m = StepMerge {
+                groups: &groups,
+                local: &local,
+                global: Some(&global),
+                weighting: ViewWeighting::GAUSSIAN,
+                local_merge: None,
+                global_scatter: None,
+                next: 0,
+                arrived: BTreeMap::new(),
+            };
+            for &ti in order {
+                m.arrive(ti, per_task(&groups[ti])?)?;
+            }
+            let (l, g) = m.finish(2, (h, w))?;
+            let mut v = l.flatten_all()?.to_vec1::<f32>()?;
+            v.extend(
+                g.map(|g| g.flatten_all()?.to_vec1::<f32>())
+                    .transpose()?
+                    .unwrap_or_default(),
+            );
+            Ok(v)
+        };
+        let n = groups.len();
+        let forward: Vec<usize> = (0..n).collect();
+        let backward: Vec<usize> = (0..n).rev().collect();
+        let mut shuffled = forward.clone();
+        shuffled.rotate_left(n / 3);
+        shuffled.swap(0, n - 1);
+        let a = run(&forward)?;
+        assert_eq!(a, run(&backward)?);
+        assert_eq!(a, run(&shuffled)?);
+        // And it is what the all-at-once merges give.
+        let views_out = |count: usize, f: &dyn Fn(usize) -> Result<Tensor>| {
+            (0..count).map(f).collect::<Result<Vec<_>>>()
+        };
+        let lo = views_out(local.len(), &|i| Ok(local.extract(&field, i)?))?;
+        let go = views_out(global.len(), &|i| Ok(global.extract(&field, i)?))?;
+        let mut want = local
+            .merge(&lo, ViewWeighting::GAUSSIAN)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        want.extend(global.merge(&go)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(a, want);
+        Ok(())
+    }
 }
