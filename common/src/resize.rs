@@ -10,6 +10,7 @@
 //! indices and weights, then two separable passes over a plain `Vec<f32>` on the CPU (this
 //! runs once per stage transition, on images of a few thousand pixels a side).
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
@@ -77,37 +78,113 @@ impl FromStr for ResizeFilter {
 /// up- and down-scaling and any ratio. The result is f32 on `x`'s device; an unchanged size
 /// gives `x` as f32. The work is done on the CPU (see the module notes).
 pub fn resize(x: &Tensor, height: usize, width: usize, filter: ResizeFilter) -> Result<Tensor> {
-    let (b, c, h, w) = match *x.dims() {
-        [b, c, h, w] => (b, c, h, w),
-        _ => {
+    let resizer = Resizer::new(x, height, width, filter)?;
+    Ok(resizer.window(0..height, 0..width)?.to_device(x.device())?)
+}
+
+/// A resize whose output is computed a window at a time, so a stage transition never holds
+/// the whole upscaled picture: each encode tile asks for its own pixels. Every output number
+/// is computed with the same products in the same order as [`resize`], so any tiling of the
+/// windows gives the bytes of the whole resize.
+pub struct Resizer {
+    src: Vec<f32>,
+    planes: (usize, usize),
+    from: (usize, usize),
+    to: (usize, usize),
+    filter: ResizeFilter,
+}
+
+impl Resizer {
+    /// Takes `x` (B, C, H, W), any dtype and device, to be resized to `height` × `width`.
+    pub fn new(x: &Tensor, height: usize, width: usize, filter: ResizeFilter) -> Result<Self> {
+        let (b, c, h, w) = match *x.dims() {
+            [b, c, h, w] => (b, c, h, w),
+            _ => {
+                return Err(ResizeError::Invalid(format!(
+                    "resize expects a (B, C, H, W) tensor, got shape {:?}",
+                    x.dims()
+                )))
+            }
+        };
+        let src = x
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Self::from_planes(src, (b, c), (h, w), height, width, filter)
+    }
+
+    /// Takes `b · c` row-major `h × w` planes of f32 (a (B, C, H, W) tensor's values) without
+    /// copying them.
+    pub fn from_planes(
+        src: Vec<f32>,
+        (b, c): (usize, usize),
+        (h, w): (usize, usize),
+        height: usize,
+        width: usize,
+        filter: ResizeFilter,
+    ) -> Result<Self> {
+        if height == 0 || width == 0 {
             return Err(ResizeError::Invalid(format!(
-                "resize expects a (B, C, H, W) tensor, got shape {:?}",
-                x.dims()
-            )))
+                "resize target must be non-empty, got {height}x{width}"
+            )));
         }
-    };
-    if height == 0 || width == 0 {
-        return Err(ResizeError::Invalid(format!(
-            "resize target must be non-empty, got {height}x{width}"
-        )));
+        if h == 0 || w == 0 {
+            return Err(ResizeError::Invalid(format!(
+                "cannot resize an empty {h}x{w} image to {height}x{width}"
+            )));
+        }
+        if src.len() != b * c * h * w {
+            return Err(ResizeError::Invalid(format!(
+                "{} values are not {b}x{c} planes of {h}x{w}",
+                src.len()
+            )));
+        }
+        Ok(Self {
+            src,
+            planes: (b, c),
+            from: (h, w),
+            to: (height, width),
+            filter,
+        })
     }
-    if h == 0 || w == 0 {
-        return Err(ResizeError::Invalid(format!(
-            "cannot resize an empty {h}x{w} image to {height}x{width}"
-        )));
+
+    /// The output's (height, width).
+    pub fn size(&self) -> (usize, usize) {
+        self.to
     }
-    let x = x.to_dtype(DType::F32)?;
-    if (h, w) == (height, width) {
-        return Ok(x);
+
+    /// Output rows `ys` and columns `xs` of every plane, as a (B, C, rows, columns) f32 tensor
+    /// on the CPU.
+    pub fn window(&self, ys: Range<usize>, xs: Range<usize>) -> Result<Tensor> {
+        let (b, c) = self.planes;
+        if ys.start >= ys.end || xs.start >= xs.end || ys.end > self.to.0 || xs.end > self.to.1 {
+            return Err(ResizeError::Invalid(format!(
+                "window rows {ys:?}, columns {xs:?} is empty or outside the {}x{} output",
+                self.to.1, self.to.0
+            )));
+        }
+        let shape = (b, c, ys.len(), xs.len());
+        let out = if self.from == self.to {
+            // Unchanged size: the window is a crop of the input.
+            let (h, w) = self.from;
+            let mut out = Vec::with_capacity(b * c * ys.len() * xs.len());
+            for plane in self.src.chunks_exact(h * w) {
+                for y in ys.clone() {
+                    out.extend_from_slice(&plane[y * w + xs.start..y * w + xs.end]);
+                }
+            }
+            out
+        } else {
+            let (src, planes, from, to) = (&self.src, b * c, self.from, self.to);
+            match self.filter {
+                ResizeFilter::Bicubic => separable(src, planes, from, to, ys, xs, cubic_taps),
+                ResizeFilter::Bilinear => separable(src, planes, from, to, ys, xs, linear_taps),
+                ResizeFilter::Nearest => separable(src, planes, from, to, ys, xs, nearest_taps),
+            }
+        };
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
-    let src = x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-    let (planes, from, to) = (b * c, (h, w), (height, width));
-    let out = match filter {
-        ResizeFilter::Bicubic => separable(&src, planes, from, to, cubic_taps),
-        ResizeFilter::Bilinear => separable(&src, planes, from, to, linear_taps),
-        ResizeFilter::Nearest => separable(&src, planes, from, to, nearest_taps),
-    };
-    Ok(Tensor::from_vec(out, (b, c, height, width), &Device::Cpu)?.to_device(x.device())?)
 }
 
 /// The source indices and weights of each output position along one axis.
@@ -153,24 +230,23 @@ fn cubic_far(x: f32) -> f32 {
 /// Torch's `HelperInterpCubic::compute_indices_weights`: the source coordinate is not clamped
 /// at 0 (a negative one still weighs the border pixel through the clamped taps), taps at
 /// `floor - 1 ..= floor + 2` clamped to the border.
-fn cubic_taps(input: usize, output: usize) -> Taps<4> {
+fn cubic_taps(input: usize, output: usize, dsts: Range<usize>) -> Taps<4> {
     let scale = axis_scale(input, output);
     let last = input as i64 - 1;
-    (0..output)
-        .map(|dst| {
-            let (base, t) = index_and_fraction(cubic_source_coordinate(scale, dst), input);
-            // torch's `get_cubic_upsample_coefficients`, including its `(1 - t) + 1`.
-            let t2 = 1.0 - t;
-            let weights = [
-                cubic_far(t + 1.0),
-                cubic_near(t),
-                cubic_near(t2),
-                cubic_far(t2 + 1.0),
-            ];
-            let index = std::array::from_fn(|j| (base - 1 + j as i64).clamp(0, last) as usize);
-            (index, weights)
-        })
-        .collect()
+    dsts.map(|dst| {
+        let (base, t) = index_and_fraction(cubic_source_coordinate(scale, dst), input);
+        // torch's `get_cubic_upsample_coefficients`, including its `(1 - t) + 1`.
+        let t2 = 1.0 - t;
+        let weights = [
+            cubic_far(t + 1.0),
+            cubic_near(t),
+            cubic_near(t2),
+            cubic_far(t2 + 1.0),
+        ];
+        let index = std::array::from_fn(|j| (base - 1 + j as i64).clamp(0, last) as usize);
+        (index, weights)
+    })
+    .collect()
 }
 
 /// Torch's `compute_source_index_and_lambda` (`HelperInterpLinear`): an unchanged axis is
@@ -181,34 +257,32 @@ fn cubic_taps(input: usize, output: usize) -> Taps<4> {
 /// output's `h + w <= 128` or when it runs one thread on 3 channels; this differs from it by
 /// ~1e-6 there. candle's `upsample_bilinear2d` computes the coordinate in f64, which is ~6e-6
 /// away from either.
-fn linear_taps(input: usize, output: usize) -> Taps<2> {
+fn linear_taps(input: usize, output: usize, dsts: Range<usize>) -> Taps<2> {
     let scale = axis_scale(input, output);
-    (0..output)
-        .map(|dst| {
-            if input == output {
-                return ([dst, dst], [1.0, 0.0]);
-            }
-            let real = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-            let (i0, lambda1) = index_and_fraction(real, input);
-            let i0 = i0 as usize;
-            let i1 = (i0 + 1).min(input - 1);
-            ([i0, i1], [1.0 - lambda1, lambda1])
-        })
-        .collect()
+    dsts.map(|dst| {
+        if input == output {
+            return ([dst, dst], [1.0, 0.0]);
+        }
+        let real = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+        let (i0, lambda1) = index_and_fraction(real, input);
+        let i0 = i0 as usize;
+        let i1 = (i0 + 1).min(input - 1);
+        ([i0, i1], [1.0 - lambda1, lambda1])
+    })
+    .collect()
 }
 
 /// Torch's legacy `"nearest"` (`nearest_idx`): `min(floor(dst * scale), in - 1)` with the
 /// product in float32; its special cases (same size, exactly twice) give the same indices.
-fn nearest_taps(input: usize, output: usize) -> Taps<1> {
+fn nearest_taps(input: usize, output: usize, dsts: Range<usize>) -> Taps<1> {
     let scale = axis_scale(input, output);
-    (0..output)
-        .map(|dst| {
-            (
-                [((dst as f32 * scale).floor() as usize).min(input - 1)],
-                [1.0],
-            )
-        })
-        .collect()
+    dsts.map(|dst| {
+        (
+            [((dst as f32 * scale).floor() as usize).min(input - 1)],
+            [1.0],
+        )
+    })
+    .collect()
 }
 
 /// `sum_j value(j) * weights[j]` accumulated in tap order, as torch's `Interpolate::eval`
@@ -223,28 +297,48 @@ fn weighted<const N: usize>(weights: &[f32; N], value: impl Fn(usize) -> f32) ->
     acc
 }
 
-/// Resizes `planes` row-major `from` planes to `to` with per-axis taps. Torch evaluates each
-/// output as `sum_i wy_i * (sum_j wx_j * x[y_i][x_j])` in float32; the horizontal pass is the
-/// inner sum for every source row, so the two passes add the same products in the same order.
+/// Resizes `planes` row-major `from` planes to `to` with per-axis taps, computing output rows
+/// `ys` and columns `xs` only. Torch evaluates each output as
+/// `sum_i wy_i * (sum_j wx_j * x[y_i][x_j])` in float32; the horizontal pass is the inner sum
+/// for every source row the window needs, so the two passes add the same products in the same
+/// order whatever the window.
 fn separable<const N: usize>(
     src: &[f32],
     planes: usize,
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
-    taps: fn(usize, usize) -> Taps<N>,
+    ys: Range<usize>,
+    xs: Range<usize>,
+    taps: fn(usize, usize, Range<usize>) -> Taps<N>,
 ) -> Vec<f32> {
-    let rows = taps(h, oh);
-    let cols = taps(w, ow);
-    let mut out = vec![0f32; planes * oh * ow];
-    let mut tmp = vec![0f32; h * ow];
-    for (plane, dst) in src.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
-        for (line, tmp_line) in plane.chunks_exact(w).zip(tmp.chunks_exact_mut(ow)) {
+    let rows = taps(h, oh, ys.clone());
+    let cols = taps(w, ow, xs.clone());
+    let (wh, ww) = (ys.len(), xs.len());
+    // The source rows the window's taps touch.
+    let lo = rows
+        .iter()
+        .flat_map(|(i, _)| i.iter())
+        .copied()
+        .min()
+        .unwrap_or(0);
+    let hi = rows
+        .iter()
+        .flat_map(|(i, _)| i.iter())
+        .copied()
+        .max()
+        .map_or(0, |m| m + 1);
+    let mut out = vec![0f32; planes * wh * ww];
+    let mut tmp = vec![0f32; (hi - lo) * ww];
+    for (plane, dst) in src.chunks_exact(h * w).zip(out.chunks_exact_mut(wh * ww)) {
+        let used = &plane[lo * w..hi * w];
+        for (line, tmp_line) in used.chunks_exact(w).zip(tmp.chunks_exact_mut(ww)) {
             for (o, (idx, wt)) in tmp_line.iter_mut().zip(&cols) {
                 *o = weighted(wt, |j| line[idx[j]]);
             }
         }
-        for (dst_line, (idx, wt)) in dst.chunks_exact_mut(ow).zip(&rows) {
-            let lines: [&[f32]; N] = std::array::from_fn(|j| &tmp[idx[j] * ow..(idx[j] + 1) * ow]);
+        for (dst_line, (idx, wt)) in dst.chunks_exact_mut(ww).zip(&rows) {
+            let lines: [&[f32]; N] =
+                std::array::from_fn(|j| &tmp[(idx[j] - lo) * ww..(idx[j] - lo + 1) * ww]);
             for (x, o) in dst_line.iter_mut().enumerate() {
                 *o = weighted(wt, |j| lines[j][x]);
             }
@@ -383,7 +477,7 @@ mod tests {
         let diff = (out - &x).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         // The kernel's own weights at an unchanged axis are exactly (0, 1, 0, 0).
-        for (i, (idx, wt)) in cubic_taps(9, 9).into_iter().enumerate() {
+        for (i, (idx, wt)) in cubic_taps(9, 9, 0..9).into_iter().enumerate() {
             assert_eq!(idx[1], i);
             assert_eq!(wt, [0.0, 1.0, 0.0, 0.0]);
         }
@@ -469,7 +563,7 @@ mod tests {
                 assert!((got - w).abs() < 1e-7, "tap {i}: {got} vs torch {w}");
             }
         }
-        let cubic = cubic_taps(128, 320);
+        let cubic = cubic_taps(128, 320, 0..320);
         assert_taps(
             &cubic[40],
             &[
@@ -488,7 +582,7 @@ mod tests {
                 (65, -1.102499962e-01),
             ],
         );
-        let linear = linear_taps(128, 320);
+        let linear = linear_taps(128, 320, 0..320);
         assert_taps(&linear[40], &[(15, 2.999992371e-01), (16, 7.000007629e-01)]);
         assert_taps(
             &linear[160],
@@ -547,5 +641,42 @@ mod tests {
             e.contains("lanczos") && e.contains("bicubic, nearest, bilinear"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn windows_give_the_bytes_of_the_whole_resize() {
+        // Up, down, odd ratios and an unchanged size; windows that cross every tap border.
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 13.0 * 11.0, &Device::Cpu)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((2, 3, 13, 11))
+            .unwrap();
+        for filter in ResizeFilter::ALL {
+            for (oh, ow) in [(40, 27), (6, 5), (13, 11)] {
+                let whole = resize(&x, oh, ow, filter).unwrap();
+                let r = Resizer::new(&x, oh, ow, filter).unwrap();
+                assert_eq!(r.size(), (oh, ow));
+                for (ys, xs) in [(0..oh, 0..ow), (1..oh / 2 + 1, 2..ow), (oh - 1..oh, 0..1)] {
+                    let got = r.window(ys.clone(), xs.clone()).unwrap();
+                    let want = whole
+                        .narrow(2, ys.start, ys.len())
+                        .unwrap()
+                        .narrow(3, xs.start, xs.len())
+                        .unwrap();
+                    let (got, want) = (
+                        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{filter} to {oh}x{ow}, rows {ys:?} cols {xs:?}");
+                }
+                assert!(r.window(0..oh + 1, 0..ow).is_err());
+                assert!(r.window(2..2, 0..ow).is_err());
+            }
+        }
     }
 }

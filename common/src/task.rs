@@ -69,7 +69,7 @@ pub struct DenoiseTask {
     pub dilation: usize,
     /// FreeScale's in-UNet scale fusion, for views larger than the training size.
     pub scale_fusion: Option<FusionHook>,
-    /// Cross-attention map reuse: key of a (halves·N, h, w, 77) map and its weight.
+    /// Cross-attention map reuse: the stage's map, its weight and the views' placements.
     pub camap_inject: Option<CamapInject>,
     /// Key to write the captured (halves·N, h0, w0, 77) cross-attention map to.
     pub camap_capture: Option<String>,
@@ -83,8 +83,18 @@ pub struct FusionHook {
     pub jitter_seed: Option<u64>,
 }
 
+/// Cross-attention map reuse for a view task: the worker reads the stage's map (once per
+/// stage, it is the same for every task) and cuts each view's part itself, so the map is not
+/// written again for every task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CamapInject {
+    /// Key of the stage's `(halves, h0, w0, 77)` map.
     pub key: String,
     pub weight: f64,
+    /// The stage latent's (height, width).
+    pub stage_hw: [usize; 2],
+    /// The views' latent (height, width).
+    pub view_hw: [usize; 2],
+    /// Where each of the task's views lies, in batch order.
+    pub placements: Vec<crate::method::camap::ViewPlacement>,
 }

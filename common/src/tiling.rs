@@ -398,6 +398,16 @@ impl LocalMerge<'_> {
     /// normalisation is split over rows between threads (each value's arithmetic is the same
     /// whatever the split).
     pub fn finish(self) -> Result<Tensor> {
+        let (bc, (h, w)) = (self.bc, self.views.latent);
+        Ok(Tensor::from_vec(
+            self.finish_vec()?,
+            (bc, h, w),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// [`LocalMerge::finish`]'s values, `(bc, H, W)` row-major, without a copy into a tensor.
+    pub fn finish_vec(self) -> Result<Vec<f32>> {
         let (h, w) = self.views.latent;
         if self.next != self.views.rects.len() {
             return invalid(format!(
@@ -420,7 +430,7 @@ impl LocalMerge<'_> {
                 *a /= den[(first_row * w + i) % (h * w)];
             }
         });
-        Ok(Tensor::from_vec(acc, (self.bc, h, w), &Device::Cpu)?)
+        Ok(acc)
     }
 }
 
@@ -656,11 +666,20 @@ impl GlobalScatter<'_> {
 
     /// The `(bc, H, W)` f32 tensor on the CPU, once every view was added.
     pub fn finish(self) -> Result<Tensor> {
+        let (bc, (h, w)) = (self.bc, self.views.latent);
+        Ok(Tensor::from_vec(
+            self.finish_vec()?,
+            (bc, h, w),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// [`GlobalScatter::finish`]'s values, `(bc, H, W)` row-major, without a copy.
+    pub fn finish_vec(self) -> Result<Vec<f32>> {
         if let Some(i) = self.seen.iter().position(|&s| !s) {
             return invalid(format!("global view {i} was never merged"));
         }
-        let (h, w) = self.views.latent;
-        Ok(Tensor::from_vec(self.dst, (self.bc, h, w), &Device::Cpu)?)
+        Ok(self.dst)
     }
 }
 

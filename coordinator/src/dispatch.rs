@@ -47,13 +47,23 @@ pub trait Dispatch: Sync {
 /// model; with several GPUs there is one model per device.
 pub struct LocalWorkers {
     models: Vec<Arc<DiffusionModel>>,
+    /// Each in-process worker's stage CA-map, as a worker process keeps its own.
+    camaps: Vec<tasks::CamapCache>,
     store: Arc<dyn Store>,
 }
 
 impl LocalWorkers {
     pub fn new(models: Vec<Arc<DiffusionModel>>, store: Arc<dyn Store>) -> Self {
         assert!(!models.is_empty(), "at least one worker");
-        Self { models, store }
+        let camaps = models
+            .iter()
+            .map(|_| tasks::CamapCache::default())
+            .collect();
+        Self {
+            models,
+            camaps,
+            store,
+        }
     }
 }
 
@@ -71,7 +81,7 @@ impl Dispatch for LocalWorkers {
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<TaskError>> = Mutex::new(None);
         std::thread::scope(|scope| {
-            for model in &self.models {
+            for (model, camaps) in self.models.iter().zip(&self.camaps) {
                 let (feed, failed, first_error) = (&feed, &failed, &first_error);
                 let store = self.store.as_ref();
                 scope.spawn(move || loop {
@@ -81,7 +91,7 @@ impl Dispatch for LocalWorkers {
                     // Waits here until the engine has written the next task's input.
                     let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(task) = next else { return };
-                    match tasks::execute(model, store, &task) {
+                    match tasks::execute(model, store, camaps, &task) {
                         Ok(()) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);

@@ -27,9 +27,14 @@ const SEED: u64 = 5;
 
 fn model() -> (Arc<DiffusionModel>, ArchInfo) {
     let dir = std::env::temp_dir().join(format!("tessera-engine-paths-{}", std::process::id()));
-    if !dir.join("model_index.json").is_file() {
-        let _ = std::fs::remove_dir_all(&dir);
-        synthesize(TinyArch::SdxlTiny, &dir, 1).unwrap();
+    // The tests run in parallel: one of them writes the model, the others wait for it.
+    static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    {
+        let _once = WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.join("model_index.json").is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            synthesize(TinyArch::SdxlTiny, &dir, 1).unwrap();
+        }
     }
     let m = DiffusionModel::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
     (Arc::new(m), arch_info(&dir, 4).unwrap())

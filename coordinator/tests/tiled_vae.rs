@@ -24,9 +24,14 @@ use tessera_worker::model::synth::{synthesize, TinyArch};
 
 fn model() -> (Arc<DiffusionModel>, Plan) {
     let dir = std::env::temp_dir().join(format!("tessera-tiled-vae-{}", std::process::id()));
-    if !dir.join("model_index.json").is_file() {
-        let _ = std::fs::remove_dir_all(&dir);
-        synthesize(TinyArch::SdxlTiny, &dir, 3).unwrap();
+    // The tests run in parallel: one of them writes the model, the others wait for it.
+    static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    {
+        let _once = WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.join("model_index.json").is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            synthesize(TinyArch::SdxlTiny, &dir, 3).unwrap();
+        }
     }
     let m = DiffusionModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let arch = arch_info(&dir, 4).unwrap();

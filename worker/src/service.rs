@@ -83,6 +83,8 @@ enum Backend {
 struct Shared {
     id: String,
     backend: Backend,
+    /// The stage CA-map view tasks cut their parts from.
+    camaps: tasks::CamapCache,
     model_name: String,
     store: RedisStore,
     description: WorkerDescription,
@@ -159,6 +161,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         id: id.clone(),
         backend,
+        camaps: tasks::CamapCache::default(),
         model_name: cfg.model_name.clone(),
         store: store.clone(),
         description,
@@ -365,7 +368,7 @@ impl Worker for WorkerService {
                                 inner: &shared.store,
                                 guard: guard_key(&task),
                             };
-                            tasks::execute(&model, &guarded, &task)
+                            tasks::execute(&model, &guarded, &shared.camaps, &task)
                         })
                         .await
                     }

@@ -35,6 +35,8 @@ pub struct SimulatedModel {
     pub context_dim: usize,
     /// Width of SDXL's pooled text embedding, `None` for SD 2.1.
     pub pooled_dim: Option<usize>,
+    /// The stage CA-map last read: like a real worker, the double reads a stage's map once.
+    pub camap_read: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,7 @@ impl SimulatedModel {
             context_dim: field(&unet, "cross_attention_dim")
                 .ok_or_else(|| missing("cross_attention_dim"))?,
             pooled_dim,
+            camap_read: Default::default(),
         })
     }
 
@@ -165,6 +168,17 @@ impl SimulatedModel {
             TaskKind::Denoise(d) => {
                 let views = read(d.input.clone()).await.map_err(st)?;
                 let (n, _, h, w) = views.dims4().map_err(cx)?;
+                if let Some(inj) = &d.camap_inject {
+                    let seen = {
+                        let last = self.camap_read.lock().unwrap_or_else(|e| e.into_inner());
+                        last.as_deref() == Some(inj.key.as_str())
+                    };
+                    if !seen {
+                        read(inj.key.clone()).await.map_err(st)?;
+                        *self.camap_read.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(inj.key.clone());
+                    }
+                }
                 let guided = d.output_uncond.is_some();
                 tokio::time::sleep(self.denoise_time(n, (h, w), guided)).await;
                 if let Some(key) = &d.camap_capture {
@@ -259,6 +273,7 @@ mod tests {
             latent_channels: 4,
             context_dim: 2048,
             pooled_dim: Some(1280),
+            camap_read: Default::default(),
         };
         assert_eq!(
             m.denoise_time(1, (128, 128), true),

@@ -4,10 +4,12 @@
 //! their inputs — which is what makes a retried or duplicated task safe.
 
 use candle_core::{Result, Tensor};
-use tessera_common::method::camap::CaMapCollector;
+use std::sync::{Arc, Mutex};
+
+use tessera_common::method::camap::{CaMap, CaMapCollector, FlatCaMap};
 use tessera_common::method::freescale::DILATED_CONVS;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::store::{get_tensor, keys, put_tensor, Store};
+use tessera_common::store::{get_tensor, keys, put_tensor, Store, StoreError};
 use tessera_common::task::{DenoiseTask, Task, TaskKind};
 
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
@@ -171,11 +173,45 @@ pub fn hooks_for(model: &DiffusionModel, d: &DenoiseTask) -> UNetHooks {
     hooks
 }
 
+/// The stage CA-map a worker cuts its views from, kept between tasks: every view task of a
+/// stage names the same map (written once at the stage's entry and never changed), so it is
+/// read once per stage rather than once per task.
+#[derive(Default)]
+pub struct CamapCache(Mutex<Option<(String, Arc<FlatCaMap>)>>);
+
+impl CamapCache {
+    /// The map stored at `key`, read on first use. Tasks in flight at once wait for one read.
+    pub fn get(
+        &self,
+        store: &dyn Store,
+        key: &str,
+    ) -> std::result::Result<Arc<FlatCaMap>, StoreError> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, map)) = slot.as_ref() {
+            if k == key {
+                return Ok(map.clone());
+            }
+        }
+        *slot = None;
+        let t = get_tensor(store, key, &candle_core::Device::Cpu)?;
+        let map = CaMap::from_tensor(t)
+            .and_then(|m| FlatCaMap::new(&m))
+            .map_err(|e| StoreError::Codec {
+                key: key.to_string(),
+                message: format!("not a CA-map: {e}"),
+            })?;
+        let map = Arc::new(map);
+        *slot = Some((key.to_string(), map.clone()));
+        Ok(map)
+    }
+}
+
 /// Runs one task: reads its inputs from `store`, computes on the model's device, writes its
 /// outputs. Pure in its inputs, so running it twice writes the same bytes.
 pub fn execute(
     model: &DiffusionModel,
     store: &dyn Store,
+    camaps: &CamapCache,
     task: &Task,
 ) -> std::result::Result<(), TaskError> {
     let st = |source| TaskError::Store {
@@ -215,10 +251,22 @@ pub fn execute(
             let emb = load_embeddings(model, store, &task.job).map_err(st)?;
             let mut hooks = hooks_for(model, d);
             if let Some(inj) = &d.camap_inject {
+                let stage_map = camaps.get(store, &inj.key).map_err(st)?;
+                let map = stage_map
+                    .batch(
+                        (inj.stage_hw[0], inj.stage_hw[1]),
+                        (inj.view_hw[0], inj.view_hw[1]),
+                        &inj.placements,
+                    )
+                    .map_err(|e| TaskError::Compute {
+                        task: task.id.clone(),
+                        message: e.to_string(),
+                    })?;
                 hooks.inject_cross_attention = Some(CrossAttnInjection {
                     weight: inj.weight,
-                    map: get_tensor(store, &inj.key, dev)
-                        .map_err(st)?
+                    map: map
+                        .to_device(dev)
+                        .map_err(cx)?
                         .to_dtype(model.dtype)
                         .map_err(cx)?,
                 });

@@ -146,7 +146,7 @@ pub fn resize_token_axis(map: &Tensor, n_out: usize) -> Result<Tensor> {
 }
 
 /// Where a view lies in the stage latent, for cutting its part of the map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ViewPlacement {
     /// A window whose top-left latent pixel is (top, left) (may be negative after jitter).
     Window { top: i64, left: i64 },
@@ -204,7 +204,46 @@ impl CaMap {
         layer_hw: (usize, usize),
         placement: ViewPlacement,
     ) -> Result<Tensor> {
-        let (b, mh, mw, t) = self.map.dims4()?;
+        let flat = FlatCaMap::new(self)?;
+        let (b, _, _, t) = flat.dims;
+        let out = flat.view(stage_hw, view_hw, layer_hw, placement)?;
+        Ok(
+            Tensor::from_vec(out, (b, layer_hw.0 * layer_hw.1, t), &Device::Cpu)?
+                .to_device(self.map.device())?,
+        )
+    }
+}
+
+/// A stage's map with its values read out once, to cut many views from (a worker keeps one
+/// per stage: every view task of the stage cuts its own views from it).
+#[derive(Debug, Clone)]
+pub struct FlatCaMap {
+    data: Vec<f32>,
+    /// (B, h0, w0, n_text).
+    dims: (usize, usize, usize, usize),
+}
+
+impl FlatCaMap {
+    pub fn new(map: &CaMap) -> Result<Self> {
+        let dims = map.map.dims4()?;
+        let data = map
+            .map
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self { data, dims })
+    }
+
+    /// [`CaMap::for_view`]'s values, `(B, lh·lw, n_text)` row-major.
+    fn view(
+        &self,
+        stage_hw: (usize, usize),
+        view_hw: (usize, usize),
+        layer_hw: (usize, usize),
+        placement: ViewPlacement,
+    ) -> Result<Vec<f32>> {
+        let (b, mh, mw, t) = self.dims;
         if [
             stage_hw.0, stage_hw.1, view_hw.0, view_hw.1, layer_hw.0, layer_hw.1,
         ]
@@ -247,12 +286,7 @@ impl CaMap {
         };
         let ty = taps(centres(layer_hw.0, fy, 0), mh, stage_hw.0);
         let tx = taps(centres(layer_hw.1, fx, 1), mw, stage_hw.1);
-        let src = self
-            .map
-            .to_device(&Device::Cpu)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let src = &self.data;
         let at = |bi: usize, y: usize, x: usize, k: usize| src[((bi * mh + y) * mw + x) * t + k];
         let mut out = Vec::with_capacity(b * layer_hw.0 * layer_hw.1 * t);
         for bi in 0..b {
@@ -268,10 +302,35 @@ impl CaMap {
                 }
             }
         }
-        Ok(
-            Tensor::from_vec(out, (b, layer_hw.0 * layer_hw.1, t), &Device::Cpu)?
-                .to_device(self.map.device())?,
-        )
+        Ok(out)
+    }
+
+    /// The part of the map each view of a batch sees, laid out like the batch:
+    /// `[half 0 × N, half 1 × N]` (uncond then cond when guided), each `(view_h, view_w,
+    /// n_text)` — what a view task injects.
+    pub fn batch(
+        &self,
+        stage_hw: (usize, usize),
+        view_hw: (usize, usize),
+        placements: &[ViewPlacement],
+    ) -> Result<Tensor> {
+        let (halves, _, _, t) = self.dims;
+        let per: Vec<Vec<f32>> = placements
+            .iter()
+            .map(|&p| self.view(stage_hw, view_hw, view_hw, p))
+            .collect::<Result<_>>()?;
+        let plane = view_hw.0 * view_hw.1 * t;
+        let mut out = Vec::with_capacity(halves * placements.len() * plane);
+        for half in 0..halves {
+            for v in &per {
+                out.extend_from_slice(&v[half * plane..(half + 1) * plane]);
+            }
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (halves * placements.len(), view_hw.0, view_hw.1, t),
+            &Device::Cpu,
+        )?)
     }
 }
 

@@ -257,6 +257,108 @@ pub fn fuse_scales_once(
     Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_device(local.device())?)
 }
 
+/// [`fuse_scales_once`] on owned row-major `(B, C, H, W)` f32 values, in place: `local` is
+/// used as scratch and the result is returned in `global`'s buffer, so a gigapixel stage's
+/// fusion holds its two inputs, one plane of scratch per pass and nothing else. The same
+/// arithmetic, in the same order, as [`fuse_scales_once`]: the same bytes.
+pub fn fuse_scales_once_in_place(
+    mut local: Vec<f32>,
+    mut global: Vec<f32>,
+    dims: [usize; 4],
+    scale: usize,
+    axes: BlurAxes,
+) -> Result<Vec<f32>> {
+    let len: usize = dims.iter().product();
+    if local.len() != len || global.len() != len {
+        return Err(FusionError::Invalid(format!(
+            "local ({}) and global ({}) predictions must both hold {dims:?} = {len} values",
+            local.len(),
+            global.len()
+        )));
+    }
+    let k = fusion_kernel_size(scale)?;
+    let g = gaussian_kernel_1d(k, 1.0)?;
+    let row = dims[3].max(1);
+    for_each_row_chunk(&mut local, row, |first_row, rows| {
+        let at = first_row * row;
+        let g = &global[at..at + rows.len()];
+        for (d, &b) in rows.iter_mut().zip(g) {
+            *d -= b;
+        }
+    });
+    let first = match axes {
+        BlurAxes::Volumetric => 1,
+        BlurAxes::Spatial => 2,
+    };
+    for dim in first..4 {
+        blur_axis_in_place(&mut local, &dims, dim, &g);
+    }
+    // `blurred + global`: f32 addition is commutative, so adding into `global` gives the
+    // bytes of adding into the blurred buffer.
+    for_each_row_chunk(&mut global, row, |first_row, rows| {
+        let at = first_row * row;
+        let d = &local[at..at + rows.len()];
+        for (o, &b) in rows.iter_mut().zip(d) {
+            *o += b;
+        }
+    });
+    Ok(global)
+}
+
+/// [`blur_axis`] on a buffer in place: each block of `(n, inner)` values along the blurred
+/// axis is copied to scratch first and recomputed from it, tap by tap in kernel order.
+fn blur_axis_in_place(data: &mut [f32], dims: &[usize], dim: usize, kernel: &[f32]) {
+    if kernel.len() == 1 {
+        for v in data.iter_mut() {
+            *v *= kernel[0];
+        }
+        return;
+    }
+    let r = kernel.len() / 2;
+    let n = dims[dim];
+    let inner: usize = dims[dim + 1..].iter().product();
+    if inner == 1 {
+        for_each_row_chunk(data, n, |_, rows| {
+            let mut src = vec![0f32; n];
+            for dst in rows.chunks_mut(n) {
+                src.copy_from_slice(dst);
+                dst.fill(0.0);
+                for (j, &k) in kernel.iter().enumerate() {
+                    let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let shift = lo + j - r;
+                    for (d, &v) in dst[lo..hi].iter_mut().zip(&src[shift..shift + (hi - lo)]) {
+                        *d += v * k;
+                    }
+                }
+            }
+        });
+        return;
+    }
+    let block = n * inner;
+    let mut src = vec![0f32; block];
+    for out in data.chunks_mut(block) {
+        src.copy_from_slice(out);
+        let src = &src;
+        for_each_row_chunk(out, inner, |first_row, rows| {
+            for (ri, dst) in rows.chunks_mut(inner).enumerate() {
+                let i = first_row + ri;
+                dst.fill(0.0);
+                for (j, &k) in kernel.iter().enumerate() {
+                    let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
+                        continue;
+                    };
+                    for (d, &v) in dst.iter_mut().zip(&src[si * inner..(si + 1) * inner]) {
+                        *d += v * k;
+                    }
+                }
+            }
+        });
+    }
+}
+
 // Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).
 #[cfg(test)]
 #[allow(clippy::excessive_precision)]
@@ -504,6 +606,36 @@ mod tests {
             assert!((total - f64::from(sum)).abs() < 1e-6, "k={k}: sum {total}");
         }
         assert_eq!(fusion_kernel_size(8)?, 15);
+        Ok(())
+    }
+
+    #[test]
+    fn in_place_fusion_gives_the_bytes_of_the_tensor_form() -> Result<()> {
+        let (local, global) = inputs()?;
+        let dims: [usize; 4] = local.dims().try_into().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (scale, axes) in [
+            (2, BlurAxes::Spatial),
+            (3, BlurAxes::Volumetric),
+            (1, BlurAxes::Spatial),
+        ] {
+            let want = flat(&fuse_scales_once(&local, &global, scale, axes)?);
+            let got = fuse_scales_once_in_place(flat(&local), flat(&global), dims, scale, axes)?;
+            assert_eq!(got.len(), want.len());
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || a == b);
+            assert!(same, "scale {scale} {axes:?}");
+        }
+        assert!(fuse_scales_once_in_place(
+            vec![0.0; 3],
+            vec![0.0; 4],
+            [1, 1, 2, 2],
+            2,
+            BlurAxes::Spatial
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -84,20 +84,24 @@ fn spawn(args: &[String], log: &Path) -> Result<Child> {
 impl LocalCluster {
     /// Redis and a coordinator, no workers yet.
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`LocalCluster::start`] with more `tessera coordinator` flags.
+    pub fn start_with(dir: &Path, coordinator_flags: &[String]) -> Result<Self> {
         let redis = RedisServer::start();
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let coordinator_log = dir.join("coordinator.log");
-        let coordinator = spawn(
-            &[
-                "coordinator".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--redis".into(),
-                redis.url(),
-            ],
-            &coordinator_log,
-        )?;
+        let mut args = vec![
+            "coordinator".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--redis".into(),
+            redis.url(),
+        ];
+        args.extend_from_slice(coordinator_flags);
+        let coordinator = spawn(&args, &coordinator_log)?;
         let cluster = Self {
             dir: dir.to_path_buf(),
             redis,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use crate::bench::{self, scale, step};
+use crate::bench::{self, memory, scale, step};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -18,6 +18,9 @@ pub enum BenchCommand {
     /// guidance, scheduler, store I/O), measured in the engine's step loop over a real Redis,
     /// as a share of the simulated step time at N workers; and one tiny-model evaluation.
     Step(StepArgs),
+    /// Peak resident memory of the coordinator and the workers for whole jobs (default 8K and
+    /// 32K) through a loopback cluster, with the output files checked.
+    Memory(MemoryArgs),
     /// UNet speed on one device: ms per evaluation, achieved TFLOP/s and the fraction of the
     /// device's measured bf16 peak (compare with bench/gpu/diffusers_baseline.py).
     Unet(super::bench_unet::UnetArgs),
@@ -40,6 +43,28 @@ pub struct StepArgs {
     /// Views per task (the job's --view-batch).
     #[arg(long, default_value_t = 4)]
     pub view_batch: usize,
+    #[command(flatten)]
+    pub out: MarkdownArg,
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// Output sides in pixels, one job each.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    pub sizes: Vec<u32>,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Benchmark-double workers at this many ms per evaluation instead of the tiny model (real
+    /// model code, slow on a CPU: hours at 32K).
+    #[arg(long)]
+    pub simulate_eval_ms: Option<f64>,
+    /// High-resolution steps of each stage after the first (FreCaS timing needs 2 or more).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Keep the rendered files (PNG, Deep Zoom pyramid, viewer) under this directory.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
     #[command(flatten)]
     pub out: MarkdownArg,
 }
@@ -82,6 +107,29 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let command = bench::invocation();
     match cmd {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
+        BenchCommand::Memory(a) => {
+            if a.sizes.is_empty() || a.sizes.iter().any(|&s| s < 64 || s % 64 != 0) {
+                bail!("--sizes takes sides in pixels, multiples of 64, e.g. 8192,32768");
+            }
+            if a.workers == 0 || a.steps < 2 {
+                bail!("--workers must be at least 1 and --steps at least 2");
+            }
+            if a.simulate_eval_ms
+                .is_some_and(|ms| !(ms >= 0.0 && ms.is_finite()))
+            {
+                bail!("--simulate-eval-ms must be 0 or more");
+            }
+            let opts = memory::MemoryOptions {
+                sizes: a.sizes,
+                workers: a.workers,
+                simulate_ms: a.simulate_eval_ms,
+                steps: a.steps,
+                keep: a.keep,
+            };
+            let (_, report) = memory::run(&opts, command)?;
+            report.emit(a.out.markdown.as_deref())?;
+            Ok(())
+        }
         BenchCommand::Step(a) => {
             if a.sizes.is_empty() || a.steps == 0 || a.workers == 0 || a.eval_ms <= 0.0 {
                 bail!("--sizes, --steps, --workers and --eval-ms must be positive");

@@ -18,14 +18,14 @@ use tessera_common::method::freescale::{
 use tessera_common::method::guidance;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
-use tessera_common::resize::resize;
+use tessera_common::resize::Resizer;
 use tessera_common::sched::{Scheduler, SchedulerConfig, SchedulerKind};
 use tessera_common::spec::{RenderSpec, PIXELS_PER_LATENT};
 use tessera_common::store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 use tessera_common::task::{Task, TaskKind, VaeNoise};
 
 use crate::dispatch::{Dispatch, DispatchError};
-use vae::{RowSink, VaeTiling};
+use vae::{Pixels, RowSink, VaeTiling};
 use views::StepAt;
 
 #[derive(Debug, thiserror::Error)]
@@ -337,7 +337,7 @@ impl Engine<'_> {
         noise: VaeNoise,
         pixels: &Tensor,
     ) -> Result<Tensor> {
-        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, pixels)
+        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, Pixels::Whole(pixels))
     }
 
     /// The decoded final picture as a (1, 3, H, W) f32 tensor in [-1, 1], for tests and small
@@ -452,29 +452,25 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Pixels → resized to the stage → clean latent of the stage.
-    #[allow(clippy::too_many_arguments)]
+    /// The stage's upscaled picture (computed a tile at a time) → clean latent of the stage.
     fn reencode(
         &self,
         job: &str,
         seed: u64,
         plan: &Plan,
         k: usize,
-        stage: &StagePlan,
-        pixels: &Tensor,
-        filter: tessera_common::resize::ResizeFilter,
+        resized: &Resizer,
     ) -> Result<Tensor> {
-        let resized = resize(
-            pixels,
-            stage.size[1] as usize,
-            stage.size[0] as usize,
-            filter,
-        )?;
         let noise = VaeNoise {
             seed,
             stage: k as u32,
         };
-        self.encode_tiled(job, VaeTiling::for_plan(plan), noise, &resized)
+        self.encode_tiled(
+            job,
+            VaeTiling::for_plan(plan),
+            noise,
+            Pixels::Resized(resized),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -515,7 +511,7 @@ impl Engine<'_> {
                 let z_up = get_tensor(self.store, &keys::stage(job, k, "zup"), &cpu)?;
                 restraint_source = Some((z_up, stage_noise()?));
             }
-            let camap_key = keys::stage(job, k, "camap_in");
+            let camap_key = keys::stage(job, k, views::CAMAP_IN);
             let camap_in = if self.store.exists(&camap_key)? {
                 Some(CaMap::from_tensor(get_tensor(
                     self.store, &camap_key, &cpu,
@@ -548,15 +544,14 @@ impl Engine<'_> {
                             "the plan starts from an init image but none was given".into(),
                         )
                     })?;
-                    let z0 = self.reencode(
-                        job,
-                        seed,
-                        plan,
-                        k,
-                        stage,
+                    let resized = Resizer::new(
                         &image.clamp(-1f32, 1f32)?,
+                        stage.size[1] as usize,
+                        stage.size[0] as usize,
                         *filter,
                     )?;
+                    drop(image);
+                    let z0 = self.reencode(job, seed, plan, k, &resized)?;
                     self.checkpoint(job, plan, k, 0, &z0, Some((&z0, None)))?;
                     return Ok(StageResult {
                         latent: z0.clone(),
@@ -574,7 +569,7 @@ impl Engine<'_> {
                         ))
                     })?;
                     let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
-                    let mut pixels = self.decode_tiled(
+                    let (mut pixels, hw) = self.decode_planes(
                         job,
                         &format!("s{k}"),
                         VaeTiling::for_plan(plan),
@@ -582,9 +577,21 @@ impl Engine<'_> {
                     )?;
                     // FreCaS clips the decoded prediction to the image range before resizing.
                     if *from_predicted_x0 {
-                        pixels = pixels.clamp(-1f32, 1f32)?;
+                        for v in pixels.iter_mut() {
+                            *v = v.clamp(-1.0, 1.0);
+                        }
                     }
-                    let z_up = self.reencode(job, seed, plan, k, stage, &pixels, *filter)?;
+                    // The upscaled picture is computed tile by tile as the encode asks.
+                    let resized = Resizer::from_planes(
+                        pixels,
+                        (1, 3),
+                        hw,
+                        stage.size[1] as usize,
+                        stage.size[0] as usize,
+                        *filter,
+                    )?;
+                    let z_up = self.reencode(job, seed, plan, k, &resized)?;
+                    drop(resized);
                     let eps = stage_noise()?;
                     let t0 = *stage.timesteps.first().ok_or_else(|| {
                         EngineError::Invalid(format!("stage {k} has no timesteps"))
@@ -599,7 +606,11 @@ impl Engine<'_> {
             };
             let camap_in = prev.and_then(|p| p.camap);
             if let Some(m) = &camap_in {
-                put_tensor(self.store, &keys::stage(job, k, "camap_in"), m.tensor())?;
+                put_tensor(
+                    self.store,
+                    &keys::stage(job, k, views::CAMAP_IN),
+                    m.tensor(),
+                )?;
             }
             // The entry (a noise draw or a whole decode-resize-encode transition) is not redone.
             self.checkpoint(job, plan, k, 0, &z, None)?;

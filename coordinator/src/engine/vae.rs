@@ -10,9 +10,12 @@
 //! the same bytes for any number of workers and any completion order. The encode's posterior
 //! noise is drawn here, over the whole latent, from the job's seeded key.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::Plan;
+use tessera_common::resize::Resizer;
 use tessera_common::store::{get_tensor, keys, put_tensor};
 use tessera_common::task::{Task, TaskKind, VaeNoise};
 
@@ -123,6 +126,40 @@ pub fn axis_weights(starts: &[usize], len: usize, scale: usize) -> Vec<Vec<f32>>
         .collect()
 }
 
+/// The picture an encode reads its tiles from.
+#[derive(Clone, Copy)]
+pub enum Pixels<'a> {
+    /// (1, 3, H, W) held whole (an init image, a test picture).
+    Whole(&'a Tensor),
+    /// A stage transition's upscaled picture, computed a tile window at a time.
+    Resized(&'a Resizer),
+}
+
+impl Pixels<'_> {
+    /// (height, width) in pixels.
+    pub fn size(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Pixels::Whole(t) => {
+                let (_, _, h, w) = t.dims4()?;
+                (h, w)
+            }
+            Pixels::Resized(r) => r.size(),
+        })
+    }
+
+    /// Rows `ys` and columns `xs` as a contiguous (1, 3, rows, columns) tensor on the CPU.
+    pub fn window(&self, ys: Range<usize>, xs: Range<usize>) -> Result<Tensor> {
+        Ok(match self {
+            Pixels::Whole(t) => t
+                .to_device(&Device::Cpu)?
+                .narrow(2, ys.start, ys.len())?
+                .narrow(3, xs.start, xs.len())?
+                .contiguous()?,
+            Pixels::Resized(r) => r.window(ys, xs)?,
+        })
+    }
+}
+
 /// Collects rows into a (1, 3, H, W) tensor: for transitions, whose pixels are resized whole.
 pub struct CollectRows {
     rgb: Vec<f32>,
@@ -131,6 +168,20 @@ pub struct CollectRows {
 impl CollectRows {
     pub fn new() -> Self {
         Self { rgb: Vec::new() }
+    }
+
+    /// The rows as 3 row-major planes (R, G, B) of `width` columns, and the height: a
+    /// (1, 3, H, W) picture's values.
+    pub fn into_planes(self, width: usize) -> (Vec<f32>, usize) {
+        let n = self.rgb.len() / 3;
+        let h = n / width.max(1);
+        let mut planes = vec![0f32; 3 * n];
+        let (r, rest) = planes.split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
+        for (i, px) in self.rgb.chunks_exact(3).enumerate() {
+            (r[i], g[i], b[i]) = (px[0], px[1], px[2]);
+        }
+        (planes, h)
     }
 
     pub fn into_tensor(self, width: usize) -> Result<Tensor> {
@@ -281,6 +332,21 @@ impl Engine<'_> {
     }
 
     /// Decodes `latent` whole (a transition's pixels), (1, 3, 8h, 8w) in [-1, 1].
+    /// [`Engine::decode_tiled`] as 3 row-major planes and (height, width), for a transition.
+    pub(crate) fn decode_planes(
+        &self,
+        job: &str,
+        name: &str,
+        tiling: VaeTiling,
+        latent: &Tensor,
+    ) -> Result<(Vec<f32>, (usize, usize))> {
+        let mut rows = CollectRows::new();
+        self.decode_rows(job, name, tiling, latent, &mut rows)?;
+        let w = latent.dim(3)? * F;
+        let (planes, h) = rows.into_planes(w);
+        Ok((planes, (h, w)))
+    }
+
     pub(crate) fn decode_tiled(
         &self,
         job: &str,
@@ -295,16 +361,17 @@ impl Engine<'_> {
 
     /// Encodes `pixels` (1, 3, H, W) in [-1, 1] to the stage's latent: one `Encode` task when
     /// the image fits one tile, else `EncodeTile` tasks whose `[mean, std]` the coordinator
-    /// blends before drawing the sample with the seeded noise of (seed, stage).
+    /// blends before drawing the sample with the seeded noise of (seed, stage). Each tile's
+    /// pixels are taken from `pixels` as its task is prepared, so a resized transition picture
+    /// is never held whole.
     pub(crate) fn encode_tiled(
         &self,
         job: &str,
         tiling: VaeTiling,
         noise: VaeNoise,
-        pixels: &Tensor,
+        pixels: Pixels<'_>,
     ) -> Result<Tensor> {
-        let pixels = pixels.to_device(&Device::Cpu)?.contiguous()?;
-        let (_, _, ph, pw) = pixels.dims4()?;
+        let (ph, pw) = pixels.size()?;
         if ph % F != 0 || pw % F != 0 {
             return Err(EngineError::Invalid(format!(
                 "cannot encode a {pw}x{ph} picture: sides must be multiples of {F}"
@@ -315,7 +382,7 @@ impl Engine<'_> {
         let cols = tiling.starts(w);
         let stage = noise.stage as usize;
         if rows.len() == 1 && cols.len() == 1 {
-            return self.encode_whole(job, noise, &pixels);
+            return self.encode_whole(job, noise, &pixels.window(0..ph, 0..pw)?);
         }
         let (th, tw) = (tiling.tile.min(h), tiling.tile.min(w));
         let wy = axis_weights(&rows, th, 1);
@@ -326,9 +393,8 @@ impl Engine<'_> {
         let prepare = |i: usize| -> Result<Vec<Task>> {
             let mut tasks = Vec::with_capacity(cols.len());
             for (j, &c) in cols.iter().enumerate() {
-                let piece = pixels
-                    .narrow(2, rows[i] * F, th * F)?
-                    .narrow(3, c * F, tw * F)?;
+                let (y, x) = (rows[i] * F, c * F);
+                let piece = pixels.window(y..y + th * F, x..x + tw * F)?;
                 put_tensor(self.store, &key(i, j, "pixels"), &piece)?;
                 tasks.push(Task {
                     job: job.to_string(),
@@ -375,17 +441,25 @@ impl Engine<'_> {
         };
         self.run_bands(rows.len(), &prepare, &mut consume)?;
         let c = planes / 2;
-        let moments = Tensor::from_vec(acc, (1, planes, h, w), &Device::Cpu)?;
-        let mean = moments.narrow(1, 0, c)?;
-        let std = moments.narrow(1, c, c)?;
         let eps = NoiseKey {
             seed: noise.seed,
             stage: noise.stage,
             step: 0,
             purpose: NoisePurpose::VaeSample,
         }
-        .normal((1, c, h, w), &Device::Cpu)?;
-        Ok((mean + std.mul(&eps)?)?)
+        .normal((1, c, h, w), &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+        // mean + std · ε in place over the means (the same f32 operations as the tensor
+        // form), so a gigapixel latent is not held three more times.
+        let n = c * h * w;
+        let (mean, std) = acc.split_at_mut(n);
+        for ((m, &s), &e) in mean.iter_mut().zip(&std[..n]).zip(&eps) {
+            *m += s * e;
+        }
+        drop(eps);
+        acc.truncate(n);
+        Ok(Tensor::from_vec(acc, (1, c, h, w), &Device::Cpu)?)
     }
 
     /// One `Encode` task for a picture that fits a tile: the worker draws the same seeded

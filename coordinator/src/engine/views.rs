@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::{fuse_scales_once, BlurAxes};
+use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes};
 use tessera_common::method::params::TileWeights;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{Plan, StagePlan};
@@ -85,29 +85,9 @@ fn global_views(stage: &StagePlan) -> Result<Option<GlobalViews>> {
     Ok(Some(GlobalViews::new(h, w, &stage.global_config())?))
 }
 
-/// The part of the previous stage's CA-map each view of a batch sees, laid out like the
-/// batch: `[uncond × N, cond × N]` (or `[cond × N]` unguided), each `(view_h, view_w, 77)`.
-fn camap_for_batch(
-    map: &CaMap,
-    stage_hw: (usize, usize),
-    view_hw: (usize, usize),
-    placements: &[ViewPlacement],
-) -> Result<Tensor> {
-    let mut per_view = Vec::with_capacity(placements.len());
-    for &p in placements {
-        let m = map.for_view(stage_hw, view_hw, view_hw, p)?;
-        let (b, _, t) = m.dims3()?;
-        per_view.push(m.reshape((b, view_hw.0, view_hw.1, t))?);
-    }
-    let halves = per_view[0].dim(0)?;
-    let mut rows = Vec::with_capacity(halves * per_view.len());
-    for half in 0..halves {
-        for m in &per_view {
-            rows.push(m.narrow(0, half, 1)?);
-        }
-    }
-    Ok(Tensor::cat(&rows, 0)?)
-}
+/// Part name of a stage's incoming CA-map (`keys::stage(job, stage, CAMAP_IN)`), written at
+/// the stage's entry; view tasks name it and the workers cut their views from it.
+pub const CAMAP_IN: &str = "camap_in";
 
 /// Evaluates the model over the whole stage latent `input` (already scaled for the model) at
 /// one step, as the plan lays the stage out.
@@ -197,15 +177,16 @@ pub fn evaluate(
             }
         };
         put_tensor(store, &key("in"), &views)?;
+        // The worker cuts its views' parts of the stage's map (stored once at the stage's
+        // entry) itself.
         let camap_inject = match (camap, stage.camap_inject) {
-            (Some(map), Some(weight)) => {
-                let m = camap_for_batch(map, stage_hw, view_hw, &placements)?;
-                put_tensor(store, &key("camap"), &m)?;
-                Some(CamapInject {
-                    key: key("camap"),
-                    weight,
-                })
-            }
+            (Some(_), Some(weight)) => Some(CamapInject {
+                key: keys::stage(at.job, at.stage, CAMAP_IN),
+                weight,
+                stage_hw: [stage_hw.0, stage_hw.1],
+                view_hw: [view_hw.0, view_hw.1],
+                placements,
+            }),
             _ => None,
         };
         Ok(Task {
@@ -257,8 +238,6 @@ pub fn evaluate(
         next: 0,
         arrived: BTreeMap::new(),
     });
-    let captures: Vec<Mutex<Option<Tensor>>> =
-        (0..groups.len()).map(|_| Mutex::new(None)).collect();
     let views_of = |t: &Task| -> usize {
         index_of
             .get(t.id.as_str())
@@ -280,11 +259,6 @@ pub fn evaluate(
         };
         let clock = Instant::now();
         let outputs = read_outputs(ti);
-        if capture && matches!(groups[ti], Group::Local(_)) {
-            if let Ok(map) = read_capture(ti) {
-                *lock(&captures[ti]) = Some(map);
-            }
-        }
         let read = clock.elapsed().as_secs_f64();
         let clock = Instant::now();
         let merged = match outputs {
@@ -340,7 +314,13 @@ pub fn evaluate(
     // Whatever could not be read early is read now, in order.
     let clock = Instant::now();
     let mut merge = merge.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut captured: Vec<Tensor> = Vec::new();
+    // The captured maps are merged view by view in view order, never held all at once.
+    let mut camap_merge = CamapMerge {
+        local: &local,
+        weighting,
+        merge: None,
+        planes: (0, 0),
+    };
     for ti in 0..groups.len() {
         if ti >= merge.next && !merge.arrived.contains_key(&ti) {
             let outputs = read_outputs(ti)?;
@@ -348,16 +328,13 @@ pub fn evaluate(
         }
         if capture {
             if let Group::Local(ix) = &groups[ti] {
-                let map = match lock(&captures[ti]).take() {
-                    Some(m) => m,
-                    None => read_capture(ti)?,
-                };
+                let map = read_capture(ti)?;
                 let halves = map.dim(0)? / ix.len();
                 for n in 0..ix.len() {
                     let rows: Vec<Tensor> = (0..halves)
                         .map(|h| map.narrow(0, h * ix.len() + n, 1))
                         .collect::<candle_core::Result<_>>()?;
-                    captured.push(Tensor::cat(&rows, 0)?);
+                    camap_merge.add(&Tensor::cat(&rows, 0)?)?;
                 }
             }
         }
@@ -365,23 +342,28 @@ pub fn evaluate(
     timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let halves = if guided { 2 } else { 1 };
-    let (merged_local, merged_global) = merge.finish(halves, stage_hw)?;
+    let (merged_local, merged_global) = merge.finish()?;
     let camap = if capture {
-        Some(merge_camaps(&local, &captured, weighting)?)
+        Some(camap_merge.finish()?)
     } else {
         None
     };
     timings.merge += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
+    let channels = merged_local.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
+    let dims = [halves, channels, stage_hw.0, stage_hw.1];
+    // In place: a gigapixel stage's fusion holds its two inputs and a plane of scratch.
     let merged = match merged_global {
-        Some(merged_global) => fuse_scales_once(
-            &merged_local,
-            &merged_global,
+        Some(merged_global) => fuse_scales_once_in_place(
+            merged_local,
+            merged_global,
+            dims,
             stage.fusion_scale,
             BlurAxes::Spatial,
         )?,
         None => merged_local,
     };
+    let merged = Tensor::from_vec(merged, dims.to_vec(), &Device::Cpu)?;
     timings.fusion += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
         (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?))
@@ -484,40 +466,71 @@ impl StepMerge<'_> {
         Ok(())
     }
 
-    /// The merged local and global predictions, `(halves, C, H, W)` each.
-    fn finish(self, halves: usize, (h, w): (usize, usize)) -> Result<(Tensor, Option<Tensor>)> {
-        let shape = |t: Tensor| -> Result<Tensor> {
-            let bc = t.dim(0)?;
-            Ok(t.reshape((halves, bc / halves, h, w))?)
-        };
+    /// The merged local and global predictions, `(halves, C, H, W)` row-major values each.
+    fn finish(self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let local = self
             .local_merge
             .ok_or_else(|| EngineError::Invalid("no local view outputs".into()))?
-            .finish()?;
+            .finish_vec()?;
         let global = match (self.global, self.global_scatter) {
-            (Some(_), Some(s)) => Some(shape(s.finish()?)?),
+            (Some(_), Some(s)) => Some(s.finish_vec()?),
             (Some(_), None) => {
                 return Err(EngineError::Invalid("no global view outputs".into()));
             }
             (None, _) => None,
         };
-        Ok((shape(local)?, global))
+        Ok((local, global))
     }
 }
 
-/// One CA-map over the stage from the per-view maps `(halves, h0, w0, 77)`: each resized to
-/// its view's latent size and merged like the predictions.
-fn merge_camaps(local: &LocalViews, maps: &[Tensor], weighting: ViewWeighting) -> Result<CaMap> {
-    let (vh, vw) = local.window();
-    let mut spatial = Vec::with_capacity(maps.len());
-    for m in maps {
-        let resized = CaMap::from_tensor(m.clone())?.resize((vh, vw))?;
-        spatial.push(resized.tensor().permute((0, 3, 1, 2))?.contiguous()?);
+/// One CA-map over the stage from the local views' maps `(halves, h0, w0, 77)`, added one at a
+/// time in view order: each resized to its view's latent size and merged like the
+/// predictions, so only the stage's accumulators are held, not every view's map.
+struct CamapMerge<'a> {
+    local: &'a LocalViews,
+    weighting: ViewWeighting,
+    merge: Option<LocalMerge<'a>>,
+    /// (halves, text tokens) of the maps.
+    planes: (usize, usize),
+}
+
+impl CamapMerge<'_> {
+    fn add(&mut self, map: &Tensor) -> Result<()> {
+        let resized = CaMap::from_tensor(map.clone())?.resize(self.local.window())?;
+        let (halves, _, _, tokens) = resized.tensor().dims4()?;
+        let spatial = resized.tensor().permute((0, 3, 1, 2))?.contiguous()?;
+        let vals = spatial.flatten_all()?.to_vec1::<f32>()?;
+        if self.merge.is_none() {
+            self.planes = (halves, tokens);
+            self.merge = Some(self.local.merge_in_order(halves * tokens, self.weighting)?);
+        }
+        if self.planes != (halves, tokens) {
+            return Err(EngineError::Invalid(format!(
+                "captured CA-maps differ in shape: {:?} then {:?}",
+                self.planes,
+                (halves, tokens)
+            )));
+        }
+        if let Some(m) = self.merge.as_mut() {
+            m.add(&vals)?;
+        }
+        Ok(())
     }
-    let merged = local.merge(&spatial, weighting)?;
-    Ok(CaMap::from_tensor(
-        merged.permute((0, 2, 3, 1))?.contiguous()?,
-    )?)
+
+    fn finish(self) -> Result<CaMap> {
+        let merge = self
+            .merge
+            .ok_or_else(|| EngineError::Invalid("no captured CA-maps".into()))?;
+        let merged = merge.finish()?;
+        let (h, w) = self.local.latent_size();
+        let (halves, tokens) = self.planes;
+        Ok(CaMap::from_tensor(
+            merged
+                .reshape((halves, tokens, h, w))?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?,
+        )?)
+    }
 }
 
 #[cfg(test)]
@@ -576,13 +589,8 @@ mod tests {
             for &ti in order {
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
-            let (l, g) = m.finish(2, (h, w))?;
-            let mut v = l.flatten_all()?.to_vec1::<f32>()?;
-            v.extend(
-                g.map(|g| g.flatten_all()?.to_vec1::<f32>())
-                    .transpose()?
-                    .unwrap_or_default(),
-            );
+            let (mut v, g) = m.finish()?;
+            v.extend(g.unwrap_or_default());
             Ok(v)
         };
         let n = groups.len();
