@@ -138,11 +138,21 @@ fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
         "3",
         "--output-latents",
         lat.to_str().unwrap(),
+        "--preview",
+        dir.path("preview.png").to_str().unwrap(),
         "-o",
         png.to_str().unwrap(),
     ]);
     let (w, h, _, text) = read_png(&png);
     assert_eq!((w, h), (192, 128));
+    // The live preview: one pixel per latent cell at this size, latent colours, not decoded.
+    let (pw, ph, preview, ptext) = read_png(&dir.path("preview.png"));
+    assert_eq!((pw, ph), (24, 16));
+    assert!(preview.iter().any(|&v| v != preview[0]), "a flat preview");
+    assert!(
+        ptext.iter().any(|(_, v)| v.contains("preview")),
+        "{ptext:?}"
+    );
     assert!(text.iter().any(|(_, v)| v.contains("scheduler: ddim")));
     let t = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
     assert_eq!(t["latents"].dims(), &[1, 4, 16, 24]);

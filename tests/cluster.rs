@@ -416,13 +416,17 @@ fn a_cluster_job_matches_the_embedded_render() {
     reference();
     let cluster = Cluster::start("cluster-basic", 2, RedisServerOptions::default(), &[]);
     let id = cluster.submit(JOB);
-    let out = cluster.watch(&id);
+    let preview = cluster.dir.path("preview.png");
+    let out = cluster.client(&["watch", &id, "--preview", preview.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "watch: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         cluster.logs()
     );
+    // watch kept the job's live preview: the 64² latent of the last stage, one pixel a cell.
+    let (pw, ph, _, _) = read_png(&preview);
+    assert_eq!((pw, ph), (64, 64), "{}", cluster.logs());
     let s = cluster.status(&id);
     assert_eq!(s["state"], "succeeded", "{s}");
     assert_eq!(s["method"], "hybrid");

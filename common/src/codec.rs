@@ -60,24 +60,32 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>> {
     for &d in dims {
         out.extend_from_slice(&(d as u64).to_le_bytes());
     }
-    match t.dtype() {
-        DType::F32 => {
-            for v in flat.to_vec1::<f32>()? {
-                out.extend_from_slice(&v.to_le_bytes());
+    // The values are read out a slice at a time, so a gigapixel latent is not copied whole
+    // once more before it is written.
+    const SLICE: usize = 1 << 20;
+    let mut start = 0;
+    while start < n {
+        let part = flat.narrow(0, start, SLICE.min(n - start))?;
+        match t.dtype() {
+            DType::F32 => {
+                for v in part.to_vec1::<f32>()? {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
-        }
-        DType::F16 => {
-            for v in flat.to_vec1::<half::f16>()? {
-                out.extend_from_slice(&v.to_le_bytes());
+            DType::F16 => {
+                for v in part.to_vec1::<half::f16>()? {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
-        }
-        DType::BF16 => {
-            for v in flat.to_vec1::<half::bf16>()? {
-                out.extend_from_slice(&v.to_le_bytes());
+            DType::BF16 => {
+                for v in part.to_vec1::<half::bf16>()? {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
+            DType::U8 => out.extend_from_slice(&part.to_vec1::<u8>()?),
+            other => return Err(CodecError::Unsupported(other)),
         }
-        DType::U8 => out.extend_from_slice(&flat.to_vec1::<u8>()?),
-        other => return Err(CodecError::Unsupported(other)),
+        start += SLICE;
     }
     Ok(out)
 }

@@ -258,6 +258,9 @@ pub struct MemoryEstimate {
 pub struct Plan {
     pub method: Method,
     pub arch: String,
+    /// SDXL's latent space (its preview colours differ from SD 2.1's).
+    #[serde(default)]
+    pub sdxl: bool,
     /// Training size in pixels.
     pub training_size: u32,
     pub guided: bool,
@@ -735,6 +738,7 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
     Ok(Plan {
         method,
         arch: arch.name.clone(),
+        sdxl: arch.sdxl,
         training_size: arch.training_size,
         guided,
         view_batch,

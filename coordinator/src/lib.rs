@@ -8,3 +8,4 @@ pub mod dispatch;
 pub mod engine;
 pub mod image_input;
 pub mod latent_file;
+pub mod preview;

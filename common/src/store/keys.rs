@@ -36,6 +36,11 @@ pub fn job_result(job: &str, image: u32) -> String {
     format!("{}result:{image}", job_prefix(job))
 }
 
+/// The latest live preview of a cluster job (a small PNG), replaced after every step.
+pub fn job_preview(job: &str) -> String {
+    format!("{}preview", job_prefix(job))
+}
+
 /// The engine's namespace for image `image` of a cluster job: under the job's prefix, so
 /// deleting the job deletes it.
 pub fn image_job(job: &str, image: u32) -> String {

@@ -57,7 +57,7 @@ pub fn stages_for(size: u32) -> Vec<u32> {
 fn job_flags(size: u32, stages: &[u32], steps: usize) -> Vec<String> {
     let stage_list: Vec<String> = stages.iter().map(|s| format!("{s}x{s}")).collect();
     let mut stage_steps = vec!["2".to_string()];
-    stage_steps.extend(std::iter::repeat(steps.to_string()).take(stages.len() - 1));
+    stage_steps.extend(std::iter::repeat_n(steps.to_string(), stages.len() - 1));
     let mut flags: Vec<String> = [
         "--model",
         "sdxl-geometry",

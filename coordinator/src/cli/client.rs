@@ -381,9 +381,15 @@ pub const EXIT_CANCELLED: i32 = 3;
 
 /// Follows a job with a progress bar until it ends; reconnects when the coordinator
 /// restarts. Returns the process exit status: 0 succeeded, 1 failed, 3 cancelled.
-pub fn watch(args: JobArg) -> Result<i32> {
+pub fn watch(args: WatchArgs) -> Result<i32> {
+    let WatchArgs {
+        target: args,
+        preview,
+    } = args;
     runtime()?.block_on(async move {
         let mut client = args.conn.client()?;
+        // The (image, stage, step) whose preview was last written.
+        let mut previewed: Option<(u32, u32, u32)> = None;
         let bar = ProgressBar::new(1).with_style(
             ProgressStyle::with_template(
                 "{spinner} {msg} [{bar:30}] {pos}/{len} views · {elapsed_precise} · eta {prefix}",
@@ -431,6 +437,15 @@ pub fn watch(args: JobArg) -> Result<i32> {
                             p.step,
                             p.steps
                         ));
+                        if let Some(path) = &preview {
+                            let at = (p.image, p.stage, p.step);
+                            if p.step > 0 && previewed != Some(at) {
+                                // A missed preview is tried again at the next update.
+                                if write_preview(&mut client, &info.job_id, path).await {
+                                    previewed = Some(at);
+                                }
+                            }
+                        }
                         match JobState::try_from(info.state).unwrap_or(JobState::Unspecified) {
                             JobState::Succeeded => {
                                 bar.finish_and_clear();
@@ -463,6 +478,40 @@ pub fn watch(args: JobArg) -> Result<i32> {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     })
+}
+
+/// Fetches the job's live preview and writes it to `path` (atomically); false when there is
+/// none yet or it could not be written.
+async fn write_preview(client: &mut Client, job: &str, path: &std::path::Path) -> bool {
+    let png = match client
+        .get_preview(JobRef {
+            job_id: job.to_string(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().png,
+        Err(_) => return false,
+    };
+    if png.is_empty() {
+        return false;
+    }
+    match crate::preview::write_atomically(path, &png) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("cannot write --preview {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub target: JobArg,
+    /// Keep the job's live preview in this PNG, replaced after every step (a small picture of
+    /// the latent's colours, not the decoded image).
+    #[arg(long)]
+    pub preview: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

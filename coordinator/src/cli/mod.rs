@@ -46,7 +46,7 @@ pub enum Command {
     Status(client::StatusArgs),
     /// Follow a job with a progress bar until it ends: exit status 0 when it succeeds, 1 when
     /// it fails, 3 when it is cancelled.
-    Watch(client::JobArg),
+    Watch(client::WatchArgs),
     /// Stop a queued or running job and remove its data.
     Cancel(client::JobArg),
     /// List the coordinator's jobs, newest first.

@@ -17,8 +17,8 @@ use tessera_worker::model::diffusion::DiffusionModel;
 
 use super::job::JobArgs;
 use crate::dispatch::LocalWorkers;
-use crate::engine::{Engine, JobInputs, ModelInfo, Progress};
-use crate::{assemble, image_input, latent_file};
+use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
+use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
@@ -45,6 +45,27 @@ pub struct RenderArgs {
     /// Output PNG file.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
+    /// Keep a small live preview of the image in this PNG, replaced after every step (latent
+    /// colours without the VAE: composition and colour, not the final detail).
+    #[arg(long)]
+    pub preview: Option<PathBuf>,
+}
+
+/// Writes the step's preview to `path`; a failure is reported once and does not stop the
+/// render.
+fn preview_hook(path: PathBuf, sdxl: bool) -> PreviewHook {
+    let warned = std::sync::atomic::AtomicBool::new(false);
+    PreviewHook(Box::new(move |_stage, _step, x0| {
+        let written = preview::preview_png(x0, sdxl, preview::PREVIEW_SIDE).and_then(|png| {
+            preview::write_atomically(&path, &png)
+                .with_context(|| format!("writing --preview {}", path.display()))
+        });
+        if let Err(e) = written {
+            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("no preview: {e:#}");
+            }
+        }
+    }))
 }
 
 /// The PNG's `parameters` text: the spec, then what the plan resolved.
@@ -172,6 +193,10 @@ pub fn run(args: RenderArgs) -> Result<()> {
             initial_latents: initial,
             init_image,
             mask,
+            preview: args
+                .preview
+                .clone()
+                .map(|path| preview_hook(path, plan.sdxl)),
         },
         &on_progress,
     )?;

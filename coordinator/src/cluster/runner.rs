@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use super::jobs::{now_ms, JobRecord, JobState, Jobs, ResumeRecord};
 use super::pool::{JobDispatch, Pool};
 use crate::dispatch::DispatchError;
-use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress};
-use crate::{assemble, image_input, latent_file};
+use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, PreviewHook, Progress};
+use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -363,7 +363,8 @@ impl Runner {
                 }
             };
             let out = loop {
-                match engine.run(&image_job, &spec, plan, clone_inputs(&inputs), &on_progress) {
+                let inputs = clone_inputs(&inputs, &self.jobs.store, &id, plan.sdxl);
+                match engine.run(&image_job, &spec, plan, inputs, &on_progress) {
                     Ok(out) => break out,
                     Err(EngineError::Dispatch(DispatchError::Cancelled)) => {
                         return Err(JobEnd::Cancelled)
@@ -556,14 +557,26 @@ fn load_inputs(store: &RedisStore, record: &JobRecord) -> anyhow::Result<JobInpu
         initial_latents,
         init_image,
         mask,
+        preview: None,
     })
 }
 
-/// Each image of a job starts from the same inputs (tensors: cheap to clone).
-fn clone_inputs(inputs: &JobInputs) -> JobInputs {
+/// Each image of a job starts from the same inputs (tensors: cheap to clone), and writes its
+/// live preview to the job's preview key after every step.
+fn clone_inputs(inputs: &JobInputs, store: &RedisStore, job: &str, sdxl: bool) -> JobInputs {
+    let (store, key, job) = (store.clone(), keys::job_preview(job), job.to_string());
+    let preview = PreviewHook(Box::new(move |_stage, _step, x0: &Tensor| {
+        let written = preview::preview_png(x0, sdxl, preview::PREVIEW_SIDE)
+            .and_then(|png| Ok(store.put(&key, &png)?));
+        // A missed preview costs the job nothing; the next step writes another.
+        if let Err(e) = written {
+            tracing::debug!(job = %job, "no preview this step: {e}");
+        }
+    }));
     JobInputs {
         initial_latents: inputs.initial_latents.clone(),
         init_image: inputs.init_image.clone(),
         mask: inputs.mask.clone(),
+        preview: Some(preview),
     }
 }

@@ -9,7 +9,7 @@ use tessera_common::store::StoreError;
 use tessera_proto::v1::coordinator_server::Coordinator;
 use tessera_proto::v1::{
     FetchResultRequest, JobInfo, JobRef, ListJobsRequest, ListJobsResponse, PlanJobRequest,
-    PlanJobResponse, ResultChunk, SubmitJobRequest, SubmitJobResponse,
+    PlanJobResponse, Preview, ResultChunk, SubmitJobRequest, SubmitJobResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -301,6 +301,19 @@ impl Coordinator for CoordinatorService {
             Some((Ok(chunk), Some(file)))
         });
         Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn get_preview(&self, req: Request<JobRef>) -> Result<Response<Preview>, Status> {
+        let (record, _) = self.job(&req.into_inner().job_id).await?;
+        let png = self
+            .runner
+            .jobs
+            .store
+            .get_async(&tessera_common::store::keys::job_preview(&record.id))
+            .await
+            .map_err(store_status)?
+            .unwrap_or_default();
+        Ok(Response::new(Preview { png }))
     }
 
     async fn plan_job(

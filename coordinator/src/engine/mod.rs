@@ -167,6 +167,21 @@ pub struct JobInputs {
     pub init_image: Option<Tensor>,
     /// `--mask`: (H, W), non-zero = keep the structure with `--cosine-scale`.
     pub mask: Option<Tensor>,
+    /// Called after every step with the stage, the steps done and the step's predicted clean
+    /// latent, for live previews.
+    pub preview: Option<PreviewHook>,
+}
+
+/// `(stage, steps done, predicted clean latent)`: see [`JobInputs::preview`].
+pub type PreviewFn = dyn Fn(usize, usize, &Tensor) + Send + Sync;
+
+/// See [`JobInputs::preview`].
+pub struct PreviewHook(pub Box<PreviewFn>);
+
+impl std::fmt::Debug for PreviewHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreviewHook")
+    }
 }
 
 #[derive(Debug)]
@@ -742,6 +757,9 @@ impl Engine<'_> {
                     timestep: t,
                     timings,
                 });
+                if let Some(PreviewHook(preview)) = &inputs.preview {
+                    preview(k, j + 1, &x0);
+                }
             }
             if let Some(h) = pending.take() {
                 join(h)?;

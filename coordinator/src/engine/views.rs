@@ -321,13 +321,13 @@ pub fn evaluate(
         merge: None,
         planes: (0, 0),
     };
-    for ti in 0..groups.len() {
+    for (ti, group) in groups.iter().enumerate() {
         if ti >= merge.next && !merge.arrived.contains_key(&ti) {
             let outputs = read_outputs(ti)?;
             merge.arrive(ti, outputs)?;
         }
         if capture {
-            if let Group::Local(ix) = &groups[ti] {
+            if let Group::Local(ix) = group {
                 let map = read_capture(ti)?;
                 let halves = map.dim(0)? / ix.len();
                 for n in 0..ix.len() {
