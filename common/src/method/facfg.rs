@@ -70,13 +70,38 @@ pub fn fa_cfg(
             cond.dims()
         )));
     }
-    let (uh, ul) = frequency_split(uncond, low_hw)?;
-    let (ch, cl) = frequency_split(cond, low_hw)?;
-    // Same association as the reference's `_uncout + _gsw*(_cout-_uncout)` per band, summed
-    // high then low.
-    let high = (&uh + ((ch - &uh)? * weights.high)?)?;
-    let low = (&ul + ((cl - &ul)? * weights.low)?)?;
-    Ok((high + low)?)
+    let (_, _, h, w) = uncond.dims4()?;
+    if low_hw.0 == 0 || low_hw.1 == 0 {
+        return Err(FaCfgError::Invalid(format!(
+            "low-band size {}x{} must be positive",
+            low_hw.0, low_hw.1
+        )));
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let low = |t: &Tensor| -> Result<Vec<f32>> {
+        flat(
+            &t.to_dtype(DType::F32)?
+                .upsample_bilinear2d(low_hw.0, low_hw.1, false)?
+                .upsample_bilinear2d(h, w, false)?,
+        )
+    };
+    // One pass over the values instead of a dozen whole-latent temporaries (a 32K latent is
+    // 268 MB each), with the tensor form's arithmetic: `frequency_split`'s `high = x − low`,
+    // then the reference's `_uncout + _gsw*(_cout-_uncout)` per band, summed high then low.
+    // A scalar product is candle's affine `v·w + 0`, kept as such.
+    let (ul, cl) = (low(uncond)?, low(cond)?);
+    let c = flat(cond)?;
+    let mut out = flat(uncond)?;
+    let (wh, wl) = (weights.high as f32, weights.low as f32);
+    for (((o, &c), &ul), &cl) in out.iter_mut().zip(&c).zip(&ul).zip(&cl) {
+        let (uh, ch) = (*o - ul, c - cl);
+        let high = uh + ((ch - uh) * wh + 0.0);
+        let low = ul + ((cl - ul) * wl + 0.0);
+        *o = high + low;
+    }
+    Ok(Tensor::from_vec(out, uncond.dims(), uncond.device())?)
 }
 
 // Expected values are pasted verbatim from torch's f32 output (printed as f64 reprs).

@@ -401,6 +401,13 @@ impl Pool {
     fn retry(&self, slot: &Arc<Slot>, worker: &str, error: &str) {
         let attempts = {
             let mut ss = lock(&slot.st);
+            if ss.done {
+                // A straggler's copy that lost the race: the task's result is already in (and
+                // its inputs may be gone), so its failure means nothing.
+                ss.running_on.retain(|(w, _)| w != worker);
+                tracing::debug!(worker, task = %slot.task.id, "a late copy failed: {error}");
+                return;
+            }
             ss.attempts += 1;
             ss.attempts
         };
