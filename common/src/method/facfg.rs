@@ -40,6 +40,14 @@ impl FaCfgWeights {
 /// torch's source-index rule `(dst + ½)·in/out − ½` clamped at 0, also when shrinking),
 /// high = x − low. Computed in f32.
 pub fn frequency_split(x: &Tensor, low_hw: (usize, usize)) -> Result<(Tensor, Tensor)> {
+    let x = x.to_dtype(DType::F32)?;
+    let low = low_band(&x, low_hw)?;
+    let high = (&x - &low)?;
+    Ok((high, low))
+}
+
+/// The low band of [`frequency_split`]: `up(down(x, low_hw), (H, W))`, in f32.
+fn low_band(x: &Tensor, low_hw: (usize, usize)) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if low_hw.0 == 0 || low_hw.1 == 0 {
         return Err(FaCfgError::Invalid(format!(
@@ -47,12 +55,9 @@ pub fn frequency_split(x: &Tensor, low_hw: (usize, usize)) -> Result<(Tensor, Te
             low_hw.0, low_hw.1
         )));
     }
-    let x = x.to_dtype(DType::F32)?;
-    let low = x
+    Ok(x.to_dtype(DType::F32)?
         .upsample_bilinear2d(low_hw.0, low_hw.1, false)?
-        .upsample_bilinear2d(h, w, false)?;
-    let high = (&x - &low)?;
-    Ok((high, low))
+        .upsample_bilinear2d(h, w, false)?)
 }
 
 /// FA-CFG of merged unconditional and conditional predictions; `low_hw` is the previous
@@ -70,23 +75,10 @@ pub fn fa_cfg(
             cond.dims()
         )));
     }
-    let (_, _, h, w) = uncond.dims4()?;
-    if low_hw.0 == 0 || low_hw.1 == 0 {
-        return Err(FaCfgError::Invalid(format!(
-            "low-band size {}x{} must be positive",
-            low_hw.0, low_hw.1
-        )));
-    }
     let flat = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    let low = |t: &Tensor| -> Result<Vec<f32>> {
-        flat(
-            &t.to_dtype(DType::F32)?
-                .upsample_bilinear2d(low_hw.0, low_hw.1, false)?
-                .upsample_bilinear2d(h, w, false)?,
-        )
-    };
+    let low = |t: &Tensor| -> Result<Vec<f32>> { flat(&low_band(t, low_hw)?) };
     // One pass over the values instead of a dozen whole-latent temporaries (a 32K latent is
     // 268 MB each), with the tensor form's arithmetic: `frequency_split`'s `high = x − low`,
     // then the reference's `_uncout + _gsw*(_cout-_uncout)` per band, summed high then low.

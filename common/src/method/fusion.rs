@@ -173,6 +173,17 @@ pub fn gaussian_blur(x: &Tensor, kernel_size: usize, sigma: f32, axes: BlurAxes)
     Ok(y)
 }
 
+fn same_shape(local: &Tensor, global: &Tensor) -> Result<()> {
+    if local.dims() != global.dims() {
+        return Err(FusionError::Invalid(format!(
+            "local {:?} and global {:?} predictions differ in shape",
+            local.dims(),
+            global.dims()
+        )));
+    }
+    Ok(())
+}
+
 /// `G(local) + (global − G(global))` with the reference's G (kernel 2s − 1, σ = 1, over the
 /// last three axes).
 pub fn fuse_scales(local: &Tensor, global: &Tensor, scale: usize) -> Result<Tensor> {
@@ -186,13 +197,7 @@ pub fn fuse_scales_with(
     scale: usize,
     axes: BlurAxes,
 ) -> Result<Tensor> {
-    if local.dims() != global.dims() {
-        return Err(FusionError::Invalid(format!(
-            "local {:?} and global {:?} predictions differ in shape",
-            local.dims(),
-            global.dims()
-        )));
-    }
+    same_shape(local, global)?;
     let k = fusion_kernel_size(scale)?;
     let gl = gaussian_blur(local, k, 1.0, axes)?;
     let global = global.to_dtype(DType::F32)?;
@@ -223,13 +228,7 @@ pub fn fuse_scales_once(
     scale: usize,
     axes: BlurAxes,
 ) -> Result<Tensor> {
-    if local.dims() != global.dims() {
-        return Err(FusionError::Invalid(format!(
-            "local {:?} and global {:?} predictions differ in shape",
-            local.dims(),
-            global.dims()
-        )));
-    }
+    same_shape(local, global)?;
     let dims: [usize; 4] = local.dims().try_into().map_err(|_| {
         FusionError::Invalid(format!(
             "fusion expects 4-D tensors, got {:?}",

@@ -55,7 +55,7 @@ pub struct RenderArgs {
 /// render.
 fn preview_hook(path: PathBuf, sdxl: bool) -> PreviewHook {
     let warned = std::sync::atomic::AtomicBool::new(false);
-    PreviewHook(Box::new(move |_stage, _step, x0| {
+    PreviewHook(Box::new(move |x0| {
         let written = preview::preview_png(x0, sdxl, preview::PREVIEW_SIDE).and_then(|png| {
             preview::write_atomically(&path, &png)
                 .with_context(|| format!("writing --preview {}", path.display()))

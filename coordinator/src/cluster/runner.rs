@@ -565,7 +565,7 @@ fn load_inputs(store: &RedisStore, record: &JobRecord) -> anyhow::Result<JobInpu
 /// live preview to the job's preview key after every step.
 fn clone_inputs(inputs: &JobInputs, store: &RedisStore, job: &str, sdxl: bool) -> JobInputs {
     let (store, key, job) = (store.clone(), keys::job_preview(job), job.to_string());
-    let preview = PreviewHook(Box::new(move |_stage, _step, x0: &Tensor| {
+    let preview = PreviewHook(Box::new(move |x0: &Tensor| {
         let written = preview::preview_png(x0, sdxl, preview::PREVIEW_SIDE)
             .and_then(|png| Ok(store.put(&key, &png)?));
         // A missed preview costs the job nothing; the next step writes another.

@@ -167,13 +167,13 @@ pub struct JobInputs {
     pub init_image: Option<Tensor>,
     /// `--mask`: (H, W), non-zero = keep the structure with `--cosine-scale`.
     pub mask: Option<Tensor>,
-    /// Called after every step with the stage, the steps done and the step's predicted clean
-    /// latent, for live previews.
+    /// Called after every step with the step's predicted clean latent, for live previews. It
+    /// runs beside the next step (with the checkpoint), never between steps.
     pub preview: Option<PreviewHook>,
 }
 
-/// `(stage, steps done, predicted clean latent)`: see [`JobInputs::preview`].
-pub type PreviewFn = dyn Fn(usize, usize, &Tensor) + Send + Sync;
+/// Takes a step's predicted clean latent: see [`JobInputs::preview`].
+pub type PreviewFn = dyn Fn(&Tensor) + Send + Sync;
 
 /// See [`JobInputs::preview`].
 pub struct PreviewHook(pub Box<PreviewFn>);
@@ -652,6 +652,7 @@ impl Engine<'_> {
         // Each step's checkpoint (and the deletion of the step's task keys) is written on a
         // thread of its own while the next step's tasks run; the next checkpoint waits for it,
         // so they still land in order, and the stage does not end before its last one has.
+        let preview = inputs.preview.as_ref().map(|PreviewHook(p)| p);
         std::thread::scope(|scope| -> Result<()> {
             let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
             let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| -> Result<()> {
@@ -733,11 +734,14 @@ impl Engine<'_> {
                     join(h)?;
                 }
                 let end = (j + 1 == steps).then(|| (x0.clone(), camap_out.clone()));
-                let z_saved = z.clone();
+                let (z_saved, x0_now) = (z.clone(), x0.clone());
                 pending = Some(scope.spawn(move || -> Result<()> {
                     let end = end.as_ref().map(|(x0, m)| (x0, m.as_ref()));
                     self.checkpoint(job, plan, k, j + 1, &z_saved, end)?;
                     self.store.delete_prefix(&keys::step_prefix(job, k, j))?;
+                    if let Some(preview) = preview {
+                        preview(&x0_now);
+                    }
                     Ok(())
                 }));
                 timings.checkpoint += clock.elapsed().as_secs_f64();
@@ -757,9 +761,6 @@ impl Engine<'_> {
                     timestep: t,
                     timings,
                 });
-                if let Some(PreviewHook(preview)) = &inputs.preview {
-                    preview(k, j + 1, &x0);
-                }
             }
             if let Some(h) = pending.take() {
                 join(h)?;

@@ -185,9 +185,8 @@ impl CollectRows {
     }
 
     pub fn into_tensor(self, width: usize) -> Result<Tensor> {
-        let h = self.rgb.len() / (3 * width.max(1));
-        let t = Tensor::from_vec(self.rgb, (1, h, width, 3), &Device::Cpu)?;
-        Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
+        let (planes, h) = self.into_planes(width);
+        Ok(Tensor::from_vec(planes, (1, 3, h, width), &Device::Cpu)?)
     }
 }
 
