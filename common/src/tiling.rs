@@ -252,6 +252,11 @@ impl LocalViews {
         self.window
     }
 
+    /// The latent's `(height, width)` the views cover.
+    pub fn latent(&self) -> (usize, usize) {
+        self.latent
+    }
+
     pub fn latent_size(&self) -> (usize, usize) {
         self.latent
     }
@@ -334,6 +339,7 @@ impl LocalViews {
             acc: vec![0f32; bc * h * w],
             den: vec![0f32; h * w],
             next: 0,
+            normalized: 0,
         })
     }
 }
@@ -346,6 +352,8 @@ pub struct LocalMerge<'a> {
     acc: Vec<f32>,
     den: Vec<f32>,
     next: usize,
+    /// Rows `0..normalized` of every plane already hold their final values (`acc / den`).
+    normalized: usize,
 }
 
 impl LocalMerge<'_> {
@@ -372,21 +380,27 @@ impl LocalMerge<'_> {
                 vals.len()
             ));
         }
+        // The columns of the window inside the latent; each value's arithmetic is the same
+        // as pixel by pixel, but whole row runs at a time (so the loops vectorise).
+        let x0 = (-rect.left).clamp(0, vw as i64) as usize;
+        let x1 = (w as i64 - rect.left).clamp(x0 as i64, vw as i64) as usize;
+        let gx0 = (rect.left + x0 as i64).max(0) as usize;
+        let run = x1 - x0;
         for y in 0..vh {
             let gy = rect.top + y as i64;
-            if gy < 0 || gy >= h as i64 {
+            if gy < 0 || gy >= h as i64 || run == 0 {
                 continue;
             }
-            for x in 0..vw {
-                let gx = rect.left + x as i64;
-                if gx < 0 || gx >= w as i64 {
-                    continue;
-                }
-                let wt = self.weights[y * vw + x];
-                let dst = gy as usize * w + gx as usize;
-                self.den[dst] += wt;
-                for k in 0..bc {
-                    self.acc[k * h * w + dst] += wt * vals[(k * vh + y) * vw + x];
+            let wts = &self.weights[y * vw + x0..y * vw + x1];
+            let dst = gy as usize * w + gx0;
+            for (d, &wt) in self.den[dst..dst + run].iter_mut().zip(wts) {
+                *d += wt;
+            }
+            for k in 0..bc {
+                let src = &vals[(k * vh + y) * vw + x0..(k * vh + y) * vw + x1];
+                let acc = &mut self.acc[k * h * w + dst..k * h * w + dst + run];
+                for ((a, &wt), &v) in acc.iter_mut().zip(wts).zip(src) {
+                    *a += wt * v;
                 }
             }
         }
@@ -407,8 +421,7 @@ impl LocalMerge<'_> {
     }
 
     /// [`LocalMerge::finish`]'s values, `(bc, H, W)` row-major, without a copy into a tensor.
-    pub fn finish_vec(self) -> Result<Vec<f32>> {
-        let (h, w) = self.views.latent;
+    pub fn finish_vec(mut self) -> Result<Vec<f32>> {
         if self.next != self.views.rects.len() {
             return invalid(format!(
                 "{} of {} local views merged",
@@ -416,21 +429,59 @@ impl LocalMerge<'_> {
                 self.views.rects.len()
             ));
         }
-        let den = self.den;
-        if let Some(p) = den.iter().position(|&d| d <= 0.0) {
+        self.normalize_rows(self.views.latent.0)?;
+        Ok(self.acc)
+    }
+
+    /// Rows `0..n` of the latent that no view still to be added touches: their sums are final.
+    pub fn settled_rows(&self) -> usize {
+        let h = self.views.latent.0;
+        self.views.rects[self.next..]
+            .iter()
+            .map(|r| r.top.clamp(0, h as i64) as usize)
+            .min()
+            .unwrap_or(h)
+    }
+
+    /// Normalises the rows settled so far (the arithmetic [`LocalMerge::finish_vec`] does),
+    /// so work on them can start while later views are still coming. Returns the number of
+    /// final rows and the `(bc, H, W)` values: the caller may rewrite rows below that count
+    /// in every plane (they are never touched again here) and must leave the others alone.
+    pub fn settle(&mut self) -> Result<(usize, &mut [f32])> {
+        let settled = self.settled_rows();
+        self.normalize_rows(settled)?;
+        Ok((self.normalized, &mut self.acc))
+    }
+
+    /// Divides rows `normalized..upto` of every plane by their weight sums, split over rows
+    /// between threads (each value's arithmetic is the same whatever the split).
+    fn normalize_rows(&mut self, upto: usize) -> Result<()> {
+        let (h, w) = self.views.latent;
+        let (from, upto) = (self.normalized, upto.min(h));
+        if upto <= from {
+            return Ok(());
+        }
+        let den = &self.den;
+        if let Some(p) = den[from * w..upto * w].iter().position(|&d| d <= 0.0) {
+            let p = from * w + p;
             return invalid(format!(
                 "latent pixel ({}, {}) is covered by no local view",
                 p / w,
                 p % w
             ));
         }
-        let mut acc = self.acc;
-        for_each_row_chunk(&mut acc, w, |first_row, chunk| {
-            for (i, a) in chunk.iter_mut().enumerate() {
-                *a /= den[(first_row * w + i) % (h * w)];
+        for_each_row_chunk(&mut self.acc, w, |first_row, chunk| {
+            for (ri, row) in chunk.chunks_mut(w).enumerate() {
+                let y = (first_row + ri) % h;
+                if (from..upto).contains(&y) {
+                    for (a, &d) in row.iter_mut().zip(&den[y * w..(y + 1) * w]) {
+                        *a /= d;
+                    }
+                }
             }
         });
-        Ok(acc)
+        self.normalized = upto;
+        Ok(())
     }
 }
 
@@ -1064,6 +1115,71 @@ mod tests {
         Ok(())
     }
 
+    /// The row-run accumulation gives the bytes of the pixel-by-pixel one, with windows that
+    /// hang over every edge of the latent (their outside pixels dropped).
+    #[test]
+    fn merge_rows_match_pixel_by_pixel_accumulation() -> Result<()> {
+        let (h, w, (vh, vw), bc) = (20, 17, (8, 6), 3);
+        // A grid that covers the latent, then windows over every edge and corner.
+        let grid = [0, 6, 12]
+            .into_iter()
+            .flat_map(|t| [0, 5, 11].map(|l| (t, l)));
+        let edges = [(-3, -2), (5, 13), (15, -4), (-6, 14), (9, 4), (16, 15)];
+        let rects: Vec<ViewRect> = grid
+            .chain(edges)
+            .map(|(top, left)| ViewRect {
+                top,
+                left,
+                height: vh,
+                width: vw,
+            })
+            .collect();
+        let views = LocalViews {
+            latent: (h, w),
+            window: (vh, vw),
+            grid: (1, rects.len()),
+            rects: rects.clone(),
+            padding: EdgePadding::Zero,
+        };
+        let outs: Vec<Vec<f32>> = (0..rects.len())
+            .map(|i| {
+                (0..bc * vh * vw)
+                    .map(|j| ((i * 131 + j * 7) as f32 * 0.377).sin())
+                    .collect()
+            })
+            .collect();
+        let weights = ViewWeighting::GAUSSIAN.map(vh, vw)?;
+        let (mut acc, mut den) = (vec![0f32; bc * h * w], vec![0f32; h * w]);
+        for (rect, vals) in rects.iter().zip(&outs) {
+            for y in 0..vh {
+                for x in 0..vw {
+                    let (gy, gx) = (rect.top + y as i64, rect.left + x as i64);
+                    if gy < 0 || gy >= h as i64 || gx < 0 || gx >= w as i64 {
+                        continue;
+                    }
+                    let (wt, dst) = (weights[y * vw + x], gy as usize * w + gx as usize);
+                    den[dst] += wt;
+                    for k in 0..bc {
+                        acc[k * h * w + dst] += wt * vals[(k * vh + y) * vw + x];
+                    }
+                }
+            }
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a /= den[i % (h * w)];
+        }
+        let mut m = views.merge_in_order(bc, ViewWeighting::GAUSSIAN)?;
+        for vals in &outs {
+            m.add(vals)?;
+        }
+        let got = m.finish_vec()?;
+        assert!(got
+            .iter()
+            .zip(&acc)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        Ok(())
+    }
+
     #[test]
     fn incremental_merges_match_the_whole_merges() -> Result<()> {
         // Views added one by one (local in index order, global in any order) give the bytes
@@ -1084,10 +1200,25 @@ mod tests {
         }
         assert!(m.add(&to_f32_vec(&outs[0])?).is_err());
         let parts = m.finish()?.reshape((2, 4, 192, 192))?;
-        assert_eq!(
-            parts.flatten_all()?.to_vec1::<f32>()?,
-            whole.flatten_all()?.to_vec1::<f32>()?
-        );
+        let whole_vals = whole.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(parts.flatten_all()?.to_vec1::<f32>()?, whole_vals);
+
+        // Settling as views arrive: the rows it reports final already hold the whole merge's
+        // values in every plane, they only grow, and the end result is unchanged.
+        let mut m = views.merge_in_order(8, ViewWeighting::GAUSSIAN)?;
+        let (mut last, plane) = (0, 192 * 192);
+        for out in &outs {
+            m.add(&to_f32_vec(out)?)?;
+            let (settled, vals) = m.settle()?;
+            assert!(settled >= last);
+            last = settled;
+            for p in 0..8 {
+                let rows = p * plane..p * plane + settled * 192;
+                assert_eq!(vals[rows.clone()], whole_vals[rows]);
+            }
+        }
+        assert_eq!(last, 192);
+        assert_eq!(m.finish_vec()?, whole_vals);
 
         let g = GlobalViews::new(300, 212, &GlobalViewConfig::for_training_size(128))?;
         let latent = ramp(2, 4, 300, 212)?;

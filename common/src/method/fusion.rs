@@ -303,7 +303,6 @@ fn blur_axis_in_place(data: &mut [f32], dims: &[usize], dim: usize, kernel: &[f3
         }
         return;
     }
-    let r = kernel.len() / 2;
     let n = dims[dim];
     let inner: usize = dims[dim + 1..].iter().product();
     if inner == 1 {
@@ -311,17 +310,7 @@ fn blur_axis_in_place(data: &mut [f32], dims: &[usize], dim: usize, kernel: &[f3
             let mut src = vec![0f32; n];
             for dst in rows.chunks_mut(n) {
                 src.copy_from_slice(dst);
-                dst.fill(0.0);
-                for (j, &k) in kernel.iter().enumerate() {
-                    let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
-                    if lo >= hi {
-                        continue;
-                    }
-                    let shift = lo + j - r;
-                    for (d, &v) in dst[lo..hi].iter_mut().zip(&src[shift..shift + (hi - lo)]) {
-                        *d += v * k;
-                    }
-                }
+                blur_line(dst, &src, kernel);
             }
         });
         return;
@@ -333,18 +322,149 @@ fn blur_axis_in_place(data: &mut [f32], dims: &[usize], dim: usize, kernel: &[f3
         let src = &src;
         for_each_row_chunk(out, inner, |first_row, rows| {
             for (ri, dst) in rows.chunks_mut(inner).enumerate() {
-                let i = first_row + ri;
-                dst.fill(0.0);
-                for (j, &k) in kernel.iter().enumerate() {
-                    let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
-                        continue;
-                    };
-                    for (d, &v) in dst.iter_mut().zip(&src[si * inner..(si + 1) * inner]) {
-                        *d += v * k;
-                    }
-                }
+                blur_across(dst, src, n, first_row + ri, kernel);
             }
         });
+    }
+}
+
+/// One line of a 1-D blur along a contiguous axis: `dst = Σ_j k_j · src[· + j − r]`, zero
+/// outside, tap by tap in kernel order.
+fn blur_line(dst: &mut [f32], src: &[f32], kernel: &[f32]) {
+    let (n, r) = (src.len(), kernel.len() / 2);
+    dst.fill(0.0);
+    for (j, &k) in kernel.iter().enumerate() {
+        let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
+        if lo >= hi {
+            continue;
+        }
+        let shift = lo + j - r;
+        for (d, &v) in dst[lo..hi].iter_mut().zip(&src[shift..shift + (hi - lo)]) {
+            *d += v * k;
+        }
+    }
+}
+
+/// Line `i` of a 1-D blur across lines: `src` holds `n` lines of `dst.len()` values, and
+/// `dst = Σ_j k_j · src[i + j − r]`, zero outside, tap by tap in kernel order.
+fn blur_across(dst: &mut [f32], src: &[f32], n: usize, i: usize, kernel: &[f32]) {
+    let (inner, r) = (dst.len(), kernel.len() / 2);
+    dst.fill(0.0);
+    for (j, &k) in kernel.iter().enumerate() {
+        let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
+            continue;
+        };
+        for (d, &v) in dst.iter_mut().zip(&src[si * inner..(si + 1) * inner]) {
+            *d += v * k;
+        }
+    }
+}
+
+/// [`fuse_scales_once_in_place`] over the two spatial axes of `(B, C, H, W)` values, a band
+/// of rows at a time, for a merge that settles the local predictions from the top down: each
+/// output row needs the rows within the kernel's radius of it, so fusion can run behind the
+/// merge frontier while later views are still being computed, and only the last band is left
+/// for after the last view. Each value goes through the same operations in the same order as
+/// in the whole-stage version, so the bytes are the same.
+#[derive(Debug)]
+pub struct FusionBands {
+    planes: usize,
+    h: usize,
+    w: usize,
+    kernel: Vec<f32>,
+    /// Rows of `local` that hold `local − global`.
+    differenced: usize,
+    /// Rows of `global` that hold the fused result.
+    fused: usize,
+}
+
+impl FusionBands {
+    /// Fusion of `planes` (B·C) planes of `h × w` at `scale`.
+    pub fn new(planes: usize, (h, w): (usize, usize), scale: usize) -> Result<Self> {
+        let k = fusion_kernel_size(scale)?;
+        Ok(Self {
+            planes,
+            h,
+            w,
+            kernel: gaussian_kernel_1d(k, 1.0)?,
+            differenced: 0,
+            fused: 0,
+        })
+    }
+
+    /// Takes rows `0..settled` of `local` as final (every plane) and fuses every row whose
+    /// window is now complete into `global`, which must already hold the whole merged global
+    /// prediction. `local`'s settled rows become scratch.
+    pub fn advance(&mut self, local: &mut [f32], global: &mut [f32], settled: usize) -> Result<()> {
+        let (h, w, plane) = (self.h, self.w, self.h * self.w);
+        let len = self.planes * plane;
+        if local.len() != len || global.len() != len {
+            return Err(FusionError::Invalid(format!(
+                "banded fusion of {} planes of {h}x{w} got {} local and {} global values",
+                self.planes,
+                local.len(),
+                global.len()
+            )));
+        }
+        let settled = settled.min(h);
+        if settled > self.differenced {
+            let rows = self.differenced * w..settled * w;
+            for (l, g) in local.chunks_mut(plane).zip(global.chunks(plane)) {
+                for (d, &b) in l[rows.clone()].iter_mut().zip(&g[rows.clone()]) {
+                    *d -= b;
+                }
+            }
+            self.differenced = settled;
+        }
+        let r = self.kernel.len() / 2;
+        let upto = if settled == h {
+            h
+        } else {
+            settled.saturating_sub(r)
+        };
+        if upto <= self.fused {
+            return Ok(());
+        }
+        let (from, kernel, local) = (self.fused, &self.kernel, &*local);
+        let fuse_plane = |p: usize, out: &mut [f32]| {
+            let src = &local[p * plane..(p + 1) * plane];
+            let (mut across, mut line) = (vec![0f32; w], vec![0f32; w]);
+            for y in from..upto {
+                blur_across(&mut across, src, h, y, kernel);
+                blur_line(&mut line, &across, kernel);
+                for (o, &b) in out[y * w..(y + 1) * w].iter_mut().zip(&line) {
+                    *o += b;
+                }
+            }
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.planes);
+        if threads <= 1 || (upto - from) * w * self.planes < 1 << 15 {
+            for (p, out) in global.chunks_mut(plane).enumerate() {
+                fuse_plane(p, out);
+            }
+        } else {
+            let per = self.planes.div_ceil(threads);
+            std::thread::scope(|scope| {
+                for (t, outs) in global.chunks_mut(per * plane).enumerate() {
+                    let fuse_plane = &fuse_plane;
+                    scope.spawn(move || {
+                        for (i, out) in outs.chunks_mut(plane).enumerate() {
+                            fuse_plane(t * per + i, out);
+                        }
+                    });
+                }
+            });
+        }
+        self.fused = upto;
+        Ok(())
+    }
+
+    /// The rest of the rows (`local` now wholly final); the fused values, in `global`'s buffer.
+    pub fn finish(mut self, local: &mut [f32], mut global: Vec<f32>) -> Result<Vec<f32>> {
+        self.advance(local, &mut global, self.h)?;
+        Ok(global)
     }
 }
 
@@ -354,6 +474,47 @@ fn blur_axis_in_place(data: &mut [f32], dims: &[usize], dim: usize, kernel: &[f3
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Bands settled in uneven steps (some thinner than the kernel's radius, one jump over
+    /// several bands) give the whole-stage fusion's bytes, at several scales and shapes.
+    #[test]
+    fn banded_fusion_matches_whole_stage_fusion_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        for (scale, dims) in [
+            (1, [1, 2, 9, 7]),
+            (3, [2, 4, 37, 29]),
+            (8, [2, 4, 70, 33]),
+            (8, [2, 4, 150, 130]),
+        ] {
+            let [b, c, h, w] = dims;
+            let n = b * c * h * w;
+            let local = Tensor::randn(0f32, 1.0, n, &dev)?.to_vec1::<f32>()?;
+            let global = Tensor::randn(0f32, 1.0, n, &dev)?.to_vec1::<f32>()?;
+            let whole = fuse_scales_once_in_place(
+                local.clone(),
+                global.clone(),
+                dims,
+                scale,
+                BlurAxes::Spatial,
+            )?;
+            let (mut l, mut g) = (local, global);
+            let mut bands = FusionBands::new(b * c, (h, w), scale)?;
+            for settled in [0, 1, 3, 4, 11, 12, h / 2, h / 2, h - 1] {
+                bands.advance(&mut l, &mut g, settled)?;
+            }
+            let banded = bands.finish(&mut l, g)?;
+            assert!(
+                whole
+                    .iter()
+                    .zip(&banded)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "scale {scale}, {dims:?}"
+            );
+        }
+        let mut bands = FusionBands::new(2, (4, 4), 2)?;
+        assert!(bands.advance(&mut [0.0; 8], &mut [0.0; 32], 1).is_err());
+        Ok(())
+    }
 
     fn close(got: f32, want: f32, tol: f32) {
         assert!((got - want).abs() <= tol, "{got} vs {want}");

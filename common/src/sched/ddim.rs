@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{PredictionType, StepOutput, TimestepSpacing};
+use super::{fused, PredictionType, StepOutput, TimestepSpacing};
 
 /// Integer timesteps, as `DDIMScheduler.set_timesteps` makes them: `linspace` values rounded
 /// half to even (numpy's `round`), `leading` shifted by `steps_offset`.
@@ -23,6 +23,57 @@ pub(super) fn timesteps(
 /// x_prev = √ᾱ_prev · x̂0 + √(1 − ᾱ_prev) · ε̂ (`DDIMScheduler.step` with eta = 0).
 /// The tensors must share a dtype; the caller converts.
 pub(super) fn step(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f64,
+    alpha_prev: f64,
+    clip_sample: Option<f64>,
+) -> Result<StepOutput> {
+    if clip_sample.is_none() {
+        if let Some(out) = step_fused(prediction, model_output, sample, alpha_t, alpha_prev)? {
+            return Ok(out);
+        }
+    }
+    step_ops(
+        prediction,
+        model_output,
+        sample,
+        alpha_t,
+        alpha_prev,
+        clip_sample,
+    )
+}
+
+/// The same step (without clipping) in one threaded pass over the values (see
+/// [`super::fused`]): the f32 operations of [`step_ops`] in its order.
+fn step_fused(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f64,
+    alpha_prev: f64,
+) -> Result<Option<StepOutput>> {
+    let beta_t = 1.0 - alpha_t;
+    let (sa, sb) = (alpha_t.sqrt() as f32, beta_t.sqrt() as f32);
+    let (pa, pb) = (alpha_prev.sqrt() as f32, (1.0 - alpha_prev).sqrt() as f32);
+    let finish = move |x0: f32, eps: f32| ((x0 * pa + 0.0) + (eps * pb + 0.0), x0);
+    match prediction {
+        PredictionType::Epsilon => {
+            let inv_sa = (1.0 / alpha_t.sqrt()) as f32;
+            fused::step(model_output, sample, |e, s| {
+                finish((s - (e * sb + 0.0)) * inv_sa + 0.0, e)
+            })
+        }
+        PredictionType::VPrediction => fused::step(model_output, sample, |v, s| {
+            let x0 = (s * sa + 0.0) - (v * sb + 0.0);
+            finish(x0, (v * sa + 0.0) + (s * sb + 0.0))
+        }),
+    }
+}
+
+/// The step as a chain of tensor operations: any device and dtype, and clipping.
+fn step_ops(
     prediction: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
@@ -51,4 +102,24 @@ pub(super) fn step(
         prev_sample: prev,
         pred_original_sample: x0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused pass gives the tensor chain's bytes, for both parameterisations, from an
+    /// early step to the last (ᾱ_prev = 1).
+    #[test]
+    fn fused_step_matches_tensor_ops_bit_for_bit() -> Result<()> {
+        let (e, s) = fused::test_inputs(3 * (1 << 16) + 5)?;
+        for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
+            for (alpha, prev) in [(0.0047, 0.0091), (0.5, 0.62), (0.9991, 1.0)] {
+                let a = step_fused(prediction, &e, &s, alpha, prev)?.expect("contiguous f32");
+                let b = step_ops(prediction, &e, &s, alpha, prev, None)?;
+                assert!(fused::same_bits(&a, &b)?, "{prediction:?} {alpha}");
+            }
+        }
+        Ok(())
+    }
 }

@@ -6,6 +6,7 @@
 mod config;
 mod ddim;
 mod euler;
+mod fused;
 
 pub use config::{SchedulerConfig, TimestepSpacing};
 

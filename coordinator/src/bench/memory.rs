@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::cluster::LocalCluster;
 use super::{
-    io, memory_of, mib, sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table,
+    io, memory_of, mib, tiny_model_at, BenchError, Machine, Report, Result, Scratch, Table,
 };
 
 #[derive(Debug, Clone)]
@@ -28,6 +28,9 @@ pub struct MemoryOptions {
     pub steps: usize,
     /// Keep the rendered files here (else they are removed with the scratch directory).
     pub keep: Option<PathBuf>,
+    /// The model's training size in pixels (1024: SDXL's geometry); tiles, views and the
+    /// first stage follow it.
+    pub training: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -44,23 +47,23 @@ pub struct MemoryRun {
 /// The cascade measured for a size: the training size, then the output for sizes up to 8192;
 /// above, an intermediate stage at an eighth of the output first, so the transition into the
 /// last stage reads a picture of at most 4096² (the upscaled picture itself is never held).
-pub fn stages_for(size: u32) -> Vec<u32> {
-    if size <= 1024 {
+pub fn stages_for(size: u32, training: u32) -> Vec<u32> {
+    if size <= training {
         vec![size]
     } else if size <= 8192 {
-        vec![1024, size]
+        vec![training, size]
     } else {
-        vec![1024, (size / 8).max(1024) / 64 * 64, size]
+        vec![training, (size / 8).max(training) / 64 * 64, size]
     }
 }
 
-fn job_flags(size: u32, stages: &[u32], steps: usize) -> Vec<String> {
+fn job_flags(model: &str, size: u32, stages: &[u32], steps: usize) -> Vec<String> {
     let stage_list: Vec<String> = stages.iter().map(|s| format!("{s}x{s}")).collect();
     let mut stage_steps = vec!["2".to_string()];
     stage_steps.extend(std::iter::repeat_n(steps.to_string(), stages.len() - 1));
     let mut flags: Vec<String> = [
         "--model",
-        "sdxl-geometry",
+        model,
         "--prompt",
         "a lighthouse on a cliff at dusk",
         "--size",
@@ -124,7 +127,7 @@ fn run_one(scratch: &Path, model: &Path, size: u32, opts: &MemoryOptions) -> Res
     let dir = scratch.join(format!("{size}"));
     let out = dir.join("out");
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
-    let stages = stages_for(size);
+    let stages = stages_for(size, opts.training);
     eprintln!(
         "{size}x{size}: stages {stages:?}, {} {} workers",
         opts.workers,
@@ -139,7 +142,11 @@ fn run_one(scratch: &Path, model: &Path, size: u32, opts: &MemoryOptions) -> Res
     cluster.add_workers(model, opts.workers, opts.simulate_ms)?;
     cluster.wait_workers()?;
     let start = Instant::now();
-    let job = cluster.submit(&job_flags(size, &stages, opts.steps))?;
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let job = cluster.submit(&job_flags(&name, size, &stages, opts.steps))?;
     cluster.watch(&job)?;
     let seconds = start.elapsed().as_secs_f64();
     // VmHWM is the process's peak; read it while the processes still run.
@@ -203,7 +210,7 @@ fn run_one(scratch: &Path, model: &Path, size: u32, opts: &MemoryOptions) -> Res
 pub fn run(opts: &MemoryOptions, command: String) -> Result<(Vec<MemoryRun>, Report)> {
     let machine = Machine::probe();
     let scratch = Scratch::new("memory")?;
-    let model = sdxl_geometry_model(&scratch.0)?;
+    let model = tiny_model_at(&scratch.0, opts.training)?;
     let mut runs = Vec::new();
     for &size in &opts.sizes {
         runs.push(run_one(&scratch.0, &model, size, opts)?);
@@ -246,12 +253,23 @@ pub fn run(opts: &MemoryOptions, command: String) -> Result<(Vec<MemoryRun>, Rep
         notes: vec![
             "peak RSS = VmHWM of each process after the job (the coordinator ran only this job)"
                 .into(),
-            format!(
-                "the model is the tiny SDXL-architecture model with SDXL's geometry (training \
-                 1024², tiles and views of SDXL's sizes); stages after the first run {} \
-                 high-resolution step(s) (method hybrid)",
-                opts.steps
-            ),
+            if opts.training == 1024 {
+                format!(
+                    "the model is the tiny SDXL-architecture model with SDXL's geometry \
+                     (training 1024², tiles and views of SDXL's sizes); stages after the first \
+                     run {} high-resolution step(s) (method hybrid)",
+                    opts.steps
+                )
+            } else {
+                format!(
+                    "the model is the tiny SDXL-architecture model made for a training size of \
+                     {0}² (tiles and views {0} px, a latent of {1}²); stages after the first run \
+                     {2} high-resolution step(s) (method hybrid)",
+                    opts.training,
+                    opts.training / 8,
+                    opts.steps
+                )
+            },
             "the job runs end to end: stage transitions (decode, upscale a tile at a time, \
              encode on the workers), the steps, the tiled decode streamed into the PNG (and \
              the Deep Zoom pyramid with its viewer above 16384 px); the PNG's size is checked"
@@ -271,10 +289,11 @@ mod tests {
 
     #[test]
     fn stages_keep_the_transition_picture_small() {
-        assert_eq!(stages_for(1024), vec![1024]);
-        assert_eq!(stages_for(8192), vec![1024, 8192]);
-        assert_eq!(stages_for(32768), vec![1024, 4096, 32768]);
-        let flags = job_flags(32768, &stages_for(32768), 2);
+        assert_eq!(stages_for(1024, 1024), vec![1024]);
+        assert_eq!(stages_for(8192, 1024), vec![1024, 8192]);
+        assert_eq!(stages_for(8192, 256), vec![256, 8192]);
+        assert_eq!(stages_for(32768, 1024), vec![1024, 4096, 32768]);
+        let flags = job_flags("m", 32768, &stages_for(32768, 1024), 2);
         let at = flags.iter().position(|f| f == "--stage-steps").unwrap();
         assert_eq!(flags[at + 1], "2,2,2");
     }

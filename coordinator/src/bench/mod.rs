@@ -212,7 +212,19 @@ pub fn invocation() -> String {
 /// not depend on the sample size) with configs saying training size 1024² (latent 128²), so
 /// plans, tiles and views have their real SDXL sizes. Written once into `dir`.
 pub fn sdxl_geometry_model(dir: &Path) -> Result<PathBuf> {
-    let model = dir.join("sdxl-geometry");
+    tiny_model_at(dir, SDXL_LATENT as u32 * 8)
+}
+
+/// The tiny SDXL-architecture model with its configs set for a training size of `training`
+/// pixels (its UNet's and VAE's `sample_size`), under `dir`: `sdxl-geometry` for 1024,
+/// `tiny-N` otherwise.
+pub fn tiny_model_at(dir: &Path, training: u32) -> Result<PathBuf> {
+    let name = if training == SDXL_LATENT as u32 * 8 {
+        "sdxl-geometry".to_string()
+    } else {
+        format!("tiny-{training}")
+    };
+    let model = dir.join(name);
     if model.join("model_index.json").is_file() {
         return Ok(model);
     }
@@ -223,7 +235,7 @@ pub fn sdxl_geometry_model(dir: &Path) -> Result<PathBuf> {
         1,
     )
     .map_err(|e| BenchError::Setup(format!("synthesizing the model: {e}")))?;
-    for (component, size) in [("unet", SDXL_LATENT), ("vae", SDXL_LATENT * 8)] {
+    for (component, size) in [("unet", training / 8), ("vae", training)] {
         let path = model.join(component).join("config.json");
         let text =
             std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;

@@ -65,6 +65,11 @@ pub struct MemoryArgs {
     /// Keep the rendered files (PNG, Deep Zoom pyramid, viewer) under this directory.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// The tiny model's training size in pixels: 1024 is SDXL's geometry; a smaller one
+    /// (e.g. 256) makes the tiny model's views and VAE tiles cheap enough to render 8K on a
+    /// small CPU host in well under an hour.
+    #[arg(long, default_value_t = 1024)]
+    pub training_size: u32,
     #[command(flatten)]
     pub out: MarkdownArg,
 }
@@ -119,12 +124,16 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             {
                 bail!("--simulate-eval-ms must be 0 or more");
             }
+            if a.training_size < 128 || a.training_size % 64 != 0 {
+                bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
+            }
             let opts = memory::MemoryOptions {
                 sizes: a.sizes,
                 workers: a.workers,
                 simulate_ms: a.simulate_eval_ms,
                 steps: a.steps,
                 keep: a.keep,
+                training: a.training_size,
             };
             let (_, report) = memory::run(&opts, command)?;
             report.emit(a.out.markdown.as_deref())?;

@@ -7,9 +7,10 @@
 //!
 //! The step is pipelined so the coordinator's work overlaps the workers': a writer thread
 //! hands each task out as soon as its input is in the store, and each result is read and
-//! merged as it arrives (held back only until the tasks before it are merged). What remains
-//! between the last result and the next step is the last merges, the fusion (split over
-//! threads), guidance and the scheduler — see [`super::StepTimings::critical`].
+//! merged as it arrives (held back only until the tasks before it are merged). The global
+//! views go out first, so the scale fusion runs behind the local merge a band of rows at a
+//! time. What remains between the last result and the next step is the last merges, the
+//! fusion's last band, guidance and the scheduler — see [`super::StepTimings::critical`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Mutex};
@@ -17,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes};
+use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes, FusionBands};
 use tessera_common::method::params::TileWeights;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{Plan, StagePlan};
@@ -130,17 +131,7 @@ pub fn evaluate(
         1
     };
 
-    let mut groups = Vec::new();
-    let locals: Vec<usize> = (0..local.len()).collect();
-    for chunk in locals.chunks(batch) {
-        groups.push(Group::Local(chunk.to_vec()));
-    }
-    if let Some(g) = &global {
-        let globals: Vec<usize> = (0..g.len()).collect();
-        for chunk in globals.chunks(batch) {
-            groups.push(Group::Global(chunk.to_vec()));
-        }
-    }
+    let groups = task_groups(local.len(), global.as_ref().map_or(0, |g| g.len()), batch);
 
     // Writes task `ti`'s input (and CA-map) to the store and returns the task.
     let make_task = |ti: usize| -> Result<Task> {
@@ -235,6 +226,9 @@ pub fn evaluate(
         weighting,
         local_merge: None,
         global_scatter: None,
+        globals_left: global.as_ref().map_or(0, |g| g.len()),
+        fusion: None,
+        fusion_scale: stage.fusion_scale,
         next: 0,
         arrived: BTreeMap::new(),
     });
@@ -342,7 +336,7 @@ pub fn evaluate(
     timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let halves = if guided { 2 } else { 1 };
-    let (merged_local, merged_global) = merge.finish()?;
+    let parts = merge.finish()?;
     let camap = if capture {
         Some(camap_merge.finish()?)
     } else {
@@ -350,19 +344,9 @@ pub fn evaluate(
     };
     timings.merge += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
-    let channels = merged_local.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
+    let channels = parts.0.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
     let dims = [halves, channels, stage_hw.0, stage_hw.1];
-    // In place: a gigapixel stage's fusion holds its two inputs and a plane of scratch.
-    let merged = match merged_global {
-        Some(merged_global) => fuse_scales_once_in_place(
-            merged_local,
-            merged_global,
-            dims,
-            stage.fusion_scale,
-            BlurAxes::Spatial,
-        )?,
-        None => merged_local,
-    };
+    let merged = fuse_parts(parts, dims, stage.fusion_scale)?;
     let merged = Tensor::from_vec(merged, dims.to_vec(), &Device::Cpu)?;
     timings.fusion += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
@@ -379,6 +363,42 @@ pub fn evaluate(
         last_result,
     })
 }
+
+/// The step's tasks: batches of global views first, then of local views in view order. Once
+/// the global views are merged, the fusion can follow the local merge down the latent a band
+/// of rows at a time (see [`StepMerge`]).
+fn task_groups(locals: usize, globals: usize, batch: usize) -> Vec<Group> {
+    let chunks = |n: usize| {
+        let ix: Vec<usize> = (0..n).collect();
+        ix.chunks(batch.max(1))
+            .map(<[usize]>::to_vec)
+            .collect::<Vec<_>>()
+    };
+    let mut groups: Vec<Group> = chunks(globals).into_iter().map(Group::Global).collect();
+    groups.extend(chunks(locals).into_iter().map(Group::Local));
+    groups
+}
+
+/// The fused `(halves, C, H, W)` predictions from a finished [`StepMerge`]'s parts: the
+/// fusion's last rows when it ran behind the merge, the whole fusion in place when it did not
+/// (the same bytes), the local predictions alone without global views.
+fn fuse_parts(
+    (mut local, global, bands): MergedParts,
+    dims: [usize; 4],
+    scale: usize,
+) -> Result<Vec<f32>> {
+    Ok(match (global, bands) {
+        (Some(global), Some(bands)) => bands.finish(&mut local, global)?,
+        // In place: a gigapixel stage's fusion holds its two inputs and a plane of scratch.
+        (Some(global), None) => {
+            fuse_scales_once_in_place(local, global, dims, scale, BlurAxes::Spatial)?
+        }
+        (None, _) => local,
+    })
+}
+
+/// A finished step merge: local values, global values, the fusion's bands if started.
+type MergedParts = (Vec<f32>, Option<Vec<f32>>, Option<FusionBands>);
 
 fn task_id(at: &StepAt, ti: usize) -> String {
     format!("s{}:t{}:task{ti}", at.stage, at.step)
@@ -397,7 +417,13 @@ struct StepMerge<'a> {
     global: Option<&'a GlobalViews>,
     weighting: ViewWeighting,
     local_merge: Option<LocalMerge<'a>>,
+    /// The global views' scatter while they come in; its values once all have.
     global_scatter: Option<GlobalScatter<'a>>,
+    globals_left: usize,
+    /// The fusion, run behind the local merge once the global views are all in (they are
+    /// the first tasks): rows the merge has settled are fused while later views compute.
+    fusion: Option<(FusionBands, Vec<f32>)>,
+    fusion_scale: usize,
     /// The next task to merge.
     next: usize,
     arrived: BTreeMap<usize, TaskOutputs>,
@@ -457,29 +483,47 @@ impl StepMerge<'_> {
                             "global views without a global layout".into(),
                         ));
                     };
-                    self.global_scatter
-                        .get_or_insert_with(|| g.scatter(halves * c))
-                        .add(view, &vals)?;
+                    let scatter = self
+                        .global_scatter
+                        .get_or_insert_with(|| g.scatter(halves * c));
+                    scatter.add(view, &vals)?;
+                    self.globals_left = self.globals_left.saturating_sub(1);
+                    if self.globals_left == 0 && self.fusion.is_none() {
+                        if let Some(done) = self.global_scatter.take() {
+                            let hw = self.local.latent();
+                            let bands = FusionBands::new(halves * c, hw, self.fusion_scale)?;
+                            self.fusion = Some((bands, done.finish_vec()?));
+                        }
+                    }
                 }
             }
+        }
+        if let (Group::Local(_), Some(m), Some((bands, global))) = (
+            &self.groups[ti],
+            self.local_merge.as_mut(),
+            self.fusion.as_mut(),
+        ) {
+            let (settled, local) = m.settle()?;
+            bands.advance(local, global, settled)?;
         }
         Ok(())
     }
 
-    /// The merged local and global predictions, `(halves, C, H, W)` row-major values each.
-    fn finish(self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    /// The merged local predictions and the global ones, `(halves, C, H, W)` row-major values
+    /// each, with the fusion's bands when it has started on them.
+    fn finish(self) -> Result<MergedParts> {
         let local = self
             .local_merge
             .ok_or_else(|| EngineError::Invalid("no local view outputs".into()))?
             .finish_vec()?;
-        let global = match (self.global, self.global_scatter) {
-            (Some(_), Some(s)) => Some(s.finish_vec()?),
-            (Some(_), None) => {
+        Ok(match (self.global, self.global_scatter, self.fusion) {
+            (Some(_), _, Some((bands, global))) => (local, Some(global), Some(bands)),
+            (Some(_), Some(s), None) => (local, Some(s.finish_vec()?), None),
+            (Some(_), None, None) => {
                 return Err(EngineError::Invalid("no global view outputs".into()));
             }
-            (None, _) => None,
-        };
-        Ok((local, global))
+            (None, _, _) => (local, None, None),
+        })
     }
 }
 
@@ -539,7 +583,7 @@ mod tests {
     use tessera_common::tiling::{GlobalViewConfig, LocalViewConfig};
 
     #[test]
-    fn step_merge_gives_the_same_bytes_in_any_arrival_order() -> Result<()> {
+    fn step_merge_and_fusion_give_the_same_bytes_in_any_arrival_order() -> Result<()> {
         let (h, w) = (96, 80);
         let local = LocalViews::new(h, w, &LocalViewConfig::for_training_size(32), Some(5))?;
         let global = GlobalViews::new(h, w, &GlobalViewConfig::for_training_size(32))?;
@@ -549,15 +593,12 @@ mod tests {
             .reshape((2, 4, h, w))?
             .affine(1e-4, -1.0)?
             .sin()?;
-        let mut groups = Vec::new();
-        let locals: Vec<usize> = (0..local.len()).collect();
-        for chunk in locals.chunks(3) {
-            groups.push(Group::Local(chunk.to_vec()));
-        }
-        let globals: Vec<usize> = (0..global.len()).collect();
-        for chunk in globals.chunks(3) {
-            groups.push(Group::Global(chunk.to_vec()));
-        }
+        // Globals first, as steps run (the fusion follows the merge), and locals first (the
+        // fusion runs whole at the end): the same bytes.
+        let banded = task_groups(local.len(), global.len(), 3);
+        let mut whole = task_groups(local.len(), 0, 3);
+        whole.extend(task_groups(0, global.len(), 3));
+        assert!(matches!(banded[0], Group::Global(_)) && matches!(whole[0], Group::Local(_)));
         // Each view's batch rows are [uncond, cond] of the field: split them per task.
         let per_task = |g: &Group| -> Result<TaskOutputs> {
             let ix = match g {
@@ -575,45 +616,58 @@ mod tests {
             }
             Ok((Tensor::cat(&c, 0)?, Some(Tensor::cat(&u, 0)?)))
         };
-        let run = |order: &[usize]| -> Result<Vec<f32>> {
+        let scale = 3;
+        let dims = [2, 4, h, w];
+        let run = |groups: &[Group], order: &[usize]| -> Result<Vec<f32>> {
             let mut m = StepMerge {
-                groups: &groups,
+                groups,
                 local: &local,
                 global: Some(&global),
                 weighting: ViewWeighting::GAUSSIAN,
                 local_merge: None,
                 global_scatter: None,
+                globals_left: global.len(),
+                fusion: None,
+                fusion_scale: scale,
                 next: 0,
                 arrived: BTreeMap::new(),
             };
             for &ti in order {
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
-            let (mut v, g) = m.finish()?;
-            v.extend(g.unwrap_or_default());
-            Ok(v)
+            let parts = m.finish()?;
+            // Bands start once the global views are in, wherever they fall in the order.
+            assert!(parts.2.is_some());
+            fuse_parts(parts, dims, scale)
         };
-        let n = groups.len();
+        let n = banded.len();
         let forward: Vec<usize> = (0..n).collect();
         let backward: Vec<usize> = (0..n).rev().collect();
         let mut shuffled = forward.clone();
         shuffled.rotate_left(n / 3);
         shuffled.swap(0, n - 1);
-        let a = run(&forward)?;
-        assert_eq!(a, run(&backward)?);
-        assert_eq!(a, run(&shuffled)?);
+        let a = run(&banded, &forward)?;
+        assert_eq!(a, run(&banded, &backward)?);
+        assert_eq!(a, run(&banded, &shuffled)?);
+        assert_eq!(a, run(&whole, &shuffled)?);
         // And it is what the all-at-once merges give.
         let views_out = |count: usize, f: &dyn Fn(usize) -> Result<Tensor>| {
             (0..count).map(f).collect::<Result<Vec<_>>>()
         };
         let lo = views_out(local.len(), &|i| Ok(local.extract(&field, i)?))?;
         let go = views_out(global.len(), &|i| Ok(global.extract(&field, i)?))?;
-        let mut want = local
-            .merge(&lo, ViewWeighting::GAUSSIAN)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        want.extend(global.merge(&go)?.flatten_all()?.to_vec1::<f32>()?);
-        assert_eq!(a, want);
+        let want = fuse_scales_once_in_place(
+            local
+                .merge(&lo, ViewWeighting::GAUSSIAN)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            global.merge(&go)?.flatten_all()?.to_vec1::<f32>()?,
+            dims,
+            scale,
+            BlurAxes::Spatial,
+        )?;
+        assert_eq!(a.len(), want.len());
+        assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
         Ok(())
     }
 }
