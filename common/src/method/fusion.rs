@@ -101,7 +101,6 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
         return Ok((x * f64::from(kernel[0]))?);
     }
     let dims = x.dims().to_vec();
-    let r = kernel.len() / 2;
     // (outer, n, inner): the blurred axis in the middle.
     let n = dims[dim];
     let inner: usize = dims[dim + 1..].iter().product();
@@ -118,17 +117,7 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
         for_each_row_chunk(&mut out, n, |first_row, rows| {
             let src = &src[first_row * n..first_row * n + rows.len()];
             for (dst, row) in rows.chunks_mut(n).zip(src.chunks(n)) {
-                for (j, &k) in kernel.iter().enumerate() {
-                    // dst[i] += k · row[i + j − r] where that index exists.
-                    let (lo, hi) = (r.saturating_sub(j), (n + r).saturating_sub(j).min(n));
-                    if lo >= hi {
-                        continue;
-                    }
-                    let shift = lo + j - r;
-                    for (d, &v) in dst[lo..hi].iter_mut().zip(&row[shift..shift + (hi - lo)]) {
-                        *d += v * k;
-                    }
-                }
+                blur_line(dst, row, kernel);
             }
         });
         return Ok(Tensor::from_vec(out, dims, x.device())?);
@@ -137,17 +126,7 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
         for (ri, dst) in rows.chunks_mut(inner).enumerate() {
             // Output row (o, i) of the (outer, n) grid of rows.
             let (o, i) = ((first_row + ri) / n, (first_row + ri) % n);
-            let base = o * n * inner;
-            for (j, &k) in kernel.iter().enumerate() {
-                // Source index along the axis: i + j − r, zero outside.
-                let Some(si) = (i + j).checked_sub(r).filter(|&si| si < n) else {
-                    continue;
-                };
-                let row = &src[base + si * inner..base + (si + 1) * inner];
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d += v * k;
-                }
-            }
+            blur_across(dst, &src[o * n * inner..(o + 1) * n * inner], n, i, kernel);
         }
     });
     Ok(Tensor::from_vec(out, dims, x.device())?)

@@ -136,14 +136,8 @@ mod tests {
     /// large enough to be threaded; views that are not contiguous take the chain.
     #[test]
     fn fused_step_matches_tensor_ops_bit_for_bit() -> Result<()> {
-        let (e, s) = fused::test_inputs(3 * (1 << 16) + 5)?;
-        for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
-            for (sigma, next) in [(14.6146, 9.7232), (0.0292, 0.0), (1.0, 0.5)] {
-                let a = step_fused(prediction, &e, &s, sigma, next)?.expect("contiguous f32");
-                let b = step_ops(prediction, &e, &s, sigma, next)?;
-                assert!(fused::same_bits(&a, &b)?, "{prediction:?} {sigma}");
-            }
-        }
+        let pairs = [(14.6146, 9.7232), (0.0292, 0.0), (1.0, 0.5)];
+        fused::check_against_chain(&pairs, step_fused, step_ops)?;
         let m = Tensor::randn(0f32, 1.0, (4, 6), &candle_core::Device::Cpu)?.t()?;
         assert!(step_fused(PredictionType::Epsilon, &m, &m, 1.0, 0.5)?.is_none());
         Ok(())

@@ -64,27 +64,43 @@ pub(super) fn step(
     }))
 }
 
-/// Test inputs: a model output and a sample of `n` values, the sample with a +0 and a −0.
+/// Checks a fused step against its tensor chain bit for bit, for both parameterisations and
+/// each `(from, to)` pair of schedule values, on a latent large enough to be threaded (with a
+/// +0 and a −0 among the sample's values).
 #[cfg(test)]
-pub(super) fn test_inputs(n: usize) -> Result<(Tensor, Tensor)> {
+pub(super) fn check_against_chain(
+    pairs: &[(f64, f64)],
+    fused: impl Fn(super::PredictionType, &Tensor, &Tensor, f64, f64) -> Result<Option<StepOutput>>,
+    chain: impl Fn(super::PredictionType, &Tensor, &Tensor, f64, f64) -> Result<StepOutput>,
+) -> Result<()> {
     let dev = candle_core::Device::Cpu;
+    let n = 3 * (1 << 16) + 5;
     let e = Tensor::randn(0f32, 1.5, n, &dev)?;
     let mut s = Tensor::randn(0f32, 8.0, n, &dev)?.to_vec1::<f32>()?;
     s[0] = 0.0;
     s[1] = -0.0;
-    Ok((e, Tensor::from_vec(s, n, &dev)?))
-}
-
-/// Whether two step outputs hold the same bits.
-#[cfg(test)]
-pub(super) fn same_bits(a: &StepOutput, b: &StepOutput) -> Result<bool> {
+    let s = Tensor::from_vec(s, n, &dev)?;
     let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
+        Ok(t.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
     };
-    Ok(bits(&a.prev_sample)? == bits(&b.prev_sample)?
-        && bits(&a.pred_original_sample)? == bits(&b.pred_original_sample)?)
+    for prediction in [
+        super::PredictionType::Epsilon,
+        super::PredictionType::VPrediction,
+    ] {
+        for &(from, to) in pairs {
+            let a = fused(prediction, &e, &s, from, to)?.expect("contiguous f32");
+            let b = chain(prediction, &e, &s, from, to)?;
+            assert_eq!(
+                bits(&a.prev_sample)?,
+                bits(&b.prev_sample)?,
+                "{prediction:?} {from}"
+            );
+            assert_eq!(
+                bits(&a.pred_original_sample)?,
+                bits(&b.pred_original_sample)?,
+                "{prediction:?} {from}"
+            );
+        }
+    }
+    Ok(())
 }
