@@ -252,11 +252,6 @@ impl LocalViews {
         self.window
     }
 
-    /// The latent's `(height, width)` the views cover.
-    pub fn latent(&self) -> (usize, usize) {
-        self.latent
-    }
-
     pub fn latent_size(&self) -> (usize, usize) {
         self.latent
     }
@@ -723,6 +718,11 @@ impl GlobalScatter<'_> {
             (bc, h, w),
             &Device::Cpu,
         )?)
+    }
+
+    /// Whether every global view has been added.
+    pub fn is_complete(&self) -> bool {
+        self.seen.iter().all(|&s| s)
     }
 
     /// [`GlobalScatter::finish`]'s values, `(bc, H, W)` row-major, without a copy.

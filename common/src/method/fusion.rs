@@ -405,37 +405,21 @@ impl FusionBands {
             return Ok(());
         }
         let (from, kernel, local) = (self.fused, &self.kernel, &*local);
-        let fuse_plane = |p: usize, out: &mut [f32]| {
-            let src = &local[p * plane..(p + 1) * plane];
+        // Planes are independent: whole planes go to each thread.
+        for_each_row_chunk(global, plane, |first_plane, outs| {
             let (mut across, mut line) = (vec![0f32; w], vec![0f32; w]);
-            for y in from..upto {
-                blur_across(&mut across, src, h, y, kernel);
-                blur_line(&mut line, &across, kernel);
-                for (o, &b) in out[y * w..(y + 1) * w].iter_mut().zip(&line) {
-                    *o += b;
+            for (i, out) in outs.chunks_mut(plane).enumerate() {
+                let p = first_plane + i;
+                let src = &local[p * plane..(p + 1) * plane];
+                for y in from..upto {
+                    blur_across(&mut across, src, h, y, kernel);
+                    blur_line(&mut line, &across, kernel);
+                    for (o, &b) in out[y * w..(y + 1) * w].iter_mut().zip(&line) {
+                        *o += b;
+                    }
                 }
             }
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(self.planes);
-        if threads <= 1 || (upto - from) * w * self.planes < 1 << 15 {
-            for (p, out) in global.chunks_mut(plane).enumerate() {
-                fuse_plane(p, out);
-            }
-        } else {
-            let per = self.planes.div_ceil(threads);
-            std::thread::scope(|scope| {
-                for (t, outs) in global.chunks_mut(per * plane).enumerate() {
-                    let fuse_plane = &fuse_plane;
-                    scope.spawn(move || {
-                        for (i, out) in outs.chunks_mut(plane).enumerate() {
-                            fuse_plane(t * per + i, out);
-                        }
-                    });
-                }
-            });
-        }
+        });
         self.fused = upto;
         Ok(())
     }

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes, FusionBands};
+use tessera_common::method::fusion::FusionBands;
 use tessera_common::method::params::TileWeights;
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::{Plan, StagePlan};
@@ -226,7 +226,6 @@ pub fn evaluate(
         weighting,
         local_merge: None,
         global_scatter: None,
-        globals_left: global.as_ref().map_or(0, |g| g.len()),
         fusion: None,
         fusion_scale: stage.fusion_scale,
         next: 0,
@@ -336,7 +335,7 @@ pub fn evaluate(
     timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let halves = if guided { 2 } else { 1 };
-    let parts = merge.finish()?;
+    let (mut merged_local, fusion) = merge.finish()?;
     let camap = if capture {
         Some(camap_merge.finish()?)
     } else {
@@ -344,9 +343,14 @@ pub fn evaluate(
     };
     timings.merge += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
-    let channels = parts.0.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
+    let channels = merged_local.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
     let dims = [halves, channels, stage_hw.0, stage_hw.1];
-    let merged = fuse_parts(parts, dims, stage.fusion_scale)?;
+    // The fusion's last rows (it ran behind the merge); the local predictions alone without
+    // global views.
+    let merged = match fusion {
+        Some((bands, global)) => bands.finish(&mut merged_local, global)?,
+        None => merged_local,
+    };
     let merged = Tensor::from_vec(merged, dims.to_vec(), &Device::Cpu)?;
     timings.fusion += clock.elapsed().as_secs_f64();
     let (cond, uncond) = if guided {
@@ -379,27 +383,6 @@ fn task_groups(locals: usize, globals: usize, batch: usize) -> Vec<Group> {
     groups
 }
 
-/// The fused `(halves, C, H, W)` predictions from a finished [`StepMerge`]'s parts: the
-/// fusion's last rows when it ran behind the merge, the whole fusion in place when it did not
-/// (the same bytes), the local predictions alone without global views.
-fn fuse_parts(
-    (mut local, global, bands): MergedParts,
-    dims: [usize; 4],
-    scale: usize,
-) -> Result<Vec<f32>> {
-    Ok(match (global, bands) {
-        (Some(global), Some(bands)) => bands.finish(&mut local, global)?,
-        // In place: a gigapixel stage's fusion holds its two inputs and a plane of scratch.
-        (Some(global), None) => {
-            fuse_scales_once_in_place(local, global, dims, scale, BlurAxes::Spatial)?
-        }
-        (None, _) => local,
-    })
-}
-
-/// A finished step merge: local values, global values, the fusion's bands if started.
-type MergedParts = (Vec<f32>, Option<Vec<f32>>, Option<FusionBands>);
-
 fn task_id(at: &StepAt, ti: usize) -> String {
     format!("s{}:t{}:task{ti}", at.stage, at.step)
 }
@@ -407,6 +390,9 @@ fn task_id(at: &StepAt, ti: usize) -> String {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The fusion's bands with the merged global predictions they fuse into.
+type Fusion = (FusionBands, Vec<f32>);
 
 /// A step's merge while its tasks come back: outputs may arrive in any order, but they are
 /// merged strictly in task (and so view) order, the early arrivals held until their turn, so
@@ -417,12 +403,11 @@ struct StepMerge<'a> {
     global: Option<&'a GlobalViews>,
     weighting: ViewWeighting,
     local_merge: Option<LocalMerge<'a>>,
-    /// The global views' scatter while they come in; its values once all have.
+    /// The global views' scatter while they come in.
     global_scatter: Option<GlobalScatter<'a>>,
-    globals_left: usize,
     /// The fusion, run behind the local merge once the global views are all in (they are
     /// the first tasks): rows the merge has settled are fused while later views compute.
-    fusion: Option<(FusionBands, Vec<f32>)>,
+    fusion: Option<Fusion>,
     fusion_scale: usize,
     /// The next task to merge.
     next: usize,
@@ -487,10 +472,9 @@ impl StepMerge<'_> {
                         .global_scatter
                         .get_or_insert_with(|| g.scatter(halves * c));
                     scatter.add(view, &vals)?;
-                    self.globals_left = self.globals_left.saturating_sub(1);
-                    if self.globals_left == 0 && self.fusion.is_none() {
+                    if scatter.is_complete() {
                         if let Some(done) = self.global_scatter.take() {
-                            let hw = self.local.latent();
+                            let hw = self.local.latent_size();
                             let bands = FusionBands::new(halves * c, hw, self.fusion_scale)?;
                             self.fusion = Some((bands, done.finish_vec()?));
                         }
@@ -509,21 +493,19 @@ impl StepMerge<'_> {
         Ok(())
     }
 
-    /// The merged local predictions and the global ones, `(halves, C, H, W)` row-major values
-    /// each, with the fusion's bands when it has started on them.
-    fn finish(self) -> Result<MergedParts> {
+    /// The merged local predictions, `(halves, C, H, W)` row-major values, and the fusion
+    /// with the merged global ones when the stage has global views.
+    fn finish(self) -> Result<(Vec<f32>, Option<Fusion>)> {
         let local = self
             .local_merge
             .ok_or_else(|| EngineError::Invalid("no local view outputs".into()))?
             .finish_vec()?;
-        Ok(match (self.global, self.global_scatter, self.fusion) {
-            (Some(_), _, Some((bands, global))) => (local, Some(global), Some(bands)),
-            (Some(_), Some(s), None) => (local, Some(s.finish_vec()?), None),
-            (Some(_), None, None) => {
-                return Err(EngineError::Invalid("no global view outputs".into()));
-            }
-            (None, _, _) => (local, None, None),
-        })
+        match (self.global, self.fusion) {
+            (Some(_), None) => Err(EngineError::Invalid(
+                "not every global view output was merged".into(),
+            )),
+            (_, fusion) => Ok((local, fusion)),
+        }
     }
 }
 
@@ -580,6 +562,7 @@ impl CamapMerge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes};
     use tessera_common::tiling::{GlobalViewConfig, LocalViewConfig};
 
     #[test]
@@ -626,7 +609,6 @@ mod tests {
                 weighting: ViewWeighting::GAUSSIAN,
                 local_merge: None,
                 global_scatter: None,
-                globals_left: global.len(),
                 fusion: None,
                 fusion_scale: scale,
                 next: 0,
@@ -635,10 +617,10 @@ mod tests {
             for &ti in order {
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
-            let parts = m.finish()?;
+            let (mut local, fusion) = m.finish()?;
             // Bands start once the global views are in, wherever they fall in the order.
-            assert!(parts.2.is_some());
-            fuse_parts(parts, dims, scale)
+            let (bands, global) = fusion.expect("the fusion started");
+            Ok(bands.finish(&mut local, global)?)
         };
         let n = banded.len();
         let forward: Vec<usize> = (0..n).collect();
