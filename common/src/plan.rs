@@ -219,6 +219,13 @@ impl StagePlan {
         (self.latent[0], self.latent[1])
     }
 
+    /// Model calls per step: local and global views go out in separate batches of up to
+    /// `view_batch`. A step on W workers runs in about ⌈tasks / W⌉ rounds of calls.
+    pub fn tasks_per_step(&self, view_batch: usize) -> usize {
+        let b = view_batch.max(1);
+        self.local_views.div_ceil(b) + self.global_views.div_ceil(b)
+    }
+
     /// One local view covers the whole latent: no tiling, no global views.
     pub fn is_whole(&self) -> bool {
         self.local_views == 1 && self.global_views == 0

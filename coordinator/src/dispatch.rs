@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use candle_core::DType;
 use tessera_common::store::Store;
 use tessera_common::task::Task;
 use tessera_worker::model::diffusion::DiffusionModel;
@@ -41,6 +42,12 @@ pub trait Dispatch: Sync {
     }
     /// Workers available (for progress and plans).
     fn workers(&self) -> usize;
+    /// The dtype to write views in: the one every worker computes in, which each casts its
+    /// views to first thing — so sending it is exact, and half the bytes where that is f16.
+    /// F32 where the workers differ or do not say.
+    fn view_dtype(&self) -> DType {
+        DType::F32
+    }
 }
 
 /// In-process workers: one thread per model handle. On a CPU the handles share one loaded
@@ -84,6 +91,8 @@ impl Dispatch for LocalWorkers {
             for (model, camaps) in self.models.iter().zip(&self.camaps) {
                 let (feed, failed, first_error) = (&feed, &failed, &first_error);
                 let store = self.store.as_ref();
+                // Each in-process worker runs one task at a time, so its device turn is its own.
+                let turn = Mutex::new(());
                 scope.spawn(move || loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
@@ -91,8 +100,8 @@ impl Dispatch for LocalWorkers {
                     // Waits here until the engine has written the next task's input.
                     let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(task) = next else { return };
-                    match tasks::execute(model, store, camaps, &task) {
-                        Ok(()) => done(&task),
+                    match tasks::execute(model, store, camaps, &task, &turn) {
+                        Ok(_) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             first_error
@@ -113,5 +122,14 @@ impl Dispatch for LocalWorkers {
 
     fn workers(&self) -> usize {
         self.models.len()
+    }
+
+    fn view_dtype(&self) -> DType {
+        let first = self.models[0].dtype;
+        if self.models.iter().all(|m| m.dtype == first) {
+            first
+        } else {
+            DType::F32
+        }
     }
 }

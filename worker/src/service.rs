@@ -88,8 +88,11 @@ struct Shared {
     model_name: String,
     store: RedisStore,
     description: WorkerDescription,
-    /// One RunTasks call computes at a time; further calls wait their turn.
-    busy: tokio::sync::Mutex<()>,
+    /// One task computes on the device at a time; the store reads and writes of the others
+    /// (of the coordinator's second call) overlap it.
+    device_turn: std::sync::Mutex<()>,
+    /// The same for the benchmark double, whose computation is an async wait.
+    simulated_turn: tokio::sync::Mutex<()>,
 }
 
 /// Runs a worker until `shutdown` resolves, then withdraws its membership key.
@@ -157,7 +160,11 @@ pub async fn serve(
     };
 
     let id = worker_id(local);
-    let description = describe(&id, &address, &cfg, &arch);
+    let dtype = match &backend {
+        Backend::Model(m) => m.dtype,
+        Backend::Simulated(_) => crate::simulate::GPU_DTYPE,
+    };
+    let description = describe(&id, &address, &cfg, &arch, dtype);
     let shared = Arc::new(Shared {
         id: id.clone(),
         backend,
@@ -165,7 +172,8 @@ pub async fn serve(
         model_name: cfg.model_name.clone(),
         store: store.clone(),
         description,
-        busy: tokio::sync::Mutex::new(()),
+        device_turn: Default::default(),
+        simulated_turn: tokio::sync::Mutex::new(()),
     });
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
@@ -236,7 +244,13 @@ fn advertised_url(local: SocketAddr, coordinator: &str, tls: bool) -> String {
     format!("{scheme}://{}", SocketAddr::new(ip, local.port()))
 }
 
-fn describe(id: &str, address: &str, cfg: &WorkerConfig, arch: &ArchInfo) -> WorkerDescription {
+fn describe(
+    id: &str,
+    address: &str,
+    cfg: &WorkerConfig,
+    arch: &ArchInfo,
+    dtype: candle_core::DType,
+) -> WorkerDescription {
     WorkerDescription {
         worker_id: id.to_string(),
         address: address.to_string(),
@@ -245,6 +259,7 @@ fn describe(id: &str, address: &str, cfg: &WorkerConfig, arch: &ArchInfo) -> Wor
             arch_json: serde_json::to_string(arch).unwrap_or_default(),
             scheduler_json: serde_json::to_string(&arch.scheduler).unwrap_or_default(),
             latent_channels: arch.latent_channels as u32,
+            dtype: dtype.as_str().to_string(),
         }],
         device: cfg.device.clone(),
         free_memory_bytes: 0,
@@ -324,10 +339,8 @@ impl Worker for WorkerService {
         req: Request<RunTasksRequest>,
     ) -> Result<Response<RunTasksResponse>, Status> {
         let refs = req.into_inner().tasks;
-        let _turn = self.shared.busy.lock().await;
         let mut results = Vec::with_capacity(refs.len());
         for r in refs {
-            let started = Instant::now();
             let task: Task = match serde_json::from_str(&r.task_json) {
                 Ok(t) => t,
                 Err(e) => {
@@ -368,16 +381,27 @@ impl Worker for WorkerService {
                                 inner: &shared.store,
                                 guard: guard_key(&task),
                             };
-                            tasks::execute(&model, &guarded, &shared.camaps, &task)
+                            tasks::execute(
+                                &model,
+                                &guarded,
+                                &shared.camaps,
+                                &task,
+                                &shared.device_turn,
+                            )
                         })
                         .await
                     }
                     Backend::Simulated(sim) => Ok(sim
-                        .execute(&self.shared.store, &guard_key(&task), &task)
+                        .execute(
+                            &self.shared.store,
+                            &guard_key(&task),
+                            &task,
+                            &self.shared.simulated_turn,
+                        )
                         .await),
                 };
                 match outcome {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(held)) => result.seconds = held.as_secs_f64(),
                     Ok(Err(e)) => {
                         result.ok = false;
                         result.retryable = retryable(&e);
@@ -390,7 +414,6 @@ impl Worker for WorkerService {
                     }
                 }
             }
-            result.seconds = started.elapsed().as_secs_f64();
             results.push(result);
         }
         Ok(Response::new(RunTasksResponse { results }))

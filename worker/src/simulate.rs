@@ -1,7 +1,8 @@
 //! A **benchmark double** of a worker's model (`tessera worker --simulate-eval-ms MS`): it loads
 //! no weights and computes nothing meaningful. Each task reads its real inputs from the store,
 //! waits as long as a GPU of the given speed would, and writes outputs of the real shapes and
-//! dtype, so the coordinator, the dispatch and Redis do exactly the work of a real run. It
+//! dtypes — a CUDA worker's: noise predictions and decoded pixels in f16, as the model computes
+//! them there — so the coordinator, the dispatch and Redis do exactly the work of a real run. It
 //! exists to measure Tessera's own overhead and scaling (`tessera bench scale`) on machines
 //! without GPUs; it is never the default and its pictures are meaningless.
 //!
@@ -22,6 +23,8 @@ use crate::tasks::TaskError;
 
 /// Sequence length of the CLIP text encoders' embeddings.
 const TEXT_TOKENS: usize = 77;
+/// The dtype a CUDA worker's UNet and VAE compute in, so their outputs' sizes.
+pub const GPU_DTYPE: DType = DType::F16;
 
 /// What the double needs of a model: its geometry, read from the model directory's configs.
 #[derive(Debug, Clone)]
@@ -97,6 +100,14 @@ impl SimulatedModel {
     }
 
     /// The simulated time of a VAE pass over `h × w` latent pixels.
+    /// The simulated device time: `length` holding the worker's device turn.
+    async fn compute(turn: &tokio::sync::Mutex<()>, length: Duration) -> Duration {
+        let _turn = turn.lock().await;
+        let since = std::time::Instant::now();
+        tokio::time::sleep(length).await;
+        since.elapsed()
+    }
+
     pub fn vae_time(&self, hw: (usize, usize)) -> Duration {
         self.denoise_time(1, hw, true)
     }
@@ -104,12 +115,15 @@ impl SimulatedModel {
     /// Runs one task against the store: reads its inputs, waits, writes deterministic outputs
     /// of the real sizes (a scaled copy of the input for noise predictions) while `guard`
     /// exists.
+    /// Runs one task like [`crate::tasks::execute`]: the simulated device time is spent
+    /// holding `turn`, the store reads and writes around it are not.
     pub async fn execute(
         &self,
         store: &RedisStore,
         guard: &str,
         task: &Task,
-    ) -> Result<(), TaskError> {
+        turn: &tokio::sync::Mutex<()>,
+    ) -> Result<Duration, TaskError> {
         let st = |source| TaskError::Store {
             task: task.id.clone(),
             source,
@@ -142,7 +156,8 @@ impl SimulatedModel {
         };
         match &task.kind {
             TaskKind::EncodePrompt { .. } => {
-                tokio::time::sleep(self.denoise_time(1, (1, 1), true).mul_f64(0.1)).await;
+                let held =
+                    Self::compute(turn, self.denoise_time(1, (1, 1), true).mul_f64(0.1)).await;
                 let tokens =
                     |v: f32| Tensor::full(v, (1, TEXT_TOKENS, self.context_dim), &Device::Cpu);
                 let mut parts = vec![("uncond", tokens(0.0).map_err(cx)?)];
@@ -163,7 +178,7 @@ impl SimulatedModel {
                         .await
                         .map_err(st)?;
                 }
-                Ok(())
+                Ok(held)
             }
             TaskKind::Denoise(d) => {
                 let views = read(d.input.clone()).await.map_err(st)?;
@@ -180,7 +195,7 @@ impl SimulatedModel {
                     }
                 }
                 let guided = d.output_uncond.is_some();
-                tokio::time::sleep(self.denoise_time(n, (h, w), guided)).await;
+                let held = Self::compute(turn, self.denoise_time(n, (h, w), guided)).await;
                 if let Some(key) = &d.camap_capture {
                     let halves = if guided { 2 } else { 1 };
                     let map = Tensor::full(
@@ -191,33 +206,38 @@ impl SimulatedModel {
                     .map_err(cx)?;
                     write(key.clone(), map).await.map_err(st)?;
                 }
-                let cond = (&views * 0.5).map_err(cx)?;
-                write(d.output_cond.clone(), cond).await.map_err(st)?;
+                // Both predictions are the views themselves: a real worker's arithmetic runs on
+                // its GPU, not on the CPU this double may share with the coordinator.
+                let out = views.to_dtype(GPU_DTYPE).map_err(cx)?;
+                write(d.output_cond.clone(), out.clone())
+                    .await
+                    .map_err(st)?;
                 if let Some(key) = &d.output_uncond {
-                    let uncond = (&views * 0.25).map_err(cx)?;
-                    write(key.clone(), uncond).await.map_err(st)?;
+                    write(key.clone(), out).await.map_err(st)?;
                 }
-                Ok(())
+                Ok(held)
             }
             TaskKind::Decode { input, output } => {
                 let z = read(input.clone()).await.map_err(st)?;
                 let (_, c, h, w) = z.dims4().map_err(cx)?;
-                tokio::time::sleep(self.vae_time((h, w))).await;
+                let held = Self::compute(turn, self.vae_time((h, w))).await;
                 let px = blocking(move || -> candle_core::Result<Tensor> {
                     z.narrow(1, 0, c.min(3))?
                         .repeat((1, 3usize.div_ceil(c.min(3)), 1, 1))?
                         .narrow(1, 0, 3)?
                         .upsample_nearest2d(8 * h, 8 * w)?
-                        .clamp(-1f32, 1f32)
+                        .clamp(-1f32, 1f32)?
+                        .to_dtype(GPU_DTYPE)
                 })
                 .await
                 .map_err(cx)?;
-                write(output.clone(), px).await.map_err(st)
+                write(output.clone(), px).await.map_err(st)?;
+                Ok(held)
             }
             TaskKind::Encode { input, output, .. } => {
                 let px = read(input.clone()).await.map_err(st)?;
                 let (_, _, h, w) = px.dims4().map_err(cx)?;
-                tokio::time::sleep(self.vae_time((h / 8, w / 8))).await;
+                let held = Self::compute(turn, self.vae_time((h / 8, w / 8))).await;
                 let channels = self.latent_channels;
                 let z = blocking(move || -> candle_core::Result<Tensor> {
                     let pooled = px.avg_pool2d(8)?;
@@ -226,13 +246,14 @@ impl SimulatedModel {
                 })
                 .await
                 .map_err(cx)?;
-                write(output.clone(), z).await.map_err(st)
+                write(output.clone(), z).await.map_err(st)?;
+                Ok(held)
             }
             TaskKind::EncodeTile { input, output } => {
                 // The posterior's (mean, std): the pooled picture as the mean, std zero.
                 let px = read(input.clone()).await.map_err(st)?;
                 let (_, _, h, w) = px.dims4().map_err(cx)?;
-                tokio::time::sleep(self.vae_time((h / 8, w / 8))).await;
+                let held = Self::compute(turn, self.vae_time((h / 8, w / 8))).await;
                 let channels = self.latent_channels;
                 let moments = blocking(move || -> candle_core::Result<Tensor> {
                     let pooled = px.avg_pool2d(8)?;
@@ -243,7 +264,8 @@ impl SimulatedModel {
                 })
                 .await
                 .map_err(cx)?;
-                write(output.clone(), moments).await.map_err(st)
+                write(output.clone(), moments).await.map_err(st)?;
+                Ok(held)
             }
         }
     }

@@ -3,8 +3,10 @@
 //! between these calls (guidance, scheduler steps, merging), so these stay pure functions of
 //! their inputs — which is what makes a retried or duplicated task safe.
 
-use candle_core::{Result, Tensor};
-use std::sync::{Arc, Mutex};
+use candle_core::{DType, Device, Result, Tensor};
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tessera_common::method::camap::{CaMap, CaMapCollector, FlatCaMap};
 use tessera_common::method::freescale::DILATED_CONVS;
@@ -208,11 +210,55 @@ impl CamapCache {
 
 /// Runs one task: reads its inputs from `store`, computes on the model's device, writes its
 /// outputs. Pure in its inputs, so running it twice writes the same bytes.
+///
+/// The device work runs while holding `turn`; reading and decoding the inputs before, and
+/// encoding and writing the outputs after, do not. A worker that shares one `turn` between
+/// its calls thus reads the next task while the device computes the current one, and the
+/// device never waits for the store. Returns how long the task held the device.
 pub fn execute(
     model: &DiffusionModel,
     store: &dyn Store,
     camaps: &CamapCache,
     task: &Task,
+    turn: &Mutex<()>,
+) -> std::result::Result<Duration, TaskError> {
+    let held = Cell::new(Duration::ZERO);
+    run(model, store, camaps, task, &|| {
+        DeviceTurn::take(turn, &held)
+    })?;
+    Ok(held.get())
+}
+
+/// Holds the device for a task's computation, adding the time held to `total` when dropped.
+struct DeviceTurn<'a> {
+    _guard: MutexGuard<'a, ()>,
+    since: Instant,
+    total: &'a Cell<Duration>,
+}
+
+impl<'a> DeviceTurn<'a> {
+    fn take(turn: &'a Mutex<()>, total: &'a Cell<Duration>) -> Self {
+        let guard = turn.lock().unwrap_or_else(|e| e.into_inner());
+        Self {
+            _guard: guard,
+            since: Instant::now(),
+            total,
+        }
+    }
+}
+
+impl Drop for DeviceTurn<'_> {
+    fn drop(&mut self) {
+        self.total.set(self.total.get() + self.since.elapsed());
+    }
+}
+
+fn run<'a>(
+    model: &DiffusionModel,
+    store: &dyn Store,
+    camaps: &CamapCache,
+    task: &Task,
+    on_device: &dyn Fn() -> DeviceTurn<'a>,
 ) -> std::result::Result<(), TaskError> {
     let st = |source| TaskError::Store {
         task: task.id.clone(),
@@ -223,83 +269,126 @@ pub fn execute(
         message: e.to_string(),
     };
     let dev = &model.device;
+    let cpu = &Device::Cpu;
     match &task.kind {
         TaskKind::EncodePrompt {
             prompt,
             negative_prompt,
         } => {
-            let e = model
-                .encode_prompt(prompt, negative_prompt.as_deref())
-                .map_err(|e| TaskError::Compute {
-                    task: task.id.clone(),
-                    message: e.to_string(),
-                })?;
-            let put = |part: &str, t: &Tensor| -> std::result::Result<(), TaskError> {
-                let t = t.to_dtype(candle_core::DType::F32).map_err(cx)?;
-                put_tensor(store, &keys::embedding(&task.job, part), &t).map_err(st)
-            };
-            put("uncond", &e.uncond)?;
-            if let (Some(pc), Some(pu)) = (&e.pooled_cond, &e.pooled_uncond) {
-                put("pooled_cond", pc)?;
-                put("pooled_uncond", pu)?;
-            }
-            // Last: a resumed engine takes `cond` as the sign that all parts are stored.
-            put("cond", &e.cond)
-        }
-        TaskKind::Denoise(d) => {
-            let views = get_tensor(store, &d.input, dev).map_err(st)?;
-            let emb = load_embeddings(model, store, &task.job).map_err(st)?;
-            let mut hooks = hooks_for(model, d);
-            if let Some(inj) = &d.camap_inject {
-                let stage_map = camaps.get(store, &inj.key).map_err(st)?;
-                let map = stage_map
-                    .batch(
-                        (inj.stage_hw[0], inj.stage_hw[1]),
-                        (inj.view_hw[0], inj.view_hw[1]),
-                        &inj.placements,
-                    )
+            let parts = {
+                let _turn = on_device();
+                let e = model
+                    .encode_prompt(prompt, negative_prompt.as_deref())
                     .map_err(|e| TaskError::Compute {
                         task: task.id.clone(),
                         message: e.to_string(),
                     })?;
-                hooks.inject_cross_attention = Some(CrossAttnInjection {
-                    weight: inj.weight,
-                    map: map
-                        .to_device(dev)
-                        .map_err(cx)?
-                        .to_dtype(model.dtype)
-                        .map_err(cx)?,
-                });
+                let host = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(cpu);
+                let pooled = match (&e.pooled_cond, &e.pooled_uncond) {
+                    (Some(pc), Some(pu)) => Some((host(pc).map_err(cx)?, host(pu).map_err(cx)?)),
+                    _ => None,
+                };
+                (
+                    host(&e.cond).map_err(cx)?,
+                    host(&e.uncond).map_err(cx)?,
+                    pooled,
+                )
+            };
+            let put = |part: &str, t: &Tensor| {
+                put_tensor(store, &keys::embedding(&task.job, part), t).map_err(st)
+            };
+            let (cond, uncond, pooled) = parts;
+            put("uncond", &uncond)?;
+            if let Some((pc, pu)) = &pooled {
+                put("pooled_cond", pc)?;
+                put("pooled_uncond", pu)?;
             }
-            let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
-            let guided = d.output_uncond.is_some();
-            let pred = predict_noise(model, &views, d.timestep, &emb, size, guided, &mut hooks)
-                .map_err(cx)?;
-            if let Some(key) = &d.camap_capture {
-                let mut collector = CaMapCollector::new();
-                for m in &hooks.captured {
-                    collector.add(&m.probs, (m.height, m.width)).map_err(|e| {
-                        TaskError::Compute {
+            // Last: a resumed engine takes `cond` as the sign that all parts are stored.
+            put("cond", &cond)
+        }
+        TaskKind::Denoise(d) => {
+            let views = get_tensor(store, &d.input, cpu).map_err(st)?;
+            let emb = load_embeddings(store, &task.job).map_err(st)?;
+            let inject = match &d.camap_inject {
+                Some(inj) => {
+                    let stage_map = camaps.get(store, &inj.key).map_err(st)?;
+                    let map = stage_map
+                        .batch(
+                            (inj.stage_hw[0], inj.stage_hw[1]),
+                            (inj.view_hw[0], inj.view_hw[1]),
+                            &inj.placements,
+                        )
+                        .map_err(|e| TaskError::Compute {
                             task: task.id.clone(),
                             message: e.to_string(),
-                        }
-                    })?;
+                        })?;
+                    Some((inj.weight, map))
                 }
-                let map = collector.finish().map_err(|e| TaskError::Compute {
-                    task: task.id.clone(),
-                    message: e.to_string(),
-                })?;
-                put_tensor(store, key, map.tensor()).map_err(st)?;
+                None => None,
+            };
+            let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
+            let guided = d.output_uncond.is_some();
+            let (cond, uncond, capture) = {
+                let _turn = on_device();
+                let mut hooks = hooks_for(model, d);
+                if let Some((weight, map)) = inject {
+                    hooks.inject_cross_attention = Some(CrossAttnInjection {
+                        weight,
+                        map: map
+                            .to_device(dev)
+                            .map_err(cx)?
+                            .to_dtype(model.dtype)
+                            .map_err(cx)?,
+                    });
+                }
+                let emb = emb.to_model(model).map_err(cx)?;
+                let views = views.to_device(dev).map_err(cx)?;
+                let pred = predict_noise(model, &views, d.timestep, &emb, size, guided, &mut hooks)
+                    .map_err(cx)?;
+                let capture = match &d.camap_capture {
+                    Some(key) => {
+                        let mut collector = CaMapCollector::new();
+                        for m in &hooks.captured {
+                            collector.add(&m.probs, (m.height, m.width)).map_err(|e| {
+                                TaskError::Compute {
+                                    task: task.id.clone(),
+                                    message: e.to_string(),
+                                }
+                            })?;
+                        }
+                        let map = collector.finish().map_err(|e| TaskError::Compute {
+                            task: task.id.clone(),
+                            message: e.to_string(),
+                        })?;
+                        Some((key, map.tensor().to_device(cpu).map_err(cx)?))
+                    }
+                    None => None,
+                };
+                // Stored in the UNet's own dtype: exact (the prediction came out in it), and
+                // half the bytes to write, hold and merge where that is f16 (every GPU worker).
+                let stored = |t: &Tensor| t.to_dtype(model.dtype)?.to_device(cpu);
+                let uncond = pred.uncond.as_ref().map(stored).transpose().map_err(cx)?;
+                (stored(&pred.cond).map_err(cx)?, uncond, capture)
+            };
+            if let Some((key, map)) = capture {
+                put_tensor(store, key, &map).map_err(st)?;
             }
-            put_tensor(store, &d.output_cond, &pred.cond).map_err(st)?;
-            if let (Some(key), Some(u)) = (&d.output_uncond, &pred.uncond) {
+            put_tensor(store, &d.output_cond, &cond).map_err(st)?;
+            if let (Some(key), Some(u)) = (&d.output_uncond, &uncond) {
                 put_tensor(store, key, u).map_err(st)?;
             }
             Ok(())
         }
         TaskKind::Decode { input, output } => {
-            let z = get_tensor(store, input, dev).map_err(st)?;
-            let px = decode_latents_tiled(model, &z).map_err(cx)?;
+            let z = get_tensor(store, input, cpu).map_err(st)?;
+            let px = {
+                let _turn = on_device();
+                let z = z.to_device(dev).map_err(cx)?;
+                // In the VAE's dtype, exactly as it decoded: half the bytes on a GPU.
+                decode_latents_tiled(model, &z)
+                    .and_then(|px| px.to_dtype(model.vae_dtype())?.to_device(cpu))
+                    .map_err(cx)?
+            };
             put_tensor(store, output, &px).map_err(st)
         }
         TaskKind::Encode {
@@ -307,51 +396,57 @@ pub fn execute(
             output,
             noise,
         } => {
-            let px = get_tensor(store, input, dev).map_err(st)?;
-            let (n, _, h, w) = px.dims4().map_err(cx)?;
-            let f = model.vae.config().downscale_factor();
-            let channels = model.unet.config().in_channels;
-            let eps = NoiseKey {
-                seed: noise.seed,
-                stage: noise.stage,
-                step: 0,
-                purpose: NoisePurpose::VaeSample,
-            }
-            .normal((n, channels, h / f, w / f), dev)
-            .map_err(cx)?;
-            let z = encode_pixels(model, &px, &eps).map_err(cx)?;
+            let px = get_tensor(store, input, cpu).map_err(st)?;
+            let z = {
+                let _turn = on_device();
+                let px = px.to_device(dev).map_err(cx)?;
+                let (n, _, h, w) = px.dims4().map_err(cx)?;
+                let f = model.vae.config().downscale_factor();
+                let channels = model.unet.config().in_channels;
+                let eps = NoiseKey {
+                    seed: noise.seed,
+                    stage: noise.stage,
+                    step: 0,
+                    purpose: NoisePurpose::VaeSample,
+                }
+                .normal((n, channels, h / f, w / f), dev)
+                .map_err(cx)?;
+                encode_pixels(model, &px, &eps)
+                    .and_then(|z| z.to_device(cpu))
+                    .map_err(cx)?
+            };
             put_tensor(store, output, &z).map_err(st)
         }
         TaskKind::EncodeTile { input, output } => {
-            let px = get_tensor(store, input, dev).map_err(st)?;
-            let moments = encode_moments(model, &px).map_err(cx)?;
+            let px = get_tensor(store, input, cpu).map_err(st)?;
+            let moments = {
+                let _turn = on_device();
+                let px = px.to_device(dev).map_err(cx)?;
+                encode_moments(model, &px)
+                    .and_then(|m| m.to_device(cpu))
+                    .map_err(cx)?
+            };
             put_tensor(store, output, &moments).map_err(st)
         }
     }
 }
 
-/// The job's prompt embeddings from the store, in the model's dtype.
+/// The job's prompt embeddings as stored (f32, on the CPU); [`PromptEmbeddings::to_model`]
+/// puts them on the model's device in its dtype.
 pub fn load_embeddings(
-    model: &DiffusionModel,
     store: &dyn Store,
     job: &str,
 ) -> std::result::Result<PromptEmbeddings, tessera_common::store::StoreError> {
-    let dev = &model.device;
-    let get = |part: &str| get_tensor(store, &keys::embedding(job, part), dev);
+    let get = |part: &str| get_tensor(store, &keys::embedding(job, part), &Device::Cpu);
     let opt = |part: &str| match get(part) {
         Ok(t) => Ok(Some(t)),
         Err(tessera_common::store::StoreError::Missing(_)) => Ok(None),
         Err(e) => Err(e),
     };
-    let cast = |t: Tensor| {
-        t.to_dtype(model.dtype).map_err(|e| {
-            tessera_common::store::StoreError::Unavailable(format!("embedding dtype: {e}"))
-        })
-    };
     Ok(PromptEmbeddings {
-        cond: cast(get("cond")?)?,
-        uncond: cast(get("uncond")?)?,
-        pooled_cond: opt("pooled_cond")?.map(cast).transpose()?,
-        pooled_uncond: opt("pooled_uncond")?.map(cast).transpose()?,
+        cond: get("cond")?,
+        uncond: get("uncond")?,
+        pooled_cond: opt("pooled_cond")?,
+        pooled_uncond: opt("pooled_uncond")?,
     })
 }

@@ -64,6 +64,7 @@ impl Dispatch for SimulatedWorkers {
         std::thread::scope(|scope| {
             for _ in 0..self.slots {
                 let (feed, first_error) = (&feed, &first_error);
+                let turn = tokio::sync::Mutex::new(());
                 scope.spawn(move || loop {
                     let next = feed.lock().unwrap_or_else(|e| e.into_inner()).next();
                     let Some(task) = next else { return };
@@ -80,7 +81,8 @@ impl Dispatch for SimulatedWorkers {
                     } else {
                         let guard = tessera_worker::service::guard_key(&task);
                         self.runtime
-                            .block_on(self.sim.execute(&self.store, &guard, &task))
+                            .block_on(self.sim.execute(&self.store, &guard, &task, &turn))
+                            .map(|_| ())
                             .map_err(DispatchError::from)
                     };
                     match outcome {
@@ -103,6 +105,11 @@ impl Dispatch for SimulatedWorkers {
 
     fn workers(&self) -> usize {
         self.slots
+    }
+
+    /// As a cluster of CUDA workers would ask for.
+    fn view_dtype(&self) -> DType {
+        tessera_worker::simulate::GPU_DTYPE
     }
 }
 

@@ -89,8 +89,14 @@ pub fn render_text(plan: &Plan) -> String {
             s.push_str(&format!("  timesteps: {}\n", ranges(&st.timesteps)));
         }
         s.push_str(&format!(
-            "  views per step: {} local ({}x{} latent tiles) + {} global; {} model evaluations per step, {} in all\n",
-            st.local_views, st.tile[1], st.tile[0], st.global_views, st.evaluations_per_step, st.evaluations
+            "  views per step: {} local ({}x{} latent tiles) + {} global in {} tasks; {} model evaluations per step, {} in all\n",
+            st.local_views,
+            st.tile[1],
+            st.tile[0],
+            st.global_views,
+            st.tasks_per_step(plan.view_batch),
+            st.evaluations_per_step,
+            st.evaluations
         ));
         let mut extras = Vec::new();
         if st.in_unet_fusion {
@@ -119,6 +125,25 @@ pub fn render_text(plan: &Plan) -> String {
         }
         extras.push(format!("guidance {:?}", st.guidance));
         s.push_str(&format!("  {}\n", extras.join("; ")));
+    }
+    let tasks = plan
+        .stages
+        .iter()
+        .map(|st| st.tasks_per_step(plan.view_batch))
+        .max()
+        .unwrap_or(0);
+    if plan.view_batch > 1 && tasks > 1 {
+        // A step's tasks go out in rounds, one per worker; the last round leaves the workers
+        // without a task idle, which matters once the rounds are few.
+        s.push_str(&format!(
+            "on a cluster: up to {tasks} tasks per step; with more than about {} workers, a smaller --view-batch (1: {} tasks) keeps them evenly busy\n",
+            (tasks / 4).max(1),
+            plan.stages
+                .iter()
+                .map(|st| st.tasks_per_step(1))
+                .max()
+                .unwrap_or(0)
+        ));
     }
     s.push_str(&format!(
         "total model evaluations: {}\npeak memory (estimate): coordinator {}, worker {} ({} weights + {} activations)\n",

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod jobs;
 pub mod membership;
+pub mod pace;
 pub mod pool;
 pub mod runner;
 pub mod service;

@@ -8,9 +8,11 @@
 //!   earlier one leaves workers idle.
 //! - Leases: a call that fails at the transport level, outlives its lease, or belongs to a
 //!   worker whose heartbeat expired puts its unfinished tasks back in the queue.
-//! - Stragglers: a worker with nothing queued for its model also takes a task that has been
-//!   running elsewhere for much longer than tasks usually take; the first result wins. Tasks
-//!   are pure functions of their inputs, so both copies write the same bytes.
+//! - Copies: a worker with nothing queued for its model takes a copy of a task running
+//!   elsewhere when it would likely finish it first — once a step's tasks are all queued, so a
+//!   slow worker holding the last of them does not set the step's pace — or when the task's
+//!   call is overdue (a stalled worker). Estimates come from each worker's [`Pace`]. The first
+//!   result wins; tasks are pure functions of their inputs, so both copies write the same bytes.
 //! - A result for a task that is already done (a duplicate, or a call that returned after its
 //!   lease) is ignored.
 
@@ -21,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tessera_common::task::Task;
+use tessera_common::task::{Task, TaskKind};
 use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::worker_client::WorkerClient;
@@ -30,6 +32,7 @@ use tokio::sync::{watch, Notify};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use super::pace::{self, Pace};
 use crate::dispatch::{Dispatch, DispatchError};
 
 /// How many times a task may fail in a way worth retrying before its job fails.
@@ -61,6 +64,8 @@ struct Slot {
     task: Task,
     task_json: String,
     model: String,
+    /// What the task does, for pace estimates ([`kind_of`]).
+    kind: &'static str,
     batch: Arc<Batch>,
     st: Mutex<SlotState>,
 }
@@ -69,8 +74,8 @@ struct Slot {
 struct SlotState {
     done: bool,
     attempts: u32,
-    /// Workers computing it now, and since when.
-    running_on: Vec<(String, Instant)>,
+    /// Workers computing it now, with the id of the call that carries it.
+    running_on: Vec<(String, u64)>,
 }
 
 enum BatchEvent {
@@ -83,6 +88,9 @@ enum BatchEvent {
 struct Batch {
     tx: Mutex<mpsc::Sender<BatchEvent>>,
     abandoned: AtomicBool,
+    /// The engine's stream has ended: nothing more of this batch will be queued, so an idle
+    /// worker may as well copy its tail.
+    all_queued: AtomicBool,
 }
 
 impl Batch {
@@ -94,6 +102,7 @@ impl Batch {
 struct WorkerEntry {
     desc: WorkerDescription,
     alive: watch::Sender<bool>,
+    pace: Pace,
 }
 
 #[derive(Default)]
@@ -102,8 +111,7 @@ struct State {
     queue: BTreeMap<QueueKey, Arc<Slot>>,
     running: HashMap<QueueKey, Arc<Slot>>,
     next_seq: u64,
-    /// Typical seconds per task (moving average), for spotting stragglers.
-    task_seconds: Option<f64>,
+    next_call: u64,
 }
 
 struct Inner {
@@ -169,6 +177,7 @@ impl Pool {
                             WorkerEntry {
                                 desc: d.clone(),
                                 alive: tx,
+                                pace: Pace::new(Instant::now()),
                             },
                         );
                         joined.push(d);
@@ -243,15 +252,14 @@ impl Pool {
             let notified = self.inner.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let picked = self.pick(&id, &models, per_call);
-            if picked.is_empty() {
+            let Some((call_id, picked)) = self.pick(&id, &models, per_call) else {
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = alive.changed() => {}
                 }
                 continue;
-            }
+            };
             let request = RunTasksRequest {
                 tasks: picked
                     .iter()
@@ -261,12 +269,16 @@ impl Pool {
                     })
                     .collect(),
             };
-            let started = Instant::now();
             let call = tokio::time::timeout(self.inner.opts.lease, client.run_tasks(request));
             let outcome = tokio::select! {
                 r = call => Some(r),
                 _ = wait_lost(&mut alive) => None,
             };
+            let reports = match &outcome {
+                Some(Ok(Ok(resp))) => resp.get_ref().results.as_slice(),
+                _ => &[],
+            };
+            self.call_returned(&id, call_id, &picked, reports);
             match outcome {
                 None => {
                     self.release(&picked, &id);
@@ -291,8 +303,6 @@ impl Pool {
                 Some(Ok(Ok(resp))) => {
                     backoff = Duration::from_millis(200);
                     let results = resp.into_inner().results;
-                    let per_task = started.elapsed().as_secs_f64() / picked.len() as f64;
-                    self.note_task_time(per_task);
                     for (slot, r) in picked.iter().zip(results.iter()) {
                         if r.ok {
                             self.complete(slot, &id);
@@ -311,17 +321,35 @@ impl Pool {
         }
     }
 
-    fn note_task_time(&self, seconds: f64) {
+    /// Settles call `call` of `worker` in its pace: the next call starts computing now, and
+    /// each task that succeeded updates the worker's record.
+    fn call_returned(
+        &self,
+        worker: &str,
+        call: u64,
+        picked: &[Arc<Slot>],
+        reports: &[tessera_proto::v1::TaskResult],
+    ) {
         let mut st = lock(&self.inner.state);
-        st.task_seconds = Some(match st.task_seconds {
-            None => seconds,
-            Some(avg) => 0.8 * avg + 0.2 * seconds,
-        });
+        if let Some(w) = st.workers.get_mut(worker) {
+            w.pace.end_call(call, Instant::now());
+            for (slot, r) in picked.iter().zip(reports) {
+                if r.ok {
+                    w.pace.note(slot.kind, r.seconds);
+                }
+            }
+        }
     }
 
-    /// Up to `n` queued tasks for `models` in queue order; with none queued, one straggler.
-    fn pick(&self, worker: &str, models: &[String], n: usize) -> Vec<Arc<Slot>> {
-        let mut st = lock(&self.inner.state);
+    /// Up to `n` queued tasks for `models` in queue order; with none queued, a copy of a task
+    /// running elsewhere (see [`speculate`]). Returns them with the call id they go out under.
+    fn pick(&self, worker: &str, models: &[String], n: usize) -> Option<(u64, Vec<Arc<Slot>>)> {
+        let mut guard = lock(&self.inner.state);
+        let st = &mut *guard;
+        if !st.workers.contains_key(worker) {
+            return None;
+        }
+        let call = st.next_call;
         let keys: Vec<QueueKey> = st
             .queue
             .iter()
@@ -333,39 +361,23 @@ impl Pool {
         let mut picked = Vec::with_capacity(keys.len());
         for k in keys {
             if let Some(slot) = st.queue.remove(&k) {
-                lock(&slot.st).running_on.push((worker.to_string(), now));
+                lock(&slot.st).running_on.push((worker.to_string(), call));
                 st.running.insert(k, slot.clone());
                 picked.push(slot);
             }
         }
-        if !picked.is_empty() {
-            return picked;
+        if picked.is_empty() {
+            let slot = speculate(st, worker, models, now)?;
+            tracing::info!(worker, task = %slot.task.id, "copying a task this worker should finish first");
+            lock(&slot.st).running_on.push((worker.to_string(), call));
+            picked.push(slot);
         }
-        // Straggler: running on one other worker for well over the usual task time.
-        let usual = st.task_seconds.unwrap_or(f64::INFINITY);
-        let threshold = Duration::from_secs_f64((usual * 2.0).clamp(0.25, 3600.0));
-        let candidate = st
-            .running
-            .values()
-            .filter(|s| models.contains(&s.model))
-            .filter_map(|s| {
-                let ss = lock(&s.st);
-                match ss.running_on.as_slice() {
-                    [(other, since)] if !ss.done && other != worker => {
-                        let age = now.duration_since(*since);
-                        (age > threshold).then(|| (age, s.clone()))
-                    }
-                    _ => None,
-                }
-            })
-            .max_by_key(|(age, _)| *age)
-            .map(|(_, s)| s);
-        if let Some(slot) = candidate {
-            tracing::info!(worker, task = %slot.task.id, "duplicating a straggling task");
-            lock(&slot.st).running_on.push((worker.to_string(), now));
-            return vec![slot];
+        st.next_call += 1;
+        let kinds = picked.iter().map(|s| s.kind).collect();
+        if let Some(w) = st.workers.get_mut(worker) {
+            w.pace.begin_call(call, kinds, now);
         }
-        Vec::new()
+        Some((call, picked))
     }
 
     fn complete(&self, slot: &Arc<Slot>, worker: &str) {
@@ -440,6 +452,50 @@ impl Pool {
     }
 }
 
+/// A running task of `models` that `worker` should copy, if any: one whose call is overdue on
+/// its worker, or — once its batch is all queued — one this worker would likely return
+/// sooner than its worker will (by a tenth of this worker's own wait, so equals leave each
+/// other alone). The latest expected among them goes first.
+fn speculate(st: &State, worker: &str, models: &[String], now: Instant) -> Option<Arc<Slot>> {
+    if st.running.is_empty() {
+        return None;
+    }
+    let typical = pace::typical(st.workers.values().map(|w| &w.pace));
+    let me = &st.workers.get(worker)?.pace;
+    st.running
+        .values()
+        .filter(|s| models.contains(&s.model))
+        .filter_map(|s| {
+            let (other, call) = {
+                let ss = lock(&s.st);
+                match ss.running_on.as_slice() {
+                    [(other, call)] if !ss.done && other != worker => (other.clone(), *call),
+                    _ => return None,
+                }
+            };
+            let there = st.workers.get(&other)?.pace.estimate(call, now, &typical)?;
+            let worth = there.overdue
+                || (s.batch.all_queued.load(Ordering::Relaxed) && {
+                    let mine = me.next_end(&[s.kind], now, &typical)?;
+                    there.end > mine + (mine - now) / 10
+                });
+            worth.then(|| ((there.overdue, there.end), s.clone()))
+        })
+        .max_by_key(|(rank, _)| *rank)
+        .map(|(_, s)| s)
+}
+
+/// The kind of work a task is, as far as its duration goes.
+fn kind_of(task: &Task) -> &'static str {
+    match &task.kind {
+        TaskKind::EncodePrompt { .. } => "prompt",
+        TaskKind::Denoise(_) => "denoise",
+        TaskKind::Decode { .. } => "decode",
+        TaskKind::Encode { .. } => "encode",
+        TaskKind::EncodeTile { .. } => "encode-tile",
+    }
+}
+
 async fn wait_lost(alive: &mut watch::Receiver<bool>) {
     loop {
         if !*alive.borrow() {
@@ -479,11 +535,13 @@ impl JobDispatch<'_> {
             seq: st.next_seq,
         };
         st.next_seq += 1;
+        let kind = kind_of(&task);
         st.queue.insert(
             key,
             Arc::new(Slot {
                 key,
                 task,
+                kind,
                 task_json,
                 model: self.model.clone(),
                 batch: batch.clone(),
@@ -513,6 +571,7 @@ impl Dispatch for JobDispatch<'_> {
         let batch = Arc::new(Batch {
             tx: Mutex::new(tx),
             abandoned: AtomicBool::new(false),
+            all_queued: AtomicBool::new(false),
         });
         std::thread::scope(|scope| {
             let feeder_batch = batch.clone();
@@ -531,6 +590,7 @@ impl Dispatch for JobDispatch<'_> {
                         }
                     }
                 }
+                feeder_batch.all_queued.store(true, Ordering::Relaxed);
                 feeder_batch.send(BatchEvent::AllQueued(queued));
             });
             let mut total: Option<usize> = None;
@@ -572,5 +632,121 @@ impl Dispatch for JobDispatch<'_> {
 
     fn workers(&self) -> usize {
         self.pool.serving(&self.model).len().max(1)
+    }
+
+    fn view_dtype(&self) -> candle_core::DType {
+        let said: Vec<Option<candle_core::DType>> = self
+            .pool
+            .serving(&self.model)
+            .iter()
+            .flat_map(|w| w.models.iter().filter(|m| m.name == self.model))
+            .map(|m| m.dtype.parse().ok())
+            .collect();
+        match said.first() {
+            Some(&Some(d)) if said.iter().all(|s| *s == Some(d)) => d,
+            _ => candle_core::DType::F32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add_worker(st: &mut State, id: &str, seconds: f64, now: Instant) {
+        let (alive, _) = watch::channel(true);
+        let mut pace = Pace::new(now);
+        pace.note("decode", seconds);
+        let desc = WorkerDescription {
+            worker_id: id.into(),
+            ..Default::default()
+        };
+        st.workers
+            .insert(id.into(), WorkerEntry { desc, alive, pace });
+    }
+
+    fn running(st: &mut State, batch: &Arc<Batch>, seq: u64) -> Arc<Slot> {
+        let key = QueueKey {
+            priority: Reverse(0),
+            job_seq: 0,
+            seq,
+        };
+        let task = Task {
+            job: "j".into(),
+            id: format!("t{seq}"),
+            kind: TaskKind::Decode {
+                input: String::new(),
+                output: String::new(),
+            },
+        };
+        let slot = Arc::new(Slot {
+            key,
+            kind: kind_of(&task),
+            task,
+            task_json: String::new(),
+            model: "m".into(),
+            batch: batch.clone(),
+            st: Mutex::new(SlotState::default()),
+        });
+        st.running.insert(key, slot.clone());
+        slot
+    }
+
+    fn send(st: &mut State, worker: &str, call: u64, slots: &[&Arc<Slot>], now: Instant) {
+        for s in slots {
+            lock(&s.st).running_on.push((worker.into(), call));
+        }
+        let kinds = slots.iter().map(|s| s.kind).collect();
+        let w = st.workers.get_mut(worker).expect("a worker of the test");
+        w.pace.begin_call(call, kinds, now);
+    }
+
+    fn id(slot: Option<Arc<Slot>>) -> Option<String> {
+        slot.map(|s| s.task.id.clone())
+    }
+
+    #[test]
+    fn an_idle_worker_copies_what_a_slow_worker_would_return_last_once_the_batch_is_queued() {
+        let now = Instant::now();
+        let mut st = State::default();
+        add_worker(&mut st, "fast", 0.4, now);
+        add_worker(&mut st, "twin", 0.4, now);
+        add_worker(&mut st, "slow", 1.6, now);
+        let (tx, _rx) = mpsc::channel();
+        let batch = Arc::new(Batch {
+            tx: Mutex::new(tx),
+            abandoned: AtomicBool::new(false),
+            all_queued: AtomicBool::new(false),
+        });
+        let a = running(&mut st, &batch, 1);
+        let b = running(&mut st, &batch, 2);
+        let c = running(&mut st, &batch, 3);
+        // The slow worker computes A, then B (back at +3.2 s); the fast one's twin C (+0.4 s).
+        send(&mut st, "slow", 1, &[&a], now);
+        send(&mut st, "slow", 2, &[&b], now);
+        send(&mut st, "twin", 3, &[&c], now);
+        let m = ["m".to_string()];
+
+        // While the engine still streams the batch, only an overdue task is worth a copy.
+        assert_eq!(id(speculate(&st, "fast", &m, now)), None);
+        let late = now + Duration::from_secs_f64(3.3);
+        assert!(speculate(&st, "fast", &m, late).is_some());
+
+        batch.all_queued.store(true, Ordering::Relaxed);
+        assert_eq!(id(speculate(&st, "fast", &m, now)), Some("t2".into()));
+        assert_eq!(id(speculate(&st, "fast", &["other".into()], now)), None);
+        // With B copied (back from the fast worker at +0.4 s), its next call would be back at
+        // +0.8 s: A (+1.6 s) is still worth it; C, with its equal twin, never is.
+        send(&mut st, "fast", 4, &[&b], now);
+        assert_eq!(id(speculate(&st, "fast", &m, now)), Some("t1".into()));
+        send(&mut st, "fast", 5, &[&a], now);
+        assert_eq!(id(speculate(&st, "fast", &m, now)), None);
+        // A worker never copies its own task; tasks with two copies, or done, are left alone.
+        assert_eq!(id(speculate(&st, "twin", &m, now)), None);
+        lock(&c.st).running_on.clear();
+        send(&mut st, "slow", 6, &[&c], now);
+        assert_eq!(id(speculate(&st, "twin", &m, now)), Some("t3".into()));
+        lock(&c.st).done = true;
+        assert_eq!(id(speculate(&st, "twin", &m, now)), None);
     }
 }

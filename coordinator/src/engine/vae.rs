@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tessera_common::noise::{NoiseKey, NoisePurpose};
 use tessera_common::plan::Plan;
 use tessera_common::resize::Resizer;
@@ -300,7 +300,8 @@ impl Engine<'_> {
                         tw * F
                     )));
                 }
-                let data = px.flatten_all()?.to_vec1::<f32>()?;
+                // Workers send the VAE's own dtype (f16 on a GPU).
+                let data = px.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 let x0 = c * F;
                 let plane = ph * pw;
                 for (y, &wyv) in wy[i].iter().enumerate() {

@@ -132,6 +132,7 @@ pub fn evaluate(
     };
 
     let groups = task_groups(local.len(), global.as_ref().map_or(0, |g| g.len()), batch);
+    let view_dtype = workers.view_dtype();
 
     // Writes task `ti`'s input (and CA-map) to the store and returns the task.
     let make_task = |ti: usize| -> Result<Task> {
@@ -167,7 +168,7 @@ pub fn evaluate(
                 (g.extract_batch(input, ix)?, g.view_size(), places, false)
             }
         };
-        put_tensor(store, &key("in"), &views)?;
+        put_tensor(store, &key("in"), &views.to_dtype(view_dtype)?)?;
         // The worker cuts its views' parts of the stage's map (stored once at the stage's
         // entry) itself.
         let camap_inject = match (camap, stage.camap_inject) {

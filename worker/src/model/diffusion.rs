@@ -43,6 +43,19 @@ pub struct PromptEmbeddings {
     pub pooled_uncond: Option<Tensor>,
 }
 
+impl PromptEmbeddings {
+    /// On `model`'s device, in its dtype.
+    pub fn to_model(&self, model: &DiffusionModel) -> candle_core::Result<Self> {
+        let put = |t: &Tensor| t.to_device(&model.device)?.to_dtype(model.dtype);
+        Ok(Self {
+            cond: put(&self.cond)?,
+            uncond: put(&self.uncond)?,
+            pooled_cond: self.pooled_cond.as_ref().map(put).transpose()?,
+            pooled_uncond: self.pooled_uncond.as_ref().map(put).transpose()?,
+        })
+    }
+}
+
 /// SDXL's micro-conditioning (original size, crop, target size), in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeConditioning {
