@@ -450,3 +450,65 @@ pub fn load_embeddings(
         pooled_uncond: opt("pooled_uncond")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synth::{synthesize, TinyArch};
+    use tessera_common::store::MemoryStore;
+
+    /// What lets the coordinator send f16 views to f16 workers: a worker casts its views to
+    /// the model's dtype first thing, so views stored in it predict exactly as f32 views do,
+    /// and the predictions it stores are in that dtype.
+    #[test]
+    fn views_in_the_model_dtype_predict_exactly_as_f32_views() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("tessera-view-dtype-{}", std::process::id()));
+        synthesize(TinyArch::Sd21Tiny, &dir, 3)?;
+        let model = DiffusionModel::load(&dir, &Device::Cpu, DType::F16);
+        std::fs::remove_dir_all(&dir)?;
+        let model = model?;
+        let store = MemoryStore::new();
+        let (camaps, turn) = (CamapCache::default(), Mutex::new(()));
+        let task = |id: &str, kind| Task {
+            job: "j".into(),
+            id: id.into(),
+            kind,
+        };
+        let prompt = TaskKind::EncodePrompt {
+            prompt: "a lighthouse".into(),
+            negative_prompt: None,
+        };
+        execute(&model, &store, &camaps, &task("p", prompt), &turn)?;
+
+        let views = Tensor::randn(0f32, 1f32, (2, 4, 16, 16), &Device::Cpu)?;
+        put_tensor(&store, "in32", &views)?;
+        put_tensor(&store, "in16", &views.to_dtype(DType::F16)?)?;
+        let mut outputs = Vec::new();
+        for input in ["in32", "in16"] {
+            let denoise = TaskKind::Denoise(DenoiseTask {
+                timestep: 500.0,
+                input: input.into(),
+                output_cond: format!("{input}:cond"),
+                output_uncond: Some(format!("{input}:uncond")),
+                size_conditioning: [128, 128],
+                freeu: false,
+                dilation: 1,
+                scale_fusion: None,
+                camap_inject: None,
+                camap_capture: None,
+            });
+            let held = execute(&model, &store, &camaps, &task(input, denoise), &turn)?;
+            assert!(held > Duration::ZERO);
+            for part in ["cond", "uncond"] {
+                let bytes = store.get(&format!("{input}:{part}"))?.expect("stored");
+                let t = tessera_common::codec::decode(&bytes, &Device::Cpu)?;
+                assert_eq!(t.dtype(), DType::F16);
+                assert_eq!(t.dims(), views.dims());
+                outputs.push(bytes);
+            }
+        }
+        assert_eq!(outputs[0], outputs[2], "cond differs");
+        assert_eq!(outputs[1], outputs[3], "uncond differs");
+        Ok(())
+    }
+}
