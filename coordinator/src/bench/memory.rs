@@ -57,7 +57,7 @@ pub fn stages_for(size: u32, training: u32) -> Vec<u32> {
     }
 }
 
-fn job_flags(model: &str, size: u32, stages: &[u32], steps: usize) -> Vec<String> {
+pub(super) fn job_flags(model: &str, size: u32, stages: &[u32], steps: usize) -> Vec<String> {
     let stage_list: Vec<String> = stages.iter().map(|s| format!("{s}x{s}")).collect();
     let mut stage_steps = vec!["2".to_string()];
     stage_steps.extend(std::iter::repeat_n(steps.to_string(), stages.len() - 1));
@@ -90,7 +90,7 @@ fn job_flags(model: &str, size: u32, stages: &[u32], steps: usize) -> Vec<String
 }
 
 /// Width and height from a PNG's IHDR chunk.
-fn png_size(path: &Path) -> Result<(u32, u32)> {
+pub(super) fn png_size(path: &Path) -> Result<(u32, u32)> {
     use std::io::Read;
     let mut head = [0u8; 24];
     std::fs::File::open(path)

@@ -5,6 +5,7 @@
 //! (`--simulate-eval-ms`, see `tessera_worker::simulate`).
 
 pub mod cluster;
+pub mod e2e;
 pub mod memory;
 pub mod scale;
 pub mod step;

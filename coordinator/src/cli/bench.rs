@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use crate::bench::{self, memory, scale, step};
+use crate::bench::{self, e2e, memory, scale, step};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// Peak resident memory of the coordinator and the workers for whole jobs (default 8K and
     /// 32K) through a loopback cluster, with the output files checked.
     Memory(MemoryArgs),
+    /// Wall time of one whole tiny-model render (default 4K), embedded and through a
+    /// loopback cluster of N workers, with the two images' pixels compared.
+    E2e(E2eArgs),
     /// UNet speed on one device: ms per evaluation, achieved TFLOP/s and the fraction of the
     /// device's measured bf16 peak (compare with bench/gpu/diffusers_baseline.py).
     Unet(super::bench_unet::UnetArgs),
@@ -74,6 +77,25 @@ pub struct MemoryArgs {
     pub out: MarkdownArg,
 }
 
+#[derive(Debug, Args)]
+pub struct E2eArgs {
+    /// Output side in pixels.
+    #[arg(long, default_value_t = 4096)]
+    pub size: u32,
+    /// Worker processes of the cluster run.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// High-resolution steps of each stage after the first.
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// The tiny model's training size in pixels (as `bench memory --training-size`); the
+    /// default keeps a 4K render to minutes on a small CPU host.
+    #[arg(long, default_value_t = 256)]
+    pub training_size: u32,
+    #[command(flatten)]
+    pub out: MarkdownArg,
+}
+
 /// Where to append the markdown block.
 #[derive(Debug, Args)]
 pub struct MarkdownArg {
@@ -112,6 +134,26 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let command = bench::invocation();
     match cmd {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
+        BenchCommand::E2e(a) => {
+            if a.size < 64 || a.size % 64 != 0 {
+                bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");
+            }
+            if a.workers == 0 || a.steps < 2 {
+                bail!("--workers must be at least 1 and --steps at least 2");
+            }
+            if a.training_size < 128 || a.training_size % 64 != 0 {
+                bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
+            }
+            let opts = e2e::E2eOptions {
+                size: a.size,
+                workers: a.workers,
+                steps: a.steps,
+                training: a.training_size,
+            };
+            let (_, report) = e2e::run(&opts, command)?;
+            report.emit(a.out.markdown.as_deref())?;
+            Ok(())
+        }
         BenchCommand::Memory(a) => {
             if a.sizes.is_empty() || a.sizes.iter().any(|&s| s < 64 || s % 64 != 0) {
                 bail!("--sizes takes sides in pixels, multiples of 64, e.g. 8192,32768");
