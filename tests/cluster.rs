@@ -386,10 +386,13 @@ impl Cluster {
 }
 
 /// Mid-stage: in a stage after the first, with at least one of its steps done.
+/// Past the first step of a high-resolution stage, with a checkpoint inside it: a step's
+/// checkpoint is written while the next step runs, and joined before the one after it starts,
+/// so progress at step 2 means the checkpoint after step 1 is in the store.
 fn mid_stage(s: &serde_json::Value) -> bool {
     s["state"] == "running"
         && s["progress"]["stage"].as_u64() >= Some(1)
-        && s["progress"]["step"].as_u64() >= Some(1)
+        && s["progress"]["step"].as_u64() >= Some(2)
         && s["progress"]["phase"] == "denoising"
 }
 
