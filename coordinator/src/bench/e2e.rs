@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use super::cluster::LocalCluster;
-use super::memory::{job_flags, png_size, stages_for};
+use super::memory::{job_flags, model_name, png_size, stage_chain, stages_for};
 use super::{io, tiny_model_at, BenchError, Machine, Report, Result, Scratch, Table};
 
 #[derive(Debug, Clone)]
@@ -99,11 +99,7 @@ fn clustered(
         LocalCluster::start_with(dir, &["--output-dir".into(), out.display().to_string()])?;
     cluster.add_workers(model, workers, None)?;
     cluster.wait_workers()?;
-    let name = model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut args = vec!["--model".to_string(), name];
+    let mut args = vec!["--model".to_string(), model_name(model)];
     args.extend(flags.iter().cloned());
     let start = Instant::now();
     let job = cluster.submit(&args)?;
@@ -163,11 +159,7 @@ pub fn run(opts: &E2eOptions, command: String) -> Result<(E2eRun, Report)> {
     ]);
     table.row(vec![
         format!("{0}x{0}", opts.size),
-        stages
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .join(" → "),
+        stage_chain(&stages),
         format!("{embedded_seconds:.1} s"),
         format!("{cluster_seconds:.1} s"),
         format!("{:.2}", cluster_seconds / embedded_seconds),

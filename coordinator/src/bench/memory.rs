@@ -89,6 +89,19 @@ pub(super) fn job_flags(model: &str, size: u32, stages: &[u32], steps: usize) ->
     flags
 }
 
+/// A cascade as a table cell: `1024 → 4096 → 32768`.
+pub(super) fn stage_chain(stages: &[u32]) -> String {
+    let sides: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
+    sides.join(" → ")
+}
+
+/// The name a cluster serves a model directory under (its last component).
+pub(super) fn model_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Width and height from a PNG's IHDR chunk.
 pub(super) fn png_size(path: &Path) -> Result<(u32, u32)> {
     use std::io::Read;
@@ -142,11 +155,7 @@ fn run_one(scratch: &Path, model: &Path, size: u32, opts: &MemoryOptions) -> Res
     cluster.add_workers(model, opts.workers, opts.simulate_ms)?;
     cluster.wait_workers()?;
     let start = Instant::now();
-    let name = model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let job = cluster.submit(&job_flags(&name, size, &stages, opts.steps))?;
+    let job = cluster.submit(&job_flags(&model_name(model), size, &stages, opts.steps))?;
     cluster.watch(&job)?;
     let seconds = start.elapsed().as_secs_f64();
     // VmHWM is the process's peak; read it while the processes still run.
@@ -232,11 +241,7 @@ pub fn run(opts: &MemoryOptions, command: String) -> Result<(Vec<MemoryRun>, Rep
     for r in &runs {
         table.row(vec![
             format!("{0}x{0}", r.size),
-            r.stages
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(" → "),
+            stage_chain(&r.stages),
             kind.clone(),
             format!("{:.0} s", r.seconds),
             mib(r.coordinator_peak),

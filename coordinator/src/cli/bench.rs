@@ -130,6 +130,17 @@ pub struct ScaleArgs {
     pub out: MarkdownArg,
 }
 
+/// The flags `memory` and `e2e` share: whole jobs on N workers with the tiny model.
+fn check_tiny_job(workers: usize, steps: usize, training_size: u32) -> Result<()> {
+    if workers == 0 || steps < 2 {
+        bail!("--workers must be at least 1 and --steps at least 2");
+    }
+    if training_size < 128 || !training_size.is_multiple_of(64) {
+        bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
+    }
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     let command = bench::invocation();
     match cmd {
@@ -138,12 +149,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             if a.size < 64 || a.size % 64 != 0 {
                 bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");
             }
-            if a.workers == 0 || a.steps < 2 {
-                bail!("--workers must be at least 1 and --steps at least 2");
-            }
-            if a.training_size < 128 || a.training_size % 64 != 0 {
-                bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
-            }
+            check_tiny_job(a.workers, a.steps, a.training_size)?;
             let opts = e2e::E2eOptions {
                 size: a.size,
                 workers: a.workers,
@@ -158,16 +164,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             if a.sizes.is_empty() || a.sizes.iter().any(|&s| s < 64 || s % 64 != 0) {
                 bail!("--sizes takes sides in pixels, multiples of 64, e.g. 8192,32768");
             }
-            if a.workers == 0 || a.steps < 2 {
-                bail!("--workers must be at least 1 and --steps at least 2");
-            }
+            check_tiny_job(a.workers, a.steps, a.training_size)?;
             if a.simulate_eval_ms
                 .is_some_and(|ms| !(ms >= 0.0 && ms.is_finite()))
             {
                 bail!("--simulate-eval-ms must be 0 or more");
-            }
-            if a.training_size < 128 || a.training_size % 64 != 0 {
-                bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
             }
             let opts = memory::MemoryOptions {
                 sizes: a.sizes,
