@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{read_png, tessera, tessera_bin, tessera_ok, tiny_model, Scratch};
-use tessera_common::testing::{RedisServer, RedisServerOptions};
+use tessera_harness::{RedisServer, RedisServerOptions};
 
 /// The job every test renders: a 3-stage hybrid cascade of the tiny SDXL model.
 const JOB: &[&str] = &[
@@ -135,7 +135,7 @@ impl Cluster {
         let tls = tls.then(|| {
             let certs = dir.path("certs");
             std::fs::create_dir_all(&certs).unwrap();
-            tessera_common::testing::make_certificates(&certs);
+            tessera_harness::make_certificates(&certs);
             certs
         });
         let mut c = Cluster {

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
-use tessera_common::store::Store;
-use tessera_common::task::Task;
+use tessera_core::task::Task;
+use tessera_store::Store;
 use tessera_worker::model::diffusion::DiffusionModel;
 use tessera_worker::tasks::{self, TaskError};
 

@@ -9,3 +9,4 @@ pub mod engine;
 pub mod image_input;
 pub mod latent_file;
 pub mod preview;
+pub mod sync;

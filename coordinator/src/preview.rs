@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use tessera_common::spec::BitDepth;
+use tessera_core::spec::BitDepth;
 
 use crate::assemble::png_bytes_from;
 

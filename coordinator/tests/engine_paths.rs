@@ -6,17 +6,17 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use tessera_common::method::freescale::{restraint_weight, DILATED_CONVS};
-use tessera_common::method::guidance::classifier_free;
-use tessera_common::method::params::{Method, MethodSpec};
-use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::plan::{plan, ArchInfo};
-use tessera_common::resize::{resize, ResizeFilter};
-use tessera_common::sched::{Scheduler, SchedulerKind};
-use tessera_common::spec::{RenderSpec, Size};
-use tessera_common::store::{MemoryStore, Store};
 use tessera_coordinator::dispatch::{Dispatch, DispatchError, LocalWorkers};
 use tessera_coordinator::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress};
+use tessera_core::method::freescale::{restraint_weight, DILATED_CONVS};
+use tessera_core::method::guidance::classifier_free;
+use tessera_core::method::params::{Method, MethodSpec};
+use tessera_core::noise::{NoiseKey, NoisePurpose};
+use tessera_core::plan::{plan, ArchInfo};
+use tessera_core::resize::{resize, ResizeFilter};
+use tessera_core::sched::{Scheduler, SchedulerKind};
+use tessera_core::spec::{RenderSpec, Size};
+use tessera_store::{MemoryStore, Store};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
 use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
@@ -257,8 +257,8 @@ struct Crashing<'a> {
 impl Dispatch for Crashing<'_> {
     fn run(
         &self,
-        tasks: &[tessera_common::task::Task],
-        done: &(dyn Fn(&tessera_common::task::Task) + Sync),
+        tasks: &[tessera_core::task::Task],
+        done: &(dyn Fn(&tessera_core::task::Task) + Sync),
     ) -> Result<(), DispatchError> {
         use std::sync::atomic::Ordering;
         let n = tasks.len();

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tessera_common::plan::ArchInfo;
-use tessera_common::store::{keys, RedisOptions, RedisStore, Store, StoreError};
-use tessera_common::task::{Task, TaskKind};
+use tessera_core::plan::ArchInfo;
+use tessera_core::task::{Task, TaskKind};
 use tessera_proto::auth::RequireToken;
 use tessera_proto::net;
 use tessera_proto::v1::worker_server::{Worker, WorkerServer};
@@ -21,6 +20,7 @@ use tessera_proto::v1::{
     DescribeRequest, ModelDescription, RunTasksRequest, RunTasksResponse, TaskResult,
     WorkerDescription,
 };
+use tessera_store::{keys, RedisOptions, RedisStore, Store, StoreError};
 use tonic::{Request, Response, Status};
 
 use crate::device::{compute_dtype, open_device};
@@ -451,7 +451,7 @@ struct Guarded<'a> {
 }
 
 impl Store for Guarded<'_> {
-    fn put(&self, key: &str, value: &[u8]) -> tessera_common::store::Result<()> {
+    fn put(&self, key: &str, value: &[u8]) -> tessera_store::Result<()> {
         if !Store::put_guarded(self.inner, &self.guard, key, value)? {
             tracing::debug!(
                 key,
@@ -460,27 +460,22 @@ impl Store for Guarded<'_> {
         }
         Ok(())
     }
-    fn get(&self, key: &str) -> tessera_common::store::Result<Option<Vec<u8>>> {
+    fn get(&self, key: &str) -> tessera_store::Result<Option<Vec<u8>>> {
         Store::get(self.inner, key)
     }
-    fn delete(&self, key: &str) -> tessera_common::store::Result<()> {
+    fn delete(&self, key: &str) -> tessera_store::Result<()> {
         Store::delete(self.inner, key)
     }
-    fn delete_prefix(&self, prefix: &str) -> tessera_common::store::Result<usize> {
+    fn delete_prefix(&self, prefix: &str) -> tessera_store::Result<usize> {
         Store::delete_prefix(self.inner, prefix)
     }
-    fn keys(&self, prefix: &str) -> tessera_common::store::Result<Vec<String>> {
+    fn keys(&self, prefix: &str) -> tessera_store::Result<Vec<String>> {
         Store::keys(self.inner, prefix)
     }
-    fn put_guarded(
-        &self,
-        guard: &str,
-        key: &str,
-        value: &[u8],
-    ) -> tessera_common::store::Result<bool> {
+    fn put_guarded(&self, guard: &str, key: &str, value: &[u8]) -> tessera_store::Result<bool> {
         Store::put_guarded(self.inner, guard, key, value)
     }
-    fn exists(&self, key: &str) -> tessera_common::store::Result<bool> {
+    fn exists(&self, key: &str) -> tessera_store::Result<bool> {
         Store::exists(self.inner, key)
     }
 }

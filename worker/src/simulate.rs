@@ -15,9 +15,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::codec;
-use tessera_common::store::{keys, RedisStore, StoreError};
-use tessera_common::task::{Task, TaskKind};
+use tessera_core::codec;
+use tessera_core::task::{Task, TaskKind};
+use tessera_store::{keys, RedisStore, StoreError};
 
 use crate::tasks::TaskError;
 

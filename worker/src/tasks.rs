@@ -8,11 +8,11 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tessera_common::method::camap::{CaMap, CaMapCollector, FlatCaMap};
-use tessera_common::method::freescale::DILATED_CONVS;
-use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::store::{get_tensor, keys, put_tensor, Store, StoreError};
-use tessera_common::task::{DenoiseTask, Task, TaskKind};
+use tessera_core::method::camap::{CaMap, CaMapCollector, FlatCaMap};
+use tessera_core::method::freescale::DILATED_CONVS;
+use tessera_core::noise::{NoiseKey, NoisePurpose};
+use tessera_core::task::{DenoiseTask, Task, TaskKind};
+use tessera_store::{get_tensor, keys, put_tensor, Store, StoreError};
 
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
 use crate::model::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
@@ -129,7 +129,7 @@ pub enum TaskError {
     #[error("task {task}: {source}")]
     Store {
         task: String,
-        source: tessera_common::store::StoreError,
+        source: tessera_store::StoreError,
     },
     #[error("task {task}: {message}")]
     Compute { task: String, message: String },
@@ -436,11 +436,11 @@ fn run<'a>(
 pub fn load_embeddings(
     store: &dyn Store,
     job: &str,
-) -> std::result::Result<PromptEmbeddings, tessera_common::store::StoreError> {
+) -> std::result::Result<PromptEmbeddings, tessera_store::StoreError> {
     let get = |part: &str| get_tensor(store, &keys::embedding(job, part), &Device::Cpu);
     let opt = |part: &str| match get(part) {
         Ok(t) => Ok(Some(t)),
-        Err(tessera_common::store::StoreError::Missing(_)) => Ok(None),
+        Err(tessera_store::StoreError::Missing(_)) => Ok(None),
         Err(e) => Err(e),
     };
     Ok(PromptEmbeddings {
@@ -455,7 +455,7 @@ pub fn load_embeddings(
 mod tests {
     use super::*;
     use crate::model::synth::{synthesize, TinyArch};
-    use tessera_common::store::MemoryStore;
+    use tessera_store::MemoryStore;
 
     /// What lets the coordinator send f16 views to f16 workers: a worker casts its views to
     /// the model's dtype first thing, so views stored in it predict exactly as f32 views do,
@@ -501,7 +501,7 @@ mod tests {
             assert!(held > Duration::ZERO);
             for part in ["cond", "uncond"] {
                 let bytes = store.get(&format!("{input}:{part}"))?.expect("stored");
-                let t = tessera_common::codec::decode(&bytes, &Device::Cpu)?;
+                let t = tessera_core::codec::decode(&bytes, &Device::Cpu)?;
                 assert_eq!(t.dtype(), DType::F16);
                 assert_eq!(t.dims(), views.dims());
                 outputs.push(bytes);

@@ -20,7 +20,7 @@ pub const OVERLAP: usize = 1;
 /// Pictures wider or taller than this get a pyramid under `--dzi auto`.
 pub const AUTO_THRESHOLD: u32 = 16384;
 
-pub use tessera_common::spec::DziMode;
+pub use tessera_core::spec::DziMode;
 
 /// The highest level's index: level `max` is full size, level 0 is 1×1.
 pub fn max_level(width: usize, height: usize) -> u32 {

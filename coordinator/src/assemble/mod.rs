@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use tessera_common::spec::BitDepth;
+use tessera_core::spec::BitDepth;
 
 use crate::engine::vae::RowSink;
 
@@ -185,7 +185,7 @@ impl OutputFiles {
     /// ([`dzi::AUTO_THRESHOLD`] unless a test says otherwise).
     pub fn create(
         path: &Path,
-        spec: &tessera_common::spec::RenderSpec,
+        spec: &tessera_core::spec::RenderSpec,
         parameters: &str,
         threshold: u32,
     ) -> Result<Self> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tessera_common::testing::RedisServer;
+use tessera_harness::RedisServer;
 
 use super::{io, BenchError, Result};
 

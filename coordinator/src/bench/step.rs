@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use tessera_common::store::{RedisOptions, RedisStore};
-use tessera_common::task::{Task, TaskKind};
-use tessera_common::testing::RedisServer;
+use tessera_core::task::{Task, TaskKind};
+use tessera_harness::RedisServer;
+use tessera_store::{RedisOptions, RedisStore};
 use tessera_worker::simulate::SimulatedModel;
 
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
@@ -197,7 +197,7 @@ fn measure_size(
         .to_spec(arch.training_size, true, 1)
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let plan =
-        tessera_common::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;
+        tessera_core::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;
     let views = plan.stages[0].local_views + plan.stages[0].global_views;
     let store = runtime
         .block_on(RedisStore::connect(&redis.url(), RedisOptions::default()))

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::Args;
 use indicatif::ProgressBar;
-use tessera_common::spec::Size;
+use tessera_core::spec::Size;
 use tessera_worker::unet_bench::{self, UnetBenchOptions};
 
 #[derive(Debug, Args)]

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use tessera_common::method::params::{Method, MethodSpec, TileWeights};
-use tessera_common::resize::ResizeFilter;
-use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{BitDepth, DziMode, OutputFormat, RenderSpec, Size};
+use tessera_core::method::params::{Method, MethodSpec, TileWeights};
+use tessera_core::resize::ResizeFilter;
+use tessera_core::sched::SchedulerKind;
+use tessera_core::spec::{BitDepth, DziMode, OutputFormat, RenderSpec, Size};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use tessera_common::plan::{self, ArchInfo, Plan, StageEntry};
+use tessera_core::plan::{self, ArchInfo, Plan, StageEntry};
 use tessera_worker::model::arch::arch_info;
 
 use super::job::JobArgs;

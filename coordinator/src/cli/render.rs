@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_common::plan::{self, Plan, StageSchedule};
-use tessera_common::spec::RenderSpec;
-use tessera_common::store::{MemoryStore, Store};
+use tessera_core::plan::{self, Plan, StageSchedule};
+use tessera_core::spec::RenderSpec;
+use tessera_store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::DiffusionModel;
@@ -18,6 +18,7 @@ use tessera_worker::model::diffusion::DiffusionModel;
 use super::job::JobArgs;
 use crate::dispatch::LocalWorkers;
 use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
+use crate::sync::lock;
 use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Args)]
@@ -234,10 +235,6 @@ pub fn run(args: RenderArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Wall time and model evaluations of each stage (and the decode), printed after a render.

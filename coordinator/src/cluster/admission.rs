@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use tessera_common::plan::{self, ArchInfo, Plan};
-use tessera_common::sched::SchedulerConfig;
-use tessera_common::spec::RenderSpec;
+use tessera_core::plan::{self, ArchInfo, Plan};
+use tessera_core::sched::SchedulerConfig;
+use tessera_core::spec::RenderSpec;
 use tessera_proto::v1::{self, WorkerDescription};
 use tonic::Status;
 

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tessera_common::plan::Plan;
-use tessera_common::sched::SchedulerConfig;
-use tessera_common::spec::RenderSpec;
-use tessera_common::store::{keys, RedisStore, StoreError};
+use tessera_core::plan::Plan;
+use tessera_core::sched::SchedulerConfig;
+use tessera_core::spec::RenderSpec;
 use tessera_proto::v1;
+use tessera_store::{keys, RedisStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

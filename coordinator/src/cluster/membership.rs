@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prost::Message;
-use tessera_common::store::{keys, RedisStore, StoreError};
 use tessera_proto::v1::WorkerDescription;
+use tessera_store::{keys, RedisStore, StoreError};
 
 use super::pool::Pool;
 

@@ -15,10 +15,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tessera_common::store::{RedisOptions, RedisStore, StoreError};
 use tessera_proto::auth::{BadToken, RequireToken};
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::coordinator_server::CoordinatorServer;
+use tessera_store::{RedisOptions, RedisStore, StoreError};
 
 use jobs::Jobs;
 use pool::{Pool, PoolOptions};

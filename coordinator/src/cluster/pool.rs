@@ -20,10 +20,10 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_common::task::{Task, TaskKind};
+use tessera_core::task::{Task, TaskKind};
 use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::worker_client::WorkerClient;
@@ -34,6 +34,7 @@ use tonic::transport::Channel;
 
 use super::pace::{self, Pace};
 use crate::dispatch::{Dispatch, DispatchError};
+use crate::sync::lock;
 
 /// How many times a task may fail in a way worth retrying before its job fails.
 const MAX_ATTEMPTS: u32 = 6;
@@ -125,11 +126,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the state consistent, so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Pool {

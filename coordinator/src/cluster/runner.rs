@@ -5,19 +5,20 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use tessera_common::plan::Plan;
-use tessera_common::spec::RenderSpec;
-use tessera_common::store::{keys, RedisStore, Store};
+use tessera_core::plan::Plan;
+use tessera_core::spec::RenderSpec;
+use tessera_store::{keys, RedisStore, Store};
 use tokio::sync::Notify;
 
 use super::jobs::{now_ms, JobRecord, JobState, Jobs, ResumeRecord};
 use super::pool::{JobDispatch, Pool};
 use crate::dispatch::DispatchError;
 use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, PreviewHook, Progress};
+use crate::sync::lock;
 use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Clone)]
@@ -48,10 +49,6 @@ pub struct Runner {
     /// Serializes starting and cancelling queued jobs.
     admission: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Runner {
@@ -95,7 +92,7 @@ impl Runner {
     pub async fn get(
         &self,
         id: &str,
-    ) -> Result<Option<(JobRecord, f64)>, tessera_common::store::StoreError> {
+    ) -> Result<Option<(JobRecord, f64)>, tessera_store::StoreError> {
         if let Some(s) = self.snapshot(id) {
             return Ok(Some(s));
         }
@@ -146,7 +143,7 @@ impl Runner {
         }
     }
 
-    async fn start_queued(self: &Arc<Self>) -> Result<(), tessera_common::store::StoreError> {
+    async fn start_queued(self: &Arc<Self>) -> Result<(), tessera_store::StoreError> {
         let _turn = self.admission.lock().await;
         let free = self.opts.max_jobs.saturating_sub(lock(&self.active).len());
         if free == 0 {
@@ -460,10 +457,7 @@ impl Runner {
 
     /// Stops a job: a queued one at once, a running one once its current tasks are abandoned
     /// (the engine checks between tasks). Returns the job's record afterwards.
-    pub async fn cancel(
-        &self,
-        id: &str,
-    ) -> Result<Option<JobRecord>, tessera_common::store::StoreError> {
+    pub async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, tessera_store::StoreError> {
         let flag = lock(&self.active).get(id).map(|a| a.cancelled.clone());
         match flag {
             Some(flag) => {

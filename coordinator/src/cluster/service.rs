@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tessera_common::store::StoreError;
 use tessera_proto::v1::coordinator_server::Coordinator;
 use tessera_proto::v1::{
     FetchResultRequest, JobInfo, JobRef, ListJobsRequest, ListJobsResponse, PlanJobRequest,
     PlanJobResponse, Preview, ResultChunk, SubmitJobRequest, SubmitJobResponse,
 };
+use tessera_store::StoreError;
 use tonic::{Request, Response, Status};
 
 use super::admission;
@@ -309,7 +309,7 @@ impl Coordinator for CoordinatorService {
             .runner
             .jobs
             .store
-            .get_async(&tessera_common::store::keys::job_preview(&record.id))
+            .get_async(&tessera_store::keys::job_preview(&record.id))
             .await
             .map_err(store_status)?
             .unwrap_or_default();

@@ -5,10 +5,10 @@
 
 use std::path::PathBuf;
 
-use tessera_common::method::params::{Method, TileWeights};
-use tessera_common::resize::ResizeFilter;
-use tessera_common::sched::SchedulerKind;
-use tessera_common::spec::{BitDepth, DziMode, Size};
+use tessera_core::method::params::{Method, TileWeights};
+use tessera_core::resize::ResizeFilter;
+use tessera_core::sched::SchedulerKind;
+use tessera_core::spec::{BitDepth, DziMode, Size};
 use tessera_proto::v1;
 
 use crate::cli::job::JobArgs;
@@ -99,7 +99,7 @@ fn side(flag: &str, what: &str, v: i64) -> Result<u32, Invalid> {
     u32::try_from(v).map_err(|_| {
         Invalid(format!(
             "{flag}: {what} {v} is far too large (at most {} pixels)",
-            tessera_common::spec::MAX_SIDE
+            tessera_core::spec::MAX_SIDE
         ))
     })
 }

@@ -9,20 +9,20 @@ pub mod views;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::method::camap::CaMap;
-use tessera_common::method::facfg::{fa_cfg, FaCfgWeights};
-use tessera_common::method::freescale::{
+use tessera_core::method::camap::CaMap;
+use tessera_core::method::facfg::{fa_cfg, FaCfgWeights};
+use tessera_core::method::freescale::{
     binarize_mask, exponent_map, restrain, restrain_with_map, restraint_weight,
     restraint_weight_map,
 };
-use tessera_common::method::guidance;
-use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
-use tessera_common::resize::Resizer;
-use tessera_common::sched::{Scheduler, SchedulerConfig, SchedulerKind};
-use tessera_common::spec::{RenderSpec, PIXELS_PER_LATENT};
-use tessera_common::store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
-use tessera_common::task::{Task, TaskKind, VaeNoise};
+use tessera_core::method::guidance;
+use tessera_core::noise::{NoiseKey, NoisePurpose};
+use tessera_core::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
+use tessera_core::resize::Resizer;
+use tessera_core::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+use tessera_core::spec::{RenderSpec, PIXELS_PER_LATENT};
+use tessera_core::task::{Task, TaskKind, VaeNoise};
+use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
 use vae::{Pixels, RowSink, VaeTiling};
@@ -47,30 +47,23 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-impl From<tessera_common::store::StoreError> for EngineError {
-    fn from(e: tessera_common::store::StoreError) -> Self {
+impl From<tessera_store::StoreError> for EngineError {
+    fn from(e: tessera_store::StoreError) -> Self {
         EngineError::Store(e.to_string())
     }
 }
 
-macro_rules! from_method_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for EngineError {
-            fn from(e: $t) -> Self {
-                EngineError::Compute(candle_core::Error::Msg(e.to_string()))
-            }
-        }
-    )*};
+impl From<tessera_core::error::MathError> for EngineError {
+    fn from(e: tessera_core::error::MathError) -> Self {
+        EngineError::Compute(candle_core::Error::Msg(e.to_string()))
+    }
 }
-from_method_error!(
-    tessera_common::method::camap::CaMapError,
-    tessera_common::method::facfg::FaCfgError,
-    tessera_common::method::freescale::FreeScaleError,
-    tessera_common::method::fusion::FusionError,
-    tessera_common::tiling::TilingError,
-    tessera_common::resize::ResizeError,
-    tessera_common::sched::SchedulerError
-);
+
+impl From<tessera_core::sched::SchedulerError> for EngineError {
+    fn from(e: tessera_core::sched::SchedulerError) -> Self {
+        EngineError::Compute(candle_core::Error::Msg(e.to_string()))
+    }
+}
 
 /// What the engine reports while it runs.
 #[derive(Debug, Clone, Copy)]

@@ -13,11 +13,11 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::plan::Plan;
-use tessera_common::resize::Resizer;
-use tessera_common::store::{get_tensor, keys, put_tensor};
-use tessera_common::task::{Task, TaskKind, VaeNoise};
+use tessera_core::noise::{NoiseKey, NoisePurpose};
+use tessera_core::plan::Plan;
+use tessera_core::resize::Resizer;
+use tessera_core::task::{Task, TaskKind, VaeNoise};
+use tessera_store::{get_tensor, keys, put_tensor};
 
 use super::{Engine, EngineError, Result};
 

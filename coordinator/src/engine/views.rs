@@ -17,17 +17,18 @@ use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::method::camap::{CaMap, ViewPlacement};
-use tessera_common::method::fusion::FusionBands;
-use tessera_common::method::params::TileWeights;
-use tessera_common::noise::{NoiseKey, NoisePurpose};
-use tessera_common::plan::{Plan, StagePlan};
-use tessera_common::store::{get_tensor, keys, put_tensor, Store};
-use tessera_common::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
-use tessera_common::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
+use tessera_core::method::camap::{CaMap, ViewPlacement};
+use tessera_core::method::fusion::FusionBands;
+use tessera_core::method::params::TileWeights;
+use tessera_core::noise::{NoiseKey, NoisePurpose};
+use tessera_core::plan::{Plan, StagePlan};
+use tessera_core::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
+use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
+use tessera_store::{get_tensor, keys, put_tensor, Store};
 
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::Dispatch;
+use crate::sync::lock;
 
 /// Where a step is: job, stage, step index within the stage, timestep.
 #[derive(Debug, Clone, Copy)]
@@ -388,10 +389,6 @@ fn task_id(at: &StepAt, ti: usize) -> String {
     format!("s{}:t{}:task{ti}", at.stage, at.step)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The fusion's bands with the merged global predictions they fuse into.
 type Fusion = (FusionBands, Vec<f32>);
 
@@ -563,8 +560,8 @@ impl CamapMerge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_common::method::fusion::{fuse_scales_once_in_place, BlurAxes};
-    use tessera_common::tiling::{GlobalViewConfig, LocalViewConfig};
+    use tessera_core::method::fusion::{fuse_scales_once_in_place, BlurAxes};
+    use tessera_core::tiling::{GlobalViewConfig, LocalViewConfig};
 
     #[test]
     fn step_merge_and_fusion_give_the_same_bytes_in_any_arrival_order() -> Result<()> {

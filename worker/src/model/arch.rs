@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use tessera_common::plan::ArchInfo;
-use tessera_common::sched::SchedulerConfig;
+use tessera_core::plan::ArchInfo;
+use tessera_core::sched::SchedulerConfig;
 
 use super::loader::{ModelDir, ModelError, PipelineKind, Result};
 use super::unet::UNetConfig;

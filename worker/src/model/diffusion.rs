@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::sched::SchedulerConfig;
+use tessera_core::sched::SchedulerConfig;
 
 use super::loader::{ModelDir, ModelError, PipelineKind, Result};
 use super::text::{ClipTextConfig, ClipTextModel};

@@ -96,7 +96,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{get_tensor, put_tensor, StoreError};
+    use crate::{get_tensor, put_tensor, StoreError};
     use candle_core::{Device, Tensor};
 
     #[test]

@@ -13,18 +13,9 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
+use crate::error::{MathError, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResizeError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, ResizeError>;
 
 /// The interpolation mode, named as torch's `F.interpolate(mode=...)` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -57,7 +48,7 @@ impl fmt::Display for ResizeFilter {
 }
 
 impl FromStr for ResizeFilter {
-    type Err = ResizeError;
+    type Err = MathError;
 
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
@@ -65,7 +56,7 @@ impl FromStr for ResizeFilter {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 let valid: Vec<&str> = Self::ALL.iter().map(|f| f.as_str()).collect();
-                ResizeError::Invalid(format!(
+                MathError::Invalid(format!(
                     "unknown resize filter {s:?} (valid: {})",
                     valid.join(", ")
                 ))
@@ -100,7 +91,7 @@ impl Resizer {
         let (b, c, h, w) = match *x.dims() {
             [b, c, h, w] => (b, c, h, w),
             _ => {
-                return Err(ResizeError::Invalid(format!(
+                return Err(MathError::Invalid(format!(
                     "resize expects a (B, C, H, W) tensor, got shape {:?}",
                     x.dims()
                 )))
@@ -125,17 +116,17 @@ impl Resizer {
         filter: ResizeFilter,
     ) -> Result<Self> {
         if height == 0 || width == 0 {
-            return Err(ResizeError::Invalid(format!(
+            return Err(MathError::Invalid(format!(
                 "resize target must be non-empty, got {height}x{width}"
             )));
         }
         if h == 0 || w == 0 {
-            return Err(ResizeError::Invalid(format!(
+            return Err(MathError::Invalid(format!(
                 "cannot resize an empty {h}x{w} image to {height}x{width}"
             )));
         }
         if src.len() != b * c * h * w {
-            return Err(ResizeError::Invalid(format!(
+            return Err(MathError::Invalid(format!(
                 "{} values are not {b}x{c} planes of {h}x{w}",
                 src.len()
             )));
@@ -159,7 +150,7 @@ impl Resizer {
     pub fn window(&self, ys: Range<usize>, xs: Range<usize>) -> Result<Tensor> {
         let (b, c) = self.planes;
         if ys.start >= ys.end || xs.start >= xs.end || ys.end > self.to.0 || xs.end > self.to.1 {
-            return Err(ResizeError::Invalid(format!(
+            return Err(MathError::Invalid(format!(
                 "window rows {ys:?}, columns {xs:?} is empty or outside the {}x{} output",
                 self.to.1, self.to.0
             )));

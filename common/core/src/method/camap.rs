@@ -15,21 +15,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::{invalid, MathError, Result};
 use candle_core::{DType, Device, Tensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CaMapError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, CaMapError>;
-
-fn invalid<T>(msg: impl Into<String>) -> Result<T> {
-    Err(CaMapError::Invalid(msg.into()))
-}
 
 /// A head- and layer-averaged cross-attention map, `(B, h0, w0, n_text)` f32, on the grid of
 /// the stage latent it was captured at (the largest attention resolution).
@@ -96,7 +83,7 @@ impl CaMapCollector {
             .keys()
             .copied()
             .max_by_key(|&(h, w)| (h * w, h))
-            .ok_or_else(|| CaMapError::Invalid("no cross-attention maps were captured".into()))?;
+            .ok_or_else(|| MathError::Invalid("no cross-attention maps were captured".into()))?;
         // Largest first, then by descending size: a fixed summation order.
         let mut entries: Vec<_> = self.by_res.into_iter().collect();
         entries.sort_by_key(|&((h, w), _)| std::cmp::Reverse((h * w, h, w)));

@@ -11,21 +11,8 @@
 //! - Dilation: while i < dilate_tau, selected 3×3 convs use dilation = padding =
 //!   stage width // training width.
 
+use crate::error::{invalid, Result};
 use candle_core::{DType, Tensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum FreeScaleError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, FreeScaleError>;
-
-fn invalid<T>(msg: impl Into<String>) -> Result<T> {
-    Err(FreeScaleError::Invalid(msg.into()))
-}
 
 /// Fraction of the steps a stage > 0 skips: `restart_steps = [int(num_inference_steps*0.3)]`.
 pub const RESTART_FRACTION: f64 = 0.3;

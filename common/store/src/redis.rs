@@ -165,7 +165,7 @@ impl RedisStore {
     /// have (sorted-set queues, membership keys):
     ///
     /// ```no_run
-    /// # use tessera_common::store::{RedisStore, Result};
+    /// # use tessera_store::{RedisStore, Result};
     /// # async fn f(store: &RedisStore) -> Result<()> {
     /// let queued: usize = store
     ///     .with_retry("ZCARD queue", |mut c| async move {

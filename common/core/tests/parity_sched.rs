@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::sched::{Scheduler, SchedulerConfig};
+use tessera_core::sched::{Scheduler, SchedulerConfig};
 
 /// The bar the issue sets is 1e-4; f32 arithmetic in a different order lands near 1e-7.
 const REL_TOL: f64 = 1e-5;

@@ -8,17 +8,7 @@
 //! `ā = s·a / (1 + (s − 1)·a)` (an SNR scaled by s), and the start is the first timestep whose
 //! ᾱ is at most ā (`1000 − searchsorted(flip(ᾱ), ā, right=True)`).
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum FrecasError {
-    #[error("{0}")]
-    Invalid(String),
-}
-
-pub type Result<T> = std::result::Result<T, FrecasError>;
-
-fn invalid<T>(msg: impl Into<String>) -> Result<T> {
-    Err(FrecasError::Invalid(msg.into()))
-}
+use crate::error::{invalid, MathError, Result};
 
 /// First timestep of the first stage.
 pub const FIRST_START: usize = 999;
@@ -243,7 +233,7 @@ pub fn plan_stages(
     let mut out = Vec::with_capacity(stages.len());
     for (k, st) in stages.iter().enumerate() {
         let timesteps = stage_timesteps(start, st.end_time, st.steps)
-            .map_err(|e| FrecasError::Invalid(format!("stage {k}: {e}")))?;
+            .map_err(|e| MathError::Invalid(format!("stage {k}: {e}")))?;
         out.push(StagePlan {
             size: st.size,
             start,

@@ -2,7 +2,7 @@
 //! The cluster keeps it in Redis; the embedded `tessera render` keeps it in memory behind the
 //! same trait, so both drive one engine.
 //!
-//! Values are bytes; tensors go through [`crate::codec`]. Keys are built by [`keys`] only, so
+//! Values are bytes; tensors go through [`tessera_core::codec`]. Keys are built by [`keys`] only, so
 //! the layout is written down in one place.
 
 pub mod keys;
@@ -14,7 +14,7 @@ pub use memory::MemoryStore;
 
 use candle_core::{Device, Tensor};
 
-use crate::codec;
+use tessera_core::codec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

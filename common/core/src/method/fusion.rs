@@ -11,17 +11,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::error::{MathError, Result};
 use crate::tiling::for_each_row_chunk;
-
-#[derive(Debug, thiserror::Error)]
-pub enum FusionError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, FusionError>;
 
 /// Which axes of a 4-D tensor G blurs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,7 +28,7 @@ pub enum BlurAxes {
 /// Kernel size of G for a stage `s` times the training size: 2s − 1.
 pub fn fusion_kernel_size(scale: usize) -> Result<usize> {
     if scale == 0 {
-        return Err(FusionError::Invalid("scale must be at least 1".into()));
+        return Err(MathError::Invalid("scale must be at least 1".into()));
     }
     Ok(2 * scale - 1)
 }
@@ -46,9 +37,7 @@ pub fn fusion_kernel_size(scale: usize) -> Result<usize> {
 /// latent pixels `stage // training` (integer division).
 pub fn scale_count(stage_hw: (usize, usize), training_hw: (usize, usize)) -> Result<usize> {
     if training_hw.0 == 0 || training_hw.1 == 0 {
-        return Err(FusionError::Invalid(
-            "training size must be positive".into(),
-        ));
+        return Err(MathError::Invalid("training size must be positive".into()));
     }
     Ok((stage_hw.0 / training_hw.0)
         .max(stage_hw.1 / training_hw.1)
@@ -59,12 +48,12 @@ pub fn scale_count(stage_hw: (usize, usize), training_hw: (usize, usize)) -> Res
 /// `gaussian_kernel` (torch default dtype).
 pub fn gaussian_kernel_1d(size: usize, sigma: f32) -> Result<Vec<f32>> {
     if size == 0 || size.is_multiple_of(2) {
-        return Err(FusionError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "Gaussian kernel size must be odd and positive, got {size}"
         )));
     }
     if !(sigma.is_finite() && sigma > 0.0) {
-        return Err(FusionError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "sigma must be positive, got {sigma}"
         )));
     }
@@ -136,7 +125,7 @@ fn blur_axis(x: &Tensor, dim: usize, kernel: &[f32]) -> Result<Tensor> {
 pub fn gaussian_blur(x: &Tensor, kernel_size: usize, sigma: f32, axes: BlurAxes) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() != 4 {
-        return Err(FusionError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "Gaussian blur expects a 4-D tensor, got shape {dims:?}"
         )));
     }
@@ -154,7 +143,7 @@ pub fn gaussian_blur(x: &Tensor, kernel_size: usize, sigma: f32, axes: BlurAxes)
 
 fn same_shape(local: &Tensor, global: &Tensor) -> Result<()> {
     if local.dims() != global.dims() {
-        return Err(FusionError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "local {:?} and global {:?} predictions differ in shape",
             local.dims(),
             global.dims()
@@ -209,7 +198,7 @@ pub fn fuse_scales_once(
 ) -> Result<Tensor> {
     same_shape(local, global)?;
     let dims: [usize; 4] = local.dims().try_into().map_err(|_| {
-        FusionError::Invalid(format!(
+        MathError::Invalid(format!(
             "fusion expects 4-D tensors, got {:?}",
             local.dims()
         ))
@@ -237,7 +226,7 @@ pub fn fuse_scales_once_in_place(
 ) -> Result<Vec<f32>> {
     let len: usize = dims.iter().product();
     if local.len() != len || global.len() != len {
-        return Err(FusionError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "local ({}) and global ({}) predictions must both hold {dims:?} = {len} values",
             local.len(),
             global.len()
@@ -378,7 +367,7 @@ impl FusionBands {
         let (h, w, plane) = (self.h, self.w, self.h * self.w);
         let len = self.planes * plane;
         if local.len() != len || global.len() != len {
-            return Err(FusionError::Invalid(format!(
+            return Err(MathError::Invalid(format!(
                 "banded fusion of {} planes of {h}x{w} got {} local and {} global values",
                 self.planes,
                 local.len(),

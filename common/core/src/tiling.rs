@@ -11,23 +11,10 @@
 //! Merges run on the CPU in f32, views in index order, whatever the order their outputs arrived
 //! in: the same inputs give the same bits.
 
+use crate::error::{invalid, MathError, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TilingError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, TilingError>;
-
-fn invalid<T>(msg: impl Into<String>) -> Result<T> {
-    Err(TilingError::Invalid(msg.into()))
-}
 
 /// What a view reads where it reaches past the latent's edge.
 ///
@@ -284,7 +271,7 @@ impl LocalViews {
 
     fn rect(&self, index: usize) -> Result<ViewRect> {
         self.rects.get(index).copied().ok_or_else(|| {
-            TilingError::Invalid(format!(
+            MathError::Invalid(format!(
                 "local view {index} does not exist ({} views)",
                 self.rects.len()
             ))
@@ -800,7 +787,7 @@ fn gather(
 fn batch_channels(outputs: &[Tensor], (vh, vw): (usize, usize)) -> Result<(usize, Device)> {
     let first = outputs
         .first()
-        .ok_or_else(|| TilingError::Invalid("no view outputs to merge".into()))?;
+        .ok_or_else(|| MathError::Invalid("no view outputs to merge".into()))?;
     let (b, c, _, _) = first.dims4()?;
     for (i, out) in outputs.iter().enumerate() {
         let dims = out.dims4()?;

@@ -9,17 +9,8 @@
 //! The reference then feeds `[0, ε/gs]` through the pipeline's own CFG, which returns ε up to
 //! rounding; here ε is returned directly.
 
+use crate::error::{MathError, Result};
 use candle_core::{DType, Tensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum FaCfgError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-pub type Result<T> = std::result::Result<T, FaCfgError>;
 
 /// Guidance weights per band, `--facfg_weight W_HIGH W_LOW` order.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,7 +41,7 @@ pub fn frequency_split(x: &Tensor, low_hw: (usize, usize)) -> Result<(Tensor, Te
 fn low_band(x: &Tensor, low_hw: (usize, usize)) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if low_hw.0 == 0 || low_hw.1 == 0 {
-        return Err(FaCfgError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "low-band size {}x{} must be positive",
             low_hw.0, low_hw.1
         )));
@@ -69,7 +60,7 @@ pub fn fa_cfg(
     weights: FaCfgWeights,
 ) -> Result<Tensor> {
     if uncond.dims() != cond.dims() {
-        return Err(FaCfgError::Invalid(format!(
+        return Err(MathError::Invalid(format!(
             "unconditional {:?} and conditional {:?} predictions differ in shape",
             uncond.dims(),
             cond.dims()

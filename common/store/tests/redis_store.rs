@@ -1,4 +1,4 @@
-//! The Redis store against a real redis-server per test (see `tessera_common::testing`):
+//! The Redis store against a real redis-server per test (see `tessera_harness`):
 //! the trait's semantics as the in-memory store has them, plus what only Redis has (TTLs,
 //! passwords, outages).
 
@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use tessera_common::store::{
+use tessera_harness::{RedisServer, RedisServerOptions};
+use tessera_store::{
     get_json, get_tensor, put_json, put_tensor, RedisOptions, RedisStore, Store, StoreError,
 };
-use tessera_common::testing::{RedisServer, RedisServerOptions};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

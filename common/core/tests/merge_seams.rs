@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_common::tiling::{
+use tessera_core::tiling::{
     EdgePadding, GlobalViewConfig, GlobalViews, LocalViewConfig, LocalViews, ViewWeighting,
 };
 
