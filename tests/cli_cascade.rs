@@ -45,7 +45,7 @@ fn varied(px: &[u8]) -> bool {
 
 #[test]
 fn every_method_renders_two_and_three_stages() {
-    let dir = Scratch::new("methods");
+    let dir = scratch("methods");
     for method in ["freescale", "frecas", "hybrid"] {
         for stages in ["128x128,256x256", "128x128,256x256,512x512"] {
             let size = stages.rsplit(',').next().unwrap();
@@ -72,7 +72,7 @@ fn every_method_renders_two_and_three_stages() {
 
 #[test]
 fn same_seed_same_pixels_for_one_two_and_three_workers() {
-    let dir = Scratch::new("workers");
+    let dir = scratch("workers");
     let mut images = Vec::new();
     for workers in ["1", "2", "3"] {
         let lat = dir.path(&format!("w{workers}.safetensors"));
@@ -131,7 +131,7 @@ fn write_mask(path: &Path, side: u32) {
 
 #[test]
 fn init_image_upscales_128_to_512_through_two_stages_with_and_without_a_mask() {
-    let dir = Scratch::new("imgen");
+    let dir = scratch("imgen");
     let picture = dir.path("in.png");
     write_picture(&picture, 128, 128);
     let mask = dir.path("mask.png");
@@ -270,7 +270,7 @@ fn plan_reports_views_evaluations_and_memory() {
 #[test]
 fn bad_cascade_flags_say_what_to_change() {
     let model = tiny_model("sdxl-tiny");
-    let dir = Scratch::new("cascade-flags");
+    let dir = scratch("cascade-flags");
     let out = dir.path("x.png");
     let cases: &[(&[&str], &str)] = &[
         (

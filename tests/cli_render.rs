@@ -12,7 +12,7 @@ use common::*;
 #[test]
 fn readme_quick_start_renders_byte_identical_pngs() {
     let model = tiny_model("sdxl-tiny");
-    let dir = Scratch::new("quickstart");
+    let dir = scratch("quickstart");
     let (a, b) = (dir.path("a.png"), dir.path("b.png"));
     for out in [&a, &b] {
         tessera_ok(&[
@@ -118,7 +118,7 @@ fn readme_quick_start_renders_byte_identical_pngs() {
 #[test]
 fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
     let model = tiny_model("sd21-tiny");
-    let dir = Scratch::new("sd21");
+    let dir = scratch("sd21");
     let (png, lat) = (dir.path("o.png"), dir.path("o.safetensors"));
     tessera_ok(&[
         "render",
@@ -219,7 +219,7 @@ fn diffusers_pipeline_parity(arch: &str, case: &str) {
             .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
     };
 
-    let dir = Scratch::new(&format!("parity-{arch}-{case}"));
+    let dir = scratch(&format!("parity-{arch}-{case}"));
     let latents_in = dir.path("in.safetensors");
     candle_core::safetensors::save(
         &HashMap::from([("latents", get(&format!("pipe.{case}.latents")).clone())]),
@@ -328,7 +328,7 @@ fn failing_render(model: &Path, out: &Path) -> String {
 #[test]
 fn broken_model_directories_get_short_errors_naming_the_file() {
     let good = tiny_model("sdxl-tiny");
-    let dir = Scratch::new("broken");
+    let dir = scratch("broken");
 
     // A truncated UNet file.
     let m = dir.path("truncated");
@@ -380,7 +380,7 @@ fn broken_model_directories_get_short_errors_naming_the_file() {
 fn bad_flags_get_clear_errors() {
     let model = tiny_model("sdxl-tiny");
     let m = model.to_str().unwrap();
-    let dir = Scratch::new("flags");
+    let dir = scratch("flags");
     let out = dir.path("x.png");
     let o = out.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
@@ -457,7 +457,7 @@ fn every_subcommand_has_help() {
 
 #[test]
 fn synth_is_deterministic_and_never_overwrites_foreign_directories() {
-    let dir = Scratch::new("synth");
+    let dir = scratch("synth");
     let (a, b, c) = (dir.path("a"), dir.path("b"), dir.path("c"));
     for (out, seed) in [(&a, "5"), (&b, "5"), (&c, "6")] {
         tessera_ok(&[

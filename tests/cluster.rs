@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{read_png, tessera, tessera_bin, tessera_ok, tiny_model, Scratch};
-use tessera_harness::{RedisServer, RedisServerOptions};
+use common::{read_png, scratch, tessera, tessera_bin, tessera_ok, tiny_model, Scratch};
+use tessera_harness::{ClusterOptions, LocalCluster, RedisServerOptions};
 
 /// The job every test renders: a 3-stage hybrid cascade of the tiny SDXL model.
 const JOB: &[&str] = &[
@@ -41,7 +40,7 @@ fn serial() -> MutexGuard<'static, ()> {
 fn reference() -> &'static Vec<u8> {
     static PIXELS: OnceLock<Vec<u8>> = OnceLock::new();
     PIXELS.get_or_init(|| {
-        let dir = Scratch::new("cluster-reference");
+        let dir = scratch("cluster-reference");
         let out = dir.path("ref.png");
         let model = tiny_model("sdxl-tiny");
         let mut args = vec!["render", "--model", model.to_str().unwrap()];
@@ -52,280 +51,84 @@ fn reference() -> &'static Vec<u8> {
     })
 }
 
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    name: String,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[&str], log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(tessera_bin())
-            .args(args)
-            .env("TESSERA_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start tessera");
-        Proc {
-            child,
-            name: name.to_string(),
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A whole cluster: Redis, a coordinator, workers.
+/// A loopback cluster serving the tiny SDXL model as "tiny", with the test's conveniences:
+/// every call panics with the cluster's logs when it fails.
 struct Cluster {
     dir: Scratch,
-    redis: RedisServer,
-    port: u16,
-    coordinator: Option<Proc>,
-    workers: Vec<Proc>,
-    extra: Vec<String>,
-    /// Directory with `ca.pem`, `server.pem` and `server.key` when every hop uses TLS.
-    tls: Option<PathBuf>,
-    spawned: usize,
+    inner: LocalCluster,
 }
 
 impl Cluster {
-    fn start(name: &str, workers: usize, redis: RedisServerOptions, extra: &[&str]) -> Cluster {
-        Self::start_tls(name, workers, redis, extra, false)
-    }
-
-    fn start_tls(
+    fn start(
         name: &str,
         workers: usize,
         redis: RedisServerOptions,
-        extra: &[&str],
-        tls: bool,
+        token: Option<&str>,
     ) -> Cluster {
-        let dir = Scratch::new(name);
-        let tls = tls.then(|| {
-            let certs = dir.path("certs");
-            std::fs::create_dir_all(&certs).unwrap();
-            tessera_harness::make_certificates(&certs);
-            certs
-        });
-        let mut c = Cluster {
-            dir,
-            redis: RedisServer::start_with(redis),
-            port: free_port(),
-            coordinator: None,
-            workers: Vec::new(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls,
-            spawned: 0,
-        };
-        c.start_coordinator();
+        Self::start_with(
+            name,
+            workers,
+            ClusterOptions {
+                redis,
+                token: token.map(str::to_string),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn start_with(name: &str, workers: usize, mut opts: ClusterOptions) -> Cluster {
+        let dir = scratch(name);
+        let images = dir.path("images");
+        opts.coordinator_flags.extend([
+            "--job-ttl".to_string(),
+            "3".into(),
+            "--output-dir".into(),
+            images.display().to_string(),
+        ]);
+        let inner = LocalCluster::start(Path::new(tessera_bin()), &dir.0, opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut c = Cluster { dir, inner };
         for _ in 0..workers {
             c.add_worker();
         }
-        c.wait_workers(workers);
+        c.inner
+            .wait_workers(workers)
+            .unwrap_or_else(|e| panic!("{e}"));
         c
     }
 
     fn url(&self) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    /// TLS flags of a server role (certificate, key, and the CA of its peers).
-    fn server_tls(&self) -> Vec<String> {
-        match &self.tls {
-            None => Vec::new(),
-            Some(d) => vec![
-                "--tls-cert".into(),
-                d.join("server.pem").display().to_string(),
-                "--tls-key".into(),
-                d.join("server.key").display().to_string(),
-                "--tls-ca".into(),
-                d.join("ca.pem").display().to_string(),
-            ],
-        }
-    }
-
-    fn start_coordinator(&mut self) {
-        self.spawned += 1;
-        let listen = format!("127.0.0.1:{}", self.port);
-        let redis = self.redis.url();
-        let images = self.dir.path("images");
-        let images = images.to_str().unwrap();
-        let mut args = vec![
-            "coordinator",
-            "--listen",
-            &listen,
-            "--redis",
-            &redis,
-            "--job-ttl",
-            "3",
-            "--output-dir",
-            images,
-        ];
-        let mut extra = self.extra.clone();
-        extra.extend(self.server_tls());
-        args.extend(extra.iter().map(String::as_str));
-        let log = self.dir.path(&format!("coordinator-{}.log", self.spawned));
-        self.coordinator = Some(Proc::spawn("coordinator", &args, log));
-        // Ready when it answers.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.client(&["list"]);
-            if out.status.success() {
-                return;
-            }
-            let c = self.coordinator.as_mut().unwrap();
-            assert!(c.alive(), "coordinator exited:\n{}", c.log());
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not come up:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.inner.url()
     }
 
     fn add_worker(&mut self) {
-        self.spawned += 1;
         let model = tiny_model("sdxl-tiny");
-        let redis = self.redis.url();
-        let url = self.url();
-        let mut args = vec![
-            "worker",
-            "--coordinator",
-            &url,
-            "--redis",
-            &redis,
-            "--model",
-            model.to_str().unwrap(),
-            "--model-name",
-            "tiny",
-        ];
-        let mut extra: Vec<String> = self
-            .extra
-            .iter()
-            .skip_while(|a| *a != "--token")
-            .take(2)
-            .cloned()
-            .collect();
-        extra.extend(self.server_tls());
-        args.extend(extra.iter().map(String::as_str));
-        let n = self.spawned;
-        let log = self.dir.path(&format!("worker-{n}.log"));
-        self.workers
-            .push(Proc::spawn(&format!("worker-{n}"), &args, log));
+        let name = ["--model-name".to_string(), "tiny".to_string()];
+        self.inner
+            .add_worker(&model, &name)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Waits until `n` workers have heartbeat keys.
-    fn wait_workers(&mut self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.worker_keys() < n {
-            for w in &mut self.workers {
-                assert!(w.alive(), "{} exited:\n{}", w.name, w.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "workers did not join:\n{}",
-                self.workers
-                    .iter()
-                    .map(Proc::log)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn redis_keys(&self, pattern: &str) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args([
-                "-p",
-                &self.redis.port().to_string(),
-                "--scan",
-                "--pattern",
-                pattern,
-            ])
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
-
-    fn worker_keys(&self) -> usize {
-        self.redis_keys("tessera:worker:*").len()
+    fn restart_coordinator(&mut self) {
+        self.inner.kill_coordinator();
+        self.inner
+            .start_coordinator()
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs a client command against this cluster.
     fn client(&self, args: &[&str]) -> std::process::Output {
-        let url = self.url();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--coordinator", url.as_str()]);
-        let mut token: Vec<String> = self
-            .extra
-            .iter()
-            .skip_while(|a| *a != "--token")
-            .take(2)
-            .cloned()
-            .collect();
-        if let Some(d) = &self.tls {
-            token.extend([
-                "--tls-ca".to_string(),
-                d.join("ca.pem").display().to_string(),
-            ]);
-        }
-        all.extend(token.iter().map(String::as_str));
-        tessera(&all)
+        self.inner.client(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn client_ok(&self, args: &[&str]) -> String {
-        let out = self.client(args);
-        assert!(
-            out.status.success(),
-            "tessera {args:?} failed:\n{}\n--- coordinator ---\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.coordinator.as_ref().map(Proc::log).unwrap_or_default()
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.inner.client_ok(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn submit(&self, extra: &[&str]) -> String {
         let mut args = vec!["submit", "--model", "tiny"];
         args.extend_from_slice(extra);
-        let id = self.client_ok(&args).trim().to_string();
+        let id = self.client_ok(&args);
         assert!(
             !id.is_empty() && !id.contains(char::is_whitespace),
             "{id:?}"
@@ -374,14 +177,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        if let Some(c) = &self.coordinator {
-            s.push_str(&format!("--- coordinator ---\n{}\n", c.log()));
-        }
-        for w in &self.workers {
-            s.push_str(&format!("--- {} ---\n{}\n", w.name, w.log()));
-        }
-        s
+        self.inner.logs()
     }
 }
 
@@ -417,7 +213,7 @@ fn assert_same_image(cluster: &Cluster, id: &str) {
 fn a_cluster_job_matches_the_embedded_render() {
     let _one = serial();
     reference();
-    let cluster = Cluster::start("cluster-basic", 2, RedisServerOptions::default(), &[]);
+    let cluster = Cluster::start("cluster-basic", 2, RedisServerOptions::default(), None);
     let id = cluster.submit(JOB);
     let preview = cluster.dir.path("preview.png");
     let out = cluster.client(&["watch", &id, "--preview", preview.to_str().unwrap()]);
@@ -446,10 +242,15 @@ fn a_cluster_job_matches_the_embedded_render() {
 fn a_worker_killed_mid_stage_costs_nothing() {
     let _one = serial();
     reference();
-    let mut cluster = Cluster::start("cluster-kill-worker", 2, RedisServerOptions::default(), &[]);
+    let mut cluster = Cluster::start(
+        "cluster-kill-worker",
+        2,
+        RedisServerOptions::default(),
+        None,
+    );
     let id = cluster.submit(JOB);
     cluster.wait_for(&id, "the second stage", mid_stage);
-    cluster.workers[0].kill();
+    cluster.inner.workers[0].kill();
     // Another worker joins afterwards.
     cluster.add_worker();
     let out = cluster.watch(&id);
@@ -460,7 +261,7 @@ fn a_worker_killed_mid_stage_costs_nothing() {
         cluster.logs()
     );
     assert_same_image(&cluster, &id);
-    let log = cluster.coordinator.as_ref().unwrap().log();
+    let log = cluster.inner.coordinator_log();
     assert!(
         log.contains("left"),
         "the coordinator never noticed the loss:\n{log}"
@@ -471,11 +272,10 @@ fn a_worker_killed_mid_stage_costs_nothing() {
 fn a_restarted_coordinator_resumes_from_its_checkpoint() {
     let _one = serial();
     reference();
-    let mut cluster = Cluster::start("cluster-kill-coord", 2, RedisServerOptions::default(), &[]);
+    let mut cluster = Cluster::start("cluster-kill-coord", 2, RedisServerOptions::default(), None);
     let id = cluster.submit(JOB);
     let at = cluster.wait_for(&id, "the second stage", mid_stage);
-    cluster.coordinator.as_mut().unwrap().kill();
-    cluster.start_coordinator();
+    cluster.restart_coordinator();
     let out = cluster.watch(&id);
     assert!(
         out.status.success(),
@@ -498,8 +298,8 @@ fn a_restarted_coordinator_resumes_from_its_checkpoint() {
 #[test]
 fn cancel_removes_a_job_and_finished_jobs_expire() {
     let _one = serial();
-    let cluster = Cluster::start("cluster-cancel", 2, RedisServerOptions::default(), &[]);
-    let baseline = cluster.redis.dbsize();
+    let cluster = Cluster::start("cluster-cancel", 2, RedisServerOptions::default(), None);
+    let baseline = cluster.inner.redis.dbsize();
 
     let id = cluster.submit(JOB);
     cluster.wait_for(&id, "running", |s| {
@@ -508,7 +308,7 @@ fn cancel_removes_a_job_and_finished_jobs_expire() {
     cluster.client_ok(&["cancel", &id]);
     let s = cluster.status(&id);
     assert_eq!(s["state"], "cancelled", "{s}");
-    let left = cluster.redis_keys(&format!("tessera:job:{id}:*"));
+    let left = cluster.inner.redis_keys(&format!("tessera:job:{id}:*"));
     assert_eq!(
         left,
         vec![format!("tessera:job:{id}:record")],
@@ -544,14 +344,14 @@ fn cancel_removes_a_job_and_finished_jobs_expire() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let n = cluster.redis.dbsize();
+        let n = cluster.inner.redis.dbsize();
         if n == baseline {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "{n} keys instead of {baseline}: {:?}",
-            cluster.redis_keys("*")
+            cluster.inner.redis_keys("*")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -579,13 +379,13 @@ fn redis_restarted_mid_job_costs_nothing() {
             aof: true,
             ..Default::default()
         },
-        &[],
+        None,
     );
     let id = cluster.submit(JOB);
     cluster.wait_for(&id, "the second stage", mid_stage);
-    cluster.redis.kill();
+    cluster.inner.redis.kill();
     std::thread::sleep(Duration::from_secs(2));
-    cluster.redis.restart();
+    cluster.inner.redis.restart();
     let out = cluster.watch(&id);
     assert!(
         out.status.success(),
@@ -599,13 +399,17 @@ fn redis_restarted_mid_job_costs_nothing() {
 #[test]
 fn every_hop_can_use_tls() {
     let _one = serial();
-    let cluster = Cluster::start_tls("cluster-tls", 1, RedisServerOptions::default(), &[], true);
+    let opts = ClusterOptions {
+        tls: true,
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with("cluster-tls", 1, opts);
     let id = cluster.submit(&["--prompt", "over TLS", "--steps", "2", "--seed", "5"]);
     let out = cluster.watch(&id);
     assert!(out.status.success(), "{}", cluster.logs());
     assert_eq!(cluster.fetch_pixels(&id).len(), 128 * 128 * 3);
     // A client that does not speak TLS gets nowhere.
-    let plain = format!("http://127.0.0.1:{}", cluster.port);
+    let plain = format!("http://127.0.0.1:{}", cluster.inner.port());
     let out = tessera(&["list", "--coordinator", &plain]);
     assert!(!out.status.success());
 }
@@ -639,7 +443,7 @@ mod malformed {
             "cluster-malformed",
             1,
             RedisServerOptions::default(),
-            &["--token", "s3cret"],
+            Some("s3cret"),
         );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1090,8 +894,8 @@ mod malformed {
                 .jobs;
             assert!(jobs.is_empty(), "{jobs:?}");
         });
-        assert!(cluster.redis_keys("tessera:job:*").is_empty());
-        assert!(cluster.redis_keys("tessera:queue").is_empty());
+        assert!(cluster.inner.redis_keys("tessera:job:*").is_empty());
+        assert!(cluster.inner.redis_keys("tessera:queue").is_empty());
         // The CLI prints the server's message, not a debug dump.
         let out = cluster.client(&["submit", "--model", "tiny", "--prompt", "x", "--steps", "0"]);
         assert!(!out.status.success());

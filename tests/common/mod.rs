@@ -14,30 +14,11 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A fresh directory under the target dir, removed when dropped.
-pub struct Scratch(pub PathBuf);
+pub use tessera_harness::Scratch;
 
-impl Scratch {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tessera-test-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh scratch directory for a test, removed when dropped.
+pub fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("test-{name}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `tessera` with `args`, returning its output whatever the exit status.

@@ -1,6 +1,9 @@
 //! Real local processes for the cross-process tests and `tessera bench`: a scratch
-//! `redis-server` (with AOF, a password or TLS) that can be killed and restarted, and the
-//! certificates for TLS tests. Nothing here is linked into a worker or the maths.
+//! `redis-server` (with AOF, a password or TLS) that can be killed and restarted, TLS
+//! certificates, and a whole loopback cluster (Redis, a coordinator, workers) driven through
+//! the real binary. Nothing here is linked into a worker or the maths.
+mod cluster;
 mod redis_server;
 
+pub use cluster::{ClusterOptions, HarnessError, LocalCluster, Process, Scratch};
 pub use redis_server::{make_certificates, RedisServer, RedisServerOptions};

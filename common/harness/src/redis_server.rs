@@ -1,8 +1,7 @@
-//! Test support, not used by the binaries: a real `redis-server` per test, so store and
-//! cluster tests exercise the real protocol, AUTH, TTLs and restarts instead of a fake.
+//! A real `redis-server` per test or benchmark, so store and cluster tests exercise the real
+//! protocol, AUTH, TTLs and restarts instead of a fake.
 //!
-//! It is a plain (not `cfg(test)`) module so that the cross-process tests of other crates can
-//! use it too. Everything here is synchronous, so plain `#[test]`s can use it, and panics with a
+//! Everything here is synchronous, so plain `#[test]`s can use it, and panics with a
 //! message saying what to fix, as test setup should.
 
 use std::fs;
@@ -111,6 +110,25 @@ impl RedisServer {
             .strip_prefix(':')
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("DBSIZE answered {reply:?}"))
+    }
+
+    /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan` (it comes with
+    /// redis-server).
+    pub fn scan(&self, pattern: &str) -> Vec<String> {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.admin_port.to_string()]);
+        if let Some(p) = &self.opts.password {
+            cmd.args(["--no-auth-warning", "-a", p]);
+        }
+        let out = cmd
+            .args(["--scan", "--pattern", pattern])
+            .output()
+            .unwrap_or_else(|e| panic!("running redis-cli --scan: {e}"));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     /// Kills the server with SIGKILL, like a crash of the process: what it acknowledged is
@@ -306,7 +324,7 @@ pub fn make_certificates(dir: &Path) {
 
 /// A port nothing listens on right now. Another process may take it before the server binds
 /// it; `start_with` then tries another.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

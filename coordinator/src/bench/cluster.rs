@@ -1,12 +1,11 @@
-//! A whole cluster on loopback for the benchmarks: a real `redis-server` on a free port (the
-//! same harness the tests use), a `tessera coordinator` process and `tessera worker`
-//! processes. Everything is killed when the cluster is dropped.
+//! The benchmarks' side of a loopback cluster (the harness the tests use,
+//! [`tessera_harness::LocalCluster`]): starting it from this binary, and reading the steps the
+//! coordinator logged.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use tessera_harness::RedisServer;
+use tessera_harness::{ClusterOptions, LocalCluster};
 
 use super::{io, BenchError, Result};
 
@@ -49,214 +48,74 @@ pub fn parse_steps(log: &str, job: &str) -> Vec<StepLine> {
         .collect()
 }
 
-pub struct LocalCluster {
-    pub dir: PathBuf,
-    redis: RedisServer,
-    pub url: String,
-    coordinator: Child,
-    coordinator_log: PathBuf,
-    pub workers: Vec<Child>,
+/// A loopback cluster for a benchmark (see [`tessera_harness::LocalCluster`]): Redis and a
+/// coordinator with `coordinator_flags`, started from this very binary, logging into `dir`.
+pub fn start(dir: &Path, coordinator_flags: &[String]) -> Result<LocalCluster> {
+    let bin = std::env::current_exe().map_err(io("finding the tessera binary"))?;
+    let opts = ClusterOptions {
+        coordinator_flags: coordinator_flags.to_vec(),
+        ..Default::default()
+    };
+    Ok(LocalCluster::start(&bin, dir, opts)?)
 }
 
-fn tessera_bin() -> Result<PathBuf> {
-    std::env::current_exe().map_err(io("finding the tessera binary"))
+/// Starts `n` workers serving `model`; `simulate_ms` makes them benchmark doubles.
+pub fn add_workers(
+    cluster: &mut LocalCluster,
+    model: &Path,
+    n: usize,
+    simulate_ms: Option<f64>,
+) -> Result<()> {
+    let extra = match simulate_ms {
+        Some(ms) => vec!["--simulate-eval-ms".to_string(), ms.to_string()],
+        None => Vec::new(),
+    };
+    for _ in 0..n {
+        cluster.add_worker(model, &extra)?;
+    }
+    Ok(cluster.wait_workers(cluster.workers.len())?)
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+/// Submits a job with `args`; its id.
+pub fn submit(cluster: &LocalCluster, args: &[String]) -> Result<String> {
+    let mut all = vec!["submit"];
+    all.extend(args.iter().map(String::as_str));
+    Ok(cluster.client_ok(&all)?)
 }
 
-fn spawn(args: &[String], log: &Path) -> Result<Child> {
-    let file = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
-    let err = file.try_clone().map_err(io("log file"))?;
-    Command::new(tessera_bin()?)
-        .args(args)
-        .env("TESSERA_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(file)
-        .stderr(err)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(io(format!("starting tessera {}", args.join(" "))))
+/// Waits until `job` finished (the client's `watch` exits 0).
+pub fn watch(cluster: &LocalCluster, job: &str) -> Result<()> {
+    cluster.client_ok(&["watch", job]).map(|_| ())?;
+    Ok(())
 }
 
-impl LocalCluster {
-    /// Redis and a coordinator, no workers yet.
-    pub fn start(dir: &Path) -> Result<Self> {
-        Self::start_with(dir, &[])
+/// Waits until `job` has logged `count` steps of `stage`; their lines.
+pub fn wait_steps(
+    cluster: &mut LocalCluster,
+    job: &str,
+    stage: usize,
+    count: usize,
+    limit: Duration,
+) -> Result<Vec<StepLine>> {
+    let of_stage = |log: &str| -> Vec<StepLine> {
+        parse_steps(log, job)
+            .into_iter()
+            .filter(|s| s.stage == stage)
+            .collect()
+    };
+    cluster.wait_for(&format!("{count} steps of job {job}"), limit, |c| {
+        let log = c.coordinator_log();
+        log.contains(&format!("job {job} failed")) || of_stage(&log).len() >= count
+    })?;
+    let lines = of_stage(&cluster.coordinator_log());
+    if lines.len() < count {
+        return Err(BenchError::Setup(format!(
+            "job {job} stopped after {} steps:\n{}",
+            lines.len(),
+            cluster.coordinator_log()
+        )));
     }
-
-    /// [`LocalCluster::start`] with more `tessera coordinator` flags.
-    pub fn start_with(dir: &Path, coordinator_flags: &[String]) -> Result<Self> {
-        let redis = RedisServer::start();
-        let port = free_port()?;
-        let url = format!("http://127.0.0.1:{port}");
-        let coordinator_log = dir.join("coordinator.log");
-        let mut args = vec![
-            "coordinator".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--redis".into(),
-            redis.url(),
-        ];
-        args.extend_from_slice(coordinator_flags);
-        let coordinator = spawn(&args, &coordinator_log)?;
-        let cluster = Self {
-            dir: dir.to_path_buf(),
-            redis,
-            url,
-            coordinator,
-            coordinator_log,
-            workers: Vec::new(),
-        };
-        cluster.wait_for("the coordinator to serve", Duration::from_secs(30), |c| {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && c.coordinator_alive()
-        })?;
-        Ok(cluster)
-    }
-
-    pub fn coordinator_pid(&self) -> u32 {
-        self.coordinator.id()
-    }
-
-    fn coordinator_alive(&self) -> bool {
-        // try_wait needs &mut; /proc tells whether it still runs.
-        Path::new(&format!("/proc/{}", self.coordinator.id())).exists()
-    }
-
-    pub fn coordinator_log(&self) -> String {
-        std::fs::read_to_string(&self.coordinator_log).unwrap_or_default()
-    }
-
-    /// Starts `n` workers serving `model`; `simulate_ms` makes them benchmark doubles.
-    pub fn add_workers(&mut self, model: &Path, n: usize, simulate_ms: Option<f64>) -> Result<()> {
-        for _ in 0..n {
-            let i = self.workers.len();
-            let mut args = vec![
-                "worker".into(),
-                "--coordinator".into(),
-                self.url.clone(),
-                "--redis".into(),
-                self.redis.url(),
-                "--model".into(),
-                model.display().to_string(),
-            ];
-            if let Some(ms) = simulate_ms {
-                args.extend(["--simulate-eval-ms".into(), ms.to_string()]);
-            }
-            let log = self.dir.join(format!("worker-{i}.log"));
-            self.workers.push(spawn(&args, &log)?);
-        }
-        Ok(())
-    }
-
-    /// Waits until the coordinator has seen every started worker join.
-    pub fn wait_workers(&self) -> Result<()> {
-        let n = self.workers.len();
-        self.wait_for(
-            &format!("{n} workers to join"),
-            Duration::from_secs(60 + 2 * n as u64),
-            |c| c.coordinator_log().matches(" joined (").count() >= n,
-        )
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration, ok: impl Fn(&Self) -> bool) -> Result<()> {
-        let start = Instant::now();
-        while !ok(self) {
-            if !self.coordinator_alive() {
-                return Err(BenchError::Setup(format!(
-                    "the coordinator exited while waiting for {what}; its log:\n{}",
-                    self.coordinator_log()
-                )));
-            }
-            if start.elapsed() > limit {
-                return Err(BenchError::Setup(format!(
-                    "gave up waiting for {what} after {limit:?}; see {}",
-                    self.coordinator_log.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    /// Runs a `tessera` client command against this cluster; its stdout.
-    pub fn client(&self, command: &str, args: &[String]) -> Result<String> {
-        let out = Command::new(tessera_bin()?)
-            .arg(command)
-            .args(["--coordinator", &self.url])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .map_err(io(format!("running tessera {command}")))?;
-        if !out.status.success() {
-            return Err(BenchError::Setup(format!(
-                "tessera {command} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    /// Submits a job; its id.
-    pub fn submit(&self, args: &[String]) -> Result<String> {
-        self.client("submit", args)
-    }
-
-    /// Waits until `job` has logged `count` steps of `stage`; their lines.
-    pub fn wait_steps(
-        &self,
-        job: &str,
-        stage: usize,
-        count: usize,
-        limit: Duration,
-    ) -> Result<Vec<StepLine>> {
-        let mut lines = Vec::new();
-        self.wait_for(&format!("{count} steps of job {job}"), limit, |c| {
-            let log = c.coordinator_log();
-            if log.contains(&format!("job {job} failed")) {
-                return true;
-            }
-            parse_steps(&log, job)
-                .iter()
-                .filter(|s| s.stage == stage)
-                .count()
-                >= count
-        })?;
-        let log = self.coordinator_log();
-        lines.extend(
-            parse_steps(&log, job)
-                .into_iter()
-                .filter(|s| s.stage == stage),
-        );
-        if lines.len() < count {
-            return Err(BenchError::Setup(format!(
-                "job {job} stopped after {} steps; see {}",
-                lines.len(),
-                self.coordinator_log.display()
-            )));
-        }
-        Ok(lines)
-    }
-
-    /// Waits until `job` finished (the client's `watch` exits).
-    pub fn watch(&self, job: &str) -> Result<()> {
-        self.client("watch", &[job.to_string()]).map(|_| ())
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        for w in &mut self.workers {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        let _ = self.coordinator.kill();
-        let _ = self.coordinator.wait();
-        self.redis.kill();
-    }
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use super::cluster::LocalCluster;
+use super::cluster;
 use super::memory::{job_flags, model_name, png_size, stage_chain, stages_for};
 use super::{io, tiny_model_at, BenchError, Machine, Report, Result, Scratch, Table};
 
@@ -95,15 +95,13 @@ fn clustered(
 ) -> Result<(f64, std::path::PathBuf)> {
     let out = dir.join("out");
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
-    let mut cluster =
-        LocalCluster::start_with(dir, &["--output-dir".into(), out.display().to_string()])?;
-    cluster.add_workers(model, workers, None)?;
-    cluster.wait_workers()?;
+    let mut cluster = cluster::start(dir, &["--output-dir".into(), out.display().to_string()])?;
+    cluster::add_workers(&mut cluster, model, workers, None)?;
     let mut args = vec!["--model".to_string(), model_name(model)];
     args.extend(flags.iter().cloned());
     let start = Instant::now();
-    let job = cluster.submit(&args)?;
-    cluster.watch(&job)?;
+    let job = cluster::submit(&cluster, &args)?;
+    cluster::watch(&cluster, &job)?;
     let seconds = start.elapsed().as_secs_f64();
     if cluster
         .coordinator_log()
@@ -111,7 +109,7 @@ fn clustered(
     {
         return Err(BenchError::Setup(format!(
             "job {job} failed; see {}",
-            dir.join("coordinator.log").display()
+            cluster.coordinator_log_path().unwrap_or(dir).display()
         )));
     }
     let png = out.join(&job).join("0.png");

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::cluster::LocalCluster;
+use super::cluster;
 use super::{
     io, memory_of, mib, tiny_model_at, BenchError, Machine, Report, Result, Scratch, Table,
 };
@@ -150,27 +150,31 @@ fn run_one(scratch: &Path, model: &Path, size: u32, opts: &MemoryOptions) -> Res
             "tiny-model"
         }
     );
-    let mut cluster =
-        LocalCluster::start_with(&dir, &["--output-dir".into(), out.display().to_string()])?;
-    cluster.add_workers(model, opts.workers, opts.simulate_ms)?;
-    cluster.wait_workers()?;
+    let mut cluster = cluster::start(&dir, &["--output-dir".into(), out.display().to_string()])?;
+    cluster::add_workers(&mut cluster, model, opts.workers, opts.simulate_ms)?;
     let start = Instant::now();
-    let job = cluster.submit(&job_flags(&model_name(model), size, &stages, opts.steps))?;
-    cluster.watch(&job)?;
+    let job = cluster::submit(
+        &cluster,
+        &job_flags(&model_name(model), size, &stages, opts.steps),
+    )?;
+    cluster::watch(&cluster, &job)?;
     let seconds = start.elapsed().as_secs_f64();
     // VmHWM is the process's peak; read it while the processes still run.
-    let coordinator_peak = memory_of(cluster.coordinator_pid()).map_or(0, |m| m.0);
+    let coordinator_peak = cluster
+        .coordinator_pid()
+        .and_then(memory_of)
+        .map_or(0, |m| m.0);
     let worker_peak = cluster
         .workers
         .iter()
-        .filter_map(|w| memory_of(w.id()).map(|m| m.0))
+        .filter_map(|w| memory_of(w.pid()).map(|m| m.0))
         .max()
         .unwrap_or(0);
     let log = cluster.coordinator_log();
     if log.contains(&format!("job {job} failed")) {
         return Err(BenchError::Setup(format!(
             "job {job} failed; see {}",
-            dir.join("coordinator.log").display()
+            cluster.coordinator_log_path().unwrap_or(&dir).display()
         )));
     }
     let png = out.join(&job).join("0.png");

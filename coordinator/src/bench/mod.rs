@@ -26,6 +26,8 @@ pub enum BenchError {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Cluster(#[from] tessera_harness::HarnessError),
 }
 
 pub type Result<T> = std::result::Result<T, BenchError>;
@@ -251,22 +253,7 @@ pub fn tiny_model_at(dir: &Path, training: u32) -> Result<PathBuf> {
 }
 
 /// A scratch directory for a run, removed when dropped.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("tessera-bench-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use tessera_harness::Scratch;
 
 /// Peak resident memory (VmHWM) and current (VmRSS) of a process, in bytes.
 pub fn memory_of(pid: u32) -> Option<(u64, u64)> {

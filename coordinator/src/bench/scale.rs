@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::cluster::LocalCluster;
+use super::cluster;
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 
 #[derive(Debug, Clone)]
@@ -129,16 +129,15 @@ fn run_one(
         "{label}: {} workers, {steps} steps (ideal {ideal_step:.2} s each)",
         speeds.len()
     );
-    let mut cluster = LocalCluster::start(&dir)?;
+    let mut cluster = cluster::start(&dir, &[])?;
     for &ms in speeds {
-        cluster.add_workers(model, 1, Some(ms))?;
+        cluster::add_workers(&mut cluster, model, 1, Some(ms))?;
     }
-    cluster.wait_workers()?;
     let mut args = vec!["--model".to_string(), "sdxl-geometry".to_string()];
     args.extend(job_flags(opts.size, steps, opts.view_batch));
-    let job = cluster.submit(&args)?;
+    let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
-    let lines = cluster.wait_steps(&job, 0, steps, limit)?;
+    let lines = cluster::wait_steps(&mut cluster, &job, 0, steps, limit)?;
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
