@@ -12,14 +12,14 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::Parser;
+use tessera_core::method::params::{Method, MethodSpec};
+use tessera_core::spec::{JobRequest, Size};
 use tessera_core::task::{Task, TaskKind};
 use tessera_harness::RedisServer;
 use tessera_store::{RedisOptions, RedisStore};
 use tessera_worker::simulate::SimulatedModel;
 
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
-use crate::cli::job::JobArgs;
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress, StepTimings};
 
@@ -131,12 +131,6 @@ fn worker_makespan(views: usize, batch: usize, workers: usize, eval_ms: f64) -> 
     free.into_iter().fold(0.0, f64::max)
 }
 
-#[derive(Parser)]
-struct JobOnly {
-    #[command(flatten)]
-    job: JobArgs,
-}
-
 /// Per-step means of one size.
 #[derive(Debug, Clone)]
 pub struct StepCost {
@@ -164,6 +158,27 @@ fn mean(ts: &[StepTimings]) -> StepTimings {
     m
 }
 
+/// One hybrid stage at `size`², straight from noise, with one warm-up step before the timed ones.
+fn bench_job(size: u32, opts: &StepOptions) -> JobRequest {
+    let side = Size {
+        width: size,
+        height: size,
+    };
+    JobRequest {
+        prompt: "a lighthouse on a cliff at dusk".into(),
+        size: Some(side),
+        seed: Some(1),
+        method: MethodSpec {
+            method: Some(Method::Hybrid),
+            stages: Some(vec![side]),
+            stage_steps: Some(vec![opts.steps + 1]),
+            view_batch: Some(opts.view_batch),
+            ..MethodSpec::default()
+        },
+        ..JobRequest::default()
+    }
+}
+
 fn measure_size(
     size: u32,
     opts: &StepOptions,
@@ -171,30 +186,11 @@ fn measure_size(
     redis: &RedisServer,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<StepCost> {
-    let flags = [
-        "bench",
-        "--prompt",
-        "a lighthouse on a cliff at dusk",
-        "--size",
-        &format!("{size}x{size}"),
-        "--stages",
-        &format!("{size}x{size}"),
-        "--method",
-        "hybrid",
-        "--stage-steps",
-        &(opts.steps + 1).to_string(),
-        "--view-batch",
-        &opts.view_batch.to_string(),
-        "--seed",
-        "1",
-    ];
-    let job = JobOnly::try_parse_from(flags)
-        .map_err(|e| BenchError::Setup(format!("job flags: {e}")))?
-        .job;
+    let job = bench_job(size, opts);
     let arch = tessera_worker::model::arch::arch_info(model_dir, 2)
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let spec = job
-        .to_spec(arch.training_size, true, 1)
+        .to_spec(arch.training_size, || 1)
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let plan =
         tessera_core::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;

@@ -12,14 +12,13 @@ use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_proto::v1::{
-    FetchResultRequest, JobInfo, JobRef, JobState, ListJobsRequest, SubmitJobRequest,
+    self, FetchResultRequest, JobInfo, JobRef, JobState, ListJobsRequest, SubmitJobRequest,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::job::JobArgs;
+use super::job::{JobArgs, MissingPrompt};
 use super::roles::runtime;
-use crate::cluster::wire::{self, WireFiles};
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
@@ -117,14 +116,18 @@ fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
     }
 }
 
+/// The job as the coordinator takes it: the request, the model it runs on and the bytes of the
+/// files it names. A missing prompt travels empty and the coordinator refuses it.
 fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<SubmitJobRequest> {
-    let files = WireFiles {
+    let spec = v1::JobSpec {
+        model: opts.model.clone(),
         latents: read_file("--latents", latents)?,
         init_image: read_file("--init-image", job.init_image.as_deref())?,
         mask: read_file("--mask", job.mask.as_deref())?,
+        ..v1::JobSpec::from(&job.to_request(MissingPrompt::Use(""))?)
     };
     Ok(SubmitJobRequest {
-        spec: Some(wire::to_wire(&opts.model, job, files)),
+        spec: Some(spec),
         count: opts.count,
         priority: opts.priority,
         output_dir: opts.output_dir.clone().unwrap_or_default(),

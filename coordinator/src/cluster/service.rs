@@ -330,7 +330,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(PlanJobResponse {
             plan_json: serde_json::to_string_pretty(&plan)
                 .map_err(|e| Status::internal(e.to_string()))?,
-            text: crate::cli::plan::render_text(&plan),
+            text: tessera_core::describe::plan_text(&plan),
         }))
     }
 }
