@@ -2,6 +2,7 @@
 //! geometry, pixel resize, schedulers, the methods' math, seeded noise, task descriptions and
 //! the tensor codec.
 pub mod codec;
+pub mod describe;
 pub mod error;
 pub mod method;
 pub mod noise;

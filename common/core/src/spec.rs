@@ -4,6 +4,11 @@
 use crate::method::params::MethodSpec;
 use crate::sched::SchedulerKind;
 
+mod proto;
+mod request;
+
+pub use request::{JobRequest, DEFAULT_GUIDANCE, DEFAULT_STEPS};
+
 /// Longest prompt accepted, in characters. CLIP reads 77 tokens; far longer text is a mistake
 /// (a pasted file, a runaway script) rather than a prompt.
 pub const MAX_PROMPT_CHARS: usize = 2000;
@@ -229,27 +234,6 @@ impl RenderSpec {
             ));
         }
         Ok(())
-    }
-
-    /// The generation parameters as `key: value` lines, for the PNG's metadata.
-    pub fn describe(&self) -> String {
-        let mut s = format!(
-            "prompt: {}\nnegative_prompt: {}\nsize: {}x{}\nsteps: {}\nguidance: {}\nseed: {}",
-            self.prompt,
-            self.negative_prompt.as_deref().unwrap_or(""),
-            self.width,
-            self.height,
-            self.steps,
-            self.guidance,
-            self.seed
-        );
-        if let Some(k) = self.scheduler {
-            s.push_str(&format!("\nscheduler: {k}"));
-        }
-        if self.output.bit_depth != BitDepth::Eight {
-            s.push_str(&format!("\nbit_depth: {}", self.output.bit_depth));
-        }
-        s
     }
 }
 

@@ -12,14 +12,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::Parser;
+use tessera_core::method::params::{Method, MethodSpec};
+use tessera_core::plan::{ArchInfo, Plan};
+use tessera_core::spec::{JobRequest, RenderSpec, Size};
 use tessera_core::task::{Task, TaskKind};
 use tessera_harness::RedisServer;
 use tessera_store::{RedisOptions, RedisStore};
 use tessera_worker::simulate::SimulatedModel;
 
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
-use crate::cli::job::JobArgs;
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, Progress, StepTimings};
 
@@ -131,12 +132,6 @@ fn worker_makespan(views: usize, batch: usize, workers: usize, eval_ms: f64) -> 
     free.into_iter().fold(0.0, f64::max)
 }
 
-#[derive(Parser)]
-struct JobOnly {
-    #[command(flatten)]
-    job: JobArgs,
-}
-
 /// Per-step means of one size.
 #[derive(Debug, Clone)]
 pub struct StepCost {
@@ -164,6 +159,59 @@ fn mean(ts: &[StepTimings]) -> StepTimings {
     m
 }
 
+/// One hybrid stage at `size`², straight from noise, with one warm-up step before the timed ones.
+fn bench_job(size: u32, opts: &StepOptions) -> JobRequest {
+    let side = Size {
+        width: size,
+        height: size,
+    };
+    JobRequest {
+        prompt: "a lighthouse on a cliff at dusk".into(),
+        size: Some(side),
+        seed: Some(1),
+        method: MethodSpec {
+            method: Some(Method::Hybrid),
+            stages: Some(vec![side]),
+            stage_steps: Some(vec![opts.steps + 1]),
+            view_batch: Some(opts.view_batch),
+            ..MethodSpec::default()
+        },
+        ..JobRequest::default()
+    }
+}
+
+/// The bench job's spec and plan on the model in `model_dir`, whose architecture comes with
+/// them.
+fn plan_job(
+    size: u32,
+    opts: &StepOptions,
+    model_dir: &std::path::Path,
+) -> Result<(ArchInfo, RenderSpec, Plan)> {
+    let arch = tessera_worker::model::arch::arch_info(model_dir, 2)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let spec = bench_job(size, opts)
+        .to_spec(arch.training_size, || 1)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let plan =
+        tessera_core::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;
+    Ok((arch, spec, plan))
+}
+
+/// One step's timings, as the bench goes.
+fn print_step(step: usize, steps: usize, t: &StepTimings) {
+    eprintln!(
+        "  step {step}/{steps}: wall {:.0} ms, critical path {:.0} ms (fusion {:.0}, \
+         guidance {:.0}, scheduler {:.0}, checkpoint {:.0}), coordinator work {:.0} ms",
+        t.wall * 1e3,
+        t.critical * 1e3,
+        t.fusion * 1e3,
+        t.guidance * 1e3,
+        t.scheduler * 1e3,
+        t.checkpoint * 1e3,
+        t.coordinator() * 1e3
+    );
+}
+
 fn measure_size(
     size: u32,
     opts: &StepOptions,
@@ -171,33 +219,7 @@ fn measure_size(
     redis: &RedisServer,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<StepCost> {
-    let flags = [
-        "bench",
-        "--prompt",
-        "a lighthouse on a cliff at dusk",
-        "--size",
-        &format!("{size}x{size}"),
-        "--stages",
-        &format!("{size}x{size}"),
-        "--method",
-        "hybrid",
-        "--stage-steps",
-        &(opts.steps + 1).to_string(),
-        "--view-batch",
-        &opts.view_batch.to_string(),
-        "--seed",
-        "1",
-    ];
-    let job = JobOnly::try_parse_from(flags)
-        .map_err(|e| BenchError::Setup(format!("job flags: {e}")))?
-        .job;
-    let arch = tessera_worker::model::arch::arch_info(model_dir, 2)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let spec = job
-        .to_spec(arch.training_size, true, 1)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let plan =
-        tessera_core::plan::plan(&spec, &arch).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let (arch, spec, plan) = plan_job(size, opts, model_dir)?;
     let views = plan.stages[0].local_views + plan.stages[0].global_views;
     let store = runtime
         .block_on(RedisStore::connect(&redis.url(), RedisOptions::default()))
@@ -231,17 +253,7 @@ fn measure_size(
             ..
         } = p
         {
-            eprintln!(
-                "  step {step}/{steps}: wall {:.0} ms, critical path {:.0} ms (fusion {:.0}, \
-                 guidance {:.0}, scheduler {:.0}, checkpoint {:.0}), coordinator work {:.0} ms",
-                t.wall * 1e3,
-                t.critical * 1e3,
-                t.fusion * 1e3,
-                t.guidance * 1e3,
-                t.scheduler * 1e3,
-                t.checkpoint * 1e3,
-                t.coordinator() * 1e3
-            );
+            print_step(step, steps, &t);
             timings.lock().unwrap_or_else(|e| e.into_inner()).push(t);
         }
     });
@@ -293,22 +305,8 @@ fn tiny_eval_seconds(scratch: &std::path::Path, latent: usize) -> Result<f64> {
     Ok(times[1])
 }
 
-pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report)> {
-    let machine = Machine::probe();
-    let scratch = Scratch::new("step")?;
-    let model = sdxl_geometry_model(&scratch.0)?;
-    let redis = RedisServer::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(super::io("starting the async runtime"))?;
-    let mut costs = Vec::new();
-    for &size in &opts.sizes {
-        costs.push(measure_size(size, opts, &model, &redis, &runtime)?);
-    }
-    let tiny_16 = tiny_eval_seconds(&scratch.0, 16)?;
-
+/// The coordinator's cost per step at each size, next to the simulated workers' time.
+fn cost_table(costs: &[StepCost], opts: &StepOptions) -> Table {
     let ms = |s: f64| format!("{:.1}", s * 1e3);
     let mut table = Table::new(&[
         "size",
@@ -328,7 +326,7 @@ pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report
         "workers alone",
         "lengthened by",
     ]);
-    for c in &costs {
+    for c in costs {
         let simulated = c.views as f64 * opts.eval_ms / opts.workers as f64 / 1e3;
         let alone = worker_makespan(c.views, opts.view_batch, opts.workers, opts.eval_ms);
         let m = &c.mean;
@@ -351,6 +349,54 @@ pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report
             format!("{:.1}%", 100.0 * (m.wall - alone) / alone),
         ]);
     }
+    table
+}
+
+/// What the table's columns measure and how the simulated figures are made.
+fn notes(opts: &StepOptions) -> Vec<String> {
+    vec![
+        "columns in ms per step, means over the timed steps (the stage's first step is a \
+         warm-up), measured by the engine's real step code (StepTimings) over a real \
+         redis-server, with the workers as in-process benchmark doubles that take the \
+         simulated time per task"
+            .into(),
+        "store write … checkpoint, coordinator work: the coordinator's own work per step, \
+         overlapped with the workers or not (inputs are written while earlier tasks run, \
+         outputs read and merged as tasks finish, checkpoints written during the next step)"
+            .into(),
+        "critical path: the time in a step during which none of its tasks is out — from \
+         the step's start to its first task handed out, plus from its last result in to \
+         the step's end (last merges, fusion, guidance, scheduler) — the cost the goal \
+         of < 2% is about; share = critical path / simulated step"
+            .into(),
+        format!(
+            "simulated step = views × {} ms / {} workers; workers alone = the same tasks \
+             ({} views each) scheduled on {} workers with no coordinator; lengthened by = \
+             step wall / workers alone − 1 (includes any worker starved of inputs, and \
+             this shared box's scheduling noise)",
+            opts.eval_ms, opts.workers, opts.view_batch, opts.workers
+        ),
+    ]
+}
+
+pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report)> {
+    let machine = Machine::probe();
+    let scratch = Scratch::new("step")?;
+    let model = sdxl_geometry_model(&scratch.0)?;
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(super::io("starting the async runtime"))?;
+    let mut costs = Vec::new();
+    for &size in &opts.sizes {
+        costs.push(measure_size(size, opts, &model, &redis, &runtime)?);
+    }
+    let tiny_16 = tiny_eval_seconds(&scratch.0, 16)?;
+
+    let ms = |s: f64| format!("{:.1}", s * 1e3);
+    let table = cost_table(&costs, opts);
     let mut model_table = Table::new(&["tiny SDXL model, one CFG evaluation (CPU)", "ms"]);
     model_table.row(vec!["16x16 latent (its training size)".into(), ms(tiny_16)]);
     let report = Report {
@@ -361,29 +407,7 @@ pub fn run(opts: &StepOptions, command: String) -> Result<(Vec<StepCost>, Report
         command,
         machine,
         tables: vec![table, model_table],
-        notes: vec![
-            "columns in ms per step, means over the timed steps (the stage's first step is a \
-             warm-up), measured by the engine's real step code (StepTimings) over a real \
-             redis-server, with the workers as in-process benchmark doubles that take the \
-             simulated time per task"
-                .into(),
-            "store write … checkpoint, coordinator work: the coordinator's own work per step, \
-             overlapped with the workers or not (inputs are written while earlier tasks run, \
-             outputs read and merged as tasks finish, checkpoints written during the next step)"
-                .into(),
-            "critical path: the time in a step during which none of its tasks is out — from \
-             the step's start to its first task handed out, plus from its last result in to \
-             the step's end (last merges, fusion, guidance, scheduler) — the cost the goal \
-             of < 2% is about; share = critical path / simulated step"
-                .into(),
-            format!(
-                "simulated step = views × {} ms / {} workers; workers alone = the same tasks \
-                 ({} views each) scheduled on {} workers with no coordinator; lengthened by = \
-                 step wall / workers alone − 1 (includes any worker starved of inputs, and \
-                 this shared box's scheduling noise)",
-                opts.eval_ms, opts.workers, opts.view_batch, opts.workers
-            ),
-        ],
+        notes: notes(opts),
     };
     Ok((costs, report))
 }

@@ -12,14 +12,13 @@ use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_proto::v1::{
-    FetchResultRequest, JobInfo, JobRef, JobState, ListJobsRequest, SubmitJobRequest,
+    self, FetchResultRequest, JobInfo, JobRef, JobState, ListJobsRequest, SubmitJobRequest,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::job::JobArgs;
+use super::job::{JobArgs, MissingPrompt};
 use super::roles::runtime;
-use crate::cluster::wire::{self, WireFiles};
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
@@ -117,14 +116,18 @@ fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
     }
 }
 
+/// The job as the coordinator takes it: the request, the model it runs on and the bytes of the
+/// files it names. A missing prompt travels empty and the coordinator refuses it.
 fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<SubmitJobRequest> {
-    let files = WireFiles {
+    let spec = v1::JobSpec {
+        model: opts.model.clone(),
         latents: read_file("--latents", latents)?,
         init_image: read_file("--init-image", job.init_image.as_deref())?,
         mask: read_file("--mask", job.mask.as_deref())?,
+        ..v1::JobSpec::from(&job.to_request(MissingPrompt::Use(""))?)
     };
     Ok(SubmitJobRequest {
-        spec: Some(wire::to_wire(&opts.model, job, files)),
+        spec: Some(spec),
         count: opts.count,
         priority: opts.priority,
         output_dir: opts.output_dir.clone().unwrap_or_default(),
@@ -418,25 +421,8 @@ pub fn watch(args: WatchArgs) -> Result<i32> {
                 match stream.message().await {
                     Ok(Some(info)) => {
                         backoff = Duration::from_millis(250);
+                        show_progress(&bar, &info);
                         let p = info.progress.clone().unwrap_or_default();
-                        bar.set_length(p.views_total.max(1));
-                        bar.set_position(p.views_done);
-                        bar.set_prefix(if p.eta_seconds >= 0.0 {
-                            format!("{:.0}s", p.eta_seconds)
-                        } else {
-                            "?".into()
-                        });
-                        bar.set_message(format!(
-                            "{} {} · image {}/{} · stage {}/{} step {}/{}",
-                            info.job_id,
-                            p.phase,
-                            (p.image + 1).min(info.count.max(1)),
-                            info.count.max(1),
-                            p.stage + 1,
-                            p.stages.max(1),
-                            p.step,
-                            p.steps
-                        ));
                         if let Some(path) = &preview {
                             let at = (p.image, p.stage, p.step);
                             if p.step > 0 && previewed != Some(at) {
@@ -446,23 +432,10 @@ pub fn watch(args: WatchArgs) -> Result<i32> {
                                 }
                             }
                         }
-                        match JobState::try_from(info.state).unwrap_or(JobState::Unspecified) {
-                            JobState::Succeeded => {
-                                bar.finish_and_clear();
-                                eprintln!("job {} succeeded", info.job_id);
-                                return Ok(0);
-                            }
-                            JobState::Failed => {
-                                bar.finish_and_clear();
-                                eprintln!("job {} failed: {}", info.job_id, info.error);
-                                return Ok(1);
-                            }
-                            JobState::Cancelled => {
-                                bar.finish_and_clear();
-                                eprintln!("job {} was cancelled", info.job_id);
-                                return Ok(EXIT_CANCELLED);
-                            }
-                            _ => {}
+                        if let Some((code, line)) = job_end(&info) {
+                            bar.finish_and_clear();
+                            eprintln!("{line}");
+                            return Ok(code);
                         }
                     }
                     // The stream broke (coordinator restart): follow again.
@@ -478,6 +451,41 @@ pub fn watch(args: WatchArgs) -> Result<i32> {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     })
+}
+
+/// The job's progress on the bar: views done of all, the ETA, and where the job is.
+fn show_progress(bar: &ProgressBar, info: &JobInfo) {
+    let p = info.progress.clone().unwrap_or_default();
+    bar.set_length(p.views_total.max(1));
+    bar.set_position(p.views_done);
+    bar.set_prefix(if p.eta_seconds >= 0.0 {
+        format!("{:.0}s", p.eta_seconds)
+    } else {
+        "?".into()
+    });
+    bar.set_message(format!(
+        "{} {} · image {}/{} · stage {}/{} step {}/{}",
+        info.job_id,
+        p.phase,
+        (p.image + 1).min(info.count.max(1)),
+        info.count.max(1),
+        p.stage + 1,
+        p.stages.max(1),
+        p.step,
+        p.steps
+    ));
+}
+
+/// How the job ended, once it has: `watch`'s exit status (0 succeeded, 1 failed, 3
+/// cancelled) and the line it prints.
+fn job_end(info: &JobInfo) -> Option<(i32, String)> {
+    let id = &info.job_id;
+    match JobState::try_from(info.state).unwrap_or(JobState::Unspecified) {
+        JobState::Succeeded => Some((0, format!("job {id} succeeded"))),
+        JobState::Failed => Some((1, format!("job {id} failed: {}", info.error))),
+        JobState::Cancelled => Some((EXIT_CANCELLED, format!("job {id} was cancelled"))),
+        _ => None,
+    }
 }
 
 /// Fetches the job's live preview and writes it to `path` (atomically); false when there is

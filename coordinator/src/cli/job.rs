@@ -1,5 +1,6 @@
-//! The job flags shared by `render` and `plan` (and later `submit`): what to render and how
-//! the cascade runs. DESIGN.md's "Command line (contract)" fixes their names.
+//! The job flags shared by `render`, `plan`, `submit` and `batch`: what to render and how the
+//! cascade runs. DESIGN.md's "Command line (contract)" fixes their names. They become a
+//! [`JobRequest`], the domain type the wire and the engine read; clap stays here.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,9 @@ use clap::Args;
 use tessera_core::method::params::{Method, MethodSpec, TileWeights};
 use tessera_core::resize::ResizeFilter;
 use tessera_core::sched::SchedulerKind;
-use tessera_core::spec::{BitDepth, DziMode, OutputFormat, RenderSpec, Size};
+use tessera_core::spec::{
+    BitDepth, DziMode, JobRequest, OutputFormat, Size, DEFAULT_GUIDANCE, DEFAULT_STEPS,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
@@ -27,10 +30,10 @@ pub struct JobArgs {
     /// later stages skip its first 30%); `frecas` and `hybrid` spread it over the stages in
     /// the reference preset's proportions (50 gives the preset, e.g. 40+10) unless
     /// --stage-steps says otherwise.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less disables guidance.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE)]
     pub guidance: f64,
     /// Sampler [default: the model's scheduler/scheduler_config.json; Euler for freescale;
     /// frecas and hybrid always step with DDIM].
@@ -90,7 +93,7 @@ pub struct JobArgs {
     pub tile_size: Option<u32>,
     /// How overlapping tiles are averaged: gaussian (tiles fade out towards their borders) or
     /// uniform (the reference's plain average, which leaves steps at tile borders).
-    #[arg(long, default_value = "gaussian", value_parser = parse_weights)]
+    #[arg(long, default_value_t = TileWeights::default(), value_parser = parse_weights)]
     pub tile_weights: TileWeights,
     /// Local tiles only: no global views and no scale fusion.
     #[arg(long)]
@@ -117,11 +120,11 @@ pub struct JobArgs {
     #[arg(long)]
     pub cosine_scale_bg: Option<f64>,
     /// Bits per sample of the output PNG: 8 or 16.
-    #[arg(long, default_value = "8", value_parser = parse_bit_depth)]
+    #[arg(long, default_value_t = BitDepth::default(), value_parser = parse_bit_depth)]
     pub bit_depth: BitDepth,
     /// Deep Zoom pyramid (NAME.dzi, NAME_files/, NAME_viewer.html) beside the PNG: auto (only
     /// wider or taller than 16384 px), always or never.
-    #[arg(long, default_value = "auto", value_parser = parse_dzi)]
+    #[arg(long, default_value_t = DziMode::default(), value_parser = parse_dzi)]
     pub dzi: DziMode,
 }
 
@@ -149,43 +152,34 @@ fn parse_filter(s: &str) -> Result<ResizeFilter, String> {
     s.parse::<ResizeFilter>().map_err(|e| e.to_string())
 }
 
+/// What a command does when `--prompt` is not given.
+#[derive(Debug, Clone, Copy)]
+pub enum MissingPrompt {
+    /// `render`: there is nothing to render without one.
+    Refuse,
+    /// `plan` plans without one; `submit` sends it as it is and the coordinator refuses it.
+    Use(&'static str),
+}
+
 impl JobArgs {
-    /// The render spec, with the training size as the default size and `seed` resolved.
-    pub fn to_spec(
-        &self,
-        training_size: u32,
-        prompt_required: bool,
-        seed: u64,
-    ) -> Result<RenderSpec> {
-        let prompt = match (&self.prompt, prompt_required) {
+    /// The job these flags ask for. Only a missing `--prompt` can be refused here; what the
+    /// flags mean together is checked when the request is resolved against a model.
+    pub fn to_request(&self, missing_prompt: MissingPrompt) -> Result<JobRequest> {
+        let prompt = match (&self.prompt, missing_prompt) {
             (Some(p), _) => p.clone(),
-            (None, false) => "(plan)".to_string(),
-            (None, true) => bail!("--prompt is required: describe the picture to render"),
+            (None, MissingPrompt::Use(p)) => p.to_string(),
+            (None, MissingPrompt::Refuse) => {
+                bail!("--prompt is required: describe the picture to render")
+            }
         };
-        let size = self.size.unwrap_or(Size {
-            width: training_size,
-            height: training_size,
-        });
-        let facfg = match &self.facfg {
-            None => None,
-            Some(v) if v.len() == 2 => Some([v[0], v[1]]),
-            Some(v) => bail!(
-                "--facfg takes two weights W_HIGH,W_LOW (e.g. 35,7.5), got {} values",
-                v.len()
-            ),
-        };
-        if self.cosine_scale_bg.is_some() && self.mask.is_none() {
-            bail!("--cosine-scale-bg applies outside a --mask: give a --mask too, or drop it");
-        }
-        Ok(RenderSpec {
+        Ok(JobRequest {
             prompt,
             negative_prompt: self.negative_prompt.clone(),
-            width: size.width,
-            height: size.height,
+            size: self.size,
             steps: self.steps,
             guidance: self.guidance,
             scheduler: self.scheduler,
-            seed,
+            seed: self.seed,
             method: MethodSpec {
                 method: self.method,
                 stages: self.stages.clone(),
@@ -197,7 +191,7 @@ impl JobArgs {
                 end_times: self.end_times.clone(),
                 stage_steps: self.stage_steps.clone(),
                 gamma: self.gamma,
-                facfg,
+                facfg: None,
                 camap: self.camap,
                 tile_overlap: self.tile_overlap,
                 tile_size: self.tile_size,
@@ -209,6 +203,7 @@ impl JobArgs {
                 init_image: self.init_image.is_some(),
                 mask: self.mask.is_some(),
             },
+            facfg: self.facfg.clone(),
             output: OutputFormat {
                 bit_depth: self.bit_depth,
                 dzi: self.dzi,

@@ -1,21 +1,23 @@
 //! `tessera render`: one image, start to finish, in this process — an embedded coordinator,
 //! in-process workers and an in-memory store, running the same engine as the cluster.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_core::plan::{self, Plan, StageSchedule};
+use tessera_core::describe;
+use tessera_core::plan::{self, Plan};
 use tessera_core::spec::RenderSpec;
 use tessera_store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::DiffusionModel;
 
-use super::job::JobArgs;
+use super::job::{JobArgs, MissingPrompt};
 use crate::dispatch::LocalWorkers;
 use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
 use crate::sync::lock;
@@ -69,27 +71,11 @@ fn preview_hook(path: PathBuf, sdxl: bool) -> PreviewHook {
     }))
 }
 
-/// The PNG's `parameters` text: the spec, then what the plan resolved.
-pub fn describe(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
-    let stages: Vec<String> = plan
-        .stages
-        .iter()
-        .map(|s| format!("{}x{}", s.size[0], s.size[1]))
-        .collect();
-    let ms = serde_json::to_string(&spec.method).unwrap_or_default();
-    let mut s = spec.describe();
-    if spec.scheduler.is_none() {
-        let kind = match &plan.stages[0].schedule {
-            StageSchedule::Schedule { scheduler, .. } => scheduler.to_string(),
-            StageSchedule::Frecas { .. } => "ddim".to_string(),
-        };
-        s.push_str(&format!("\nscheduler: {kind}"));
-    }
-    format!(
-        "{s}\nmodel: {model}\nmethod: {}\nstages: {}\nmethod_flags: {ms}",
-        plan.method,
-        stages.join(",")
-    )
+/// What a render computes, checked and read before the weights load.
+struct Prepared {
+    spec: RenderSpec,
+    plan: Plan,
+    inputs: JobInputs,
 }
 
 pub fn run(args: RenderArgs) -> Result<()> {
@@ -98,17 +84,49 @@ pub fn run(args: RenderArgs) -> Result<()> {
         bail!("--workers {}: use 1 to 64", args.workers);
     }
     let device = open_device(&args.device)?;
+    let Prepared { spec, plan, inputs } = prepare(&args, &device)?;
+    let model = load_model(&args.model, &device)?;
+
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
+    let engine = Engine {
+        store: store.as_ref(),
+        workers: &workers,
+        model: ModelInfo {
+            scheduler: model.scheduler_config.clone(),
+            latent_channels: model.unet.config().in_channels,
+        },
+    };
+    let progress = RenderProgress::new(&plan);
+    let on_progress = |p: Progress| progress.show(p);
+    let out = engine.run("local", &spec, &plan, inputs, &on_progress)?;
+    write_outputs(&args, &engine, &spec, &plan, &out.latents, &on_progress)?;
+    progress.finish();
+    eprintln!(
+        "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
+        args.output.display(),
+        spec.width,
+        spec.height,
+        plan.method,
+        plan.stages.len(),
+        if plan.stages.len() == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The spec, the plan and the input files, before any weights load, so a bad flag costs
+/// nothing. Prints the seed when it was drawn here.
+fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
     let initial = args
         .latents
         .as_deref()
         .map(latent_file::read_latents)
         .transpose()?;
-
-    // Plan before loading weights, so a bad flag costs nothing.
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
     let arch = arch_info(&args.model, weight_bytes)?;
-    let seed = args.job.seed.unwrap_or_else(rand::random);
-    let spec = args.job.to_spec(arch.training_size, true, seed)?;
+    let request = args.job.to_request(MissingPrompt::Refuse)?;
+    let spec = request.to_spec(arch.training_size, rand::random)?;
     let plan = plan::plan(&spec, &arch)?;
     let target = (spec.width, spec.height);
     let first = plan.stages[0].size;
@@ -124,117 +142,125 @@ pub fn run(args: RenderArgs) -> Result<()> {
         .as_deref()
         .map(|p| image_input::read_mask(p, target))
         .transpose()?;
-    if args.job.seed.is_none() {
-        eprintln!("seed: {seed}");
+    if request.seed.is_none() {
+        eprintln!("seed: {}", spec.seed);
     }
-
-    let spinner =
-        ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = Arc::new(DiffusionModel::load(
-        &args.model,
-        &device,
-        compute_dtype(&device),
-    )?);
-    spinner.finish_and_clear();
-
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
-    let engine = Engine {
-        store: store.as_ref(),
-        workers: &workers,
-        model: ModelInfo {
-            scheduler: model.scheduler_config.clone(),
-            latent_channels: model.unet.config().in_channels,
-        },
-    };
-
-    let total = plan.total_evaluations.max(1) as u64;
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} views · {elapsed_precise} · eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    let halves = if plan.guided { 2 } else { 1 };
-    let stage_label = Mutex::new(String::new());
-    let timings = Mutex::new(StageTimings::default());
-    let on_progress = |p: Progress| match p {
-        Progress::Stage {
-            stage,
-            stages,
-            size,
-            steps,
-        } => {
-            let label = format!("stage {}/{stages} {}x{}", stage + 1, size[0], size[1]);
-            lock(&timings).begin(format!("{}x{}", size[0], size[1]), steps);
-            bar.set_message(format!("{label} step 0/{steps}"));
-            *lock(&stage_label) = label;
-        }
-        Progress::Step { step, steps, .. } => {
-            let label = lock(&stage_label).clone();
-            bar.set_message(format!("{label} step {step}/{steps}"));
-        }
-        Progress::Views(n) => {
-            bar.inc((n * halves) as u64);
-            lock(&timings).views += n * halves;
-        }
-        Progress::Decoding => {
-            lock(&timings).begin("decode".into(), 0);
-            bar.set_message("decoding")
-        }
-        Progress::Resumed { .. } => {}
-    };
-    let out = engine.run(
-        "local",
-        &spec,
-        &plan,
-        JobInputs {
+    let preview = args
+        .preview
+        .clone()
+        .map(|path| preview_hook(path, plan.sdxl));
+    Ok(Prepared {
+        inputs: JobInputs {
             initial_latents: initial,
             init_image,
             mask,
-            preview: args
-                .preview
-                .clone()
-                .map(|path| preview_hook(path, plan.sdxl)),
+            preview,
         },
-        &on_progress,
-    )?;
+        spec,
+        plan,
+    })
+}
+
+/// Loads the model's weights behind a spinner.
+fn load_model(dir: &Path, device: &Device) -> Result<Arc<DiffusionModel>> {
+    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let model = Arc::new(DiffusionModel::load(dir, device, compute_dtype(device))?);
+    spinner.finish_and_clear();
+    Ok(model)
+}
+
+/// `--output-latents`, then the PNG, streamed band by band as the tiled decode finishes it.
+fn write_outputs(
+    args: &RenderArgs,
+    engine: &Engine<'_>,
+    spec: &RenderSpec,
+    plan: &Plan,
+    latents: &Tensor,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> Result<()> {
     if let Some(path) = &args.output_latents {
-        latent_file::write_latents(path, &out.latents)?;
+        latent_file::write_latents(path, latents)?;
     }
-    // The picture streams to the PNG band by band as the tiled decode finishes it.
-    let parameters = describe(&spec, &plan, &args.model.display().to_string());
+    let parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
     let mut png = assemble::OutputFiles::create(
         &args.output,
-        &spec,
+        spec,
         &parameters,
         assemble::dzi::AUTO_THRESHOLD,
     )
     .with_context(|| format!("writing {}", args.output.display()))?;
-    engine.decode_output("local", &plan, &out.latents, &mut png, &on_progress)?;
+    engine.decode_output("local", plan, latents, &mut png, on_progress)?;
     png.finish()
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    bar.finish_and_clear();
-    {
-        let mut timings = lock(&timings);
+        .with_context(|| format!("writing {}", args.output.display()))
+}
+
+/// The progress bar of a render, and the wall time of each stage for the summary after it.
+struct RenderProgress {
+    bar: ProgressBar,
+    /// Model evaluations per view: two under classifier-free guidance.
+    halves: usize,
+    stage_label: Mutex<String>,
+    timings: Mutex<StageTimings>,
+}
+
+impl RenderProgress {
+    fn new(plan: &Plan) -> Self {
+        let total = plan.total_evaluations.max(1) as u64;
+        let bar = ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} views · {elapsed_precise} · eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        RenderProgress {
+            bar,
+            halves: if plan.guided { 2 } else { 1 },
+            stage_label: Mutex::new(String::new()),
+            timings: Mutex::new(StageTimings::default()),
+        }
+    }
+
+    fn show(&self, p: Progress) {
+        let (bar, halves) = (&self.bar, self.halves);
+        match p {
+            Progress::Stage {
+                stage,
+                stages,
+                size,
+                steps,
+            } => {
+                let label = format!("stage {}/{stages} {}x{}", stage + 1, size[0], size[1]);
+                lock(&self.timings).begin(format!("{}x{}", size[0], size[1]), steps);
+                bar.set_message(format!("{label} step 0/{steps}"));
+                *lock(&self.stage_label) = label;
+            }
+            Progress::Step { step, steps, .. } => {
+                let label = lock(&self.stage_label).clone();
+                bar.set_message(format!("{label} step {step}/{steps}"));
+            }
+            Progress::Views(n) => {
+                bar.inc((n * halves) as u64);
+                lock(&self.timings).views += n * halves;
+            }
+            Progress::Decoding => {
+                lock(&self.timings).begin("decode".into(), 0);
+                bar.set_message("decoding")
+            }
+            Progress::Resumed { .. } => {}
+        }
+    }
+
+    /// Clears the bar and prints the time of each stage.
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+        let mut timings = lock(&self.timings);
         timings.begin(String::new(), 0);
         for line in timings.summary() {
             eprintln!("{line}");
         }
     }
-    eprintln!(
-        "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
-        args.output.display(),
-        spec.width,
-        spec.height,
-        plan.method,
-        plan.stages.len(),
-        if plan.stages.len() == 1 { "" } else { "s" },
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 /// Wall time and model evaluations of each stage (and the decode), printed after a render.

@@ -6,12 +6,11 @@ use std::path::Path;
 
 use tessera_core::plan::{self, ArchInfo, Plan};
 use tessera_core::sched::SchedulerConfig;
-use tessera_core::spec::RenderSpec;
+use tessera_core::spec::{JobRequest, RenderSpec};
 use tessera_proto::v1::{self, WorkerDescription};
 use tonic::Status;
 
 use super::jobs::ModelRecord;
-use super::wire;
 use crate::{image_input, latent_file};
 
 /// Most images one job may ask for.
@@ -84,11 +83,10 @@ pub fn admit(spec: &v1::JobSpec, served: &[WorkerDescription]) -> Result<Admitte
 
 /// The render spec and plan of a wire spec for a model of architecture `arch`.
 pub fn plan_spec(spec: &v1::JobSpec, arch: &ArchInfo) -> Result<(RenderSpec, Plan), Status> {
-    let args = wire::from_wire(spec).map_err(|e| invalid(e.0))?;
-    let seed = args.seed.unwrap_or_else(rand::random);
-    let rspec = args
-        .to_spec(arch.training_size, true, seed)
-        .map_err(|e| invalid(format!("{e:#}")))?;
+    let request = JobRequest::try_from(spec).map_err(|e| invalid(e.0))?;
+    let rspec = request
+        .to_spec(arch.training_size, rand::random)
+        .map_err(|e| invalid(e.0))?;
     rspec.validate().map_err(|e| invalid(e.0))?;
     let plan = plan::plan(&rspec, arch).map_err(|e| invalid(e.to_string()))?;
     Ok((rspec, plan))

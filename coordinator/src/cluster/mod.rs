@@ -9,7 +9,6 @@ pub mod pace;
 pub mod pool;
 pub mod runner;
 pub mod service;
-pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

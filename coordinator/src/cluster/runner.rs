@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
+use tessera_core::describe;
 use tessera_core::plan::Plan;
 use tessera_core::spec::RenderSpec;
 use tessera_store::{keys, RedisStore, Store};
@@ -253,12 +254,12 @@ impl Runner {
         }
     }
 
+    /// Every image of the job still to do, in turn, on one engine that dispatches to the pool.
     fn render_images(&self, record: &JobRecord, cancelled: &Arc<AtomicBool>) -> Result<(), JobEnd> {
-        let id = record.id.clone();
         let store = self.store();
         let inputs = load_inputs(store, record).map_err(|e| JobEnd::Failed(format!("{e:#}")))?;
         let on_waiting = |waiting: bool| {
-            self.update(&id, |r| {
+            self.update(&record.id, |r| {
                 r.progress.phase = if waiting {
                     "waiting for workers".into()
                 } else {
@@ -274,143 +275,22 @@ impl Runner {
             cancelled: cancelled.clone(),
             waiting: &on_waiting,
         };
-        let engine = Engine {
-            store,
-            workers: &dispatch,
-            model: ModelInfo {
-                scheduler: record.model_info.scheduler.clone(),
-                latent_channels: record.model_info.latent_channels,
+        let job = JobRun {
+            runner: self,
+            record,
+            engine: Engine {
+                store,
+                workers: &dispatch,
+                model: ModelInfo {
+                    scheduler: record.model_info.scheduler.clone(),
+                    latent_channels: record.model_info.latent_channels,
+                },
             },
+            inputs,
+            cancelled,
         };
-        let plan = &record.plan;
-        let halves: u64 = if plan.guided { 2 } else { 1 };
-        let per_image = plan.total_evaluations as u64;
         for n in record.images_done..record.count {
-            let mut spec = record.spec.clone();
-            spec.seed = record.spec.seed.wrapping_add(u64::from(n));
-            let image_job = keys::image_job(&id, n);
-            let on_progress = |p: Progress| {
-                if let Progress::Step {
-                    stage,
-                    step,
-                    steps,
-                    timings,
-                    ..
-                } = p
-                {
-                    // `tessera bench scale` reads these lines to time the steps.
-                    tracing::info!(
-                        job = %id,
-                        image = n,
-                        stage,
-                        step,
-                        steps,
-                        at_ms = now_ms(),
-                        coordinator_ms = timings.coordinator() * 1e3,
-                        critical_ms = timings.critical * 1e3,
-                        workers_ms = timings.workers * 1e3,
-                        timings = %serde_json::to_string(&timings).unwrap_or_default(),
-                        "step finished"
-                    );
-                }
-                let snapshot = self.update(&id, |r| {
-                    let pr = &mut r.progress;
-                    pr.image = n;
-                    match p {
-                        Progress::Resumed { stage, step } => {
-                            r.resumed_from = Some(ResumeRecord {
-                                image: n,
-                                stage: stage as u32,
-                                step: step as u32,
-                            });
-                            let before: u64 = plan.stages[..stage]
-                                .iter()
-                                .map(|s| s.evaluations as u64)
-                                .sum();
-                            let here = plan.stages[stage].evaluations_per_step as u64 * step as u64;
-                            pr.views_done = u64::from(n) * per_image + before + here;
-                            pr.stage = stage as u32;
-                            pr.step = step as u32;
-                        }
-                        Progress::Stage {
-                            stage,
-                            stages,
-                            steps,
-                            ..
-                        } => {
-                            pr.stage = stage as u32;
-                            pr.stages = stages as u32;
-                            pr.step = 0;
-                            pr.steps = steps as u32;
-                            pr.phase = "denoising".into();
-                        }
-                        Progress::Step { step, steps, .. } => {
-                            pr.step = step as u32;
-                            pr.steps = steps as u32;
-                        }
-                        Progress::Views(v) => pr.views_done += v as u64 * halves,
-                        Progress::Decoding => pr.phase = "decoding".into(),
-                    }
-                });
-                if let (Some(r), true) = (
-                    snapshot,
-                    matches!(p, Progress::Step { .. } | Progress::Resumed { .. }),
-                ) {
-                    self.save(&r);
-                }
-            };
-            let out = loop {
-                let inputs = clone_inputs(&inputs, &self.jobs.store, &id, plan.sdxl);
-                match engine.run(&image_job, &spec, plan, inputs, &on_progress) {
-                    Ok(out) => break out,
-                    Err(EngineError::Dispatch(DispatchError::Cancelled)) => {
-                        return Err(JobEnd::Cancelled)
-                    }
-                    // Redis stayed away longer than the store's own retries: wait and resume
-                    // from the checkpoint rather than lose the job.
-                    Err(EngineError::Store(e)) if !cancelled.load(Ordering::Relaxed) => {
-                        tracing::warn!(job = %id, "store unavailable ({e}); resuming shortly");
-                        std::thread::sleep(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(JobEnd::Failed(e.to_string())),
-                }
-            };
-            let parameters = crate::cli::render::describe(&spec, plan, &record.model);
-            let path = self.image_path(&id, n);
-            let image = ImageOut {
-                job: &image_job,
-                spec: &spec,
-                latents: &out.latents,
-                path: &path,
-                parameters: &parameters,
-            };
-            loop {
-                match self.write_image(&engine, plan, &image, &on_progress) {
-                    Ok(()) => break,
-                    Err(ImageError::Engine(EngineError::Dispatch(DispatchError::Cancelled))) => {
-                        return Err(JobEnd::Cancelled)
-                    }
-                    Err(ImageError::Engine(EngineError::Store(e)))
-                        if !cancelled.load(Ordering::Relaxed) =>
-                    {
-                        tracing::warn!(job = %id, "store unavailable ({e}); decoding again shortly");
-                        std::thread::sleep(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(JobEnd::Failed(e.to_string())),
-                }
-            }
-            if let Some(dir) = &record.output_dir {
-                let copy = output_path(Path::new(dir), &id, n, record.count);
-                copy_file(&path, &copy).map_err(|e| {
-                    JobEnd::Failed(format!("writing {} (--output-dir): {e}", copy.display()))
-                })?;
-            }
-            if let Some(r) = self.update(&id, |r| r.images_done = n + 1) {
-                self.save(&r);
-            }
-            if let Err(e) = engine.finish(&image_job) {
-                tracing::warn!(job = %id, "cannot clear image {n}'s scratch keys: {e}");
-            }
+            job.render_image(n)?;
         }
         Ok(())
     }
@@ -480,6 +360,185 @@ impl Runner {
             }
         }
         self.jobs.load(id).await
+    }
+}
+
+/// One job's images, rendered in turn on the job's thread.
+struct JobRun<'a> {
+    runner: &'a Runner,
+    record: &'a JobRecord,
+    engine: Engine<'a>,
+    /// The submitted files, decoded once for all the images.
+    inputs: JobInputs,
+    cancelled: &'a AtomicBool,
+}
+
+impl JobRun<'_> {
+    /// Image `n` (seed + n): denoised, decoded into its file, copied to `--output-dir`, then
+    /// counted as done and its scratch keys cleared.
+    fn render_image(&self, n: u32) -> Result<(), JobEnd> {
+        let (id, plan) = (&self.record.id, &self.record.plan);
+        let mut spec = self.record.spec.clone();
+        spec.seed = self.record.spec.seed.wrapping_add(u64::from(n));
+        let image_job = keys::image_job(id, n);
+        let on_progress = |p: Progress| self.progress(n, p);
+        let latents = self.denoise(&image_job, &spec, &on_progress)?;
+        let parameters = describe::png_parameters(&spec, plan, &self.record.model);
+        let path = self.runner.image_path(id, n);
+        let image = ImageOut {
+            job: &image_job,
+            spec: &spec,
+            latents: &latents,
+            path: &path,
+            parameters: &parameters,
+        };
+        self.decode(&image, &on_progress)?;
+        if let Some(dir) = &self.record.output_dir {
+            let copy = output_path(Path::new(dir), id, n, self.record.count);
+            copy_file(&path, &copy).map_err(|e| {
+                JobEnd::Failed(format!("writing {} (--output-dir): {e}", copy.display()))
+            })?;
+        }
+        if let Some(r) = self.runner.update(id, |r| r.images_done = n + 1) {
+            self.runner.save(&r);
+        }
+        if let Err(e) = self.engine.finish(&image_job) {
+            tracing::warn!(job = %id, "cannot clear image {n}'s scratch keys: {e}");
+        }
+        Ok(())
+    }
+
+    /// The image's final latent. A store outage longer than the store's own retries is waited
+    /// out and the image resumed from its checkpoint rather than the job lost.
+    fn denoise(
+        &self,
+        image_job: &str,
+        spec: &RenderSpec,
+        on_progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<Tensor, JobEnd> {
+        let (id, plan) = (&self.record.id, &self.record.plan);
+        loop {
+            let inputs = clone_inputs(&self.inputs, &self.runner.jobs.store, id, plan.sdxl);
+            match self.engine.run(image_job, spec, plan, inputs, on_progress) {
+                Ok(out) => return Ok(out.latents),
+                Err(EngineError::Dispatch(DispatchError::Cancelled)) => {
+                    return Err(JobEnd::Cancelled)
+                }
+                Err(EngineError::Store(e)) if !self.cancelled.load(Ordering::Relaxed) => {
+                    tracing::warn!(job = %id, "store unavailable ({e}); resuming shortly");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(JobEnd::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Decodes and writes the image, starting the decode again after a store outage.
+    fn decode(
+        &self,
+        image: &ImageOut<'_>,
+        on_progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<(), JobEnd> {
+        let plan = &self.record.plan;
+        loop {
+            match self
+                .runner
+                .write_image(&self.engine, plan, image, on_progress)
+            {
+                Ok(()) => return Ok(()),
+                Err(ImageError::Engine(EngineError::Dispatch(DispatchError::Cancelled))) => {
+                    return Err(JobEnd::Cancelled)
+                }
+                Err(ImageError::Engine(EngineError::Store(e)))
+                    if !self.cancelled.load(Ordering::Relaxed) =>
+                {
+                    let id = &self.record.id;
+                    tracing::warn!(job = %id, "store unavailable ({e}); decoding again shortly");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(JobEnd::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Image `n`'s progress into the live record, saved after every step so that a watcher
+    /// (and a restarted coordinator) sees it.
+    fn progress(&self, n: u32, p: Progress) {
+        if let Progress::Step {
+            stage,
+            step,
+            steps,
+            timings,
+            ..
+        } = p
+        {
+            // `tessera bench scale` reads these lines to time the steps.
+            tracing::info!(
+                job = %self.record.id,
+                image = n,
+                stage,
+                step,
+                steps,
+                at_ms = now_ms(),
+                coordinator_ms = timings.coordinator() * 1e3,
+                critical_ms = timings.critical * 1e3,
+                workers_ms = timings.workers * 1e3,
+                timings = %serde_json::to_string(&timings).unwrap_or_default(),
+                "step finished"
+            );
+        }
+        let snapshot = self.runner.update(&self.record.id, |r| {
+            record_progress(r, &self.record.plan, n, p)
+        });
+        if let (Some(r), true) = (
+            snapshot,
+            matches!(p, Progress::Step { .. } | Progress::Resumed { .. }),
+        ) {
+            self.runner.save(&r);
+        }
+    }
+}
+
+/// Applies one progress event of image `n` to the job's record.
+fn record_progress(r: &mut JobRecord, plan: &Plan, n: u32, p: Progress) {
+    let halves: u64 = if plan.guided { 2 } else { 1 };
+    let pr = &mut r.progress;
+    pr.image = n;
+    match p {
+        Progress::Resumed { stage, step } => {
+            r.resumed_from = Some(ResumeRecord {
+                image: n,
+                stage: stage as u32,
+                step: step as u32,
+            });
+            let per_image = plan.total_evaluations as u64;
+            let before: u64 = plan.stages[..stage]
+                .iter()
+                .map(|s| s.evaluations as u64)
+                .sum();
+            let here = plan.stages[stage].evaluations_per_step as u64 * step as u64;
+            pr.views_done = u64::from(n) * per_image + before + here;
+            pr.stage = stage as u32;
+            pr.step = step as u32;
+        }
+        Progress::Stage {
+            stage,
+            stages,
+            steps,
+            ..
+        } => {
+            pr.stage = stage as u32;
+            pr.stages = stages as u32;
+            pr.step = 0;
+            pr.steps = steps as u32;
+            pr.phase = "denoising".into();
+        }
+        Progress::Step { step, steps, .. } => {
+            pr.step = step as u32;
+            pr.steps = steps as u32;
+        }
+        Progress::Views(v) => pr.views_done += v as u64 * halves,
+        Progress::Decoding => pr.phase = "decoding".into(),
     }
 }
 

@@ -60,6 +60,36 @@ impl CoordinatorService {
         pool.members()
     }
 
+    /// Image `image` of a job, opened; when it is not there, why not and what to do.
+    async fn image_file(&self, record: &JobRecord, image: u32) -> Result<tokio::fs::File, Status> {
+        if image < record.images_done {
+            let path = self.runner.image_path(&record.id, image);
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => return Ok(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Status::internal(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Err(Status::failed_precondition(match record.state {
+            JobState::Queued | JobState::Running => format!(
+                "image {} of job {} is not finished yet ({}): wait with `tessera watch {}`",
+                image, record.id, record.state, record.id
+            ),
+            JobState::Failed => format!(
+                "job {} failed: {}",
+                record.id,
+                record.error.clone().unwrap_or_default()
+            ),
+            JobState::Cancelled => format!("job {} was cancelled; it has no image", record.id),
+            JobState::Succeeded => format!("the image of job {} has expired", record.id),
+        }))
+    }
+
     async fn job(&self, id: &str) -> Result<(JobRecord, f64), Status> {
         check_id(id)?;
         self.runner
@@ -240,67 +270,13 @@ impl Coordinator for CoordinatorService {
         }
         // Finished images are files under the coordinator's output directory, streamed from
         // there a chunk at a time (a gigapixel PNG never passes through memory whole).
-        let file = if req.image < record.images_done {
-            let path = self.runner.image_path(&record.id, req.image);
-            match tokio::fs::File::open(&path).await {
-                Ok(f) => Some(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    return Err(Status::internal(format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    )))
-                }
-            }
-        } else {
-            None
-        };
-        let Some(file) = file else {
-            return Err(Status::failed_precondition(match record.state {
-                JobState::Queued | JobState::Running => format!(
-                    "image {} of job {} is not finished yet ({}): wait with `tessera watch {}`",
-                    req.image, record.id, record.state, record.id
-                ),
-                JobState::Failed => format!(
-                    "job {} failed: {}",
-                    record.id,
-                    record.error.clone().unwrap_or_default()
-                ),
-                JobState::Cancelled => format!("job {} was cancelled; it has no image", record.id),
-                JobState::Succeeded => format!("the image of job {} has expired", record.id),
-            }));
-        };
+        let file = self.image_file(&record, req.image).await?;
         let total = file
             .metadata()
             .await
             .map_err(|e| Status::internal(format!("cannot read the image's size: {e}")))?
             .len();
-        let chunks = futures::stream::unfold(Some(file), move |file| async move {
-            use tokio::io::AsyncReadExt;
-            let mut file = file?;
-            let mut data = vec![0u8; CHUNK];
-            let mut filled = 0;
-            while filled < CHUNK {
-                match file.read(&mut data[filled..]).await {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) => {
-                        let status = Status::internal(format!("reading the image: {e}"));
-                        return Some((Err(status), None));
-                    }
-                }
-            }
-            if filled == 0 {
-                return None;
-            }
-            data.truncate(filled);
-            let chunk = ResultChunk {
-                data,
-                total_bytes: total,
-            };
-            Some((Ok(chunk), Some(file)))
-        });
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(file_chunks(file, total)))
     }
 
     async fn get_preview(&self, req: Request<JobRef>) -> Result<Response<Preview>, Status> {
@@ -330,9 +306,39 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(PlanJobResponse {
             plan_json: serde_json::to_string_pretty(&plan)
                 .map_err(|e| Status::internal(e.to_string()))?,
-            text: crate::cli::plan::render_text(&plan),
+            text: tessera_core::describe::plan_text(&plan),
         }))
     }
+}
+
+/// A file as a stream of chunks of up to [`CHUNK`] bytes, each carrying the file's size.
+fn file_chunks(file: tokio::fs::File, total: u64) -> Events<ResultChunk> {
+    let chunks = futures::stream::unfold(Some(file), move |file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file?;
+        let mut data = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut data[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    let status = Status::internal(format!("reading the image: {e}"));
+                    return Some((Err(status), None));
+                }
+            }
+        }
+        if filled == 0 {
+            return None;
+        }
+        data.truncate(filled);
+        let chunk = ResultChunk {
+            data,
+            total_bytes: total,
+        };
+        Some((Ok(chunk), Some(file)))
+    });
+    Box::pin(chunks)
 }
 
 /// A stream fed by a task through a channel.
