@@ -1162,7 +1162,10 @@ mod tests {
         );
         assert_eq!(stage_views(1, [256, 256], &s, true).unwrap().global, 0);
         // A wide stage's tile is cut to the latent's height.
-        assert_eq!(stage_views(1, [64, 256], &s, false).unwrap().tile, [64, 128]);
+        assert_eq!(
+            stage_views(1, [64, 256], &s, false).unwrap().tile,
+            [64, 128]
+        );
     }
 
     #[test]
