@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tessera_core::method::camap::{CaMap, CaMapCollector, FlatCaMap};
-use tessera_core::method::freescale::DILATED_CONVS;
+use tessera_core::method::freescale::dilated_layers;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::task::{DenoiseTask, Task, TaskKind};
 use tessera_store::{get_tensor, keys, put_tensor, Store, StoreError};
@@ -159,11 +159,9 @@ pub fn hooks_for(model: &DiffusionModel, d: &DenoiseTask) -> UNetHooks {
     if d.freeu {
         hooks.freeu = Some(freeu_for(model));
     }
-    if d.dilation > 1 {
-        for path in DILATED_CONVS {
-            hooks.dilation.insert(path.to_string(), d.dilation);
-        }
-    }
+    hooks
+        .dilation
+        .extend(dilated_layers(d.dilation).map(|(path, f)| (path.to_string(), f)));
     if let Some(f) = &d.scale_fusion {
         hooks.self_attention = SelfAttentionMode::ScaleFusion(ScaleFusion {
             train_latent: (f.train_latent[0], f.train_latent[1]),

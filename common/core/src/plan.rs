@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::method::frecas::{self, FrecasPreset, StageSpec};
-use crate::method::freescale::{self, DEFAULT_COSINE_SCALE, DEFAULT_DILATE_TAU};
+use crate::method::freescale::{self, DilationSchedule, DEFAULT_COSINE_SCALE, DEFAULT_DILATE_TAU};
 use crate::method::guidance;
 use crate::method::params::{Method, MethodSpec, TileWeights};
 use crate::resize::ResizeFilter;
@@ -238,6 +238,15 @@ impl StagePlan {
     pub fn global_config(&self) -> GlobalViewConfig {
         GlobalViewConfig::for_training_size(self.tile[0].max(self.tile[1]))
     }
+
+    /// The stage's FreeScale dilation: [`Self::dilation`] for its first
+    /// [`Self::dilated_steps`] steps.
+    pub fn dilation_schedule(&self) -> DilationSchedule {
+        DilationSchedule {
+            factor: self.dilation,
+            steps: self.dilated_steps,
+        }
+    }
 }
 
 /// Local tiles of side `window` at `overlap`: the reference's jitter of up to window / 8,
@@ -367,29 +376,7 @@ fn frecas_timing(
     total_steps: usize,
 ) -> Result<(Vec<StageSpec>, FrecasPreset)> {
     let n = sizes.len();
-    let preset = FrecasPreset::reference(arch.sdxl, n).unwrap_or_else(|| {
-        let mut p = if arch.sdxl {
-            FrecasPreset::sdxl_4096()
-        } else {
-            FrecasPreset::sd21_2048()
-        };
-        p.stages = (0..n)
-            .map(|k| {
-                let (end_time, steps) = match (k, n) {
-                    (_, 1) => (0, 50),
-                    (0, _) => (400, 30),
-                    (k, n) if k + 1 == n => (0, 15),
-                    _ => (200, 5),
-                };
-                StageSpec {
-                    size: (0, 0),
-                    end_time,
-                    steps,
-                }
-            })
-            .collect();
-        p
-    });
+    let preset = frecas_preset(arch, n);
     let ends = ms
         .end_times
         .clone()
@@ -438,6 +425,35 @@ fn frecas_timing(
     Ok((out, preset))
 }
 
+/// The reference preset for `n` stages, else the 3-stage pattern stretched to `n` (first
+/// 400/30, middle 200/5, last 0/15; one stage 0/50) with the model's preset weights.
+fn frecas_preset(arch: &ArchInfo, n: usize) -> FrecasPreset {
+    if let Some(p) = FrecasPreset::reference(arch.sdxl, n) {
+        return p;
+    }
+    let mut p = if arch.sdxl {
+        FrecasPreset::sdxl_4096()
+    } else {
+        FrecasPreset::sd21_2048()
+    };
+    p.stages = (0..n)
+        .map(|k| {
+            let (end_time, steps) = match (k, n) {
+                (_, 1) => (0, 50),
+                (0, _) => (400, 30),
+                (k, n) if k + 1 == n => (0, 15),
+                _ => (200, 5),
+            };
+            StageSpec {
+                size: (0, 0),
+                end_time,
+                steps,
+            }
+        })
+        .collect();
+    p
+}
+
 /// `--steps` spread over the stages in the preset's proportions (every reference preset has
 /// 50 steps in all, so the default of 50 gives the preset itself); each stage gets at least
 /// two steps (a FreCaS stage's DDIM stride comes from steps − 1) and the total is kept.
@@ -478,28 +494,125 @@ fn check_fraction(name: &str, v: f64, range: std::ops::RangeInclusive<f64>) -> R
     Ok(())
 }
 
-/// Resolves the method defaults of `spec` for `arch` and lays out every stage.
+/// Resolves the method defaults of `spec` for `arch` and lays out every stage, in the order
+/// of a diffusers pipeline: check the inputs, resolve the method and its stages, time the
+/// stages, lay each one out, estimate the memory.
 pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
     spec.validate()?;
-    let ms = &spec.method;
-    let method = match ms.method {
-        Some(m) => m,
-        None => {
-            let fits = spec.width <= arch.training_size && spec.height <= arch.training_size;
-            if fits && ms.stages.as_ref().is_none_or(|s| s.len() <= 1) {
-                Method::Single
-            } else {
-                Method::Hybrid
-            }
-        }
-    };
+    let method = resolve_method(spec, arch);
     let sizes = resolve_stages(spec, arch, method)?;
-    let n = sizes.len();
-    let guided = guidance::uses_guidance(spec.guidance);
-    let b = arch.training_latent();
+    let settings = Settings::resolve(spec, arch, method, sizes.len())?;
+    let timing = stage_timing(spec, arch, &settings, &sizes)?;
+    let layout = Layout {
+        spec,
+        settings: &settings,
+        sizes: &sizes,
+        facfg: timing.facfg,
+        camap: timing.camap,
+    };
+    let mut stages = sizes
+        .iter()
+        .zip(timing.stages)
+        .enumerate()
+        .map(|(k, (size, t))| layout.stage(k, size, t))
+        .collect::<Result<Vec<_>>>()?;
+    drop_camap_of_a_stage_without_steps(&mut stages);
+    let memory = estimate_memory(&stages, arch, settings.view_batch, settings.guided);
+    Ok(Plan {
+        method,
+        arch: arch.name.clone(),
+        sdxl: arch.sdxl,
+        training_size: arch.training_size,
+        guided: settings.guided,
+        view_batch: settings.view_batch,
+        size_conditioning: [sizes[0].height, sizes[0].width],
+        total_evaluations: stages.iter().map(|s| s.evaluations).sum(),
+        stages,
+        memory,
+    })
+}
+
+/// `--method`, else single when the picture fits the training size in one stage, else
+/// hybrid.
+fn resolve_method(spec: &RenderSpec, arch: &ArchInfo) -> Method {
+    let ms = &spec.method;
+    if let Some(m) = ms.method {
+        return m;
+    }
+    let fits = spec.width <= arch.training_size && spec.height <= arch.training_size;
+    if fits && ms.stages.as_ref().is_none_or(|s| s.len() <= 1) {
+        Method::Single
+    } else {
+        Method::Hybrid
+    }
+}
+
+/// The method settings every stage shares, defaults resolved and checked.
+#[derive(Debug, Clone)]
+struct Settings {
+    method: Method,
+    guided: bool,
+    /// FreCaS' timing, FA-CFG and CA-maps (frecas, hybrid).
+    frecas_like: bool,
+    /// FreeScale's restraint, dilation and FreeU (freescale, hybrid).
+    freescale_like: bool,
+    /// Latent side of the training size.
+    training_latent: usize,
+    cosine_scale: f64,
+    overlap: f64,
+    view_batch: usize,
+    dilate_tau: usize,
+    /// Latent side of a local view.
+    tile_latent: usize,
+    freeu: bool,
+    filter: ResizeFilter,
+}
+
+impl Settings {
+    fn resolve(spec: &RenderSpec, arch: &ArchInfo, method: Method, n: usize) -> Result<Self> {
+        let ms = &spec.method;
+        let frecas_like = matches!(method, Method::Frecas | Method::Hybrid);
+        let freescale_like = matches!(method, Method::Freescale | Method::Hybrid);
+        check_method_flags(spec, method, n)?;
+        let cosine_scale = ms.cosine_scale.unwrap_or(DEFAULT_COSINE_SCALE);
+        check_fraction("--cosine-scale", cosine_scale, 0.0..=100.0)?;
+        if let Some(bg) = ms.cosine_scale_bg {
+            check_fraction("--cosine-scale-bg", bg, 0.0..=100.0)?;
+        }
+        let overlap = ms.tile_overlap.unwrap_or(0.5);
+        check_fraction("--tile-overlap", overlap, 0.0..=0.9)?;
+        let view_batch = ms.view_batch.unwrap_or(DEFAULT_VIEW_BATCH);
+        if view_batch == 0 || view_batch > 256 {
+            return invalid(format!("--view-batch {view_batch}: use 1 to 256"));
+        }
+        let tile_px = ms.tile_size.unwrap_or(arch.training_size);
+        check_side_multiple("--tile-size", tile_px, SIZE_MULTIPLE)?;
+        Ok(Self {
+            method,
+            guided: guidance::uses_guidance(spec.guidance),
+            frecas_like,
+            freescale_like,
+            training_latent: arch.training_latent(),
+            cosine_scale,
+            overlap,
+            view_batch,
+            dilate_tau: ms.dilate_tau.unwrap_or(DEFAULT_DILATE_TAU),
+            tile_latent: (tile_px / PIXELS_PER_LATENT) as usize,
+            freeu: ms.freeu.unwrap_or(freescale_like),
+            filter: ms.resize.unwrap_or(if method == Method::Frecas {
+                ResizeFilter::Nearest
+            } else {
+                ResizeFilter::Bicubic
+            }),
+        })
+    }
+}
+
+/// Flags that only some methods, or only cascades, can honour.
+fn check_method_flags(spec: &RenderSpec, method: Method, n: usize) -> Result<()> {
+    let ms = &spec.method;
     let frecas_like = matches!(method, Method::Frecas | Method::Hybrid);
     let freescale_like = matches!(method, Method::Freescale | Method::Hybrid);
-
     if ms.mask && !freescale_like {
         return invalid(format!(
             "--mask shapes FreeScale's restrained structure, which {method} does not use: \
@@ -520,219 +633,321 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
              --method freescale for Euler"
         ));
     }
-    let cosine_scale = ms.cosine_scale.unwrap_or(DEFAULT_COSINE_SCALE);
-    check_fraction("--cosine-scale", cosine_scale, 0.0..=100.0)?;
-    if let Some(bg) = ms.cosine_scale_bg {
-        check_fraction("--cosine-scale-bg", bg, 0.0..=100.0)?;
-    }
-    let overlap = ms.tile_overlap.unwrap_or(0.5);
-    check_fraction("--tile-overlap", overlap, 0.0..=0.9)?;
-    let view_batch = ms.view_batch.unwrap_or(DEFAULT_VIEW_BATCH);
-    if view_batch == 0 || view_batch > 256 {
-        return invalid(format!("--view-batch {view_batch}: use 1 to 256"));
-    }
-    let dilate_tau = ms.dilate_tau.unwrap_or(DEFAULT_DILATE_TAU);
-    let tile_px = ms.tile_size.unwrap_or(arch.training_size);
-    check_side_multiple("--tile-size", tile_px, SIZE_MULTIPLE)?;
-    let tile_latent = (tile_px / PIXELS_PER_LATENT) as usize;
-    let freeu = ms.freeu.unwrap_or(freescale_like);
+    Ok(())
+}
+
+/// The timesteps of one stage and how they are stepped.
+#[derive(Debug, Clone, PartialEq)]
+struct StageTiming {
+    timesteps: Vec<f64>,
+    schedule: StageSchedule,
+}
+
+/// Every stage's timing, and the FreCaS weights chosen with it.
+#[derive(Debug, Clone, PartialEq)]
+struct Timing {
+    stages: Vec<StageTiming>,
+    /// FA-CFG `[high, low]`.
+    facfg: [f64; 2],
+    /// CA-map reuse weight.
+    camap: f64,
+}
+
+/// FreCaS' timing for the FreCaS-like methods, else steps of one diffusers schedule.
+fn stage_timing(
+    spec: &RenderSpec,
+    arch: &ArchInfo,
+    settings: &Settings,
+    sizes: &[Size],
+) -> Result<Timing> {
     let alphas = arch
         .scheduler
         .alphas_cumprod()
         .map_err(|e| PlanError(e.to_string()))?;
-
-    // Timesteps per stage.
-    let mut timing: Vec<(Vec<f64>, StageSchedule)> = Vec::with_capacity(n);
-    let mut facfg = [35.0, 7.5];
-    let mut camap = 0.0;
-    if frecas_like {
-        let (stage_specs, preset) = frecas_timing(ms, arch, &sizes, spec.steps)?;
-        let gamma = ms.gamma.unwrap_or(preset.gamma);
-        check_fraction("--gamma", gamma, 0.01..=10.0)?;
-        facfg = ms.facfg.unwrap_or(preset.facfg);
-        for w in facfg {
-            check_fraction("--facfg weight", w, 0.0..=100.0)?;
-        }
-        camap = ms.camap.unwrap_or(preset.camap_weight);
-        check_fraction("--camap", camap, 0.0..=1.0)?;
-        let planned = frecas::plan_stages(&stage_specs, gamma, &alphas)
-            .map_err(|e| PlanError(e.to_string()))?;
-        for p in planned {
-            timing.push((
-                p.timesteps.iter().map(|&t| t as f64).collect(),
-                StageSchedule::Frecas {
-                    inference_steps: p.ddim_inference_steps,
-                },
-            ));
-        }
+    if settings.frecas_like {
+        frecas_stage_timing(spec, arch, sizes, &alphas)
     } else {
-        let kind = match (spec.scheduler, method) {
-            (Some(k), _) => k,
-            (None, Method::Freescale) => SchedulerKind::Euler,
-            (None, _) => arch
-                .scheduler
-                .kind()
-                .map_err(|e| PlanError(e.to_string()))?,
-        };
-        let sched = Scheduler::new(kind, &arch.scheduler, spec.steps)
-            .map_err(|e| PlanError(e.to_string()))?;
-        let restart = ms
-            .restart_step
-            .unwrap_or_else(|| freescale::restart_index(spec.steps));
-        if n > 1 && restart >= spec.steps {
-            return invalid(format!(
-                "--restart-step {restart} leaves no steps of {}: use 0 to {}",
-                spec.steps,
-                spec.steps - 1
-            ));
-        }
-        for k in 0..n {
+        Ok(Timing {
+            stages: schedule_stage_timing(spec, arch, settings.method, sizes.len())?,
+            facfg: [35.0, 7.5],
+            camap: 0.0,
+        })
+    }
+}
+
+/// FreCaS: each stage DDIM-stepped from its start time to its end time, with the preset's
+/// gamma, FA-CFG weights and CA-map weight unless given.
+fn frecas_stage_timing(
+    spec: &RenderSpec,
+    arch: &ArchInfo,
+    sizes: &[Size],
+    alphas: &[f64],
+) -> Result<Timing> {
+    let ms = &spec.method;
+    let (stage_specs, preset) = frecas_timing(ms, arch, sizes, spec.steps)?;
+    let gamma = ms.gamma.unwrap_or(preset.gamma);
+    check_fraction("--gamma", gamma, 0.01..=10.0)?;
+    let facfg = ms.facfg.unwrap_or(preset.facfg);
+    for w in facfg {
+        check_fraction("--facfg weight", w, 0.0..=100.0)?;
+    }
+    let camap = ms.camap.unwrap_or(preset.camap_weight);
+    check_fraction("--camap", camap, 0.0..=1.0)?;
+    let planned =
+        frecas::plan_stages(&stage_specs, gamma, alphas).map_err(|e| PlanError(e.to_string()))?;
+    let stages = planned
+        .into_iter()
+        .map(|p| StageTiming {
+            timesteps: p.timesteps.iter().map(|&t| t as f64).collect(),
+            schedule: StageSchedule::Frecas {
+                inference_steps: p.ddim_inference_steps,
+            },
+        })
+        .collect();
+    Ok(Timing {
+        stages,
+        facfg,
+        camap,
+    })
+}
+
+/// FreeScale's timing: the first stage runs the whole schedule, the later ones restart at
+/// `--restart-step` (default int(0.3 · steps)).
+fn schedule_stage_timing(
+    spec: &RenderSpec,
+    arch: &ArchInfo,
+    method: Method,
+    n: usize,
+) -> Result<Vec<StageTiming>> {
+    let kind = match (spec.scheduler, method) {
+        (Some(k), _) => k,
+        (None, Method::Freescale) => SchedulerKind::Euler,
+        (None, _) => arch
+            .scheduler
+            .kind()
+            .map_err(|e| PlanError(e.to_string()))?,
+    };
+    let sched =
+        Scheduler::new(kind, &arch.scheduler, spec.steps).map_err(|e| PlanError(e.to_string()))?;
+    let restart = spec
+        .method
+        .restart_step
+        .unwrap_or_else(|| freescale::restart_index(spec.steps));
+    if n > 1 && restart >= spec.steps {
+        return invalid(format!(
+            "--restart-step {restart} leaves no steps of {}: use 0 to {}",
+            spec.steps,
+            spec.steps - 1
+        ));
+    }
+    Ok((0..n)
+        .map(|k| {
             let start = if k == 0 { 0 } else { restart };
-            timing.push((
-                sched.timesteps()[start..].to_vec(),
-                StageSchedule::Schedule {
+            StageTiming {
+                timesteps: sched.timesteps()[start..].to_vec(),
+                schedule: StageSchedule::Schedule {
                     scheduler: kind,
                     steps: spec.steps,
                     start,
                 },
-            ));
+            }
+        })
+        .collect())
+}
+
+/// Latent [height, width] of a size in pixels.
+fn latent_of(size: &Size) -> [usize; 2] {
+    [
+        (size.height / PIXELS_PER_LATENT) as usize,
+        (size.width / PIXELS_PER_LATENT) as usize,
+    ]
+}
+
+/// How a stage's latent is cut into views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StageViews {
+    /// Latent [height, width] of a local view.
+    tile: [usize; 2],
+    local: usize,
+    global: usize,
+}
+
+/// The views of stage `k`: one whole view when the latent fits a tile (or for single), else
+/// the overlapping local tiles and, unless `no_fusion`, the strided global views.
+fn stage_views(
+    k: usize,
+    latent: [usize; 2],
+    settings: &Settings,
+    no_fusion: bool,
+) -> Result<StageViews> {
+    let tile_latent = settings.tile_latent;
+    let whole =
+        settings.method == Method::Single || (latent[0] <= tile_latent && latent[1] <= tile_latent);
+    if whole {
+        return Ok(StageViews {
+            tile: latent,
+            local: 1,
+            global: 0,
+        });
+    }
+    let in_stage = |e: crate::error::MathError| PlanError(format!("stage {k}: {e}"));
+    let local = LocalViews::new(
+        latent[0],
+        latent[1],
+        &local_view_config(tile_latent, settings.overlap),
+        None,
+    )
+    .map_err(in_stage)?
+    .len();
+    let global = if no_fusion {
+        0
+    } else {
+        GlobalViews::new(
+            latent[0],
+            latent[1],
+            &GlobalViewConfig::for_training_size(tile_latent),
+        )
+        .map_err(in_stage)?
+        .len()
+    };
+    Ok(StageViews {
+        tile: [tile_latent.min(latent[0]), tile_latent.min(latent[1])],
+        local,
+        global,
+    })
+}
+
+/// Kernel scale s of the latent-level fusion: tiles across the latent's longer side; 0
+/// without global views.
+fn fusion_scale(latent: [usize; 2], global_views: usize, tile_latent: usize) -> usize {
+    if global_views == 0 {
+        return 0;
+    }
+    latent[0]
+        .div_ceil(tile_latent)
+        .max(latent[1].div_ceil(tile_latent))
+}
+
+/// How many of a stage's steps FreeScale dilates: those before `dilate_tau` of its schedule,
+/// or under FreCaS timing those where FreeScale's 50-step schedule would (t at or above the
+/// timestep of its step tau).
+fn dilated_steps(schedule: &StageSchedule, timesteps: &[f64], dilate_tau: usize) -> usize {
+    match schedule {
+        StageSchedule::Schedule { start, .. } => {
+            dilate_tau.saturating_sub(*start).min(timesteps.len())
+        }
+        StageSchedule::Frecas { .. } => {
+            let t_min = 1000.0 * (1.0 - dilate_tau as f64 / FREESCALE_REFERENCE_STEPS as f64);
+            timesteps.iter().filter(|&&t| t >= t_min).count()
         }
     }
+}
 
-    let filter = ms.resize.unwrap_or(if method == Method::Frecas {
-        ResizeFilter::Nearest
-    } else {
-        ResizeFilter::Bicubic
-    });
-    let mut stages = Vec::with_capacity(n);
-    for (k, (size, (mut timesteps, schedule))) in sizes.iter().zip(timing).enumerate() {
-        let latent = [
-            (size.height / PIXELS_PER_LATENT) as usize,
-            (size.width / PIXELS_PER_LATENT) as usize,
-        ];
-        let entry = if k == 0 {
-            if ms.init_image {
-                timesteps.clear();
-                StageEntry::InitImage { filter }
-            } else {
-                StageEntry::Noise
-            }
+/// What every stage's layout reads: the spec, the shared settings, the stage sizes and the
+/// FreCaS weights.
+struct Layout<'a> {
+    spec: &'a RenderSpec,
+    settings: &'a Settings,
+    sizes: &'a [Size],
+    facfg: [f64; 2],
+    camap: f64,
+}
+
+impl Layout<'_> {
+    /// Stage `k` of `size`: its entry, views, fusion, dilation, guidance, restraint and
+    /// CA-map reuse.
+    fn stage(&self, k: usize, size: &Size, timing: StageTiming) -> Result<StagePlan> {
+        let (s, ms) = (self.settings, &self.spec.method);
+        let StageTiming {
+            mut timesteps,
+            schedule,
+        } = timing;
+        let latent = latent_of(size);
+        let entry = self.entry(k);
+        if matches!(entry, StageEntry::InitImage { .. }) {
+            timesteps.clear();
+        }
+        let views = stage_views(k, latent, s, ms.no_fusion)?;
+        let b = s.training_latent;
+        let view_larger = views.tile[0] > b || views.tile[1] > b;
+        let dilation = if s.freescale_like && view_larger {
+            let steps = dilated_steps(&schedule, &timesteps, s.dilate_tau);
+            DilationSchedule::new(views.tile[1], b, steps).map_err(|e| PlanError(e.to_string()))?
         } else {
-            StageEntry::Previous {
-                from_predicted_x0: frecas_like,
-                filter,
-            }
+            DilationSchedule::NONE
         };
-        let whole =
-            method == Method::Single || (latent[0] <= tile_latent && latent[1] <= tile_latent);
-        let tile = if whole {
-            latent
-        } else {
-            [tile_latent.min(latent[0]), tile_latent.min(latent[1])]
-        };
-        let (local_views, global_views) = if whole {
-            (1, 0)
-        } else {
-            let lv = LocalViews::new(
-                latent[0],
-                latent[1],
-                &local_view_config(tile_latent, overlap),
-                None,
-            )
-            .map_err(|e| PlanError(format!("stage {k}: {e}")))?;
-            let gv = if ms.no_fusion {
-                0
-            } else {
-                GlobalViews::new(
-                    latent[0],
-                    latent[1],
-                    &GlobalViewConfig::for_training_size(tile_latent),
-                )
-                .map_err(|e| PlanError(format!("stage {k}: {e}")))?
-                .len()
-            };
-            (lv.len(), gv)
-        };
-        let fusion_scale = if global_views > 0 {
-            latent[0]
-                .div_ceil(tile_latent)
-                .max(latent[1].div_ceil(tile_latent))
-        } else {
-            0
-        };
-        let view_larger = tile[0] > b || tile[1] > b;
-        let in_unet_fusion = method != Method::Single && !ms.no_fusion && view_larger;
-        let dilation = if freescale_like && view_larger {
-            (tile[1] / b).max(1)
-        } else {
-            1
-        };
-        let dilated_steps = if dilation == 1 {
-            0
-        } else {
-            match &schedule {
-                StageSchedule::Schedule { start, .. } => {
-                    dilate_tau.saturating_sub(*start).min(timesteps.len())
-                }
-                // FreCaS timing: dilate where FreeScale's 50-step schedule would (t above the
-                // timestep of its step tau).
-                StageSchedule::Frecas { .. } => {
-                    let t_min =
-                        1000.0 * (1.0 - dilate_tau as f64 / FREESCALE_REFERENCE_STEPS as f64);
-                    timesteps.iter().filter(|&&t| t >= t_min).count()
-                }
-            }
-        };
-        let guidance = if !guided {
-            GuidancePlan::None
-        } else if frecas_like && k > 0 {
-            let prev = &sizes[k - 1];
-            GuidancePlan::FaCfg {
-                high: facfg[0],
-                low: facfg[1],
-                low_latent: [
-                    (prev.height / PIXELS_PER_LATENT) as usize,
-                    (prev.width / PIXELS_PER_LATENT) as usize,
-                ],
-            }
-        } else {
-            GuidancePlan::Cfg {
-                scale: spec.guidance,
-            }
-        };
-        let restraint = (freescale_like && k > 0).then(|| RestraintPlan {
-            cosine_scale,
-            cosine_scale_bg: ms.mask.then(|| ms.cosine_scale_bg.unwrap_or(0.5)),
-        });
-        let camap_on = frecas_like && camap > 0.0;
-        let views = local_views + global_views;
-        let evaluations_per_step = views * if guided { 2 } else { 1 };
-        stages.push(StagePlan {
+        let camap_on = s.frecas_like && self.camap > 0.0;
+        let evaluations_per_step = (views.local + views.global) * if s.guided { 2 } else { 1 };
+        Ok(StagePlan {
             size: [size.width, size.height],
             latent,
             entry,
             evaluations: evaluations_per_step * timesteps.len(),
             timesteps,
             schedule,
-            tile,
-            tile_overlap: overlap,
+            tile: views.tile,
+            tile_overlap: s.overlap,
             tile_weights: ms.tile_weights,
-            local_views,
-            global_views,
-            fusion_scale,
-            in_unet_fusion,
+            local_views: views.local,
+            global_views: views.global,
+            fusion_scale: fusion_scale(latent, views.global, s.tile_latent),
+            in_unet_fusion: s.method != Method::Single && !ms.no_fusion && view_larger,
             fast: ms.fast,
-            dilation,
-            dilated_steps,
-            freeu,
-            guidance,
-            restraint,
-            camap_capture: camap_on && k + 1 < n,
-            camap_inject: (camap_on && k > 0).then_some(camap),
+            dilation: dilation.factor,
+            dilated_steps: dilation.steps,
+            freeu: s.freeu,
+            guidance: self.guidance(k),
+            restraint: self.restraint(k),
+            camap_capture: camap_on && k + 1 < self.sizes.len(),
+            camap_inject: (camap_on && k > 0).then_some(self.camap),
             evaluations_per_step,
-        });
+        })
     }
-    // A camap captured in a stage that runs no steps (an init image) does not exist.
+
+    /// Noise or the init image for the first stage, the previous stage's result after it.
+    fn entry(&self, k: usize) -> StageEntry {
+        let filter = self.settings.filter;
+        if k > 0 {
+            StageEntry::Previous {
+                from_predicted_x0: self.settings.frecas_like,
+                filter,
+            }
+        } else if self.spec.method.init_image {
+            StageEntry::InitImage { filter }
+        } else {
+            StageEntry::Noise
+        }
+    }
+
+    /// FA-CFG after the first stage of a FreCaS-like cascade, else plain CFG (none unguided).
+    fn guidance(&self, k: usize) -> GuidancePlan {
+        if !self.settings.guided {
+            GuidancePlan::None
+        } else if self.settings.frecas_like && k > 0 {
+            GuidancePlan::FaCfg {
+                high: self.facfg[0],
+                low: self.facfg[1],
+                low_latent: latent_of(&self.sizes[k - 1]),
+            }
+        } else {
+            GuidancePlan::Cfg {
+                scale: self.spec.guidance,
+            }
+        }
+    }
+
+    /// FreeScale's restrained structure after the first stage.
+    fn restraint(&self, k: usize) -> Option<RestraintPlan> {
+        let ms = &self.spec.method;
+        (self.settings.freescale_like && k > 0).then(|| RestraintPlan {
+            cosine_scale: self.settings.cosine_scale,
+            cosine_scale_bg: ms.mask.then(|| ms.cosine_scale_bg.unwrap_or(0.5)),
+        })
+    }
+}
+
+/// A CA-map captured in a stage that runs no steps (an init image) does not exist.
+fn drop_camap_of_a_stage_without_steps(stages: &mut [StagePlan]) {
     if let Some(first) = stages.first_mut() {
         if first.timesteps.is_empty() {
             first.camap_capture = false;
@@ -741,19 +956,6 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
             }
         }
     }
-    let memory = estimate_memory(&stages, arch, view_batch, guided);
-    Ok(Plan {
-        method,
-        arch: arch.name.clone(),
-        sdxl: arch.sdxl,
-        training_size: arch.training_size,
-        guided,
-        view_batch,
-        size_conditioning: [sizes[0].height, sizes[0].width],
-        total_evaluations: stages.iter().map(|s| s.evaluations).sum(),
-        stages,
-        memory,
-    })
 }
 
 /// Peak memory, roughly:
@@ -926,6 +1128,109 @@ mod tests {
         assert!(st.in_unet_fusion);
         assert_eq!(st.dilation, 2);
         assert_eq!(st.dilated_steps, 35 - 15);
+        // Step j of the stage is step 15 + j of the schedule: dilated while 15 + j < 35.
+        assert_eq!(st.dilation_schedule().dilation_at(19), 2);
+        assert_eq!(st.dilation_schedule().dilation_at(20), 1);
+        assert_eq!(p.stages[0].dilation_schedule(), DilationSchedule::NONE);
+    }
+
+    fn settings(spec: &RenderSpec, arch: &ArchInfo) -> Settings {
+        let method = resolve_method(spec, arch);
+        let n = resolve_stages(spec, arch, method).unwrap().len();
+        Settings::resolve(spec, arch, method, n).unwrap()
+    }
+
+    #[test]
+    fn a_stage_within_a_tile_is_one_view_and_a_larger_one_is_tiled() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let s = settings(&spec(4096, Some(Method::Freescale)), &arch);
+        assert_eq!(
+            stage_views(0, [128, 128], &s, false).unwrap(),
+            StageViews {
+                tile: [128, 128],
+                local: 1,
+                global: 0
+            }
+        );
+        assert_eq!(
+            stage_views(1, [256, 256], &s, false).unwrap(),
+            StageViews {
+                tile: [128, 128],
+                local: 9,
+                global: 4
+            }
+        );
+        assert_eq!(stage_views(1, [256, 256], &s, true).unwrap().global, 0);
+        // A wide stage's tile is cut to the latent's height.
+        assert_eq!(
+            stage_views(1, [64, 256], &s, false).unwrap().tile,
+            [64, 128]
+        );
+    }
+
+    #[test]
+    fn fusion_scale_counts_tiles_across_the_longer_side() {
+        assert_eq!(fusion_scale([256, 256], 4, 128), 2);
+        assert_eq!(fusion_scale([256, 640], 10, 128), 5);
+        assert_eq!(fusion_scale([256, 256], 0, 128), 0);
+    }
+
+    #[test]
+    fn dilated_steps_follow_the_schedule_or_freescales_timesteps_under_frecas() {
+        let schedule = |start| StageSchedule::Schedule {
+            scheduler: SchedulerKind::Euler,
+            steps: 50,
+            start,
+        };
+        let ts = vec![0.0; 35];
+        assert_eq!(dilated_steps(&schedule(15), &ts, 35), 20);
+        assert_eq!(dilated_steps(&schedule(40), &ts, 35), 0);
+        assert_eq!(dilated_steps(&schedule(0), &ts[..10], 35), 10);
+        // FreeScale's step 35 of 50 sits at t ≈ 300: FreCaS steps above it dilate.
+        let frecas = StageSchedule::Frecas {
+            inference_steps: 50,
+        };
+        assert_eq!(
+            dilated_steps(&frecas, &[700.0, 500.0, 301.0, 299.0, 100.0], 35),
+            3
+        );
+    }
+
+    #[test]
+    fn freescale_timing_restarts_the_later_stages() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let mut s = spec(2048, Some(Method::Freescale));
+        s.steps = 10;
+        let t = schedule_stage_timing(&s, &arch, Method::Freescale, 2).unwrap();
+        assert_eq!(t[0].timesteps.len(), 10);
+        assert_eq!(t[1].timesteps.len(), 10 - 3);
+        assert_eq!(t[1].timesteps[0], t[0].timesteps[3]);
+        assert_eq!(
+            t[1].schedule,
+            StageSchedule::Schedule {
+                scheduler: SchedulerKind::Euler,
+                steps: 10,
+                start: 3
+            }
+        );
+    }
+
+    #[test]
+    fn an_init_image_stage_runs_no_steps_and_passes_no_camap_on() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let mut s = spec(2048, Some(Method::Hybrid));
+        s.method.init_image = true;
+        let p = plan(&s, &arch).unwrap();
+        assert!(matches!(p.stages[0].entry, StageEntry::InitImage { .. }));
+        assert!(p.stages[0].timesteps.is_empty());
+        assert_eq!(p.stages[0].evaluations, 0);
+        assert!(!p.stages[0].camap_capture);
+        assert_eq!(p.stages[1].camap_inject, None);
+        // Without the init image the same cascade passes its map on.
+        s.method.init_image = false;
+        let p = plan(&s, &arch).unwrap();
+        assert!(p.stages[0].camap_capture);
+        assert!(p.stages[1].camap_inject.is_some());
     }
 
     #[test]

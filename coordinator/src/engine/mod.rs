@@ -11,14 +11,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use tessera_core::method::camap::CaMap;
 use tessera_core::method::facfg::{fa_cfg, FaCfgWeights};
-use tessera_core::method::freescale::{
-    binarize_mask, exponent_map, restrain, restrain_with_map, restraint_weight,
-    restraint_weight_map,
-};
+use tessera_core::method::freescale::RestrainedStructure;
 use tessera_core::method::guidance;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
-use tessera_core::resize::Resizer;
+use tessera_core::resize::{ResizeFilter, Resizer};
 use tessera_core::sched::{Scheduler, SchedulerConfig, SchedulerKind};
 use tessera_core::spec::{RenderSpec, PIXELS_PER_LATENT};
 use tessera_core::task::{Task, TaskKind, VaeNoise};
@@ -26,7 +23,7 @@ use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
 use vae::{Pixels, RowSink, VaeTiling};
-use views::StepAt;
+use views::{Predictions, StepAt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -148,6 +145,26 @@ impl StepTimings {
     /// Part of the store traffic: writes, reads and the checkpoint.
     pub fn store_io(&self) -> f64 {
         self.store_write + self.store_read + self.checkpoint
+    }
+
+    /// Sets [`Self::wall`] and [`Self::critical`] of a step that began at `start` and ends
+    /// now, its first task handed out at `first_handed_out` and its last result in at
+    /// `last_result` (the whole step is critical when it had no tasks).
+    fn close_step(
+        &mut self,
+        start: Instant,
+        first_handed_out: Option<Instant>,
+        last_result: Option<Instant>,
+    ) {
+        let end = Instant::now();
+        self.wall = end.duration_since(start).as_secs_f64();
+        self.critical = match (first_handed_out, last_result) {
+            (Some(first), Some(last)) => {
+                first.saturating_duration_since(start).as_secs_f64()
+                    + end.saturating_duration_since(last).as_secs_f64()
+            }
+            _ => self.wall,
+        };
     }
 }
 
@@ -384,20 +401,21 @@ impl Engine<'_> {
     fn load_stage_result(&self, job: &str, c: &Checkpoint) -> Result<StageResult> {
         let cpu = Device::Cpu;
         let key = |part: &str| keys::checkpoint(job, c.stage, c.step, part);
-        let camap = if self.store.exists(&key("camap"))? {
-            Some(CaMap::from_tensor(get_tensor(
-                self.store,
-                &key("camap"),
-                &cpu,
-            )?)?)
-        } else {
-            None
-        };
+        let camap = self.load_camap(&key("camap"))?;
         Ok(StageResult {
             latent: get_tensor(self.store, &key("latent"), &cpu)?,
             x0: get_tensor(self.store, &key("x0"), &cpu)?,
             camap,
         })
+    }
+
+    /// The CA-map stored at `key`, if there is one.
+    fn load_camap(&self, key: &str) -> Result<Option<CaMap>> {
+        if !self.store.exists(key)? {
+            return Ok(None);
+        }
+        let map = get_tensor(self.store, key, &Device::Cpu)?;
+        Ok(Some(CaMap::from_tensor(map)?))
     }
 
     /// Records that `step` steps of stage `k` are done with latent `z`; at a stage's end
@@ -481,6 +499,9 @@ impl Engine<'_> {
         )
     }
 
+    /// Runs stage `k` the way a diffusers pipeline's `__call__` runs: prepare (the entry
+    /// latent, or where a resumed stage was; the restrained structure), then the denoising
+    /// loop.
     #[allow(clippy::too_many_arguments)]
     fn run_stage(
         &self,
@@ -494,277 +515,433 @@ impl Engine<'_> {
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<StageResult> {
         let stage = &plan.stages[k];
-        let cpu = Device::Cpu;
         let (h, w) = stage.latent_hw();
-        let shape = (1, self.model.latent_channels, h, w);
+        let at = StageAt {
+            job,
+            seed: spec.seed,
+            plan,
+            k,
+            stage,
+            shape: (1, self.model.latent_channels, h, w),
+        };
         let stepper = Stepper::new(stage, &self.model.scheduler)?;
-        let seed = spec.seed;
-
-        // The stage's starting latent, and for restrained structure the clean latent and
-        // noise that define n_i = add_noise(z_up, ε, t_i).
-        let mut restraint_source: Option<(Tensor, Tensor)> = None;
-        let stage_noise = || {
-            NoiseKey {
-                seed,
-                stage: k as u32,
-                step: 0,
-                purpose: NoisePurpose::StageNoise,
-            }
-            .normal(shape, &cpu)
-        };
-        let (mut z, camap_in, first_step) = if let Some(j0) = resume_at {
-            // Mid-stage resume: the latent after j0 steps, and the stage's entry data.
-            let z = get_tensor(self.store, &keys::checkpoint(job, k, j0, "latent"), &cpu)?;
-            if stage.restraint.is_some() && self.store.exists(&keys::stage(job, k, "zup"))? {
-                let z_up = get_tensor(self.store, &keys::stage(job, k, "zup"), &cpu)?;
-                restraint_source = Some((z_up, stage_noise()?));
-            }
-            let camap_key = keys::stage(job, k, views::CAMAP_IN);
-            let camap_in = if self.store.exists(&camap_key)? {
-                Some(CaMap::from_tensor(get_tensor(
-                    self.store, &camap_key, &cpu,
-                )?)?)
-            } else {
-                None
-            };
-            // Whatever the interrupted step left is redone from scratch.
-            self.store.delete_prefix(&keys::step_prefix(job, k, j0))?;
-            (z, camap_in, j0)
-        } else {
-            let z = match &stage.entry {
-                StageEntry::Noise => {
-                    let noise = match inputs.initial_latents.take() {
-                        Some(t) => check_initial_latents(t, shape, stage)?,
-                        None => NoiseKey {
-                            seed,
-                            stage: k as u32,
-                            step: 0,
-                            purpose: NoisePurpose::InitialLatent,
-                        }
-                        .normal(shape, &cpu)?,
-                    };
-                    // diffusers scales given latents by the scheduler's initial sigma too.
-                    (noise * stepper.scheduler.init_noise_sigma())?
-                }
-                StageEntry::InitImage { filter } => {
-                    let image = inputs.init_image.take().ok_or_else(|| {
-                        EngineError::Invalid(
-                            "the plan starts from an init image but none was given".into(),
-                        )
-                    })?;
-                    let resized = Resizer::new(
-                        &image.clamp(-1f32, 1f32)?,
-                        stage.size[1] as usize,
-                        stage.size[0] as usize,
-                        *filter,
-                    )?;
-                    drop(image);
-                    let z0 = self.reencode(job, seed, plan, k, &resized)?;
-                    self.checkpoint(job, plan, k, 0, &z0, Some((&z0, None)))?;
-                    return Ok(StageResult {
-                        latent: z0.clone(),
-                        x0: z0,
-                        camap: None,
-                    });
-                }
-                StageEntry::Previous {
-                    from_predicted_x0,
-                    filter,
-                } => {
-                    let p = prev.as_ref().ok_or_else(|| {
-                        EngineError::Invalid(format!(
-                            "stage {k} continues a previous stage, but it is the first"
-                        ))
-                    })?;
-                    let source = if *from_predicted_x0 { &p.x0 } else { &p.latent };
-                    let (mut pixels, hw) = self.decode_planes(
-                        job,
-                        &format!("s{k}"),
-                        VaeTiling::for_plan(plan),
-                        source,
-                    )?;
-                    // FreCaS clips the decoded prediction to the image range before resizing.
-                    if *from_predicted_x0 {
-                        for v in pixels.iter_mut() {
-                            *v = v.clamp(-1.0, 1.0);
-                        }
-                    }
-                    // The upscaled picture is computed tile by tile as the encode asks.
-                    let resized = Resizer::from_planes(
-                        pixels,
-                        (1, 3),
-                        hw,
-                        stage.size[1] as usize,
-                        stage.size[0] as usize,
-                        *filter,
-                    )?;
-                    let z_up = self.reencode(job, seed, plan, k, &resized)?;
-                    drop(resized);
-                    let eps = stage_noise()?;
-                    let t0 = *stage.timesteps.first().ok_or_else(|| {
-                        EngineError::Invalid(format!("stage {k} has no timesteps"))
-                    })?;
-                    let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
-                    if stage.restraint.is_some() {
-                        put_tensor(self.store, &keys::stage(job, k, "zup"), &z_up)?;
-                        restraint_source = Some((z_up, eps));
-                    }
-                    z
-                }
-            };
-            let camap_in = prev.and_then(|p| p.camap);
-            if let Some(m) = &camap_in {
-                put_tensor(
-                    self.store,
-                    &keys::stage(job, k, views::CAMAP_IN),
-                    m.tensor(),
-                )?;
-            }
-            // The entry (a noise draw or a whole decode-resize-encode transition) is not redone.
-            self.checkpoint(job, plan, k, 0, &z, None)?;
-            (z, camap_in, 0)
-        };
-
-        // Per-pixel restraint exponents under a mask.
-        let exponents = match (&stage.restraint, &inputs.mask) {
-            (Some(r), Some(mask)) => match r.cosine_scale_bg {
-                Some(bg) => Some(exponent_map(
-                    &binarize_mask(mask)?,
-                    (h, w),
-                    r.cosine_scale,
-                    bg,
-                )?),
-                None => None,
+        let mut start = match resume_at {
+            Some(j0) => self.resume_stage(&at, j0)?,
+            None => match self.enter_stage(&at, &stepper, prev, inputs)? {
+                Entry::Steps(start) => start,
+                Entry::Done(result) => return Ok(result),
             },
-            _ => None,
         };
+        let source = start.restraint_source.take();
+        let restraint = self.restraint(&at, source, inputs.mask.as_ref())?;
+        let preview = inputs.preview.as_ref().map(|PreviewHook(p)| p.as_ref());
+        self.denoise(&at, &stepper, start, restraint.as_ref(), preview, progress)
+    }
 
+    /// A mid-stage resume: the latent after `j0` steps and the stage's entry data; whatever
+    /// the interrupted step left is redone from scratch.
+    fn resume_stage(&self, at: &StageAt, j0: usize) -> Result<StageStart> {
+        let (job, k, cpu) = (at.job, at.k, Device::Cpu);
+        let z = get_tensor(self.store, &keys::checkpoint(job, k, j0, "latent"), &cpu)?;
+        let zup_key = keys::stage(job, k, "zup");
+        let restraint_source = if at.stage.restraint.is_some() && self.store.exists(&zup_key)? {
+            Some((get_tensor(self.store, &zup_key, &cpu)?, at.stage_noise()?))
+        } else {
+            None
+        };
+        let camap_in = self.load_camap(&keys::stage(job, k, views::CAMAP_IN))?;
+        self.store.delete_prefix(&keys::step_prefix(job, k, j0))?;
+        Ok(StageStart {
+            z,
+            first_step: j0,
+            camap_in,
+            restraint_source,
+        })
+    }
+
+    /// The stage's entry as its plan says: noise, an init image (the whole stage), or the
+    /// previous stage's result upscaled and noised. The entry (a noise draw or a whole
+    /// decode-resize-encode transition) is checkpointed, so it is not redone.
+    fn enter_stage(
+        &self,
+        at: &StageAt,
+        stepper: &Stepper,
+        prev: Option<StageResult>,
+        inputs: &mut JobInputs,
+    ) -> Result<Entry> {
+        let mut restraint_source = None;
+        let z = match &at.stage.entry {
+            StageEntry::Noise => {
+                let noise = match inputs.initial_latents.take() {
+                    Some(t) => check_initial_latents(t, at.shape, at.stage)?,
+                    None => at.noise(NoisePurpose::InitialLatent)?,
+                };
+                // diffusers scales given latents by the scheduler's initial sigma too.
+                (noise * stepper.scheduler.init_noise_sigma())?
+            }
+            StageEntry::InitImage { filter } => {
+                let image = inputs.init_image.take().ok_or_else(|| {
+                    EngineError::Invalid(
+                        "the plan starts from an init image but none was given".into(),
+                    )
+                })?;
+                return Ok(Entry::Done(self.enter_from_image(at, image, *filter)?));
+            }
+            StageEntry::Previous {
+                from_predicted_x0,
+                filter,
+            } => {
+                let (z, source) = self.enter_from_previous(
+                    at,
+                    stepper,
+                    prev.as_ref(),
+                    *from_predicted_x0,
+                    *filter,
+                )?;
+                restraint_source = source;
+                z
+            }
+        };
+        let camap_in = prev.and_then(|p| p.camap);
+        if let Some(m) = &camap_in {
+            put_tensor(
+                self.store,
+                &keys::stage(at.job, at.k, views::CAMAP_IN),
+                m.tensor(),
+            )?;
+        }
+        self.checkpoint(at.job, at.plan, at.k, 0, &z, None)?;
+        Ok(Entry::Steps(StageStart {
+            z,
+            first_step: 0,
+            camap_in,
+            restraint_source,
+        }))
+    }
+
+    /// An init-image stage: the picture resized to the stage and encoded is its result.
+    fn enter_from_image(
+        &self,
+        at: &StageAt,
+        image: Tensor,
+        filter: ResizeFilter,
+    ) -> Result<StageResult> {
+        let size = at.stage.size;
+        let resized = Resizer::new(
+            &image.clamp(-1f32, 1f32)?,
+            size[1] as usize,
+            size[0] as usize,
+            filter,
+        )?;
+        drop(image);
+        let z0 = self.reencode(at.job, at.seed, at.plan, at.k, &resized)?;
+        self.checkpoint(at.job, at.plan, at.k, 0, &z0, Some((&z0, None)))?;
+        Ok(StageResult {
+            latent: z0.clone(),
+            x0: z0,
+            camap: None,
+        })
+    }
+
+    /// The previous stage's result decoded, resized to this stage, encoded (z_up) and noised
+    /// to the stage's first timestep; with (z_up, ε) when the stage restrains its structure
+    /// (z_up is stored for a resume).
+    fn enter_from_previous(
+        &self,
+        at: &StageAt,
+        stepper: &Stepper,
+        prev: Option<&StageResult>,
+        from_predicted_x0: bool,
+        filter: ResizeFilter,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (job, k, stage) = (at.job, at.k, at.stage);
+        let p = prev.ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "stage {k} continues a previous stage, but it is the first"
+            ))
+        })?;
+        let source = if from_predicted_x0 { &p.x0 } else { &p.latent };
+        let tiling = VaeTiling::for_plan(at.plan);
+        let (mut pixels, hw) = self.decode_planes(job, &format!("s{k}"), tiling, source)?;
+        // FreCaS clips the decoded prediction to the image range before resizing.
+        if from_predicted_x0 {
+            for v in pixels.iter_mut() {
+                *v = v.clamp(-1.0, 1.0);
+            }
+        }
+        // The upscaled picture is computed tile by tile as the encode asks.
+        let (width, height) = (stage.size[1] as usize, stage.size[0] as usize);
+        let resized = Resizer::from_planes(pixels, (1, 3), hw, width, height, filter)?;
+        let z_up = self.reencode(job, at.seed, at.plan, k, &resized)?;
+        drop(resized);
+        let eps = at.stage_noise()?;
+        let t0 = *stage
+            .timesteps
+            .first()
+            .ok_or_else(|| EngineError::Invalid(format!("stage {k} has no timesteps")))?;
+        let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
+        if stage.restraint.is_none() {
+            return Ok((z, None));
+        }
+        put_tensor(self.store, &keys::stage(job, k, "zup"), &z_up)?;
+        Ok((z, Some((z_up, eps))))
+    }
+
+    /// The stage's restrained structure, when its plan has one and its source (z_up, ε)
+    /// exists: per-pixel exponents under a mask.
+    fn restraint(
+        &self,
+        at: &StageAt,
+        source: Option<(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Restraint>> {
+        let Some(r) = &at.stage.restraint else {
+            return Ok(None);
+        };
+        let big_t = self.model.scheduler.num_train_timesteps;
+        let rule = match (mask, r.cosine_scale_bg) {
+            (Some(mask), Some(bg)) => {
+                RestrainedStructure::masked(mask, at.stage.latent_hw(), r.cosine_scale, bg, big_t)?
+            }
+            _ => RestrainedStructure::uniform(r.cosine_scale, big_t),
+        };
+        Ok(source.map(|(z_up, eps)| Restraint { rule, z_up, eps }))
+    }
+
+    /// The denoising loop of a stage from `start`: restrain, scale the input, evaluate the
+    /// views, guide, step, checkpoint in the background, report the step's timings.
+    fn denoise(
+        &self,
+        at: &StageAt,
+        stepper: &Stepper,
+        start: StageStart,
+        restraint: Option<&Restraint>,
+        preview: Option<&PreviewFn>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<StageResult> {
+        let stage = at.stage;
         let steps = stage.timesteps.len();
+        let (mut z, camap_in) = (start.z, start.camap_in);
         let mut x0 = z.clone();
         let mut camap_out = None;
-        // Each step's checkpoint (and the deletion of the step's task keys) is written on a
-        // thread of its own while the next step's tasks run; the next checkpoint waits for it,
-        // so they still land in order, and the stage does not end before its last one has.
-        let preview = inputs.preview.as_ref().map(|PreviewHook(p)| p);
         std::thread::scope(|scope| -> Result<()> {
-            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
-            let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| -> Result<()> {
-                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-            };
-            for (j, &t) in stage.timesteps.iter().enumerate().skip(first_step) {
+            let mut checkpoints = Background::new(scope);
+            for (j, &t) in stage.timesteps.iter().enumerate().skip(start.first_step) {
                 let step_start = Instant::now();
-                let clock = Instant::now();
-                if let (Some(r), Some((z_up, eps)), true) =
-                    (&stage.restraint, &restraint_source, j > 0)
-                {
-                    let noised = || stepper.scheduler.add_noise(z_up, eps, t);
-                    let big_t = self.model.scheduler.num_train_timesteps;
-                    z = match &exponents {
-                        Some(e) => {
-                            restrain_with_map(&z, &restraint_weight_map(e, t, big_t)?, noised)?
-                        }
-                        None => restrain(&z, restraint_weight(t, big_t, r.cosine_scale), noised)?,
-                    };
+                if let Some(r) = restraint {
+                    z = r.apply(&z, j, t, stepper)?;
                 }
                 let input = stepper.scale_input(&z, j)?;
-                let before_views = clock.elapsed().as_secs_f64();
-                let capture = stage.camap_capture && j + 1 == steps;
-                let at = StepAt {
-                    job,
-                    seed,
-                    stage: k,
-                    step: j,
-                    timestep: t,
-                };
-                let pred = views::evaluate(
-                    self.store,
-                    self.workers,
-                    plan,
-                    stage,
-                    at,
-                    &input,
-                    camap_in.as_ref(),
-                    capture,
-                    &|n| progress(Progress::Views(n)),
-                )?;
+                let before_views = step_start.elapsed().as_secs_f64();
+                let pred = self.evaluate_views(at, j, t, &input, camap_in.as_ref(), progress)?;
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
-                let clock = Instant::now();
-                let eps = match (&stage.guidance, &pred.uncond) {
-                    (GuidancePlan::Cfg { scale }, Some(u)) => {
-                        guidance::classifier_free(u, &pred.cond, *scale)?
-                    }
-                    (
-                        GuidancePlan::FaCfg {
-                            high,
-                            low,
-                            low_latent,
-                        },
-                        Some(u),
-                    ) => fa_cfg(
-                        u,
-                        &pred.cond,
-                        (low_latent[0], low_latent[1]),
-                        FaCfgWeights {
-                            high: *high,
-                            low: *low,
-                        },
-                    )?,
-                    _ => pred.cond.clone(),
-                };
-                timings.guidance += clock.elapsed().as_secs_f64();
-                let clock = Instant::now();
-                let (next, pred_x0) = stepper.step(&eps, j, t, &z)?;
-                z = next;
-                x0 = pred_x0;
-                timings.scheduler += clock.elapsed().as_secs_f64();
+                let eps = timed(&mut timings.guidance, || guide(&stage.guidance, &pred))?;
+                (z, x0) = timed(&mut timings.scheduler, || stepper.step(&eps, j, t, &z))?;
                 let clock = Instant::now();
                 if pred.camap.is_some() {
                     camap_out = pred.camap;
                 }
-                // Only a checkpoint still being written when this one is due waits here.
-                if let Some(h) = pending.take() {
-                    join(h)?;
-                }
+                // Only a checkpoint still being written when this one is due waits.
                 let end = (j + 1 == steps).then(|| (x0.clone(), camap_out.clone()));
                 let (z_saved, x0_now) = (z.clone(), x0.clone());
-                pending = Some(scope.spawn(move || -> Result<()> {
-                    let end = end.as_ref().map(|(x0, m)| (x0, m.as_ref()));
-                    self.checkpoint(job, plan, k, j + 1, &z_saved, end)?;
-                    self.store.delete_prefix(&keys::step_prefix(job, k, j))?;
-                    if let Some(preview) = preview {
-                        preview(&x0_now);
-                    }
-                    Ok(())
-                }));
+                checkpoints
+                    .start(move || self.save_step(at, j, &z_saved, end, &x0_now, preview))?;
                 timings.checkpoint += clock.elapsed().as_secs_f64();
-                let step_end = Instant::now();
-                timings.wall = step_end.duration_since(step_start).as_secs_f64();
-                timings.critical = match (pred.first_handed_out, pred.last_result) {
-                    (Some(first), Some(last)) => {
-                        first.saturating_duration_since(step_start).as_secs_f64()
-                            + step_end.saturating_duration_since(last).as_secs_f64()
-                    }
-                    _ => timings.wall,
-                };
+                timings.close_step(step_start, pred.first_handed_out, pred.last_result);
                 progress(Progress::Step {
-                    stage: k,
+                    stage: at.k,
                     step: j + 1,
                     steps,
                     timestep: t,
                     timings,
                 });
             }
-            if let Some(h) = pending.take() {
-                join(h)?;
-            }
-            Ok(())
+            checkpoints.wait()
         })?;
         Ok(StageResult {
             latent: z.to_dtype(DType::F32)?,
             x0,
             camap: camap_out,
         })
+    }
+
+    /// The model over the whole stage latent at step `j` (capturing the CA-map at the last
+    /// step of a stage that passes it on).
+    fn evaluate_views(
+        &self,
+        at: &StageAt,
+        j: usize,
+        t: f64,
+        input: &Tensor,
+        camap_in: Option<&CaMap>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<Predictions> {
+        let capture = at.stage.camap_capture && j + 1 == at.stage.timesteps.len();
+        let step = StepAt {
+            job: at.job,
+            seed: at.seed,
+            stage: at.k,
+            step: j,
+            timestep: t,
+        };
+        views::evaluate(
+            self.store,
+            self.workers,
+            at.plan,
+            at.stage,
+            step,
+            input,
+            camap_in,
+            capture,
+            &|n| progress(Progress::Views(n)),
+        )
+    }
+
+    /// Step `j`'s checkpoint (with x0 and the CA-map at the stage's end), the deletion of
+    /// its task keys and the preview: what runs beside the next step.
+    fn save_step(
+        &self,
+        at: &StageAt,
+        j: usize,
+        z: &Tensor,
+        end: Option<(Tensor, Option<CaMap>)>,
+        x0: &Tensor,
+        preview: Option<&PreviewFn>,
+    ) -> Result<()> {
+        let end = end.as_ref().map(|(x0, m)| (x0, m.as_ref()));
+        self.checkpoint(at.job, at.plan, at.k, j + 1, z, end)?;
+        self.store
+            .delete_prefix(&keys::step_prefix(at.job, at.k, j))?;
+        if let Some(preview) = preview {
+            preview(x0);
+        }
+        Ok(())
+    }
+}
+
+/// Where in the job a stage runs: what its preparation and steps read beside the latent.
+struct StageAt<'a> {
+    job: &'a str,
+    seed: u64,
+    plan: &'a Plan,
+    k: usize,
+    stage: &'a StagePlan,
+    /// (1, C, h, w) of the stage's latent.
+    shape: (usize, usize, usize, usize),
+}
+
+impl StageAt<'_> {
+    /// The stage's seeded draw for `purpose`.
+    fn noise(&self, purpose: NoisePurpose) -> Result<Tensor> {
+        let key = NoiseKey {
+            seed: self.seed,
+            stage: self.k as u32,
+            step: 0,
+            purpose,
+        };
+        Ok(key.normal(self.shape, &Device::Cpu)?)
+    }
+
+    /// ε of the stage's entry and of its restrained structure's n_i = add_noise(z_up, ε, t_i).
+    fn stage_noise(&self) -> Result<Tensor> {
+        self.noise(NoisePurpose::StageNoise)
+    }
+}
+
+/// Where a stage's steps begin: the latent, the step it is at, the CA-map it reuses and, for
+/// the restrained structure, (z_up, ε).
+struct StageStart {
+    z: Tensor,
+    first_step: usize,
+    camap_in: Option<CaMap>,
+    restraint_source: Option<(Tensor, Tensor)>,
+}
+
+/// What a stage's entry leaves: the start of its steps, or (an init image) its whole result.
+enum Entry {
+    Steps(StageStart),
+    Done(StageResult),
+}
+
+/// A stage's restrained structure with its source: n_i = add_noise(z_up, ε, t_i).
+struct Restraint {
+    rule: RestrainedStructure,
+    z_up: Tensor,
+    eps: Tensor,
+}
+
+impl Restraint {
+    /// z before the model call of step `j` at `t`.
+    fn apply(&self, z: &Tensor, j: usize, t: f64, stepper: &Stepper) -> Result<Tensor> {
+        let noised = || stepper.scheduler.add_noise(&self.z_up, &self.eps, t);
+        Ok(self.rule.apply(z, j, t, noised)?)
+    }
+}
+
+/// The guided prediction: CFG or FA-CFG of the merged predictions as the plan says, the
+/// conditional one alone when unguided.
+fn guide(plan: &GuidancePlan, pred: &Predictions) -> Result<Tensor> {
+    Ok(match (plan, &pred.uncond) {
+        (GuidancePlan::Cfg { scale }, Some(u)) => guidance::classifier_free(u, &pred.cond, *scale)?,
+        (
+            GuidancePlan::FaCfg {
+                high,
+                low,
+                low_latent,
+            },
+            Some(u),
+        ) => fa_cfg(
+            u,
+            &pred.cond,
+            (low_latent[0], low_latent[1]),
+            FaCfgWeights {
+                high: *high,
+                low: *low,
+            },
+        )?,
+        _ => pred.cond.clone(),
+    })
+}
+
+/// Runs `f`, adding its seconds to `seconds`.
+fn timed<T>(seconds: &mut f64, f: impl FnOnce() -> T) -> T {
+    let clock = Instant::now();
+    let out = f();
+    *seconds += clock.elapsed().as_secs_f64();
+    out
+}
+
+/// Work run on a thread of its own, one at a time: each step's checkpoint (and the deletion
+/// of the step's task keys) is written while the next step's tasks run; the next checkpoint
+/// waits for it, so they still land in order, and the stage does not end before its last one
+/// has.
+struct Background<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    pending: Option<std::thread::ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl<'scope, 'env> Background<'scope, 'env> {
+    fn new(scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
+        Self {
+            scope,
+            pending: None,
+        }
+    }
+
+    /// Waits for the work in progress, if any.
+    fn wait(&mut self) -> Result<()> {
+        match self.pending.take() {
+            Some(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts `work` once the previous work is done.
+    fn start(&mut self, work: impl FnOnce() -> Result<()> + Send + 'scope) -> Result<()> {
+        self.wait()?;
+        self.pending = Some(self.scope.spawn(work));
+        Ok(())
     }
 }
 
@@ -811,5 +988,68 @@ mod tests {
         let v = to_rgb8(&t)?.flatten_all()?.to_vec1::<u8>()?;
         assert_eq!(v, vec![0, 0, 128, 255, 255, 255]);
         Ok(())
+    }
+
+    fn predictions(cond: &[f32], uncond: Option<&[f32]>) -> Result<Predictions> {
+        let t = |v: &[f32]| Tensor::from_slice(v, (1, 1, 1, v.len()), &Device::Cpu);
+        Ok(Predictions {
+            cond: t(cond)?,
+            uncond: uncond.map(t).transpose()?,
+            camap: None,
+            timings: StepTimings::default(),
+            first_handed_out: None,
+            last_result: None,
+        })
+    }
+
+    #[test]
+    fn guidance_follows_the_plan_and_falls_back_to_the_conditional_prediction() -> Result<()> {
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let guided = predictions(&[1.0, 3.0], Some(&[0.0, 1.0]))?;
+        let cfg = GuidancePlan::Cfg { scale: 2.0 };
+        assert_eq!(flat(guide(&cfg, &guided)?)?, vec![2.0, 5.0]);
+        let want = guidance::classifier_free(guided.uncond.as_ref().unwrap(), &guided.cond, 2.0)?;
+        assert_eq!(flat(guide(&cfg, &guided)?)?, flat(want)?);
+        assert_eq!(flat(guide(&GuidancePlan::None, &guided)?)?, vec![1.0, 3.0]);
+        let unguided = predictions(&[1.0, 3.0], None)?;
+        assert_eq!(flat(guide(&cfg, &unguided)?)?, vec![1.0, 3.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_steps_critical_path_is_its_head_and_tail_around_the_tasks() {
+        let start = Instant::now();
+        let first = start + std::time::Duration::from_millis(5);
+        let last = first + std::time::Duration::from_millis(20);
+        while Instant::now() < last + std::time::Duration::from_millis(3) {
+            std::thread::yield_now();
+        }
+        let mut t = StepTimings::default();
+        t.close_step(start, Some(first), Some(last));
+        // The 20 ms between the first task out and the last result in are the workers'.
+        assert!(t.wall >= 0.028, "{t:?}");
+        assert!((t.wall - t.critical - 0.020).abs() < 1e-9, "{t:?}");
+        let mut whole = StepTimings::default();
+        whole.close_step(start, None, None);
+        assert_eq!(whole.critical, whole.wall);
+    }
+
+    #[test]
+    fn background_work_runs_one_at_a_time_in_order_and_reports_its_error() {
+        let log = std::sync::Mutex::new(Vec::new());
+        let out = std::thread::scope(|scope| -> Result<()> {
+            let mut bg = Background::new(scope);
+            for i in 0..3 {
+                let log = &log;
+                bg.start(move || {
+                    log.lock().unwrap().push(i);
+                    Ok(())
+                })?;
+            }
+            bg.start(|| Err(EngineError::Invalid("disk full".into())))?;
+            bg.wait()
+        });
+        assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
+        assert!(matches!(out, Err(EngineError::Invalid(m)) if m == "disk full"));
     }
 }

@@ -27,7 +27,7 @@ use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, V
 use tessera_store::{get_tensor, keys, put_tensor, Store};
 
 use super::{EngineError, Result, StepTimings};
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, DispatchError};
 use crate::sync::lock;
 
 /// Where a step is: job, stage, step index within the stage, timestep.
@@ -64,6 +64,14 @@ enum Group {
     Global(Vec<usize>),
 }
 
+impl Group {
+    fn views(&self) -> &[usize] {
+        match self {
+            Group::Local(ix) | Group::Global(ix) => ix,
+        }
+    }
+}
+
 /// The local tiles of a step: jittered by a generator keyed by (seed, stage, step), so a
 /// retried or resumed step sees the same windows. A whole-latent stage is one view.
 pub fn local_views(stage: &StagePlan, at: &StepAt) -> Result<LocalViews> {
@@ -92,7 +100,9 @@ fn global_views(stage: &StagePlan) -> Result<Option<GlobalViews>> {
 pub const CAMAP_IN: &str = "camap_in";
 
 /// Evaluates the model over the whole stage latent `input` (already scaled for the model) at
-/// one step, as the plan lays the stage out.
+/// one step, as the plan lays the stage out: cut the views, hand the tasks out as their
+/// inputs are written while merging what comes back, read what could not be merged early,
+/// then fuse the scales and split the guidance halves.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     store: &dyn Store,
@@ -107,11 +117,80 @@ pub fn evaluate(
 ) -> Result<Predictions> {
     let mut timings = StepTimings::default();
     let clock = Instant::now();
-    let stage_hw = stage.latent_hw();
-    let local = local_views(stage, &at)?;
-    let global = global_views(stage)?;
-    let guided = plan.guided;
-    let batch = plan.view_batch;
+    let views = StepViews::new(stage, &at, plan.view_batch)?;
+    let inputs = TaskInputs {
+        store,
+        plan,
+        stage,
+        at,
+        views: &views,
+        input,
+        camap,
+        capture,
+        hooks: step_hooks(plan, stage, &at),
+        view_dtype: workers.view_dtype(),
+    };
+    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, done);
+    timings.store_write += clock.elapsed().as_secs_f64();
+
+    let (written, first_handed_out, dispatched) =
+        hand_out(workers, views.groups.len(), &|ti| inputs.task(ti), &|t| {
+            arrivals.on_done(t)
+        });
+    timings.store_write += written?;
+    dispatched?;
+    let (merge, in_flight) = arrivals.finish();
+    if let Some(e) = in_flight.error {
+        return Err(e);
+    }
+    timings.store_read += in_flight.read;
+    timings.merge += in_flight.merging;
+    let (merged_local, fusion, camap) =
+        complete_merge(store, &at, plan.guided, merge, capture, &mut timings)?;
+    let clock = Instant::now();
+    let halves = if plan.guided { 2 } else { 1 };
+    let merged = fuse(merged_local, fusion, halves, stage.latent_hw())?;
+    timings.fusion += clock.elapsed().as_secs_f64();
+    let (cond, uncond) = split_halves(merged, plan.guided)?;
+    Ok(Predictions {
+        cond,
+        uncond,
+        camap,
+        timings,
+        first_handed_out,
+        last_result: in_flight.last_result,
+    })
+}
+
+/// A step's views and its tasks' groups of them.
+struct StepViews {
+    local: LocalViews,
+    global: Option<GlobalViews>,
+    groups: Vec<Group>,
+}
+
+impl StepViews {
+    fn new(stage: &StagePlan, at: &StepAt, batch: usize) -> Result<Self> {
+        let local = local_views(stage, at)?;
+        let global = global_views(stage)?;
+        let groups = task_groups(local.len(), global.as_ref().map_or(0, |g| g.len()), batch);
+        Ok(Self {
+            local,
+            global,
+            groups,
+        })
+    }
+}
+
+/// What every view task of a step asks of the UNet beside its views.
+struct StepHooks {
+    /// FreeScale's in-UNet scale fusion, jittered per (seed, stage, step).
+    fusion: Option<FusionHook>,
+    /// Dilation of FreeScale's convs at this step.
+    dilation: usize,
+}
+
+fn step_hooks(plan: &Plan, stage: &StagePlan, at: &StepAt) -> StepHooks {
     let b = (plan.training_size / 8) as usize;
     let fusion = stage.in_unet_fusion.then(|| FusionHook {
         train_latent: [b, b],
@@ -126,22 +205,69 @@ pub fn evaluate(
             .derive_seed(0),
         ),
     });
-    let dilation = if at.step < stage.dilated_steps {
-        stage.dilation
-    } else {
-        1
-    };
+    StepHooks {
+        fusion,
+        dilation: stage.dilation_schedule().dilation_at(at.step),
+    }
+}
 
-    let groups = task_groups(local.len(), global.as_ref().map_or(0, |g| g.len()), batch);
-    let view_dtype = workers.view_dtype();
+/// Views cut for one task: the batch, a view's latent size, where each sits in the stage.
+struct CutViews {
+    batch: Tensor,
+    view_hw: (usize, usize),
+    placements: Vec<ViewPlacement>,
+    local: bool,
+}
 
-    // Writes task `ti`'s input (and CA-map) to the store and returns the task.
-    let make_task = |ti: usize| -> Result<Task> {
+/// What a step's tasks are made from: writes a task's input (and names its CA-map) in the
+/// store and returns the task.
+struct TaskInputs<'a> {
+    store: &'a dyn Store,
+    plan: &'a Plan,
+    stage: &'a StagePlan,
+    at: StepAt<'a>,
+    views: &'a StepViews,
+    input: &'a Tensor,
+    camap: Option<&'a CaMap>,
+    capture: bool,
+    hooks: StepHooks,
+    view_dtype: DType,
+}
+
+impl TaskInputs<'_> {
+    fn task(&self, ti: usize) -> Result<Task> {
+        let at = &self.at;
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-        let (views, view_hw, placements, is_local) = match &groups[ti] {
+        let cut = self.cut(&self.views.groups[ti])?;
+        put_tensor(
+            self.store,
+            &key("in"),
+            &cut.batch.to_dtype(self.view_dtype)?,
+        )?;
+        Ok(Task {
+            job: at.job.to_string(),
+            id: task_id(at, ti),
+            kind: TaskKind::Denoise(DenoiseTask {
+                timestep: at.timestep,
+                input: key("in"),
+                output_cond: key("cond"),
+                output_uncond: self.plan.guided.then(|| key("uncond")),
+                size_conditioning: self.plan.size_conditioning,
+                freeu: self.stage.freeu,
+                dilation: self.hooks.dilation,
+                scale_fusion: self.hooks.fusion.clone(),
+                camap_capture: (self.capture && cut.local).then(|| key("capture")),
+                camap_inject: self.camap_inject(cut.view_hw, cut.placements),
+            }),
+        })
+    }
+
+    /// The group's views cut from the stage latent.
+    fn cut(&self, group: &Group) -> Result<CutViews> {
+        Ok(match group {
             Group::Local(ix) => {
-                let (wh, ww) = local.window();
-                let places = ix
+                let local = &self.views.local;
+                let placements = ix
                     .iter()
                     .map(|&i| {
                         let r = local.rects()[i];
@@ -150,133 +276,74 @@ pub fn evaluate(
                             left: r.left,
                         }
                     })
-                    .collect::<Vec<_>>();
-                (local.extract_batch(input, ix)?, (wh, ww), places, true)
+                    .collect();
+                CutViews {
+                    batch: local.extract_batch(self.input, ix)?,
+                    view_hw: local.window(),
+                    placements,
+                    local: true,
+                }
             }
             Group::Global(ix) => {
-                let Some(g) = global.as_ref() else {
+                let Some(g) = self.views.global.as_ref() else {
                     return Err(EngineError::Invalid(
                         "global views without a global layout".into(),
                     ));
                 };
-                let mut places = Vec::with_capacity(ix.len());
+                let mut placements = Vec::with_capacity(ix.len());
                 for &i in ix {
-                    places.push(ViewPlacement::Strided {
+                    placements.push(ViewPlacement::Strided {
                         phase: g.offset(i)?,
                         strides: g.strides(),
                     });
                 }
-                (g.extract_batch(input, ix)?, g.view_size(), places, false)
+                CutViews {
+                    batch: g.extract_batch(self.input, ix)?,
+                    view_hw: g.view_size(),
+                    placements,
+                    local: false,
+                }
             }
-        };
-        put_tensor(store, &key("in"), &views.to_dtype(view_dtype)?)?;
-        // The worker cuts its views' parts of the stage's map (stored once at the stage's
-        // entry) itself.
-        let camap_inject = match (camap, stage.camap_inject) {
-            (Some(_), Some(weight)) => Some(CamapInject {
-                key: keys::stage(at.job, at.stage, CAMAP_IN),
-                weight,
-                stage_hw: [stage_hw.0, stage_hw.1],
-                view_hw: [view_hw.0, view_hw.1],
-                placements,
-            }),
-            _ => None,
-        };
-        Ok(Task {
-            job: at.job.to_string(),
-            id: task_id(&at, ti),
-            kind: TaskKind::Denoise(DenoiseTask {
-                timestep: at.timestep,
-                input: key("in"),
-                output_cond: key("cond"),
-                output_uncond: guided.then(|| key("uncond")),
-                size_conditioning: plan.size_conditioning,
-                freeu: stage.freeu,
-                dilation,
-                scale_fusion: fusion.clone(),
-                camap_inject,
-                camap_capture: (capture && is_local).then(|| key("capture")),
-            }),
         })
-    };
+    }
 
-    let index_of: HashMap<String, usize> =
-        (0..groups.len()).map(|ti| (task_id(&at, ti), ti)).collect();
-    let cpu = Device::Cpu;
-    let read_outputs = |ti: usize| -> Result<TaskOutputs> {
-        let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-        let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
-        let uncond = if guided {
-            Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
-        } else {
-            None
-        };
-        Ok((cond, uncond))
-    };
-    let read_capture = |ti: usize| -> Result<Tensor> {
-        let key = keys::task(at.job, at.stage, at.step, ti, "capture");
-        Ok(get_tensor(store, &key, &cpu)?.to_dtype(DType::F32)?)
-    };
-    let weighting = match stage.tile_weights {
-        TileWeights::Uniform => ViewWeighting::Uniform,
-        TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
-    };
-    let merge = Mutex::new(StepMerge {
-        groups: &groups,
-        local: &local,
-        global: global.as_ref(),
-        weighting,
-        local_merge: None,
-        global_scatter: None,
-        fusion: None,
-        fusion_scale: stage.fusion_scale,
-        next: 0,
-        arrived: BTreeMap::new(),
-    });
-    let views_of = |t: &Task| -> usize {
-        index_of
-            .get(t.id.as_str())
-            .map(|&ti| match &groups[ti] {
-                Group::Local(ix) | Group::Global(ix) => ix.len(),
-            })
-            .unwrap_or(0)
-    };
-    // Seconds spent reading outputs and merging inside the completion callbacks, and the
-    // first error a merge met there (a failed read is simply retried after the wait).
-    let in_flight = Mutex::new((0f64, 0f64, None::<EngineError>, None::<Instant>));
-    // Reads a finished task's outputs and merges every task that is now next in order,
-    // while the other tasks still compute.
-    let on_done = |t: &Task| {
-        let arrived = Instant::now();
-        done(views_of(t));
-        let Some(&ti) = index_of.get(t.id.as_str()) else {
-            return;
-        };
-        let clock = Instant::now();
-        let outputs = read_outputs(ti);
-        let read = clock.elapsed().as_secs_f64();
-        let clock = Instant::now();
-        let merged = match outputs {
-            Ok(outputs) => lock(&merge).arrive(ti, outputs),
-            Err(_) => Ok(()),
-        };
-        let merging = clock.elapsed().as_secs_f64();
-        let mut f = lock(&in_flight);
-        f.0 += read;
-        f.1 += merging;
-        if let Err(e) = merged {
-            f.2.get_or_insert(e);
-        }
-        f.3 = Some(f.3.map_or(arrived, |a| a.max(arrived)));
-    };
-    timings.store_write += clock.elapsed().as_secs_f64();
+    /// The worker cuts its views' parts of the stage's map (stored once at the stage's entry)
+    /// itself.
+    fn camap_inject(
+        &self,
+        view_hw: (usize, usize),
+        placements: Vec<ViewPlacement>,
+    ) -> Option<CamapInject> {
+        let (_, weight) = self.camap.zip(self.stage.camap_inject)?;
+        let (h, w) = self.stage.latent_hw();
+        Some(CamapInject {
+            key: keys::stage(self.at.job, self.at.stage, CAMAP_IN),
+            weight,
+            stage_hw: [h, w],
+            view_hw: [view_hw.0, view_hw.1],
+            placements,
+        })
+    }
+}
 
-    // The writer thread hands each task to the dispatcher as soon as its input is in the
-    // store, so the workers start on the first tasks while the later ones are written.
+/// Hands the tasks to the dispatcher from a writer thread as soon as each one's input is in
+/// the store, so the workers start on the first tasks while the later ones are written.
+/// Returns the writer's busy seconds, when it handed out the first task, and the dispatch's
+/// outcome.
+fn hand_out(
+    workers: &dyn Dispatch,
+    count: usize,
+    make_task: &(dyn Fn(usize) -> Result<Task> + Sync),
+    on_done: &(dyn Fn(&Task) + Sync),
+) -> (
+    Result<f64>,
+    Option<Instant>,
+    std::result::Result<(), DispatchError>,
+) {
     let first_handed_out = std::sync::OnceLock::new();
     let (written, dispatched) = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Task>();
-        let (make_task, first_handed_out, count) = (&make_task, &first_handed_out, groups.len());
+        let first_handed_out = &first_handed_out;
         let writer = scope.spawn(move || -> Result<f64> {
             let mut busy = 0.0;
             for ti in 0..count {
@@ -290,83 +357,192 @@ pub fn evaluate(
             }
             Ok(busy)
         });
-        let dispatched = workers.run_streamed(&mut rx.into_iter(), &on_done);
+        let dispatched = workers.run_streamed(&mut rx.into_iter(), on_done);
         let written = writer
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         (written, dispatched)
     });
-    timings.store_write += written?;
-    dispatched?;
-    let (read, merging, error, last_result) =
-        std::mem::replace(&mut *lock(&in_flight), (0.0, 0.0, None, None));
-    if let Some(e) = error {
-        return Err(e);
-    }
-    timings.store_read += read;
-    timings.merge += merging;
+    (written, first_handed_out.get().copied(), dispatched)
+}
 
-    // Whatever could not be read early is read now, in order.
-    let clock = Instant::now();
-    let mut merge = merge.into_inner().unwrap_or_else(|e| e.into_inner());
-    // The captured maps are merged view by view in view order, never held all at once.
-    let mut camap_merge = CamapMerge {
-        local: &local,
-        weighting,
-        merge: None,
-        planes: (0, 0),
-    };
-    for (ti, group) in groups.iter().enumerate() {
-        if ti >= merge.next && !merge.arrived.contains_key(&ti) {
-            let outputs = read_outputs(ti)?;
-            merge.arrive(ti, outputs)?;
-        }
-        if capture {
-            if let Group::Local(ix) = group {
-                let map = read_capture(ti)?;
-                let halves = map.dim(0)? / ix.len();
-                for n in 0..ix.len() {
-                    let rows: Vec<Tensor> = (0..halves)
-                        .map(|h| map.narrow(0, h * ix.len() + n, 1))
-                        .collect::<candle_core::Result<_>>()?;
-                    camap_merge.add(&Tensor::cat(&rows, 0)?)?;
-                }
-            }
+/// What the completion callbacks gathered: seconds spent reading outputs and merging, the
+/// first error a merge met (a failed read is simply retried after the wait), and when the
+/// last result came in.
+#[derive(Default)]
+struct InFlight {
+    read: f64,
+    merging: f64,
+    error: Option<EngineError>,
+    last_result: Option<Instant>,
+}
+
+/// The step's tasks as they finish: each one's outputs are read and every task that is now
+/// next in order is merged, while the other tasks still compute.
+struct Arrivals<'a> {
+    store: &'a dyn Store,
+    at: StepAt<'a>,
+    guided: bool,
+    groups: &'a [Group],
+    index_of: HashMap<String, usize>,
+    merge: Mutex<StepMerge<'a>>,
+    in_flight: Mutex<InFlight>,
+    done: &'a (dyn Fn(usize) + Sync),
+}
+
+impl<'a> Arrivals<'a> {
+    fn new(
+        store: &'a dyn Store,
+        at: StepAt<'a>,
+        guided: bool,
+        stage: &StagePlan,
+        views: &'a StepViews,
+        done: &'a (dyn Fn(usize) + Sync),
+    ) -> Self {
+        let groups = &views.groups[..];
+        let weighting = match stage.tile_weights {
+            TileWeights::Uniform => ViewWeighting::Uniform,
+            TileWeights::Gaussian => ViewWeighting::GAUSSIAN,
+        };
+        Self {
+            store,
+            at,
+            guided,
+            groups,
+            index_of: (0..groups.len()).map(|ti| (task_id(&at, ti), ti)).collect(),
+            merge: Mutex::new(StepMerge::new(
+                groups,
+                &views.local,
+                views.global.as_ref(),
+                weighting,
+                stage.fusion_scale,
+            )),
+            in_flight: Mutex::new(InFlight::default()),
+            done,
         }
     }
-    timings.store_read += clock.elapsed().as_secs_f64();
-    let clock = Instant::now();
-    let halves = if guided { 2 } else { 1 };
-    let (mut merged_local, fusion) = merge.finish()?;
-    let camap = if capture {
-        Some(camap_merge.finish()?)
+
+    fn on_done(&self, t: &Task) {
+        let arrived = Instant::now();
+        let index = self.index_of.get(t.id.as_str()).copied();
+        (self.done)(index.map_or(0, |ti| self.groups[ti].views().len()));
+        let Some(ti) = index else {
+            return;
+        };
+        let clock = Instant::now();
+        let outputs = read_outputs(self.store, &self.at, ti, self.guided);
+        let read = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        let merged = match outputs {
+            Ok(outputs) => lock(&self.merge).arrive(ti, outputs),
+            Err(_) => Ok(()),
+        };
+        let merging = clock.elapsed().as_secs_f64();
+        let mut f = lock(&self.in_flight);
+        f.read += read;
+        f.merging += merging;
+        if let Err(e) = merged {
+            f.error.get_or_insert(e);
+        }
+        f.last_result = Some(f.last_result.map_or(arrived, |a| a.max(arrived)));
+    }
+
+    /// The merge so far and what the callbacks gathered.
+    fn finish(self) -> (StepMerge<'a>, InFlight) {
+        let merge = self.merge.into_inner().unwrap_or_else(|e| e.into_inner());
+        let in_flight = self
+            .in_flight
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        (merge, in_flight)
+    }
+}
+
+/// A task's predictions from the store, as f32.
+fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Result<TaskOutputs> {
+    let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
+    let cpu = Device::Cpu;
+    let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
+    let uncond = if guided {
+        Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
     } else {
         None
     };
-    timings.merge += clock.elapsed().as_secs_f64();
+    Ok((cond, uncond))
+}
+
+/// The merge after the last task: what was not merged as it came in (and the captured
+/// CA-maps) is read and merged now, then the merges finish.
+fn complete_merge(
+    store: &dyn Store,
+    at: &StepAt,
+    guided: bool,
+    mut merge: StepMerge,
+    capture: bool,
+    timings: &mut StepTimings,
+) -> Result<(Vec<f32>, Option<Fusion>, Option<CaMap>)> {
     let clock = Instant::now();
-    let channels = merged_local.len() / (halves * stage_hw.0 * stage_hw.1).max(1);
-    let dims = [halves, channels, stage_hw.0, stage_hw.1];
-    // The fusion's last rows (it ran behind the merge); the local predictions alone without
-    // global views.
+    // The captured maps are merged view by view in view order, never held all at once.
+    let mut camap_merge = capture.then(|| CamapMerge::new(merge.local, merge.weighting));
+    read_remaining(store, at, guided, &mut merge, camap_merge.as_mut())?;
+    timings.store_read += clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    let (merged_local, fusion) = merge.finish()?;
+    let camap = camap_merge.map(CamapMerge::finish).transpose()?;
+    timings.merge += clock.elapsed().as_secs_f64();
+    Ok((merged_local, fusion, camap))
+}
+
+/// Whatever could not be read early is read now, in order; with `camap`, each local task's
+/// captured maps are read and merged view by view.
+fn read_remaining(
+    store: &dyn Store,
+    at: &StepAt,
+    guided: bool,
+    merge: &mut StepMerge,
+    mut camap: Option<&mut CamapMerge>,
+) -> Result<()> {
+    let groups = merge.groups;
+    for (ti, group) in groups.iter().enumerate() {
+        if ti >= merge.next && !merge.arrived.contains_key(&ti) {
+            let outputs = read_outputs(store, at, ti, guided)?;
+            merge.arrive(ti, outputs)?;
+        }
+        if let (Some(camap), Group::Local(ix)) = (camap.as_deref_mut(), group) {
+            let key = keys::task(at.job, at.stage, at.step, ti, "capture");
+            let map = get_tensor(store, &key, &Device::Cpu)?.to_dtype(DType::F32)?;
+            camap.add_batch(&map, ix.len())?;
+        }
+    }
+    Ok(())
+}
+
+/// The fusion's last rows (it ran behind the merge), or the local predictions alone without
+/// global views, as a `(halves, C, H, W)` tensor.
+fn fuse(
+    mut merged_local: Vec<f32>,
+    fusion: Option<Fusion>,
+    halves: usize,
+    (h, w): (usize, usize),
+) -> Result<Tensor> {
+    let channels = merged_local.len() / (halves * h * w).max(1);
     let merged = match fusion {
         Some((bands, global)) => bands.finish(&mut merged_local, global)?,
         None => merged_local,
     };
-    let merged = Tensor::from_vec(merged, dims.to_vec(), &Device::Cpu)?;
-    timings.fusion += clock.elapsed().as_secs_f64();
-    let (cond, uncond) = if guided {
+    Ok(Tensor::from_vec(
+        merged,
+        vec![halves, channels, h, w],
+        &Device::Cpu,
+    )?)
+}
+
+/// (cond, uncond) of the merged `[uncond; cond]` halves, or (cond, None) unguided.
+fn split_halves(merged: Tensor, guided: bool) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(if guided {
         (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?))
     } else {
         (merged, None)
-    };
-    Ok(Predictions {
-        cond,
-        uncond,
-        camap,
-        timings,
-        first_handed_out: first_handed_out.get().copied(),
-        last_result,
     })
 }
 
@@ -412,7 +588,28 @@ struct StepMerge<'a> {
     arrived: BTreeMap<usize, TaskOutputs>,
 }
 
-impl StepMerge<'_> {
+impl<'a> StepMerge<'a> {
+    fn new(
+        groups: &'a [Group],
+        local: &'a LocalViews,
+        global: Option<&'a GlobalViews>,
+        weighting: ViewWeighting,
+        fusion_scale: usize,
+    ) -> Self {
+        Self {
+            groups,
+            local,
+            global,
+            weighting,
+            local_merge: None,
+            global_scatter: None,
+            fusion: None,
+            fusion_scale,
+            next: 0,
+            arrived: BTreeMap::new(),
+        }
+    }
+
     fn arrive(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {
         if ti < self.next {
             return Ok(());
@@ -427,9 +624,7 @@ impl StepMerge<'_> {
 
     /// Adds task `ti`'s views, each as its `[uncond; cond]` planes (or `[cond]` unguided).
     fn add(&mut self, ti: usize, (cond, uncond): TaskOutputs) -> Result<()> {
-        let ix = match &self.groups[ti] {
-            Group::Local(ix) | Group::Global(ix) => ix,
-        };
+        let ix = self.groups[ti].views();
         let (n, c, _, _) = cond.dims4()?;
         if n != ix.len() {
             return Err(EngineError::Invalid(format!(
@@ -450,34 +645,8 @@ impl StepMerge<'_> {
             }
             vals.extend_from_slice(&cond[v * per..(v + 1) * per]);
             match &self.groups[ti] {
-                Group::Local(_) => {
-                    if self.local_merge.is_none() {
-                        self.local_merge =
-                            Some(self.local.merge_in_order(halves * c, self.weighting)?);
-                    }
-                    if let Some(m) = self.local_merge.as_mut() {
-                        debug_assert_eq!(m.next_view(), view);
-                        m.add(&vals)?;
-                    }
-                }
-                Group::Global(_) => {
-                    let Some(g) = self.global else {
-                        return Err(EngineError::Invalid(
-                            "global views without a global layout".into(),
-                        ));
-                    };
-                    let scatter = self
-                        .global_scatter
-                        .get_or_insert_with(|| g.scatter(halves * c));
-                    scatter.add(view, &vals)?;
-                    if scatter.is_complete() {
-                        if let Some(done) = self.global_scatter.take() {
-                            let hw = self.local.latent_size();
-                            let bands = FusionBands::new(halves * c, hw, self.fusion_scale)?;
-                            self.fusion = Some((bands, done.finish_vec()?));
-                        }
-                    }
-                }
+                Group::Local(_) => self.add_local(view, &vals, halves * c)?,
+                Group::Global(_) => self.add_global(view, &vals, halves * c)?,
             }
         }
         if let (Group::Local(_), Some(m), Some((bands, global))) = (
@@ -487,6 +656,37 @@ impl StepMerge<'_> {
         ) {
             let (settled, local) = m.settle()?;
             bands.advance(local, global, settled)?;
+        }
+        Ok(())
+    }
+
+    /// Adds local view `view`'s `planes` planes to the merge, which takes them in view order.
+    fn add_local(&mut self, view: usize, vals: &[f32], planes: usize) -> Result<()> {
+        if self.local_merge.is_none() {
+            self.local_merge = Some(self.local.merge_in_order(planes, self.weighting)?);
+        }
+        if let Some(m) = self.local_merge.as_mut() {
+            debug_assert_eq!(m.next_view(), view);
+            m.add(vals)?;
+        }
+        Ok(())
+    }
+
+    /// Scatters global view `view`; once every global view is in, the fusion can start.
+    fn add_global(&mut self, view: usize, vals: &[f32], planes: usize) -> Result<()> {
+        let Some(g) = self.global else {
+            return Err(EngineError::Invalid(
+                "global views without a global layout".into(),
+            ));
+        };
+        let scatter = self.global_scatter.get_or_insert_with(|| g.scatter(planes));
+        scatter.add(view, vals)?;
+        if scatter.is_complete() {
+            if let Some(done) = self.global_scatter.take() {
+                let hw = self.local.latent_size();
+                let bands = FusionBands::new(planes, hw, self.fusion_scale)?;
+                self.fusion = Some((bands, done.finish_vec()?));
+            }
         }
         Ok(())
     }
@@ -518,7 +718,28 @@ struct CamapMerge<'a> {
     planes: (usize, usize),
 }
 
-impl CamapMerge<'_> {
+impl<'a> CamapMerge<'a> {
+    fn new(local: &'a LocalViews, weighting: ViewWeighting) -> Self {
+        Self {
+            local,
+            weighting,
+            merge: None,
+            planes: (0, 0),
+        }
+    }
+
+    /// Adds a task's maps: `views` views, their rows grouped by half (`[uncond…; cond…]`).
+    fn add_batch(&mut self, map: &Tensor, views: usize) -> Result<()> {
+        let halves = map.dim(0)? / views;
+        for n in 0..views {
+            let rows: Vec<Tensor> = (0..halves)
+                .map(|h| map.narrow(0, h * views + n, 1))
+                .collect::<candle_core::Result<_>>()?;
+            self.add(&Tensor::cat(&rows, 0)?)?;
+        }
+        Ok(())
+    }
+
     fn add(&mut self, map: &Tensor) -> Result<()> {
         let resized = CaMap::from_tensor(map.clone())?.resize(self.local.window())?;
         let (halves, _, _, tokens) = resized.tensor().dims4()?;
@@ -561,7 +782,47 @@ impl CamapMerge<'_> {
 mod tests {
     use super::*;
     use tessera_core::method::fusion::{fuse_scales_once_in_place, BlurAxes};
+    use tessera_core::method::params::{Method, MethodSpec};
+    use tessera_core::plan::{plan, ArchInfo};
+    use tessera_core::spec::RenderSpec;
     use tessera_core::tiling::{GlobalViewConfig, LocalViewConfig};
+
+    #[test]
+    fn step_hooks_dilate_the_planned_steps_and_jitter_the_fusion_per_step() {
+        let spec = RenderSpec {
+            prompt: "a lighthouse".into(),
+            negative_prompt: None,
+            width: 2048,
+            height: 2048,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 1,
+            method: MethodSpec {
+                method: Some(Method::Freescale),
+                tile_size: Some(2048),
+                ..Default::default()
+            },
+            output: Default::default(),
+        };
+        let p = plan(&spec, &ArchInfo::preset("sdxl").unwrap()).unwrap();
+        let stage = &p.stages[1];
+        let at = |step| StepAt {
+            job: "j",
+            seed: 1,
+            stage: 1,
+            step,
+            timestep: 0.0,
+        };
+        // The stage starts at step 15 of 50; FreeScale dilates below step 35.
+        assert_eq!(step_hooks(&p, stage, &at(19)).dilation, 2);
+        assert_eq!(step_hooks(&p, stage, &at(20)).dilation, 1);
+        let fusion = |step| step_hooks(&p, stage, &at(step)).fusion.unwrap();
+        assert_eq!(fusion(0).train_latent, [128, 128]);
+        assert_ne!(fusion(0).jitter_seed, fusion(1).jitter_seed);
+        assert_eq!(fusion(3).jitter_seed, fusion(3).jitter_seed);
+        assert!(step_hooks(&p, &p.stages[0], &at(0)).fusion.is_none());
+    }
 
     #[test]
     fn step_merge_and_fusion_give_the_same_bytes_in_any_arrival_order() -> Result<()> {

@@ -10,6 +10,10 @@
 //!   pins the layout to the upscaled image; late c → 0 frees the details.
 //! - Dilation: while i < dilate_tau, selected 3×3 convs use dilation = padding =
 //!   stage width // training width.
+//!
+//! One home for each rule: the plan takes the restart from [`restart_index`] and each stage's
+//! [`DilationSchedule`] from here, the engine restrains through [`RestrainedStructure`], and a
+//! worker dilates the convs [`dilated_layers`] lists.
 
 use crate::error::{invalid, Result};
 use candle_core::{DType, Tensor};
@@ -61,54 +65,77 @@ pub fn restrain(
     Ok(((z * (1.0 - c))? + (n * c)?)?)
 }
 
-/// The restrained-structure schedule of one stage > 0.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// FreeScale's restrained structure in one stage > 0: before the model call of every step
+/// after the stage's first, `z ← (1 − c)·z + c·n` with one exponent for the whole latent or,
+/// under a mask, one per latent pixel (`pipeline_freescale_imgen.py`). The stage itself starts
+/// at the restart step (the plan leaves the earlier steps out), so the reference's `continue`
+/// below the restart is not repeated here.
+#[derive(Debug, Clone)]
 pub struct RestrainedStructure {
-    pub restart: usize,
-    pub cosine_scale: f64,
+    /// T: the scheduler's `num_train_timesteps`.
     pub num_train_timesteps: usize,
+    pub exponents: RestraintExponents,
+}
+
+/// The exponent of the cosine factor: `cosine_scale`, or a map from [`exponent_map`].
+#[derive(Debug, Clone)]
+pub enum RestraintExponents {
+    Uniform(f64),
+    /// `(1, 1, h, w)` f32, one exponent per latent pixel.
+    Map(Tensor),
 }
 
 impl RestrainedStructure {
-    /// Reference defaults: restart at int(0.3 · steps), T = 1000.
-    pub fn new(steps: usize, cosine_scale: f64) -> Result<Self> {
-        if !(cosine_scale.is_finite() && cosine_scale >= 0.0) {
-            return invalid(format!("cosine scale must be ≥ 0, got {cosine_scale}"));
+    /// One exponent, `cosine_scale`, everywhere.
+    pub fn uniform(cosine_scale: f64, num_train_timesteps: usize) -> Self {
+        Self {
+            num_train_timesteps,
+            exponents: RestraintExponents::Uniform(cosine_scale),
         }
-        Ok(Self {
-            restart: restart_index(steps),
+    }
+
+    /// `cosine_scale` where the mask image is non-zero, `cosine_scale_bg` elsewhere, on a
+    /// latent of `latent_hw` (the mask binarised, then resized as in [`exponent_map`]).
+    pub fn masked(
+        mask: &Tensor,
+        latent_hw: (usize, usize),
+        cosine_scale: f64,
+        cosine_scale_bg: f64,
+        num_train_timesteps: usize,
+    ) -> Result<Self> {
+        let map = exponent_map(
+            &binarize_mask(mask)?,
+            latent_hw,
             cosine_scale,
-            num_train_timesteps: 1000,
+            cosine_scale_bg,
+        )?;
+        Ok(Self {
+            num_train_timesteps,
+            exponents: RestraintExponents::Map(map),
         })
     }
 
-    /// Whether step `i` is evaluated at all (the reference `continue`s below the restart).
-    pub fn runs_step(&self, i: usize) -> bool {
-        i >= self.restart
-    }
-
-    /// c for step `i` at timestep `t`, or `None` for skipped steps. At i = restart the
-    /// reference also blends, a no-op there because z is n_restart.
-    pub fn weight(&self, i: usize, t: f64) -> Option<f64> {
-        self.runs_step(i)
-            .then(|| restraint_weight(t, self.num_train_timesteps, self.cosine_scale))
-    }
-
-    /// z before the model call of step `i`; `add_noise` builds n_i = add_noise(z_up, ε, t_i)
-    /// on demand (scheduler-specific: Euler adds σ·ε, DDIM mixes by ᾱ).
+    /// z before the model call of the stage's step `j` at timestep `t`; `noised` builds
+    /// n = add_noise(z_up, ε, t) on demand (scheduler-specific: Euler adds σ·ε, DDIM mixes by
+    /// ᾱ). Step 0 is left as is: its z is n itself, so the reference's blend there is a no-op.
     pub fn apply(
         &self,
         z: &Tensor,
-        i: usize,
+        j: usize,
         t: f64,
-        add_noise: impl FnOnce() -> candle_core::Result<Tensor>,
+        noised: impl FnOnce() -> candle_core::Result<Tensor>,
     ) -> Result<Tensor> {
-        match self.weight(i, t) {
-            None => invalid(format!(
-                "step {i} is before the restart step {}: the stage starts at add_noise(z_up, ε, t_restart)",
-                self.restart
-            )),
-            Some(c) => restrain(z, c, add_noise),
+        if j == 0 {
+            return Ok(z.clone());
+        }
+        let big_t = self.num_train_timesteps;
+        match &self.exponents {
+            RestraintExponents::Uniform(scale) => {
+                restrain(z, restraint_weight(t, big_t, *scale), noised)
+            }
+            RestraintExponents::Map(e) => {
+                restrain_with_map(z, &restraint_weight_map(e, t, big_t)?, noised)
+            }
         }
     }
 }
@@ -207,37 +234,48 @@ pub fn dilation_factor(stage_width: usize, training_width: usize) -> Result<usiz
     Ok((stage_width / training_width).max(1))
 }
 
+/// `(layer, dilation)` for every one of the [`DILATED_CONVS`] at `dilation`; empty when it is
+/// 1 (or 0): what a worker's UNet hooks are given.
+pub fn dilated_layers(dilation: usize) -> impl Iterator<Item = (&'static str, usize)> {
+    let layers: &[&'static str] = if dilation > 1 { &DILATED_CONVS } else { &[] };
+    layers.iter().map(move |&l| (l, dilation))
+}
+
+/// FreeScale's dilation in one stage: the [`DILATED_CONVS`] use dilation (= padding) `factor`
+/// for the stage's first `steps` steps (the reference's `i < dilate_tau`, counted from the
+/// stage's first step), then 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DilationSchedule {
-    pub tau: usize,
     pub factor: usize,
+    pub steps: usize,
 }
 
 impl DilationSchedule {
-    pub fn new(stage_width: usize, training_width: usize, tau: usize) -> Result<Self> {
-        Ok(Self {
-            tau,
-            factor: dilation_factor(stage_width, training_width)?,
+    /// No dilation at any step.
+    pub const NONE: Self = Self {
+        factor: 1,
+        steps: 0,
+    };
+
+    /// `view_width // training_width` for the first `steps` steps; [`Self::NONE`] when that
+    /// factor is 1.
+    pub fn new(view_width: usize, training_width: usize, steps: usize) -> Result<Self> {
+        let factor = dilation_factor(view_width, training_width)?;
+        Ok(if factor == 1 {
+            Self::NONE
+        } else {
+            Self { factor, steps }
         })
     }
 
-    /// Dilation (= padding) of the [`DILATED_CONVS`] at step `i`: the factor while i < tau,
-    /// else 1.
-    pub fn dilation_at(&self, i: usize) -> usize {
-        if i < self.tau {
+    /// Dilation of the [`DILATED_CONVS`] at the stage's step `j`: the factor while
+    /// j < steps, else 1.
+    pub fn dilation_at(&self, j: usize) -> usize {
+        if j < self.steps {
             self.factor
         } else {
             1
         }
-    }
-
-    /// (layer, dilation) for every dilated conv at step `i`; empty when nothing is dilated.
-    pub fn layers_at(&self, i: usize) -> Vec<(&'static str, usize)> {
-        let d = self.dilation_at(i);
-        if d == 1 {
-            return Vec::new();
-        }
-        DILATED_CONVS.iter().map(|&l| (l, d)).collect()
     }
 }
 
@@ -270,10 +308,9 @@ mod tests {
         let ts = sched.timesteps();
         let want: Vec<f64> = (0..50).map(|i| 981.0 - 20.0 * i as f64).collect();
         assert_eq!(ts, &want[..]);
-        let r = RestrainedStructure::new(50, 2.0)?;
-        assert_eq!(r.restart, 15);
-        assert_eq!(ts[r.restart], 681.0);
-        assert!(!r.runs_step(14) && r.weight(14, ts[14]).is_none());
+        let restart = restart_index(50);
+        assert_eq!(restart, 15);
+        assert_eq!(ts[restart], 681.0);
         // (step, cosine factor, c at scale 2, c at scale 3, c at scale 0.5)
         let rows = [
             (
@@ -334,7 +371,7 @@ mod tests {
             // carries into the third digit, hence the looser bound on that one entry.
             let tol05 = if i == 49 { 3e-6 } else { 2e-7 };
             close(cosine_factor(t, 1000), cf, 1e-7);
-            close(r.weight(i, t).unwrap(), c2, 2e-7);
+            close(restraint_weight(t, 1000, 2.0), c2, 2e-7);
             close(restraint_weight(t, 1000, 3.0), c3, 2e-7);
             close(restraint_weight(t, 1000, 0.5), c05, tol05);
         }
@@ -360,8 +397,46 @@ mod tests {
         assert!(!called);
         assert_eq!(got.to_vec1::<f32>()?, z.to_vec1::<f32>()?);
         assert!(restrain(&z, 1.5, || Ok(n.clone())).is_err());
-        let r = RestrainedStructure::new(50, 2.0)?;
-        assert!(r.apply(&z, 3, 921.0, || Ok(n.clone())).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn restrained_structure_leaves_the_first_step_and_blends_the_later_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        let z = Tensor::new(&[[[[1.0f32, 2.0], [-4.0, 0.5]]]], &dev)?;
+        let n = Tensor::new(&[[[[3.0f32, 0.0], [4.0, 1.0]]]], &dev)?;
+        let uniform = RestrainedStructure::uniform(2.0, 1000);
+        let mut called = false;
+        let first = uniform.apply(&z, 0, 981.0, || {
+            called = true;
+            Ok(n.clone())
+        })?;
+        assert!(!called);
+        assert_eq!(
+            first.flatten_all()?.to_vec1::<f32>()?,
+            z.flatten_all()?.to_vec1::<f32>()?
+        );
+        let c = restraint_weight(681.0, 1000, 2.0);
+        let want = restrain(&z, c, || Ok(n.clone()))?;
+        let got = uniform.apply(&z, 1, 681.0, || Ok(n.clone()))?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
+        // Under a mask: the left column keeps `cosine_scale`, the right one the background's.
+        let mask = Tensor::new(&[[255.0f32, 0.0]], &dev)?;
+        let masked = RestrainedStructure::masked(&mask, (2, 2), 2.0, 0.5, 1000)?;
+        let e = exponent_map(&binarize_mask(&mask)?, (2, 2), 2.0, 0.5)?;
+        let want = restrain_with_map(
+            &z,
+            &restraint_weight_map(&e, 681.0, 1000)?,
+            || Ok(n.clone()),
+        )?;
+        let got = masked.apply(&z, 3, 681.0, || Ok(n.clone()))?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 
@@ -425,8 +500,13 @@ mod tests {
         assert_eq!(d.factor, 4);
         assert_eq!(d.dilation_at(34), 4);
         assert_eq!(d.dilation_at(35), 1);
-        assert_eq!(d.layers_at(20).len(), 9);
-        assert!(d.layers_at(35).is_empty());
+        assert_eq!(dilated_layers(d.dilation_at(20)).count(), 9);
+        assert!(dilated_layers(d.dilation_at(20)).all(|(_, f)| f == 4));
+        assert_eq!(dilated_layers(d.dilation_at(35)).count(), 0);
+        assert_eq!(
+            DilationSchedule::new(1024, 1024, 35)?,
+            DilationSchedule::NONE
+        );
         assert_eq!(dilation_factor(3000, 1024)?, 2);
         assert_eq!(dilation_factor(512, 1024)?, 1);
         assert_eq!(DILATED_CONVS[0], "down_blocks.1.downsamplers.0.conv");
@@ -452,11 +532,7 @@ mod tests {
             (60, 18),
             (100, 30),
         ] {
-            assert_eq!(
-                RestrainedStructure::new(steps, 2.0)?.restart,
-                restart,
-                "{steps}"
-            );
+            assert_eq!(restart_index(steps), restart, "{steps}");
         }
         let cfg = SchedulerConfig::from_json(SDXL_SCHEDULER.as_bytes())?;
         let sched = Scheduler::new(SchedulerKind::Euler, &cfg, 50)?;
@@ -492,8 +568,16 @@ mod tests {
             close(restraint_weight(t, 1000, 1.0), c1, 1e-7);
             close(restraint_weight(t, 1000, 2.0), c2, 1e-7);
             close(restraint_weight(t, 1000, 0.5), c05, 2e-7);
-            let r = RestrainedStructure::new(50, 2.0)?;
-            close(r.weight(i, t).unwrap(), c2, 1e-7);
+            close(
+                RestrainedStructure::uniform(2.0, 1000)
+                    .apply(&Tensor::zeros(1, DType::F32, &dev)?, i, t, || {
+                        Tensor::ones(1, DType::F32, &dev)
+                    })?
+                    .to_vec1::<f32>()?[0]
+                    .into(),
+                c2,
+                1e-7,
+            );
         }
         Ok(())
     }
