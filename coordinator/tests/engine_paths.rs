@@ -17,11 +17,11 @@ use tessera_core::resize::{resize, ResizeFilter};
 use tessera_core::sched::{Scheduler, SchedulerKind};
 use tessera_core::spec::{RenderSpec, Size};
 use tessera_store::{MemoryStore, Store};
+use tessera_worker::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
-use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
-use tessera_worker::model::synth::{synthesize, TinyArch};
-use tessera_worker::tasks::{decode_latents_tiled, encode_pixels, freeu_for, predict_noise};
+use tessera_worker::random_models::tiny::{synthesize, TinyArch};
+use tessera_worker::tasks::{decode_latents, encode_pixels, freeu_for, predict_noise};
 
 const SEED: u64 = 5;
 
@@ -184,7 +184,7 @@ fn one_tile_covering_the_stage_is_in_unet_freescale() {
     // Stage 1 as pipeline_freescale.py runs it: decode, bicubic resize, encode (sample), one
     // noise draw, restart at int(0.3 * 4) = 1, blend towards n_i before every later step,
     // dilation 256 / 128 = 2 below tau = 35, scale fusion in every self-attention.
-    let px = decode_latents_tiled(&model, &base).unwrap();
+    let px = decode_latents(&model, &base).unwrap();
     let px = resize(&px, 256, 256, ResizeFilter::Bicubic).unwrap();
     let vae_noise = NoiseKey {
         seed: SEED,

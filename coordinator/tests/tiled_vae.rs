@@ -10,17 +10,18 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use tessera_coordinator::assemble::{png_bytes_from, scanline_bytes, PngRows};
 use tessera_coordinator::dispatch::{Dispatch, DispatchError, LocalWorkers};
-use tessera_coordinator::engine::vae::{RowSink, VaeTiling};
+use tessera_coordinator::engine::vae::RowSink;
 use tessera_coordinator::engine::{Engine, ModelInfo};
 use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{plan, Plan};
 use tessera_core::sched::SchedulerKind;
 use tessera_core::spec::{BitDepth, RenderSpec};
 use tessera_core::task::{Task, VaeNoise};
+use tessera_core::tiling::vae::VaeTiling;
 use tessera_store::{MemoryStore, Store};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::DiffusionModel;
-use tessera_worker::model::synth::{synthesize, TinyArch};
+use tessera_worker::random_models::tiny::{synthesize, TinyArch};
 
 fn model() -> (Arc<DiffusionModel>, Plan) {
     let dir = std::env::temp_dir().join(format!("tessera-tiled-vae-{}", std::process::id()));

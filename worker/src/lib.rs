@@ -1,6 +1,9 @@
-//! The worker side of Tessera: model code (UNet, VAE, CLIP), devices, and the tasks a worker runs.
+//! The worker side of Tessera: model code (UNet, VAE, CLIP), the methods' hooks into the UNet,
+//! models with random weights, devices, and the tasks a worker runs.
 pub mod device;
+pub mod hooks;
 pub mod model;
+pub mod random_models;
 pub mod service;
 pub mod simulate;
 pub mod tasks;

@@ -14,10 +14,9 @@ use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::task::{DenoiseTask, Task, TaskKind};
 use tessera_store::{get_tensor, keys, put_tensor, Store, StoreError};
 
+use crate::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
-use crate::model::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
 use crate::model::loader::PipelineKind;
-use crate::model::vae::TileSpec;
 
 /// The UNet's predictions for a batch of views: conditional, and unconditional when guided.
 #[derive(Debug, Clone)]
@@ -83,10 +82,11 @@ pub fn decode_latents(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor
 
 /// Encodes pixels (N, 3, H, W) in [-1, 1] to the scheduler's latent space: the posterior's
 /// sample with the given noise (N, C, H/8, W/8) times the scaling factor, as the pipelines'
-/// `vae.encode(image).latent_dist.sample() * scaling_factor`. Tiled with the decoder's tiles.
+/// `vae.encode(image).latent_dist.sample() * scaling_factor`. In one piece: the coordinator
+/// sends a picture larger than a VAE tile as `EncodeTile` tasks.
 pub fn encode_pixels(model: &DiffusionModel, pixels: &Tensor, noise: &Tensor) -> Result<Tensor> {
     let x = pixels.to_dtype(model.vae_dtype())?;
-    let posterior = model.vae.tiled_encode(&x, vae_tiles(model))?;
+    let posterior = model.vae.encode(&x)?;
     let z = posterior.sample(&noise.to_dtype(model.vae_dtype())?)?;
     z.to_dtype(candle_core::DType::F32)? * model.vae_scaling_factor()
 }
@@ -96,31 +96,11 @@ pub fn encode_pixels(model: &DiffusionModel, pixels: &Tensor, noise: &Tensor) ->
 /// `mean + std · ε` is [`encode_pixels`]' sample for noise ε.
 pub fn encode_moments(model: &DiffusionModel, pixels: &Tensor) -> Result<Tensor> {
     let x = pixels.to_dtype(model.vae_dtype())?;
-    let posterior = model.vae.tiled_encode(&x, vae_tiles(model))?;
+    let posterior = model.vae.encode(&x)?;
     let sf = model.vae_scaling_factor();
     let mean = (posterior.mean().to_dtype(candle_core::DType::F32)? * sf)?;
     let std = (posterior.std()?.to_dtype(candle_core::DType::F32)? * sf)?;
     Tensor::cat(&[&mean, &std], 1)
-}
-
-/// Decodes like [`decode_latents`], tile by tile when the latent exceeds one tile.
-pub fn decode_latents_tiled(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
-    let z = (latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?;
-    model
-        .vae
-        .tiled_decode(&z, vae_tiles(model))?
-        .to_dtype(candle_core::DType::F32)
-}
-
-/// VAE tiles of twice the training size with a quarter overlap: latents up to that size
-/// decode in one piece, exactly as diffusers' pipelines do (no tiling), and larger ones keep
-/// the VAE's memory bounded by the tile.
-fn vae_tiles(model: &DiffusionModel) -> TileSpec {
-    let t = 2 * (model.training_size() / 8) as usize;
-    TileSpec {
-        tile_latent: t,
-        overlap_latent: t / 4,
-    }
 }
 
 /// What went wrong running a task; the message names the task and the key.
@@ -383,7 +363,7 @@ fn run<'a>(
                 let _turn = on_device();
                 let z = z.to_device(dev).map_err(cx)?;
                 // In the VAE's dtype, exactly as it decoded: half the bytes on a GPU.
-                decode_latents_tiled(model, &z)
+                decode_latents(model, &z)
                     .and_then(|px| px.to_dtype(model.vae_dtype())?.to_device(cpu))
                     .map_err(cx)?
             };
@@ -452,7 +432,7 @@ pub fn load_embeddings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::synth::{synthesize, TinyArch};
+    use crate::random_models::tiny::{synthesize, TinyArch};
     use tessera_store::MemoryStore;
 
     /// What lets the coordinator send f16 views to f16 workers: a worker casts its views to

@@ -8,8 +8,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::device::{compute_dtype, open_device};
+use crate::hooks::UNetHooks;
 use crate::model::flops::unet_flops;
-use crate::model::hooks::UNetHooks;
 use crate::model::loader::ModelDir;
 use crate::model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 

@@ -159,7 +159,7 @@ fn synthesized_vocab_tokenizes_like_transformers() -> Result<()> {
     )?)?;
     let dir = std::env::temp_dir().join(format!("tessera-tiny-vocab-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    tessera_worker::model::tokenizer::write_tiny_vocab(&dir, "!")?;
+    tessera_worker::random_models::tiny_vocab::write_tiny_vocab(&dir, "!")?;
     let tok = ClipTokenizer::from_dir(&dir)?;
     let cases = expected["cases"].as_array().context("cases")?;
     assert!(cases.len() >= 10);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use tessera_worker::model::hooks::{FreeU, UNetHooks};
+use tessera_worker::hooks::{FreeU, UNetHooks};
 use tessera_worker::model::loader::ModelDir;
 use tessera_worker::model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 
@@ -177,8 +177,8 @@ fn unet_matches_diffusers_sdxl() -> Result<()> {
 /// `sf_weights.safetensors`; x, ctx, out.fast0, out.fast1 in `sf_ref.safetensors`.
 #[test]
 fn scale_fusion_matches_freescale_reference() -> Result<()> {
+    use tessera_worker::hooks::{ScaleFusion, SelfAttentionMode};
     use tessera_worker::model::attention::{BasicTransformerBlock, LayerGrid};
-    use tessera_worker::model::hooks::{ScaleFusion, SelfAttentionMode};
     let dir = fixtures_root().join("scale_fusion");
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(

@@ -232,8 +232,8 @@ pub fn tiny_model_at(dir: &Path, training: u32) -> Result<PathBuf> {
         return Ok(model);
     }
     let _ = std::fs::remove_dir_all(&model);
-    tessera_worker::model::synth::synthesize(
-        tessera_worker::model::synth::TinyArch::SdxlTiny,
+    tessera_worker::random_models::tiny::synthesize(
+        tessera_worker::random_models::tiny::TinyArch::SdxlTiny,
         &model,
         1,
     )

@@ -280,8 +280,8 @@ fn tiny_eval_seconds(scratch: &std::path::Path, latent: usize) -> Result<f64> {
     use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
     let dir = scratch.join("sdxl-tiny");
     if !dir.join("model_index.json").is_file() {
-        tessera_worker::model::synth::synthesize(
-            tessera_worker::model::synth::TinyArch::SdxlTiny,
+        tessera_worker::random_models::tiny::synthesize(
+            tessera_worker::random_models::tiny::TinyArch::SdxlTiny,
             &dir,
             1,
         )

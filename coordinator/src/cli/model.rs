@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use tessera_worker::model::synth::{self, TinyArch};
+use tessera_worker::random_models::tiny::{synthesize, TinyArch};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -43,7 +43,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 ArchArg::SdxlTiny => TinyArch::SdxlTiny,
                 ArchArg::Sd21Tiny => TinyArch::Sd21Tiny,
             };
-            synth::synthesize(arch, &args.out, args.seed)
+            synthesize(arch, &args.out, args.seed)
                 .with_context(|| format!("synthesizing a model into {}", args.out.display()))?;
             eprintln!(
                 "wrote a tiny {} model to {}",

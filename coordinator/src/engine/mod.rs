@@ -19,10 +19,11 @@ use tessera_core::resize::{ResizeFilter, Resizer};
 use tessera_core::sched::{Scheduler, SchedulerConfig, SchedulerKind};
 use tessera_core::spec::{RenderSpec, PIXELS_PER_LATENT};
 use tessera_core::task::{Task, TaskKind, VaeNoise};
+use tessera_core::tiling::vae::VaeTiling;
 use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
-use vae::{Pixels, RowSink, VaeTiling};
+use vae::{Pixels, RowSink};
 use views::{Predictions, StepAt};
 
 #[derive(Debug, thiserror::Error)]

@@ -68,10 +68,10 @@ fn count_parameters(dir: &Path) -> Result<u64> {
 /// A synthetic model has no files to count: its components are built over a backend that only
 /// records the shapes asked for.
 fn synthetic_parameters(dir: &ModelDir, unet: &UNetConfig) -> Result<u64> {
-    use super::synthetic::count_parameters;
     use super::text::{ClipTextConfig, ClipTextModel};
     use super::unet::UNet2DConditionModel;
     use super::vae::{AutoencoderKL, VaeConfig};
+    use crate::random_models::full_size::count_parameters;
     let err = |e: candle_core::Error| ModelError::Other(format!("synthetic model: {e}"));
     let mut total =
         count_parameters(|vb| UNet2DConditionModel::new(vb, unet).map(|_| ())).map_err(err)?;

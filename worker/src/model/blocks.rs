@@ -6,8 +6,9 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::Transformer2DModel;
-use super::hooks::{apply_freeu, UNetHooks};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::hooks::freeu::apply_freeu;
+use crate::hooks::UNetHooks;
 
 /// Settings shared by the blocks of one UNet.
 #[derive(Debug, Clone, Copy)]

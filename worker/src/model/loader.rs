@@ -76,9 +76,9 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let synthetic = super::synthetic::synthetic_name(path.as_ref());
+        let synthetic = crate::random_models::full_size::synthetic_name(path.as_ref());
         let root = match synthetic {
-            Some(name) => super::synthetic::config_dir(name)?,
+            Some(name) => crate::random_models::full_size::config_dir(name)?,
             None => path.as_ref().to_path_buf(),
         };
         if !root.is_dir() {
@@ -173,7 +173,7 @@ impl ModelDir {
             return Ok(ComponentWeights {
                 component: component.to_string(),
                 files: "synthetic random weights".to_string(),
-                vb: super::synthetic::random_weights(dtype, device),
+                vb: crate::random_models::full_size::random_weights(dtype, device),
             });
         }
         let dir = self.root.join(component);

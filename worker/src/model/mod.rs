@@ -1,16 +1,15 @@
-//! Model code: the diffusers components re-implemented in candle, their loader and the
-//! tiny-model synthesizer used by tests.
+//! Model code: the diffusers components re-implemented in candle (UNet and its blocks, VAE,
+//! CLIP text encoder and tokenizer), their loader, what planning reads from a model directory
+//! (`arch`) and the UNet's FLOP count (`flops`). Methods plug in through [`crate::hooks`];
+//! models with random weights are written by [`crate::random_models`].
 pub mod arch;
 pub mod attention;
 pub mod blocks;
 pub mod diffusion;
 pub mod flops;
-pub mod hooks;
 pub mod loader;
 pub mod norm;
 pub mod resnet;
-pub mod synth;
-pub mod synthetic;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;

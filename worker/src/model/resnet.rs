@@ -5,7 +5,7 @@ use super::norm::GroupNorm;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::hooks::UNetHooks;
+use crate::hooks::UNetHooks;
 
 /// A conv that remembers its parameter path so `UNetHooks::dilation` can address it.
 #[derive(Debug, Clone)]

@@ -7,8 +7,8 @@ use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::blocks::{BlockSettings, CrossAttnSettings, DownBlock, MidBlock, UpBlock};
-use super::hooks::UNetHooks;
 use super::resnet::HookedConv2d;
+use crate::hooks::UNetHooks;
 
 /// A config field diffusers accepts either as one value or as one value per block.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -225,6 +225,15 @@ pub struct UNetConfig {
     pub cross_attention_norm: Option<String>,
 }
 
+/// The error for a config field set to something this implementation does not compute.
+fn unsupported<T: std::fmt::Debug>(field: &'static str, v: T) -> candle_core::Error {
+    UNetConfigError::Unsupported {
+        field,
+        value: format!("{v:?}"),
+    }
+    .into()
+}
+
 impl UNetConfig {
     /// Training latent size (config `sample_size`; diffusers' pipelines assume 64 when absent).
     pub fn sample_size(&self) -> usize {
@@ -242,13 +251,16 @@ impl UNetConfig {
 
     /// Rejects what this implementation does not compute, naming the field.
     pub fn validate(&self) -> Result<()> {
-        fn unsupported<T: std::fmt::Debug>(field: &'static str, v: T) -> candle_core::Error {
-            UNetConfigError::Unsupported {
-                field,
-                value: format!("{v:?}"),
-            }
-            .into()
-        }
+        self.check_conditioning()?;
+        self.check_cross_attention()?;
+        self.check_activations_and_time()?;
+        self.check_layer_options()?;
+        self.check_blocks()
+    }
+
+    /// Class, encoder-hidden and time embeddings: positional timesteps, and SDXL's
+    /// `text_time` added conditioning with its two sizes.
+    fn check_conditioning(&self) -> Result<()> {
         if let Some(v) = &self.class_embed_type {
             return Err(unsupported("class_embed_type", v));
         }
@@ -287,6 +299,11 @@ impl UNetConfig {
                 .into());
             }
         }
+        Ok(())
+    }
+
+    /// Cross-attention in every transformer block, one context.
+    fn check_cross_attention(&self) -> Result<()> {
         if self.dual_cross_attention {
             return Err(unsupported("dual_cross_attention", true));
         }
@@ -303,6 +320,11 @@ impl UNetConfig {
         if self.mid_block_only_cross_attention == Some(true) {
             return Err(unsupported("mid_block_only_cross_attention", true));
         }
+        Ok(())
+    }
+
+    /// SiLU everywhere, the default resnet time scale-shift, no extra time-embedding layers.
+    fn check_activations_and_time(&self) -> Result<()> {
         if self.act_fn != "silu" {
             return Err(unsupported("act_fn", &self.act_fn));
         }
@@ -324,6 +346,12 @@ impl UNetConfig {
         if let Some(v) = &self.time_cond_proj_dim {
             return Err(unsupported("time_cond_proj_dim", v));
         }
+        Ok(())
+    }
+
+    /// Default attention, no concatenated class embeddings, no cross-attention norm or
+    /// reversed layer counts, odd in/out conv kernels.
+    fn check_layer_options(&self) -> Result<()> {
         if self.attention_type != "default" {
             return Err(unsupported("attention_type", &self.attention_type));
         }
@@ -346,6 +374,11 @@ impl UNetConfig {
                 return Err(unsupported(field, k));
             }
         }
+        Ok(())
+    }
+
+    /// The block lists: one entry per level, block types this implementation has.
+    fn check_blocks(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(UNetConfigError::Invalid {
@@ -749,7 +782,7 @@ impl UNet2DConditionModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::hooks::{CrossAttnInjection, FreeU};
+    use crate::hooks::{CrossAttnInjection, FreeU};
     use candle_nn::VarMap;
 
     fn tiny(sdxl: bool) -> UNetConfig {

@@ -1,5 +1,6 @@
-//! AutoencoderKL (the Stable Diffusion VAE) with diffusers' parameter names, plus tiled
-//! encode/decode so that images far larger than memory allows for one pass can be processed.
+//! AutoencoderKL (the Stable Diffusion VAE) with diffusers' parameter names. It encodes and
+//! decodes what it is given in one pass; pictures larger than a VAE tile are cut, dispatched
+//! and blended by the coordinator (`engine::vae`, geometry in `tessera_core::tiling::vae`).
 //!
 //! Layout follows diffusers' `Encoder`/`Decoder` in `models/autoencoders/vae.py`: `conv_in`,
 //! `down_blocks.N.{resnets.M, downsamplers.0.conv}`, `mid_block.{resnets.0, attentions.0,
@@ -544,26 +545,6 @@ impl DiagonalGaussian {
     }
 }
 
-/// Tile size and overlap, both in latent cells; a pixel tile is `downscale_factor` (8) times larger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TileSpec {
-    pub tile_latent: usize,
-    pub overlap_latent: usize,
-}
-
-impl TileSpec {
-    fn validate(&self) -> Result<()> {
-        if self.tile_latent == 0 || self.overlap_latent >= self.tile_latent {
-            candle_core::bail!(
-                "tile spec: need 0 <= overlap ({}) < tile ({})",
-                self.overlap_latent,
-                self.tile_latent
-            );
-        }
-        Ok(())
-    }
-}
-
 #[derive(Debug)]
 pub struct AutoencoderKL {
     encoder: Encoder,
@@ -636,157 +617,6 @@ impl AutoencoderKL {
         };
         self.decoder.forward(&z)
     }
-
-    /// Encode tile by tile; the moments of overlapping tiles are blended with linear ramps.
-    pub fn tiled_encode(&self, image: &Tensor, tile: TileSpec) -> Result<DiagonalGaussian> {
-        tile.validate()?;
-        let f = self.cfg.downscale_factor();
-        let (_, _, h, w) = image.dims4()?;
-        if h % f != 0 || w % f != 0 {
-            candle_core::bail!("vae tiled encode: image size {h}x{w} is not a multiple of {f}");
-        }
-        let moments = blend_tiles(image, (h / f, w / f), f, 1, tile, |x| self.moments(x))?;
-        DiagonalGaussian::from_moments(&moments)
-    }
-
-    /// Decode tile by tile; overlapping tiles are blended with linear ramps in pixel space.
-    pub fn tiled_decode(&self, latent: &Tensor, tile: TileSpec) -> Result<Tensor> {
-        tile.validate()?;
-        let f = self.cfg.downscale_factor();
-        let (_, _, h, w) = latent.dims4()?;
-        blend_tiles(latent, (h, w), 1, f, tile, |z| self.decode(z))
-    }
-}
-
-/// Tile starts along one axis of `n` latent cells: stride `tile - overlap`, the last tile
-/// pushed back to end at `n` so that every tile has full size.
-fn tile_starts(n: usize, tile: TileSpec) -> Vec<usize> {
-    let t = tile.tile_latent;
-    if n <= t {
-        return vec![0];
-    }
-    let stride = t - tile.overlap_latent;
-    let mut starts = vec![0];
-    let mut s = 0;
-    while s + t < n {
-        s = (s + stride).min(n - t);
-        starts.push(s);
-    }
-    starts
-}
-
-/// Per-position blending weight along one axis for the tile `[a, b)` (output units):
-/// a linear ramp over the part shared with the previous tile and over the part shared with the
-/// next. Where exactly two tiles overlap, the two ramps sum to one; the final division by the
-/// summed weights covers the rest.
-fn axis_weights(
-    a: usize,
-    b: usize,
-    prev_end: Option<usize>,
-    next_start: Option<usize>,
-) -> Vec<f32> {
-    (a..b)
-        .map(|x| {
-            let xf = x as f32 + 0.5;
-            let mut wgt = 1.0f32;
-            if let Some(pe) = prev_end.filter(|pe| *pe > a) {
-                wgt *= ((xf - a as f32) / (pe - a) as f32).min(1.0);
-            }
-            if let Some(ns) = next_start.filter(|ns| *ns < b) {
-                wgt *= ((b as f32 - xf) / (b - ns) as f32).min(1.0);
-            }
-            wgt
-        })
-        .collect()
-}
-
-/// Runs `f` on overlapping tiles of `input` (one at a time) and blends the results.
-/// `grid` is the input size in latent cells, `in_scale`/`out_scale` the size of a latent cell in
-/// input and output. With a single tile the result is `f(input)` itself.
-fn blend_tiles(
-    input: &Tensor,
-    grid: (usize, usize),
-    in_scale: usize,
-    out_scale: usize,
-    tile: TileSpec,
-    f: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let rows = tile_starts(grid.0, tile);
-    let cols = tile_starts(grid.1, tile);
-    if rows.len() == 1 && cols.len() == 1 {
-        return f(input);
-    }
-    let th = tile.tile_latent.min(grid.0);
-    let tw = tile.tile_latent.min(grid.1);
-    let (out_h, out_w) = (grid.0 * out_scale, grid.1 * out_scale);
-    let mut acc: Vec<f32> = Vec::new();
-    let mut wsum = vec![0f32; out_h * out_w];
-    let mut shape: Option<(usize, usize, DType)> = None;
-    let spans = |starts: &[usize], len: usize, i: usize| -> Vec<f32> {
-        let a = starts[i] * out_scale;
-        let b = (starts[i] + len) * out_scale;
-        let prev_end = (i > 0).then(|| (starts[i - 1] + len) * out_scale);
-        let next_start = starts.get(i + 1).map(|s| s * out_scale);
-        axis_weights(a, b, prev_end, next_start)
-    };
-    for (ri, &r) in rows.iter().enumerate() {
-        let wr = spans(&rows, th, ri);
-        for (ci, &c) in cols.iter().enumerate() {
-            let wc = spans(&cols, tw, ci);
-            let piece = input.narrow(2, r * in_scale, th * in_scale)?.narrow(
-                3,
-                c * in_scale,
-                tw * in_scale,
-            )?;
-            let out = f(&piece)?;
-            let (b, ch, ph, pw) = out.dims4()?;
-            if ph != th * out_scale || pw != tw * out_scale {
-                candle_core::bail!(
-                    "tiled vae: a {}x{} tile produced {ph}x{pw}",
-                    th * in_scale,
-                    tw * in_scale
-                );
-            }
-            match shape {
-                None => {
-                    shape = Some((b, ch, out.dtype()));
-                    acc = vec![0f32; b * ch * out_h * out_w];
-                }
-                Some((b0, c0, _)) if b0 != b || c0 != ch => {
-                    candle_core::bail!("tiled vae: tiles disagree on batch/channels")
-                }
-                _ => {}
-            }
-            let data = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let (y0, x0) = (r * out_scale, c * out_scale);
-            for (y, wy) in wr.iter().enumerate() {
-                for (x, wx) in wc.iter().enumerate() {
-                    wsum[(y0 + y) * out_w + x0 + x] += wy * wx;
-                }
-            }
-            for plane in 0..b * ch {
-                let src = &data[plane * ph * pw..(plane + 1) * ph * pw];
-                let dst = &mut acc[plane * out_h * out_w..(plane + 1) * out_h * out_w];
-                for (y, wy) in wr.iter().enumerate() {
-                    let drow = &mut dst[(y0 + y) * out_w + x0..(y0 + y) * out_w + x0 + pw];
-                    let srow = &src[y * pw..(y + 1) * pw];
-                    for ((d, s), wx) in drow.iter_mut().zip(srow).zip(&wc) {
-                        *d += s * wy * wx;
-                    }
-                }
-            }
-        }
-    }
-    let (b, ch, dtype) = match shape {
-        Some(s) => s,
-        None => candle_core::bail!("tiled vae: no tiles"),
-    };
-    for plane in acc.chunks_mut(out_h * out_w) {
-        for (v, w) in plane.iter_mut().zip(&wsum) {
-            *v /= *w;
-        }
-    }
-    Tensor::from_vec(acc, (b, ch, out_h, out_w), input.device())?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -815,22 +645,6 @@ mod tests {
                 "up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D"]}"#,
         )
         .unwrap()
-    }
-
-    /// Uniform noise with unit variance from a fixed seed (xorshift), for repeatable tests.
-    fn fixed_noise(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
-        let mut state = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-                (2.0 * u - 1.0) * 3f32.sqrt()
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     /// A tiny VAE with deterministic random weights: candle's default initialisers (which set
@@ -880,35 +694,6 @@ mod tests {
     }
 
     #[test]
-    fn tile_starts_cover_axis() {
-        let t = TileSpec {
-            tile_latent: 8,
-            overlap_latent: 2,
-        };
-        assert_eq!(tile_starts(8, t), vec![0]);
-        assert_eq!(tile_starts(5, t), vec![0]);
-        assert_eq!(tile_starts(14, t), vec![0, 6]);
-        assert_eq!(tile_starts(15, t), vec![0, 6, 7]);
-        assert_eq!(tile_starts(20, t), vec![0, 6, 12]);
-        assert!(TileSpec {
-            tile_latent: 4,
-            overlap_latent: 4
-        }
-        .validate()
-        .is_err());
-    }
-
-    #[test]
-    fn weights_sum_to_one_in_two_tile_overlap() {
-        let a = axis_weights(0, 64, None, Some(48));
-        let b = axis_weights(48, 112, Some(64), None);
-        for i in 48..64 {
-            assert!((a[i] + b[i - 48] - 1.0).abs() < 1e-6);
-        }
-        assert!(a.iter().chain(&b).all(|w| *w > 0.0));
-    }
-
-    #[test]
     fn decode_and_encode_shapes() {
         let vae = tiny_vae();
         let z = Tensor::randn(0f32, 1f32, (1, 4, 6, 5), &Device::Cpu).unwrap();
@@ -919,139 +704,5 @@ mod tests {
         let s = post.sample(&post.mean().zeros_like().unwrap()).unwrap();
         let d = (s - post.mean()).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-    }
-
-    #[test]
-    fn one_tile_equals_plain() {
-        let vae = tiny_vae();
-        let z = Tensor::randn(0f32, 1f32, (1, 4, 8, 8), &Device::Cpu).unwrap();
-        let t = TileSpec {
-            tile_latent: 8,
-            overlap_latent: 2,
-        };
-        let plain = vae
-            .decode(&z)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let tiled = vae
-            .tiled_decode(&z, t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(plain, tiled);
-        let img = Tensor::randn(0f32, 0.5f32, (1, 3, 16, 16), &Device::Cpu).unwrap();
-        let a = vae.encode(&img).unwrap();
-        let b = vae.tiled_encode(&img, t).unwrap();
-        let va = a.mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let vb_ = b.mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(va, vb_);
-    }
-
-    /// With a purely local per-tile function, blending must reproduce the untiled result.
-    #[test]
-    fn blending_of_a_local_op_is_exact() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1f32, (2, 3, 21, 30), &dev).unwrap();
-        let up = |t: &Tensor| {
-            let (_, _, h, w) = t.dims4()?;
-            t.upsample_nearest2d(4 * h, 4 * w)? * 2.0
-        };
-        let t = TileSpec {
-            tile_latent: 8,
-            overlap_latent: 3,
-        };
-        let plain = up(&x).unwrap();
-        let tiled = blend_tiles(&x, (21, 30), 1, 4, t, up).unwrap();
-        let d = (plain - tiled).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
-    }
-
-    fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = b
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (d / n).sqrt()
-    }
-
-    /// A big latent, decoded in tiles, stays close to the plain decode, and the pixel rows at
-    /// a tile boundary change no more from one to the next than rows elsewhere do (no seam).
-    #[test]
-    fn tiled_decode_is_close_and_seamless() {
-        let vae = tiny_vae();
-        // An i.i.d. latent: its statistics are the same in every tile, so the per-tile group
-        // norms see what the whole-image ones see and tiling changes little.
-        let (h, w) = (48usize, 48usize);
-        let z = fixed_noise((1, 4, h, w), 7);
-        let t = TileSpec {
-            tile_latent: 32,
-            overlap_latent: 16,
-        };
-        let plain = vae.decode(&z).unwrap();
-        let tiled = vae.tiled_decode(&z, t).unwrap();
-        assert_eq!(plain.dims(), tiled.dims());
-        let err = rel_l2(&tiled, &plain);
-        eprintln!("tiled decode relative error {err}");
-        assert!(err < 0.1, "tiled decode relative error {err}");
-        // The row step profile: mean |row y+1 - row y| over channels and columns.
-        let img = tiled.squeeze(0).unwrap();
-        let hh = img.dim(1).unwrap();
-        let steps = (img.narrow(1, 1, hh - 1).unwrap() - img.narrow(1, 0, hh - 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .mean_keepdim(2)
-            .unwrap()
-            .mean_keepdim(0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let mean_step = steps.iter().sum::<f32>() / steps.len() as f32;
-        // Every row where a tile starts or ends (output rows: latent cell * 2 for this VAE).
-        let f = vae.config().downscale_factor();
-        let starts = tile_starts(h, t);
-        let mut boundaries: Vec<usize> = starts.iter().map(|s| s * f).collect();
-        boundaries.extend(starts.iter().map(|s| (s + t.tile_latent) * f - 1));
-        for b in boundaries
-            .into_iter()
-            .filter(|b| *b > 0 && *b < steps.len())
-        {
-            for row in [b - 1, b] {
-                let s = steps[row];
-                assert!(
-                    s < 3.0 * mean_step + 1e-6,
-                    "seam at row {row}: {s} vs mean {mean_step}"
-                );
-            }
-        }
-        // Compare with hard tiles (no blending) to show the blending matters.
-        let hard = vae
-            .tiled_decode(
-                &z,
-                TileSpec {
-                    tile_latent: 32,
-                    overlap_latent: 0,
-                },
-            )
-            .unwrap();
-        assert!(rel_l2(&hard, &plain) >= err * 0.5);
     }
 }

@@ -8,6 +8,11 @@
 //! `(batch·heads, h, w, d)`, so the blur also smooths across the feature channels; the 3-D
 //! kernel is the outer product of three 1-D kernels, so it is applied here as three 1-D
 //! passes (same result up to f32 rounding).
+//!
+//! The worker's in-UNet fusion applies the same G to attention features with tensor ops on the
+//! model's device (`tessera_worker::hooks::scale_fusion::blur_features`, taps from
+//! [`gaussian_kernel_1d_f64`]): a marked second copy, pinned to [`gaussian_blur`] by a test
+//! there.
 
 use candle_core::{DType, Tensor};
 
@@ -47,16 +52,7 @@ pub fn scale_count(stage_hw: (usize, usize), training_hw: (usize, usize)) -> Res
 /// Normalised 1-D Gaussian `exp(−(i − (k−1)/2)² / 2σ²)`, computed in f32 as the reference's
 /// `gaussian_kernel` (torch default dtype).
 pub fn gaussian_kernel_1d(size: usize, sigma: f32) -> Result<Vec<f32>> {
-    if size == 0 || size.is_multiple_of(2) {
-        return Err(MathError::Invalid(format!(
-            "Gaussian kernel size must be odd and positive, got {size}"
-        )));
-    }
-    if !(sigma.is_finite() && sigma > 0.0) {
-        return Err(MathError::Invalid(format!(
-            "sigma must be positive, got {sigma}"
-        )));
-    }
+    check_kernel(size, sigma.is_finite() && sigma > 0.0, sigma)?;
     let mid = (size as f32 - 1.0) / 2.0;
     let g: Vec<f32> = (0..size)
         .map(|i| {
@@ -66,6 +62,37 @@ pub fn gaussian_kernel_1d(size: usize, sigma: f32) -> Result<Vec<f32>> {
         .collect();
     let sum: f32 = g.iter().sum();
     Ok(g.into_iter().map(|v| v / sum).collect())
+}
+
+/// [`gaussian_kernel_1d`] computed in f64: the kernel of the worker's in-UNet scale fusion
+/// (`hooks::scale_fusion`), whose tensor-op blur scales each shifted copy by an f64 tap.
+///
+/// A marked second copy: every render that fuses inside the UNet has been made with these
+/// taps, so its bytes depend on them. Rounded to f32 they are within one unit in the last place
+/// of the f32 kernel's, and equal for size 3 (a stage at twice the training size); the test
+/// `the_f64_kernel_is_the_f32_kernel_to_an_ulp` pins the two together.
+pub fn gaussian_kernel_1d_f64(size: usize, sigma: f64) -> Result<Vec<f64>> {
+    check_kernel(size, sigma.is_finite() && sigma > 0.0, sigma)?;
+    let mid = (size as f64 - 1.0) / 2.0;
+    let g: Vec<f64> = (0..size)
+        .map(|i| (-((i as f64 - mid).powi(2)) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let sum: f64 = g.iter().sum();
+    Ok(g.into_iter().map(|v| v / sum).collect())
+}
+
+fn check_kernel(size: usize, sigma_ok: bool, sigma: impl std::fmt::Display) -> Result<()> {
+    if size == 0 || size.is_multiple_of(2) {
+        return Err(MathError::Invalid(format!(
+            "Gaussian kernel size must be odd and positive, got {size}"
+        )));
+    }
+    if !sigma_ok {
+        return Err(MathError::Invalid(format!(
+            "sigma must be positive, got {sigma}"
+        )));
+    }
+    Ok(())
 }
 
 /// The reference's 3-D kernel `g[i]·g[j]·g[k]`, flattened in (i, j, k) order.
@@ -483,6 +510,27 @@ mod tests {
             Tensor::from_vec(l, (2, 5, 6, 3), &dev)?,
             Tensor::from_vec(g, (2, 5, 6, 3), &dev)?,
         ))
+    }
+
+    #[test]
+    fn the_f64_kernel_is_the_f32_kernel_to_an_ulp() -> Result<()> {
+        for size in (1..=63).step_by(2) {
+            let single = gaussian_kernel_1d(size, 1.0)?;
+            let double = gaussian_kernel_1d_f64(size, 1.0)?;
+            for (a, b) in single.iter().zip(&double) {
+                let b = *b as f32;
+                assert!(
+                    a.to_bits().abs_diff(b.to_bits()) <= 1,
+                    "size {size}: {a} vs {b}"
+                );
+                if size <= 3 {
+                    assert_eq!(a.to_bits(), b.to_bits(), "size {size}");
+                }
+            }
+        }
+        assert!(gaussian_kernel_1d_f64(4, 1.0).is_err());
+        assert!(gaussian_kernel_1d_f64(3, 0.0).is_err());
+        Ok(())
     }
 
     #[test]

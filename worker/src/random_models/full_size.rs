@@ -4,7 +4,7 @@
 //!
 //! Everything else about such a model is ordinary: its configs and (tiny) tokenizers are
 //! written once into a small directory under the system's temporary folder, and the loader
-//! opens that like any model directory; only [`ModelDir::weights`](super::loader::ModelDir)
+//! opens that like any model directory; only [`ModelDir::weights`](crate::model::loader::ModelDir)
 //! hands out random tensors instead of reading safetensors. The images it makes are noise.
 
 use std::fs;
@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use super::loader::{ModelError, Result};
-use super::synth::{write_model, Size, SYNTH_MARKER};
+use super::diffusers_dir::{write_model, Size, SYNTH_MARKER};
+use crate::model::loader::{ModelError, Result};
 
 pub const PREFIX: &str = "synthetic:";
 /// Bumped when the written configs change, so a stale cached directory is not reused.

@@ -1,8 +1,9 @@
-//! View geometry of a high-resolution step: which training-size pieces of the stage latent the
-//! model is evaluated on, how they are cut out, and how their outputs are put back.
+//! Geometry of the pieces a large latent is cut into, and how their outputs are put back.
 //!
-//! Two families, after FreeScale's scale fusion (`scale_attention.py`, `get_views` and the
-//! `fourg_window` branch of `scale_forward`), lifted from the attention tokens to the latent:
+//! This module: the views of a high-resolution step, i.e. which training-size pieces of the
+//! stage latent the model is evaluated on. Two families, after FreeScale's scale fusion
+//! (`scale_attention.py`, `get_views` and the `fourg_window` branch of `scale_forward`), lifted
+//! from the attention tokens to the latent:
 //! - local views: b × b windows at stride b/2, the last one clamped to the edge, jittered;
 //!   outputs are merged by a weighted average;
 //! - global views: the s_h · s_w strided sub-latents `z[.., p::s_h, q::s_w]`; every latent pixel
@@ -10,11 +11,19 @@
 //!
 //! Merges run on the CPU in f32, views in index order, whatever the order their outputs arrived
 //! in: the same inputs give the same bits.
+//!
+//! Submodules: [`windows`], the window layout and jitter along one axis (shared with the
+//! worker's in-UNet scale fusion, which lays the same windows over attention tokens), and
+//! [`vae`], the VAE's tiles and their blend weights.
+
+pub mod vae;
+pub mod windows;
 
 use crate::error::{invalid, MathError, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use windows::{jittered_corners, window_starts};
 
 /// What a view reads where it reaches past the latent's edge.
 ///
@@ -114,31 +123,6 @@ impl LocalViewConfig {
     }
 }
 
-/// Window starts along one axis, as `get_views` lays them out: stride steps from 0, with the
-/// count `ceil((dim − win) / stride) + 1` (the reference's `int(x − 1e-6) + 2`) and the last
-/// window moved back so it ends at the edge.
-fn axis_starts(dim: usize, win: usize, stride: usize) -> Vec<usize> {
-    if dim <= win {
-        return vec![0];
-    }
-    let n = (dim - win).div_ceil(stride) + 1;
-    (0..n).map(|i| (i * stride).min(dim - win)).collect()
-}
-
-/// The reference's jitter rule for one axis: interior windows move by up to ±r, the first
-/// only outwards (negative), the last only outwards (positive), a window spanning the axis
-/// not at all.
-fn axis_jitter(rng: &mut ChaCha20Rng, start: usize, win: usize, dim: usize, r: i64) -> i64 {
-    let at_start = start == 0;
-    let at_end = start + win == dim;
-    match (at_start, at_end) {
-        (false, false) => rng.random_range(-r..=r),
-        (true, false) => rng.random_range(-r..=0),
-        (false, true) => rng.random_range(0..=r),
-        (true, true) => 0,
-    }
-}
-
 /// Overlapping training-size windows over a stage latent, in row-major order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalViews {
@@ -194,25 +178,18 @@ impl LocalViews {
                 ));
             }
         }
-        let rows = axis_starts(height, win.0, stride.0);
-        let cols = axis_starts(width, win.1, stride.1);
+        let rows = window_starts(height, win.0, stride.0);
+        let cols = window_starts(width, win.1, stride.1);
         let mut rng = ChaCha20Rng::seed_from_u64(jitter_seed.unwrap_or(0));
-        let mut rects = Vec::with_capacity(rows.len() * cols.len());
-        for &top in &rows {
-            for &left in &cols {
-                let (mut dy, mut dx) = (0i64, 0i64);
-                if r > 0 {
-                    dx = axis_jitter(&mut rng, left, win.1, width, r as i64);
-                    dy = axis_jitter(&mut rng, top, win.0, height, r as i64);
-                }
-                rects.push(ViewRect {
-                    top: top as i64 + dy,
-                    left: left as i64 + dx,
-                    height: win.0,
-                    width: win.1,
-                });
-            }
-        }
+        let rects = jittered_corners(&rows, &cols, win, (height, width), (r, r), &mut rng)
+            .into_iter()
+            .map(|(top, left)| ViewRect {
+                top,
+                left,
+                height: win.0,
+                width: win.1,
+            })
+            .collect();
         Ok(Self {
             latent: (height, width),
             window: win,
