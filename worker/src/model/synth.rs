@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
+use tessera_core::family::{Family, NamedModel, TINY_MODELS};
 
 use super::loader::{read_json, ModelError, Result};
 use super::text::{ClipTextConfig, ClipTextModel};
@@ -29,11 +30,26 @@ pub enum TinyArch {
 }
 
 impl TinyArch {
-    pub fn name(&self) -> &'static str {
-        match self {
-            TinyArch::SdxlTiny => "sdxl-tiny",
-            TinyArch::Sd21Tiny => "sd21-tiny",
+    /// The tiny model of `family` in the family table.
+    pub fn of_family(family: Family) -> Self {
+        match family {
+            Family::Sdxl => TinyArch::SdxlTiny,
+            Family::Sd2 => TinyArch::Sd21Tiny,
         }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            TinyArch::SdxlTiny => Family::Sdxl,
+            TinyArch::Sd21Tiny => Family::Sd2,
+        }
+    }
+
+    /// Its name in the family table (`model synth --arch NAME`).
+    pub fn name(&self) -> &'static str {
+        NamedModel::of_family(&TINY_MODELS, self.family())
+            .map(|m| m.name)
+            .expect("every family has a tiny model")
     }
 }
 
@@ -54,7 +70,7 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
         &out.join(SYNTH_MARKER),
         &pretty(&json!({ "arch": arch.name(), "seed": seed })),
     )?;
-    write_model(arch == TinyArch::SdxlTiny, Size::Tiny, out, Some(seed))
+    write_model(arch.family() == Family::Sdxl, Size::Tiny, out, Some(seed))
 }
 
 /// How big a synthesized architecture is: the tiny test models, or the real published sizes.
