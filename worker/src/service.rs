@@ -76,7 +76,7 @@ pub struct WorkerConfig {
 
 /// What computes the tasks: the real model, or the benchmark double.
 enum Served {
-    Model(DiffusionModel),
+    Model(Box<DiffusionModel>),
     Simulated(SimulatedModel),
 }
 
@@ -162,7 +162,7 @@ pub async fn serve(
                 message: e.to_string(),
             })?;
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-            Served::Model(model)
+            Served::Model(Box::new(model))
         }
     };
 
