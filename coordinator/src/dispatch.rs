@@ -100,7 +100,8 @@ impl Dispatch for LocalWorkers {
                     // Waits here until the engine has written the next task's input.
                     let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(task) = next else { return };
-                    match tasks::execute(model, store, camaps, &task, &turn) {
+                    match tasks::execute(tasks::Backend::Model(model), store, camaps, &task, &turn)
+                    {
                         Ok(_) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);

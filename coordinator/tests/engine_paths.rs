@@ -171,7 +171,7 @@ fn one_tile_covering_the_stage_is_in_unet_freescale() {
     // Stage 0: plain guided sampling at the training size, with FreeU.
     let sched = Scheduler::new(SchedulerKind::Euler, &model.scheduler_config, 4).unwrap();
     let freeu = || UNetHooks {
-        freeu: Some(freeu_for(&model)),
+        freeu: freeu_for(&model),
         ..Default::default()
     };
     let noise = NoiseKey::new(SEED, NoisePurpose::InitialLatent)

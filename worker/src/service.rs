@@ -75,14 +75,23 @@ pub struct WorkerConfig {
 }
 
 /// What computes the tasks: the real model, or the benchmark double.
-enum Backend {
-    Model(Arc<DiffusionModel>),
+enum Served {
+    Model(Box<DiffusionModel>),
     Simulated(SimulatedModel),
+}
+
+impl Served {
+    fn backend(&self) -> tasks::Backend<'_> {
+        match self {
+            Self::Model(m) => tasks::Backend::Model(m),
+            Self::Simulated(s) => tasks::Backend::Simulated(s),
+        }
+    }
 }
 
 struct Shared {
     id: String,
-    backend: Backend,
+    served: Served,
     /// The stage CA-map view tasks cut their parts from.
     camaps: tasks::CamapCache,
     model_name: String,
@@ -91,8 +100,6 @@ struct Shared {
     /// One task computes on the device at a time; the store reads and writes of the others
     /// (of the coordinator's second call) overlap it.
     device_turn: std::sync::Mutex<()>,
-    /// The same for the benchmark double, whose computation is an async wait.
-    simulated_turn: tokio::sync::Mutex<()>,
 }
 
 /// Runs a worker until `shutdown` resolves, then withdraws its membership key.
@@ -124,13 +131,13 @@ pub async fn serve(
         None => advertised_url(local, &cfg.coordinator, tls),
     };
 
-    let backend = match cfg.simulate_eval_ms {
+    let served = match cfg.simulate_eval_ms {
         Some(ms) => {
             tracing::warn!(
                 eval_ms = ms,
                 "BENCHMARK DOUBLE: no weights loaded; tasks are simulated, outputs meaningless"
             );
-            Backend::Simulated(SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| {
+            Served::Simulated(SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| {
                 ServiceError::Model {
                     path: cfg.model_dir.clone(),
                     message: e.to_string(),
@@ -155,25 +162,24 @@ pub async fn serve(
                 message: e.to_string(),
             })?;
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-            Backend::Model(Arc::new(model))
+            Served::Model(Box::new(model))
         }
     };
 
     let id = worker_id(local);
-    let dtype = match &backend {
-        Backend::Model(m) => m.dtype,
-        Backend::Simulated(_) => crate::simulate::GPU_DTYPE,
+    let dtype = match &served {
+        Served::Model(m) => m.dtype,
+        Served::Simulated(_) => crate::simulate::GPU_DTYPE,
     };
     let description = describe(&id, &address, &cfg, &arch, dtype);
     let shared = Arc::new(Shared {
         id: id.clone(),
-        backend,
+        served,
         camaps: tasks::CamapCache::default(),
         model_name: cfg.model_name.clone(),
         store: store.clone(),
         description,
         device_turn: Default::default(),
-        simulated_turn: tokio::sync::Mutex::new(()),
     });
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
@@ -372,34 +378,17 @@ impl Worker for WorkerService {
                 );
             } else {
                 let id = task.id.clone();
-                let outcome = match &self.shared.backend {
-                    Backend::Model(model) => {
-                        let shared = self.shared.clone();
-                        let model = model.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let guarded = Guarded {
-                                inner: &shared.store,
-                                guard: guard_key(&task),
-                            };
-                            tasks::execute(
-                                &model,
-                                &guarded,
-                                &shared.camaps,
-                                &task,
-                                &shared.device_turn,
-                            )
-                        })
-                        .await
-                    }
-                    Backend::Simulated(sim) => Ok(sim
-                        .execute(
-                            &self.shared.store,
-                            &guard_key(&task),
-                            &task,
-                            &self.shared.simulated_turn,
-                        )
-                        .await),
-                };
+                let shared = self.shared.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    tasks::execute(
+                        shared.served.backend(),
+                        &GuardedStore::new(&shared.store, &task),
+                        &shared.camaps,
+                        &task,
+                        &shared.device_turn,
+                    )
+                })
+                .await;
                 match outcome {
                     Ok(Ok(held)) => result.seconds = held.as_secs_f64(),
                     Ok(Err(e)) => {
@@ -444,13 +433,22 @@ fn retryable(e: &TaskError) -> bool {
     )
 }
 
-/// The store as a task sees it: writes land only while `guard` exists.
-struct Guarded<'a> {
+/// The store as a task sees it: writes land only while the task's [`guard_key`] exists.
+pub struct GuardedStore<'a> {
     inner: &'a RedisStore,
     guard: String,
 }
 
-impl Store for Guarded<'_> {
+impl<'a> GuardedStore<'a> {
+    pub fn new(inner: &'a RedisStore, task: &Task) -> Self {
+        Self {
+            inner,
+            guard: guard_key(task),
+        }
+    }
+}
+
+impl Store for GuardedStore<'_> {
     fn put(&self, key: &str, value: &[u8]) -> tessera_store::Result<()> {
         if !Store::put_guarded(self.inner, &self.guard, key, value)? {
             tracing::debug!(

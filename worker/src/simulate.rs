@@ -1,8 +1,10 @@
 //! A **benchmark double** of a worker's model (`tessera worker --simulate-eval-ms MS`): it loads
-//! no weights and computes nothing meaningful. Each task reads its real inputs from the store,
-//! waits as long as a GPU of the given speed would, and writes outputs of the real shapes and
-//! dtypes — a CUDA worker's: noise predictions and decoded pixels in f16, as the model computes
-//! them there — so the coordinator, the dispatch and Redis do exactly the work of a real run. It
+//! no weights and computes nothing meaningful. Each task runs through the model's own
+//! [`crate::tasks::execute`], which reads its real inputs from the store and writes its outputs;
+//! the double only waits as long as a GPU of the given speed would and makes outputs of the real
+//! shapes and dtypes — a CUDA worker's: noise predictions and decoded pixels in f16, as the model
+//! computes them there — so the coordinator, the dispatch and Redis do exactly the work of a
+//! real run. It
 //! exists to measure Tessera's own overhead and scaling (`tessera bench scale`) on machines
 //! without GPUs; it is never the default and its pictures are meaningless.
 //!
@@ -14,17 +16,18 @@
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
-use tessera_core::codec;
-use tessera_core::task::{Task, TaskKind};
-use tessera_store::{keys, RedisStore, StoreError};
+use candle_core::{Device, Result, Tensor};
+use tessera_core::task::DenoiseTask;
 
-use crate::tasks::TaskError;
+use crate::model::denoiser::DenoiserConfig;
+use crate::model::diffusion::PromptEmbeddings;
+use crate::model::loader::ModelDir;
+use crate::tasks::{DenoiseOutputs, OnDevice};
 
 /// Sequence length of the CLIP text encoders' embeddings.
 const TEXT_TOKENS: usize = 77;
 /// The dtype a CUDA worker's UNet and VAE compute in, so their outputs' sizes.
-pub const GPU_DTYPE: DType = DType::F16;
+pub const GPU_DTYPE: candle_core::DType = candle_core::DType::F16;
 
 /// What the double needs of a model: its geometry, read from the model directory's configs.
 #[derive(Debug, Clone)]
@@ -34,12 +37,10 @@ pub struct SimulatedModel {
     /// Training latent side (SDXL 128).
     pub train_latent: usize,
     pub latent_channels: usize,
-    /// Width of the prompt embeddings the UNet attends to (`cross_attention_dim`).
+    /// Width of the prompt embeddings the denoiser attends to.
     pub context_dim: usize,
     /// Width of SDXL's pooled text embedding, `None` for SD 2.1.
     pub pooled_dim: Option<usize>,
-    /// The stage CA-map last read: like a real worker, the double reads a stage's map once.
-    pub camap_read: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,46 +50,21 @@ pub struct SimulatedModelError {
     message: String,
 }
 
-fn read_config(dir: &Path, component: &str) -> Result<serde_json::Value, SimulatedModelError> {
-    let path = dir.join(component).join("config.json");
-    let err = |message: String| SimulatedModelError {
-        path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| err(e.to_string()))
-}
-
-fn field(v: &serde_json::Value, name: &str) -> Option<usize> {
-    match &v[name] {
-        serde_json::Value::Number(n) => n.as_u64().map(|n| n as usize),
-        // SD 2.1's cross_attention_dim may be a list (one per block); they are all equal.
-        serde_json::Value::Array(a) => a.first().and_then(|n| n.as_u64()).map(|n| n as usize),
-        _ => None,
-    }
-}
-
 impl SimulatedModel {
     /// The geometry of the model in `dir` (configs only; no weights are read).
-    pub fn from_dir(dir: &Path, eval_ms: f64) -> Result<Self, SimulatedModelError> {
-        let unet = read_config(dir, "unet")?;
-        let missing = |what: &str| SimulatedModelError {
-            path: dir.join("unet/config.json").display().to_string(),
-            message: format!("no {what}"),
+    pub fn from_dir(dir: &Path, eval_ms: f64) -> std::result::Result<Self, SimulatedModelError> {
+        let err = |message: String| SimulatedModelError {
+            path: dir.display().to_string(),
+            message,
         };
-        let pooled_dim = if dir.join("text_encoder_2").is_dir() {
-            field(&read_config(dir, "text_encoder_2")?, "projection_dim")
-        } else {
-            None
-        };
+        let model = ModelDir::open(dir).map_err(|e| err(e.to_string()))?;
+        let denoiser = DenoiserConfig::read(&model).map_err(|e| err(e.to_string()))?;
         Ok(Self {
             eval_ms,
-            train_latent: field(&unet, "sample_size").ok_or_else(|| missing("sample_size"))?,
-            latent_channels: field(&unet, "in_channels").ok_or_else(|| missing("in_channels"))?,
-            context_dim: field(&unet, "cross_attention_dim")
-                .ok_or_else(|| missing("cross_attention_dim"))?,
-            pooled_dim,
-            camap_read: Default::default(),
+            train_latent: denoiser.training_size() as usize / 8,
+            latent_channels: denoiser.latent_channels(),
+            context_dim: denoiser.context_dim().map_err(|e| err(e.to_string()))?,
+            pooled_dim: denoiser.pooled_dim(),
         })
     }
 
@@ -100,186 +76,91 @@ impl SimulatedModel {
     }
 
     /// The simulated time of a VAE pass over `h × w` latent pixels.
-    /// The simulated device time: `length` holding the worker's device turn.
-    async fn compute(turn: &tokio::sync::Mutex<()>, length: Duration) -> Duration {
-        let _turn = turn.lock().await;
-        let since = std::time::Instant::now();
-        tokio::time::sleep(length).await;
-        since.elapsed()
-    }
-
     pub fn vae_time(&self, hw: (usize, usize)) -> Duration {
         self.denoise_time(1, hw, true)
     }
 
-    /// Runs one task against the store: reads its inputs, waits, writes deterministic outputs
-    /// of the real sizes (a scaled copy of the input for noise predictions) while `guard`
-    /// exists.
-    /// Runs one task like [`crate::tasks::execute`]: the simulated device time is spent
-    /// holding `turn`, the store reads and writes around it are not.
-    pub async fn execute(
-        &self,
-        store: &RedisStore,
-        guard: &str,
-        task: &Task,
-        turn: &tokio::sync::Mutex<()>,
-    ) -> Result<Duration, TaskError> {
-        let st = |source| TaskError::Store {
-            task: task.id.clone(),
-            source,
-        };
-        let cx = |e: candle_core::Error| TaskError::Compute {
-            task: task.id.clone(),
-            message: e.to_string(),
-        };
-        let read = |key: String| async move {
-            let bytes = store
-                .get_async(&key)
-                .await?
-                .ok_or(StoreError::Missing(key.clone()))?;
-            codec::decode(&bytes, &Device::Cpu).map_err(|e| StoreError::Codec {
-                key,
-                message: e.to_string(),
-            })
-        };
-        let write = |key: String, t: Tensor| async move {
-            let bytes = blocking(move || {
-                codec::encode(&t).map_err(|e| candle_core::Error::Msg(e.to_string()))
-            })
-            .await
-            .map_err(|e| StoreError::Codec {
-                key: key.clone(),
-                message: e.to_string(),
-            })?;
-            store.put_guarded_async(guard, &key, &bytes).await?;
-            Ok::<(), StoreError>(())
-        };
-        match &task.kind {
-            TaskKind::EncodePrompt { .. } => {
-                let held =
-                    Self::compute(turn, self.denoise_time(1, (1, 1), true).mul_f64(0.1)).await;
-                let tokens =
-                    |v: f32| Tensor::full(v, (1, TEXT_TOKENS, self.context_dim), &Device::Cpu);
-                let mut parts = vec![("uncond", tokens(0.0).map_err(cx)?)];
-                if let Some(p) = self.pooled_dim {
-                    parts.push((
-                        "pooled_cond",
-                        Tensor::full(0.01f32, (1, p), &Device::Cpu).map_err(cx)?,
-                    ));
-                    parts.push((
-                        "pooled_uncond",
-                        Tensor::zeros((1, p), DType::F32, &Device::Cpu).map_err(cx)?,
-                    ));
-                }
-                // Last, as the real worker: `cond` says every part is stored.
-                parts.push(("cond", tokens(0.01).map_err(cx)?));
-                for (part, t) in parts {
-                    write(keys::embedding(&task.job, part), t)
-                        .await
-                        .map_err(st)?;
-                }
-                Ok(held)
-            }
-            TaskKind::Denoise(d) => {
-                let views = read(d.input.clone()).await.map_err(st)?;
-                let (n, _, h, w) = views.dims4().map_err(cx)?;
-                if let Some(inj) = &d.camap_inject {
-                    let seen = {
-                        let last = self.camap_read.lock().unwrap_or_else(|e| e.into_inner());
-                        last.as_deref() == Some(inj.key.as_str())
-                    };
-                    if !seen {
-                        read(inj.key.clone()).await.map_err(st)?;
-                        *self.camap_read.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(inj.key.clone());
-                    }
-                }
-                let guided = d.output_uncond.is_some();
-                let held = Self::compute(turn, self.denoise_time(n, (h, w), guided)).await;
-                if let Some(key) = &d.camap_capture {
-                    let halves = if guided { 2 } else { 1 };
-                    let map = Tensor::full(
-                        1.0 / TEXT_TOKENS as f32,
-                        (halves * n, h.div_ceil(4), w.div_ceil(4), TEXT_TOKENS),
-                        &Device::Cpu,
-                    )
-                    .map_err(cx)?;
-                    write(key.clone(), map).await.map_err(st)?;
-                }
-                // Both predictions are the views themselves: a real worker's arithmetic runs on
-                // its GPU, not on the CPU this double may share with the coordinator.
-                let out = views.to_dtype(GPU_DTYPE).map_err(cx)?;
-                write(d.output_cond.clone(), out.clone())
-                    .await
-                    .map_err(st)?;
-                if let Some(key) = &d.output_uncond {
-                    write(key.clone(), out).await.map_err(st)?;
-                }
-                Ok(held)
-            }
-            TaskKind::Decode { input, output } => {
-                let z = read(input.clone()).await.map_err(st)?;
-                let (_, c, h, w) = z.dims4().map_err(cx)?;
-                let held = Self::compute(turn, self.vae_time((h, w))).await;
-                let px = blocking(move || -> candle_core::Result<Tensor> {
-                    z.narrow(1, 0, c.min(3))?
-                        .repeat((1, 3usize.div_ceil(c.min(3)), 1, 1))?
-                        .narrow(1, 0, 3)?
-                        .upsample_nearest2d(8 * h, 8 * w)?
-                        .clamp(-1f32, 1f32)?
-                        .to_dtype(GPU_DTYPE)
-                })
-                .await
-                .map_err(cx)?;
-                write(output.clone(), px).await.map_err(st)?;
-                Ok(held)
-            }
-            TaskKind::Encode { input, output, .. } => {
-                let px = read(input.clone()).await.map_err(st)?;
-                let (_, _, h, w) = px.dims4().map_err(cx)?;
-                let held = Self::compute(turn, self.vae_time((h / 8, w / 8))).await;
-                let channels = self.latent_channels;
-                let z = blocking(move || -> candle_core::Result<Tensor> {
-                    let pooled = px.avg_pool2d(8)?;
-                    let rep = channels.div_ceil(3);
-                    pooled.repeat((1, rep, 1, 1))?.narrow(1, 0, channels)
-                })
-                .await
-                .map_err(cx)?;
-                write(output.clone(), z).await.map_err(st)?;
-                Ok(held)
-            }
-            TaskKind::EncodeTile { input, output } => {
-                // The posterior's (mean, std): the pooled picture as the mean, std zero.
-                let px = read(input.clone()).await.map_err(st)?;
-                let (_, _, h, w) = px.dims4().map_err(cx)?;
-                let held = Self::compute(turn, self.vae_time((h / 8, w / 8))).await;
-                let channels = self.latent_channels;
-                let moments = blocking(move || -> candle_core::Result<Tensor> {
-                    let pooled = px.avg_pool2d(8)?;
-                    let mean = pooled
-                        .repeat((1, channels.div_ceil(3), 1, 1))?
-                        .narrow(1, 0, channels)?;
-                    Tensor::cat(&[&mean, &mean.zeros_like()?], 1)
-                })
-                .await
-                .map_err(cx)?;
-                write(output.clone(), moments).await.map_err(st)?;
-                Ok(held)
-            }
-        }
+    /// The simulated device time: `length` holding the worker's device turn.
+    fn compute(on_device: &OnDevice, length: Duration) {
+        let _turn = on_device();
+        std::thread::sleep(length);
     }
-}
 
-/// Runs CPU work off the async threads (large tensors take milliseconds to encode).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> candle_core::Result<T> + Send + 'static,
-) -> candle_core::Result<T> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(candle_core::Error::Msg(format!(
-            "simulated task panicked: {e}"
-        ))),
+    /// Prompt embeddings of the real shapes: constant tokens, and SDXL's pooled embeddings.
+    pub(crate) fn encode_prompt(&self, on_device: &OnDevice) -> Result<PromptEmbeddings> {
+        Self::compute(on_device, self.denoise_time(1, (1, 1), true).mul_f64(0.1));
+        let cpu = &Device::Cpu;
+        let tokens = |v: f32| Tensor::full(v, (1, TEXT_TOKENS, self.context_dim), cpu);
+        let pooled = |v: f32| {
+            self.pooled_dim
+                .map(|p| Tensor::full(v, (1, p), cpu))
+                .transpose()
+        };
+        Ok(PromptEmbeddings {
+            cond: tokens(0.01)?,
+            uncond: tokens(0.0)?,
+            pooled_cond: pooled(0.01)?,
+            pooled_uncond: pooled(0.0)?,
+        })
+    }
+
+    /// Both predictions are the views themselves: a real worker's arithmetic runs on its GPU,
+    /// not on the CPU this double may share with the coordinator.
+    pub(crate) fn denoise(
+        &self,
+        d: &DenoiseTask,
+        views: &Tensor,
+        on_device: &OnDevice,
+    ) -> Result<DenoiseOutputs> {
+        let (n, _, h, w) = views.dims4()?;
+        let guided = d.output_uncond.is_some();
+        Self::compute(on_device, self.denoise_time(n, (h, w), guided));
+        let camap = match &d.camap_capture {
+            Some(_) => {
+                let halves = if guided { 2 } else { 1 };
+                Some(Tensor::full(
+                    1.0 / TEXT_TOKENS as f32,
+                    (halves * n, h.div_ceil(4), w.div_ceil(4), TEXT_TOKENS),
+                    &Device::Cpu,
+                )?)
+            }
+            None => None,
+        };
+        let out = views.to_dtype(GPU_DTYPE)?;
+        Ok(DenoiseOutputs {
+            uncond: guided.then(|| out.clone()),
+            cond: out,
+            camap,
+        })
+    }
+
+    /// Pixels of the real size: the latent's first channels, nearest-upsampled.
+    pub(crate) fn decode(&self, z: &Tensor, on_device: &OnDevice) -> Result<Tensor> {
+        let (_, c, h, w) = z.dims4()?;
+        Self::compute(on_device, self.vae_time((h, w)));
+        z.narrow(1, 0, c.min(3))?
+            .repeat((1, 3usize.div_ceil(c.min(3)), 1, 1))?
+            .narrow(1, 0, 3)?
+            .upsample_nearest2d(8 * h, 8 * w)?
+            .clamp(-1f32, 1f32)?
+            .to_dtype(GPU_DTYPE)
+    }
+
+    /// A latent of the real size: the pooled picture, repeated over the channels.
+    pub(crate) fn encode(&self, px: &Tensor, on_device: &OnDevice) -> Result<Tensor> {
+        let (_, _, h, w) = px.dims4()?;
+        Self::compute(on_device, self.vae_time((h / 8, w / 8)));
+        let channels = self.latent_channels;
+        let pooled = px.avg_pool2d(8)?;
+        pooled
+            .repeat((1, channels.div_ceil(3), 1, 1))?
+            .narrow(1, 0, channels)
+    }
+
+    /// The posterior's (mean, std): the pooled picture as the mean, std zero.
+    pub(crate) fn encode_moments(&self, px: &Tensor, on_device: &OnDevice) -> Result<Tensor> {
+        let mean = self.encode(px, on_device)?;
+        Tensor::cat(&[&mean, &mean.zeros_like()?], 1)
     }
 }
 
@@ -295,7 +176,6 @@ mod tests {
             latent_channels: 4,
             context_dim: 2048,
             pooled_dim: Some(1280),
-            camap_read: Default::default(),
         };
         assert_eq!(
             m.denoise_time(1, (128, 128), true),

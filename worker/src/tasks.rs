@@ -2,6 +2,10 @@
 //! latent views at one timestep, decode latents to pixels. The coordinator owns everything
 //! between these calls (guidance, scheduler steps, merging), so these stay pure functions of
 //! their inputs — which is what makes a retried or duplicated task safe.
+//!
+//! [`execute`] runs a task the same way whatever computes it: it reads the inputs, hands them
+//! to a [`Backend`] — the loaded model, or the benchmark double of [`crate::simulate`] — and
+//! writes the outputs.
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::cell::Cell;
@@ -11,21 +15,21 @@ use std::time::{Duration, Instant};
 use tessera_core::method::camap::{CaMap, CaMapCollector, FlatCaMap};
 use tessera_core::method::freescale::dilated_layers;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
-use tessera_core::task::{DenoiseTask, Task, TaskKind};
+use tessera_core::task::{DenoiseTask, Task, TaskKind, VaeNoise};
 use tessera_store::{get_tensor, keys, put_tensor, Store, StoreError};
 
 use crate::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
-use crate::model::loader::PipelineKind;
+use crate::simulate::SimulatedModel;
 
-/// The UNet's predictions for a batch of views: conditional, and unconditional when guided.
+/// The denoiser's predictions for a batch of views: conditional, and unconditional when guided.
 #[derive(Debug, Clone)]
 pub struct NoisePrediction {
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
 }
 
-/// Runs the UNet on `views` (N, 4, h, w), already scaled by the scheduler's
+/// Runs the denoiser on `views` (N, C, h, w), already scaled by the scheduler's
 /// `scale_model_input`, at `timestep`. With guidance the batch is `[uncond × N, cond × N]`
 /// in one forward pass, as diffusers batches it.
 pub fn predict_noise(
@@ -39,27 +43,18 @@ pub fn predict_noise(
 ) -> Result<NoisePrediction> {
     let n = views.dim(0)?;
     let views = views.to_dtype(model.dtype)?;
-    let (input, context) = if guided {
-        (
-            Tensor::cat(&[&views, &views], 0)?,
-            Tensor::cat(
-                &[
-                    embeddings.uncond.repeat((n, 1, 1))?,
-                    embeddings.cond.repeat((n, 1, 1))?,
-                ],
-                0,
-            )?,
-        )
+    let input = if guided {
+        Tensor::cat(&[&views, &views], 0)?
     } else {
-        (views, embeddings.cond.repeat((n, 1, 1))?)
+        views
     };
-    let added = model
-        .added_conditioning(embeddings, size, guided, n)
+    let cond = model
+        .conditioning(embeddings, size, guided, n)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let out = model
-        .unet
-        .forward(&input, timestep, &context, added.as_ref(), hooks)?
-        .to_dtype(candle_core::DType::F32)?;
+        .denoiser
+        .forward(&input, timestep, &cond, hooks)?
+        .to_dtype(DType::F32)?;
     if guided {
         Ok(NoisePrediction {
             uncond: Some(out.narrow(0, 0, n)?),
@@ -115,29 +110,22 @@ pub enum TaskError {
     Compute { task: String, message: String },
 }
 
-/// FreeU factors by family: FreeScale's SDXL values, and FreeU's recommended SD 2.x values.
-pub fn freeu_for(model: &DiffusionModel) -> FreeU {
-    match model.kind {
-        PipelineKind::StableDiffusionXl => FreeU {
-            b1: 1.1,
-            b2: 1.2,
-            s1: 0.6,
-            s2: 0.4,
-        },
-        PipelineKind::StableDiffusion => FreeU {
-            b1: 1.4,
-            b2: 1.6,
-            s1: 0.9,
-            s2: 0.2,
-        },
-    }
+/// The model family's FreeU factors (the family table's), where it supports FreeU.
+pub fn freeu_for(model: &DiffusionModel) -> Option<FreeU> {
+    let f = model.family().info().freeu?;
+    Some(FreeU {
+        b1: f.b1,
+        b2: f.b2,
+        s1: f.s1,
+        s2: f.s2,
+    })
 }
 
 /// The UNet hooks a denoise task asks for.
 pub fn hooks_for(model: &DiffusionModel, d: &DenoiseTask) -> UNetHooks {
     let mut hooks = UNetHooks::default();
     if d.freeu {
-        hooks.freeu = Some(freeu_for(model));
+        hooks.freeu = freeu_for(model);
     }
     hooks
         .dilation
@@ -186,7 +174,16 @@ impl CamapCache {
     }
 }
 
-/// Runs one task: reads its inputs from `store`, computes on the model's device, writes its
+/// What computes a task's outputs from its inputs: the loaded model, or the benchmark double
+/// ([`crate::simulate`]), which waits as long as a GPU would and makes outputs of the real
+/// shapes. What a task reads and writes is the same for both.
+#[derive(Clone, Copy)]
+pub enum Backend<'a> {
+    Model(&'a DiffusionModel),
+    Simulated(&'a SimulatedModel),
+}
+
+/// Runs one task: reads its inputs from `store`, computes on the backend's device, writes its
 /// outputs. Pure in its inputs, so running it twice writes the same bytes.
 ///
 /// The device work runs while holding `turn`; reading and decoding the inputs before, and
@@ -194,25 +191,62 @@ impl CamapCache {
 /// its calls thus reads the next task while the device computes the current one, and the
 /// device never waits for the store. Returns how long the task held the device.
 pub fn execute(
-    model: &DiffusionModel,
+    backend: Backend,
     store: &dyn Store,
     camaps: &CamapCache,
     task: &Task,
     turn: &Mutex<()>,
 ) -> std::result::Result<Duration, TaskError> {
     let held = Cell::new(Duration::ZERO);
-    run(model, store, camaps, task, &|| {
-        DeviceTurn::take(turn, &held)
-    })?;
+    let on_device = || DeviceTurn::take(turn, &held);
+    let io = TaskIo { store, task };
+    match &task.kind {
+        TaskKind::EncodePrompt {
+            prompt,
+            negative_prompt,
+        } => {
+            let e = backend
+                .encode_prompt(prompt, negative_prompt.as_deref(), &on_device)
+                .map_err(|e| io.compute(e))?;
+            write_embeddings(store, &task.job, &e).map_err(|e| io.store(e))
+        }
+        TaskKind::Denoise(d) => denoise_task(backend, &io, camaps, d, &on_device),
+        TaskKind::Decode { input, output } => {
+            let z = io.read(input)?;
+            let px = backend.decode(&z, &on_device).map_err(|e| io.compute(e))?;
+            io.write(output, &px)
+        }
+        TaskKind::Encode {
+            input,
+            output,
+            noise,
+        } => {
+            let px = io.read(input)?;
+            let z = backend
+                .encode(&px, *noise, &on_device)
+                .map_err(|e| io.compute(e))?;
+            io.write(output, &z)
+        }
+        TaskKind::EncodeTile { input, output } => {
+            let px = io.read(input)?;
+            let moments = backend
+                .encode_moments(&px, &on_device)
+                .map_err(|e| io.compute(e))?;
+            io.write(output, &moments)
+        }
+    }?;
     Ok(held.get())
 }
 
 /// Holds the device for a task's computation, adding the time held to `total` when dropped.
-struct DeviceTurn<'a> {
+pub(crate) struct DeviceTurn<'a> {
     _guard: MutexGuard<'a, ()>,
     since: Instant,
     total: &'a Cell<Duration>,
 }
+
+/// Takes the device turn: a backend calls it around its device work.
+pub(crate) type OnDevice<'a> = dyn Fn() -> DeviceTurn<'a> + 'a;
 
 impl<'a> DeviceTurn<'a> {
     fn take(turn: &'a Mutex<()>, total: &'a Cell<Duration>) -> Self {
@@ -231,182 +265,261 @@ impl Drop for DeviceTurn<'_> {
     }
 }
 
-fn run<'a>(
-    model: &DiffusionModel,
-    store: &dyn Store,
-    camaps: &CamapCache,
-    task: &Task,
-    on_device: &dyn Fn() -> DeviceTurn<'a>,
-) -> std::result::Result<(), TaskError> {
-    let st = |source| TaskError::Store {
-        task: task.id.clone(),
-        source,
-    };
-    let cx = |e: candle_core::Error| TaskError::Compute {
-        task: task.id.clone(),
-        message: e.to_string(),
-    };
-    let dev = &model.device;
-    let cpu = &Device::Cpu;
-    match &task.kind {
-        TaskKind::EncodePrompt {
-            prompt,
-            negative_prompt,
-        } => {
-            let parts = {
-                let _turn = on_device();
-                let e = model
-                    .encode_prompt(prompt, negative_prompt.as_deref())
-                    .map_err(|e| TaskError::Compute {
-                        task: task.id.clone(),
-                        message: e.to_string(),
-                    })?;
-                let host = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(cpu);
-                let pooled = match (&e.pooled_cond, &e.pooled_uncond) {
-                    (Some(pc), Some(pu)) => Some((host(pc).map_err(cx)?, host(pu).map_err(cx)?)),
-                    _ => None,
-                };
-                (
-                    host(&e.cond).map_err(cx)?,
-                    host(&e.uncond).map_err(cx)?,
-                    pooled,
-                )
-            };
-            let put = |part: &str, t: &Tensor| {
-                put_tensor(store, &keys::embedding(&task.job, part), t).map_err(st)
-            };
-            let (cond, uncond, pooled) = parts;
-            put("uncond", &uncond)?;
-            if let Some((pc, pu)) = &pooled {
-                put("pooled_cond", pc)?;
-                put("pooled_uncond", pu)?;
-            }
-            // Last: a resumed engine takes `cond` as the sign that all parts are stored.
-            put("cond", &cond)
-        }
-        TaskKind::Denoise(d) => {
-            let views = get_tensor(store, &d.input, cpu).map_err(st)?;
-            let emb = load_embeddings(store, &task.job).map_err(st)?;
-            let inject = match &d.camap_inject {
-                Some(inj) => {
-                    let stage_map = camaps.get(store, &inj.key).map_err(st)?;
-                    let map = stage_map
-                        .batch(
-                            (inj.stage_hw[0], inj.stage_hw[1]),
-                            (inj.view_hw[0], inj.view_hw[1]),
-                            &inj.placements,
-                        )
-                        .map_err(|e| TaskError::Compute {
-                            task: task.id.clone(),
-                            message: e.to_string(),
-                        })?;
-                    Some((inj.weight, map))
-                }
-                None => None,
-            };
-            let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
-            let guided = d.output_uncond.is_some();
-            let (cond, uncond, capture) = {
-                let _turn = on_device();
-                let mut hooks = hooks_for(model, d);
-                if let Some((weight, map)) = inject {
-                    hooks.inject_cross_attention = Some(CrossAttnInjection {
-                        weight,
-                        map: map
-                            .to_device(dev)
-                            .map_err(cx)?
-                            .to_dtype(model.dtype)
-                            .map_err(cx)?,
-                    });
-                }
-                let emb = emb.to_model(model).map_err(cx)?;
-                let views = views.to_device(dev).map_err(cx)?;
-                let pred = predict_noise(model, &views, d.timestep, &emb, size, guided, &mut hooks)
-                    .map_err(cx)?;
-                let capture = match &d.camap_capture {
-                    Some(key) => {
-                        let mut collector = CaMapCollector::new();
-                        for m in &hooks.captured {
-                            collector.add(&m.probs, (m.height, m.width)).map_err(|e| {
-                                TaskError::Compute {
-                                    task: task.id.clone(),
-                                    message: e.to_string(),
-                                }
-                            })?;
-                        }
-                        let map = collector.finish().map_err(|e| TaskError::Compute {
-                            task: task.id.clone(),
-                            message: e.to_string(),
-                        })?;
-                        Some((key, map.tensor().to_device(cpu).map_err(cx)?))
-                    }
-                    None => None,
-                };
-                // Stored in the UNet's own dtype: exact (the prediction came out in it), and
-                // half the bytes to write, hold and merge where that is f16 (every GPU worker).
-                let stored = |t: &Tensor| t.to_dtype(model.dtype)?.to_device(cpu);
-                let uncond = pred.uncond.as_ref().map(stored).transpose().map_err(cx)?;
-                (stored(&pred.cond).map_err(cx)?, uncond, capture)
-            };
-            if let Some((key, map)) = capture {
-                put_tensor(store, key, &map).map_err(st)?;
-            }
-            put_tensor(store, &d.output_cond, &cond).map_err(st)?;
-            if let (Some(key), Some(u)) = (&d.output_uncond, &uncond) {
-                put_tensor(store, key, u).map_err(st)?;
-            }
-            Ok(())
-        }
-        TaskKind::Decode { input, output } => {
-            let z = get_tensor(store, input, cpu).map_err(st)?;
-            let px = {
-                let _turn = on_device();
-                let z = z.to_device(dev).map_err(cx)?;
-                // In the VAE's dtype, exactly as it decoded: half the bytes on a GPU.
-                decode_latents(model, &z)
-                    .and_then(|px| px.to_dtype(model.vae_dtype())?.to_device(cpu))
-                    .map_err(cx)?
-            };
-            put_tensor(store, output, &px).map_err(st)
-        }
-        TaskKind::Encode {
-            input,
-            output,
-            noise,
-        } => {
-            let px = get_tensor(store, input, cpu).map_err(st)?;
-            let z = {
-                let _turn = on_device();
-                let px = px.to_device(dev).map_err(cx)?;
-                let (n, _, h, w) = px.dims4().map_err(cx)?;
-                let f = model.vae.config().downscale_factor();
-                let channels = model.unet.config().in_channels;
-                let eps = NoiseKey {
-                    seed: noise.seed,
-                    stage: noise.stage,
-                    step: 0,
-                    purpose: NoisePurpose::VaeSample,
-                }
-                .normal((n, channels, h / f, w / f), dev)
-                .map_err(cx)?;
-                encode_pixels(model, &px, &eps)
-                    .and_then(|z| z.to_device(cpu))
-                    .map_err(cx)?
-            };
-            put_tensor(store, output, &z).map_err(st)
-        }
-        TaskKind::EncodeTile { input, output } => {
-            let px = get_tensor(store, input, cpu).map_err(st)?;
-            let moments = {
-                let _turn = on_device();
-                let px = px.to_device(dev).map_err(cx)?;
-                encode_moments(model, &px)
-                    .and_then(|m| m.to_device(cpu))
-                    .map_err(cx)?
-            };
-            put_tensor(store, output, &moments).map_err(st)
+/// A task's store reads and writes, with errors naming the task.
+struct TaskIo<'a> {
+    store: &'a dyn Store,
+    task: &'a Task,
+}
+
+impl TaskIo<'_> {
+    fn read(&self, key: &str) -> std::result::Result<Tensor, TaskError> {
+        get_tensor(self.store, key, &Device::Cpu).map_err(|e| self.store(e))
+    }
+
+    fn write(&self, key: &str, t: &Tensor) -> std::result::Result<(), TaskError> {
+        put_tensor(self.store, key, t).map_err(|e| self.store(e))
+    }
+
+    fn store(&self, source: StoreError) -> TaskError {
+        TaskError::Store {
+            task: self.task.id.clone(),
+            source,
         }
     }
+
+    fn compute(&self, e: impl std::fmt::Display) -> TaskError {
+        TaskError::Compute {
+            task: self.task.id.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What a denoise task reads besides the task itself.
+pub struct DenoiseInputs {
+    /// (N, C, h, w) views, in the dtype the coordinator wrote them.
+    pub views: Tensor,
+    /// The job's prompt embeddings as stored (f32, on the CPU).
+    pub embeddings: PromptEmbeddings,
+    /// The stage CA-map the views' maps are cut from, when the task injects one.
+    pub stage_camap: Option<Arc<FlatCaMap>>,
+}
+
+/// What a denoise task writes.
+pub struct DenoiseOutputs {
+    pub cond: Tensor,
+    /// Present when the task is guided.
+    pub uncond: Option<Tensor>,
+    /// The batch's CA-map, when the task captures one.
+    pub camap: Option<Tensor>,
+}
+
+fn denoise_task(
+    backend: Backend,
+    io: &TaskIo,
+    camaps: &CamapCache,
+    d: &DenoiseTask,
+    on_device: &OnDevice,
+) -> std::result::Result<(), TaskError> {
+    let inputs = DenoiseInputs {
+        views: io.read(&d.input)?,
+        embeddings: load_embeddings(io.store, &io.task.job).map_err(|e| io.store(e))?,
+        stage_camap: match &d.camap_inject {
+            Some(inj) => Some(camaps.get(io.store, &inj.key).map_err(|e| io.store(e))?),
+            None => None,
+        },
+    };
+    let out = backend
+        .denoise(d, inputs, on_device)
+        .map_err(|e| io.compute(e))?;
+    if let (Some(key), Some(map)) = (&d.camap_capture, &out.camap) {
+        io.write(key, map)?;
+    }
+    io.write(&d.output_cond, &out.cond)?;
+    if let (Some(key), Some(u)) = (&d.output_uncond, &out.uncond) {
+        io.write(key, u)?;
+    }
+    Ok(())
+}
+
+/// Stores a job's prompt embeddings; `cond` last, as a resumed engine takes it as the sign
+/// that all parts are stored.
+fn write_embeddings(
+    store: &dyn Store,
+    job: &str,
+    e: &PromptEmbeddings,
+) -> std::result::Result<(), StoreError> {
+    let put = |part: &str, t: &Tensor| put_tensor(store, &keys::embedding(job, part), t);
+    put("uncond", &e.uncond)?;
+    if let (Some(pc), Some(pu)) = (&e.pooled_cond, &e.pooled_uncond) {
+        put("pooled_cond", pc)?;
+        put("pooled_uncond", pu)?;
+    }
+    put("cond", &e.cond)
+}
+
+impl Backend<'_> {
+    /// The prompt's embeddings, in f32 on the CPU.
+    fn encode_prompt(
+        self,
+        prompt: &str,
+        negative: Option<&str>,
+        on_device: &OnDevice,
+    ) -> Result<PromptEmbeddings> {
+        match self {
+            Self::Model(m) => model_encode_prompt(m, prompt, negative, on_device),
+            Self::Simulated(s) => s.encode_prompt(on_device),
+        }
+    }
+
+    fn denoise(
+        self,
+        d: &DenoiseTask,
+        inputs: DenoiseInputs,
+        on_device: &OnDevice,
+    ) -> Result<DenoiseOutputs> {
+        match self {
+            Self::Model(m) => model_denoise(m, d, inputs, on_device),
+            Self::Simulated(s) => s.denoise(d, &inputs.views, on_device),
+        }
+    }
+
+    /// Pixels of latents `z`, on the CPU in the VAE's dtype.
+    fn decode(self, z: &Tensor, on_device: &OnDevice) -> Result<Tensor> {
+        match self {
+            Self::Model(m) => {
+                let _turn = on_device();
+                let z = z.to_device(&m.device)?;
+                // In the VAE's dtype, exactly as it decoded: half the bytes on a GPU.
+                decode_latents(m, &z)?
+                    .to_dtype(m.vae_dtype())?
+                    .to_device(&Device::Cpu)
+            }
+            Self::Simulated(s) => s.decode(z, on_device),
+        }
+    }
+
+    /// Latents of pixels `px`: the posterior's sample with the seeded noise of `noise`.
+    fn encode(self, px: &Tensor, noise: VaeNoise, on_device: &OnDevice) -> Result<Tensor> {
+        match self {
+            Self::Model(m) => model_encode(m, px, noise, on_device),
+            Self::Simulated(s) => s.encode(px, on_device),
+        }
+    }
+
+    /// The posterior's `[mean, std]` of pixels `px`.
+    fn encode_moments(self, px: &Tensor, on_device: &OnDevice) -> Result<Tensor> {
+        match self {
+            Self::Model(m) => {
+                let _turn = on_device();
+                let px = px.to_device(&m.device)?;
+                encode_moments(m, &px)?.to_device(&Device::Cpu)
+            }
+            Self::Simulated(s) => s.encode_moments(px, on_device),
+        }
+    }
+}
+
+fn model_encode_prompt(
+    model: &DiffusionModel,
+    prompt: &str,
+    negative: Option<&str>,
+    on_device: &OnDevice,
+) -> Result<PromptEmbeddings> {
+    let _turn = on_device();
+    let e = model
+        .encode_prompt(prompt, negative)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let host = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    let (pooled_cond, pooled_uncond) = match (&e.pooled_cond, &e.pooled_uncond) {
+        (Some(pc), Some(pu)) => (Some(host(pc)?), Some(host(pu)?)),
+        _ => (None, None),
+    };
+    Ok(PromptEmbeddings {
+        cond: host(&e.cond)?,
+        uncond: host(&e.uncond)?,
+        pooled_cond,
+        pooled_uncond,
+    })
+}
+
+fn model_denoise(
+    model: &DiffusionModel,
+    d: &DenoiseTask,
+    inputs: DenoiseInputs,
+    on_device: &OnDevice,
+) -> Result<DenoiseOutputs> {
+    let (dev, cpu) = (&model.device, &Device::Cpu);
+    let inject = match (&d.camap_inject, &inputs.stage_camap) {
+        (Some(inj), Some(stage_map)) => {
+            let map = stage_map
+                .batch(
+                    (inj.stage_hw[0], inj.stage_hw[1]),
+                    (inj.view_hw[0], inj.view_hw[1]),
+                    &inj.placements,
+                )
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Some((inj.weight, map))
+        }
+        _ => None,
+    };
+    let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
+    let guided = d.output_uncond.is_some();
+    let _turn = on_device();
+    let mut hooks = hooks_for(model, d);
+    if let Some((weight, map)) = inject {
+        hooks.inject_cross_attention = Some(CrossAttnInjection {
+            weight,
+            map: map.to_device(dev)?.to_dtype(model.dtype)?,
+        });
+    }
+    let emb = inputs.embeddings.to_model(model)?;
+    let views = inputs.views.to_device(dev)?;
+    let pred = predict_noise(model, &views, d.timestep, &emb, size, guided, &mut hooks)?;
+    let camap = match &d.camap_capture {
+        Some(_) => Some(collect_camap(&hooks)?.to_device(cpu)?),
+        None => None,
+    };
+    // Stored in the denoiser's own dtype: exact (the prediction came out in it), and half the
+    // bytes to write, hold and merge where that is f16 (every GPU worker).
+    let stored = |t: &Tensor| t.to_dtype(model.dtype)?.to_device(cpu);
+    Ok(DenoiseOutputs {
+        cond: stored(&pred.cond)?,
+        uncond: pred.uncond.as_ref().map(stored).transpose()?,
+        camap,
+    })
+}
+
+/// The batch's CA-map from the cross-attention maps a forward pass captured.
+fn collect_camap(hooks: &UNetHooks) -> Result<Tensor> {
+    let msg = |e: tessera_core::error::MathError| candle_core::Error::Msg(e.to_string());
+    let mut collector = CaMapCollector::new();
+    for m in &hooks.captured {
+        collector.add(&m.probs, (m.height, m.width)).map_err(msg)?;
+    }
+    Ok(collector.finish().map_err(msg)?.tensor().clone())
+}
+
+fn model_encode(
+    model: &DiffusionModel,
+    px: &Tensor,
+    noise: VaeNoise,
+    on_device: &OnDevice,
+) -> Result<Tensor> {
+    let dev = &model.device;
+    let _turn = on_device();
+    let px = px.to_device(dev)?;
+    let (n, _, h, w) = px.dims4()?;
+    let f = model.vae.config().downscale_factor();
+    let channels = model.denoiser.latent_channels();
+    let eps = NoiseKey {
+        seed: noise.seed,
+        stage: noise.stage,
+        step: 0,
+        purpose: NoisePurpose::VaeSample,
+    }
+    .normal((n, channels, h / f, w / f), dev)?;
+    encode_pixels(model, &px, &eps)?.to_device(&Device::Cpu)
 }
 
 /// The job's prompt embeddings as stored (f32, on the CPU); [`PromptEmbeddings::to_model`]
@@ -456,7 +569,13 @@ mod tests {
             prompt: "a lighthouse".into(),
             negative_prompt: None,
         };
-        execute(&model, &store, &camaps, &task("p", prompt), &turn)?;
+        execute(
+            Backend::Model(&model),
+            &store,
+            &camaps,
+            &task("p", prompt),
+            &turn,
+        )?;
 
         let views = Tensor::randn(0f32, 1f32, (2, 4, 16, 16), &Device::Cpu)?;
         put_tensor(&store, "in32", &views)?;
@@ -475,7 +594,13 @@ mod tests {
                 camap_inject: None,
                 camap_capture: None,
             });
-            let held = execute(&model, &store, &camaps, &task(input, denoise), &turn)?;
+            let held = execute(
+                Backend::Model(&model),
+                &store,
+                &camaps,
+                &task(input, denoise),
+                &turn,
+            )?;
             assert!(held > Duration::ZERO);
             for part in ["cond", "uncond"] {
                 let bytes = store.get(&format!("{input}:{part}"))?.expect("stored");

@@ -9,9 +9,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::device::{compute_dtype, open_device};
 use crate::hooks::UNetHooks;
-use crate::model::flops::unet_flops;
+use crate::model::denoiser::{Conditioning, DenoiserConfig};
 use crate::model::loader::ModelDir;
-use crate::model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 
 #[derive(Debug, Clone)]
 pub struct UnetBenchOptions {
@@ -78,39 +77,37 @@ pub fn run(
     let device = open_device(&opts.device)?;
     let dtype = opts.dtype.unwrap_or_else(|| compute_dtype(&device));
     let dir = ModelDir::open(&opts.model)?;
-    let cfg: UNetConfig = dir.config("unet")?;
+    let cfg = DenoiserConfig::read(&dir)?;
     report(&format!(
         "loading the UNet of {} ({dtype:?})",
         opts.model.display()
     ));
-    let unet = dir
-        .weights("unet", dtype, &device)?
-        .build(|vb| UNet2DConditionModel::new(vb, &cfg))?;
+    let denoiser = cfg.load(&dir, dtype, &device)?;
 
     let (lh, lw) = (h / 8, w / 8);
     let b = opts.batch;
-    let context_dim = cfg.per_block()?.cross_dims[0];
     let sample =
-        Tensor::randn(0f32, 1.0, (b, cfg.in_channels, lh, lw), &device)?.to_dtype(dtype)?;
-    let context = Tensor::randn(0f32, 1.0, (b, 77, context_dim), &device)?.to_dtype(dtype)?;
-    let added = match (
-        cfg.addition_time_embed_dim,
-        cfg.projection_class_embeddings_input_dim,
-    ) {
-        (Some(t), Some(p)) if cfg.is_sdxl() => {
-            let pooled = p - 6 * t;
-            let row = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
-            let ids: Vec<f32> = (0..b).flat_map(|_| row).collect();
-            Some(AddedCond {
-                text_embeds: Tensor::randn(0f32, 1.0, (b, pooled), &device)?.to_dtype(dtype)?,
-                time_ids: Tensor::from_vec(ids, (b, 6), &device)?,
-            })
-        }
-        _ => None,
+        Tensor::randn(0f32, 1.0, (b, cfg.latent_channels(), lh, lw), &device)?.to_dtype(dtype)?;
+    let text = Tensor::randn(0f32, 1.0, (b, 77, cfg.context_dim()?), &device)?.to_dtype(dtype)?;
+    let pooled = match cfg.pooled_dim() {
+        Some(p) => Some(Tensor::randn(0f32, 1.0, (b, p), &device)?.to_dtype(dtype)?),
+        None => None,
+    };
+    let size_ids = if denoiser.info().conditioning.size_ids {
+        let row = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+        let ids: Vec<f32> = (0..b).flat_map(|_| row).collect();
+        Some(Tensor::from_vec(ids, (b, 6), &device)?)
+    } else {
+        None
+    };
+    let cond = Conditioning {
+        text,
+        pooled,
+        size_ids,
     };
     let eval = || -> candle_core::Result<()> {
         let mut hooks = UNetHooks::default();
-        let out = unet.forward(&sample, 500.0, &context, added.as_ref(), &mut hooks)?;
+        let out = denoiser.forward(&sample, 500.0, &cond, &mut hooks)?;
         drop(out);
         device.synchronize()
     };
@@ -130,7 +127,7 @@ pub fn run(
             times[i]
         ));
     }
-    let flops = unet_flops(&cfg, lh, lw, 77)? * b as f64;
+    let flops = cfg.flops(lh, lw, 77)? * b as f64;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];

@@ -1,9 +1,10 @@
-//! Tessera's types and maths, with no I/O: the render spec and its checks, the plan, tiling
-//! geometry, pixel resize, schedulers, the methods' math, seeded noise, task descriptions and
-//! the tensor codec.
+//! Tessera's types and maths, with no I/O: the model families, the render spec and its checks,
+//! the plan, tiling geometry, pixel resize, schedulers, the methods' math, seeded noise, task
+//! descriptions and the tensor codec.
 pub mod codec;
 pub mod describe;
 pub mod error;
+pub mod family;
 pub mod method;
 pub mod noise;
 pub mod plan;

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::family::{Family, PlanPreset};
 use crate::method::frecas::{self, FrecasPreset, StageSpec};
 use crate::method::freescale::{self, DilationSchedule, DEFAULT_COSINE_SCALE, DEFAULT_DILATE_TAU};
 use crate::method::guidance;
@@ -43,7 +44,7 @@ const TEXT_TOKENS: usize = 77;
 pub struct ArchInfo {
     /// Preset name or model directory, for the report.
     pub name: String,
-    pub sdxl: bool,
+    pub family: Family,
     /// Training size in pixels (square).
     pub training_size: u32,
     pub latent_channels: usize,
@@ -56,64 +57,27 @@ pub struct ArchInfo {
     pub base_channels: usize,
 }
 
-const SD_BETAS: &str = r#""beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000"#;
-
 impl ArchInfo {
-    /// Built-in presets: `sdxl` (SDXL base 1.0), `sd21` (SD 2.1, 768, v-prediction),
-    /// `sd21-base` (SD 2.1 base, 512, epsilon). Parameter counts are those of the released
-    /// checkpoints.
+    /// A built-in preset of [`crate::family::PLAN_PRESETS`]: `sdxl` (SDXL base 1.0), `sd21` (SD 2.1, 768,
+    /// v-prediction), `sd21-base` (SD 2.1 base, 512, epsilon).
     pub fn preset(name: &str) -> Result<Self> {
-        let sched = |class: &str, extra: &str| {
-            SchedulerConfig::from_json(
-                format!(
-                    r#"{{"_class_name": "{class}", {SD_BETAS}, "steps_offset": 1,
-                        "timestep_spacing": "leading", "set_alpha_to_one": false,
-                        "clip_sample": false{extra}}}"#
-                )
-                .as_bytes(),
-            )
-            .map_err(|e| PlanError(format!("preset scheduler: {e}")))
+        let Some(p) = PlanPreset::find(name) else {
+            return invalid(format!(
+                "architecture {name:?} is not a preset: use {}, or --model DIR",
+                PlanPreset::names()
+            ));
         };
-        // UNet + VAE + text encoder(s).
-        const SD21_PARAMS: u64 = 865_910_724 + 83_653_863 + 340_387_840;
-        const SDXL_PARAMS: u64 = 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840;
-        Ok(match name {
-            "sdxl" => Self {
-                name: name.into(),
-                sdxl: true,
-                training_size: 1024,
-                latent_channels: 4,
-                scheduler: sched("EulerDiscreteScheduler", "")?,
-                parameters: SDXL_PARAMS,
-                weight_bytes: 2,
-                base_channels: 320,
-            },
-            "sd21" => Self {
-                name: name.into(),
-                sdxl: false,
-                training_size: 768,
-                latent_channels: 4,
-                scheduler: sched("DDIMScheduler", r#", "prediction_type": "v_prediction""#)?,
-                parameters: SD21_PARAMS,
-                weight_bytes: 2,
-                base_channels: 320,
-            },
-            "sd21-base" => Self {
-                name: name.into(),
-                sdxl: false,
-                training_size: 512,
-                latent_channels: 4,
-                scheduler: sched("DDIMScheduler", "")?,
-                parameters: SD21_PARAMS,
-                weight_bytes: 2,
-                base_channels: 320,
-            },
-            other => {
-                return invalid(format!(
-                    "architecture {other:?} is not a preset: use sd21, sd21-base or sdxl, or \
-                     --model DIR"
-                ))
-            }
+        Ok(Self {
+            name: name.into(),
+            family: p.family,
+            training_size: p.training_size,
+            latent_channels: p.family.info().latent_channels,
+            scheduler: p
+                .scheduler_config()
+                .map_err(|e| PlanError(format!("preset scheduler: {e}")))?,
+            parameters: p.parameters,
+            weight_bytes: 2,
+            base_channels: p.base_channels,
         })
     }
 
@@ -428,10 +392,10 @@ fn frecas_timing(
 /// The reference preset for `n` stages, else the 3-stage pattern stretched to `n` (first
 /// 400/30, middle 200/5, last 0/15; one stage 0/50) with the model's preset weights.
 fn frecas_preset(arch: &ArchInfo, n: usize) -> FrecasPreset {
-    if let Some(p) = FrecasPreset::reference(arch.sdxl, n) {
+    if let Some(p) = FrecasPreset::reference(arch.family == Family::Sdxl, n) {
         return p;
     }
-    let mut p = if arch.sdxl {
+    let mut p = if arch.family == Family::Sdxl {
         FrecasPreset::sdxl_4096()
     } else {
         FrecasPreset::sd21_2048()
@@ -521,7 +485,7 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
     Ok(Plan {
         method,
         arch: arch.name.clone(),
-        sdxl: arch.sdxl,
+        sdxl: arch.family == Family::Sdxl,
         training_size: arch.training_size,
         guided: settings.guided,
         view_batch: settings.view_batch,

@@ -18,7 +18,9 @@ use tessera_core::spec::{JobRequest, RenderSpec, Size};
 use tessera_core::task::{Task, TaskKind};
 use tessera_harness::RedisServer;
 use tessera_store::{RedisOptions, RedisStore};
+use tessera_worker::service::GuardedStore;
 use tessera_worker::simulate::SimulatedModel;
+use tessera_worker::tasks::{self, Backend, CamapCache};
 
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 use crate::dispatch::{Dispatch, DispatchError};
@@ -42,7 +44,8 @@ pub struct StepOptions {
 struct SimulatedWorkers {
     sim: SimulatedModel,
     store: RedisStore,
-    runtime: tokio::runtime::Handle,
+    /// The stage CA-map, read once per stage as by a worker process.
+    camaps: CamapCache,
     slots: usize,
 }
 
@@ -65,7 +68,7 @@ impl Dispatch for SimulatedWorkers {
         std::thread::scope(|scope| {
             for _ in 0..self.slots {
                 let (feed, first_error) = (&feed, &first_error);
-                let turn = tokio::sync::Mutex::new(());
+                let turn = Mutex::new(());
                 scope.spawn(move || loop {
                     let next = feed.lock().unwrap_or_else(|e| e.into_inner()).next();
                     let Some(task) = next else { return };
@@ -80,11 +83,15 @@ impl Dispatch for SimulatedWorkers {
                         // The steps are done; the decode is not what this bench measures.
                         Err(DispatchError::Cancelled)
                     } else {
-                        let guard = tessera_worker::service::guard_key(&task);
-                        self.runtime
-                            .block_on(self.sim.execute(&self.store, &guard, &task, &turn))
-                            .map(|_| ())
-                            .map_err(DispatchError::from)
+                        tasks::execute(
+                            Backend::Simulated(&self.sim),
+                            &GuardedStore::new(&self.store, &task),
+                            &self.camaps,
+                            &task,
+                            &turn,
+                        )
+                        .map(|_| ())
+                        .map_err(DispatchError::from)
                     };
                     match outcome {
                         Ok(()) => done(&task),
@@ -228,7 +235,7 @@ fn measure_size(
         sim: SimulatedModel::from_dir(model_dir, opts.eval_ms)
             .map_err(|e| BenchError::Setup(e.to_string()))?,
         store: store.clone(),
-        runtime: runtime.handle().clone(),
+        camaps: CamapCache::default(),
         slots: opts.workers,
     };
     let engine = Engine {

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Args, Subcommand};
+use tessera_core::family::{NamedModel, TINY_MODELS};
 use tessera_worker::random_models::tiny::{synthesize, TinyArch};
 
 #[derive(Debug, Subcommand)]
@@ -14,20 +16,20 @@ pub enum ModelCommand {
     Synth(SynthArgs),
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ArchArg {
-    /// SDXL base architecture (two text encoders, text_time conditioning), tiny widths;
-    /// training size 128x128.
-    SdxlTiny,
-    /// SD 2.1 architecture (v-prediction, DDIM), tiny widths; training size 128x128.
-    Sd21Tiny,
+/// `--arch`'s values: the family table's tiny models.
+fn tiny_models() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        TINY_MODELS
+            .iter()
+            .map(|m| PossibleValue::new(m.name).help(m.about)),
+    )
 }
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
     /// Which architecture to synthesize.
-    #[arg(long, value_enum)]
-    pub arch: ArchArg,
+    #[arg(long, value_parser = tiny_models())]
+    pub arch: String,
     /// Directory to write the model into (created; must be empty or absent).
     #[arg(long)]
     pub out: PathBuf,
@@ -39,10 +41,9 @@ pub struct SynthArgs {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Synth(args) => {
-            let arch = match args.arch {
-                ArchArg::SdxlTiny => TinyArch::SdxlTiny,
-                ArchArg::Sd21Tiny => TinyArch::Sd21Tiny,
-            };
+            let model = NamedModel::find(&TINY_MODELS, &args.arch)
+                .with_context(|| format!("--arch {}: not a tiny model", args.arch))?;
+            let arch = TinyArch::of_family(model.family);
             synthesize(arch, &args.out, args.seed)
                 .with_context(|| format!("synthesizing a model into {}", args.out.display()))?;
             eprintln!(

@@ -94,7 +94,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
         workers: &workers,
         model: ModelInfo {
             scheduler: model.scheduler_config.clone(),
-            latent_channels: model.unet.config().in_channels,
+            latent_channels: model.denoiser.latent_channels(),
         },
     };
     let progress = RenderProgress::new(&plan);

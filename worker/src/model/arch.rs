@@ -6,8 +6,8 @@ use std::path::Path;
 use tessera_core::plan::ArchInfo;
 use tessera_core::sched::SchedulerConfig;
 
-use super::loader::{ModelDir, ModelError, PipelineKind, Result};
-use super::unet::UNetConfig;
+use super::denoiser::DenoiserConfig;
+use super::loader::{ModelDir, ModelError, Result};
 
 /// Parameter count of the safetensors files directly in `dir` (fp16/bf16 variants of the
 /// same weights are skipped when a plain file exists).
@@ -67,14 +67,12 @@ fn count_parameters(dir: &Path) -> Result<u64> {
 
 /// A synthetic model has no files to count: its components are built over a backend that only
 /// records the shapes asked for.
-fn synthetic_parameters(dir: &ModelDir, unet: &UNetConfig) -> Result<u64> {
+fn synthetic_parameters(dir: &ModelDir, denoiser: &DenoiserConfig) -> Result<u64> {
     use super::text::{ClipTextConfig, ClipTextModel};
-    use super::unet::UNet2DConditionModel;
     use super::vae::{AutoencoderKL, VaeConfig};
     use crate::random_models::full_size::count_parameters;
     let err = |e: candle_core::Error| ModelError::Other(format!("synthetic model: {e}"));
-    let mut total =
-        count_parameters(|vb| UNet2DConditionModel::new(vb, unet).map(|_| ())).map_err(err)?;
+    let mut total = count_parameters(|vb| denoiser.build(vb).map(|_| ())).map_err(err)?;
     let vae: VaeConfig = dir.config("vae")?;
     total += count_parameters(|vb| AutoencoderKL::new(vb, &vae).map(|_| ())).map_err(err)?;
     for (name, projection) in [("text_encoder", false), ("text_encoder_2", true)] {
@@ -90,7 +88,7 @@ fn synthetic_parameters(dir: &ModelDir, unet: &UNetConfig) -> Result<u64> {
 /// The plan's view of the model at `path`; `weight_bytes` is the precision workers will use.
 pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     let dir = ModelDir::open(path)?;
-    let unet: UNetConfig = dir.config("unet")?;
+    let denoiser = DenoiserConfig::read(&dir)?;
     let sched_path = dir.scheduler_config_path();
     if !sched_path.is_file() {
         return Err(ModelError::MissingFile { path: sched_path });
@@ -98,7 +96,7 @@ pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     let scheduler = SchedulerConfig::from_file(&sched_path)
         .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
     let parameters = if dir.is_synthetic() {
-        synthetic_parameters(&dir, &unet)?
+        synthetic_parameters(&dir, &denoiser)?
     } else {
         let mut parameters = 0;
         for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
@@ -108,12 +106,12 @@ pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     };
     Ok(ArchInfo {
         name: path.display().to_string(),
-        sdxl: dir.index().kind == PipelineKind::StableDiffusionXl,
-        training_size: (unet.sample_size() * 8) as u32,
-        latent_channels: unet.in_channels,
+        family: denoiser.family(),
+        training_size: denoiser.training_size(),
+        latent_channels: denoiser.latent_channels(),
         scheduler,
         parameters,
         weight_bytes,
-        base_channels: unet.block_out_channels.first().copied().unwrap_or(320),
+        base_channels: denoiser.base_channels(),
     })
 }

@@ -1,16 +1,17 @@
 //! A whole Stable Diffusion model loaded from a diffusers directory: tokenizers, text encoders,
-//! UNet, VAE and the scheduler configuration, plus prompt encoding exactly as diffusers'
+//! denoiser, VAE and the scheduler configuration, plus prompt encoding exactly as diffusers'
 //! StableDiffusionPipeline / StableDiffusionXLPipeline do it.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use tessera_core::family::Family;
 use tessera_core::sched::SchedulerConfig;
 
-use super::loader::{ModelDir, ModelError, PipelineKind, Result};
+use super::denoiser::{Conditioning, Denoiser};
+use super::loader::{ModelDir, ModelError, Result};
 use super::text::{ClipTextConfig, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
-use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 
 /// One tokenizer with its text encoder.
@@ -21,10 +22,9 @@ struct TextBranch {
 
 pub struct DiffusionModel {
     pub dir: ModelDir,
-    pub kind: PipelineKind,
     pub device: Device,
     pub dtype: DType,
-    pub unet: UNet2DConditionModel,
+    pub denoiser: Denoiser,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
     vae_dtype: DType,
@@ -89,12 +89,8 @@ impl SizeConditioning {
 impl DiffusionModel {
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let dir = ModelDir::open(path)?;
-        let kind = dir.index().kind;
-
-        let unet_cfg: UNetConfig = dir.config("unet")?;
-        let unet = dir
-            .weights("unet", dtype, device)?
-            .build(|vb| UNet2DConditionModel::new(vb, &unet_cfg))?;
+        let family = dir.index().family;
+        let denoiser = Denoiser::load(&dir, dtype, device)?;
 
         let vae_cfg: VaeConfig = dir.config("vae")?;
         // The VAE stays in f32 when asked for f16: SDXL's VAE overflows in half precision
@@ -108,9 +104,9 @@ impl DiffusionModel {
             .weights("vae", vae_dtype, device)?
             .build(|vb| AutoencoderKL::new(vb, &vae_cfg))?;
 
-        let branches: &[(&str, &str, bool)] = match kind {
-            PipelineKind::StableDiffusion => &[("tokenizer", "text_encoder", false)],
-            PipelineKind::StableDiffusionXl => &[
+        let branches: &[(&str, &str, bool)] = match family {
+            Family::Sd2 => &[("tokenizer", "text_encoder", false)],
+            Family::Sdxl => &[
                 ("tokenizer", "text_encoder", false),
                 ("tokenizer_2", "text_encoder_2", true),
             ],
@@ -135,10 +131,9 @@ impl DiffusionModel {
 
         Ok(Self {
             dir,
-            kind,
             device: device.clone(),
             dtype,
-            unet,
+            denoiser,
             vae,
             scheduler_config,
             vae_dtype,
@@ -146,9 +141,14 @@ impl DiffusionModel {
         })
     }
 
-    /// The training size in pixels (`unet.sample_size` latent pixels times 8).
+    /// The family of the model's pipeline and denoiser.
+    pub fn family(&self) -> Family {
+        self.denoiser.family()
+    }
+
+    /// The training size in pixels.
     pub fn training_size(&self) -> u32 {
-        (self.unet.config().sample_size() * 8) as u32
+        self.denoiser.training_size()
     }
 
     /// The VAE's own dtype (f32 where half precision would overflow).
@@ -166,7 +166,7 @@ impl DiffusionModel {
     pub fn encode_prompt(&self, prompt: &str, negative: Option<&str>) -> Result<PromptEmbeddings> {
         let (cond, pooled_cond) = self.encode_text(prompt)?;
         let zero_negative = negative.is_none()
-            && self.kind == PipelineKind::StableDiffusionXl
+            && self.family() == Family::Sdxl
             && self.dir.index().force_zeros_for_empty_prompt;
         let (uncond, pooled_uncond) = if zero_negative {
             (
@@ -202,9 +202,9 @@ impl DiffusionModel {
                 .and_then(|t| t.unsqueeze(0))
                 .map_err(other)?;
             let out = branch.encoder.forward(&ids).map_err(other)?;
-            match self.kind {
-                PipelineKind::StableDiffusion => states.push(out.last_hidden_state),
-                PipelineKind::StableDiffusionXl => {
+            match self.family() {
+                Family::Sd2 => states.push(out.last_hidden_state),
+                Family::Sdxl => {
                     states.push(out.penultimate);
                     if out.text_embeds.is_some() {
                         pooled = out.text_embeds;
@@ -216,39 +216,48 @@ impl DiffusionModel {
         Ok((context, pooled))
     }
 
-    /// The UNet's added conditioning for a batch laid out `[uncond, cond]` (or `[cond]` alone
-    /// when `guided` is false); `None` for SD models.
-    pub fn added_conditioning(
+    /// The denoiser's conditioning for a batch of `repeat` views laid out `[uncond, cond]`
+    /// (or `[cond]` alone when `guided` is false), as diffusers batches it: the text
+    /// embeddings, and for the families conditioned on them the pooled embeddings and size ids.
+    pub fn conditioning(
         &self,
         embeddings: &PromptEmbeddings,
         size: SizeConditioning,
         guided: bool,
         repeat: usize,
-    ) -> Result<Option<AddedCond>> {
-        let (Some(pc), Some(pu)) = (&embeddings.pooled_cond, &embeddings.pooled_uncond) else {
-            return Ok(None);
+    ) -> Result<Conditioning> {
+        let batch = |cond: &Tensor, uncond: &Tensor, repeat_as: &[usize]| {
+            let cond = cond.repeat(repeat_as)?;
+            if guided {
+                Tensor::cat(&[&uncond.repeat(repeat_as)?, &cond], 0)
+            } else {
+                Ok(cond)
+            }
         };
-        let pooled = if guided {
-            Tensor::cat(
-                &[
-                    pu.repeat((repeat, 1)).map_err(other)?,
-                    pc.repeat((repeat, 1)).map_err(other)?,
-                ],
-                0,
-            )
+        let text = batch(&embeddings.cond, &embeddings.uncond, &[repeat, 1, 1]).map_err(other)?;
+        let (Some(pc), Some(pu)) = (&embeddings.pooled_cond, &embeddings.pooled_uncond) else {
+            return Ok(Conditioning {
+                text,
+                pooled: None,
+                size_ids: None,
+            });
+        };
+        let pooled = batch(pc, pu, &[repeat, 1]).map_err(other)?;
+        let size_ids = if self.family().info().conditioning.size_ids {
+            let rows = pooled.dim(0).map_err(other)?;
+            let ids: Vec<f32> = (0..rows).flat_map(|_| size.as_row()).collect();
+            let ids = Tensor::from_vec(ids, (rows, 6), &self.device)
+                .and_then(|t| t.to_dtype(self.dtype))
+                .map_err(other)?;
+            Some(ids)
         } else {
-            pc.repeat((repeat, 1))
-        }
-        .map_err(other)?;
-        let rows = pooled.dim(0).map_err(other)?;
-        let ids: Vec<f32> = (0..rows).flat_map(|_| size.as_row()).collect();
-        let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)
-            .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(other)?;
-        Ok(Some(AddedCond {
-            text_embeds: pooled,
-            time_ids,
-        }))
+            None
+        };
+        Ok(Conditioning {
+            text,
+            pooled: Some(pooled),
+            size_ids,
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
+use tessera_core::family::Family;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -46,19 +47,11 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
-/// The pipeline family a directory holds, from `model_index.json`'s `_class_name`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PipelineKind {
-    /// StableDiffusionPipeline (SD 1.x / 2.x): one CLIP text encoder.
-    StableDiffusion,
-    /// StableDiffusionXLPipeline: two text encoders, pooled text embeddings, size conditioning.
-    StableDiffusionXl,
-}
-
 /// What `model_index.json` tells us beyond the component list.
 #[derive(Debug, Clone)]
 pub struct ModelIndex {
-    pub kind: PipelineKind,
+    /// The family of the directory's pipeline, from `_class_name`.
+    pub family: Family,
     pub class_name: String,
     /// SDXL: encode an absent negative prompt as zeros rather than as "".
     pub force_zeros_for_empty_prompt: bool,
@@ -91,18 +84,14 @@ impl ModelDir {
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
-        let kind = match class_name.as_str() {
-            "StableDiffusionPipeline" => PipelineKind::StableDiffusion,
-            "StableDiffusionXLPipeline" => PipelineKind::StableDiffusionXl,
-            other => {
-                return Err(ModelError::Unsupported {
-                    path: index_path,
-                    message: format!(
-                        "_class_name {other:?}; Tessera runs StableDiffusionPipeline (SD 2.1) \
-                         and StableDiffusionXLPipeline (SDXL base) directories"
-                    ),
-                })
-            }
+        let Some(family) = Family::from_pipeline_class(&class_name) else {
+            return Err(ModelError::Unsupported {
+                path: index_path,
+                message: format!(
+                    "_class_name {class_name:?}; Tessera runs {} directories",
+                    Family::pipeline_classes()
+                ),
+            });
         };
         let components = value
             .as_object()
@@ -121,11 +110,11 @@ impl ModelDir {
         let force_zeros_for_empty_prompt = value
             .get("force_zeros_for_empty_prompt")
             .and_then(|v| v.as_bool())
-            .unwrap_or(kind == PipelineKind::StableDiffusionXl);
+            .unwrap_or(family == Family::Sdxl);
         Ok(Self {
             root,
             index: ModelIndex {
-                kind,
+                family,
                 class_name,
                 force_zeros_for_empty_prompt,
                 components,
@@ -416,7 +405,7 @@ mod tests {
         .unwrap();
 
         let m = ModelDir::open(&dir.0).unwrap();
-        assert_eq!(m.index().kind, PipelineKind::StableDiffusionXl);
+        assert_eq!(m.index().family, Family::Sdxl);
         assert!(m.index().force_zeros_for_empty_prompt);
         assert!(m.index().components.contains("unet"));
         assert!(!m.index().components.contains("safety_checker"));

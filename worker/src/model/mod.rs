@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod attention;
 pub mod blocks;
+pub mod denoiser;
 pub mod diffusion;
 pub mod flops;
 pub mod loader;

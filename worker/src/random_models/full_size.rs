@@ -15,6 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use tessera_core::family::{Family, NamedModel, SYNTHETIC_MODELS};
 
 use super::diffusers_dir::{write_model, Size, SYNTH_MARKER};
 use crate::model::loader::{ModelError, Result};
@@ -23,9 +24,6 @@ pub const PREFIX: &str = "synthetic:";
 /// Bumped when the written configs change, so a stale cached directory is not reused.
 const LAYOUT_VERSION: u32 = 1;
 
-/// The architectures `synthetic:NAME` accepts.
-pub const NAMES: [&str; 2] = ["sdxl", "sd21"];
-
 /// `Some(name)` when `path` spells a synthetic model (`synthetic:sdxl`).
 pub fn synthetic_name(path: &Path) -> Option<&str> {
     path.to_str()?.strip_prefix(PREFIX)
@@ -33,16 +31,13 @@ pub fn synthetic_name(path: &Path) -> Option<&str> {
 
 /// The directory holding the configs of `synthetic:name`, written on first use.
 pub fn config_dir(name: &str) -> Result<PathBuf> {
-    let sdxl = match name {
-        "sdxl" => true,
-        "sd21" => false,
-        other => {
-            return Err(ModelError::Other(format!(
-                "unknown synthetic model {PREFIX}{other}: use {}",
-                NAMES.map(|n| format!("{PREFIX}{n}")).join(" or ")
-            )))
-        }
+    let Some(model) = NamedModel::find(&SYNTHETIC_MODELS, name) else {
+        return Err(ModelError::Other(format!(
+            "unknown synthetic model {PREFIX}{name}: use {}",
+            NamedModel::names(&SYNTHETIC_MODELS, |n| format!("{PREFIX}{n}"))
+        )));
     };
+    let sdxl = model.family == Family::Sdxl;
     let dir = std::env::temp_dir().join(format!("tessera-synthetic-{name}-v{LAYOUT_VERSION}"));
     if dir.join(SYNTH_MARKER).is_file() {
         return Ok(dir);
@@ -161,7 +156,7 @@ mod tests {
     fn synthetic_models_have_the_published_sizes() -> anyhow::Result<()> {
         // Parameter counts published for the real models: SDXL's UNet 2.567 B, SD 2.1's 865.9 M.
         let sdxl = arch_info(Path::new("synthetic:sdxl"), 2)?;
-        assert!(sdxl.sdxl);
+        assert_eq!(sdxl.family, Family::Sdxl);
         assert_eq!(sdxl.training_size, 1024);
         let dir = ModelDir::open("synthetic:sdxl")?;
         let cfg: UNetConfig = dir.config("unet")?;
@@ -175,7 +170,7 @@ mod tests {
         );
 
         let sd21 = arch_info(Path::new("synthetic:sd21"), 2)?;
-        assert!(!sd21.sdxl);
+        assert_eq!(sd21.family, Family::Sd2);
         assert_eq!(sd21.training_size, 768);
         let cfg: UNetConfig = ModelDir::open("synthetic:sd21")?.config("unet")?;
         let unet = count_parameters(|vb| UNet2DConditionModel::new(vb, &cfg).map(|_| ()))?;

@@ -6,6 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use serde_json::json;
+use tessera_core::family::{Family, NamedModel, TINY_MODELS};
 
 use super::diffusers_dir::{io_err, pretty, write_file, write_model, Size, SYNTH_MARKER};
 use crate::model::loader::{ModelError, Result};
@@ -17,11 +18,26 @@ pub enum TinyArch {
 }
 
 impl TinyArch {
-    pub fn name(&self) -> &'static str {
-        match self {
-            TinyArch::SdxlTiny => "sdxl-tiny",
-            TinyArch::Sd21Tiny => "sd21-tiny",
+    /// The tiny model of `family` in the family table.
+    pub fn of_family(family: Family) -> Self {
+        match family {
+            Family::Sdxl => TinyArch::SdxlTiny,
+            Family::Sd2 => TinyArch::Sd21Tiny,
         }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            TinyArch::SdxlTiny => Family::Sdxl,
+            TinyArch::Sd21Tiny => Family::Sd2,
+        }
+    }
+
+    /// Its name in the family table (`model synth --arch NAME`).
+    pub fn name(&self) -> &'static str {
+        NamedModel::of_family(&TINY_MODELS, self.family())
+            .map(|m| m.name)
+            .expect("every family has a tiny model")
     }
 }
 
@@ -37,7 +53,7 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
         &out.join(SYNTH_MARKER),
         &pretty(&json!({ "arch": arch.name(), "seed": seed })),
     )?;
-    write_model(arch == TinyArch::SdxlTiny, Size::Tiny, out, Some(seed))
+    write_model(arch.family() == Family::Sdxl, Size::Tiny, out, Some(seed))
 }
 
 fn prepare_dir(out: &Path) -> Result<()> {

@@ -1,0 +1,198 @@
+//! The denoiser of a model: the network that predicts from noisy latents at a timestep, under
+//! a text conditioning and the methods' hooks. Engine, tasks and worker talk to it through
+//! [`Denoiser`] (the loaded network) and [`DenoiserConfig`] (its facts, read without weights),
+//! one variant per implementation: diffusers' UNet2DConditionModel serves SD 2.x and SDXL
+//! today; SD3's MMDiT is the next variant. What varies by family otherwise is in the family
+//! table, [`tessera_core::family`].
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use tessera_core::family::{Family, FamilyInfo};
+
+use super::flops::unet_flops;
+use super::loader::{ModelDir, Result};
+use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+use crate::hooks::UNetHooks;
+
+/// Pixels per latent pixel of the VAEs of every family.
+const PIXELS_PER_LATENT: usize = 8;
+/// SDXL's size ids per sample: original size, crop top-left, target size.
+const SIZE_IDS: usize = 6;
+
+/// A denoiser's configuration, as its model directory gives it.
+#[derive(Debug, Clone)]
+pub enum DenoiserConfig {
+    /// `unet/config.json` of an SD 2.x or SDXL directory.
+    Unet { family: Family, config: UNetConfig },
+}
+
+/// A loaded denoiser.
+pub enum Denoiser {
+    Unet {
+        family: Family,
+        unet: UNet2DConditionModel,
+    },
+}
+
+/// What the denoiser is conditioned on for one batch, laid out like the batch's latents.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// (B, tokens, C) text embeddings: the cross-attention context.
+    pub text: Tensor,
+    /// (B, P) pooled text embeddings, for families conditioned on them (SDXL).
+    pub pooled: Option<Tensor>,
+    /// (B, 6) size ids, for families conditioned on them (SDXL).
+    pub size_ids: Option<Tensor>,
+}
+
+impl DenoiserConfig {
+    /// The denoiser config of the directory's family.
+    pub fn read(dir: &ModelDir) -> Result<Self> {
+        let family = dir.index().family;
+        match family {
+            Family::Sd2 | Family::Sdxl => Ok(Self::Unet {
+                family,
+                config: dir.config("unet")?,
+            }),
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Unet { family, .. } => *family,
+        }
+    }
+
+    /// The training size in pixels (`sample_size` latent pixels).
+    pub fn training_size(&self) -> u32 {
+        match self {
+            Self::Unet { config, .. } => (config.sample_size() * PIXELS_PER_LATENT) as u32,
+        }
+    }
+
+    /// Channels of the latents it denoises.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Unet { config, .. } => config.in_channels,
+        }
+    }
+
+    /// Channels of its first block (activations scale with it).
+    pub fn base_channels(&self) -> usize {
+        match self {
+            Self::Unet { config, .. } => config.block_out_channels.first().copied().unwrap_or(320),
+        }
+    }
+
+    /// Width of the text embeddings it attends to.
+    pub fn context_dim(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Unet { config, .. } => Ok(config.per_block()?.cross_dims[0]),
+        }
+    }
+
+    /// Width of the pooled text embedding, for families conditioned on one.
+    pub fn pooled_dim(&self) -> Option<usize> {
+        match self {
+            Self::Unet { config, .. } => match (
+                config.addition_time_embed_dim,
+                config.projection_class_embeddings_input_dim,
+            ) {
+                // The added embedding is [pooled, Fourier features of the size ids].
+                (Some(t), Some(p)) if config.is_sdxl() => Some(p - SIZE_IDS * t),
+                _ => None,
+            },
+        }
+    }
+
+    /// FLOPs of one evaluation of one sample of `h × w` latent pixels with `tokens` text
+    /// tokens (see [`super::flops`]).
+    pub fn flops(&self, h: usize, w: usize, tokens: usize) -> candle_core::Result<f64> {
+        match self {
+            Self::Unet { config, .. } => unet_flops(config, h, w, tokens),
+        }
+    }
+
+    /// Builds the denoiser over `vb`.
+    pub fn build(&self, vb: VarBuilder<'static>) -> candle_core::Result<Denoiser> {
+        match self {
+            Self::Unet { family, config } => Ok(Denoiser::Unet {
+                family: *family,
+                unet: UNet2DConditionModel::new(vb, config)?,
+            }),
+        }
+    }
+
+    /// The weights' component folder.
+    pub fn component(&self) -> &'static str {
+        match self {
+            Self::Unet { .. } => "unet",
+        }
+    }
+
+    /// Loads the denoiser's weights from `dir` in `dtype` on `device`.
+    pub fn load(&self, dir: &ModelDir, dtype: DType, device: &Device) -> Result<Denoiser> {
+        dir.weights(self.component(), dtype, device)?
+            .build(|vb| self.build(vb))
+    }
+}
+
+impl Denoiser {
+    /// The denoiser of the model in `dir`.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+        DenoiserConfig::read(dir)?.load(dir, dtype, device)
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Unet { family, .. } => *family,
+        }
+    }
+
+    /// The family's row of the family table.
+    pub fn info(&self) -> &'static FamilyInfo {
+        self.family().info()
+    }
+
+    /// Channels of the latents it denoises.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Unet { unet, .. } => unet.config().in_channels,
+        }
+    }
+
+    /// Latent pixels per token side.
+    pub fn patch_size(&self) -> usize {
+        self.info().patch_size
+    }
+
+    /// The training size in pixels.
+    pub fn training_size(&self) -> u32 {
+        match self {
+            Self::Unet { unet, .. } => (unet.config().sample_size() * PIXELS_PER_LATENT) as u32,
+        }
+    }
+
+    /// One prediction for `latents` (B, C, h, w) at `timestep` (shared by the batch;
+    /// fractional for Euler), in the latents' dtype.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        hooks: &mut UNetHooks,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Unet { unet, .. } => {
+                let added = match (&cond.pooled, &cond.size_ids) {
+                    (Some(pooled), Some(ids)) => Some(AddedCond {
+                        text_embeds: pooled.clone(),
+                        time_ids: ids.clone(),
+                    }),
+                    _ => None,
+                };
+                unet.forward(latents, timestep, &cond.text, added.as_ref(), hooks)
+            }
+        }
+    }
+}
