@@ -26,19 +26,17 @@ pub enum DispatchError {
 /// Runs tasks to completion: when `run` returns Ok, every task's outputs are in the store.
 /// `done` is called once per finished task, from any thread, in completion order.
 pub trait Dispatch: Sync {
-    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError>;
-    /// [`Dispatch::run`] over tasks that arrive one by one as the engine writes their inputs:
-    /// each is handed out as soon as `tasks` yields it (it may block), so writing the later
-    /// inputs overlaps the workers' computation of the earlier ones. Returns once the
-    /// iterator has ended and every task it yielded is done. The default collects them all
-    /// first.
+    /// Runs the tasks, handing each out as soon as `tasks` yields it (it may block), so writing
+    /// the later inputs overlaps the workers' computation of the earlier ones. Returns once
+    /// the iterator has ended and every task it yielded is done.
     fn run_streamed(
         &self,
         tasks: &mut (dyn Iterator<Item = Task> + Send),
         done: &(dyn Fn(&Task) + Sync),
-    ) -> Result<(), DispatchError> {
-        let tasks: Vec<Task> = tasks.collect();
-        self.run(&tasks, done)
+    ) -> Result<(), DispatchError>;
+    /// [`Dispatch::run_streamed`] over tasks known up front.
+    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
+        self.run_streamed(&mut tasks.iter().cloned(), done)
     }
     /// Workers available (for progress and plans).
     fn workers(&self) -> usize;
@@ -75,10 +73,6 @@ impl LocalWorkers {
 }
 
 impl Dispatch for LocalWorkers {
-    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
-        self.run_streamed(&mut tasks.iter().cloned(), done)
-    }
-
     fn run_streamed(
         &self,
         tasks: &mut (dyn Iterator<Item = Task> + Send),

@@ -21,7 +21,7 @@ use tessera_worker::hooks::{ScaleFusion, SelfAttentionMode, UNetHooks};
 use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::{DiffusionModel, SizeConditioning};
 use tessera_worker::random_models::tiny::{synthesize, TinyArch};
-use tessera_worker::tasks::{decode_latents, encode_pixels, freeu_for, predict_noise};
+use tessera_worker::tasks::{decode_latents, encode_pixels, predict_noise};
 
 const SEED: u64 = 5;
 
@@ -171,7 +171,7 @@ fn one_tile_covering_the_stage_is_in_unet_freescale() {
     // Stage 0: plain guided sampling at the training size, with FreeU.
     let sched = Scheduler::new(SchedulerKind::Euler, &model.scheduler_config, 4).unwrap();
     let freeu = || UNetHooks {
-        freeu: freeu_for(&model),
+        freeu: model.family().info().freeu,
         ..Default::default()
     };
     let noise = NoiseKey::new(SEED, NoisePurpose::InitialLatent)
@@ -255,18 +255,20 @@ struct Crashing<'a> {
 }
 
 impl Dispatch for Crashing<'_> {
-    fn run(
+    /// Takes the whole stream at once: a step's tasks are given or refused together.
+    fn run_streamed(
         &self,
-        tasks: &[tessera_core::task::Task],
+        tasks: &mut (dyn Iterator<Item = tessera_core::task::Task> + Send),
         done: &(dyn Fn(&tessera_core::task::Task) + Sync),
     ) -> Result<(), DispatchError> {
         use std::sync::atomic::Ordering;
+        let tasks: Vec<tessera_core::task::Task> = tasks.collect();
         let n = tasks.len();
         if self.given.load(Ordering::Relaxed) + n > self.budget.load(Ordering::Relaxed) {
             return Err(DispatchError::Worker("simulated crash".into()));
         }
         self.given.fetch_add(n, Ordering::Relaxed);
-        self.inner.run(tasks, done)
+        self.inner.run(&tasks, done)
     }
 
     fn workers(&self) -> usize {

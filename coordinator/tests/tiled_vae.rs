@@ -59,9 +59,14 @@ struct Ordered<'a> {
 }
 
 impl Dispatch for Ordered<'_> {
-    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
+    /// Collects the whole stream first, so the order can be reversed.
+    fn run_streamed(
+        &self,
+        tasks: &mut (dyn Iterator<Item = Task> + Send),
+        done: &(dyn Fn(&Task) + Sync),
+    ) -> Result<(), DispatchError> {
+        let mut tasks: Vec<Task> = tasks.collect();
         self.tasks.fetch_add(tasks.len(), Ordering::Relaxed);
-        let mut tasks = tasks.to_vec();
         if self.reverse {
             tasks.reverse();
         }

@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tessera_core::method::camap::{CaMap, CaMapCollector, FlatCaMap};
-use tessera_core::method::freescale::dilated_layers;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::task::{DenoiseTask, Task, TaskKind, VaeNoise};
 use tessera_store::{get_tensor, keys, put_tensor, Store, StoreError};
 
-use crate::hooks::{CrossAttnInjection, FreeU, ScaleFusion, SelfAttentionMode, UNetHooks};
+use crate::hooks::{self, CrossAttnInjection, UNetHooks};
 use crate::model::diffusion::{DiffusionModel, PromptEmbeddings, SizeConditioning};
 use crate::simulate::SimulatedModel;
 
@@ -108,37 +107,6 @@ pub enum TaskError {
     },
     #[error("task {task}: {message}")]
     Compute { task: String, message: String },
-}
-
-/// The model family's FreeU factors (the family table's), where it supports FreeU.
-pub fn freeu_for(model: &DiffusionModel) -> Option<FreeU> {
-    let f = model.family().info().freeu?;
-    Some(FreeU {
-        b1: f.b1,
-        b2: f.b2,
-        s1: f.s1,
-        s2: f.s2,
-    })
-}
-
-/// The UNet hooks a denoise task asks for.
-pub fn hooks_for(model: &DiffusionModel, d: &DenoiseTask) -> UNetHooks {
-    let mut hooks = UNetHooks::default();
-    if d.freeu {
-        hooks.freeu = freeu_for(model);
-    }
-    hooks
-        .dilation
-        .extend(dilated_layers(d.dilation).map(|(path, f)| (path.to_string(), f)));
-    if let Some(f) = &d.scale_fusion {
-        hooks.self_attention = SelfAttentionMode::ScaleFusion(ScaleFusion {
-            train_latent: (f.train_latent[0], f.train_latent[1]),
-            fast: f.fast,
-            jitter_seed: f.jitter_seed,
-        });
-    }
-    hooks.capture_cross_attention = d.camap_capture.is_some();
-    hooks
 }
 
 /// The stage CA-map a worker cuts its views from, kept between tasks: every view task of a
@@ -466,7 +434,7 @@ fn model_denoise(
     let size = SizeConditioning::for_size(d.size_conditioning[0], d.size_conditioning[1]);
     let guided = d.output_uncond.is_some();
     let _turn = on_device();
-    let mut hooks = hooks_for(model, d);
+    let mut hooks = hooks::for_task(model.family(), d);
     if let Some((weight, map)) = inject {
         hooks.inject_cross_attention = Some(CrossAttnInjection {
             weight,

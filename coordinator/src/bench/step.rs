@@ -50,14 +50,6 @@ struct SimulatedWorkers {
 }
 
 impl Dispatch for SimulatedWorkers {
-    fn run(
-        &self,
-        tasks: &[Task],
-        done: &(dyn Fn(&Task) + Sync),
-    ) -> std::result::Result<(), DispatchError> {
-        self.run_streamed(&mut tasks.iter().cloned(), done)
-    }
-
     fn run_streamed(
         &self,
         tasks: &mut (dyn Iterator<Item = Task> + Send),

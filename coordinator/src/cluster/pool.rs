@@ -551,10 +551,6 @@ impl JobDispatch<'_> {
 }
 
 impl Dispatch for JobDispatch<'_> {
-    fn run(&self, tasks: &[Task], done: &(dyn Fn(&Task) + Sync)) -> Result<(), DispatchError> {
-        self.run_streamed(&mut tasks.iter().cloned(), done)
-    }
-
     /// A feeder thread queues each task as the engine yields it; this thread reports results
     /// as they come, watches for cancellation, and returns once the stream has ended and all
     /// of it is done.

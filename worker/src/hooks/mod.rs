@@ -14,6 +14,9 @@ pub mod scale_fusion;
 use std::collections::HashMap;
 
 use candle_core::Tensor;
+use tessera_core::family::Family;
+use tessera_core::method::freescale::dilated_layers;
+use tessera_core::task::DenoiseTask;
 
 /// What every `attn1` (self-attention) of the UNet computes.
 #[derive(Debug, Clone, Default)]
@@ -44,14 +47,8 @@ pub struct ScaleFusion {
     pub jitter_seed: Option<u64>,
 }
 
-/// FreeU factors (diffusers' `enable_freeu(s1, s2, b1, b2)`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FreeU {
-    pub b1: f64,
-    pub b2: f64,
-    pub s1: f64,
-    pub s2: f64,
-}
+/// FreeU factors (diffusers' `enable_freeu(s1, s2, b1, b2)`), as the family table gives them.
+pub use tessera_core::family::FreeUFactors as FreeU;
 
 /// One cross-attention layer's head-averaged attention probabilities.
 #[derive(Debug, Clone)]
@@ -111,4 +108,26 @@ mod tests {
         assert!(h.inject_cross_attention.is_none());
         assert_eq!(h.dilation_of("conv_in"), 1);
     }
+}
+
+/// The hooks a denoise task asks for, on a model of `family`: FreeU with the family's factors,
+/// FreeScale's dilated convolutions and scale fusion, and the cross-attention map capture. (The
+/// map injection needs the stage map's tensor; the task's runner adds it.)
+pub fn for_task(family: Family, d: &DenoiseTask) -> UNetHooks {
+    let mut hooks = UNetHooks::default();
+    if d.freeu {
+        hooks.freeu = family.info().freeu;
+    }
+    hooks
+        .dilation
+        .extend(dilated_layers(d.dilation).map(|(path, f)| (path.to_string(), f)));
+    if let Some(f) = &d.scale_fusion {
+        hooks.self_attention = SelfAttentionMode::ScaleFusion(ScaleFusion {
+            train_latent: (f.train_latent[0], f.train_latent[1]),
+            fast: f.fast,
+            jitter_seed: f.jitter_seed,
+        });
+    }
+    hooks.capture_cross_attention = d.camap_capture.is_some();
+    hooks
 }
