@@ -12,7 +12,8 @@ use crate::method::params::{Method, MethodSpec, TileWeights};
 use crate::resize::ResizeFilter;
 use crate::sched::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::spec::{
-    check_side_multiple, RenderSpec, Size, SpecError, PIXELS_PER_LATENT, SIZE_MULTIPLE,
+    check_side_multiple, check_side_range, latent_pixels, RenderSpec, Size, SpecError,
+    PIXELS_PER_LATENT, SIZE_MULTIPLE,
 };
 use crate::tiling::{GlobalViewConfig, GlobalViews, LocalViewConfig, LocalViews};
 
@@ -278,56 +279,143 @@ pub fn default_stages(size: Size, training: u32) -> Vec<Size> {
         .collect()
 }
 
+/// Pixels a side must be a multiple of under `method`: one latent pixel for plain sampling (as
+/// diffusers' pipelines accept), 8 for cascades, whose tiles and strided views must line up
+/// with the UNet's grid.
+fn side_multiple(method: Method) -> u32 {
+    if method == Method::Single {
+        PIXELS_PER_LATENT
+    } else {
+        SIZE_MULTIPLE
+    }
+}
+
+fn on_grid(size: Size, multiple: u32) -> bool {
+    size.width.is_multiple_of(multiple) && size.height.is_multiple_of(multiple)
+}
+
 fn resolve_stages(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> Result<Vec<Size>> {
     let target = Size {
         width: spec.width,
         height: spec.height,
     };
-    let stages = match (&spec.method.stages, method) {
-        (Some(s), _) => s.clone(),
-        (None, Method::Single) => vec![target],
-        (None, _) => default_stages(target, arch.training_size),
+    let multiple = side_multiple(method);
+    let Some(given) = &spec.method.stages else {
+        // The stages derive from --size (their halves are put on the grid), so only --size
+        // can break a rule, and the fix offered must keep every rule at once.
+        if !on_grid(target, multiple) {
+            return invalid(size_off_grid(spec, arch, method));
+        }
+        return Ok(match method {
+            Method::Single => vec![target],
+            _ => default_stages(target, arch.training_size),
+        });
     };
-    if stages.is_empty() {
+    if given.is_empty() {
         return invalid("--stages is empty: list sizes like 1024x1024,2048x2048");
     }
-    // Cascade stages are tiled and strided: whole multiples of 8 latent pixels keep tiles,
-    // strided views and the UNet's grid aligned.
-    let multiple = if method == Method::Single {
-        PIXELS_PER_LATENT
-    } else {
-        SIZE_MULTIPLE
-    };
-    for (k, s) in stages.iter().enumerate() {
-        let name = if stages.len() == 1 {
-            "--size".to_string()
-        } else {
-            format!("stage {k}")
-        };
-        check_side_multiple(&format!("{name} width"), s.width, multiple)?;
-        check_side_multiple(&format!("{name} height"), s.height, multiple)?;
+    for (k, s) in given.iter().enumerate() {
+        let name = format!("--stages' {} ({s})", listed_stage(k + 1));
+        check_side_multiple(&format!("{name}: width"), s.width, multiple)?;
+        check_side_multiple(&format!("{name}: height"), s.height, multiple)?;
         if k > 0 {
-            let p = stages[k - 1];
+            let p = given[k - 1];
             if s.width < p.width || s.height < p.height || *s == p {
                 return invalid(format!(
-                    "stage {k} ({s}) is not larger than stage {} ({p}): list --stages smallest first",
-                    k - 1
+                    "--stages: {s} is not larger than {p} before it: list the stages smallest first"
                 ));
             }
         }
     }
-    let last = *stages.last().expect("not empty");
+    let last = *given.last().expect("not empty");
     if last != target {
         return invalid(format!(
-            "the last stage is {last} but --size is {target}: make them equal"
+            "the last of --stages is {last} but --size is {target}: make them equal (or drop \
+             --size: it defaults to the last stage)"
         ));
     }
-    if method == Method::Single && stages.len() > 1 {
+    if method == Method::Single && given.len() > 1 {
         return invalid(
             "--method single renders one stage: drop --stages or pick a cascade method",
         );
     }
-    Ok(stages)
+    Ok(given.clone())
+}
+
+/// "first stage", "second stage", … of the stages a user listed (counted from 1, as people
+/// count them).
+fn listed_stage(n: usize) -> String {
+    match n {
+        1 => "first stage".into(),
+        2 => "second stage".into(),
+        3 => "third stage".into(),
+        n => format!("stage {n}"),
+    }
+}
+
+/// The refusal of a `--size` off the method's grid, with the nearest sizes below and above it
+/// that keep every size rule (the method a size resolves to may change with it).
+fn size_off_grid(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> String {
+    let multiple = side_multiple(method);
+    let size = Size {
+        width: spec.width,
+        height: spec.height,
+    };
+    let why = if method == Method::Single {
+        format!("{multiple} pixels (one latent pixel)")
+    } else {
+        format!(
+            "{multiple} pixels{}, as the {method} cascade needs",
+            latent_pixels(multiple)
+        )
+    };
+    let fixes: Vec<String> = nearest_valid_sizes(spec, arch, size)
+        .iter()
+        .map(|s| format!("--size {s}"))
+        .collect();
+    let hint = match fixes.as_slice() {
+        [] => String::new(),
+        [one] => format!(": use {one}"),
+        [a, b, ..] => format!(": use {a} or {b}"),
+    };
+    format!("--size {size}: each side must be a multiple of {why}{hint}")
+}
+
+/// The nearest size at or below `size` and the nearest at or above it that pass every size
+/// rule for `spec` without --stages: in range, on the grid of the method each resolves to.
+fn nearest_valid_sizes(spec: &RenderSpec, arch: &ArchInfo, size: Size) -> Vec<Size> {
+    let round = |v: u32, m: u32, up: bool| if up { v.div_ceil(m) * m } else { v / m * m };
+    let mut found: Vec<Size> = Vec::new();
+    for up in [false, true] {
+        let nearest = [PIXELS_PER_LATENT, SIZE_MULTIPLE]
+            .into_iter()
+            .map(|m| Size {
+                width: round(size.width, m, up),
+                height: round(size.height, m, up),
+            })
+            .find(|&s| keeps_size_rules(spec, arch, s));
+        if let Some(s) = nearest.filter(|s| !found.contains(s)) {
+            found.push(s);
+        }
+    }
+    found
+}
+
+fn keeps_size_rules(spec: &RenderSpec, arch: &ArchInfo, size: Size) -> bool {
+    let probe = RenderSpec {
+        width: size.width,
+        height: size.height,
+        method: MethodSpec {
+            stages: None,
+            ..spec.method.clone()
+        },
+        ..spec.clone()
+    };
+    let method = resolve_method(&probe, arch);
+    check_side_range("--size width", size.width).is_ok()
+        && check_side_range("--size height", size.height).is_ok()
+        && on_grid(size, side_multiple(method))
+        && resolve_stages(&probe, arch, method).is_ok()
 }
 
 /// FreCaS stage timing: the user's `--end-times`/`--stage-steps`, else the reference preset
@@ -1195,6 +1283,108 @@ mod tests {
         let p = plan(&s, &arch).unwrap();
         assert!(p.stages[0].camap_capture);
         assert!(p.stages[1].camap_inject.is_some());
+    }
+
+    /// The sizes a refusal offers ("… use --size AxB or --size CxD").
+    fn offered_sizes(err: &str) -> Vec<Size> {
+        let hint = err.split(": use ").nth(1).unwrap_or("");
+        hint.split("--size ")
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn an_off_grid_size_is_refused_in_the_users_words_with_sizes_that_keep_every_rule() {
+        // The tiny models' training size: 500 asks for a 3-stage hybrid cascade.
+        let tiny = ArchInfo {
+            training_size: 128,
+            ..ArchInfo::preset("sdxl").unwrap()
+        };
+        let err = plan(&spec(500, None), &tiny).unwrap_err().0;
+        assert_eq!(
+            err,
+            "--size 500x500: each side must be a multiple of 64 pixels (8 latent pixels), as \
+             the hybrid cascade needs: use --size 448x448 or --size 512x512"
+        );
+        // At SDXL's training size 500 is plain sampling, whose grid is one latent pixel.
+        let sdxl = ArchInfo::preset("sdxl").unwrap();
+        let err = plan(&spec(500, None), &sdxl).unwrap_err().0;
+        assert!(
+            err.ends_with("use --size 496x496 or --size 504x504"),
+            "{err}"
+        );
+        // Just above the training size the method changes with the size offered.
+        let err = plan(&spec(1030, None), &sdxl).unwrap_err().0;
+        assert!(
+            err.ends_with("use --size 1024x1024 or --size 1088x1088"),
+            "{err}"
+        );
+
+        // Whatever the method and shape, every size offered plans: one round trip per mistake.
+        let methods = [None, Some(Method::Single), Some(Method::Freescale)];
+        let methods = methods
+            .into_iter()
+            .chain([Some(Method::Frecas), Some(Method::Hybrid)]);
+        let mut refused = 0;
+        for method in methods {
+            for w in (64..=560).step_by(12) {
+                for h in [64, 100, 128, 250, 333, 520] {
+                    let s = RenderSpec {
+                        width: w,
+                        height: h,
+                        ..spec(w, method)
+                    };
+                    let Err(e) = plan(&s, &tiny) else { continue };
+                    refused += 1;
+                    assert!(e.0.starts_with("--size") && !e.0.contains("stage"), "{e}");
+                    let offered = offered_sizes(&e.0);
+                    assert!(!offered.is_empty(), "{e}");
+                    for o in offered {
+                        let fixed = RenderSpec {
+                            width: o.width,
+                            height: o.height,
+                            ..s.clone()
+                        };
+                        assert!(plan(&fixed, &tiny).is_ok(), "{e}: {o} fails too");
+                    }
+                }
+            }
+        }
+        assert!(refused > 100, "only {refused} sizes refused");
+    }
+
+    #[test]
+    fn listed_stages_are_named_as_the_user_wrote_them() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let stages = |sizes: &[u32]| MethodSpec {
+            stages: Some(
+                sizes
+                    .iter()
+                    .map(|&v| Size {
+                        width: v,
+                        height: v,
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let s = RenderSpec {
+            method: stages(&[1024, 2000]),
+            ..spec(2000, None)
+        };
+        let err = plan(&s, &arch).unwrap_err().0;
+        assert!(
+            err.starts_with(
+                "--stages' second stage (2000x2000): width 2000 is not a multiple of 64"
+            ) && err.ends_with("use 1984 or 2048"),
+            "{err}"
+        );
+        let s = RenderSpec {
+            method: stages(&[1024, 2048]),
+            ..spec(4096, None)
+        };
+        let err = plan(&s, &arch).unwrap_err().0;
+        assert!(err.contains("drop --size"), "{err}");
     }
 
     #[test]
