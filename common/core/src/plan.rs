@@ -226,7 +226,7 @@ pub fn local_view_config(window: usize, overlap: f64) -> LocalViewConfig {
     }
 }
 
-/// Rough peak memory, in bytes (see DESIGN.md; formulas in [`plan`]).
+/// Rough peak memory, in bytes (formulas in `estimate_memory`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryEstimate {
     pub coordinator_bytes: u64,
