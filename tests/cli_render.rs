@@ -327,6 +327,17 @@ fn failing_render(model: &Path, out: &Path) -> String {
     err
 }
 
+/// Truncates a file to half its length (a weights file whose header still reads).
+fn cut_in_half(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+}
+
 #[test]
 fn broken_model_directories_get_short_errors_naming_the_file() {
     let good = tiny_model("sdxl-tiny");
@@ -335,14 +346,7 @@ fn broken_model_directories_get_short_errors_naming_the_file() {
     // A truncated UNet file.
     let m = dir.path("truncated");
     copy_dir(&good, &m);
-    let f = m.join("unet/diffusion_pytorch_model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    cut_in_half(&m.join("unet/diffusion_pytorch_model.safetensors"));
     let err = failing_render(&m, &dir.path("a.png"));
     assert!(
         err.contains("unet/diffusion_pytorch_model.safetensors"),
@@ -534,14 +538,7 @@ fn outputs_that_cannot_be_written_are_refused_before_the_weights_load() {
     let dir = scratch("outputs");
     let model = dir.path("model");
     copy_dir(&tiny_model("sdxl-tiny"), &model);
-    let unet = model.join("unet/diffusion_pytorch_model.safetensors");
-    let len = std::fs::metadata(&unet).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&unet)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    cut_in_half(&model.join("unet/diffusion_pytorch_model.safetensors"));
     let (png, missing) = (dir.path("a.png"), dir.path("no-such-dir/a.png"));
     let render = |extra: &[&str]| {
         let mut args = vec![

@@ -244,26 +244,24 @@ mod tests {
     use super::*;
     use crate::method::params::MethodSpec;
     use crate::plan::{plan, ArchInfo};
-    use crate::spec::OutputFormat;
+    use crate::spec::{JobRequest, Size};
 
     fn plan_of(size: u32, method: Method, no_fusion: bool) -> Plan {
-        let spec = RenderSpec {
+        let request = JobRequest {
             prompt: "a lighthouse".into(),
-            negative_prompt: None,
-            width: size,
-            height: size,
-            steps: 50,
-            guidance: 7.5,
-            scheduler: None,
-            seed: 0,
+            size: Some(Size {
+                width: size,
+                height: size,
+            }),
             method: MethodSpec {
                 method: Some(method),
                 no_fusion,
                 ..Default::default()
             },
-            output: OutputFormat::default(),
+            ..JobRequest::default()
         };
-        plan(&spec, &ArchInfo::preset("sdxl").unwrap()).unwrap()
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        plan(&request.to_spec(arch.training_size, || 0).unwrap(), &arch).unwrap()
     }
 
     #[test]
