@@ -11,7 +11,7 @@ use tessera_core::sched::{Scheduler, SchedulerConfig};
 const REL_TOL: f64 = 1e-5;
 
 fn fixtures() -> (HashMap<String, Tensor>, serde_json::Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/fixtures");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/parity/fixtures");
     let tensors = candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
         .expect("fixtures: run tests/parity/make_scheduler_fixtures.py");
     let meta = std::fs::read(dir.join("schedulers.json")).expect("schedulers.json");
