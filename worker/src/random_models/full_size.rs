@@ -1,5 +1,5 @@
-//! `--model synthetic:sdxl` and `synthetic:sd21`: the published full-size architectures (SDXL
-//! base 1.0, SD 2.1 768) with random weights made on the device when the model loads, so a
+//! `--model synthetic:sdxl`, `synthetic:sd21` and `synthetic:sd3`: the published full-size
+//! architectures (SDXL base 1.0, SD 2.1 768, SD3 medium) with random weights made on the device when the model loads, so a
 //! benchmark or a trial of a GPU node needs no weights on disk and no download.
 //!
 //! Everything else about such a model is ordinary: its configs and (tiny) tokenizers are
@@ -18,6 +18,7 @@ use candle_nn::{Init, VarBuilder};
 use tessera_core::family::{Family, NamedModel, SYNTHETIC_MODELS};
 
 use super::diffusers_dir::{write_model, Size, SYNTH_MARKER};
+use super::sd3_dir::write_sd3_model;
 use crate::model::loader::{ModelError, Result};
 
 pub const PREFIX: &str = "synthetic:";
@@ -37,7 +38,7 @@ pub fn config_dir(name: &str) -> Result<PathBuf> {
             NamedModel::names(&SYNTHETIC_MODELS, |n| format!("{PREFIX}{n}"))
         )));
     };
-    let sdxl = model.family == Family::Sdxl;
+    let family = model.family;
     let dir = std::env::temp_dir().join(format!("tessera-synthetic-{name}-v{LAYOUT_VERSION}"));
     if dir.join(SYNTH_MARKER).is_file() {
         return Ok(dir);
@@ -53,7 +54,10 @@ pub fn config_dir(name: &str) -> Result<PathBuf> {
         source,
     };
     fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    write_model(sdxl, Size::Full, &tmp, None)?;
+    match family {
+        Family::Sd3 => write_sd3_model(Size::Full, &tmp, None, true)?,
+        _ => write_model(family == Family::Sdxl, Size::Full, &tmp, None)?,
+    }
     let marker =
         serde_json::json!({ "arch": name, "weights": "random, made on the device at load" });
     fs::write(tmp.join(SYNTH_MARKER), marker.to_string()).map_err(|e| io(&tmp, e))?;
