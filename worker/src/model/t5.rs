@@ -350,8 +350,10 @@ impl T5EncoderModel {
     }
 }
 
-/// SD3's T5 tokenizer: `tokenizer.json`, padded and truncated to a fixed length with the end
-/// token kept, as `T5TokenizerFast(padding="max_length", truncation=True)`.
+/// SD3's T5 tokenizer: the unigram vocabulary of `tokenizer.json` in the pipeline that
+/// transformers' `T5Tokenizer` builds around it (what the SD3 pipeline calls): the file's
+/// SentencePiece charsmap as the only normaliser, whitespace split then `Metaspace`, `</s>`
+/// appended; padded and truncated to a fixed length with the end token kept.
 pub struct T5Tokenizer {
     inner: tokenizers::Tokenizer,
     length: usize,
@@ -360,15 +362,43 @@ pub struct T5Tokenizer {
 
 impl T5Tokenizer {
     pub fn from_file(path: &Path, length: usize) -> std::result::Result<Self, String> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| err(&e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(&e))?;
+        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| err(&e))?;
+        let eos = inner
+            .token_to_id("</s>")
+            .ok_or_else(|| err(&"the vocabulary has no </s>"))?;
         let pad_id = inner.token_to_id("<pad>").unwrap_or(0);
+        let normalizer: Option<tokenizers::NormalizerWrapper> = match precompiled_charsmap(&json) {
+            Some(n) => Some(serde_json::from_value(n).map_err(|e| err(&e))?),
+            None => None,
+        };
+        inner.with_normalizer(normalizer).map_err(|e| err(&e))?;
+        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "WhitespaceSplit"},
+                {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true}
+            ]
+        }))
+        .map_err(|e| err(&e))?;
+        inner.with_pre_tokenizer(Some(pre));
+        let post: tokenizers::PostProcessorWrapper = serde_json::from_value(serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [eos], "tokens": ["</s>"]}}
+        }))
+        .map_err(|e| err(&e))?;
+        inner.with_post_processor(Some(post));
         inner
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: length,
                 ..Default::default()
             }))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| err(&e))?;
         inner.with_padding(None);
         Ok(Self {
             inner,
@@ -388,6 +418,17 @@ impl T5Tokenizer {
         ids.resize(self.length, self.pad_id);
         Ok(ids)
     }
+}
+
+/// The `Precompiled` normaliser of a tokenizer.json, alone or in a sequence.
+fn precompiled_charsmap(json: &serde_json::Value) -> Option<serde_json::Value> {
+    let n = json.get("normalizer")?;
+    let list = match n.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => n.get("normalizers")?.as_array()?.clone(),
+        _ => vec![n.clone()],
+    };
+    list.into_iter()
+        .find(|n| n.get("type").and_then(|t| t.as_str()) == Some("Precompiled"))
 }
 
 #[cfg(test)]

@@ -11,12 +11,8 @@ use crate::hooks::UNetHooks;
 
 /// LayerNorm without affine parameters (eps 1e-6), as every norm of the MMDiT block.
 pub(super) fn plain_norm(dim: usize, vb: &VarBuilder) -> Result<LayerNorm> {
-    let cfg = candle_nn::LayerNormConfig {
-        eps: 1e-6,
-        remove_mean: true,
-        affine: false,
-    };
-    candle_nn::layer_norm(dim, cfg, vb.clone())
+    let ones = Tensor::ones(dim, vb.dtype(), vb.device())?;
+    Ok(LayerNorm::new_no_bias(ones, 1e-6))
 }
 
 /// `linear(silu(emb))` split into `n` (B, C) chunks.
