@@ -22,6 +22,26 @@ const SD_FACTORS: [[f32; 3]; 4] = [
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ];
+/// SD3's 16 channels, with a constant offset ([`SD3_BIAS`]).
+const SD3_FACTORS: [[f32; 3]; 16] = [
+    [-0.0922, -0.0175, 0.0749],
+    [0.0311, 0.0633, 0.0954],
+    [0.1994, 0.0927, 0.0458],
+    [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496],
+    [-0.0006, 0.1104, 0.0309],
+    [0.0978, 0.0306, 0.0427],
+    [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669],
+    [-0.0488, 0.0130, -0.0268],
+    [0.0922, 0.0988, 0.0951],
+    [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895],
+    [-0.0069, -0.0030, -0.0810],
+    [-0.0596, -0.0465, -0.0293],
+    [-0.1448, -0.1463, -0.1189],
+];
+const SD3_BIAS: [f32; 3] = [0.2394, 0.2135, 0.1925];
 const SDXL_FACTORS: [[f32; 3]; 4] = [
     [0.3920, 0.4054, 0.4549],
     [-0.2634, -0.0196, 0.0653],
@@ -29,13 +49,20 @@ const SDXL_FACTORS: [[f32; 3]; 4] = [
     [-0.3112, -0.2359, -0.2076],
 ];
 
-/// An 8-bit PNG of `latent` (1, 4, h, w) at most `max_side` pixels on its longer side: each
-/// pixel the mean of a block of latent cells, mapped to RGB in [-1, 1] and then to 0..255.
+/// An 8-bit PNG of `latent` (1, 4, h, w), or SD3's (1, 16, h, w), at most `max_side` pixels
+/// on its longer side: each pixel the mean of a block of latent cells, mapped to RGB in
+/// [-1, 1] and then to 0..255.
 pub fn preview_png(latent: &Tensor, sdxl: bool, max_side: usize) -> Result<Vec<u8>> {
     let (b, c, h, w) = latent.dims4()?;
-    if b != 1 || c != 4 || h == 0 || w == 0 || max_side == 0 {
+    let (factors, bias): (&[[f32; 3]], [f32; 3]) = match (c, sdxl) {
+        (16, _) => (&SD3_FACTORS, SD3_BIAS),
+        (4, true) => (&SDXL_FACTORS, [0.0; 3]),
+        (4, false) => (&SD_FACTORS, [0.0; 3]),
+        _ => (&[], [0.0; 3]),
+    };
+    if b != 1 || factors.is_empty() || h == 0 || w == 0 || max_side == 0 {
         bail!(
-            "a preview needs a (1, 4, h, w) latent and a positive size, got {:?}",
+            "a preview needs a (1, 4, h, w) or (1, 16, h, w) latent and a positive size, got {:?}",
             latent.dims()
         );
     }
@@ -46,9 +73,9 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, max_side: usize) -> Result<Vec<u
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let mut sums = vec![0f32; 4 * ph * pw];
+    let mut sums = vec![0f32; c * ph * pw];
     let mut counts = vec![0u32; ph * pw];
-    for ch in 0..4 {
+    for ch in 0..c {
         let plane = &data[ch * h * w..(ch + 1) * h * w];
         for (y, row) in plane.chunks_exact(w).enumerate() {
             let out = &mut sums[(ch * ph + y / block) * pw..][..pw];
@@ -62,13 +89,17 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, max_side: usize) -> Result<Vec<u
             counts[(y / block) * pw + x / block] += 1;
         }
     }
-    let factors = if sdxl { &SDXL_FACTORS } else { &SD_FACTORS };
     let mut rgb = Vec::with_capacity(3 * ph * pw);
     for (i, &n) in counts.iter().enumerate() {
         let mean = |ch: usize| sums[ch * ph * pw + i] / n as f32;
-        let cells = [mean(0), mean(1), mean(2), mean(3)];
+        let cells: Vec<f32> = (0..c).map(mean).collect();
         for k in 0..3 {
-            let v: f32 = cells.iter().zip(factors).map(|(c, f)| c * f[k]).sum();
+            let v: f32 = bias[k]
+                + cells
+                    .iter()
+                    .zip(factors)
+                    .map(|(c, f)| c * f[k])
+                    .sum::<f32>();
             rgb.push(((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8);
         }
     }

@@ -96,9 +96,8 @@ pub fn encode_moments(model: &DiffusionModel, pixels: &Tensor) -> Result<Tensor>
     let x = pixels.to_dtype(model.vae_dtype())?;
     let posterior = model.vae.encode(&x)?;
     let sf = model.vae_scaling_factor();
-    let mean = ((posterior.mean().to_dtype(candle_core::DType::F32)?
-        - model.vae_shift_factor())?
-        * sf)?;
+    let mean =
+        ((posterior.mean().to_dtype(candle_core::DType::F32)? - model.vae_shift_factor())? * sf)?;
     let std = (posterior.std()?.to_dtype(candle_core::DType::F32)? * sf)?;
     Tensor::cat(&[&mean, &std], 1)
 }

@@ -28,7 +28,9 @@ fn model_dir() -> PathBuf {
 }
 
 fn get(refs: &HashMap<String, Tensor>, k: &str) -> Result<Tensor> {
-    refs.get(k).cloned().with_context(|| format!("sd3: no tensor {k}"))
+    refs.get(k)
+        .cloned()
+        .with_context(|| format!("sd3: no tensor {k}"))
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor) -> Result<f64> {
@@ -84,8 +86,14 @@ fn tokenizers_match_transformers() -> Result<()> {
     let refs = references(ARCH)?;
     let ids = |k: &str| -> Result<Vec<i64>> { Ok(get(&refs, k)?.flatten_all()?.to_vec1::<i64>()?) };
     let clip = [
-        ("tokens", ClipTokenizer::from_dir(&model_dir().join("tokenizer"))?),
-        ("tokens_2", ClipTokenizer::from_dir(&model_dir().join("tokenizer_2"))?),
+        (
+            "tokens",
+            ClipTokenizer::from_dir(&model_dir().join("tokenizer"))?,
+        ),
+        (
+            "tokens_2",
+            ClipTokenizer::from_dir(&model_dir().join("tokenizer_2"))?,
+        ),
     ];
     let t5 = T5Tokenizer::from_file(&model_dir().join("tokenizer_3/tokenizer.json"), 256)
         .map_err(anyhow::Error::msg)?;
@@ -113,12 +121,17 @@ fn prompt_encoding_matches_the_pipeline_with_and_without_t5() -> Result<()> {
     let dev = common::device();
     let model = DiffusionModel::load(&model_dir(), &dev, common::dtype())?;
     assert!(model.has_t5());
-    let e = model.encode_prompt(
-        "a red lighthouse on a cliff",
-        Some("blurry, low quality"),
+    let e = model.encode_prompt("a red lighthouse on a cliff", Some("blurry, low quality"))?;
+    check(
+        "prompt embeds (T5)",
+        &e.cond,
+        &get(&refs, "encode.prompt_embeds")?,
     )?;
-    check("prompt embeds (T5)", &e.cond, &get(&refs, "encode.prompt_embeds")?)?;
-    check("pooled", e.pooled_cond.as_ref().context("pooled")?, &get(&refs, "encode.pooled")?)?;
+    check(
+        "pooled",
+        e.pooled_cond.as_ref().context("pooled")?,
+        &get(&refs, "encode.pooled")?,
+    )?;
     check(
         "negative pooled",
         e.pooled_uncond.as_ref().context("pooled")?,
@@ -148,11 +161,15 @@ fn load_transformer(dir: &Path, component: Option<&str>) -> Result<Sd3Transforme
         Some(c) => (dir.to_path_buf(), c.to_string()),
         None => (
             dir.parent().context("parent")?.to_path_buf(),
-            dir.file_name().context("name")?.to_string_lossy().into_owned(),
+            dir.file_name()
+                .context("name")?
+                .to_string_lossy()
+                .into_owned(),
         ),
     };
-    let cfg: Sd3TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(root.join(&comp).join("config.json"))?)?;
+    let cfg: Sd3TransformerConfig = serde_json::from_str(&std::fs::read_to_string(
+        root.join(&comp).join("config.json"),
+    )?)?;
     let file = root.join(&comp).join("diffusion_pytorch_model.safetensors");
     // SAFETY: read-only map of a fixture file.
     let vb = unsafe {
@@ -182,7 +199,11 @@ fn transformer_and_its_text_maps_match_diffusers() -> Result<()> {
         ..Default::default()
     };
     let out = inputs(&sd35, &mut hooks)?;
-    check("transformer (SD3.5 layout, fp16 weights)", &out, &get(&refs, "transformer.out")?)?;
+    check(
+        "transformer (SD3.5 layout, fp16 weights)",
+        &out,
+        &get(&refs, "transformer.out")?,
+    )?;
     assert_eq!(hooks.captured.len(), 3);
     let mut worst = 0f64;
     for m in &hooks.captured {
@@ -195,7 +216,11 @@ fn transformer_and_its_text_maps_match_diffusers() -> Result<()> {
     // SD3 medium's layout.
     let medium = load_transformer(&fixture_dir(ARCH).join("transformer_sd3_medium"), None)?;
     let out = inputs(&medium, &mut UNetHooks::default())?;
-    check("transformer (SD3 medium layout)", &out, &get(&refs, "transformer_medium.out")?)?;
+    check(
+        "transformer (SD3 medium layout)",
+        &out,
+        &get(&refs, "transformer_medium.out")?,
+    )?;
     Ok(())
 }
 
@@ -209,8 +234,16 @@ fn vae_with_sixteen_channels_matches_diffusers() -> Result<()> {
         .weights("vae", common::dtype(), &common::device())?
         .build(|vb| AutoencoderKL::new(vb, &cfg))?;
     let post = vae.encode(&get(&refs, "vae.image")?)?;
-    check("vae posterior mean", post.mean(), &get(&refs, "vae.posterior_mean")?)?;
-    check("vae posterior logvar", post.logvar(), &get(&refs, "vae.posterior_logvar")?)?;
+    check(
+        "vae posterior mean",
+        post.mean(),
+        &get(&refs, "vae.posterior_mean")?,
+    )?;
+    check(
+        "vae posterior logvar",
+        post.logvar(),
+        &get(&refs, "vae.posterior_logvar")?,
+    )?;
     let dec = vae.decode(&get(&refs, "vae.latent")?)?;
     check("vae decode", &dec, &get(&refs, "vae.decoded")?)?;
     Ok(())

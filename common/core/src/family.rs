@@ -237,7 +237,8 @@ const SD21_PARAMS: u64 = 865_910_724 + 83_653_863 + 340_387_840;
 const SDXL_PARAMS: u64 = 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840;
 // MMDiT + 16-channel VAE + CLIP-L and CLIP-G with projections + T5-XXL's encoder, as
 // `synthetic:sd3` builds them (a worker test counts them).
-pub const SD3_PARAMS: u64 = SD3_TRANSFORMER_PARAMS + 83_819_683 + 123_650_304 + 694_659_840 + 4_762_310_656;
+pub const SD3_PARAMS: u64 =
+    SD3_TRANSFORMER_PARAMS + 83_819_683 + 123_650_304 + 694_659_840 + 4_762_310_656;
 const SD3_TRANSFORMER_PARAMS: u64 = 2_028_328_000;
 
 /// `plan --arch`'s presets, in the order messages list them: SD 2.1 (768, v-prediction), SD 2.1

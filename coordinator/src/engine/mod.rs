@@ -633,7 +633,7 @@ impl Engine<'_> {
             .timesteps
             .first()
             .ok_or_else(|| EngineError::Invalid(format!("stage {k} has no timesteps")))?;
-        let z = stepper.add_noise(&z_up, &eps, t0)?;
+        let z = stepper.add_noise(&z_up, &eps, 0, t0)?;
         if stage.restraint.is_none() {
             return Ok((z, None));
         }
@@ -682,6 +682,7 @@ impl Engine<'_> {
             let mut checkpoints = Background::new(scope);
             for (j, &t) in stage.timesteps.iter().enumerate().skip(start.first_step) {
                 let step_start = Instant::now();
+                let t = stepper.timestep(j, t);
                 if let Some(r) = restraint {
                     z = r.apply(&z, j, t, stepper)?;
                 }
@@ -828,7 +829,7 @@ struct Restraint {
 impl Restraint {
     /// z before the model call of step `j` at `t`.
     fn apply(&self, z: &Tensor, j: usize, t: f64, stepper: &Stepper) -> Result<Tensor> {
-        let noised = || stepper.add_noise(&self.z_up, &self.eps, t);
+        let noised = || stepper.add_noise(&self.z_up, &self.eps, j, t);
         Ok(self.rule.apply(z, j, t, noised)?)
     }
 }

@@ -129,11 +129,11 @@ impl Attention {
 /// softmax(q·kᵀ·scale)·v of (B, heads, N, d) queries in query chunks. With `want_mean` it
 /// also returns the head-averaged probabilities (B, N, keys).
 pub(crate) fn attend(
-q: &Tensor,
-k: &Tensor,
-v: &Tensor,
-scale: f64,
-want_mean: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    want_mean: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (b, h, n, _) = q.dims4()?;
     let nk = k.dim(2)?;

@@ -242,7 +242,9 @@ impl DiffusionModel {
                  joint_attention_dim {width}"
             )));
         }
-        let clip = clip.pad_with_zeros(2, 0, width - clip_width).map_err(other)?;
+        let clip = clip
+            .pad_with_zeros(2, 0, width - clip_width)
+            .map_err(other)?;
         let t5 = match &self.t5 {
             Some(b) => {
                 let ids = b.tokenizer.encode(text).map_err(ModelError::Other)?;
@@ -254,8 +256,8 @@ impl DiffusionModel {
             None => Tensor::zeros((1, SD3_T5_TOKENS, width), clip.dtype(), &self.device)
                 .map_err(other)?,
         };
-        let context = Tensor::cat(&[&clip, &t5.to_dtype(clip.dtype()).map_err(other)?], 1)
-            .map_err(other)?;
+        let context =
+            Tensor::cat(&[&clip, &t5.to_dtype(clip.dtype()).map_err(other)?], 1).map_err(other)?;
         let pooled = Tensor::cat(pooled, 1).map_err(other)?;
         Ok((context, Some(pooled)))
     }

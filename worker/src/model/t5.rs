@@ -199,9 +199,11 @@ impl SelfAttention {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         // T5 does not scale the scores; the softmax runs in f32.
-        let scores = q.matmul(&k.t()?)?.broadcast_add(&bias.to_dtype(q.dtype())?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(q.dtype())?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .broadcast_add(&bias.to_dtype(q.dtype())?)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -224,10 +226,17 @@ impl FeedForward {
         let (wi_0, wi_1) = if gated {
             (
                 candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
+                Some(candle_nn::linear_no_bias(
+                    cfg.d_model,
+                    cfg.d_ff,
+                    vb.pp("wi_1"),
+                )?),
             )
         } else {
-            (candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+            (
+                candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?,
+                None,
+            )
         };
         Ok(Self {
             wi_0,
@@ -284,7 +293,11 @@ fn clamp_half(x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F16 {
         return Ok(x.clone());
     }
-    let max = x.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let max = x
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     if max.is_finite() {
         return Ok(x.clone());
     }

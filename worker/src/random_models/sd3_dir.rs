@@ -25,7 +25,12 @@ const TINY_JOINT_DIM: usize = 64;
 
 /// Writes an SD3 model of `size` into `out` (weights from `seed` when given), with the T5
 /// encoder when `with_t5`.
-pub(crate) fn write_sd3_model(size: Size, out: &Path, seed: Option<u64>, with_t5: bool) -> Result<()> {
+pub(crate) fn write_sd3_model(
+    size: Size,
+    out: &Path,
+    seed: Option<u64>,
+    with_t5: bool,
+) -> Result<()> {
     let full = size == Size::Full;
     let mut seeds = SeedStream::new(seed);
     let vocab = write_tokenizers(out, true)?;
@@ -162,7 +167,8 @@ fn write_t5_tokenizer(dir: &Path, vocab: &[(String, f64)]) -> Result<()> {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
-    let metaspace = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+    let metaspace =
+        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
     let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
     let eos = json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
     let tokenizer = json!({
@@ -263,7 +269,10 @@ fn write_vae(out: &Path, full: bool, seed: Option<u64>) -> Result<()> {
 
 fn write_model_index(out: &Path, with_t5: bool) -> Result<()> {
     let (t5, t5_tok) = if with_t5 {
-        (json!(["transformers", "T5EncoderModel"]), json!(["transformers", "T5TokenizerFast"]))
+        (
+            json!(["transformers", "T5EncoderModel"]),
+            json!(["transformers", "T5TokenizerFast"]),
+        )
     } else {
         (json!([null, null]), json!([null, null]))
     };

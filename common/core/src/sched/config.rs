@@ -55,9 +55,15 @@ pub struct SchedulerConfig {
     /// Flow matching: shift by the image's token count instead (diffusers' `mu`).
     #[serde(default)]
     pub use_dynamic_shifting: bool,
-    #[serde(default = "default_base_shift", deserialize_with = "or_default_base_shift")]
+    #[serde(
+        default = "default_base_shift",
+        deserialize_with = "or_default_base_shift"
+    )]
     pub base_shift: f64,
-    #[serde(default = "default_max_shift", deserialize_with = "or_default_max_shift")]
+    #[serde(
+        default = "default_max_shift",
+        deserialize_with = "or_default_max_shift"
+    )]
     pub max_shift: f64,
     #[serde(default = "default_base_seq_len")]
     pub base_image_seq_len: usize,

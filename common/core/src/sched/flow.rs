@@ -100,7 +100,13 @@ fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
         _ => {
             let step = (stop - start) / (n - 1) as f64;
             (0..n)
-                .map(|i| if i == n - 1 { stop } else { i as f64 * step + start })
+                .map(|i| {
+                    if i == n - 1 {
+                        stop
+                    } else {
+                        i as f64 * step + start
+                    }
+                })
                 .collect()
         }
     }
@@ -173,7 +179,8 @@ mod tests {
 
     #[test]
     fn dynamic_shifting_needs_the_image_size_and_follows_calculate_shift() {
-        let cfg = sd3_config(r#", "use_dynamic_shifting": true, "base_shift": 0.5, "max_shift": 1.15"#);
+        let cfg =
+            sd3_config(r#", "use_dynamic_shifting": true, "base_shift": 0.5, "max_shift": 1.15"#);
         assert!(schedule(&cfg, 10, None).is_err());
         assert!((dynamic_mu(&cfg, 256) - 0.5).abs() < 1e-12);
         assert!((dynamic_mu(&cfg, 4096) - 1.15).abs() < 1e-12);
@@ -188,7 +195,10 @@ mod tests {
         let v = Tensor::new(&[0.25f32, 2.0], &dev)?;
         let out = step(&v, &x, 0.75, 0.5)?;
         assert_eq!(out.prev_sample.to_vec1::<f32>()?, vec![0.4375, -1.5]);
-        assert_eq!(out.pred_original_sample.to_vec1::<f32>()?, vec![0.3125, -2.5]);
+        assert_eq!(
+            out.pred_original_sample.to_vec1::<f32>()?,
+            vec![0.3125, -2.5]
+        );
         let noised = scale_noise(&x, &v, 0.25)?.to_vec1::<f32>()?;
         assert_eq!(noised, vec![0.4375, -0.25]);
         Ok(())

@@ -248,7 +248,9 @@ impl Scheduler {
         let out_dtype = sample.dtype();
         match self.kind {
             SchedulerKind::Ddim => self.ddim_step_from(model_output, t, sample),
-            SchedulerKind::FlowEuler => self.flow_step(model_output, step_index, step_index + 1, sample),
+            SchedulerKind::FlowEuler => {
+                self.flow_step(model_output, step_index, step_index + 1, sample)
+            }
             SchedulerKind::Euler => {
                 let work = match out_dtype {
                     DType::F16 | DType::BF16 => DType::F32,
@@ -360,6 +362,17 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Flow matching's `scale_noise` with the σ of step `index` of the schedule.
+    pub fn scale_noise_at(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        index: usize,
+    ) -> TensorResult<Tensor> {
+        let noise = noise.to_dtype(original.dtype())?;
+        flow::scale_noise(original, &noise, self.sigma_at(index)?)
     }
 
     /// The step of the schedule evaluated at `timestep`, found as diffusers'

@@ -31,7 +31,9 @@ impl StageStepper {
             }
             StageSchedule::FrecasFlow { indices, mu } => {
                 if indices.is_empty() {
-                    return Err(SchedulerError::Invalid("a FreCaS stage has no steps".into()));
+                    return Err(SchedulerError::Invalid(
+                        "a FreCaS stage has no steps".into(),
+                    ));
                 }
                 Scheduler::flow(cfg, cfg.num_train_timesteps, *mu)?
             }
@@ -52,7 +54,9 @@ impl StageStepper {
         match &self.schedule {
             StageSchedule::Schedule { start, .. } => start + j,
             StageSchedule::Frecas { .. } => j,
-            StageSchedule::FrecasFlow { indices, .. } => indices.get(j).copied().unwrap_or(usize::MAX),
+            StageSchedule::FrecasFlow { indices, .. } => {
+                indices.get(j).copied().unwrap_or(usize::MAX)
+            }
         }
     }
 
@@ -66,7 +70,13 @@ impl StageStepper {
     }
 
     /// Step `j` at timestep `t`: (next latent, predicted clean latent).
-    pub fn step(&self, eps: &Tensor, j: usize, t: f64, z: &Tensor) -> TensorResult<(Tensor, Tensor)> {
+    pub fn step(
+        &self,
+        eps: &Tensor,
+        j: usize,
+        t: f64,
+        z: &Tensor,
+    ) -> TensorResult<(Tensor, Tensor)> {
         let out = match &self.schedule {
             StageSchedule::Schedule { .. } => self.scheduler.step(eps, self.index(j), z)?,
             StageSchedule::Frecas { .. } => self.scheduler.ddim_step_from(eps, t, z)?,
@@ -85,10 +95,39 @@ impl StageStepper {
         Ok((out.prev_sample, out.pred_original_sample))
     }
 
-    /// A clean latent noised to the stage's timestep `t` (the stage's entry, FreeScale's
-    /// restrained structure): `add_noise`, or flow matching's `scale_noise`.
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, t: f64) -> TensorResult<Tensor> {
-        self.scheduler.add_noise(original, noise, t)
+    /// The timestep of the stage's step `j`, `planned` as the plan lists it. A flow-matching
+    /// schedule's own value is taken: its fractional timesteps may lose their last bit on a
+    /// trip through the plan's JSON, and the steps must be the same bytes embedded and on a
+    /// cluster.
+    pub fn timestep(&self, j: usize, planned: f64) -> f64 {
+        match self.scheduler.kind() {
+            SchedulerKind::FlowEuler => self
+                .scheduler
+                .timesteps()
+                .get(self.index(j))
+                .copied()
+                .unwrap_or(planned),
+            _ => planned,
+        }
+    }
+
+    /// A clean latent noised to the timestep `t` of the stage's step `j` (the stage's entry,
+    /// FreeScale's restrained structure): `add_noise`, or flow matching's `scale_noise` with
+    /// the σ of that step.
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        j: usize,
+        t: f64,
+    ) -> TensorResult<Tensor> {
+        match self.scheduler.kind() {
+            SchedulerKind::FlowEuler => {
+                self.scheduler
+                    .scale_noise_at(original, noise, self.index(j))
+            }
+            _ => self.scheduler.add_noise(original, noise, t),
+        }
     }
 
     /// What the initial noise is scaled by.

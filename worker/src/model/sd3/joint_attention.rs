@@ -237,9 +237,14 @@ impl JointAttention {
             cross_attention::capture(hooks, &self.path, hw, probs);
         }
         let image = match &hooks.inject_cross_attention {
-            Some(inj) => {
-                cross_attention::inject_joint(inj, &self.path, image, &cv, hw, grid.training_tokens)?
-            }
+            Some(inj) => cross_attention::inject_joint(
+                inj,
+                &self.path,
+                image,
+                &cv,
+                hw,
+                grid.training_tokens,
+            )?,
             None => image,
         };
         Ok((image, Some(text)))

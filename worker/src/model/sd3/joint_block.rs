@@ -73,10 +73,7 @@ impl GeluFeedForward {
 /// `AdaLayerNormContinuous` whose output only feeds the attention.
 #[derive(Debug, Clone)]
 enum TextStream {
-    Continues {
-        norm1: Linear,
-        ff: GeluFeedForward,
-    },
+    Continues { norm1: Linear, ff: GeluFeedForward },
     Ends(AdaLayerNormContinuous),
 }
 
@@ -123,7 +120,15 @@ impl JointTransformerBlock {
         let attn2 = s
             .dual_attention
             .then(|| {
-                JointAttention::new(vb.pp("attn2"), s.dim, s.heads, s.head_dim, s.qk_norm, false, false)
+                JointAttention::new(
+                    vb.pp("attn2"),
+                    s.dim,
+                    s.heads,
+                    s.head_dim,
+                    s.qk_norm,
+                    false,
+                    false,
+                )
             })
             .transpose()?;
         Ok(Self {
@@ -162,7 +167,10 @@ impl JointTransformerBlock {
         let (nc, text_mods) = match &self.text {
             TextStream::Continues { norm1, .. } => {
                 let c = modulation(norm1, temb, 6)?;
-                (modulate(&self.norm.forward(context)?, &c[0], &c[1])?, Some(c))
+                (
+                    modulate(&self.norm.forward(context)?, &c[0], &c[1])?,
+                    Some(c),
+                )
             }
             TextStream::Ends(norm) => (norm.forward(context, temb)?, None),
         };

@@ -114,7 +114,11 @@ impl Sd3TransformerConfig {
                 candle_core::bail!("transformer config: qk_norm {other:?} (supported: rms_norm)")
             }
         }
-        if let Some(l) = self.dual_attention_layers.iter().find(|&&l| l >= self.num_layers) {
+        if let Some(l) = self
+            .dual_attention_layers
+            .iter()
+            .find(|&&l| l >= self.num_layers)
+        {
             candle_core::bail!(
                 "transformer config: dual attention layer {l} of {} layers",
                 self.num_layers
