@@ -239,7 +239,8 @@ const SDXL_PARAMS: u64 = 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840;
 // `synthetic:sd3` builds them (a worker test counts them).
 pub const SD3_PARAMS: u64 =
     SD3_TRANSFORMER_PARAMS + 83_819_683 + 123_650_304 + 694_659_840 + 4_762_310_656;
-const SD3_TRANSFORMER_PARAMS: u64 = 2_028_328_000;
+// The published 2,028,328,000 plus the position embedding the checkpoint stores (192² × 1536).
+const SD3_TRANSFORMER_PARAMS: u64 = 2_028_328_000 + 192 * 192 * 1536;
 
 /// `plan --arch`'s presets, in the order messages list them: SD 2.1 (768, v-prediction), SD 2.1
 /// base (512, epsilon), SDXL base 1.0, SD3 medium.

@@ -329,8 +329,9 @@ fn resolve_stages(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> Result<
     }
     // Cascade stages are tiled and strided: whole multiples of 8 latent pixels keep tiles,
     // strided views and the UNet's grid aligned.
+    // A transformer's patches must tile the latent (SD3: 2×2 latent pixels, so 16 px).
     let multiple = if method == Method::Single {
-        PIXELS_PER_LATENT
+        PIXELS_PER_LATENT * arch.family.info().patch_size as u32
     } else {
         SIZE_MULTIPLE
     };
@@ -501,6 +502,7 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
     let timing = stage_timing(spec, arch, &settings, &sizes)?;
     let layout = Layout {
         spec,
+        max_view_latent: arch.max_view_latent,
         settings: &settings,
         sizes: &sizes,
         facfg: timing.facfg,
@@ -923,6 +925,8 @@ fn dilated_steps(schedule: &StageSchedule, timesteps: &[f64], dilate_tau: usize)
 /// FreCaS weights.
 struct Layout<'a> {
     spec: &'a RenderSpec,
+    /// The largest latent side one model call accepts.
+    max_view_latent: Option<usize>,
     settings: &'a Settings,
     sizes: &'a [Size],
     facfg: [f64; 2],
@@ -944,6 +948,23 @@ impl Layout<'_> {
             timesteps.clear();
         }
         let views = stage_views(k, latent, s, ms.no_fusion)?;
+        if let Some(max) = self.max_view_latent {
+            if views.tile[0] > max || views.tile[1] > max {
+                return invalid(format!(
+                    "stage {k}: a view of {}x{} px is larger than the model's position \
+                     embedding covers ({} px a side): use --tile-size {} or less{}",
+                    views.tile[1] * PIXELS_PER_LATENT as usize,
+                    views.tile[0] * PIXELS_PER_LATENT as usize,
+                    max * PIXELS_PER_LATENT as usize,
+                    max * PIXELS_PER_LATENT as usize,
+                    if s.method == Method::Single {
+                        ", and a cascade method (--method hybrid) for larger pictures"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
         let b = s.training_latent;
         let view_larger = views.tile[0] > b || views.tile[1] > b;
         let dilation = if s.freescale_like && view_larger && s.dilation {
@@ -1255,6 +1276,19 @@ mod tests {
         let single = plan(&spec(1024, None), &arch).unwrap();
         assert_eq!(single.stages[0].timesteps.len(), 50);
         assert_eq!(single.stages[0].timesteps[0], 1000.0);
+        // Views the position embedding cannot cover, and sizes the patches cannot tile.
+        let e = with(&|s| {
+            s.method.method = Some(Method::Single);
+            s.width = 4096;
+            s.height = 4096;
+        });
+        assert!(e.contains("--tile-size 3072 or less"), "{e}");
+        let e = with(&|s| {
+            s.method.method = Some(Method::Single);
+            s.width = 1032;
+            s.height = 1024;
+        });
+        assert!(e.contains("multiple of 16"), "{e}");
         // Euler on SD3 is flow-matching Euler.
         let mut s = spec(1024, Some(Method::Single));
         s.scheduler = Some(SchedulerKind::Euler);
