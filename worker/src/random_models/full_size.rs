@@ -181,7 +181,10 @@ mod tests {
         assert!((860_000_000..870_000_000).contains(&unet), "{unet}");
 
         let e = ModelDir::open("synthetic:flux").unwrap_err().to_string();
-        assert!(e.contains("synthetic:sdxl, synthetic:sd21 or synthetic:sd3"), "{e}");
+        assert!(
+            e.contains("synthetic:sdxl, synthetic:sd21 or synthetic:sd3"),
+            "{e}"
+        );
         Ok(())
     }
 
@@ -191,7 +194,10 @@ mod tests {
     fn synthetic_sd3_has_sd3_mediums_size() -> anyhow::Result<()> {
         use crate::model::sd3::transformer::{Sd3Transformer2DModel, Sd3TransformerConfig};
         let sd3 = arch_info(Path::new("synthetic:sd3"), 2)?;
-        assert_eq!((sd3.family, sd3.training_size, sd3.latent_channels), (Family::Sd3, 1024, 16));
+        assert_eq!(
+            (sd3.family, sd3.training_size, sd3.latent_channels),
+            (Family::Sd3, 1024, 16)
+        );
         assert_eq!((sd3.text_tokens, sd3.max_view_latent), (333, Some(384)));
         let cfg: Sd3TransformerConfig = ModelDir::open("synthetic:sd3")?.config("transformer")?;
         let mmdit = count_parameters(|vb| Sd3Transformer2DModel::new(vb, &cfg).map(|_| ()))?;

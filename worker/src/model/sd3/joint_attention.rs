@@ -275,3 +275,113 @@ impl JointAttention {
         self.merge(&out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::{CrossAttnInjection, ScaleFusion};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn attention() -> (JointAttention, VarMap) {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        (
+            JointAttention::new(vb.pp("attn"), 8, 2, 4, true, true, true).unwrap(),
+            vm,
+        )
+    }
+
+    fn grid(h: usize, w: usize, train: usize) -> JointGrid {
+        JointGrid {
+            layer: LayerGrid {
+                hw: (h, w),
+                input_hw: (2 * h, 2 * w),
+            },
+            training_tokens: train,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// At the training size FreeScale's fusion is the plain joint attention (one window, a
+    /// global branch equal to it); at twice the size it runs over windows with the text.
+    #[test]
+    fn scale_fusion_on_the_joint_attention_is_plain_at_training_size() -> Result<()> {
+        let (attn, _vm) = attention();
+        let x = Tensor::randn(0f32, 1.0, (2, 4 * 6, 8), &Device::Cpu)?;
+        let ctx = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu)?;
+        let (plain, text) =
+            attn.forward(&x, Some(&ctx), grid(4, 6, 24), &mut UNetHooks::default())?;
+        let mut sf = UNetHooks {
+            self_attention: SelfAttentionMode::ScaleFusion(ScaleFusion {
+                train_latent: (8, 12),
+                fast: false,
+                jitter_seed: Some(3),
+            }),
+            ..Default::default()
+        };
+        let (fused, text2) = attn.forward(&x, Some(&ctx), grid(4, 6, 24), &mut sf)?;
+        assert!(max_diff(&plain, &fused) < 1e-5);
+        assert!(max_diff(&text.unwrap(), &text2.unwrap()) == 0.0);
+        let big = Tensor::randn(0f32, 1.0, (1, 8 * 12, 8), &Device::Cpu)?;
+        let (out, _) = attn.forward(&big, Some(&ctx.narrow(0, 0, 1)?), grid(8, 12, 24), &mut sf)?;
+        assert_eq!(out.dims(), &[1, 96, 8]);
+        assert!(out.sum_all()?.to_scalar::<f32>()?.is_finite());
+        Ok(())
+    }
+
+    /// The captured text→image map is a distribution over the text tokens per image token;
+    /// reusing it with weight 0 changes nothing, with weight w adds w·(T/N)·(map @ V_text).
+    #[test]
+    fn text_maps_are_captured_and_reused() -> Result<()> {
+        let (attn, _vm) = attention();
+        let x = Tensor::randn(0f32, 1.0, (2, 3 * 4, 8), &Device::Cpu)?;
+        let ctx = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu)?;
+        let mut capture = UNetHooks {
+            capture_cross_attention: true,
+            ..Default::default()
+        };
+        let (plain, _) = attn.forward(&x, Some(&ctx), grid(3, 4, 12), &mut capture)?;
+        let probs = capture.captured[0].probs.clone();
+        assert_eq!(probs.dims(), &[2, 12, 5]);
+        let rows = probs.sum(2)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(rows.iter().all(|r| (r - 1.0).abs() < 1e-5));
+        let map = probs.reshape((2, 3, 4, 5))?;
+        let with = |weight: f64| -> Result<Tensor> {
+            let mut hooks = UNetHooks {
+                inject_cross_attention: Some(CrossAttnInjection {
+                    weight,
+                    map: map.clone(),
+                }),
+                ..Default::default()
+            };
+            Ok(attn.forward(&x, Some(&ctx), grid(3, 4, 12), &mut hooks)?.0)
+        };
+        assert!(max_diff(&with(0.0)?, &plain) < 1e-6);
+        let (_, ck, cv) = attn.text.as_ref().unwrap().qkv(&ctx, 2)?;
+        drop(ck);
+        let reused = map
+            .reshape((2, 12, 5))?
+            .unsqueeze(1)?
+            .broadcast_matmul(&cv)?;
+        let delta = attn
+            .to_out
+            .forward(&attn.merge(&(reused * (0.5 * 5.0 / 12.0))?)?)?;
+        let bias = attn
+            .to_out
+            .forward(&Tensor::zeros((2, 12, 8), DType::F32, &Device::Cpu)?)?;
+        let want = ((plain + delta)? - bias)?;
+        assert!(max_diff(&with(0.5)?, &want) < 1e-5);
+        Ok(())
+    }
+}
