@@ -1,8 +1,8 @@
 //! Live previews: a cheap picture of a latent without the VAE. The latent is averaged down (or
-//! enlarged) to 256 pixels on its long side and each cell's four channels are mapped to RGB by a
-//! fixed linear fit of the VAE decoder's colours (the per-channel factors the community
-//! previewers use for SD 1.x/2.x and SDXL latents). It shows composition and colour while a
-//! job runs; it is not the decoded image.
+//! enlarged) to 256 pixels on its long side and each cell's channels (four, or SD3's sixteen)
+//! are mapped to RGB by a fixed linear fit of the VAE decoder's colours (the per-channel factors
+//! the community previewers use for SD 1.x/2.x, SDXL and SD3 latents). It shows composition and
+//! colour while a job runs; it is not the decoded image.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -23,6 +23,26 @@ const SD_FACTORS: [[f32; 3]; 4] = [
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ];
+/// SD3's 16 channels, with a constant offset ([`SD3_BIAS`]).
+const SD3_FACTORS: [[f32; 3]; 16] = [
+    [-0.0922, -0.0175, 0.0749],
+    [0.0311, 0.0633, 0.0954],
+    [0.1994, 0.0927, 0.0458],
+    [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496],
+    [-0.0006, 0.1104, 0.0309],
+    [0.0978, 0.0306, 0.0427],
+    [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669],
+    [-0.0488, 0.0130, -0.0268],
+    [0.0922, 0.0988, 0.0951],
+    [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895],
+    [-0.0069, -0.0030, -0.0810],
+    [-0.0596, -0.0465, -0.0293],
+    [-0.1448, -0.1463, -0.1189],
+];
+const SD3_BIAS: [f32; 3] = [0.2394, 0.2135, 0.1925];
 const SDXL_FACTORS: [[f32; 3]; 4] = [
     [0.3920, 0.4054, 0.4549],
     [-0.2634, -0.0196, 0.0653],
@@ -30,15 +50,21 @@ const SDXL_FACTORS: [[f32; 3]; 4] = [
     [-0.3112, -0.2359, -0.2076],
 ];
 
-/// An 8-bit PNG of `latent` (1, 4, h, w), `side` pixels on its longer side or the picture's
-/// size (8 pixels per latent cell) when that is smaller: each pixel the mean of the latent
-/// cells it covers (or, enlarged, the cell it lies in), mapped to RGB in [-1, 1] and then to
-/// 0..255.
+/// An 8-bit PNG of `latent` (1, 4, h, w), or SD3's (1, 16, h, w), `side` pixels on its longer
+/// side or the picture's size (8 pixels per latent cell) when that is smaller: each pixel the
+/// mean of the latent cells it covers (or, enlarged, the cell it lies in), mapped to RGB in
+/// [-1, 1] and then to 0..255.
 pub fn preview_png(latent: &Tensor, sdxl: bool, side: usize) -> Result<Vec<u8>> {
     let (b, c, h, w) = latent.dims4()?;
-    if b != 1 || c != 4 || h == 0 || w == 0 || side == 0 {
+    let (factors, bias): (&[[f32; 3]], [f32; 3]) = match (c, sdxl) {
+        (16, _) => (&SD3_FACTORS, SD3_BIAS),
+        (4, true) => (&SDXL_FACTORS, [0.0; 3]),
+        (4, false) => (&SD_FACTORS, [0.0; 3]),
+        _ => (&[], [0.0; 3]),
+    };
+    if b != 1 || factors.is_empty() || h == 0 || w == 0 || side == 0 {
         bail!(
-            "a preview needs a (1, 4, h, w) latent and a positive size, got {:?}",
+            "a preview needs a (1, 4, h, w) or (1, 16, h, w) latent and a positive size, got {:?}",
             latent.dims()
         );
     }
@@ -48,7 +74,6 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, side: usize) -> Result<Vec<u8>> 
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let factors = if sdxl { &SDXL_FACTORS } else { &SD_FACTORS };
     let mut rgb = Vec::with_capacity(3 * ph * pw);
     for ys in &rows {
         for xs in &cols {
@@ -61,9 +86,14 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, side: usize) -> Result<Vec<u8>> 
                     .sum();
                 sum / n
             };
-            let cells = [mean(0), mean(1), mean(2), mean(3)];
+            let cells: Vec<f32> = (0..c).map(mean).collect();
             for k in 0..3 {
-                let v: f32 = cells.iter().zip(factors).map(|(c, f)| c * f[k]).sum();
+                let v: f32 = bias[k]
+                    + cells
+                        .iter()
+                        .zip(factors)
+                        .map(|(c, f)| c * f[k])
+                        .sum::<f32>();
                 rgb.push(((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8);
             }
         }
@@ -181,6 +211,31 @@ mod tests {
             64
         )
         .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn sd3_previews_map_sixteen_channels_with_the_bias() -> Result<()> {
+        // A zero 16-channel latent is the bias alone; channel 15 at +1 adds its row.
+        let zero = Tensor::zeros((1, 16, 8, 8), DType::F32, &Device::Cpu)?;
+        let (_, _, px) = dims(&preview_png(&zero, false, 64)?);
+        let grey: Vec<u8> = SD3_BIAS
+            .iter()
+            .map(|v| ((v + 1.0) * 127.5).round() as u8)
+            .collect();
+        assert!(px.chunks(3).all(|p| p == &grey[..]));
+        let last = Tensor::cat(
+            &[
+                Tensor::zeros((1, 15, 8, 8), DType::F32, &Device::Cpu)?,
+                Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu)?,
+            ],
+            1,
+        )?;
+        let (_, _, px) = dims(&preview_png(&last, true, 64)?);
+        let want: Vec<u8> = (0..3)
+            .map(|k| ((SD3_BIAS[k] + SD3_FACTORS[15][k] + 1.0) * 127.5).round() as u8)
+            .collect();
+        assert_eq!(&px[..3], &want[..]);
         Ok(())
     }
 }

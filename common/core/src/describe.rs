@@ -42,6 +42,7 @@ pub fn png_parameters(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
         let kind = match &plan.stages[0].schedule {
             StageSchedule::Schedule { scheduler, .. } => scheduler.to_string(),
             StageSchedule::Frecas { .. } => "ddim".to_string(),
+            StageSchedule::FrecasFlow { .. } => "flow-euler".to_string(),
         };
         s.push_str(&format!("\nscheduler: {kind}"));
     }
