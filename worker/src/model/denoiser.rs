@@ -28,18 +28,23 @@ pub const SD3_T5_TOKENS: usize = 256;
 #[derive(Debug, Clone)]
 pub enum DenoiserConfig {
     /// `unet/config.json` of an SD 2.x or SDXL directory.
-    Unet { family: Family, config: UNetConfig },
+    /// (Boxed: a UNet config is several times an MMDiT one.)
+    Unet {
+        family: Family,
+        config: Box<UNetConfig>,
+    },
     /// `transformer/config.json` of an SD3 directory.
     Mmdit { config: Sd3TransformerConfig },
 }
 
 /// A loaded denoiser.
 pub enum Denoiser {
+    /// (Both boxed: the module trees differ several times in size.)
     Unet {
         family: Family,
-        unet: UNet2DConditionModel,
+        unet: Box<UNet2DConditionModel>,
     },
-    Mmdit(Sd3Transformer2DModel),
+    Mmdit(Box<Sd3Transformer2DModel>),
 }
 
 /// What the denoiser is conditioned on for one batch, laid out like the batch's latents.
@@ -60,7 +65,7 @@ impl DenoiserConfig {
         match family {
             Family::Sd2 | Family::Sdxl => Ok(Self::Unet {
                 family,
-                config: dir.config("unet")?,
+                config: Box::new(dir.config("unet")?),
             }),
             Family::Sd3 => Ok(Self::Mmdit {
                 config: dir.config("transformer")?,
@@ -153,9 +158,11 @@ impl DenoiserConfig {
         match self {
             Self::Unet { family, config } => Ok(Denoiser::Unet {
                 family: *family,
-                unet: UNet2DConditionModel::new(vb, config)?,
+                unet: Box::new(UNet2DConditionModel::new(vb, config)?),
             }),
-            Self::Mmdit { config } => Ok(Denoiser::Mmdit(Sd3Transformer2DModel::new(vb, config)?)),
+            Self::Mmdit { config } => Ok(Denoiser::Mmdit(Box::new(Sd3Transformer2DModel::new(
+                vb, config,
+            )?))),
         }
     }
 

@@ -98,24 +98,6 @@ pub fn unet_flops(
     Ok(total)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::loader::ModelDir;
-
-    #[test]
-    fn sdxl_at_1024_is_about_six_tflop() -> anyhow::Result<()> {
-        // Published estimates put one SDXL UNet evaluation at 1024² near 6 TFLOP.
-        let cfg: UNetConfig = ModelDir::open("synthetic:sdxl")?.config("unet")?;
-        let f = unet_flops(&cfg, 128, 128, 77)?;
-        assert!((5.0e12..7.5e12).contains(&f), "{f:e}");
-        // Four times the pixels: more than four times the FLOPs (attention is quadratic).
-        let big = unet_flops(&cfg, 256, 256, 77)?;
-        assert!(big > 4.0 * f && big < 6.0 * f, "{big:e} vs {f:e}");
-        Ok(())
-    }
-}
-
 /// FLOPs of one forward pass of SD3's MMDiT on a single sample at latent size `h`×`w` with
 /// `context_len` text tokens: per block the image and text streams' projections and
 /// feed-forwards and the joint attention's two products over all tokens (the last block's
@@ -145,4 +127,22 @@ pub fn mmdit_flops(
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::loader::ModelDir;
+
+    #[test]
+    fn sdxl_at_1024_is_about_six_tflop() -> anyhow::Result<()> {
+        // Published estimates put one SDXL UNet evaluation at 1024² near 6 TFLOP.
+        let cfg: UNetConfig = ModelDir::open("synthetic:sdxl")?.config("unet")?;
+        let f = unet_flops(&cfg, 128, 128, 77)?;
+        assert!((5.0e12..7.5e12).contains(&f), "{f:e}");
+        // Four times the pixels: more than four times the FLOPs (attention is quadratic).
+        let big = unet_flops(&cfg, 256, 256, 77)?;
+        assert!(big > 4.0 * f && big < 6.0 * f, "{big:e} vs {f:e}");
+        Ok(())
+    }
 }
