@@ -210,77 +210,12 @@ fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
 /// compares with what diffusers' pipeline produced for the same inputs.
 fn diffusers_pipeline_parity(arch: &str, case: &str) {
     let root = repo_root().join("tests/parity/fixtures").join(arch);
-    let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("reference.json")).unwrap()).unwrap();
-    let params = &reference["pipelines"][case];
-    let tensors =
-        candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let get = |name: &str| -> &Tensor {
-        tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
-    };
-
     let dir = scratch(&format!("parity-{arch}-{case}"));
-    let latents_in = dir.path("in.safetensors");
-    candle_core::safetensors::save(
-        &HashMap::from([("latents", get(&format!("pipe.{case}.latents")).clone())]),
-        &latents_in,
-    )
-    .unwrap();
-    let (latents_out, png) = (dir.path("out.safetensors"), dir.path("out.png"));
-    let size = format!("{}x{}", params["width"], params["height"]);
-    let steps = params["steps"].to_string();
-    let guidance = params["guidance"].to_string();
-    let mut args = vec![
-        "render",
-        "--model",
-        root.join("model").to_str().unwrap().to_owned().leak(),
-        "--prompt",
-        params["prompt"].as_str().unwrap(),
-        "--size",
-        &size,
-        "--method",
-        "single",
-        "--steps",
-        &steps,
-        "--guidance",
-        &guidance,
-        "--latents",
-        latents_in.to_str().unwrap(),
-        "--output-latents",
-        latents_out.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-    ];
-    if let Some(neg) = params["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt", neg]);
-    }
-    tessera_ok(&args);
-
-    let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
-    let ours: Vec<f32> = ours["latents"].flatten_all().unwrap().to_vec1().unwrap();
-    let theirs: Vec<f32> = get(&format!("pipe.{case}.output_latents"))
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let latent_err = rel_l2(&ours, &theirs);
+    let (latent_err, err) = pipeline_parity(&root.join("model"), &root, case, &dir.0);
     assert!(
         latent_err <= 1e-3,
         "{arch}/{case}: final latents rel. L2 error {latent_err:.3e} > 1e-3"
     );
-
-    // The PNG against diffusers' decoded image (in [0, 1]), quantised the same way.
-    let image = get(&format!("pipe.{case}.image"))
-        .squeeze(0)
-        .unwrap()
-        .permute((1, 2, 0))
-        .unwrap();
-    let image: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
-    let (_, _, pixels, _) = read_png(&png);
-    let ours: Vec<f32> = pixels.iter().map(|&p| f32::from(p) / 255.0).collect();
-    let err = rel_l2(&ours, &image);
     assert!(
         err <= 5e-3,
         "{arch}/{case}: image rel. L2 error {err:.3e} (8-bit quantised)"

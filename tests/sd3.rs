@@ -33,83 +33,23 @@ fn fixture_without_t5(dir: &Path) -> PathBuf {
     dst
 }
 
-/// `tessera render --method single --latents` of `model` against diffusers' pipeline case.
-fn pipeline_parity(model: &Path, case: &str, dir: &Path) -> (f64, f64) {
-    let root = fixture_root();
-    let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("reference.json")).unwrap()).unwrap();
-    let params = &reference["pipelines"][case];
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let get = |k: &str| tensors.get(k).unwrap_or_else(|| panic!("no {k}")).clone();
-    let latents_in = dir.join(format!("{case}-in.safetensors"));
-    candle_core::safetensors::save(
-        &HashMap::from([("latents", get(&format!("pipe.{case}.latents")))]),
-        &latents_in,
-    )
-    .unwrap();
-    let (latents_out, png) = (
-        dir.join(format!("{case}-out.safetensors")),
-        dir.join(format!("{case}.png")),
-    );
-    let size = format!("{}x{}", params["width"], params["height"]);
-    let (steps, guidance) = (params["steps"].to_string(), params["guidance"].to_string());
-    let mut args = vec![
-        "render",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        params["prompt"].as_str().unwrap(),
-        "--size",
-        &size,
-        "--method",
-        "single",
-        "--steps",
-        &steps,
-        "--guidance",
-        &guidance,
-        "--latents",
-        latents_in.to_str().unwrap(),
-        "--output-latents",
-        latents_out.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-    ];
-    if let Some(neg) = params["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt", neg]);
-    }
-    tessera_ok(&args);
-    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
-    let latent_err = rel_l2(
-        &flat(&ours["latents"]),
-        &flat(&get(&format!("pipe.{case}.output_latents"))),
-    );
-    let image = get(&format!("pipe.{case}.image"))
-        .squeeze(0)
-        .unwrap()
-        .permute((1, 2, 0))
-        .unwrap();
-    let pixels: Vec<f32> = read_png(&png)
-        .2
-        .iter()
-        .map(|&p| f32::from(p) / 255.0)
-        .collect();
-    let image_err = rel_l2(&pixels, &flat(&image));
-    eprintln!("sd3/{case}: rel. L2 error vs diffusers: latents {latent_err:.2e}, 8-bit image {image_err:.2e}");
-    (latent_err, image_err)
-}
-
 #[test]
 fn sd3_whole_runs_match_diffusers_with_and_without_t5() {
     let dir = scratch("sd3-parity");
-    let (l, i) = pipeline_parity(&fixture_root().join("model"), "cfg", &dir.0);
+    let (l, i) = pipeline_parity(
+        &fixture_root().join("model"),
+        &fixture_root(),
+        "cfg",
+        &dir.0,
+    );
+    eprintln!("sd3/cfg: rel. L2 error vs diffusers: latents {l:.2e}, 8-bit image {i:.2e}");
     assert!(
         l <= 1e-3 && i <= 5e-3,
         "with T5: latents {l:.2e}, image {i:.2e}"
     );
     let no_t5 = fixture_without_t5(&dir.0);
-    let (l, i) = pipeline_parity(&no_t5, "no_t5", &dir.0);
+    let (l, i) = pipeline_parity(&no_t5, &fixture_root(), "no_t5", &dir.0);
+    eprintln!("sd3/no_t5: rel. L2 error vs diffusers: latents {l:.2e}, 8-bit image {i:.2e}");
     assert!(
         l <= 1e-3 && i <= 5e-3,
         "without T5: latents {l:.2e}, image {i:.2e}"

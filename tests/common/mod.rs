@@ -143,3 +143,74 @@ pub fn write_png(path: &Path, width: u32, height: u32, color: png::ColorType, da
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header().unwrap().write_image_data(data).unwrap();
 }
+
+/// `tessera render --method single --latents` of `model` from the initial latents of
+/// diffusers' pipeline case `case` (recorded in `fixtures`' reference.json and
+/// reference.safetensors), into `dir`: the relative L2 errors of the final latents and of the
+/// 8-bit PNG against diffusers' decoded image (in [0, 1], quantised the same way).
+pub fn pipeline_parity(model: &Path, fixtures: &Path, case: &str, dir: &Path) -> (f64, f64) {
+    use candle_core::{Device, Tensor};
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("reference.json")).unwrap()).unwrap();
+    let params = &reference["pipelines"][case];
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let get = |name: &str| -> &Tensor {
+        tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+    };
+    let latents_in = dir.join(format!("{case}-in.safetensors"));
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", get(&format!("pipe.{case}.latents")))]),
+        &latents_in,
+    )
+    .unwrap();
+    let latents_out = dir.join(format!("{case}-out.safetensors"));
+    let png = dir.join(format!("{case}.png"));
+    let size = format!("{}x{}", params["width"], params["height"]);
+    let (steps, guidance) = (params["steps"].to_string(), params["guidance"].to_string());
+    let mut args = vec![
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        params["prompt"].as_str().unwrap(),
+        "--size",
+        &size,
+        "--method",
+        "single",
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--latents",
+        latents_in.to_str().unwrap(),
+        "--output-latents",
+        latents_out.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ];
+    if let Some(neg) = params["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt", neg]);
+    }
+    tessera_ok(&args);
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
+    let latent_err = rel_l2(
+        &flat(&ours["latents"]),
+        &flat(get(&format!("pipe.{case}.output_latents"))),
+    );
+    let image = get(&format!("pipe.{case}.image"))
+        .squeeze(0)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap();
+    let pixels: Vec<f32> = read_png(&png)
+        .2
+        .iter()
+        .map(|&p| f32::from(p) / 255.0)
+        .collect();
+    (latent_err, rel_l2(&pixels, &flat(&image)))
+}
