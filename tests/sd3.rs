@@ -6,11 +6,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use common::{copy_dir, read_png, rel_l2, repo_root, scratch, tessera_bin, tessera_ok, tiny_model};
+use common::{
+    copy_dir, pipeline_parity, read_png, repo_root, scratch, tessera_bin, tessera_ok, tiny_model,
+};
 use tessera_harness::{ClusterOptions, LocalCluster};
 
 fn fixture_root() -> PathBuf {

@@ -163,7 +163,10 @@ pub fn pipeline_parity(model: &Path, fixtures: &Path, case: &str, dir: &Path) ->
     };
     let latents_in = dir.join(format!("{case}-in.safetensors"));
     candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents", get(&format!("pipe.{case}.latents")))]),
+        &std::collections::HashMap::from([(
+            "latents",
+            get(&format!("pipe.{case}.latents")).clone(),
+        )]),
         &latents_in,
     )
     .unwrap();
