@@ -222,13 +222,7 @@ impl JointAttention {
             return Ok((out, None));
         };
         let (cq, ck, cv) = stream.qkv(ctx, self.heads)?;
-        let (out, _) = attend(
-            &Tensor::cat(&[&q, &cq], 2)?,
-            &Tensor::cat(&[&k, &ck], 2)?,
-            &Tensor::cat(&[&v, &cv], 2)?,
-            self.scale,
-            false,
-        )?;
+        let out = self.attend_joined([&q, &k, &v], [&cq, &ck, &cv])?;
         let image = out.narrow(2, 0, n)?;
         let text = out.narrow(2, n, out.dim(2)? - n)?;
         let hw = grid.layer.hw;
@@ -250,6 +244,13 @@ impl JointAttention {
         Ok((image, Some(text)))
     }
 
+    /// Attention over the image tokens and the text tokens joined (image first, as SD3's
+    /// joint attention orders them); the output keeps that order.
+    fn attend_joined(&self, image: [&Tensor; 3], text: [&Tensor; 3]) -> Result<Tensor> {
+        let join = |i: usize| Tensor::cat(&[image[i], text[i]], 2);
+        Ok(attend(&join(0)?, &join(1)?, &join(2)?, self.scale, false)?.0)
+    }
+
     /// The image tokens' output (merged heads, before `to_out`) of a batch of token sets,
     /// each attending with the text tokens of its sample (the local windows and strided
     /// sub-grids of scale fusion, batched window-major).
@@ -261,14 +262,8 @@ impl JointAttention {
                 let reps = x.dim(0)? / ctx.dim(0)?.max(1);
                 let ctx = ctx.repeat((reps, 1, 1))?;
                 let (cq, ck, cv) = stream.qkv(&ctx, self.heads)?;
-                let (out, _) = attend(
-                    &Tensor::cat(&[&q, &cq], 2)?,
-                    &Tensor::cat(&[&k, &ck], 2)?,
-                    &Tensor::cat(&[&v, &cv], 2)?,
-                    self.scale,
-                    false,
-                )?;
-                out.narrow(2, 0, n)?
+                self.attend_joined([&q, &k, &v], [&cq, &ck, &cv])?
+                    .narrow(2, 0, n)?
             }
             _ => attend(&q, &k, &v, self.scale, false)?.0,
         };
