@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use clap::builder::PossibleValuesParser;
 use clap::Args;
 use tessera_core::describe;
+use tessera_core::family::{PlanPreset, PLAN_PRESETS};
 use tessera_core::plan::{self, ArchInfo};
 use tessera_worker::model::arch::arch_info;
 
@@ -16,8 +18,9 @@ pub struct PlanArgs {
     /// Read the architecture from this model directory (configs and weight headers only).
     #[arg(long, conflicts_with = "arch")]
     pub model: Option<PathBuf>,
-    /// A built-in architecture: sd21 (768, v-prediction), sd21-base (512) or sdxl.
-    #[arg(long)]
+    /// A built-in architecture: SD 2.1 (768, v-prediction), SD 2.1 base (512), SDXL base 1.0
+    /// or SD3 medium.
+    #[arg(long, value_parser = PossibleValuesParser::new(PLAN_PRESETS.map(|p| p.name)))]
     pub arch: Option<String>,
     #[command(flatten)]
     pub job: JobArgs,
@@ -44,7 +47,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
             a.weight_bytes = args.weight_bytes;
             a
         }
-        _ => bail!("tell plan the architecture: --arch sd21|sd21-base|sdxl or --model DIR"),
+        _ => bail!(
+            "tell plan the architecture: --model DIR, or --arch with one of {}",
+            PlanPreset::names()
+        ),
     };
     let spec = args
         .job
