@@ -65,8 +65,8 @@ fn embedded(flags: &[&str]) -> Vec<u8> {
 }
 
 fn start(dir: &Path, workers: &[&[&str]], opts: ClusterOptions) -> LocalCluster {
-    let mut c = LocalCluster::start(Path::new(tessera_bin()), dir, opts)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c =
+        LocalCluster::start(Path::new(tessera_bin()), dir, opts).unwrap_or_else(|e| panic!("{e}"));
     for extra in workers {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         c.add_worker(&tiny_model("sdxl-tiny"), &extra)
@@ -405,7 +405,10 @@ fn security_holds_on_one_cluster() {
     // An idle coordinator has nothing to warn about (it used to warn every 5 s).
     std::thread::sleep(Duration::from_secs(6));
     let idle = c.coordinator_log();
-    assert!(!idle.contains(" WARN "), "an idle coordinator warned:\n{idle}");
+    assert!(
+        !idle.contains(" WARN "),
+        "an idle coordinator warned:\n{idle}"
+    );
 
     let (worker, fingerprint) = worker_line(&c.workers[0].log());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -419,7 +422,10 @@ fn security_holds_on_one_cluster() {
     plant_redis_worker(&c, &fake.desc);
     let (id, _) = run(&c, &[]);
     assert_eq!(pixels(&c, &url, &id, &dir.0).0, want);
-    assert!(fake.seen.lock().unwrap().is_empty(), "the planted worker was called");
+    assert!(
+        fake.seen.lock().unwrap().is_empty(),
+        "the planted worker was called"
+    );
 
     // 2. Joining takes the worker token, and the worker's own address.
     let e = rt.block_on(fake.join(&url, CLIENT_TOKEN)).unwrap_err();
@@ -465,18 +471,54 @@ fn security_holds_on_one_cluster() {
     // 5. --output-dir: judged from the path before admission (a refused job creates nothing),
     // only under the allowed root, and links are never followed.
     let deep = root.join("new/deep");
-    let refused = client(&c, &url, &["submit", "--model", "tiny", "--prompt", "x", "--steps", "0", "--output-dir", deep.to_str().unwrap()]);
+    let refused = client(
+        &c,
+        &url,
+        &[
+            "submit",
+            "--model",
+            "tiny",
+            "--prompt",
+            "x",
+            "--steps",
+            "0",
+            "--output-dir",
+            deep.to_str().unwrap(),
+        ],
+    );
     assert!(!refused.status.success());
-    assert!(!root.join("new").exists(), "a refused job created directories");
-    let out = client(&c, &url, &["submit", "--model", "tiny", "--prompt", "x", "--output-dir", outside.to_str().unwrap()]);
+    assert!(
+        !root.join("new").exists(),
+        "a refused job created directories"
+    );
+    let out = client(
+        &c,
+        &url,
+        &[
+            "submit",
+            "--model",
+            "tiny",
+            "--prompt",
+            "x",
+            "--output-dir",
+            outside.to_str().unwrap(),
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not under a directory"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("not under a directory"),
+        "{err}"
+    );
     std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
     let through_link = root.join("linked/sub");
     let (id, s) = run(&c, &["--output-dir", through_link.to_str().unwrap()]);
     let warnings = s["warnings"].to_string();
     assert!(warnings.contains("symbolic link"), "{s}");
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "written through a link");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through a link"
+    );
     assert_eq!(pixels(&c, &url, &id, &dir.0).0, want);
     // The old fixed-name probe: a link planted there is left alone.
     let plain = root.join("plain");
@@ -493,30 +535,75 @@ fn security_holds_on_one_cluster() {
     // image still fetchable.
     let (id, s) = run(&c, &["--output-dir", full.to_str().unwrap()]);
     let warnings = s["warnings"].to_string();
-    assert!(warnings.contains("No space left") && warnings.contains(full.to_str().unwrap()), "{s}");
+    assert!(
+        warnings.contains("No space left") && warnings.contains(full.to_str().unwrap()),
+        "{s}"
+    );
     let (px, text) = pixels(&c, &url, &id, &dir.0);
     assert_eq!(px, want);
 
     // 7. The job records its model's fingerprint, and the PNG carries it.
     assert_eq!(s["model_fingerprint"], fingerprint.as_str(), "{s}");
-    assert!(text.iter().any(|(_, v)| v.contains(&fingerprint)), "{text:?}");
+    assert!(
+        text.iter().any(|(_, v)| v.contains(&fingerprint)),
+        "{text:?}"
+    );
 
     // 8. What no worker can hold is refused with the plan's estimate; the queue has a limit.
-    let out = client(&c, &url, &["submit", "--model", "tiny", "--prompt", "x", "--size", "65536x65536", "--method", "single"]);
+    let out = client(
+        &c,
+        &url,
+        &[
+            "submit",
+            "--model",
+            "tiny",
+            "--prompt",
+            "x",
+            "--size",
+            "65536x65536",
+            "--method",
+            "single",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("GiB") && err.contains("per worker"), "{err}");
-    let long = submit(&c, &url, &["--model", "tiny", "--prompt", "long", "--steps", "400"]);
-    wait_job(&c, &url, &long, Duration::from_secs(60), |s| s["state"] == "running");
+    assert!(
+        !out.status.success() && err.contains("GiB") && err.contains("per worker"),
+        "{err}"
+    );
+    let long = submit(
+        &c,
+        &url,
+        &["--model", "tiny", "--prompt", "long", "--steps", "400"],
+    );
+    wait_job(&c, &url, &long, Duration::from_secs(60), |s| {
+        s["state"] == "running"
+    });
     let queued = submit(&c, &url, &["--model", "tiny", "--prompt", "next"]);
-    let out = client(&c, &url, &["submit", "--model", "tiny", "--prompt", "one too many"]);
+    let out = client(
+        &c,
+        &url,
+        &["submit", "--model", "tiny", "--prompt", "one too many"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--max-queued 1"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("--max-queued 1"),
+        "{err}"
+    );
     client_ok(&c, &url, &["cancel", &queued]);
     client_ok(&c, &url, &["cancel", &long]);
 
     // 9. A second model under a served name is refused, with a line in the coordinator's log.
     let other = dir.path("other-model");
-    tessera_ok(&["model", "synth", "--arch", "sdxl-tiny", "--out", other.to_str().unwrap(), "--seed", "2"]);
+    tessera_ok(&[
+        "model",
+        "synth",
+        "--arch",
+        "sdxl-tiny",
+        "--out",
+        other.to_str().unwrap(),
+        "--seed",
+        "2",
+    ]);
     let names = ["--model-name".to_string(), "tiny".to_string()];
     c.add_worker(&other, &names).unwrap();
     let second = c.workers.last_mut().unwrap();
@@ -524,7 +611,10 @@ fn security_holds_on_one_cluster() {
     assert!(exited.is_some_and(|s| !s.success()), "{}", second.log());
     assert!(second.log().contains("fingerprint"), "{}", second.log());
     let log = c.coordinator_log();
-    assert!(log.contains("refused worker") && log.contains("fingerprint"), "{log}");
+    assert!(
+        log.contains("refused worker") && log.contains("fingerprint"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -546,20 +636,34 @@ fn faults_end_jobs_with_a_message() {
     // A task that outlives its lease: every lost lease is an attempt, the retries wait longer
     // each time, and the job fails naming the task, the worker and the lease.
     let began = Instant::now();
-    let id = submit(&c, &url, &["--model", "slow", "--prompt", "p", "--steps", "2"]);
+    let id = submit(
+        &c,
+        &url,
+        &["--model", "slow", "--prompt", "p", "--steps", "2"],
+    );
     let s = wait_job(&c, &url, &id, Duration::from_secs(240), ended);
     let error = s["error"].as_str().unwrap_or("");
     assert_eq!(s["state"], "failed", "{s}");
     assert!(error.contains("did not finish in 5 attempts"), "{error}");
-    assert!(error.contains("--lease 2 s") && error.contains("outlived"), "{error}");
+    assert!(
+        error.contains("--lease 2 s") && error.contains("outlived"),
+        "{error}"
+    );
     let (slow_worker, _) = worker_line(&c.workers[0].log());
     let port = slow_worker.rsplit(':').next().unwrap();
-    assert!(error.contains(&format!("-{port}-")), "{error} names no worker of port {port}");
+    assert!(
+        error.contains(&format!("-{port}-")),
+        "{error} names no worker of port {port}"
+    );
     eprintln!("lease failure after {:.1} s", began.elapsed().as_secs_f64());
 
     // Redis away: a client's call answers within its deadline instead of hanging; Redis back
     // without its data: the running job fails saying so, and is still listed.
-    let id = submit(&c, &url, &["--model", "steady", "--prompt", "p", "--steps", "300"]);
+    let id = submit(
+        &c,
+        &url,
+        &["--model", "steady", "--prompt", "p", "--steps", "300"],
+    );
     wait_job(&c, &url, &id, Duration::from_secs(60), |s| {
         s["state"] == "running" && s["progress"]["views_done"].as_u64() > Some(0)
     });
@@ -568,11 +672,21 @@ fn faults_end_jobs_with_a_message() {
     let out = client(&c, &url, &["list"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("Redis"), "{err}");
-    assert!(asked.elapsed() < Duration::from_secs(45), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        asked.elapsed()
+    );
     c.redis.restart();
     let s = wait_job(&c, &url, &id, Duration::from_secs(90), ended);
     assert_eq!(s["state"], "failed", "{s}");
-    assert!(s["error"].as_str().unwrap_or("").contains("the store lost this job"), "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the store lost this job"),
+        "{s}"
+    );
     assert!(client_ok(&c, &url, &["list"]).contains(&id));
 }
 
@@ -588,8 +702,13 @@ fn watcher(dir: &Path, url: &str, id: &str, name: &str) -> Process {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    Process::spawn(Path::new(tessera_bin()), name, &args, dir.join(format!("{name}.log")))
-        .unwrap()
+    Process::spawn(
+        Path::new(tessera_bin()),
+        name,
+        &args,
+        dir.join(format!("{name}.log")),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -635,12 +754,21 @@ fn coordinators_hand_over_cleanly() {
     let before = steps_logged(&c.coordinator_log(), &id);
     let woke = Instant::now();
     c.coordinator_process().unwrap().signal("CONT").unwrap();
-    let exit = c.coordinator_process().unwrap().wait_exit(Duration::from_secs(30));
+    let exit = c
+        .coordinator_process()
+        .unwrap()
+        .wait_exit(Duration::from_secs(30));
     assert!(exit.is_some_and(|s| !s.success()), "{}", c.logs());
-    eprintln!("the woken coordinator stopped after {:.1} s", woke.elapsed().as_secs_f64());
+    eprintln!(
+        "the woken coordinator stopped after {:.1} s",
+        woke.elapsed().as_secs_f64()
+    );
     let log = c.coordinator_log();
     assert!(log.contains("lost the coordinator lock"), "{log}");
-    assert!(!log.contains(&format!("job {id} ")), "the old coordinator ended the job:\n{log}");
+    assert!(
+        !log.contains(&format!("job {id} ")),
+        "the old coordinator ended the job:\n{log}"
+    );
     assert!(steps_logged(&log, &id) <= before + 1, "{log}");
     drop(open);
 
@@ -649,11 +777,20 @@ fn coordinators_hand_over_cleanly() {
     assert_eq!(s["state"], "succeeded", "{s} (resumed: {resumed})");
     assert!(s["resumed_from"].is_object(), "{s}");
     assert_eq!(pixels(&c, &second, &id, &dir.0).0, want, "{}", c.logs());
-    assert_eq!(c.standby_log().matches(&format!("job {id} succeeded")).count(), 1);
+    assert_eq!(
+        c.standby_log()
+            .matches(&format!("job {id} succeeded"))
+            .count(),
+        1
+    );
 
     // SIGTERM with a watch open: stops within seconds, releases the lock; the next coordinator
     // takes over at once and finishes the job.
-    let long = submit(&c, &second, &["--model", "tiny", "--prompt", "long", "--steps", "300"]);
+    let long = submit(
+        &c,
+        &second,
+        &["--model", "tiny", "--prompt", "long", "--steps", "300"],
+    );
     wait_job(&c, &second, &long, Duration::from_secs(60), |s| {
         s["progress"]["views_done"].as_u64() > Some(0)
     });
@@ -664,11 +801,18 @@ fn coordinators_hand_over_cleanly() {
     let exit = standby.wait_exit(Duration::from_secs(20));
     assert!(exit.is_some_and(|s| s.success()), "{}", c.logs());
     eprintln!("SIGTERM to exit: {:.1} s", asked.elapsed().as_secs_f64());
-    assert!(c.standby_log().contains("coordinator stopped"), "{}", c.standby_log());
+    assert!(
+        c.standby_log().contains("coordinator stopped"),
+        "{}",
+        c.standby_log()
+    );
     drop(open);
     c.start_coordinator().unwrap_or_else(|e| panic!("{e}"));
     let log = c.coordinator_log();
-    assert!(!log.contains("standing by"), "the lock was not released:\n{log}");
+    assert!(
+        !log.contains("standing by"),
+        "the lock was not released:\n{log}"
+    );
     let s = wait_job(&c, &first, &long, Duration::from_secs(300), ended);
     assert_eq!(s["state"], "succeeded", "{s}\n{}", c.logs());
     assert!(s["resumed_from"].is_object(), "{s}");
@@ -704,10 +848,19 @@ fn tls_settings_never_speak_plaintext() {
     let dir = scratch("trust-tls");
     let ca = dir.path("ca.pem");
     std::fs::write(&ca, b"not read before the URL is checked").unwrap();
-    let out = tessera(&["list", "--coordinator", "http://127.0.0.1:9", "--tls-ca", ca.to_str().unwrap()]);
+    let out = tessera(&[
+        "list",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--tls-ca",
+        ca.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("plaintext") && err.contains("https://127.0.0.1:9"), "{err}");
+    assert!(
+        err.contains("plaintext") && err.contains("https://127.0.0.1:9"),
+        "{err}"
+    );
     let model = tiny_model("sdxl-tiny");
     let out = tessera(&[
         "worker",
@@ -725,5 +878,8 @@ fn tls_settings_never_speak_plaintext() {
     // And a worker refuses the clients' credential outright.
     let out = tessera(&["worker", "--token", "t", "--model", model.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--worker-token"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("--worker-token"),
+        "{err}"
+    );
 }

@@ -168,7 +168,10 @@ mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(with_token(&mut check, "second"), Ok(()));
-        let bare = check.call(Request::new(())).map(|_| ()).map_err(|s| s.code());
+        let bare = check
+            .call(Request::new(()))
+            .map(|_| ())
+            .map_err(|s| s.code());
         assert_eq!(bare, Err(tonic::Code::Unauthenticated));
     }
 

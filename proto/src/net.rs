@@ -175,7 +175,10 @@ mod tests {
             ..Default::default()
         };
         let err = endpoint("http://h:7070", &tls).unwrap_err().to_string();
-        assert!(err.contains("https://h:7070") && err.contains("--tls-ca"), "{err}");
+        assert!(
+            err.contains("https://h:7070") && err.contains("--tls-ca"),
+            "{err}"
+        );
         let err = endpoint("HTTP://h:7070", &tls).unwrap_err().to_string();
         assert!(err.contains("plaintext"), "{err}");
         let err = endpoint("https://h:7070", &ClientNet::default()).unwrap_err();

@@ -185,7 +185,10 @@ fn write_cache(path: &Path, files: Vec<Stamp>, fingerprint: &str) {
     let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        tracing::debug!("not caching the model's fingerprint at {}: {e}", path.display());
+        tracing::debug!(
+            "not caching the model's fingerprint at {}: {e}",
+            path.display()
+        );
     }
 }
 
@@ -208,7 +211,10 @@ mod tests {
         std::fs::write(a.join("unet/w.safetensors"), vec![7u8; 3000]).unwrap();
         std::fs::write(a.join("README.md"), b"notes").unwrap();
         let first = fingerprint(&a).unwrap();
-        assert!(first.starts_with("sha256:") && first.len() == 7 + 64, "{first}");
+        assert!(
+            first.starts_with("sha256:") && first.len() == 7 + 64,
+            "{first}"
+        );
         assert!(a.join(CACHE_NAME).is_file());
         assert_eq!(fingerprint(&a).unwrap(), first);
         // Notes do not change the model; a copy elsewhere has the same fingerprint.

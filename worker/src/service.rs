@@ -134,7 +134,8 @@ async fn load(cfg: &WorkerConfig) -> Result<(Served, String), ServiceError> {
             eval_ms = ms,
             "BENCHMARK DOUBLE: no weights loaded; tasks are simulated, outputs meaningless"
         );
-        let double = SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| model_error(cfg, e))?;
+        let double =
+            SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| model_error(cfg, e))?;
         return Ok((Served::Simulated(double), fingerprint));
     }
     tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
@@ -242,7 +243,10 @@ pub async fn serve(
             },
             guard,
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), ends)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            ends,
+        )
         .await;
     joining.abort();
     // Leave at once rather than when the membership expires, so no new work is sent here.
@@ -263,7 +267,9 @@ fn coordinator_net(cfg: &WorkerConfig) -> Result<ClientNet, ServiceError> {
         ca_flag: "--tls-ca",
     };
     if cfg.coordinators.is_empty() {
-        return Err(ServiceError::Join("--coordinator is empty: name the coordinator's URL".into()));
+        return Err(ServiceError::Join(
+            "--coordinator is empty: name the coordinator's URL".into(),
+        ));
     }
     for url in &cfg.coordinators {
         net::check_scheme(url, &net)?;
@@ -347,7 +353,10 @@ struct Membership {
 fn refused_for_good(code: Code) -> bool {
     matches!(
         code,
-        Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
     )
 }
 
@@ -365,7 +374,10 @@ impl Membership {
             .iter()
             .map(|url| {
                 let channel = net::channel(url, &coordinator_net)?;
-                Ok((url.clone(), MembershipClient::with_interceptor(channel, token.clone())))
+                Ok((
+                    url.clone(),
+                    MembershipClient::with_interceptor(channel, token.clone()),
+                ))
             })
             .collect::<Result<_, net::NetError>>()?;
         Ok(Self {
@@ -384,7 +396,8 @@ impl Membership {
                 Ok(joined) => joined,
                 Err(e) => return e,
             };
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, session.clone()));
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((index, session.clone()));
             self.beat(index, &session, every).await;
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
@@ -396,7 +409,11 @@ impl Membership {
         let mut told = false;
         loop {
             // A fresh call token for each membership: whoever held the last one cannot call.
-            let call_token = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+            let call_token = format!(
+                "{:032x}{:032x}",
+                rand::random::<u128>(),
+                rand::random::<u128>()
+            );
             self.guard.set(&call_token);
             for (index, (url, client)) in self.coordinators.iter().enumerate() {
                 let request = JoinRequest {
@@ -408,7 +425,10 @@ impl Membership {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
                         tracing::info!(coordinator = %url, "joined the cluster");
-                        eprintln!("worker {} joined coordinator {url}", self.description.worker_id);
+                        eprintln!(
+                            "worker {} joined coordinator {url}",
+                            self.description.worker_id
+                        );
                         let every = Duration::from_millis(u64::from(r.heartbeat_ms.max(100)));
                         return Ok((index, r.session, every));
                     }
@@ -442,7 +462,8 @@ impl Membership {
         let mut answered = Instant::now();
         loop {
             tokio::time::sleep(every).await;
-            let answer = tokio::time::timeout(every * 2, client.clone().heartbeat(request.clone())).await;
+            let answer =
+                tokio::time::timeout(every * 2, client.clone().heartbeat(request.clone())).await;
             match answer {
                 Ok(Ok(_)) => answered = Instant::now(),
                 Ok(Err(s)) if matches!(s.code(), Code::NotFound | Code::Unavailable) => {
@@ -460,7 +481,11 @@ impl Membership {
 
     /// Ends the membership now (a clean shutdown), if there is one.
     async fn leave(&self) {
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let Some((index, session)) = current else {
             return;
         };
@@ -486,11 +511,21 @@ fn device_memory(device: &str) -> u64 {
     }
     let ordinal = device.trim().strip_prefix("cuda:").unwrap_or("0");
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", ordinal])
+        .args([
+            "--query-gpu=memory.total",
+            "--format=csv,noheader,nounits",
+            "-i",
+            ordinal,
+        ])
         .output();
     out.ok()
         .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |mib| mib << 20)
 }
 
@@ -609,7 +644,11 @@ pub fn check_task_keys(task: &Task) -> Result<(), String> {
     match &task.kind {
         TaskKind::EncodePrompt { .. } => Ok(()),
         TaskKind::Denoise(d) => {
-            let outputs = [Some(&d.output_cond), d.output_uncond.as_ref(), d.camap_capture.as_ref()];
+            let outputs = [
+                Some(&d.output_cond),
+                d.output_uncond.as_ref(),
+                d.camap_capture.as_ref(),
+            ];
             let at = same(&d.input, &outputs)?;
             let map_ok = d
                 .camap_inject
@@ -617,7 +656,10 @@ pub fn check_task_keys(task: &Task) -> Result<(), String> {
                 .is_none_or(|m| matches!(place(&m.key), Ok(Scratch::Stage(_))));
             match at {
                 Scratch::Step(..) if map_ok => Ok(()),
-                _ => Err(format!("denoising task {} names keys outside one step", task.id)),
+                _ => Err(format!(
+                    "denoising task {} names keys outside one step",
+                    task.id
+                )),
             }
         }
         TaskKind::Decode { input, output }
@@ -725,12 +767,19 @@ mod tests {
     #[test]
     fn tasks_may_touch_only_one_step_of_their_own_job() {
         let j = "abc:i0";
-        let ok = denoise(j, keys::task(j, 1, 2, 0, "in"), keys::task(j, 1, 2, 0, "out"));
+        let ok = denoise(
+            j,
+            keys::task(j, 1, 2, 0, "in"),
+            keys::task(j, 1, 2, 0, "out"),
+        );
         assert!(check_task_keys(&ok).is_ok());
         for (input, output) in [
             (keys::task(j, 1, 2, 0, "in"), keys::embedding(j, "cond")),
             (keys::task(j, 1, 2, 0, "in"), keys::task(j, 1, 3, 0, "out")),
-            (keys::task(j, 1, 2, 0, "in"), keys::task("other:i0", 1, 2, 0, "out")),
+            (
+                keys::task(j, 1, 2, 0, "in"),
+                keys::task("other:i0", 1, 2, 0, "out"),
+            ),
             (keys::spec(j), keys::task(j, 1, 2, 0, "out")),
             (keys::task(j, 1, 2, 0, "in"), keys::job_record("abc")),
         ] {
@@ -742,7 +791,10 @@ mod tests {
             id: "vae".into(),
             kind: TaskKind::Decode { input, output },
         };
-        let (i, o) = (keys::stage(j, 0, "vae:a:in"), keys::stage(j, 0, "vae:a:out"));
+        let (i, o) = (
+            keys::stage(j, 0, "vae:a:in"),
+            keys::stage(j, 0, "vae:a:out"),
+        );
         assert!(check_task_keys(&vae(i.clone(), o)).is_ok());
         assert!(check_task_keys(&vae(i, keys::checkpoint(j, 0, 1, "latent"))).is_err());
         let mut odd = ok.clone();

@@ -105,7 +105,10 @@ impl Process {
         if status.success() {
             Ok(())
         } else {
-            Err(HarnessError(format!("kill -s {name} {} failed", self.pid())))
+            Err(HarnessError(format!(
+                "kill -s {name} {} failed",
+                self.pid()
+            )))
         }
     }
 

@@ -433,7 +433,11 @@ mod tests {
         });
         assert_eq!(server.command(&["SET", "k", "v"]).unwrap(), "+OK");
         assert_eq!(server.dbsize(), 1);
-        assert!(server.url().starts_with("redis://tessera:s3cret@"), "{}", server.url());
+        assert!(
+            server.url().starts_with("redis://tessera:s3cret@"),
+            "{}",
+            server.url()
+        );
         assert_eq!(server.scan("*"), vec!["k".to_string()]);
         let mut anonymous = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         anonymous.write_all(&resp(&["GET", "k"])).unwrap();

@@ -127,7 +127,11 @@ impl WriteBatch {
 
     /// SET with a time to live.
     pub fn set_px(&mut self, key: &str, value: &[u8], ttl: Duration) -> &mut Self {
-        let args = vec![value.to_vec(), b"PX".to_vec(), millis(ttl).to_string().into_bytes()];
+        let args = vec![
+            value.to_vec(),
+            b"PX".to_vec(),
+            millis(ttl).to_string().into_bytes(),
+        ];
         self.push("SET", vec![key.into()], args)
     }
 
@@ -415,7 +419,10 @@ impl RedisStore {
                     if let Some(f) = &self.fence {
                         f.lost.store(true, Ordering::Relaxed);
                     }
-                    return Err(StoreError::Fenced(format!("{what}: {}", e.detail().unwrap_or("refused"))));
+                    return Err(StoreError::Fenced(format!(
+                        "{what}: {}",
+                        e.detail().unwrap_or("refused")
+                    )));
                 }
                 Err(e) => {
                     return Err(StoreError::Rejected {
@@ -484,7 +491,10 @@ impl RedisStore {
     pub async fn put_async(&self, key: &str, value: &[u8]) -> Result<()> {
         if self.fence.is_some() {
             let what = format!("SET {key}");
-            return self.write_batch(&what, WriteBatch::new().set(key, value)).await.map(drop);
+            return self
+                .write_batch(&what, WriteBatch::new().set(key, value))
+                .await
+                .map(drop);
         }
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value);
@@ -495,7 +505,10 @@ impl RedisStore {
     pub async fn put_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         if self.fence.is_some() {
             let batch = WriteBatch::new().set_px(key, value, ttl).clone();
-            return self.write_batch(&format!("SET {key} PX"), &batch).await.map(drop);
+            return self
+                .write_batch(&format!("SET {key} PX"), &batch)
+                .await
+                .map(drop);
         }
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
@@ -511,7 +524,10 @@ impl RedisStore {
     pub async fn delete_async(&self, key: &str) -> Result<()> {
         if self.fence.is_some() {
             let batch = WriteBatch::new().unlink(&[key.to_string()]).clone();
-            return self.write_batch(&format!("UNLINK {key}"), &batch).await.map(drop);
+            return self
+                .write_batch(&format!("UNLINK {key}"), &batch)
+                .await
+                .map(drop);
         }
         let mut cmd = redis::cmd("UNLINK");
         cmd.arg(key);
@@ -540,7 +556,10 @@ impl RedisStore {
     pub async fn put_guarded_async(&self, guard: &str, key: &str, value: &[u8]) -> Result<bool> {
         if self.fence.is_some() {
             let batch = WriteBatch::new().set_if_exists(guard, key, value).clone();
-            return Ok(self.write_batch(&format!("guarded SET {key}"), &batch).await? > 0);
+            return Ok(self
+                .write_batch(&format!("guarded SET {key}"), &batch)
+                .await?
+                > 0);
         }
         let mut call = PUT_GUARDED.key(guard);
         call.key(key).arg(value);
@@ -624,7 +643,9 @@ impl RedisStore {
             }
             if self.fence.is_some() {
                 let batch = WriteBatch::new().unlink(&keys).clone();
-                removed += self.write_batch(&format!("UNLINK {prefix}*"), &batch).await? as usize;
+                removed += self
+                    .write_batch(&format!("UNLINK {prefix}*"), &batch)
+                    .await? as usize;
                 continue;
             }
             let mut pipe = redis::pipe();
@@ -654,7 +675,9 @@ impl RedisStore {
                 for key in batch {
                     fenced.pexpire(key, ttl);
                 }
-                set += self.write_batch(&format!("PEXPIRE {prefix}*"), &fenced).await? as usize;
+                set += self
+                    .write_batch(&format!("PEXPIRE {prefix}*"), &fenced)
+                    .await? as usize;
                 continue;
             }
             let mut pipe = redis::pipe();
@@ -682,9 +705,10 @@ impl RedisStore {
             pipe.exists(key);
         }
         let pipe = &pipe;
-        self.with_retry(&format!("EXISTS of {} keys", keys.len()), |mut c| async move {
-            pipe.query_async(&mut c).await
-        })
+        self.with_retry(
+            &format!("EXISTS of {} keys", keys.len()),
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
         .await
     }
 

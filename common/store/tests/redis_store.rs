@@ -161,7 +161,10 @@ fn fenced_writes_land_only_while_the_fence_holds_the_token() -> TestResult {
     let plain = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
     plain.put("lock", b"me#1")?;
     let me = plain.fenced("lock", "me#1", Duration::from_secs(5));
-    let items = vec![("j:a".to_string(), b"1".to_vec()), ("j:b".into(), b"2".to_vec())];
+    let items = vec![
+        ("j:a".to_string(), b"1".to_vec()),
+        ("j:b".into(), b"2".to_vec()),
+    ];
     me.put_many(&items)?;
     me.put("j:in", b"in")?;
     assert!(me.put_guarded("j:in", "j:out", b"out")?);
@@ -172,8 +175,14 @@ fn fenced_writes_land_only_while_the_fence_holds_the_token() -> TestResult {
         .sadd("s", "job1")
         .set_px("j:ttl", b"t", Duration::from_secs(60));
     rt.block_on(me.write_batch("batch", &batch))?;
-    assert_eq!(plain.keys("j:")?, vec!["j:a", "j:b", "j:in", "j:out", "j:ttl"]);
-    assert_eq!(rt.block_on(me.expire_prefix("j:", Duration::from_secs(60)))?, 5);
+    assert_eq!(
+        plain.keys("j:")?,
+        vec!["j:a", "j:b", "j:in", "j:out", "j:ttl"]
+    );
+    assert_eq!(
+        rt.block_on(me.expire_prefix("j:", Duration::from_secs(60)))?,
+        5
+    );
     assert!(!me.fence_lost());
 
     // Another holder takes the lock: every write of the old one is refused, none lands.
@@ -184,7 +193,9 @@ fn fenced_writes_land_only_while_the_fence_holds_the_token() -> TestResult {
     assert!(refused(me.delete("j:b")));
     assert!(refused(me.delete_prefix("j:").map(drop)));
     assert!(refused(me.put_guarded("j:in", "j:out", b"x").map(drop)));
-    assert!(refused(rt.block_on(me.write_batch("batch", &batch)).map(drop)));
+    assert!(refused(
+        rt.block_on(me.write_batch("batch", &batch)).map(drop)
+    ));
     assert!(me.fence_lost());
     assert_eq!(plain.get("j:a")?, Some(b"1".to_vec()));
     assert_eq!(plain.keys("j:")?.len(), 5);

@@ -221,7 +221,8 @@ pub fn check_job_options(
     let dir = if output_dir.is_empty() {
         None
     } else {
-        let (clean, _) = outputs::check_request(allowed_output_dirs, output_dir).map_err(invalid)?;
+        let (clean, _) =
+            outputs::check_request(allowed_output_dirs, output_dir).map_err(invalid)?;
         Some(clean.display().to_string())
     };
     Ok((count, priority, dir))

@@ -198,9 +198,11 @@ impl Jobs {
         for (name, data) in inputs {
             batch.set(&keys::job_input(id, name), data);
         }
-        batch
-            .zadd(keys::JOBS_INDEX, id, record.seq as f64)
-            .zadd(keys::JOB_QUEUE, id, queue_score(record.priority, record.seq));
+        batch.zadd(keys::JOBS_INDEX, id, record.seq as f64).zadd(
+            keys::JOB_QUEUE,
+            id,
+            queue_score(record.priority, record.seq),
+        );
         self.store.write_batch("submit", &batch).await.map(drop)
     }
 

@@ -232,12 +232,18 @@ fn check_description(desc: &WorkerDescription, call_token: &str) -> Result<(), S
         )));
     }
     if desc.models.is_empty() || desc.models.iter().any(|m| m.name.trim().is_empty()) {
-        return Err(Status::invalid_argument("a worker must serve a named model"));
+        return Err(Status::invalid_argument(
+            "a worker must serve a named model",
+        ));
     }
     for m in &desc.models {
         let arch = serde_json::from_str::<tessera_core::plan::ArchInfo>(&m.arch_json);
         let sched = serde_json::from_str::<tessera_core::sched::SchedulerConfig>(&m.scheduler_json);
-        if let Some(e) = arch.err().map(|e| e.to_string()).or(sched.err().map(|e| e.to_string())) {
+        if let Some(e) = arch
+            .err()
+            .map(|e| e.to_string())
+            .or(sched.err().map(|e| e.to_string()))
+        {
             return Err(Status::invalid_argument(format!(
                 "model {:?}: its description does not parse ({e})",
                 m.name
@@ -306,7 +312,8 @@ async fn call_back(
             desc.address
         ))
     };
-    let channel = net::channel(&desc.address, worker_net).map_err(|e| unreachable(e.to_string()))?;
+    let channel =
+        net::channel(&desc.address, worker_net).map_err(|e| unreachable(e.to_string()))?;
     let token = AttachToken::new(Some(call_token))
         .map_err(|_| Status::invalid_argument("the call token must be printable ASCII"))?;
     let mut client = WorkerClient::with_interceptor(channel, token);

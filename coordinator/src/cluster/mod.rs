@@ -237,7 +237,11 @@ pub async fn serve(
     eprintln!("coordinator listening on {local}");
 
     tokio::pin!(shutdown);
-    let holder = format!("{local}-{}-{:04x}", std::process::id(), rand::random::<u16>());
+    let holder = format!(
+        "{local}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    );
     let token = tokio::select! {
         token = lock::acquire(&store, &holder) => token?,
         _ = &mut shutdown => return server.stop().await,

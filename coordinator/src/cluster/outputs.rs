@@ -52,7 +52,10 @@ pub fn check_request(roots: &[PathBuf], dir: &str) -> Result<(PathBuf, PathBuf),
 
 fn no_links(path: &Path, e: io::Error) -> io::Error {
     let errno = rustix::io::Errno::from_io_error(&e);
-    if matches!(errno, Some(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) {
+    if matches!(
+        errno,
+        Some(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)
+    ) {
         io::Error::other(format!(
             "{} is a symbolic link or not a directory (outputs never follow links)",
             path.display()
@@ -82,9 +85,9 @@ fn sub_dir(parent: &OwnedFd, name: &OsStr, mode: u32, shown: &Path) -> io::Resul
 /// made as needed without following links, and the file is written under a fresh name then
 /// renamed into place, never replacing (or following) an entry already called `name`.
 pub fn copy_under(root: &Path, dir: &Path, name: &str, from: &Path) -> io::Result<PathBuf> {
-    let below = dir
-        .strip_prefix(root)
-        .map_err(|_| io::Error::other(format!("{} is not under {}", dir.display(), root.display())))?;
+    let below = dir.strip_prefix(root).map_err(|_| {
+        io::Error::other(format!("{} is not under {}", dir.display(), root.display()))
+    })?;
     let mut fd = open_dir(root)?;
     let mut here = root.to_path_buf();
     for part in below.components() {
@@ -155,7 +158,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tessera-outputs-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("tessera-outputs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.canonicalize().unwrap()
@@ -164,9 +168,15 @@ mod tests {
     #[test]
     fn requests_must_lie_under_an_allowed_root() {
         let roots = vec![PathBuf::from("/srv/out"), PathBuf::from("/data")];
-        assert!(check_request(&[], "/srv/out").unwrap_err().contains("--allow-output-dir"));
-        assert!(check_request(&roots, "rel").unwrap_err().contains("absolute"));
-        assert!(check_request(&roots, "/srv/out/../etc").unwrap_err().contains(".."));
+        assert!(check_request(&[], "/srv/out")
+            .unwrap_err()
+            .contains("--allow-output-dir"));
+        assert!(check_request(&roots, "rel")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(check_request(&roots, "/srv/out/../etc")
+            .unwrap_err()
+            .contains(".."));
         let e = check_request(&roots, "/srv/outside").unwrap_err();
         assert!(e.contains("/srv/out, /data"), "{e}");
         let (p, r) = check_request(&roots, "/srv/out/./a//b/").unwrap();
@@ -197,8 +207,13 @@ mod tests {
         let e = copy_under(&root, &dir, "y.png", &src).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
-        assert!(std::fs::symlink_metadata(dir.join("y.png")).unwrap().is_symlink());
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(std::fs::symlink_metadata(dir.join("y.png"))
+            .unwrap()
+            .is_symlink());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left.len(), 2, "{left:?}");
 
         // The coordinator's own files: a linked job folder is not read through.

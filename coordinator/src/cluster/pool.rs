@@ -283,7 +283,8 @@ impl Pool {
         let made = net::channel(&desc.address, &self.inner.opts.net)
             .map_err(|e| e.to_string())
             .and_then(|c| {
-                let token = AttachToken::new(Some(&member.call_token)).map_err(|e| e.to_string())?;
+                let token =
+                    AttachToken::new(Some(&member.call_token)).map_err(|e| e.to_string())?;
                 Ok((c, token))
             });
         let (channel, token) = match made {
@@ -293,8 +294,8 @@ impl Pool {
                 return;
             }
         };
-        let client = WorkerClient::with_interceptor(channel, token)
-            .max_decoding_message_size(64 << 20);
+        let client =
+            WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
         for _ in 0..CALLS_PER_WORKER {
             let pool = self.clone();
             let (desc, client, alive) = (desc.clone(), client.clone(), alive.clone());
@@ -394,7 +395,8 @@ impl Pool {
             } else if !r.ok {
                 self.attempt_failed(slot, worker, &r.error);
             } else if let Some(key) = missing {
-                let why = format!("it reported the task done, but its output {key} is not in the store");
+                let why =
+                    format!("it reported the task done, but its output {key} is not in the store");
                 self.evict(worker, &why);
                 self.attempt_failed(slot, worker, &why);
             } else {
@@ -402,7 +404,11 @@ impl Pool {
             }
         }
         if results.len() < picked.len() {
-            self.attempts_failed(&picked[results.len()..], worker, "its answer left the task out");
+            self.attempts_failed(
+                &picked[results.len()..],
+                worker,
+                "its answer left the task out",
+            );
         }
     }
 
@@ -445,7 +451,9 @@ impl Pool {
                     }
                 }
             }
-            Err(e) => tracing::warn!(worker = ?picked.first().map(|s| &s.task.id), "cannot check task outputs: {e}"),
+            Err(e) => {
+                tracing::warn!(worker = ?picked.first().map(|s| &s.task.id), "cannot check task outputs: {e}")
+            }
         }
         missing
     }
@@ -566,7 +574,8 @@ impl Pool {
             }
             ss.attempts += 1;
             let attempt = ss.attempts;
-            ss.failures.push(format!("attempt {attempt} on worker {worker}: {why}"));
+            ss.failures
+                .push(format!("attempt {attempt} on worker {worker}: {why}"));
             ss.not_before = Some(Instant::now() + retry_wait(ss.attempts));
             ss.attempts
         };

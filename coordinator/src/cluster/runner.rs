@@ -103,7 +103,10 @@ impl Runner {
     pub fn store_lost(&self) {
         let active = lock(&self.active);
         if !active.is_empty() {
-            eprintln!("Redis lost its data: failing the {} jobs running here", active.len());
+            eprintln!(
+                "Redis lost its data: failing the {} jobs running here",
+                active.len()
+            );
         }
         tracing::error!("Redis lost its data (restarted without persistence)");
         for a in active.values() {
@@ -654,7 +657,10 @@ pub fn output_name(id: &str, image: u32, count: u32) -> String {
 fn png_parameters(spec: &RenderSpec, plan: &Plan, record: &JobRecord) -> String {
     let mut text = describe::png_parameters(spec, plan, &record.model);
     if !record.model_info.fingerprint.is_empty() {
-        text.push_str(&format!(", Model fingerprint: {}", record.model_info.fingerprint));
+        text.push_str(&format!(
+            ", Model fingerprint: {}",
+            record.model_info.fingerprint
+        ));
     }
     text
 }
