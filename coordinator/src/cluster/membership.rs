@@ -96,9 +96,9 @@ impl Members {
 
     fn leave(&self, worker: &str, session: &str) -> bool {
         let mut joined = lock(&self.joined);
-        if !joined
+        if joined
             .get(worker)
-            .is_some_and(|j| j.member.session == session)
+            .is_none_or(|j| j.member.session != session)
         {
             return false;
         }
