@@ -18,10 +18,10 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{read_png, scratch, tessera, tessera_bin, tessera_ok, tiny_model};
+use common::{read_png, scratch, serial, tessera, tessera_bin, tessera_ok, tiny_model, CASCADE};
 use serde_json::Value;
 use tessera_harness::{ClusterOptions, LocalCluster, Process};
 
@@ -30,27 +30,6 @@ const WORKER_TOKEN: &str = "worker-secret-9876543210";
 
 /// The small job of the security checks.
 const SMALL: &[&str] = &["--prompt", "a quiet harbour", "--steps", "2", "--seed", "5"];
-
-/// The job a coordinator hands over mid-stage: a 3-stage cascade of the tiny SDXL model.
-const CASCADE: &[&str] = &[
-    "--prompt",
-    "a lighthouse on a cliff at dusk",
-    "--size",
-    "512x512",
-    "--stages",
-    "128x128,256x256,512x512",
-    "--method",
-    "hybrid",
-    "--stage-steps",
-    "2,3,4",
-    "--seed",
-    "11",
-];
-
-fn serial() -> MutexGuard<'static, ()> {
-    static ONE: Mutex<()> = Mutex::new(());
-    ONE.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Pixels of `tessera render` of the tiny SDXL model with `flags`.
 fn embedded(flags: &[&str]) -> Vec<u8> {

@@ -319,7 +319,7 @@ impl LocalCluster {
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--redis".into(),
-            self.redis.url(),
+            self.redis.url_as("coordinator"),
         ];
         args.extend(self.redis_flags());
         args.extend(self.token_flags());
@@ -412,7 +412,7 @@ impl LocalCluster {
             "--coordinator".into(),
             coordinators,
             "--redis".into(),
-            self.redis.url(),
+            self.redis.url_as("worker"),
             "--model".into(),
             model.display().to_string(),
         ];

@@ -18,6 +18,25 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fresh ports tried when another process grabs the one we picked before the server binds it.
 const PORT_ATTEMPTS: usize = 5;
 
+/// The deployment recipes' ACL users: role, user name, password (a test's).
+const ROLE_USERS: [(&str, &str, &str); 2] = [
+    (
+        "coordinator",
+        "tessera-coordinator",
+        "coordinator-test-password",
+    ),
+    ("worker", "tessera-worker", "worker-test-password"),
+];
+
+/// What each recipe user may do, as `deploy/` and SECURITY.md set it.
+fn role_rules(user: &str) -> &'static [&'static str] {
+    if user == "tessera-worker" {
+        &["~tessera:job:*", "&*", "+@all", "-@dangerous"]
+    } else {
+        &["~tessera:*", "&*", "+@all"]
+    }
+}
+
 /// How to run the server.
 #[derive(Debug, Clone, Default)]
 pub struct RedisServerOptions {
@@ -28,6 +47,10 @@ pub struct RedisServerOptions {
     /// An ACL user (name, password) with every permission; the default user is turned off,
     /// so clients must log in as this one (`redis://NAME:PASSWORD@…`).
     pub user: Option<(String, String)>,
+    /// Also the two ACL users of the deployment recipes (SECURITY.md): `tessera-coordinator`
+    /// (every `tessera:` key) and `tessera-worker` (job keys only, no dangerous commands). A
+    /// cluster connects its coordinator and workers as these ([`RedisServer::url_as`]).
+    pub role_users: bool,
     /// Clients connect over TLS (`rediss://`), with a certificate for 127.0.0.1 signed by a CA
     /// made for this server ([`RedisServer::ca`]). Needs the `openssl` command.
     pub tls: bool,
@@ -93,6 +116,23 @@ impl RedisServer {
             ),
             None => format!("{scheme}://127.0.0.1:{}/0", self.port),
         }
+    }
+
+    /// [`RedisServer::url`] for a cluster role (`coordinator` or `worker`): logged in as the
+    /// role's ACL user when the server has them ([`RedisServerOptions::role_users`]).
+    pub fn url_as(&self, role: &str) -> String {
+        let Some((user, password)) = ROLE_USERS
+            .iter()
+            .find(|(r, _, _)| *r == role)
+            .map(|(_, u, p)| (u, p))
+        else {
+            return self.url();
+        };
+        if !self.opts.role_users {
+            return self.url();
+        }
+        let scheme = if self.opts.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{user}:{password}@127.0.0.1:{}/0", self.port)
     }
 
     /// Who clients log in as: the ACL user, or the default user's password.
@@ -213,6 +253,12 @@ impl RedisServer {
         if let Some((user, p)) = &self.opts.user {
             cmd.args(["--user", user, "on", &format!(">{p}"), "~*", "&*", "+@all"])
                 .args(["--user", "default", "off"]);
+        }
+        if self.opts.role_users {
+            for (_, user, password) in ROLE_USERS {
+                cmd.args(["--user", user, "on", &format!(">{password}")]);
+                cmd.args(role_rules(user));
+            }
         }
         let child = cmd
             .stdin(Stdio::null())

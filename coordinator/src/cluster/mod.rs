@@ -108,14 +108,23 @@ fn check_credentials(cfg: &CoordinatorConfig) -> Result<(), CoordinatorError> {
              credentials"
                 .into(),
         )),
-        (None, _) if !cfg.listen.ip().is_loopback() => {
-            tracing::warn!(
-                "no --token: anyone who reaches {} can submit and cancel jobs",
-                cfg.listen
-            );
+        (client, workers) => {
+            if !cfg.listen.ip().is_loopback() {
+                if client.is_none() {
+                    tracing::warn!(
+                        "no --token: anyone who reaches {} can submit and cancel jobs",
+                        cfg.listen
+                    );
+                }
+                if workers.is_none() {
+                    tracing::warn!(
+                        "no --worker-token: anyone who reaches {} can join as a worker",
+                        cfg.listen
+                    );
+                }
+            }
             Ok(())
         }
-        _ => Ok(()),
     }
 }
 
