@@ -766,6 +766,13 @@ impl Dispatch for JobDispatch<'_> {
             let mut finished = 0;
             let mut was_waiting = false;
             while total.is_none_or(|t| finished < t) {
+                // Checked on every event, not only when none comes: with fast tasks results
+                // arrive more often than the timeout, and a cancel (or a lost lock) must
+                // still stop the job at once.
+                if self.cancelled.load(Ordering::Relaxed) {
+                    self.pool.forget(&batch);
+                    return Err(DispatchError::Cancelled);
+                }
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(BatchEvent::Done(task)) => {
                         done(&task);
@@ -777,10 +784,6 @@ impl Dispatch for JobDispatch<'_> {
                         return Err(DispatchError::Worker(message));
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if self.cancelled.load(Ordering::Relaxed) {
-                            self.pool.forget(&batch);
-                            return Err(DispatchError::Cancelled);
-                        }
                         let none = self.pool.serving_id(&self.model).is_empty();
                         if none != was_waiting {
                             (self.waiting)(none);
