@@ -79,6 +79,13 @@ fn submit(c: &LocalCluster, url: &str, extra: &[&str]) -> String {
     client_ok(c, url, &args)
 }
 
+/// `submit --model tiny --prompt x EXTRA…`, whatever its status (a submission to be refused).
+fn try_submit(c: &LocalCluster, url: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["submit", "--model", "tiny", "--prompt", "x"];
+    args.extend_from_slice(extra);
+    client(c, url, &args)
+}
+
 fn status(c: &LocalCluster, url: &str, id: &str) -> Value {
     serde_json::from_str(&client_ok(c, url, &["status", id, "--json"])).unwrap()
 }
@@ -450,39 +457,17 @@ fn security_holds_on_one_cluster() {
     // 5. --output-dir: judged from the path before admission (a refused job creates nothing),
     // only under the allowed root, and links are never followed.
     let deep = root.join("new/deep");
-    let refused = client(
+    let refused = try_submit(
         &c,
         &url,
-        &[
-            "submit",
-            "--model",
-            "tiny",
-            "--prompt",
-            "x",
-            "--steps",
-            "0",
-            "--output-dir",
-            deep.to_str().unwrap(),
-        ],
+        &["--steps", "0", "--output-dir", deep.to_str().unwrap()],
     );
     assert!(!refused.status.success());
     assert!(
         !root.join("new").exists(),
         "a refused job created directories"
     );
-    let out = client(
-        &c,
-        &url,
-        &[
-            "submit",
-            "--model",
-            "tiny",
-            "--prompt",
-            "x",
-            "--output-dir",
-            outside.to_str().unwrap(),
-        ],
-    );
+    let out = try_submit(&c, &url, &["--output-dir", outside.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("not under a directory"),
@@ -529,21 +514,7 @@ fn security_holds_on_one_cluster() {
     );
 
     // 8. What no worker can hold is refused with the plan's estimate; the queue has a limit.
-    let out = client(
-        &c,
-        &url,
-        &[
-            "submit",
-            "--model",
-            "tiny",
-            "--prompt",
-            "x",
-            "--size",
-            "65536x65536",
-            "--method",
-            "single",
-        ],
-    );
+    let out = try_submit(&c, &url, &["--size", "65536x65536", "--method", "single"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("GiB") && err.contains("per worker"),
