@@ -1,7 +1,7 @@
 //! A model's fingerprint: SHA-256 over the names, sizes and contents of the files a model is
 //! loaded from (configurations, tokenizer files, weights), so that two workers serving one
-//! name can be told apart when they load different models (DESIGN.md, "Reliability and
-//! security": workers serving one model name carry the same fingerprint).
+//! name can be told apart when they load different models (SECURITY.md: workers serving one
+//! model name must carry the same fingerprint).
 //!
 //! Hashing the weights of a large model takes seconds, so the result is cached beside the model
 //! (`.tessera-fingerprint.json` in its directory, `FILE.tessera-fingerprint.json` beside a
