@@ -11,6 +11,8 @@
 //! - [`coordinators_hand_over_cleanly`]: a coordinator with a standby, paused and resumed; then
 //!   stopped with SIGTERM while a `watch` is open.
 //! - [`tls_settings_never_speak_plaintext`]: no cluster; `--tls-ca` with an `http://` URL.
+//! - [`a_tls_coordinator_refuses_a_plaintext_worker_address`]: the same on the
+//!   coordinator→worker hop.
 //!
 //! The tests run one at a time, like tests/cluster.rs.
 
@@ -832,4 +834,39 @@ fn tls_settings_never_speak_plaintext() {
         !out.status.success() && err.contains("--worker-token"),
         "{err}"
     );
+}
+
+#[test]
+fn a_tls_coordinator_refuses_a_plaintext_worker_address() {
+    let _one = serial();
+    let dir = scratch("trust-tls-hop");
+    let opts = ClusterOptions {
+        tls: true,
+        ..Default::default()
+    };
+    let mut c = LocalCluster::start(Path::new(tessera_bin()), &dir.0, opts)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A worker that serves TLS but advertises http://: the coordinator would call it in
+    // plaintext, so the join is refused and the worker stops saying why.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let extra = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--advertise".into(),
+        format!("http://127.0.0.1:{port}"),
+    ];
+    c.add_worker(&tiny_model("sdxl-tiny"), &extra)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let worker = c.workers.last_mut().unwrap();
+    let exited = worker.wait_exit(Duration::from_secs(60));
+    assert!(exited.is_some_and(|s| !s.success()), "{}", worker.log());
+    let log = worker.log();
+    assert!(
+        log.contains("refused this worker") && log.contains("plaintext"),
+        "{log}"
+    );
+    assert!(!c.coordinator_log().contains(" joined ("), "{}", c.logs());
 }
