@@ -9,32 +9,14 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{read_png, scratch, tessera, tessera_bin, tessera_ok, tiny_model, Scratch};
+use common::{
+    read_png, scratch, serial, tessera, tessera_bin, tessera_ok, tiny_model, Scratch,
+    CASCADE as JOB,
+};
 use tessera_harness::{ClusterOptions, LocalCluster, RedisServerOptions};
-
-/// The job every test renders: a 3-stage hybrid cascade of the tiny SDXL model.
-const JOB: &[&str] = &[
-    "--prompt",
-    "a lighthouse on a cliff at dusk",
-    "--size",
-    "512x512",
-    "--stages",
-    "128x128,256x256,512x512",
-    "--method",
-    "hybrid",
-    "--stage-steps",
-    "2,3,4",
-    "--seed",
-    "11",
-];
-
-fn serial() -> MutexGuard<'static, ()> {
-    static ONE: Mutex<()> = Mutex::new(());
-    ONE.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Pixels of `tessera render` with [`JOB`]'s flags, rendered once per test process.
 fn reference() -> &'static Vec<u8> {
@@ -400,8 +382,16 @@ fn redis_restarted_mid_job_costs_nothing() {
 #[test]
 fn every_hop_can_use_tls() {
     let _one = serial();
+    // And Redis over TLS (`rediss://`, `--redis-ca`) with the recipes' ACL users: the default
+    // user off, the coordinator and the workers logged in as their own users.
     let opts = ClusterOptions {
         tls: true,
+        redis: RedisServerOptions {
+            tls: true,
+            user: Some(("admin".into(), "admin-test-password".into())),
+            role_users: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let cluster = Cluster::start_with("cluster-tls", 1, opts);

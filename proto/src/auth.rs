@@ -1,7 +1,8 @@
 //! Bearer tokens: servers configured with a token refuse calls that do not carry it; clients
-//! attach theirs to every call.
+//! attach theirs to every call. A worker's server takes a token that changes: the call token
+//! it gave the coordinator it joined ([`RequireCallToken`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -35,6 +36,43 @@ impl Interceptor for RequireToken {
             Some(given) if constant_time_eq(given.as_bytes(), expected) => Ok(req),
             Some(_) => Err(Status::unauthenticated(
                 "the token is wrong: check --token or TESSERA_TOKEN",
+            )),
+        }
+    }
+}
+
+/// Server side for a worker: requires the call token of its current membership, and refuses
+/// every call before it has joined a coordinator. Clones share the token, so the join loop sets
+/// it and the server's interceptor sees it.
+#[derive(Clone, Default)]
+pub struct RequireCallToken {
+    expected: Arc<RwLock<Option<Arc<[u8]>>>>,
+}
+
+impl RequireCallToken {
+    /// From now on, only calls carrying `token` are served (the previous one stops working).
+    pub fn set(&self, token: &str) {
+        let value = Arc::from(format!("Bearer {token}").into_bytes());
+        *self.expected.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    }
+}
+
+impl Interceptor for RequireCallToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let expected = self
+            .expected
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(expected) = expected else {
+            return Err(Status::unavailable(
+                "this worker has not joined a coordinator yet",
+            ));
+        };
+        match req.metadata().get("authorization") {
+            Some(given) if constant_time_eq(given.as_bytes(), &expected) => Ok(req),
+            _ => Err(Status::unauthenticated(
+                "only the coordinator this worker joined may call it",
             )),
         }
     }
@@ -105,6 +143,36 @@ mod tests {
             call(&mut closed, Some("s3cret")),
             Err(tonic::Code::Unauthenticated)
         );
+    }
+
+    fn with_token(check: &mut RequireCallToken, token: &str) -> Result<(), tonic::Code> {
+        let mut attach = AttachToken::new(Some(token)).unwrap();
+        let req = attach.call(Request::new(())).unwrap();
+        check.call(req).map(|_| ()).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn a_worker_takes_only_its_current_call_token() {
+        let mut check = RequireCallToken::default();
+        assert_eq!(with_token(&mut check, "a"), Err(tonic::Code::Unavailable));
+        let join = check.clone();
+        join.set("first");
+        assert_eq!(with_token(&mut check, "first"), Ok(()));
+        assert_eq!(
+            with_token(&mut check, "other"),
+            Err(tonic::Code::Unauthenticated)
+        );
+        join.set("second");
+        assert_eq!(
+            with_token(&mut check, "first"),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(with_token(&mut check, "second"), Ok(()));
+        let bare = check
+            .call(Request::new(()))
+            .map(|_| ())
+            .map_err(|s| s.code());
+        assert_eq!(bare, Err(tonic::Code::Unauthenticated));
     }
 
     #[test]

@@ -8,17 +8,23 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::auth::RequireToken;
 use crate::net::{server_tls, NetError};
 
-/// A router serving health (reporting `S` as serving) and reflection; the caller adds `S`.
+/// A router serving health and reflection; the caller adds `S`. Health reports `S` (and the
+/// server as a whole, the empty service name that probes ask about) as serving when `serving`,
+/// else as NOT_SERVING until the caller says otherwise through the returned reporter (a
+/// standby coordinator).
 pub async fn router<S: NamedService>(
     tls: Option<(&Path, &Path)>,
     token: &RequireToken,
-) -> Result<Router, NetError> {
+    serving: bool,
+) -> Result<(Router, HealthReporter), NetError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<S>().await;
+    set_serving::<S>(&health, serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -30,7 +36,19 @@ pub async fn router<S: NamedService>(
             .tls_config(server_tls(cert, key)?)
             .map_err(|e| NetError::Server(e.to_string()))?;
     }
-    Ok(server
+    let router = server
         .add_service(health_service)
-        .add_service(InterceptedService::new(reflection, token.clone())))
+        .add_service(InterceptedService::new(reflection, token.clone()));
+    Ok((router, health))
+}
+
+/// Reports `S` and the server as a whole as serving or not.
+pub async fn set_serving<S: NamedService>(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health.set_service_status(S::NAME, status).await;
 }

@@ -16,6 +16,30 @@ pub fn repo_root() -> PathBuf {
 
 pub use tessera_harness::Scratch;
 
+/// The cluster tests' job: a 3-stage hybrid cascade of the tiny SDXL model (a coordinator can
+/// be stopped mid-stage, and its pixels are compared with the embedded render's).
+pub const CASCADE: &[&str] = &[
+    "--prompt",
+    "a lighthouse on a cliff at dusk",
+    "--size",
+    "512x512",
+    "--stages",
+    "128x128,256x256,512x512",
+    "--method",
+    "hybrid",
+    "--stage-steps",
+    "2,3,4",
+    "--seed",
+    "11",
+];
+
+/// Holds the cross-process tests of one file to one at a time (each starts a whole cluster, and
+/// two at once on a small machine would only slow both).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A fresh scratch directory for a test, removed when dropped.
 pub fn scratch(name: &str) -> Scratch {
     Scratch::new(&format!("test-{name}")).unwrap_or_else(|e| panic!("{e}"))

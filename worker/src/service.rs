@@ -1,27 +1,34 @@
 //! The worker process of a cluster (`tessera worker`): loads one model, serves the `Worker`
-//! gRPC service, and announces itself in Redis with a heartbeat so coordinators find it.
+//! gRPC service, and joins the coordinator through its `Membership` service with the worker
+//! token, sending a heartbeat every second (joining again when the coordinator restarted or a
+//! standby took over).
 //!
-//! Tasks name their tensors by store key: the worker reads inputs from Redis and writes
-//! outputs there. Outputs are written only while the task's input still exists, so a result
-//! that arrives after the coordinator merged and cleared its step cannot leave keys behind.
+//! Only the coordinator it joined can call it: at each join the worker makes a fresh random
+//! call token, requires it on every call, and gives it to that coordinator alone. A task is
+//! run only if every key it names lies in one step (or stage) of its own job, and its outputs
+//! are written only while the task's input still exists — so a result that arrives after the
+//! coordinator merged and cleared its step cannot leave keys behind, and no task can write
+//! over a job's durable keys.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tessera_core::plan::ArchInfo;
 use tessera_core::task::{Task, TaskKind};
-use tessera_proto::auth::RequireToken;
-use tessera_proto::net;
+use tessera_proto::auth::{AttachToken, RequireCallToken};
+use tessera_proto::net::{self, ClientNet};
+use tessera_proto::v1::membership_client::MembershipClient;
 use tessera_proto::v1::worker_server::{Worker, WorkerServer};
 use tessera_proto::v1::{
-    DescribeRequest, ModelDescription, RunTasksRequest, RunTasksResponse, TaskResult,
-    WorkerDescription,
+    DescribeRequest, HeartbeatRequest, JoinRequest, ModelDescription, RunTasksRequest,
+    RunTasksResponse, TaskResult, WorkerDescription,
 };
 use tessera_store::{keys, RedisOptions, RedisStore, Store, StoreError};
-use tonic::{Request, Response, Status};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
 
 use crate::device::{compute_dtype, open_device};
 use crate::model::arch::arch_info;
@@ -29,10 +36,10 @@ use crate::model::diffusion::DiffusionModel;
 use crate::simulate::SimulatedModel;
 use crate::tasks::{self, TaskError};
 
-/// How often a worker refreshes its membership key, and how long the key outlives a silent
-/// worker: a dead worker is noticed within `HEARTBEAT_TTL`.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(1000);
-pub const HEARTBEAT_TTL: Duration = Duration::from_millis(4000);
+/// Longest wait between attempts to join.
+const JOIN_WAIT_MAX: Duration = Duration::from_secs(2);
+/// How long a join may take (the coordinator calls the worker back before it answers).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -41,6 +48,8 @@ pub enum ServiceError {
     #[error("loading the model from {path}: {message}")]
     Model { path: PathBuf, message: String },
     #[error(transparent)]
+    Fingerprint(#[from] crate::fingerprint::FingerprintError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Net(#[from] net::NetError),
@@ -48,6 +57,8 @@ pub enum ServiceError {
     Listen { addr: String, message: String },
     #[error("the gRPC server stopped: {0}")]
     Serve(String),
+    #[error("{0}")]
+    Join(String),
 }
 
 /// What `tessera worker` was asked to do.
@@ -59,13 +70,16 @@ pub struct WorkerConfig {
     pub listen: SocketAddr,
     /// The URL the coordinator should call; derived from the listening address when absent.
     pub advertise: Option<String>,
-    /// The coordinator, for the advertised address and a reachability check in the log.
-    pub coordinator: String,
+    /// The coordinators to join (one leads; the others are standbys), tried in turn.
+    pub coordinators: Vec<String>,
     pub redis_url: String,
-    pub token: Option<String>,
+    /// CA of Redis' certificate, for a `rediss://` URL to a server with a private CA.
+    pub redis_ca: Option<PathBuf>,
+    /// The workers' credential for joining (the coordinator's `--worker-token`).
+    pub worker_token: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// CA for checking the coordinator's certificate (only used for the reachability check).
+    /// CA that signed the coordinator's certificate (its URLs are then https://).
     pub tls_ca: Option<PathBuf>,
     pub tasks_per_call: u32,
     /// **Benchmark double** (`--simulate-eval-ms`): load no weights and answer every task after
@@ -102,19 +116,55 @@ struct Shared {
     device_turn: std::sync::Mutex<()>,
 }
 
-/// Runs a worker until `shutdown` resolves, then withdraws its membership key.
+fn model_error(cfg: &WorkerConfig, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Model {
+        path: cfg.model_dir.clone(),
+        message: e.to_string(),
+    }
+}
+
+/// Loads the model (or the benchmark double) and names its fingerprint.
+async fn load(cfg: &WorkerConfig) -> Result<(Served, String), ServiceError> {
+    let dir = cfg.model_dir.clone();
+    let fingerprint = tokio::task::spawn_blocking(move || crate::fingerprint::fingerprint(&dir))
+        .await
+        .map_err(|e| model_error(cfg, e))??;
+    if let Some(ms) = cfg.simulate_eval_ms {
+        tracing::warn!(
+            eval_ms = ms,
+            "BENCHMARK DOUBLE: no weights loaded; tasks are simulated, outputs meaningless"
+        );
+        let double =
+            SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| model_error(cfg, e))?;
+        return Ok((Served::Simulated(double), fingerprint));
+    }
+    tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
+    let started = Instant::now();
+    let (dir, device) = (cfg.model_dir.clone(), open_device(&cfg.device)?);
+    let model = tokio::task::spawn_blocking(move || {
+        let dtype = compute_dtype(&device);
+        DiffusionModel::load(&dir, &device, dtype)
+    })
+    .await
+    .map_err(|e| model_error(cfg, e))?
+    .map_err(|e| model_error(cfg, e))?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    Ok((Served::Model(Box::new(model)), fingerprint))
+}
+
+/// Runs a worker until `shutdown` resolves (or the coordinator refuses it for good), then
+/// leaves the cluster.
 pub async fn serve(
     cfg: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
+    let coordinator_net = coordinator_net(&cfg)?;
     let device = open_device(&cfg.device)?;
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
-    let arch = arch_info(&cfg.model_dir, weight_bytes).map_err(|e| ServiceError::Model {
-        path: cfg.model_dir.clone(),
-        message: e.to_string(),
-    })?;
+    let arch = arch_info(&cfg.model_dir, weight_bytes).map_err(|e| model_error(&cfg, e))?;
     let redis = RedisOptions {
         url_from: Some("--redis URL or the TESSERA_REDIS variable".into()),
+        ca: cfg.redis_ca.clone(),
         ..RedisOptions::default()
     };
     let store = RedisStore::connect(&cfg.redis_url, redis).await?;
@@ -132,50 +182,16 @@ pub async fn serve(
     let tls = cfg.tls_cert.is_some();
     let address = match &cfg.advertise {
         Some(a) => net::normalize_url(a, tls),
-        None => advertised_url(local, &cfg.coordinator, tls),
+        None => advertised_url(local, &cfg.coordinators[0], tls),
     };
 
-    let served = match cfg.simulate_eval_ms {
-        Some(ms) => {
-            tracing::warn!(
-                eval_ms = ms,
-                "BENCHMARK DOUBLE: no weights loaded; tasks are simulated, outputs meaningless"
-            );
-            Served::Simulated(SimulatedModel::from_dir(&cfg.model_dir, ms).map_err(|e| {
-                ServiceError::Model {
-                    path: cfg.model_dir.clone(),
-                    message: e.to_string(),
-                }
-            })?)
-        }
-        None => {
-            tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
-            let started = Instant::now();
-            let dir = cfg.model_dir.clone();
-            let model = tokio::task::spawn_blocking(move || {
-                let dtype = compute_dtype(&device);
-                DiffusionModel::load(&dir, &device, dtype)
-            })
-            .await
-            .map_err(|e| ServiceError::Model {
-                path: cfg.model_dir.clone(),
-                message: e.to_string(),
-            })?
-            .map_err(|e| ServiceError::Model {
-                path: cfg.model_dir.clone(),
-                message: e.to_string(),
-            })?;
-            tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-            Served::Model(Box::new(model))
-        }
-    };
-
+    let (served, fingerprint) = load(&cfg).await?;
     let id = worker_id(local);
     let dtype = match &served {
         Served::Model(m) => m.dtype,
         Served::Simulated(_) => crate::simulate::GPU_DTYPE,
     };
-    let description = describe(&id, &address, &cfg, &arch, dtype);
+    let description = describe(&id, &address, &cfg, &arch, (dtype, &fingerprint));
     let shared = Arc::new(Shared {
         id: id.clone(),
         served,
@@ -186,39 +202,80 @@ pub async fn serve(
         device_turn: Default::default(),
     });
 
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
-    tokio::spawn(check_coordinator(cfg.clone()));
+    let guard = RequireCallToken::default();
+    let membership = Membership::new(&cfg, coordinator_net, guard.clone(), &shared)?;
+    let (refuse, refused) = tokio::sync::oneshot::channel::<ServiceError>();
+    let joining = tokio::spawn({
+        let membership = membership.clone();
+        async move {
+            let _ = refuse.send(membership.stay_joined().await);
+        }
+    });
 
-    let token = RequireToken::new(cfg.token.as_deref());
     let tls = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
-    let router = tessera_proto::server::router::<WorkerServer<WorkerService>>(tls, &token).await?;
+    let open = tessera_proto::auth::RequireToken::new(None);
+    let (router, _health) =
+        tessera_proto::server::router::<WorkerServer<WorkerService>>(tls, &open, true).await?;
     match cfg.simulate_eval_ms {
         Some(ms) => eprintln!(
-            "worker {id} serving model {:?} on {address} as a BENCHMARK DOUBLE ({ms} ms per \
-             evaluation, no weights, meaningless outputs)",
+            "worker {id} serving model {:?} ({fingerprint}) on {address} as a BENCHMARK DOUBLE \
+             ({ms} ms per evaluation, no weights, meaningless outputs)",
             cfg.model_name
         ),
         None => eprintln!(
-            "worker {id} serving model {:?} on {address} (device {})",
+            "worker {id} serving model {:?} ({fingerprint}) on {address} (device {})",
             cfg.model_name, cfg.device
         ),
     }
+    let refusal = Arc::new(Mutex::new(None));
+    let ends = {
+        let refusal = refusal.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(e) = refused => *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+            }
+        }
+    };
     let result = router
         .add_service(WorkerServer::with_interceptor(
             WorkerService {
                 shared: shared.clone(),
             },
-            token,
+            guard,
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            ends,
         )
         .await;
-    heartbeat.abort();
-    // Leave at once rather than when the key expires, so no new work is sent here.
-    let _ = shared.store.delete_async(&keys::worker(&id)).await;
+    joining.abort();
+    // Leave at once rather than when the membership expires, so no new work is sent here.
+    membership.leave().await;
+    let refusal = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(e) = refusal {
+        return Err(e);
+    }
     result.map_err(|e| ServiceError::Serve(e.to_string()))
+}
+
+/// How to reach the coordinators: every URL checked against the TLS settings up front.
+fn coordinator_net(cfg: &WorkerConfig) -> Result<ClientNet, ServiceError> {
+    let net = ClientNet {
+        ca: cfg.tls_ca.clone(),
+        connect_timeout: Some(Duration::from_secs(3)),
+        call_timeout: None,
+        ca_flag: "--tls-ca",
+    };
+    if cfg.coordinators.is_empty() {
+        return Err(ServiceError::Join(
+            "--coordinator is empty: name the coordinator's URL".into(),
+        ));
+    }
+    for url in &cfg.coordinators {
+        net::check_scheme(url, &net)?;
+    }
+    Ok(net)
 }
 
 /// A process-unique id that says where the worker runs.
@@ -259,7 +316,7 @@ fn describe(
     address: &str,
     cfg: &WorkerConfig,
     arch: &ArchInfo,
-    dtype: candle_core::DType,
+    (dtype, fingerprint): (candle_core::DType, &str),
 ) -> WorkerDescription {
     WorkerDescription {
         worker_id: id.to_string(),
@@ -270,65 +327,207 @@ fn describe(
             scheduler_json: serde_json::to_string(&arch.scheduler).unwrap_or_default(),
             latent_channels: arch.latent_channels as u32,
             dtype: dtype.as_str().to_string(),
+            fingerprint: fingerprint.to_string(),
         }],
         device: cfg.device.clone(),
-        free_memory_bytes: 0,
+        device_memory_bytes: device_memory(&cfg.device),
         tasks_per_call: cfg.tasks_per_call.max(1),
         version: env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 
-/// Refreshes the membership key; the store retries through Redis outages by itself.
-async fn heartbeat_loop(shared: Arc<Shared>) {
-    let key = keys::worker(&shared.id);
-    let value = shared.description.encode_to_vec();
-    let mut announced = false;
-    loop {
-        match shared.store.put_ex(&key, &value, HEARTBEAT_TTL).await {
-            Ok(()) if !announced => {
-                tracing::info!(worker = %shared.id, "joined the cluster");
-                announced = true;
-            }
-            Ok(()) => {}
-            Err(e) => tracing::warn!("heartbeat failed (retrying): {e}"),
+type MembershipApi = MembershipClient<InterceptedService<Channel, AttachToken>>;
+
+/// This worker's membership: the coordinators it may join, its credential for joining, and
+/// the call token the coordinator it joined uses.
+#[derive(Clone)]
+struct Membership {
+    coordinators: Vec<(String, MembershipApi)>,
+    guard: RequireCallToken,
+    description: WorkerDescription,
+    /// The membership now: the coordinator's index, and the session.
+    current: Arc<Mutex<Option<(usize, String)>>>,
+}
+
+/// A join refused for a reason retrying cannot fix (a wrong token, an address that is not
+/// the worker's own, another model under a served name): the worker stops and says why.
+fn refused_for_good(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+    )
+}
+
+impl Membership {
+    fn new(
+        cfg: &WorkerConfig,
+        coordinator_net: ClientNet,
+        guard: RequireCallToken,
+        shared: &Shared,
+    ) -> Result<Self, ServiceError> {
+        let token = AttachToken::new(cfg.worker_token.as_deref())
+            .map_err(|e| ServiceError::Join(format!("--worker-token: {e}")))?;
+        let coordinators = cfg
+            .coordinators
+            .iter()
+            .map(|url| {
+                let channel = net::channel(url, &coordinator_net)?;
+                Ok((
+                    url.clone(),
+                    MembershipClient::with_interceptor(channel, token.clone()),
+                ))
+            })
+            .collect::<Result<_, net::NetError>>()?;
+        Ok(Self {
+            coordinators,
+            guard,
+            description: shared.description.clone(),
+            current: Arc::default(),
+        })
+    }
+
+    /// Joins, keeps the membership alive, joins again when it is lost — until a coordinator
+    /// refuses this worker for good, which it returns.
+    async fn stay_joined(self) -> ServiceError {
+        loop {
+            let (index, session, every) = match self.join().await {
+                Ok(joined) => joined,
+                Err(e) => return e,
+            };
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((index, session.clone()));
+            self.beat(index, &session, every).await;
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        tokio::time::sleep(HEARTBEAT_EVERY).await;
+    }
+
+    /// Tries each coordinator in turn until one accepts, waiting longer between rounds.
+    async fn join(&self) -> Result<(usize, String, Duration), ServiceError> {
+        let mut wait = Duration::from_millis(250);
+        let mut told = false;
+        loop {
+            // A fresh call token for each membership: whoever held the last one cannot call.
+            let call_token = format!(
+                "{:032x}{:032x}",
+                rand::random::<u128>(),
+                rand::random::<u128>()
+            );
+            self.guard.set(&call_token);
+            for (index, (url, client)) in self.coordinators.iter().enumerate() {
+                let request = JoinRequest {
+                    worker: Some(self.description.clone()),
+                    call_token: call_token.clone(),
+                };
+                let answer = tokio::time::timeout(JOIN_TIMEOUT, client.clone().join(request)).await;
+                let status = match answer {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        tracing::info!(coordinator = %url, "joined the cluster");
+                        eprintln!(
+                            "worker {} joined coordinator {url}",
+                            self.description.worker_id
+                        );
+                        let every = Duration::from_millis(u64::from(r.heartbeat_ms.max(100)));
+                        return Ok((index, r.session, every));
+                    }
+                    Ok(Err(status)) => status,
+                    Err(_) => Status::deadline_exceeded("no answer"),
+                };
+                if refused_for_good(status.code()) {
+                    return Err(ServiceError::Join(format!(
+                        "coordinator {url} refused this worker: {}",
+                        status.message()
+                    )));
+                }
+                if !told {
+                    tracing::warn!(coordinator = %url, "cannot join yet ({}); retrying", status.message());
+                }
+            }
+            told = true;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(JOIN_WAIT_MAX);
+        }
+    }
+
+    /// Sends heartbeats until the membership is lost: the coordinator forgot it (it
+    /// restarted), stopped leading, or has not answered for the membership's lifetime.
+    async fn beat(&self, index: usize, session: &str, every: Duration) {
+        let (url, client) = &self.coordinators[index];
+        let request = HeartbeatRequest {
+            worker_id: self.description.worker_id.clone(),
+            session: session.to_string(),
+        };
+        let mut answered = Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            let answer =
+                tokio::time::timeout(every * 2, client.clone().heartbeat(request.clone())).await;
+            match answer {
+                Ok(Ok(_)) => answered = Instant::now(),
+                Ok(Err(s)) if matches!(s.code(), Code::NotFound | Code::Unavailable) => {
+                    tracing::warn!(coordinator = %url, "membership lost ({}); joining again", s.message());
+                    return;
+                }
+                _ if answered.elapsed() > every * 4 => {
+                    tracing::warn!(coordinator = %url, "the coordinator stopped answering; joining again");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Ends the membership now (a clean shutdown), if there is one.
+    async fn leave(&self) {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some((index, session)) = current else {
+            return;
+        };
+        let request = HeartbeatRequest {
+            worker_id: self.description.worker_id.clone(),
+            session,
+        };
+        let mut client = self.coordinators[index].1.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
     }
 }
 
-/// Tells the operator early whether the coordinator can be reached, retrying with backoff.
-async fn check_coordinator(cfg: WorkerConfig) {
-    let netcfg = net::ClientNet {
-        ca: cfg.tls_ca.clone(),
-        connect_timeout: Some(Duration::from_secs(3)),
-    };
-    let Ok(channel) = net::channel(&cfg.coordinator, &netcfg) else {
-        tracing::warn!("--coordinator {:?} is not a usable URL", cfg.coordinator);
-        return;
-    };
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let mut wait = Duration::from_millis(500);
-    loop {
-        let req = tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        };
-        match client.check(req).await {
-            Ok(_) => {
-                tracing::info!("coordinator {} is reachable", cfg.coordinator);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "coordinator {} not reachable yet ({}); retrying in {:?}",
-                    cfg.coordinator,
-                    e.message(),
-                    wait
-                );
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
-        }
+/// The device's memory in bytes, 0 when it cannot be told: the machine's memory for `cpu`,
+/// the GPU's as `nvidia-smi` reports it for `cuda:N`.
+fn device_memory(device: &str) -> u64 {
+    if device.trim().eq_ignore_ascii_case("cpu") {
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        return info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024);
     }
+    let ordinal = device.trim().strip_prefix("cuda:").unwrap_or("0");
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.total",
+            "--format=csv,noheader,nounits",
+            "-i",
+            ordinal,
+        ])
+        .output();
+    out.ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |mib| mib << 20)
 }
 
 struct WorkerService {
@@ -380,6 +579,10 @@ impl Worker for WorkerService {
                     "worker {} serves model {:?}, not {:?}",
                     self.shared.id, self.shared.model_name, r.model
                 );
+            } else if let Err(why) = check_task_keys(&task) {
+                tracing::warn!(task = %task.id, "refused a task: {why}");
+                result.ok = false;
+                result.error = format!("refused: {why}");
             } else {
                 let id = task.id.clone();
                 let shared = self.shared.clone();
@@ -410,6 +613,62 @@ impl Worker for WorkerService {
             results.push(result);
         }
         Ok(Response::new(RunTasksResponse { results }))
+    }
+}
+
+/// A task may touch only one step (or stage) of its own job: every key it names lies under
+/// that job's per-step or per-stage keys, its outputs in the same step or stage as its input.
+/// No task can write a job's record, spec, embeddings or checkpoints, or another job's keys.
+pub fn check_task_keys(task: &Task) -> Result<(), String> {
+    use keys::Scratch;
+    let job_ok = (1..=128).contains(&task.job.len())
+        && task
+            .job
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-:".contains(c));
+    if !job_ok {
+        return Err(format!("{:?} is not a job id", task.job));
+    }
+    let place = |key: &str| {
+        keys::scratch_of(&task.job, key)
+            .ok_or_else(|| format!("{key} is not a step or stage key of job {}", task.job))
+    };
+    let same = |input: &str, outputs: &[Option<&String>]| -> Result<Scratch, String> {
+        let at = place(input)?;
+        for key in outputs.iter().flatten() {
+            if place(key)? != at {
+                return Err(format!("{key} does not belong to the step of {input}"));
+            }
+        }
+        Ok(at)
+    };
+    match &task.kind {
+        TaskKind::EncodePrompt { .. } => Ok(()),
+        TaskKind::Denoise(d) => {
+            let outputs = [
+                Some(&d.output_cond),
+                d.output_uncond.as_ref(),
+                d.camap_capture.as_ref(),
+            ];
+            let at = same(&d.input, &outputs)?;
+            let map_ok = d
+                .camap_inject
+                .as_ref()
+                .is_none_or(|m| matches!(place(&m.key), Ok(Scratch::Stage(_))));
+            match at {
+                Scratch::Step(..) if map_ok => Ok(()),
+                _ => Err(format!(
+                    "denoising task {} names keys outside one step",
+                    task.id
+                )),
+            }
+        }
+        TaskKind::Decode { input, output }
+        | TaskKind::Encode { input, output, .. }
+        | TaskKind::EncodeTile { input, output } => match same(input, &[Some(output)])? {
+            Scratch::Stage(_) => Ok(()),
+            Scratch::Step(..) => Err(format!("VAE task {} names keys outside a stage", task.id)),
+        },
     }
 }
 
@@ -485,6 +744,64 @@ impl Store for GuardedStore<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::task::DenoiseTask;
+
+    fn denoise(job: &str, input: String, output: String) -> Task {
+        Task {
+            job: job.into(),
+            id: "s1:t2:task0".into(),
+            kind: TaskKind::Denoise(DenoiseTask {
+                timestep: 1.0,
+                input,
+                output_cond: output,
+                output_uncond: None,
+                size_conditioning: [128, 128],
+                freeu: false,
+                dilation: 1,
+                scale_fusion: None,
+                camap_inject: None,
+                camap_capture: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn tasks_may_touch_only_one_step_of_their_own_job() {
+        let j = "abc:i0";
+        let ok = denoise(
+            j,
+            keys::task(j, 1, 2, 0, "in"),
+            keys::task(j, 1, 2, 0, "out"),
+        );
+        assert!(check_task_keys(&ok).is_ok());
+        for (input, output) in [
+            (keys::task(j, 1, 2, 0, "in"), keys::embedding(j, "cond")),
+            (keys::task(j, 1, 2, 0, "in"), keys::task(j, 1, 3, 0, "out")),
+            (
+                keys::task(j, 1, 2, 0, "in"),
+                keys::task("other:i0", 1, 2, 0, "out"),
+            ),
+            (keys::spec(j), keys::task(j, 1, 2, 0, "out")),
+            (keys::task(j, 1, 2, 0, "in"), keys::job_record("abc")),
+        ] {
+            let bad = denoise(j, input.clone(), output.clone());
+            assert!(check_task_keys(&bad).is_err(), "{input} -> {output}");
+        }
+        let vae = |input: String, output: String| Task {
+            job: j.into(),
+            id: "vae".into(),
+            kind: TaskKind::Decode { input, output },
+        };
+        let (i, o) = (
+            keys::stage(j, 0, "vae:a:in"),
+            keys::stage(j, 0, "vae:a:out"),
+        );
+        assert!(check_task_keys(&vae(i.clone(), o)).is_ok());
+        assert!(check_task_keys(&vae(i, keys::checkpoint(j, 0, 1, "latent"))).is_err());
+        let mut odd = ok.clone();
+        odd.job = "a*".into();
+        assert!(check_task_keys(&odd).is_err());
+    }
 
     #[test]
     fn advertised_address_follows_the_listener() {

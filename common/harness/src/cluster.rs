@@ -1,10 +1,10 @@
 //! A whole cluster on loopback: a real `redis-server` on a free port, a `tessera coordinator`
-//! process and `tessera worker` processes, driven through the real binary. The cross-process
-//! tests use it to kill and restart every part; `tessera bench` uses it to measure. Everything
-//! it started is killed when it is dropped.
+//! process (and optionally a standby) and `tessera worker` processes, driven through the real
+//! binary. The cross-process tests use it to kill, pause, resume and restart every part;
+//! `tessera bench` uses it to measure. Everything it started is killed when it is dropped.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::redis_server::{free_port, make_certificates, RedisServer, RedisServerOptions};
@@ -37,10 +37,36 @@ pub struct Process {
 impl Process {
     /// Starts `bin args…` with `TESSERA_LOG=info`, stdout and stderr into `log`.
     pub fn spawn(bin: &Path, name: &str, args: &[String], log: PathBuf) -> Result<Process> {
+        Self::spawn_in(bin, None, name, args, log)
+    }
+
+    /// [`Process::spawn`], in a mount namespace of its own where `tmpfs` (a directory, and a
+    /// size in bytes) is a small tmpfs: a disk that fills up. Runs `unshare` (as root, or
+    /// with user namespaces).
+    pub fn spawn_in(
+        bin: &Path,
+        tmpfs: Option<(&Path, u64)>,
+        name: &str,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<Process> {
         let file =
             std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
         let err = file.try_clone().map_err(io("duplicating a log file"))?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some((dir, bytes)) = tmpfs {
+            command = Command::new("unshare");
+            // The script mounts at $0 and then becomes `bin args…` ("$@").
+            command
+                .arg(if is_root() { "-m" } else { "-Urm" })
+                .args(["sh", "-c"])
+                .arg(format!(
+                    "mount -t tmpfs -o size={bytes} tmpfs \"$0\" && exec \"$@\""
+                ))
+                .arg(dir)
+                .arg(bin);
+        }
+        let child = command
             .args(args)
             .env("TESSERA_LOG", "info")
             .env("NO_COLOR", "1")
@@ -69,6 +95,37 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends signal `name` (`STOP`, `CONT`, `TERM`, …) to the process, through `kill`.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .map_err(io(format!("kill -s {name}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError(format!(
+                "kill -s {name} {} failed",
+                self.pid()
+            )))
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status, or None if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Everything the process has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -81,8 +138,22 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // A stopped (paused) process is continued first, so that it dies at once.
+        if self.alive() {
+            let _ = self.signal("CONT");
+        }
         self.kill();
     }
+}
+
+/// Whether this process runs as root (then `unshare -m` needs no user namespace).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
 }
 
 /// How the cluster runs.
@@ -92,10 +163,27 @@ pub struct ClusterOptions {
     /// Every hop over TLS: certificates for 127.0.0.1 and their CA are made under the cluster's
     /// directory (`certs/`), and every role and client is given them.
     pub tls: bool,
-    /// The cluster's bearer token, given to the coordinator, the workers and every client call.
+    /// The clients' token: given to the coordinator and every client call.
     pub token: Option<String>,
+    /// The workers' token, given to the coordinator and the workers; with a client token and
+    /// none of these, `TOKEN-workers`.
+    pub worker_token: Option<String>,
     /// More `tessera coordinator` flags.
     pub coordinator_flags: Vec<String>,
+    /// A second coordinator on its own port, a standby until the first stops; workers are given
+    /// both URLs.
+    pub standby: bool,
+    /// Runs the coordinator in a mount namespace where this directory is a tmpfs of this many
+    /// bytes (a disk that fills up; see [`Process::spawn_in`]).
+    pub coordinator_tmpfs: Option<(PathBuf, u64)>,
+}
+
+impl ClusterOptions {
+    fn worker_token(&self) -> Option<String> {
+        self.worker_token
+            .clone()
+            .or_else(|| self.token.as_ref().map(|t| format!("{t}-workers")))
+    }
 }
 
 /// Redis, a coordinator and workers on loopback, in `dir` (logs, certificates).
@@ -107,6 +195,8 @@ pub struct LocalCluster {
     opts: ClusterOptions,
     certs: Option<PathBuf>,
     coordinator: Option<Process>,
+    /// The standby coordinator and its port ([`ClusterOptions::standby`]).
+    pub standby: Option<(Process, u16)>,
     pub workers: Vec<Process>,
     started: usize,
 }
@@ -128,10 +218,14 @@ impl LocalCluster {
             opts,
             certs,
             coordinator: None,
+            standby: None,
             workers: Vec::new(),
             started: 0,
         };
         cluster.start_coordinator()?;
+        if cluster.opts.standby {
+            cluster.start_standby()?;
+        }
         Ok(cluster)
     }
 
@@ -150,17 +244,30 @@ impl LocalCluster {
 
     /// The coordinator's URL, `https://` when the cluster uses TLS.
     pub fn url(&self) -> String {
+        self.url_at(self.port)
+    }
+
+    /// The standby coordinator's URL.
+    pub fn standby_url(&self) -> Option<String> {
+        self.standby.as_ref().map(|(_, port)| self.url_at(*port))
+    }
+
+    fn url_at(&self, port: u16) -> String {
         let scheme = if self.certs.is_some() {
             "https"
         } else {
             "http"
         };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://127.0.0.1:{port}")
     }
 
     /// The flags that point a client at this cluster: coordinator, token, CA.
     pub fn client_flags(&self) -> Vec<String> {
-        let mut flags = vec!["--coordinator".to_string(), self.url()];
+        self.client_flags_for(&self.url())
+    }
+
+    fn client_flags_for(&self, url: &str) -> Vec<String> {
+        let mut flags = vec!["--coordinator".to_string(), url.to_string()];
         flags.extend(self.token_flags());
         if let Some(c) = &self.certs {
             flags.extend(["--tls-ca".into(), c.join("ca.pem").display().to_string()]);
@@ -168,9 +275,25 @@ impl LocalCluster {
         flags
     }
 
-    fn token_flags(&self) -> Vec<String> {
+    /// The clients' token flags (empty without a token).
+    pub fn token_flags(&self) -> Vec<String> {
         match &self.opts.token {
             Some(t) => vec!["--token".into(), t.clone()],
+            None => Vec::new(),
+        }
+    }
+
+    fn worker_token_flags(&self) -> Vec<String> {
+        match self.opts.worker_token() {
+            Some(t) => vec!["--worker-token".into(), t],
+            None => Vec::new(),
+        }
+    }
+
+    /// Flags of both server roles for Redis: the CA of a TLS Redis.
+    fn redis_flags(&self) -> Vec<String> {
+        match self.redis.ca() {
+            Some(ca) => vec!["--redis-ca".into(), ca.display().to_string()],
             None => Vec::new(),
         }
     }
@@ -190,25 +313,67 @@ impl LocalCluster {
         }
     }
 
+    fn coordinator_args(&self, port: u16) -> Vec<String> {
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--redis".into(),
+            self.redis.url_as("coordinator"),
+        ];
+        args.extend(self.redis_flags());
+        args.extend(self.token_flags());
+        args.extend(self.worker_token_flags());
+        args.extend(self.server_tls());
+        args.extend(self.opts.coordinator_flags.iter().cloned());
+        args
+    }
+
     /// Starts the coordinator (again, after [`LocalCluster::kill_coordinator`]: a new log
     /// file) and waits until it answers a client.
     pub fn start_coordinator(&mut self) -> Result<()> {
         self.started += 1;
-        let mut args = vec![
-            "coordinator".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.port),
-            "--redis".into(),
-            self.redis.url(),
-        ];
-        args.extend(self.token_flags());
-        args.extend(self.server_tls());
-        args.extend(self.opts.coordinator_flags.iter().cloned());
+        let args = self.coordinator_args(self.port);
         let log = self.dir.join(format!("coordinator-{}.log", self.started));
-        self.coordinator = Some(Process::spawn(&self.bin, "coordinator", &args, log)?);
+        let tmpfs = self.opts.coordinator_tmpfs.clone();
+        if let Some((dir, _)) = &tmpfs {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let tmpfs = tmpfs.as_ref().map(|(d, n)| (d.as_path(), *n));
+        self.coordinator = Some(Process::spawn_in(
+            &self.bin,
+            tmpfs,
+            "coordinator",
+            &args,
+            log,
+        )?);
         self.wait_for("the coordinator to serve", Duration::from_secs(30), |c| {
             c.client(&["list"]).is_ok_and(|o| o.status.success())
         })
+    }
+
+    /// Starts the standby coordinator on a port of its own and waits until it stands by.
+    fn start_standby(&mut self) -> Result<()> {
+        let port = free_port();
+        let args = self.coordinator_args(port);
+        let log = self.dir.join("standby.log");
+        self.standby = Some((Process::spawn(&self.bin, "standby", &args, log)?, port));
+        self.wait_for("the standby to stand by", Duration::from_secs(30), |c| {
+            c.standby_log().contains("standing by")
+        })
+    }
+
+    /// The standby coordinator's log.
+    pub fn standby_log(&self) -> String {
+        self.standby
+            .as_ref()
+            .map(|(p, _)| p.log())
+            .unwrap_or_default()
+    }
+
+    /// The running coordinator process (to pause, signal or wait for).
+    pub fn coordinator_process(&mut self) -> Option<&mut Process> {
+        self.coordinator.as_mut()
     }
 
     pub fn kill_coordinator(&mut self) {
@@ -238,16 +403,21 @@ impl LocalCluster {
     /// `--simulate-eval-ms`, …); it joins in the background (see
     /// [`LocalCluster::wait_workers`]).
     pub fn add_worker(&mut self, model: &Path, extra: &[String]) -> Result<()> {
+        let coordinators = match self.standby_url() {
+            Some(standby) => format!("{},{standby}", self.url()),
+            None => self.url(),
+        };
         let mut args = vec![
             "worker".to_string(),
             "--coordinator".into(),
-            self.url(),
+            coordinators,
             "--redis".into(),
-            self.redis.url(),
+            self.redis.url_as("worker"),
             "--model".into(),
             model.display().to_string(),
         ];
-        args.extend(self.token_flags());
+        args.extend(self.redis_flags());
+        args.extend(self.worker_token_flags());
         args.extend(self.server_tls());
         args.extend(extra.iter().cloned());
         let n = self.workers.len() + 1;
@@ -302,12 +472,22 @@ impl LocalCluster {
     /// Runs a `tessera` client command (`args[0]` is the subcommand) against this cluster,
     /// whatever its exit status.
     pub fn client(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.bin)
-            .args(args)
-            .args(self.client_flags())
-            .env("NO_COLOR", "1")
-            .output()
-            .map_err(io(format!("running tessera {}", args.join(" "))))
+        self.client_to(&self.url(), args)
+    }
+
+    /// [`LocalCluster::client`] against the coordinator at `url` (the standby's, say).
+    pub fn client_to(&self, url: &str, args: &[&str]) -> Result<Output> {
+        self.client_within(url, args, CLIENT_LIMIT)
+    }
+
+    /// [`LocalCluster::client_to`], killed (and an error) after `limit`: no wait of a test is
+    /// unbounded.
+    pub fn client_within(&self, url: &str, args: &[&str], limit: Duration) -> Result<Output> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .args(self.client_flags_for(url))
+            .env("NO_COLOR", "1");
+        output_within(cmd, limit, &format!("tessera {}", args.join(" ")))
     }
 
     /// [`LocalCluster::client`], failing unless the command succeeds; its stdout, trimmed.
@@ -335,6 +515,9 @@ impl LocalCluster {
         if let Some(c) = &self.coordinator {
             s.push_str(&format!("--- coordinator ---\n{}\n", c.log()));
         }
+        if let Some((p, _)) = &self.standby {
+            s.push_str(&format!("--- standby ---\n{}\n", p.log()));
+        }
         for w in &self.workers {
             s.push_str(&format!("--- {} ---\n{}\n", w.name, w.log()));
         }
@@ -346,7 +529,35 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.workers.clear();
         self.coordinator = None;
+        self.standby = None;
         self.redis.kill();
+    }
+}
+
+/// The longest a client command of a test may take (a `watch` of a whole job included).
+const CLIENT_LIMIT: Duration = Duration::from_secs(600);
+
+/// Runs `cmd` to its end and returns its output; kills it and fails after `limit`.
+pub fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Result<Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(format!("running {what}")))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.map_err(io(format!("running {what}"))),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", &pid.to_string()])
+                .status();
+            Err(HarnessError(format!("{what} did not end within {limit:?}")))
+        }
     }
 }
 

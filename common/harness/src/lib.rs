@@ -5,5 +5,5 @@
 mod cluster;
 mod redis_server;
 
-pub use cluster::{ClusterOptions, HarnessError, LocalCluster, Process, Scratch};
+pub use cluster::{output_within, ClusterOptions, HarnessError, LocalCluster, Process, Scratch};
 pub use redis_server::{make_certificates, RedisServer, RedisServerOptions};

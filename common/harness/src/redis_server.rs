@@ -18,6 +18,25 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fresh ports tried when another process grabs the one we picked before the server binds it.
 const PORT_ATTEMPTS: usize = 5;
 
+/// The deployment recipes' ACL users: role, user name, password (a test's).
+const ROLE_USERS: [(&str, &str, &str); 2] = [
+    (
+        "coordinator",
+        "tessera-coordinator",
+        "coordinator-test-password",
+    ),
+    ("worker", "tessera-worker", "worker-test-password"),
+];
+
+/// What each recipe user may do, as `deploy/` and SECURITY.md set it.
+fn role_rules(user: &str) -> &'static [&'static str] {
+    if user == "tessera-worker" {
+        &["~tessera:job:*", "&*", "+@all", "-@dangerous"]
+    } else {
+        &["~tessera:*", "&*", "+@all"]
+    }
+}
+
 /// How to run the server.
 #[derive(Debug, Clone, Default)]
 pub struct RedisServerOptions {
@@ -25,6 +44,13 @@ pub struct RedisServerOptions {
     pub aof: bool,
     /// `requirepass`: clients must authenticate.
     pub password: Option<String>,
+    /// An ACL user (name, password) with every permission; the default user is turned off,
+    /// so clients must log in as this one (`redis://NAME:PASSWORD@…`).
+    pub user: Option<(String, String)>,
+    /// Also the two ACL users of the deployment recipes (SECURITY.md): `tessera-coordinator`
+    /// (every `tessera:` key) and `tessera-worker` (job keys only, no dangerous commands). A
+    /// cluster connects its coordinator and workers as these ([`RedisServer::url_as`]).
+    pub role_users: bool,
     /// Clients connect over TLS (`rediss://`), with a certificate for 127.0.0.1 signed by a CA
     /// made for this server ([`RedisServer::ca`]). Needs the `openssl` command.
     pub tls: bool,
@@ -78,12 +104,43 @@ impl RedisServer {
         panic!("redis-server did not start after {PORT_ATTEMPTS} attempts: {last_error}");
     }
 
-    /// `redis://[:password@]127.0.0.1:PORT/0`, `rediss://` with TLS.
+    /// `redis://[[user]:password@]127.0.0.1:PORT/0`, `rediss://` with TLS.
     pub fn url(&self) -> String {
         let scheme = if self.opts.tls { "rediss" } else { "redis" };
-        match &self.opts.password {
-            Some(p) => format!("{scheme}://:{}@127.0.0.1:{}/0", url_encode(p), self.port),
+        match self.credentials() {
+            Some((user, p)) => format!(
+                "{scheme}://{}:{}@127.0.0.1:{}/0",
+                url_encode(user),
+                url_encode(p),
+                self.port
+            ),
             None => format!("{scheme}://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// [`RedisServer::url`] for a cluster role (`coordinator` or `worker`): logged in as the
+    /// role's ACL user when the server has them ([`RedisServerOptions::role_users`]).
+    pub fn url_as(&self, role: &str) -> String {
+        let Some((user, password)) = ROLE_USERS
+            .iter()
+            .find(|(r, _, _)| *r == role)
+            .map(|(_, u, p)| (u, p))
+        else {
+            return self.url();
+        };
+        if !self.opts.role_users {
+            return self.url();
+        }
+        let scheme = if self.opts.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{user}:{password}@127.0.0.1:{}/0", self.port)
+    }
+
+    /// Who clients log in as: the ACL user, or the default user's password.
+    fn credentials(&self) -> Option<(&str, &str)> {
+        match (&self.opts.user, &self.opts.password) {
+            (Some((user, p)), _) => Some((user, p)),
+            (None, Some(p)) => Some(("", p)),
+            (None, None) => None,
         }
     }
 
@@ -117,8 +174,11 @@ impl RedisServer {
     pub fn scan(&self, pattern: &str) -> Vec<String> {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &self.admin_port.to_string()]);
-        if let Some(p) = &self.opts.password {
+        if let Some((user, p)) = self.credentials() {
             cmd.args(["--no-auth-warning", "-a", p]);
+            if !user.is_empty() {
+                cmd.args(["--user", user]);
+            }
         }
         let out = cmd
             .args(["--scan", "--pattern", pattern])
@@ -190,6 +250,16 @@ impl RedisServer {
         if let Some(p) = &self.opts.password {
             cmd.args(["--requirepass", p]);
         }
+        if let Some((user, p)) = &self.opts.user {
+            cmd.args(["--user", user, "on", &format!(">{p}"), "~*", "&*", "+@all"])
+                .args(["--user", "default", "off"]);
+        }
+        if self.opts.role_users {
+            for (_, user, password) in ROLE_USERS {
+                cmd.args(["--user", user, "on", &format!(">{password}")]);
+                cmd.args(role_rules(user));
+            }
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -239,10 +309,12 @@ impl RedisServer {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut request = Vec::new();
         let mut replies = 1;
-        if let Some(p) = &self.opts.password {
-            request.extend(resp(&["AUTH", p]));
-            replies += 1;
+        match self.credentials() {
+            Some(("", p)) => request.extend(resp(&["AUTH", p])),
+            Some((user, p)) => request.extend(resp(&["AUTH", user, p])),
+            None => replies -= 1,
         }
+        replies += 1;
         request.extend(resp(args));
         stream.write_all(&request)?;
         let mut reader = BufReader::new(stream);
@@ -397,5 +469,26 @@ mod tests {
         server.restart();
         assert_eq!(server.dbsize(), 1);
         assert!(server.url().contains(":p%20w%25@"), "{}", server.url());
+    }
+
+    #[test]
+    fn an_acl_user_is_the_only_way_in() {
+        let server = RedisServer::start_with(RedisServerOptions {
+            user: Some(("tessera".into(), "s3cret".into())),
+            ..RedisServerOptions::default()
+        });
+        assert_eq!(server.command(&["SET", "k", "v"]).unwrap(), "+OK");
+        assert_eq!(server.dbsize(), 1);
+        assert!(
+            server.url().starts_with("redis://tessera:s3cret@"),
+            "{}",
+            server.url()
+        );
+        assert_eq!(server.scan("*"), vec!["k".to_string()]);
+        let mut anonymous = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        anonymous.write_all(&resp(&["GET", "k"])).unwrap();
+        let mut line = String::new();
+        BufReader::new(anonymous).read_line(&mut line).unwrap();
+        assert!(line.starts_with("-NOAUTH"), "{line}");
     }
 }

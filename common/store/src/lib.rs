@@ -9,7 +9,7 @@ pub mod keys;
 mod memory;
 mod redis;
 
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, WriteBatch};
 pub use memory::MemoryStore;
 
 use candle_core::{Device, Tensor};
@@ -29,6 +29,10 @@ pub enum StoreError {
     Codec { key: String, message: String },
     #[error("{0} is missing from the store")]
     Missing(String),
+    /// A fenced write refused: the store's fence key no longer holds this writer's token (a
+    /// coordinator that lost its lock to another; see [`RedisStore::fenced`]).
+    #[error("write refused by the store's fence: {0}")]
+    Fenced(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -10,11 +10,16 @@
 //! Two kinds of callers share one connection: async code (gRPC handlers, the job queue) calls
 //! the async inherent methods; the engine and the model code run on plain threads and call the
 //! synchronous [`Store`] trait, which blocks on the runtime the store was connected on.
+//!
+//! A coordinator writes through a *fenced* clone ([`RedisStore::fenced`]): every write runs in
+//! one Lua script that first checks that the coordinator lock still holds this coordinator's
+//! token, so a coordinator paused past its lock's expiry cannot write beside its successor.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +53,166 @@ static PUT_GUARDED: LazyLock<Script> = LazyLock::new(|| {
          return 0",
     )
 });
+
+/// Runs a batch of commands only while KEYS[1] holds ARGV[1] (the fence), all in one atomic
+/// step. A fence key that is absent (expired, or lost with Redis' data) is taken again with
+/// the token and a time to live of ARGV[2] ms: nobody else held it, so nobody else wrote.
+/// ARGV[3] is the number of commands; each is described by its name, its number of keys and
+/// its number of other arguments, followed by those arguments, its keys taken in order from
+/// KEYS[2..]. `SETIFEXISTS guard key value` is [`PUT_GUARDED`] inside the batch. Returns the
+/// sum of the commands' integer replies (keys unlinked, expiries set).
+static FENCED_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local holder = redis.call('GET', KEYS[1]) \
+         if not holder then \
+           redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+         elseif holder ~= ARGV[1] then \
+           return redis.error_reply('FENCED ' .. KEYS[1] .. ' is held by ' .. holder) \
+         end \
+         local total, k, a = 0, 2, 4 \
+         for _ = 1, tonumber(ARGV[3]) do \
+           local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]) \
+           a = a + 3 \
+           local call = {name} \
+           for _ = 1, nk do call[#call + 1] = KEYS[k]; k = k + 1 end \
+           for _ = 1, na do call[#call + 1] = ARGV[a]; a = a + 1 end \
+           if name == 'SETIFEXISTS' then \
+             if redis.call('EXISTS', call[2]) == 1 then \
+               redis.call('SET', call[3], call[4]); total = total + 1 \
+             end \
+           else \
+             local r = redis.call(unpack(call)) \
+             if type(r) == 'number' then total = total + r end \
+           end \
+         end \
+         return total",
+    )
+});
+
+/// Keys per command inside a fenced batch: Lua's `unpack` has a limit of a few thousand
+/// values.
+const FENCED_CHUNK: usize = 1000;
+
+/// Writes that go to Redis together and atomically: a MULTI/EXEC transaction, or on a fenced
+/// store one script that checks the fence first.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    cmds: Vec<BatchCmd>,
+}
+
+#[derive(Debug, Clone)]
+struct BatchCmd {
+    name: &'static str,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    fn push(&mut self, name: &'static str, keys: Vec<String>, args: Vec<Vec<u8>>) -> &mut Self {
+        self.cmds.push(BatchCmd { name, keys, args });
+        self
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8]) -> &mut Self {
+        self.push("SET", vec![key.into()], vec![value.to_vec()])
+    }
+
+    /// SET with a time to live.
+    pub fn set_px(&mut self, key: &str, value: &[u8], ttl: Duration) -> &mut Self {
+        let args = vec![
+            value.to_vec(),
+            b"PX".to_vec(),
+            millis(ttl).to_string().into_bytes(),
+        ];
+        self.push("SET", vec![key.into()], args)
+    }
+
+    /// Unlinks `keys` (in commands of at most [`FENCED_CHUNK`] keys).
+    pub fn unlink(&mut self, keys: &[String]) -> &mut Self {
+        for chunk in keys.chunks(FENCED_CHUNK) {
+            self.push("UNLINK", chunk.to_vec(), Vec::new());
+        }
+        self
+    }
+
+    pub fn pexpire(&mut self, key: &str, ttl: Duration) -> &mut Self {
+        let ms = millis(ttl).to_string().into_bytes();
+        self.push("PEXPIRE", vec![key.into()], vec![ms])
+    }
+
+    pub fn zadd(&mut self, key: &str, member: &str, score: f64) -> &mut Self {
+        let args = vec![score.to_string().into_bytes(), member.as_bytes().to_vec()];
+        self.push("ZADD", vec![key.into()], args)
+    }
+
+    pub fn zrem(&mut self, key: &str, member: &str) -> &mut Self {
+        self.push("ZREM", vec![key.into()], vec![member.as_bytes().to_vec()])
+    }
+
+    pub fn sadd(&mut self, key: &str, member: &str) -> &mut Self {
+        self.push("SADD", vec![key.into()], vec![member.as_bytes().to_vec()])
+    }
+
+    pub fn srem(&mut self, key: &str, member: &str) -> &mut Self {
+        self.push("SREM", vec![key.into()], vec![member.as_bytes().to_vec()])
+    }
+
+    fn set_if_exists(&mut self, guard: &str, key: &str, value: &[u8]) -> &mut Self {
+        let keys = vec![guard.to_string(), key.to_string()];
+        self.push("SETIFEXISTS", keys, vec![value.to_vec()])
+    }
+
+    /// The batch as one MULTI/EXEC pipeline (no `SETIFEXISTS`: that is fenced-only).
+    fn pipeline(&self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for c in &self.cmds {
+            let cmd = pipe.cmd(c.name);
+            cmd.arg(&c.keys);
+            for a in &c.args {
+                cmd.arg(a.as_slice());
+            }
+        }
+        pipe
+    }
+
+    /// The batch as one call of [`FENCED_BATCH`].
+    fn fenced(&self, fence: &Fence) -> redis::ScriptInvocation<'static> {
+        let mut call = FENCED_BATCH.key(&fence.key);
+        call.arg(&fence.token)
+            .arg(millis(fence.ttl))
+            .arg(self.cmds.len());
+        for c in &self.cmds {
+            call.arg(c.name).arg(c.keys.len()).arg(c.args.len());
+            for k in &c.keys {
+                call.key(k);
+            }
+            for a in &c.args {
+                call.arg(a.as_slice());
+            }
+        }
+        call
+    }
+}
+
+/// A fenced store's fence: the key that must hold `token` for a write to land (or be absent:
+/// then it is taken again for `ttl`).
+#[derive(Debug)]
+struct Fence {
+    key: String,
+    token: String,
+    ttl: Duration,
+    /// Set when a write was refused.
+    lost: AtomicBool,
+}
 
 /// How to reach Redis and how long to ride out an outage.
 #[derive(Debug, Clone)]
@@ -95,6 +260,7 @@ impl Default for RedisOptions {
 pub struct RedisStore {
     conn: ConnectionManager,
     shared: Arc<Shared>,
+    fence: Option<Arc<Fence>>,
 }
 
 struct Shared {
@@ -110,6 +276,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("url", &self.shared.url)
+            .field("fenced", &self.fence.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -146,12 +313,53 @@ impl RedisStore {
                 retry_for: opts.retry_for,
                 outage: Mutex::new(None),
             }),
+            fence: None,
         })
     }
 
     /// The URL this store connected to, password masked.
     pub fn url(&self) -> &str {
         &self.shared.url
+    }
+
+    /// A clone (on the same connection) whose every write lands only while `key` holds
+    /// `token` — checked in the same atomic step as the write; an absent `key` (a lock that
+    /// expired with nobody else taking it) is taken again with `token` for `ttl`. A write
+    /// refused because another token holds `key` fails with [`StoreError::Fenced`], and
+    /// [`RedisStore::fence_lost`] turns true for good. Reads are not fenced.
+    pub fn fenced(&self, key: &str, token: &str, ttl: Duration) -> RedisStore {
+        RedisStore {
+            conn: self.conn.clone(),
+            shared: self.shared.clone(),
+            fence: Some(Arc::new(Fence {
+                key: key.to_string(),
+                token: token.to_string(),
+                ttl,
+                lost: AtomicBool::new(false),
+            })),
+        }
+    }
+
+    /// Whether a write of this fenced store (or of a clone of it) was refused by its fence.
+    pub fn fence_lost(&self) -> bool {
+        self.fence
+            .as_ref()
+            .is_some_and(|f| f.lost.load(Ordering::Relaxed))
+    }
+
+    /// A clone (on the same connection, with the same fence) that gives up on an outage after
+    /// `retry_for`: for calls a person waits on, which should answer rather than hang.
+    pub fn with_retry_for(&self, retry_for: Duration) -> RedisStore {
+        RedisStore {
+            conn: self.conn.clone(),
+            shared: Arc::new(Shared {
+                handle: self.shared.handle.clone(),
+                url: self.shared.url.clone(),
+                retry_for,
+                outage: Mutex::new(None),
+            }),
+            fence: self.fence.clone(),
+        }
     }
 
     /// Runs `f` on the shared connection, retrying transient failures (connection refused,
@@ -211,6 +419,15 @@ impl RedisStore {
                     tokio::time::sleep(delay.min(self.shared.retry_for - elapsed)).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                 }
+                Err(e) if e.code() == Some("FENCED") => {
+                    if let Some(f) = &self.fence {
+                        f.lost.store(true, Ordering::Relaxed);
+                    }
+                    return Err(StoreError::Fenced(format!(
+                        "{what}: {}",
+                        e.detail().unwrap_or("refused")
+                    )));
+                }
                 Err(e) => {
                     return Err(StoreError::Rejected {
                         what: what.to_string(),
@@ -219,6 +436,31 @@ impl RedisStore {
                 }
             }
         }
+    }
+
+    /// Runs `batch` atomically: through the fence on a fenced store, else as one MULTI/EXEC.
+    /// Returns the sum of the commands' integer replies.
+    pub async fn write_batch(&self, what: &str, batch: &WriteBatch) -> Result<i64> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        if let Some(fence) = &self.fence {
+            let call = &batch.fenced(fence);
+            return self
+                .with_retry(what, |mut c| async move { call.invoke_async(&mut c).await })
+                .await;
+        }
+        let pipe = &batch.pipeline();
+        let replies: Vec<redis::Value> = self
+            .with_retry(what, |mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(replies
+            .iter()
+            .map(|v| match v {
+                redis::Value::Int(n) => *n,
+                _ => 0,
+            })
+            .sum())
     }
 
     fn outage_begins(&self, what: &str, e: &RedisError) {
@@ -251,6 +493,13 @@ impl RedisStore {
     }
 
     pub async fn put_async(&self, key: &str, value: &[u8]) -> Result<()> {
+        if self.fence.is_some() {
+            let what = format!("SET {key}");
+            return self
+                .write_batch(&what, WriteBatch::new().set(key, value))
+                .await
+                .map(drop);
+        }
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value);
         self.run(&format!("SET {key}"), &cmd).await
@@ -258,6 +507,13 @@ impl RedisStore {
 
     /// Writes `key` with a time to live (heartbeats, finished jobs).
     pub async fn put_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        if self.fence.is_some() {
+            let batch = WriteBatch::new().set_px(key, value, ttl).clone();
+            return self
+                .write_batch(&format!("SET {key} PX"), &batch)
+                .await
+                .map(drop);
+        }
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
         self.run(&format!("SET {key} PX"), &cmd).await
@@ -270,6 +526,13 @@ impl RedisStore {
     }
 
     pub async fn delete_async(&self, key: &str) -> Result<()> {
+        if self.fence.is_some() {
+            let batch = WriteBatch::new().unlink(&[key.to_string()]).clone();
+            return self
+                .write_batch(&format!("UNLINK {key}"), &batch)
+                .await
+                .map(drop);
+        }
         let mut cmd = redis::cmd("UNLINK");
         cmd.arg(key);
         self.run::<usize>(&format!("UNLINK {key}"), &cmd).await?;
@@ -284,6 +547,10 @@ impl RedisStore {
 
     /// Sets a time to live on `key`; returns whether the key existed.
     pub async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        if self.fence.is_some() {
+            let batch = WriteBatch::new().pexpire(key, ttl).clone();
+            return Ok(self.write_batch(&format!("PEXPIRE {key}"), &batch).await? > 0);
+        }
         let mut cmd = redis::cmd("PEXPIRE");
         cmd.arg(key).arg(millis(ttl));
         Ok(self.run::<usize>(&format!("PEXPIRE {key}"), &cmd).await? > 0)
@@ -291,6 +558,13 @@ impl RedisStore {
 
     /// See [`Store::put_guarded`]: one Lua script, so atomic in Redis.
     pub async fn put_guarded_async(&self, guard: &str, key: &str, value: &[u8]) -> Result<bool> {
+        if self.fence.is_some() {
+            let batch = WriteBatch::new().set_if_exists(guard, key, value).clone();
+            return Ok(self
+                .write_batch(&format!("guarded SET {key}"), &batch)
+                .await?
+                > 0);
+        }
         let mut call = PUT_GUARDED.key(guard);
         call.key(key).arg(value);
         let call = &call;
@@ -306,6 +580,14 @@ impl RedisStore {
     pub async fn put_many_async(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
         if items.is_empty() {
             return Ok(());
+        }
+        if self.fence.is_some() {
+            let mut batch = WriteBatch::new();
+            for (key, value) in items {
+                batch.set(key, value);
+            }
+            let what = format!("SET of {} keys", items.len());
+            return self.write_batch(&what, &batch).await.map(drop);
         }
         let mut cmd = redis::cmd("MSET");
         for (key, value) in items {
@@ -363,6 +645,13 @@ impl RedisStore {
             if keys.is_empty() {
                 break;
             }
+            if self.fence.is_some() {
+                let batch = WriteBatch::new().unlink(&keys).clone();
+                removed += self
+                    .write_batch(&format!("UNLINK {prefix}*"), &batch)
+                    .await? as usize;
+                continue;
+            }
             let mut pipe = redis::pipe();
             pipe.atomic();
             for batch in keys.chunks(KEY_BATCH) {
@@ -385,6 +674,16 @@ impl RedisStore {
         let keys = self.keys_async(prefix).await?;
         let mut set = 0;
         for batch in keys.chunks(KEY_BATCH) {
+            if self.fence.is_some() {
+                let mut fenced = WriteBatch::new();
+                for key in batch {
+                    fenced.pexpire(key, ttl);
+                }
+                set += self
+                    .write_batch(&format!("PEXPIRE {prefix}*"), &fenced)
+                    .await? as usize;
+                continue;
+            }
             let mut pipe = redis::pipe();
             for key in batch {
                 pipe.cmd("PEXPIRE").arg(key).arg(millis(ttl));
@@ -398,6 +697,23 @@ impl RedisStore {
             set += counts.iter().sum::<usize>();
         }
         Ok(set)
+    }
+
+    /// Whether each of `keys` exists, in one round trip.
+    pub async fn exists_many_async(&self, keys: &[String]) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.exists(key);
+        }
+        let pipe = &pipe;
+        self.with_retry(
+            &format!("EXISTS of {} keys", keys.len()),
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
     }
 
     /// Number of keys in the database.

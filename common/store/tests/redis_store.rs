@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tessera_harness::{RedisServer, RedisServerOptions};
 use tessera_store::{
     get_json, get_tensor, put_json, put_tensor, RedisOptions, RedisStore, Store, StoreError,
+    WriteBatch,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -150,6 +151,65 @@ fn guarded_writes_and_batches() -> TestResult {
     );
     assert_eq!(store.get_many(&[])?, Vec::<Option<Vec<u8>>>::new());
     store.put_many(&[])?;
+    Ok(())
+}
+
+#[test]
+fn fenced_writes_land_only_while_the_fence_holds_the_token() -> TestResult {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let plain = rt.block_on(RedisStore::connect(&server.url(), RedisOptions::default()))?;
+    plain.put("lock", b"me#1")?;
+    let me = plain.fenced("lock", "me#1", Duration::from_secs(5));
+    let items = vec![
+        ("j:a".to_string(), b"1".to_vec()),
+        ("j:b".into(), b"2".to_vec()),
+    ];
+    me.put_many(&items)?;
+    me.put("j:in", b"in")?;
+    assert!(me.put_guarded("j:in", "j:out", b"out")?);
+    assert!(!me.put_guarded("j:gone", "j:late", b"x")?);
+    let mut batch = WriteBatch::new();
+    batch
+        .zadd("q", "job1", -4398046511104000.0)
+        .sadd("s", "job1")
+        .set_px("j:ttl", b"t", Duration::from_secs(60));
+    rt.block_on(me.write_batch("batch", &batch))?;
+    assert_eq!(
+        plain.keys("j:")?,
+        vec!["j:a", "j:b", "j:in", "j:out", "j:ttl"]
+    );
+    assert_eq!(
+        rt.block_on(me.expire_prefix("j:", Duration::from_secs(60)))?,
+        5
+    );
+    assert!(!me.fence_lost());
+
+    // Another holder takes the lock: every write of the old one is refused, none lands.
+    plain.put("lock", b"other#2")?;
+    let refused = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Fenced(_)));
+    assert!(refused(me.put("j:a", b"stale")));
+    assert!(refused(me.put_many(&items)));
+    assert!(refused(me.delete("j:b")));
+    assert!(refused(me.delete_prefix("j:").map(drop)));
+    assert!(refused(me.put_guarded("j:in", "j:out", b"x").map(drop)));
+    assert!(refused(
+        rt.block_on(me.write_batch("batch", &batch)).map(drop)
+    ));
+    assert!(me.fence_lost());
+    assert_eq!(plain.get("j:a")?, Some(b"1".to_vec()));
+    assert_eq!(plain.keys("j:")?.len(), 5);
+    // Clones share the fence; an unfenced store is not affected.
+    assert!(me.clone().fence_lost());
+    plain.delete_prefix("j:")?;
+    assert!(plain.keys("j:")?.is_empty());
+    // A lock that expired with nobody taking it is taken again by the next write.
+    plain.delete("lock")?;
+    let again = plain.fenced("lock", "me#1", Duration::from_secs(5));
+    again.put("k", b"v")?;
+    assert_eq!(plain.get("lock")?, Some(b"me#1".to_vec()));
+    assert_eq!(plain.get("k")?, Some(b"v".to_vec()));
+    assert!(!again.fence_lost());
     Ok(())
 }
 

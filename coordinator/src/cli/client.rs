@@ -48,6 +48,10 @@ impl Conn {
         let netcfg = ClientNet {
             ca: self.tls_ca.clone(),
             connect_timeout: Some(Duration::from_secs(5)),
+            // The coordinator answers within 30 s even when its Redis is away; a client never
+            // waits on a hung one for ever.
+            call_timeout: Some(Duration::from_secs(60)),
+            ca_flag: "--tls-ca",
         };
         let channel = net::endpoint(&self.coordinator, &netcfg)?
             .connect()
@@ -94,6 +98,8 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
         Code::Unauthenticated => "not allowed",
         Code::FailedPrecondition => "not possible now",
         Code::Unavailable => "coordinator unavailable",
+        Code::ResourceExhausted => "refused",
+        Code::PermissionDenied => "not allowed",
         Code::DeadlineExceeded => "timed out",
         _ => "failed",
     };
@@ -284,6 +290,8 @@ fn job_json(info: &JobInfo) -> serde_json::Value {
         "started_unix_ms": info.started_unix_ms,
         "finished_unix_ms": info.finished_unix_ms,
         "output_dir": (!info.output_dir.is_empty()).then_some(&info.output_dir),
+        "warnings": info.warnings,
+        "model_fingerprint": (!info.model_fingerprint.is_empty()).then_some(&info.model_fingerprint),
     })
 }
 
@@ -326,6 +334,9 @@ fn describe(info: &JobInfo) -> String {
     }
     if !info.error.is_empty() {
         s.push_str(&format!("\n  error: {}", info.error));
+    }
+    for w in &info.warnings {
+        s.push_str(&format!("\n  warning: {w}"));
     }
     s.push_str(&format!("\n  prompt: {}", info.prompt));
     s

@@ -9,13 +9,9 @@ use clap::Args;
 
 use crate::cluster::{self, CoordinatorConfig};
 
-/// Token and TLS settings shared by both server roles.
+/// TLS settings shared by both server roles.
 #[derive(Debug, Args)]
-pub struct ServerSecurity {
-    /// Bearer token: required on every call to this server and sent on every call it makes
-    /// (the whole cluster shares one; clients pass it with --token too).
-    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+pub struct ServerTls {
     /// Serve TLS with this certificate (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -23,35 +19,94 @@ pub struct ServerSecurity {
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// CA certificate (PEM) that signed the peers' certificates (the workers' for the
-    /// coordinator, the coordinator's for a worker).
+    /// coordinator, the coordinator's for a worker). With it, the peers' URLs must be https://.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
 }
 
+/// How a server role reaches Redis.
 #[derive(Debug, Args)]
-pub struct CoordinatorArgs {
-    /// Address to serve the client API on.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub listen: SocketAddr,
-    /// Redis holding jobs, tensors and membership: redis://[user:pass@]host:port[/db], or
-    /// rediss:// for TLS.
+pub struct RedisArgs {
+    /// Redis holding jobs and tensors: redis://[USER:PASSWORD@]host:port[/db], or rediss:// for
+    /// TLS (see SECURITY.md for ACL users).
     #[arg(long, env = "TESSERA_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// CA certificate (PEM) that signed Redis' certificate, for a rediss:// URL to a server
+    /// with a private CA.
+    #[arg(long, env = "TESSERA_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
+}
+
+/// The workers' credential, shared by the coordinator and its workers.
+#[derive(Debug, Args)]
+pub struct WorkerToken {
+    /// The workers' credential: a worker joins the coordinator with it (the coordinator
+    /// requires it on its Membership service). Never the clients' --token.
+    #[arg(long, env = "TESSERA_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve the client API (and the workers' Membership service) on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
     #[command(flatten)]
-    pub security: ServerSecurity,
+    pub redis: RedisArgs,
+    /// The clients' credential: required on every call of the client API (clients pass it
+    /// with --token too). Needs --worker-token, a different one, for the workers.
+    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub worker_token: WorkerToken,
+    #[command(flatten)]
+    pub tls: ServerTls,
     /// Seconds finished jobs (records and images) are kept for `fetch` before they expire.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub job_ttl: u64,
     /// Jobs running at once; their tasks share the workers by priority.
     #[arg(long, default_value_t = 4)]
     pub max_jobs: usize,
-    /// Seconds one call to a worker may take before its tasks are given to another worker.
+    /// Jobs that may wait in the queue; a submission beyond is refused.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_queued: u64,
+    /// Seconds one call to a worker may take before it counts as a failed attempt and its
+    /// tasks go to another worker (after a few attempts the job fails).
     #[arg(long, default_value_t = 600)]
     pub lease: u64,
     /// Where finished images are kept (DIR/JOB/N.png) until they expire with their job; `fetch`
     /// streams them from there. Default: tessera-output in the system's temporary directory.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
+    /// Let clients have copies of their images written under DIR (`submit --output-dir`);
+    /// repeatable. Without it, clients' --output-dir is refused.
+    #[arg(long, value_name = "DIR")]
+    pub allow_output_dir: Vec<PathBuf>,
+}
+
+/// The allowed output roots, canonical: each must be an existing directory.
+fn allowed_roots(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    dirs.iter()
+        .map(|d| {
+            let canonical = d
+                .canonicalize()
+                .with_context(|| format!("--allow-output-dir {}: cannot use it", d.display()))?;
+            if !canonical.is_dir() {
+                bail!("--allow-output-dir {}: not a directory", d.display());
+            }
+            Ok(canonical)
+        })
+        .collect()
+}
+
+/// The coordinator's own output directory, made private (0700) when it is created here.
+fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating --output-dir {}", dir.display()))
 }
 
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
@@ -60,20 +115,23 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     }
     let cfg = CoordinatorConfig {
         listen: args.listen,
-        redis_url: args.redis,
-        token: args.security.token,
-        tls_cert: args.security.tls_cert,
-        tls_key: args.security.tls_key,
-        worker_ca: args.security.tls_ca,
+        redis_url: args.redis.redis,
+        redis_ca: args.redis.redis_ca,
+        token: args.token,
+        worker_token: args.worker_token.worker_token,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        worker_ca: args.tls.tls_ca,
         job_ttl: Duration::from_secs(args.job_ttl),
         max_jobs: args.max_jobs,
+        max_queued: args.max_queued,
         lease: Duration::from_secs(args.lease),
         output_dir: args
             .output_dir
             .unwrap_or_else(|| std::env::temp_dir().join("tessera-output")),
+        allowed_output_dirs: allowed_roots(&args.allow_output_dir)?,
     };
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("creating --output-dir {}", cfg.output_dir.display()))?;
+    create_private_dir(&cfg.output_dir)?;
     runtime()?.block_on(async move {
         cluster::serve(cfg, shutdown_signal())
             .await
@@ -83,17 +141,22 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The coordinator's address (for the address this worker advertises, and a reachability
-    /// check in the log).
+    /// The coordinator to join; several, comma-separated, for a coordinator with standbys
+    /// (the worker joins whichever leads, and follows a takeover).
     #[arg(
         long,
         env = "TESSERA_COORDINATOR",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "http://127.0.0.1:7070",
+        value_delimiter = ','
     )]
-    pub coordinator: String,
-    /// The cluster's Redis (see `tessera coordinator --redis`).
-    #[arg(long, env = "TESSERA_REDIS", default_value = "redis://127.0.0.1:6379")]
-    pub redis: String,
+    pub coordinator: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub worker_token: WorkerToken,
+    /// Not taken by workers: the clients' token stays with clients and the coordinator.
+    #[arg(long, hide = true)]
+    pub token: Option<String>,
     /// Model directory in the diffusers layout.
     #[arg(long)]
     pub model: PathBuf,
@@ -111,7 +174,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[command(flatten)]
-    pub security: ServerSecurity,
+    pub tls: ServerTls,
     /// Tasks (each a batch of views) per call from the coordinator.
     #[arg(long, default_value_t = 1)]
     pub tasks_per_call: u32,
@@ -124,6 +187,12 @@ pub struct WorkerArgs {
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    if args.token.is_some() {
+        bail!(
+            "workers do not take --token (the clients' credential): give them --worker-token, \
+             the coordinator's --worker-token"
+        );
+    }
     if let Some(ms) = args.simulate_eval_ms {
         if !(ms.is_finite() && ms >= 0.0) {
             bail!("--simulate-eval-ms must be a non-negative number of milliseconds, not {ms}");
@@ -152,12 +221,13 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         device: args.device,
         listen: args.listen,
         advertise: args.advertise,
-        coordinator: args.coordinator,
-        redis_url: args.redis,
-        token: args.security.token,
-        tls_cert: args.security.tls_cert,
-        tls_key: args.security.tls_key,
-        tls_ca: args.security.tls_ca,
+        coordinators: args.coordinator,
+        redis_url: args.redis.redis,
+        redis_ca: args.redis.redis_ca,
+        worker_token: args.worker_token.worker_token,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        tls_ca: args.tls.tls_ca,
         tasks_per_call: args.tasks_per_call,
         simulate_eval_ms: args.simulate_eval_ms,
     };

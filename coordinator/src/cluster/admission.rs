@@ -1,8 +1,9 @@
-//! Checking a submitted job before anything is stored: every flag, every file, the plan, the
-//! model. A refusal is INVALID_ARGUMENT (or NOT_FOUND for an unknown model) with a message
-//! that says what to change.
+//! Checking a submitted job before anything is stored or touched on disk: every flag, every
+//! file, the plan, the model, and whether a worker serving it has the memory the plan needs. A
+//! refusal is INVALID_ARGUMENT (NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED for a job no
+//! worker can hold) with a message that says what to change.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tessera_core::plan::{self, ArchInfo, Plan};
 use tessera_core::sched::SchedulerConfig;
@@ -11,6 +12,7 @@ use tessera_proto::v1::{self, WorkerDescription};
 use tonic::Status;
 
 use super::jobs::ModelRecord;
+use super::outputs;
 use crate::{image_input, latent_file};
 
 /// Most images one job may ask for.
@@ -32,11 +34,17 @@ fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
 
+/// What admission needs to know of a served model.
+#[derive(Debug)]
+struct ServedModel {
+    arch: ArchInfo,
+    scheduler: SchedulerConfig,
+    latent_channels: usize,
+    fingerprint: String,
+}
+
 /// The served model named in `spec`, its planner info and scheduler.
-fn find_model(
-    name: &str,
-    served: &[WorkerDescription],
-) -> Result<(ArchInfo, SchedulerConfig, usize), Status> {
+fn find_model(name: &str, served: &[WorkerDescription]) -> Result<ServedModel, Status> {
     let mut names: Vec<String> = served
         .iter()
         .flat_map(|w| w.models.iter().map(|m| m.name.clone()))
@@ -60,25 +68,63 @@ fn find_model(
         .ok_or_else(|| Status::not_found(format!("no worker serves model {name:?} ({listing})")))?;
     let arch: ArchInfo = serde_json::from_str(&m.arch_json)
         .map_err(|e| Status::internal(format!("worker's description of {name:?}: {e}")))?;
-    let sched: SchedulerConfig = serde_json::from_str(&m.scheduler_json)
+    let scheduler: SchedulerConfig = serde_json::from_str(&m.scheduler_json)
         .map_err(|e| Status::internal(format!("worker's scheduler of {name:?}: {e}")))?;
-    Ok((arch, sched, m.latent_channels as usize))
+    Ok(ServedModel {
+        arch,
+        scheduler,
+        latent_channels: m.latent_channels as usize,
+        fingerprint: m.fingerprint.clone(),
+    })
 }
 
 /// Checks a job; the seed is drawn here when the client left it open.
 pub fn admit(spec: &v1::JobSpec, served: &[WorkerDescription]) -> Result<Admitted, Status> {
-    let (arch, scheduler, latent_channels) = find_model(&spec.model, served)?;
-    let (rspec, plan) = plan_spec(spec, &arch)?;
-    let inputs = check_files(spec, &rspec, &plan, latent_channels)?;
+    let model = find_model(&spec.model, served)?;
+    let (rspec, plan) = plan_spec(spec, &model.arch)?;
+    check_capacity(&plan, &spec.model, served)?;
+    let inputs = check_files(spec, &rspec, &plan, model.latent_channels)?;
     Ok(Admitted {
         spec: rspec,
         plan,
         model: ModelRecord {
-            scheduler,
-            latent_channels,
+            scheduler: model.scheduler,
+            latent_channels: model.latent_channels,
+            fingerprint: model.fingerprint,
         },
         inputs,
     })
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Refuses a plan that needs more memory per worker than any worker serving `model` has.
+/// Workers that do not know their memory are given the benefit of the doubt.
+fn check_capacity(plan: &Plan, model: &str, served: &[WorkerDescription]) -> Result<(), Status> {
+    let sizes: Vec<u64> = served
+        .iter()
+        .filter(|w| w.models.iter().any(|m| m.name == model))
+        .map(|w| w.device_memory_bytes)
+        .collect();
+    let need = plan.memory.worker_bytes;
+    let Some(&largest) = sizes.iter().max() else {
+        return Ok(());
+    };
+    if sizes.contains(&0) || largest >= need {
+        return Ok(());
+    }
+    Err(Status::resource_exhausted(format!(
+        "the plan needs about {} per worker ({} of weights and {} of activations), but the \
+         largest worker serving {model:?} has {}: give the largest stage smaller tiles \
+         (--tile-size), fewer views per call (--view-batch 1) or more stages, or add a worker \
+         with more memory",
+        gib(need),
+        gib(plan.memory.worker_weights_bytes),
+        gib(plan.memory.worker_activation_bytes),
+        gib(largest)
+    )))
 }
 
 /// The render spec and plan of a wire spec for a model of architecture `arch`.
@@ -103,7 +149,7 @@ pub fn served_arch(name: &str, served: &[WorkerDescription]) -> Result<ArchInfo,
             return Ok(arch);
         }
     }
-    find_model(name, served).map(|(a, _, _)| a)
+    find_model(name, served).map(|m| m.arch)
 }
 
 fn check_files(
@@ -150,11 +196,13 @@ fn check_files(
     Ok(inputs)
 }
 
-/// `--count`, `--priority` and `--output-dir`, checked.
+/// `--count`, `--priority` and `--output-dir` (against the allowed roots, from the path
+/// alone), checked.
 pub fn check_job_options(
     count: i64,
     priority: i32,
     output_dir: &str,
+    allowed_output_dirs: &[PathBuf],
 ) -> Result<(u32, i32, Option<String>), Status> {
     let count = match count {
         0 => 1,
@@ -173,25 +221,9 @@ pub fn check_job_options(
     let dir = if output_dir.is_empty() {
         None
     } else {
-        let p = Path::new(output_dir);
-        if !p.is_absolute() {
-            return Err(invalid(format!(
-                "--output-dir {output_dir:?} must be an absolute path on the coordinator's machine"
-            )));
-        }
-        std::fs::create_dir_all(p).map_err(|e| {
-            invalid(format!(
-                "--output-dir {output_dir}: cannot create it on the coordinator ({e})"
-            ))
-        })?;
-        let probe = p.join(".tessera-write-test");
-        std::fs::write(&probe, b"").map_err(|e| {
-            invalid(format!(
-                "--output-dir {output_dir}: the coordinator cannot write there ({e})"
-            ))
-        })?;
-        let _ = std::fs::remove_file(probe);
-        Some(output_dir.to_string())
+        let (clean, _) =
+            outputs::check_request(allowed_output_dirs, output_dir).map_err(invalid)?;
+        Some(clean.display().to_string())
     };
     Ok((count, priority, dir))
 }
@@ -202,19 +234,52 @@ mod tests {
 
     #[test]
     fn job_options_are_checked() {
-        assert_eq!(check_job_options(0, 0, "").unwrap(), (1, 0, None));
+        let roots = [PathBuf::from("/srv/out")];
+        assert_eq!(check_job_options(0, 0, "", &[]).unwrap(), (1, 0, None));
         assert_eq!(
-            check_job_options(-1, 0, "").unwrap_err().code(),
+            check_job_options(-1, 0, "", &roots).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
-        assert!(check_job_options(1, 5000, "")
+        assert!(check_job_options(1, 5000, "", &roots)
             .unwrap_err()
             .message()
             .contains("--priority"));
-        assert!(check_job_options(1, 0, "relative/dir")
+        assert!(check_job_options(1, 0, "relative/dir", &roots)
             .unwrap_err()
             .message()
             .contains("absolute"));
+        assert!(check_job_options(1, 0, "/srv/out/x", &[])
+            .unwrap_err()
+            .message()
+            .contains("--allow-output-dir"));
+        let (_, _, dir) = check_job_options(1, 0, "/srv/out/x/", &roots).unwrap();
+        assert_eq!(dir.as_deref(), Some("/srv/out/x"));
+    }
+
+    #[test]
+    fn a_plan_no_worker_can_hold_is_refused_with_its_estimate() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let spec = v1::JobSpec {
+            model: "m".into(),
+            prompt: "p".into(),
+            ..Default::default()
+        };
+        let (_, plan) = plan_spec(&spec, &arch).unwrap();
+        let worker = |bytes: u64| WorkerDescription {
+            models: vec![v1::ModelDescription {
+                name: "m".into(),
+                ..Default::default()
+            }],
+            device_memory_bytes: bytes,
+            ..Default::default()
+        };
+        let need = plan.memory.worker_bytes;
+        assert!(check_capacity(&plan, "m", &[worker(need)]).is_ok());
+        assert!(check_capacity(&plan, "m", &[worker(need / 2), worker(0)]).is_ok());
+        let e = check_capacity(&plan, "m", &[worker(need / 2), worker(need / 4)]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains(&gib(need)), "{}", e.message());
+        assert!(e.message().contains("--tile-size"), "{}", e.message());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Job records in Redis: what a job is (spec, plan, model), where it is (state, progress),
 //! and the indexes a coordinator needs after a restart (queue, running set, all jobs).
-//! Every change that touches more than one key is one MULTI transaction, so a crash never
-//! leaves a job half-submitted or both queued and running.
+//! Every change that touches more than one key is one atomic batch, so a crash never leaves
+//! a job half-submitted or both queued and running; the coordinator's store is fenced, so each
+//! batch lands only while this coordinator holds the lock.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tessera_core::plan::Plan;
 use tessera_core::sched::SchedulerConfig;
 use tessera_core::spec::RenderSpec;
 use tessera_proto::v1;
-use tessera_store::{keys, RedisStore, StoreError};
+use tessera_store::{keys, RedisStore, StoreError, WriteBatch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +75,9 @@ pub struct ResumeRecord {
 pub struct ModelRecord {
     pub scheduler: SchedulerConfig,
     pub latent_channels: usize,
+    /// The served model's fingerprint: only workers carrying it run the job's tasks.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +101,9 @@ pub struct JobRecord {
     pub progress: ProgressRecord,
     pub error: Option<String>,
     pub resumed_from: Option<ResumeRecord>,
+    /// What went wrong beside the render without failing it (a copy to `--output-dir`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub created_ms: i64,
     pub started_ms: i64,
     pub finished_ms: i64,
@@ -152,6 +159,8 @@ impl JobRecord {
                 step: r.step,
             }),
             output_dir: self.output_dir.clone().unwrap_or_default(),
+            warnings: self.warnings.clone(),
+            model_fingerprint: self.model_info.fingerprint.clone(),
         }
     }
 }
@@ -177,45 +186,36 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Runs the commands `build` adds as one MULTI transaction, retried through outages.
-    async fn atomically(
-        &self,
-        what: &str,
-        build: impl FnOnce(&mut redis::Pipeline),
-    ) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        build(&mut pipe);
-        self.store
-            .with_retry(what, |mut c| {
-                let pipe = pipe.clone();
-                async move { pipe.query_async::<()>(&mut c).await }
-            })
-            .await
-    }
-
     /// Stores a new job with its input files and queues it, all or nothing.
     pub async fn create(
         &self,
         record: &JobRecord,
         inputs: &[(String, Vec<u8>)],
     ) -> Result<(), StoreError> {
-        let bytes = encode(record)?;
         let id = &record.id;
-        self.atomically("submit", |pipe| {
-            pipe.set(keys::job_record(id), bytes).ignore();
-            for (name, data) in inputs {
-                pipe.set(keys::job_input(id, name), data.clone()).ignore();
-            }
-            pipe.zadd(keys::JOBS_INDEX, id, record.seq).ignore();
-            pipe.zadd(
-                keys::JOB_QUEUE,
-                id,
-                queue_score(record.priority, record.seq),
-            )
-            .ignore();
-        })
-        .await
+        let mut batch = WriteBatch::new();
+        batch.set(&keys::job_record(id), &encode(record)?);
+        for (name, data) in inputs {
+            batch.set(&keys::job_input(id, name), data);
+        }
+        batch.zadd(keys::JOBS_INDEX, id, record.seq as f64).zadd(
+            keys::JOB_QUEUE,
+            id,
+            queue_score(record.priority, record.seq),
+        );
+        self.store.write_batch("submit", &batch).await.map(drop)
+    }
+
+    /// Jobs waiting in the queue.
+    pub async fn queued_count(&self) -> Result<u64, StoreError> {
+        let mut cmd = redis::cmd("ZCARD");
+        cmd.arg(keys::JOB_QUEUE);
+        self.store
+            .with_retry("queue length", |mut c| {
+                let cmd = cmd.clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await
     }
 
     pub async fn load(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -245,17 +245,13 @@ impl Jobs {
 
     /// Queued → running, atomically.
     pub async fn mark_running(&self, record: &JobRecord) -> Result<(), StoreError> {
-        let bytes = encode(record)?;
         let id = &record.id;
-        self.atomically("start job", |pipe| {
-            pipe.set(keys::job_record(id), bytes)
-                .ignore()
-                .zrem(keys::JOB_QUEUE, id)
-                .ignore()
-                .sadd(keys::JOBS_RUNNING, id)
-                .ignore();
-        })
-        .await
+        let mut batch = WriteBatch::new();
+        batch
+            .set(&keys::job_record(id), &encode(record)?)
+            .zrem(keys::JOB_QUEUE, id)
+            .sadd(keys::JOBS_RUNNING, id);
+        self.store.write_batch("start job", &batch).await.map(drop)
     }
 
     /// Records the end of a job and starts its expiry clock. `keep_results` is false for
@@ -276,16 +272,13 @@ impl Jobs {
                 self.store.delete_async(&keys::job_input(id, name)).await?;
             }
         }
-        let bytes = encode(record)?;
-        self.atomically("finish job", |pipe| {
-            pipe.set(keys::job_record(id), bytes)
-                .ignore()
-                .zrem(keys::JOB_QUEUE, id)
-                .ignore()
-                .srem(keys::JOBS_RUNNING, id)
-                .ignore();
-        })
-        .await?;
+        let mut batch = WriteBatch::new();
+        batch
+            .set(&keys::job_record(id), &encode(record)?)
+            .zadd(keys::JOBS_INDEX, id, record.seq as f64)
+            .zrem(keys::JOB_QUEUE, id)
+            .srem(keys::JOBS_RUNNING, id);
+        self.store.write_batch("finish job", &batch).await?;
         self.store.expire_prefix(&prefix, ttl).await?;
         Ok(())
     }
@@ -325,6 +318,9 @@ impl Jobs {
     /// however many jobs there are.
     pub async fn sweep(&self) -> Result<Vec<String>, StoreError> {
         let ids = self.all().await?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
         let mut exists = redis::pipe();
         for id in &ids {
             exists.exists(keys::job_record(id));
@@ -342,19 +338,14 @@ impl Jobs {
             .filter(|(_, there)| !there)
             .map(|(id, _)| id.clone())
             .collect();
-        if !gone.is_empty() {
-            self.atomically("sweep", |pipe| {
-                for id in &gone {
-                    pipe.zrem(keys::JOBS_INDEX, id)
-                        .ignore()
-                        .zrem(keys::JOB_QUEUE, id)
-                        .ignore()
-                        .srem(keys::JOBS_RUNNING, id)
-                        .ignore();
-                }
-            })
-            .await?;
+        let mut batch = WriteBatch::new();
+        for id in &gone {
+            batch
+                .zrem(keys::JOBS_INDEX, id)
+                .zrem(keys::JOB_QUEUE, id)
+                .srem(keys::JOBS_RUNNING, id);
         }
+        self.store.write_batch("sweep", &batch).await?;
         Ok(gone)
     }
 }

@@ -6,8 +6,17 @@
 //! - Order: the queue is sorted by (job priority, job submission, task order), so a
 //!   higher-priority job goes first and jobs of equal priority interleave only where the
 //!   earlier one leaves workers idle.
-//! - Leases: a call that fails at the transport level, outlives its lease, or belongs to a
-//!   worker whose heartbeat expired puts its unfinished tasks back in the queue.
+//! - Members: the workers that joined through the Membership service
+//!   ([`super::membership`]), each called with the call token it gave at its join — never a
+//!   client's credential.
+//! - Leases and attempts: a call that fails at the transport level, outlives its lease, or
+//!   belongs to a worker whose membership ended puts its unfinished tasks back in the queue;
+//!   each such loss counts as an attempt of the task, as does a task the worker reports failed
+//!   (retryable) or reports done without its outputs in the store. Each retry waits longer
+//!   (from half a second, doubling); after [`MAX_ATTEMPTS`] the job fails with a message that
+//!   names the task, the workers and what happened on each.
+//! - A worker that reports a task done without its outputs in the store is lying or broken:
+//!   its membership is dropped at once (until it joins again), and its tasks go to others.
 //! - Copies: a worker with nothing queued for its model takes a copy of a task running
 //!   elsewhere when it would likely finish it first — once a step's tasks are all queued, so a
 //!   slow worker holding the last of them does not set the step's pace — or when the task's
@@ -27,7 +36,8 @@ use tessera_core::task::{Task, TaskKind};
 use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::worker_client::WorkerClient;
-use tessera_proto::v1::{RunTasksRequest, TaskRef, WorkerDescription};
+use tessera_proto::v1::{RunTasksRequest, TaskRef, TaskResult, WorkerDescription};
+use tessera_store::{keys, RedisStore};
 use tokio::sync::{watch, Notify};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -36,8 +46,13 @@ use super::pace::{self, Pace};
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::sync::lock;
 
-/// How many times a task may fail in a way worth retrying before its job fails.
-const MAX_ATTEMPTS: u32 = 6;
+/// How many attempts a task gets (each lost lease, lost worker, failed call or retryable
+/// failure is one) before its job fails.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// The wait before a task's second attempt; it doubles with each further one, up to
+/// [`RETRY_WAIT_MAX`].
+const RETRY_WAIT: Duration = Duration::from_millis(500);
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(8);
 /// Calls a worker may have outstanding: the second is sent while the first computes, so the
 /// worker never waits for a round trip.
 const CALLS_PER_WORKER: usize = 2;
@@ -49,7 +64,31 @@ pub struct PoolOptions {
     /// Longest a single RunTasks call may take before its tasks go to someone else.
     pub lease: Duration,
     pub net: ClientNet,
-    pub token: Option<String>,
+}
+
+/// A worker that joined: what it serves, its membership and the token to call it with.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub desc: WorkerDescription,
+    pub session: String,
+    pub call_token: String,
+}
+
+/// A model as a job asks for it: the served name, and the fingerprint the job was admitted
+/// with (empty for jobs recorded before fingerprints: any worker of the name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelId {
+    pub name: String,
+    pub fingerprint: String,
+}
+
+impl ModelId {
+    fn served_by(&self, desc: &WorkerDescription) -> bool {
+        desc.models.iter().any(|m| {
+            m.name == self.name
+                && (self.fingerprint.is_empty() || m.fingerprint == self.fingerprint)
+        })
+    }
 }
 
 /// Position in the queue: lower runs first.
@@ -64,7 +103,7 @@ struct Slot {
     key: QueueKey,
     task: Task,
     task_json: String,
-    model: String,
+    model: ModelId,
     /// What the task does, for pace estimates ([`kind_of`]).
     kind: &'static str,
     batch: Arc<Batch>,
@@ -75,8 +114,18 @@ struct Slot {
 struct SlotState {
     done: bool,
     attempts: u32,
+    /// What happened to each failed attempt: the worker and why.
+    failures: Vec<String>,
+    /// Not to be handed out before this (a retry's wait).
+    not_before: Option<Instant>,
     /// Workers computing it now, with the id of the call that carries it.
     running_on: Vec<(String, u64)>,
+}
+
+/// The wait before attempt `attempts + 1`.
+fn retry_wait(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (RETRY_WAIT * 2u32.pow(doublings)).min(RETRY_WAIT_MAX)
 }
 
 enum BatchEvent {
@@ -101,7 +150,7 @@ impl Batch {
 }
 
 struct WorkerEntry {
-    desc: WorkerDescription,
+    member: Member,
     alive: watch::Sender<bool>,
     pace: Pace,
 }
@@ -109,6 +158,8 @@ struct WorkerEntry {
 #[derive(Default)]
 struct State {
     workers: BTreeMap<String, WorkerEntry>,
+    /// Memberships (sessions) dropped for reporting work they did not do.
+    evicted: std::collections::HashSet<String>,
     queue: BTreeMap<QueueKey, Arc<Slot>>,
     running: HashMap<QueueKey, Arc<Slot>>,
     next_seq: u64,
@@ -119,7 +170,8 @@ struct Inner {
     state: Mutex<State>,
     wake: Notify,
     opts: PoolOptions,
-    token: AttachToken,
+    /// Where workers write their outputs, checked before a task counts as done.
+    store: RedisStore,
     runtime: tokio::runtime::Handle,
 }
 
@@ -130,72 +182,87 @@ pub struct Pool {
 
 impl Pool {
     /// Must be created inside the tokio runtime the feeders will run on.
-    pub fn new(opts: PoolOptions) -> Result<Self, tessera_proto::auth::BadToken> {
-        let token = AttachToken::new(opts.token.as_deref())?;
-        Ok(Self {
+    pub fn new(opts: PoolOptions, store: RedisStore) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 wake: Notify::new(),
                 opts,
-                token,
+                store,
                 runtime: tokio::runtime::Handle::current(),
             }),
-        })
+        }
     }
 
-    /// Brings the pool in line with the live membership: new workers get feeders, workers
-    /// whose heartbeat stopped are dropped and their calls abandoned.
-    pub fn update_members(&self, live: Vec<WorkerDescription>) {
+    /// Brings the pool in line with the live membership: new members get feeders, members
+    /// that left (or joined again, with a new session) are dropped and their calls abandoned.
+    pub fn update_members(&self, live: Vec<Member>) {
         let mut joined = Vec::new();
         {
             let mut st = lock(&self.inner.state);
-            let live_ids: Vec<String> = live.iter().map(|d| d.worker_id.clone()).collect();
             let gone: Vec<String> = st
                 .workers
-                .keys()
-                .filter(|id| !live_ids.contains(id))
-                .cloned()
+                .iter()
+                .filter(|(id, w)| {
+                    !live
+                        .iter()
+                        .any(|m| &m.desc.worker_id == *id && m.session == w.member.session)
+                })
+                .map(|(id, _)| id.clone())
                 .collect();
             for id in gone {
                 if let Some(w) = st.workers.remove(&id) {
                     let _ = w.alive.send(false);
-                    tracing::warn!(worker = %id, "worker lost (heartbeat stopped)");
+                    tracing::warn!(worker = %id, "worker left (its membership ended)");
                     eprintln!("worker {id} left");
                 }
             }
-            for d in live {
-                match st.workers.get_mut(&d.worker_id) {
-                    Some(w) => w.desc = d,
-                    None => {
-                        let (tx, _) = watch::channel(true);
-                        st.workers.insert(
-                            d.worker_id.clone(),
-                            WorkerEntry {
-                                desc: d.clone(),
-                                alive: tx,
-                                pace: Pace::new(Instant::now()),
-                            },
-                        );
-                        joined.push(d);
-                    }
+            for m in live {
+                if st.evicted.contains(&m.session) {
+                    continue;
                 }
+                if let Some(w) = st.workers.get_mut(&m.desc.worker_id) {
+                    w.member = m;
+                    continue;
+                }
+                let (tx, _) = watch::channel(true);
+                st.workers.insert(
+                    m.desc.worker_id.clone(),
+                    WorkerEntry {
+                        member: m.clone(),
+                        alive: tx,
+                        pace: Pace::new(Instant::now()),
+                    },
+                );
+                joined.push(m);
             }
         }
-        for d in joined {
+        for m in joined {
+            let d = &m.desc;
             tracing::info!(worker = %d.worker_id, address = %d.address, "worker joined");
             eprintln!("worker {} joined ({})", d.worker_id, d.address);
-            self.start_feeders(d);
+            self.start_feeders(m);
         }
         self.inner.wake.notify_waiters();
     }
 
-    /// Live workers serving `model`.
+    /// Live workers serving a model of this name.
     pub fn serving(&self, model: &str) -> Vec<WorkerDescription> {
         lock(&self.inner.state)
             .workers
             .values()
-            .filter(|w| w.desc.models.iter().any(|m| m.name == model))
-            .map(|w| w.desc.clone())
+            .filter(|w| w.member.desc.models.iter().any(|m| m.name == model))
+            .map(|w| w.member.desc.clone())
+            .collect()
+    }
+
+    /// Live workers serving `model` with its fingerprint.
+    fn serving_id(&self, model: &ModelId) -> Vec<WorkerDescription> {
+        lock(&self.inner.state)
+            .workers
+            .values()
+            .filter(|w| model.served_by(&w.member.desc))
+            .map(|w| w.member.desc.clone())
             .collect()
     }
 
@@ -203,24 +270,32 @@ impl Pool {
         lock(&self.inner.state)
             .workers
             .values()
-            .map(|w| w.desc.clone())
+            .map(|w| w.member.desc.clone())
             .collect()
     }
 
-    fn start_feeders(&self, desc: WorkerDescription) {
+    fn start_feeders(&self, member: Member) {
+        let desc = member.desc;
         let alive = match lock(&self.inner.state).workers.get(&desc.worker_id) {
             Some(w) => w.alive.subscribe(),
             None => return,
         };
-        let channel = match net::channel(&desc.address, &self.inner.opts.net) {
+        let made = net::channel(&desc.address, &self.inner.opts.net)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                let token =
+                    AttachToken::new(Some(&member.call_token)).map_err(|e| e.to_string())?;
+                Ok((c, token))
+            });
+        let (channel, token) = match made {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(worker = %desc.worker_id, "cannot call the worker: {e}");
                 return;
             }
         };
-        let client = WorkerClient::with_interceptor(channel, self.inner.token.clone())
-            .max_decoding_message_size(64 << 20);
+        let client =
+            WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
         for _ in 0..CALLS_PER_WORKER {
             let pool = self.clone();
             let (desc, client, alive) = (desc.clone(), client.clone(), alive.clone());
@@ -238,8 +313,8 @@ impl Pool {
         mut alive: watch::Receiver<bool>,
     ) {
         let id = desc.worker_id.clone();
-        let models: Vec<String> = desc.models.iter().map(|m| m.name.clone()).collect();
         let per_call = desc.tasks_per_call.max(1) as usize;
+        let lease = self.inner.opts.lease;
         let mut backoff = Duration::from_millis(200);
         loop {
             if !*alive.borrow() {
@@ -248,7 +323,7 @@ impl Pool {
             let notified = self.inner.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let Some((call_id, picked)) = self.pick(&id, &models, per_call) else {
+            let Some((call_id, picked)) = self.pick(&id, &desc, per_call) else {
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -260,12 +335,12 @@ impl Pool {
                 tasks: picked
                     .iter()
                     .map(|s| TaskRef {
-                        model: s.model.clone(),
+                        model: s.model.name.clone(),
                         task_json: s.task_json.clone(),
                     })
                     .collect(),
             };
-            let call = tokio::time::timeout(self.inner.opts.lease, client.run_tasks(request));
+            let call = tokio::time::timeout(lease, client.run_tasks(request));
             let outcome = tokio::select! {
                 r = call => Some(r),
                 _ = wait_lost(&mut alive) => None,
@@ -277,16 +352,18 @@ impl Pool {
             self.call_returned(&id, call_id, &picked, reports);
             match outcome {
                 None => {
-                    self.release(&picked, &id);
+                    self.attempts_failed(&picked, &id, "the worker left while computing it");
                     return;
                 }
                 Some(Err(_elapsed)) => {
-                    tracing::warn!(worker = %id, lease = ?self.inner.opts.lease, "call outlived its lease; its tasks go to others");
-                    self.release(&picked, &id);
+                    tracing::warn!(worker = %id, lease = ?lease, "call outlived its lease; its tasks go to others");
+                    let why = format!("its call outlived the lease of {} s", lease.as_secs_f64());
+                    self.attempts_failed(&picked, &id, &why);
                 }
                 Some(Ok(Err(status))) => {
                     tracing::warn!(worker = %id, "call failed: {}", status.message());
-                    self.release(&picked, &id);
+                    let why = format!("the call failed: {}", status.message());
+                    self.attempts_failed(&picked, &id, &why);
                     let lost = tokio::select! {
                         _ = tokio::time::sleep(backoff) => false,
                         _ = wait_lost(&mut alive) => true,
@@ -298,23 +375,87 @@ impl Pool {
                 }
                 Some(Ok(Ok(resp))) => {
                     backoff = Duration::from_millis(200);
-                    let results = resp.into_inner().results;
-                    for (slot, r) in picked.iter().zip(results.iter()) {
-                        if r.ok {
-                            self.complete(slot, &id);
-                        } else if r.retryable {
-                            self.retry(slot, &id, &r.error);
-                        } else {
-                            self.fail(slot, &id, &r.error);
-                        }
-                    }
-                    // A short answer means the worker dropped tasks: give them back.
-                    if results.len() < picked.len() {
-                        self.release(&picked[results.len()..], &id);
-                    }
+                    self.settle(&id, &picked, resp.into_inner().results).await;
                 }
             }
         }
+    }
+
+    /// The answers of a call: a success counts once its outputs are in the store; a
+    /// retryable failure (or a success without its outputs) is a failed attempt; any other
+    /// failure fails the task's job.
+    async fn settle(&self, worker: &str, picked: &[Arc<Slot>], results: Vec<TaskResult>) {
+        let missing = self.missing_outputs(picked, &results).await;
+        for ((slot, r), missing) in picked.iter().zip(&results).zip(missing) {
+            if r.id != slot.task.id {
+                let why = format!("it answered for task {:?} instead", r.id);
+                self.attempt_failed(slot, worker, &why);
+            } else if !r.ok && !r.retryable {
+                self.fail(slot, worker, &r.error);
+            } else if !r.ok {
+                self.attempt_failed(slot, worker, &r.error);
+            } else if let Some(key) = missing {
+                let why =
+                    format!("it reported the task done, but its output {key} is not in the store");
+                self.evict(worker, &why);
+                self.attempt_failed(slot, worker, &why);
+            } else {
+                self.complete(slot, worker);
+            }
+        }
+        if results.len() < picked.len() {
+            self.attempts_failed(
+                &picked[results.len()..],
+                worker,
+                "its answer left the task out",
+            );
+        }
+    }
+
+    /// Drops `worker`'s membership: it said it did work it did not do. It is called no more
+    /// (its calls are abandoned) until it joins again.
+    fn evict(&self, worker: &str, why: &str) {
+        let mut st = lock(&self.inner.state);
+        let Some(w) = st.workers.remove(worker) else {
+            return;
+        };
+        st.evicted.insert(w.member.session.clone());
+        let _ = w.alive.send(false);
+        drop(st);
+        tracing::error!(worker, "worker removed from the cluster: {why}");
+        eprintln!("worker {worker} removed: {why}");
+        self.inner.wake.notify_waiters();
+    }
+
+    /// For each task reported done (and not done already), the first of its outputs missing
+    /// from the store. When the store cannot be asked, none: the engine's own read of the
+    /// outputs is the last word.
+    async fn missing_outputs(
+        &self,
+        picked: &[Arc<Slot>],
+        results: &[TaskResult],
+    ) -> Vec<Option<String>> {
+        let mut wanted = Vec::new();
+        for (i, (slot, r)) in picked.iter().zip(results).enumerate() {
+            if r.ok && !lock(&slot.st).done {
+                wanted.extend(keys::task_outputs(&slot.task).into_iter().map(|k| (i, k)));
+            }
+        }
+        let mut missing = vec![None; picked.len()];
+        let names: Vec<String> = wanted.iter().map(|(_, k)| k.clone()).collect();
+        match self.inner.store.exists_many_async(&names).await {
+            Ok(there) => {
+                for ((i, key), there) in wanted.into_iter().zip(there) {
+                    if !there && missing[i].is_none() {
+                        missing[i] = Some(key);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(worker = ?picked.first().map(|s| &s.task.id), "cannot check task outputs: {e}")
+            }
+        }
+        missing
     }
 
     /// Settles call `call` of `worker` in its pace: the next call starts computing now, and
@@ -337,23 +478,29 @@ impl Pool {
         }
     }
 
-    /// Up to `n` queued tasks for `models` in queue order; with none queued, a copy of a task
-    /// running elsewhere (see [`speculate`]). Returns them with the call id they go out under.
-    fn pick(&self, worker: &str, models: &[String], n: usize) -> Option<(u64, Vec<Arc<Slot>>)> {
+    /// Up to `n` queued tasks this worker serves, in queue order, leaving out retries still
+    /// waiting; with none, a copy of a task running elsewhere (see [`speculate`]). Returns them
+    /// with the call id they go out under.
+    fn pick(
+        &self,
+        worker: &str,
+        desc: &WorkerDescription,
+        n: usize,
+    ) -> Option<(u64, Vec<Arc<Slot>>)> {
         let mut guard = lock(&self.inner.state);
         let st = &mut *guard;
         if !st.workers.contains_key(worker) {
             return None;
         }
         let call = st.next_call;
+        let now = Instant::now();
         let keys: Vec<QueueKey> = st
             .queue
             .iter()
-            .filter(|(_, s)| models.contains(&s.model))
+            .filter(|(_, s)| s.model.served_by(desc) && s.ready(now))
             .take(n)
             .map(|(k, _)| *k)
             .collect();
-        let now = Instant::now();
         let mut picked = Vec::with_capacity(keys.len());
         for k in keys {
             if let Some(slot) = st.queue.remove(&k) {
@@ -363,7 +510,7 @@ impl Pool {
             }
         }
         if picked.is_empty() {
-            let slot = speculate(st, worker, models, now)?;
+            let slot = speculate(st, worker, desc, now)?;
             tracing::info!(worker, task = %slot.task.id, "copying a task this worker should finish first");
             lock(&slot.st).running_on.push((worker.to_string(), call));
             picked.push(slot);
@@ -406,29 +553,47 @@ impl Pool {
         self.inner.wake.notify_waiters();
     }
 
-    fn retry(&self, slot: &Arc<Slot>, worker: &str, error: &str) {
+    /// [`Pool::attempt_failed`] for each of `slots`.
+    fn attempts_failed(&self, slots: &[Arc<Slot>], worker: &str, why: &str) {
+        for slot in slots {
+            self.attempt_failed(slot, worker, why);
+        }
+    }
+
+    /// Counts a failed attempt of the task on `worker`: it goes back to the queue after its
+    /// retry wait, or, its attempts spent, fails its job naming every attempt.
+    fn attempt_failed(&self, slot: &Arc<Slot>, worker: &str, why: &str) {
         let attempts = {
             let mut ss = lock(&slot.st);
+            ss.running_on.retain(|(w, _)| w != worker);
             if ss.done {
                 // A straggler's copy that lost the race: the task's result is already in (and
                 // its inputs may be gone), so its failure means nothing.
-                ss.running_on.retain(|(w, _)| w != worker);
-                tracing::debug!(worker, task = %slot.task.id, "a late copy failed: {error}");
+                tracing::debug!(worker, task = %slot.task.id, "a late copy failed: {why}");
                 return;
             }
             ss.attempts += 1;
+            let attempt = ss.attempts;
+            ss.failures
+                .push(format!("attempt {attempt} on worker {worker}: {why}"));
+            ss.not_before = Some(Instant::now() + retry_wait(ss.attempts));
             ss.attempts
         };
         if attempts >= MAX_ATTEMPTS {
-            self.fail(
-                slot,
-                worker,
-                &format!("gave up after {attempts} attempts: {error}"),
-            );
-        } else {
-            tracing::warn!(worker, task = %slot.task.id, "task failed, retrying: {error}");
-            self.release(std::slice::from_ref(slot), worker);
+            let failures = lock(&slot.st).failures.join("; ");
+            slot.batch.send(BatchEvent::Failed(format!(
+                "task {} of job {} did not finish in {attempts} attempts ({failures}); \
+                 tasks get --lease {} s per call: raise it if they need longer, or check \
+                 those workers",
+                slot.task.id,
+                slot.task.job,
+                self.inner.opts.lease.as_secs_f64()
+            )));
+            return;
         }
+        let wait = retry_wait(attempts);
+        tracing::warn!(worker, task = %slot.task.id, attempt = attempts, "task attempt failed, retrying in {wait:?}: {why}");
+        self.release(std::slice::from_ref(slot), worker);
     }
 
     fn fail(&self, slot: &Arc<Slot>, worker: &str, error: &str) {
@@ -448,11 +613,23 @@ impl Pool {
     }
 }
 
-/// A running task of `models` that `worker` should copy, if any: one whose call is overdue on
+impl Slot {
+    /// Whether it may be handed out at `now` (a retry waits a while first).
+    fn ready(&self, now: Instant) -> bool {
+        lock(&self.st).not_before.is_none_or(|t| t <= now)
+    }
+}
+
+/// A running task of a model `desc` serves that `worker` should copy, if any: one whose call is overdue on
 /// its worker, or — once its batch is all queued — one this worker would likely return
 /// sooner than its worker will (by a tenth of this worker's own wait, so equals leave each
 /// other alone). The latest expected among them goes first.
-fn speculate(st: &State, worker: &str, models: &[String], now: Instant) -> Option<Arc<Slot>> {
+fn speculate(
+    st: &State,
+    worker: &str,
+    desc: &WorkerDescription,
+    now: Instant,
+) -> Option<Arc<Slot>> {
     if st.running.is_empty() {
         return None;
     }
@@ -460,7 +637,7 @@ fn speculate(st: &State, worker: &str, models: &[String], now: Instant) -> Optio
     let me = &st.workers.get(worker)?.pace;
     st.running
         .values()
-        .filter(|s| models.contains(&s.model))
+        .filter(|s| s.model.served_by(desc))
         .filter_map(|s| {
             let (other, call) = {
                 let ss = lock(&s.st);
@@ -506,7 +683,7 @@ async fn wait_lost(alive: &mut watch::Receiver<bool>) {
 /// One job's door into the pool: its model, its place in the order, and its cancel switch.
 pub struct JobDispatch<'a> {
     pub pool: Pool,
-    pub model: String,
+    pub model: ModelId,
     pub priority: i32,
     pub job_seq: u64,
     pub cancelled: Arc<AtomicBool>,
@@ -589,6 +766,13 @@ impl Dispatch for JobDispatch<'_> {
             let mut finished = 0;
             let mut was_waiting = false;
             while total.is_none_or(|t| finished < t) {
+                // Checked on every event, not only when none comes: with fast tasks results
+                // arrive more often than the timeout, and a cancel (or a lost lock) must
+                // still stop the job at once.
+                if self.cancelled.load(Ordering::Relaxed) {
+                    self.pool.forget(&batch);
+                    return Err(DispatchError::Cancelled);
+                }
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(BatchEvent::Done(task)) => {
                         done(&task);
@@ -600,11 +784,7 @@ impl Dispatch for JobDispatch<'_> {
                         return Err(DispatchError::Worker(message));
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if self.cancelled.load(Ordering::Relaxed) {
-                            self.pool.forget(&batch);
-                            return Err(DispatchError::Cancelled);
-                        }
-                        let none = self.pool.serving(&self.model).is_empty();
+                        let none = self.pool.serving_id(&self.model).is_empty();
                         if none != was_waiting {
                             (self.waiting)(none);
                             was_waiting = none;
@@ -623,15 +803,15 @@ impl Dispatch for JobDispatch<'_> {
     }
 
     fn workers(&self) -> usize {
-        self.pool.serving(&self.model).len().max(1)
+        self.pool.serving_id(&self.model).len().max(1)
     }
 
     fn view_dtype(&self) -> candle_core::DType {
         let said: Vec<Option<candle_core::DType>> = self
             .pool
-            .serving(&self.model)
+            .serving_id(&self.model)
             .iter()
-            .flat_map(|w| w.models.iter().filter(|m| m.name == self.model))
+            .flat_map(|w| w.models.iter().filter(|m| m.name == self.model.name))
             .map(|m| m.dtype.parse().ok())
             .collect();
         match said.first() {
@@ -649,12 +829,34 @@ mod tests {
         let (alive, _) = watch::channel(true);
         let mut pace = Pace::new(now);
         pace.note("decode", seconds);
-        let desc = WorkerDescription {
-            worker_id: id.into(),
-            ..Default::default()
+        let member = Member {
+            desc: serving(&["m"]),
+            session: String::new(),
+            call_token: String::new(),
         };
-        st.workers
-            .insert(id.into(), WorkerEntry { desc, alive, pace });
+        st.workers.insert(
+            id.into(),
+            WorkerEntry {
+                member,
+                alive,
+                pace,
+            },
+        );
+    }
+
+    /// A worker's description serving `models` (fingerprint `fp`).
+    fn serving(models: &[&str]) -> WorkerDescription {
+        WorkerDescription {
+            models: models
+                .iter()
+                .map(|m| tessera_proto::v1::ModelDescription {
+                    name: m.to_string(),
+                    fingerprint: "fp".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
     }
 
     fn running(st: &mut State, batch: &Arc<Batch>, seq: u64) -> Arc<Slot> {
@@ -676,7 +878,10 @@ mod tests {
             kind: kind_of(&task),
             task,
             task_json: String::new(),
-            model: "m".into(),
+            model: ModelId {
+                name: "m".into(),
+                fingerprint: "fp".into(),
+            },
             batch: batch.clone(),
             st: Mutex::new(SlotState::default()),
         });
@@ -717,7 +922,7 @@ mod tests {
         send(&mut st, "slow", 1, &[&a], now);
         send(&mut st, "slow", 2, &[&b], now);
         send(&mut st, "twin", 3, &[&c], now);
-        let m = ["m".to_string()];
+        let m = serving(&["m"]);
 
         // While the engine still streams the batch, only an overdue task is worth a copy.
         assert_eq!(id(speculate(&st, "fast", &m, now)), None);
@@ -726,7 +931,7 @@ mod tests {
 
         batch.all_queued.store(true, Ordering::Relaxed);
         assert_eq!(id(speculate(&st, "fast", &m, now)), Some("t2".into()));
-        assert_eq!(id(speculate(&st, "fast", &["other".into()], now)), None);
+        assert_eq!(id(speculate(&st, "fast", &serving(&["other"]), now)), None);
         // With B copied (back from the fast worker at +0.4 s), its next call would be back at
         // +0.8 s: A (+1.6 s) is still worth it; C, with its equal twin, never is.
         send(&mut st, "fast", 4, &[&b], now);
@@ -740,5 +945,21 @@ mod tests {
         assert_eq!(id(speculate(&st, "twin", &m, now)), Some("t3".into()));
         lock(&c.st).done = true;
         assert_eq!(id(speculate(&st, "twin", &m, now)), None);
+    }
+
+    #[test]
+    fn models_match_by_name_and_fingerprint_and_retries_wait_longer_each_time() {
+        let id = |fp: &str| ModelId {
+            name: "m".into(),
+            fingerprint: fp.into(),
+        };
+        assert!(id("fp").served_by(&serving(&["m"])));
+        assert!(id("").served_by(&serving(&["x", "m"])));
+        assert!(!id("other").served_by(&serving(&["m"])));
+        assert!(!id("fp").served_by(&serving(&["x"])));
+        let waits: Vec<Duration> = (1..=6).map(retry_wait).collect();
+        assert_eq!(waits[0], RETRY_WAIT);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(retry_wait(40), RETRY_WAIT_MAX);
     }
 }

@@ -1,6 +1,12 @@
 //! Runs cluster jobs: takes queued jobs in order (a few at a time, so their tasks interleave
 //! on the workers), drives each through the engine on its own thread, streams the finished
-//! PNGs into files under the coordinator's output directory, and on a restart resumes every job that was running from its checkpoint.
+//! PNGs into files under the coordinator's output directory, and on a restart resumes every
+//! job that was running from its checkpoint.
+//!
+//! Every write goes through the fenced store (see [`super::lock`]). When this coordinator
+//! stops — asked to, or because another took the lock — [`Runner::halt`] stops every job
+//! thread at its next task boundary without recording an end: the jobs stay running in the
+//! store, and the next coordinator resumes them from their last checkpoint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +22,8 @@ use tessera_store::{keys, RedisStore, Store};
 use tokio::sync::Notify;
 
 use super::jobs::{now_ms, JobRecord, JobState, Jobs, ResumeRecord};
-use super::pool::{JobDispatch, Pool};
+use super::outputs;
+use super::pool::{JobDispatch, ModelId, Pool};
 use crate::dispatch::DispatchError;
 use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, PreviewHook, Progress};
 use crate::sync::lock;
@@ -31,11 +38,19 @@ pub struct RunnerOptions {
     /// Finished images live in `output_dir/JOB/N.png` (never in Redis: a gigapixel PNG is
     /// gigabytes) until their job expires.
     pub output_dir: PathBuf,
+    /// Where clients may have copies written (`--allow-output-dir`, canonical); none: nowhere.
+    pub allowed_output_dirs: Vec<PathBuf>,
 }
+
+/// The message of a job Redis lost with its data.
+pub const STORE_LOST: &str = "the store lost this job (Redis restarted without its data: it      ran without persistence); resubmit it, and run Redis with appendonly yes";
 
 struct Active {
     record: JobRecord,
+    /// Stops the job's tasks: set by a cancel, a halt, or the store's loss.
     cancelled: Arc<AtomicBool>,
+    /// The store lost the job's data.
+    lost: Arc<AtomicBool>,
     started: Instant,
     /// Views already done when this coordinator took the job up (for the pace).
     views_at_start: u64,
@@ -50,6 +65,8 @@ pub struct Runner {
     /// Serializes starting and cancelling queued jobs.
     admission: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
+    /// This coordinator stopped running jobs (see [`Runner::halt`]).
+    halted: AtomicBool,
 }
 
 impl Runner {
@@ -62,7 +79,45 @@ impl Runner {
             wake: Notify::new(),
             admission: tokio::sync::Mutex::new(()),
             runtime: tokio::runtime::Handle::current(),
+            halted: AtomicBool::new(false),
         })
+    }
+
+    /// Stops every job thread at its next task boundary, without recording an end (the jobs
+    /// stay running in the store for the next coordinator), and starts no more jobs.
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::Relaxed);
+        for a in lock(&self.active).values() {
+            a.cancelled.store(true, Ordering::Relaxed);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether job threads must stop without a trace: halted, or a write refused by the fence.
+    fn halted(&self) -> bool {
+        self.halted.load(Ordering::Relaxed) || self.jobs.store.fence_lost()
+    }
+
+    /// Redis restarted without its data: every job running here is lost. Each ends as failed
+    /// with [`STORE_LOST`], its record written again so that it is still listed.
+    pub fn store_lost(&self) {
+        let active = lock(&self.active);
+        if !active.is_empty() {
+            eprintln!(
+                "Redis lost its data: failing the {} jobs running here",
+                active.len()
+            );
+        }
+        tracing::error!("Redis lost its data (restarted without persistence)");
+        for a in active.values() {
+            a.lost.store(true, Ordering::Relaxed);
+            a.cancelled.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Job threads still running.
+    pub fn running_jobs(&self) -> usize {
+        lock(&self.active).len()
     }
 
     fn store(&self) -> &RedisStore {
@@ -122,7 +177,7 @@ impl Runner {
             Err(e) => tracing::error!("cannot list running jobs: {e}"),
         }
         let mut last_sweep = Instant::now();
-        loop {
+        while !self.halted() {
             if let Err(e) = self.start_queued().await {
                 tracing::warn!("starting queued jobs: {e}");
             }
@@ -147,7 +202,7 @@ impl Runner {
     async fn start_queued(self: &Arc<Self>) -> Result<(), tessera_store::StoreError> {
         let _turn = self.admission.lock().await;
         let free = self.opts.max_jobs.saturating_sub(lock(&self.active).len());
-        if free == 0 {
+        if free == 0 || self.halted() {
             return Ok(());
         }
         for id in self.jobs.queued().await?.into_iter().take(free) {
@@ -172,13 +227,14 @@ impl Runner {
 
     fn launch(self: &Arc<Self>, record: JobRecord) {
         let id = record.id.clone();
-        let cancelled = Arc::new(AtomicBool::new(false));
+        let cancelled = Arc::new(AtomicBool::new(self.halted()));
         lock(&self.active).insert(
             id.clone(),
             Active {
                 views_at_start: record.progress.views_done,
                 record,
                 cancelled: cancelled.clone(),
+                lost: Arc::default(),
                 started: Instant::now(),
             },
         );
@@ -211,17 +267,30 @@ impl Runner {
         }
     }
 
-    /// The job thread: every image still to do, then the end of the job.
+    /// The job thread: every image still to do, then the end of the job — unless this
+    /// coordinator halted, when the job is left as it stands for the next one.
     fn run_job(&self, id: &str, cancelled: Arc<AtomicBool>) {
         let Some(record) = self.update(id, |_| {}) else {
             return;
         };
         let outcome = self.render_images(&record, &cancelled);
+        let lost = lock(&self.active)
+            .get(id)
+            .is_some_and(|a| a.lost.load(Ordering::Relaxed));
+        let outcome = match outcome {
+            _ if lost => Err(JobEnd::Failed(STORE_LOST.to_string())),
+            Err(JobEnd::Cancelled | JobEnd::Failed(_)) if self.halted() => Err(JobEnd::Halted),
+            other => other,
+        };
         let Some(mut record) = self.update(id, |_| {}) else {
             return;
         };
         record.finished_ms = now_ms();
         let keep = match outcome {
+            Err(JobEnd::Halted) => {
+                tracing::info!(job = %id, "job left for the next coordinator");
+                return;
+            }
             Ok(()) => {
                 record.state = JobState::Succeeded;
                 record.progress.phase = "done".into();
@@ -269,7 +338,10 @@ impl Runner {
         };
         let dispatch = JobDispatch {
             pool: self.pool.clone(),
-            model: record.model.clone(),
+            model: ModelId {
+                name: record.model.clone(),
+                fingerprint: record.model_info.fingerprint.clone(),
+            },
             priority: record.priority,
             job_seq: record.seq,
             cancelled: cancelled.clone(),
@@ -290,6 +362,9 @@ impl Runner {
             cancelled,
         };
         for n in record.images_done..record.count {
+            if self.halted() {
+                return Err(JobEnd::Halted);
+            }
             job.render_image(n)?;
         }
         Ok(())
@@ -319,10 +394,10 @@ impl Runner {
         image: &ImageOut<'_>,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<(), ImageError> {
-        if let Some(dir) = image.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                ImageError::File(anyhow::anyhow!("creating {}: {e}", dir.display()))
-            })?;
+        if let Some(job) = image.path.parent().and_then(Path::file_name) {
+            let job = job.to_string_lossy();
+            outputs::job_dir(&self.opts.output_dir, &job)
+                .map_err(|e| ImageError::File(anyhow::anyhow!("creating the job's folder: {e}")))?;
         }
         let mut png = assemble::OutputFiles::create(
             image.path,
@@ -374,8 +449,9 @@ struct JobRun<'a> {
 }
 
 impl JobRun<'_> {
-    /// Image `n` (seed + n): denoised, decoded into its file, copied to `--output-dir`, then
-    /// counted as done and its scratch keys cleared.
+    /// Image `n` (seed + n): denoised, decoded into its file, copied to `--output-dir` (a
+    /// failed copy is a warning on the job, the image stays fetchable), then counted as done
+    /// and its scratch keys cleared.
     fn render_image(&self, n: u32) -> Result<(), JobEnd> {
         let (id, plan) = (&self.record.id, &self.record.plan);
         let mut spec = self.record.spec.clone();
@@ -383,7 +459,7 @@ impl JobRun<'_> {
         let image_job = keys::image_job(id, n);
         let on_progress = |p: Progress| self.progress(n, p);
         let latents = self.denoise(&image_job, &spec, &on_progress)?;
-        let parameters = describe::png_parameters(&spec, plan, &self.record.model);
+        let parameters = png_parameters(&spec, plan, self.record);
         let path = self.runner.image_path(id, n);
         let image = ImageOut {
             job: &image_job,
@@ -393,19 +469,36 @@ impl JobRun<'_> {
             parameters: &parameters,
         };
         self.decode(&image, &on_progress)?;
-        if let Some(dir) = &self.record.output_dir {
-            let copy = output_path(Path::new(dir), id, n, self.record.count);
-            copy_file(&path, &copy).map_err(|e| {
-                JobEnd::Failed(format!("writing {} (--output-dir): {e}", copy.display()))
-            })?;
-        }
-        if let Some(r) = self.runner.update(id, |r| r.images_done = n + 1) {
+        let warning = self.copy_out(&path, n);
+        if let Some(r) = self.runner.update(id, |r| {
+            r.images_done = n + 1;
+            r.warnings.extend(warning);
+        }) {
             self.runner.save(&r);
         }
         if let Err(e) = self.engine.finish(&image_job) {
             tracing::warn!(job = %id, "cannot clear image {n}'s scratch keys: {e}");
         }
         Ok(())
+    }
+
+    /// Copies finished image `n` to the client's `--output-dir`, if it asked for one; a
+    /// failure comes back as the job's warning.
+    fn copy_out(&self, path: &Path, n: u32) -> Option<String> {
+        let (id, count) = (&self.record.id, self.record.count);
+        let dir = self.record.output_dir.as_deref()?;
+        let name = output_name(id, n, count);
+        let copied = outputs::check_request(&self.runner.opts.allowed_output_dirs, dir)
+            .map_err(std::io::Error::other)
+            .and_then(|(dir, root)| outputs::copy_under(&root, &dir, &name, path));
+        let e = copied.err()?;
+        let warning = format!(
+            "image {n} was not copied to --output-dir {dir}: {e}; it stays fetchable with \
+             `tessera fetch {id}`"
+        );
+        tracing::warn!(job = %id, "{warning}");
+        eprintln!("job {id}: {warning}");
+        Some(warning)
     }
 
     /// The image's final latent. A store outage longer than the store's own retries is waited
@@ -421,6 +514,7 @@ impl JobRun<'_> {
             let inputs = clone_inputs(&self.inputs, &self.runner.jobs.store, id, plan.sdxl);
             match self.engine.run(image_job, spec, plan, inputs, on_progress) {
                 Ok(out) => return Ok(out.latents),
+                Err(_) if self.runner.halted() => return Err(JobEnd::Halted),
                 Err(EngineError::Dispatch(DispatchError::Cancelled)) => {
                     return Err(JobEnd::Cancelled)
                 }
@@ -446,6 +540,7 @@ impl JobRun<'_> {
                 .write_image(&self.engine, plan, image, on_progress)
             {
                 Ok(()) => return Ok(()),
+                Err(_) if self.runner.halted() => return Err(JobEnd::Halted),
                 Err(ImageError::Engine(EngineError::Dispatch(DispatchError::Cancelled))) => {
                     return Err(JobEnd::Cancelled)
                 }
@@ -545,25 +640,29 @@ fn record_progress(r: &mut JobRecord, plan: &Plan, n: u32, p: Progress) {
 enum JobEnd {
     Cancelled,
     Failed(String),
+    /// This coordinator stopped running jobs; the job stays as it is for the next one.
+    Halted,
 }
 
-/// `DIR/ID.png`, or `DIR/ID-N.png` for jobs of several images.
-pub fn output_path(dir: &Path, id: &str, image: u32, count: u32) -> PathBuf {
+/// `ID.png`, or `ID-N.png` for jobs of several images: the name of a copy in `--output-dir`.
+pub fn output_name(id: &str, image: u32, count: u32) -> String {
     if count == 1 {
-        dir.join(format!("{id}.png"))
+        format!("{id}.png")
     } else {
-        dir.join(format!("{id}-{image}.png"))
+        format!("{id}-{image}.png")
     }
 }
 
-/// Copies a finished image to a user's `--output-dir` under a partial name, then renames it.
-fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    let tmp = assemble::partial_path(to);
-    if let Err(e) = std::fs::copy(from, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+/// The PNG's generation parameters, with the model's fingerprint.
+fn png_parameters(spec: &RenderSpec, plan: &Plan, record: &JobRecord) -> String {
+    let mut text = describe::png_parameters(spec, plan, &record.model);
+    if !record.model_info.fingerprint.is_empty() {
+        text.push_str(&format!(
+            ", Model fingerprint: {}",
+            record.model_info.fingerprint
+        ));
     }
-    std::fs::rename(&tmp, to)
+    text
 }
 
 /// One finished image to decode and write.

@@ -1,4 +1,6 @@
-//! The client-facing `Coordinator` gRPC service.
+//! The client-facing `Coordinator` gRPC service. A standby or stopping coordinator answers
+//! UNAVAILABLE (clients retry); every call answers within about [`CALL_DEADLINE`], with
+//! UNAVAILABLE naming Redis when the store is away, rather than hanging on its retries.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,18 +16,40 @@ use tessera_store::StoreError;
 use tonic::{Request, Response, Status};
 
 use super::admission;
-use super::jobs::{now_ms, JobRecord, JobState, ProgressRecord};
+use super::jobs::{now_ms, JobRecord, JobState, Jobs, ProgressRecord};
+use super::lock::Leadership;
+use super::outputs;
 use super::runner::Runner;
 
 /// Bytes per FetchResult message.
 const CHUNK: usize = 1 << 20;
+/// How long a client's call waits for Redis before it is answered UNAVAILABLE.
+const STORE_PATIENCE: Duration = Duration::from_secs(10);
+/// The most a client's call takes, whatever it waits on.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct CoordinatorService {
-    pub runner: Arc<Runner>,
+    pub leader: Arc<Leadership>,
+    /// Most jobs waiting in the queue (`--max-queued`).
+    pub max_queued: u64,
 }
 
 fn store_status(e: StoreError) -> Status {
     Status::unavailable(format!("the coordinator's Redis is not answering: {e}"))
+}
+
+/// `call`, answered UNAVAILABLE when it takes longer than [`CALL_DEADLINE`].
+async fn within_deadline<T>(
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "the coordinator could not answer within {} s (is its Redis reachable?); try again",
+                CALL_DEADLINE.as_secs()
+            )))
+        })
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
@@ -48,24 +72,34 @@ fn new_job_id() -> String {
 }
 
 impl CoordinatorService {
-    /// Live workers; read afresh from Redis when none serves `model`, so a worker that
-    /// joined a moment ago is not refused.
-    async fn members_serving(&self, model: &str) -> Vec<tessera_proto::v1::WorkerDescription> {
-        let pool = &self.runner.pool;
-        if pool.serving(model).is_empty() {
-            if let Ok(live) = super::membership::live_workers(&self.runner.jobs.store).await {
-                pool.update_members(live);
-            }
-        }
-        pool.members()
+    fn runner(&self) -> Result<Arc<Runner>, Status> {
+        self.leader.runner().cloned()
     }
 
-    /// Image `image` of a job, opened; when it is not there, why not and what to do.
-    async fn image_file(&self, record: &JobRecord, image: u32) -> Result<tokio::fs::File, Status> {
+    /// The job records as a client's call reads them: through a store that gives up on an
+    /// outage after [`STORE_PATIENCE`].
+    fn jobs(runner: &Runner) -> Jobs {
+        Jobs {
+            store: runner.jobs.store.with_retry_for(STORE_PATIENCE),
+        }
+    }
+
+    /// Image `image` of a job, opened (without following links); when it is not there, why
+    /// not and what to do.
+    async fn image_file(
+        runner: &Runner,
+        record: &JobRecord,
+        image: u32,
+    ) -> Result<tokio::fs::File, Status> {
         if image < record.images_done {
-            let path = self.runner.image_path(&record.id, image);
-            match tokio::fs::File::open(&path).await {
-                Ok(f) => return Ok(f),
+            let path = runner.image_path(&record.id, image);
+            let name = format!("{image}.png");
+            let (dir, id) = (runner.opts.output_dir.clone(), record.id.clone());
+            let opened = tokio::task::spawn_blocking(move || outputs::open_image(&dir, &id, &name))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            match opened {
+                Ok(f) => return Ok(tokio::fs::File::from_std(f)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(Status::internal(format!(
@@ -90,18 +124,101 @@ impl CoordinatorService {
         }))
     }
 
-    async fn job(&self, id: &str) -> Result<(JobRecord, f64), Status> {
+    async fn job(runner: &Runner, id: &str) -> Result<(JobRecord, f64), Status> {
         check_id(id)?;
-        self.runner
-            .get(id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no job {id:?}: it never existed or expired (see `tessera list`)"
-                ))
-            })
+        let found = match runner.snapshot(id) {
+            Some(live) => Some(live),
+            None => Self::jobs(runner)
+                .load(id)
+                .await
+                .map_err(store_status)?
+                .map(|r| (r, -1.0)),
+        };
+        found.ok_or_else(|| {
+            Status::not_found(format!(
+                "no job {id:?}: it never existed or expired (see `tessera list`)"
+            ))
+        })
     }
+
+    /// Submission after the job is admitted: its record stored and queued.
+    async fn queue(
+        runner: &Runner,
+        req: SubmitJobRequest,
+        max_queued: u64,
+    ) -> Result<String, Status> {
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("the request has no job spec"))?;
+        let (count, priority, output_dir) = admission::check_job_options(
+            req.count,
+            req.priority,
+            &req.output_dir,
+            &runner.opts.allowed_output_dirs,
+        )?;
+        let model = spec.model.clone();
+        let served = runner.pool.members();
+        // Planning a big job is CPU work: keep it off the async threads.
+        let admitted = tokio::task::spawn_blocking(move || admission::admit(&spec, &served))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let jobs = Self::jobs(runner);
+        let queued = jobs.queued_count().await.map_err(store_status)?;
+        if queued >= max_queued {
+            return Err(Status::resource_exhausted(format!(
+                "the queue is full ({queued} jobs wait, --max-queued {max_queued}): wait for \
+                 some to finish, or cancel some"
+            )));
+        }
+        let id = new_job_id();
+        let record = new_record(&id, model, admitted, count, priority, output_dir);
+        jobs.create(&record.0, &record.1)
+            .await
+            .map_err(store_status)?;
+        tracing::info!(job = %id, model = %record.0.model, "job queued");
+        runner.notify();
+        Ok(id)
+    }
+}
+
+/// The record of a job just admitted, and its input files.
+fn new_record(
+    id: &str,
+    model: String,
+    admitted: admission::Admitted,
+    count: u32,
+    priority: i32,
+    output_dir: Option<String>,
+) -> (JobRecord, Vec<(String, Vec<u8>)>) {
+    // Model evaluations (a guided view counts twice), as the plan counts them.
+    let views_total = admitted.plan.total_evaluations as u64 * u64::from(count);
+    let record = JobRecord {
+        id: id.to_string(),
+        seq: now_ms() as u64,
+        state: JobState::Queued,
+        model,
+        model_info: admitted.model,
+        spec: admitted.spec,
+        plan: admitted.plan,
+        count,
+        priority,
+        output_dir,
+        inputs: admitted.inputs.iter().map(|(n, _)| n.clone()).collect(),
+        images_done: 0,
+        progress: ProgressRecord {
+            stages: 0,
+            views_total,
+            phase: "queued".into(),
+            ..Default::default()
+        },
+        error: None,
+        resumed_from: None,
+        warnings: Vec::new(),
+        created_ms: now_ms(),
+        started_ms: 0,
+        finished_ms: 0,
+    };
+    (record, admitted.inputs)
 }
 
 type Events<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -112,58 +229,14 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let req = req.into_inner();
-        let spec = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("the request has no job spec"))?;
-        let (count, priority, output_dir) =
-            admission::check_job_options(req.count, req.priority, &req.output_dir)?;
-        let model = spec.model.clone();
-        let served = self.members_serving(&model).await;
-        // Planning a big job is CPU work: keep it off the async threads.
-        let admitted = tokio::task::spawn_blocking(move || admission::admit(&spec, &served))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        let jobs = &self.runner.jobs;
-        let id = new_job_id();
-        let seq = now_ms() as u64;
-        // Model evaluations (a guided view counts twice), as the plan counts them.
-        let views_total = admitted.plan.total_evaluations as u64 * u64::from(count);
-        let record = JobRecord {
-            id: id.clone(),
-            seq,
-            state: JobState::Queued,
-            model,
-            model_info: admitted.model,
-            spec: admitted.spec,
-            plan: admitted.plan,
-            count,
-            priority,
-            output_dir,
-            inputs: admitted.inputs.iter().map(|(n, _)| n.clone()).collect(),
-            images_done: 0,
-            progress: ProgressRecord {
-                stages: 0,
-                views_total,
-                phase: "queued".into(),
-                ..Default::default()
-            },
-            error: None,
-            resumed_from: None,
-            created_ms: now_ms(),
-            started_ms: 0,
-            finished_ms: 0,
-        };
-        jobs.create(&record, &admitted.inputs)
-            .await
-            .map_err(store_status)?;
-        tracing::info!(job = %id, model = %record.model, "job queued");
-        self.runner.notify();
+        let runner = self.runner()?;
+        let id = within_deadline(Self::queue(&runner, req.into_inner(), self.max_queued)).await?;
         Ok(Response::new(SubmitJobResponse { job_id: id }))
     }
 
     async fn get_job(&self, req: Request<JobRef>) -> Result<Response<JobInfo>, Status> {
-        let (record, eta) = self.job(&req.into_inner().job_id).await?;
+        let runner = self.runner()?;
+        let (record, eta) = within_deadline(Self::job(&runner, &req.into_inner().job_id)).await?;
         Ok(Response::new(record.to_wire(eta)))
     }
 
@@ -174,8 +247,9 @@ impl Coordinator for CoordinatorService {
         req: Request<JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
-        let (first, eta) = self.job(&id).await?;
-        let runner = self.runner.clone();
+        let runner = self.runner()?;
+        let (first, eta) = within_deadline(Self::job(&runner, &id)).await?;
+        let leader = self.leader.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = first.to_wire(eta);
             if tx.send(Ok(last.clone())).await.is_err() {
@@ -183,8 +257,20 @@ impl Coordinator for CoordinatorService {
             }
             let mut terminal = first.state.is_terminal();
             while !terminal {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let now = match runner.get(&id).await {
+                let next = async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    runner.get(&id).await
+                };
+                let got = tokio::select! {
+                    got = next => got,
+                    _ = leader.stopped() => {
+                        // The client reconnects (to this coordinator's successor).
+                        let bye = Status::unavailable("the coordinator is shutting down");
+                        let _ = tx.send(Err(bye)).await;
+                        return;
+                    }
+                };
+                let now = match got {
                     Ok(Some((r, eta))) => {
                         terminal = r.state.is_terminal();
                         r.to_wire(eta)
@@ -213,19 +299,22 @@ impl Coordinator for CoordinatorService {
 
     async fn cancel_job(&self, req: Request<JobRef>) -> Result<Response<JobInfo>, Status> {
         let id = req.into_inner().job_id;
-        let (record, _) = self.job(&id).await?;
-        if matches!(record.state, JobState::Succeeded | JobState::Failed) {
-            return Err(Status::failed_precondition(format!(
-                "job {id} already {}; there is nothing to cancel",
-                record.state
-            )));
-        }
-        let after = self
-            .runner
-            .cancel(&id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("job {id} is gone")))?;
+        let runner = self.runner()?;
+        let cancel = async {
+            let (record, _) = Self::job(&runner, &id).await?;
+            if matches!(record.state, JobState::Succeeded | JobState::Failed) {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} already {}; there is nothing to cancel",
+                    record.state
+                )));
+            }
+            runner
+                .cancel(&id)
+                .await
+                .map_err(store_status)?
+                .ok_or_else(|| Status::not_found(format!("job {id} is gone")))
+        };
+        let after = within_deadline(cancel).await?;
         Ok(Response::new(after.to_wire(-1.0)))
     }
 
@@ -233,17 +322,17 @@ impl Coordinator for CoordinatorService {
         &self,
         _req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let ids = self.runner.jobs.all().await.map_err(store_status)?;
-        let stored = self
-            .runner
-            .jobs
-            .load_many(&ids)
-            .await
-            .map_err(store_status)?;
+        let runner = self.runner()?;
+        let jobs = Self::jobs(&runner);
+        let stored = within_deadline(async {
+            let ids = jobs.all().await.map_err(store_status)?;
+            jobs.load_many(&ids).await.map_err(store_status)
+        })
+        .await?;
         // Jobs running here report their live progress.
         let jobs = stored
             .into_iter()
-            .map(|r| match self.runner.snapshot(&r.id) {
+            .map(|r| match runner.snapshot(&r.id) {
                 Some((live, eta)) => live.to_wire(eta),
                 None => r.to_wire(-1.0),
             })
@@ -258,7 +347,8 @@ impl Coordinator for CoordinatorService {
         req: Request<FetchResultRequest>,
     ) -> Result<Response<Self::FetchResultStream>, Status> {
         let req = req.into_inner();
-        let (record, _) = self.job(&req.job_id).await?;
+        let runner = self.runner()?;
+        let (record, _) = within_deadline(Self::job(&runner, &req.job_id)).await?;
         if req.image >= record.count {
             return Err(Status::invalid_argument(format!(
                 "job {} has {} image{}: ask for --image 0 to {}",
@@ -270,7 +360,7 @@ impl Coordinator for CoordinatorService {
         }
         // Finished images are files under the coordinator's output directory, streamed from
         // there a chunk at a time (a gigapixel PNG never passes through memory whole).
-        let file = self.image_file(&record, req.image).await?;
+        let file = Self::image_file(&runner, &record, req.image).await?;
         let total = file
             .metadata()
             .await
@@ -280,15 +370,17 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get_preview(&self, req: Request<JobRef>) -> Result<Response<Preview>, Status> {
-        let (record, _) = self.job(&req.into_inner().job_id).await?;
-        let png = self
-            .runner
-            .jobs
-            .store
-            .get_async(&tessera_store::keys::job_preview(&record.id))
-            .await
-            .map_err(store_status)?
-            .unwrap_or_default();
+        let runner = self.runner()?;
+        let png = within_deadline(async {
+            let (record, _) = Self::job(&runner, &req.into_inner().job_id).await?;
+            Self::jobs(&runner)
+                .store
+                .get_async(&tessera_store::keys::job_preview(&record.id))
+                .await
+                .map_err(store_status)
+        })
+        .await?
+        .unwrap_or_default();
         Ok(Response::new(Preview { png }))
     }
 
@@ -300,7 +392,7 @@ impl Coordinator for CoordinatorService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the request has no job spec"))?;
-        let served = self.members_serving(&spec.model).await;
+        let served = self.runner()?.pool.members();
         let arch = admission::served_arch(&spec.model, &served)?;
         let (_, plan) = admission::plan_spec(&spec, &arch)?;
         Ok(Response::new(PlanJobResponse {
