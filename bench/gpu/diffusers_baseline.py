@@ -9,11 +9,22 @@ way (warm-up, then the median of synchronized evaluations) on the same GPU.
 `--config` is the UNet config tessera's `synthetic:sdxl` writes (run `tessera bench unet` once
 first), so both sides build exactly the same architecture. FLOPs are counted independently with
 torch's FlopCounterMode, next to the count tessera prints, and the bf16 matrix-multiply peak is
-measured here as tessera measures it. Prints one JSON object.
+measured here as tessera measures it. Prints one JSON object per size (`--size A,B`: one model,
+several sizes).
+
+`--profile DIR` then profiles one more evaluation with torch.profiler and writes DIR/trace.json
+(Chrome trace), DIR/kernels.csv (`kernel,launches,total_us`: the device time of each kernel,
+memcpy and memset, the table `tessera bench kernels --torch` reads) and adds to the JSON the
+scaled-dot-product-attention operator PyTorch dispatched to (its backend: cudnn, flash,
+efficient or math). `--device cpu --dtype fp32` runs the same code on a CPU (for checking the
+script; the kernel table is then empty).
 """
 import argparse
+import csv
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -21,17 +32,74 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 
-def timed(fn, warmup, iters):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup, iters, device=torch.device("cuda")):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(device)
         times.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+# The operator each SDPA backend runs as (torch/nn/functional dispatch, PyTorch 2.x).
+SDPA_BACKENDS = [
+    ("_scaled_dot_product_cudnn_attention", "cudnn"),
+    ("_scaled_dot_product_flash_attention_for_cpu", "flash (cpu)"),
+    ("_scaled_dot_product_flash_attention", "flash"),
+    ("_scaled_dot_product_efficient_attention", "efficient"),
+    ("_scaled_dot_product_attention_math", "math"),
+]
+
+
+def profile_one(evaluate, device, out_dir):
+    """One evaluation under torch.profiler: the trace, the kernel table, the SDPA backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        evaluate()
+        sync(device)
+    trace = os.path.join(out_dir, "trace.json")
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels, ops = {}, set()
+    for e in events:
+        cat = e.get("cat", "")
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            k = kernels.setdefault(e["name"], [0, 0.0])
+            k[0] += 1
+            k[1] += float(e.get("dur", 0.0))
+        elif cat == "cpu_op":
+            ops.add(e.get("name", ""))
+    table = os.path.join(out_dir, "kernels.csv")
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kernel", "launches", "total_us"])
+        for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+            w.writerow([name, n, f"{us:.3f}"])
+    sdpa_ops = sorted(o for o in ops if "scaled_dot_product" in o)
+    backends = sorted({b for op, b in SDPA_BACKENDS for o in sdpa_ops if o.endswith(op)})
+    return {
+        "trace": trace,
+        "kernel_table": table,
+        "kernels": len(kernels),
+        "device_ms": sum(us for _, us in kernels.values()) / 1e3,
+        "sdpa_ops": sdpa_ops,
+        "attention_backend": backends,
+    }
 
 
 def matmul_peak(device):
@@ -45,23 +113,38 @@ def matmul_peak(device):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="unet/config.json of the architecture")
-    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels")
+    p.add_argument("--size", default="1024x1024",
+                   help="WIDTHxHEIGHT in pixels; several, comma-separated, print one line each")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--no-peak", action="store_true")
+    p.add_argument("--profile", metavar="DIR", help="profile one evaluation into DIR")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     args = p.parse_args()
 
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    device = torch.device("cuda")
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.size.split(",")]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = torch.device(args.device)
     with open(args.config) as f:
         config = json.load(f)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype).eval()
+    # Parameters made on the device: initialising 2.6 B of them on the CPU takes minutes.
+    with device:
+        unet = UNet2DConditionModel.from_config(config)
+    unet = unet.to(device=device, dtype=dtype).eval()
     unet.set_attn_processor(AttnProcessor2_0())
+    peak = None if args.no_peak or device.type != "cuda" else matmul_peak(device)
+    for w, h in sizes:
+        profile_dir = os.path.join(args.profile, f"{w}x{h}") if args.profile else None
+        print(json.dumps(run_size(unet, config, (w, h), args, dtype, device, peak, profile_dir)))
+        sys.stdout.flush()
 
+
+def run_size(unet, config, size, args, dtype, device, peak, profile_dir):
+    """Times (and profiles) one image size; returns its JSON record."""
+    w, h = size
     b = args.batch
     sample = torch.randn(b, config["in_channels"], h // 8, w // 8, device=device, dtype=dtype)
     ctx = torch.randn(b, 77, config["cross_attention_dim"], device=device, dtype=dtype)
@@ -84,14 +167,18 @@ def main():
         evaluate()
     flops = counter.get_total_flops()
 
-    times = timed(evaluate, args.warmup, args.iters)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(evaluate, args.warmup, args.iters, device)
     median = statistics.median(times)
     tflops = flops / (median * 1e-3) / 1e12
-    peak = None if args.no_peak else matmul_peak(device)
-    print(json.dumps({
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    profiled = profile_one(evaluate, device, profile_dir) if profile_dir else None
+    return {
         "impl": "diffusers",
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
         "dtype": args.dtype,
         "size": [h, w],
         "batch": b,
@@ -103,8 +190,9 @@ def main():
         "tflops": tflops,
         "peak_tflops": peak,
         "fraction_of_peak": None if peak is None else tflops / peak,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }))
+        "peak_memory_gib": peak_memory,
+        "profile": profiled,
+    }
 
 
 if __name__ == "__main__":

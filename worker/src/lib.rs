@@ -1,6 +1,7 @@
 //! The worker side of Tessera: model code (UNet, VAE, CLIP), the methods' hooks into the UNet,
 //! models with random weights, devices, and the tasks a worker runs.
 pub mod device;
+pub mod gpu;
 pub mod hooks;
 pub mod model;
 pub mod random_models;
