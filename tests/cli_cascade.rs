@@ -317,3 +317,34 @@ fn bad_cascade_flags_say_what_to_change() {
     ];
     expect_render_errors(&model, &out, cases);
 }
+
+#[test]
+fn readme_plan_sample_is_what_plan_prints() {
+    // The README shows `$ tessera plan … | tail -N` and the lines it prints; they must not drift.
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let (_, after) = readme
+        .split_once("$ tessera plan ")
+        .expect("README has a `$ tessera plan` sample");
+    let (command, rest) = after.split_once('\n').unwrap();
+    let (args, tail) = command
+        .split_once(" | tail -")
+        .expect("a `| tail -N` sample");
+    let n: usize = tail.trim().parse().unwrap();
+    let shown: Vec<&str> = rest.lines().take_while(|l| !l.starts_with("```")).collect();
+    assert_eq!(
+        shown.len(),
+        n,
+        "the sample shows {} lines of tail -{n}",
+        shown.len()
+    );
+    let mut argv = vec!["plan"];
+    argv.extend(args.split_whitespace());
+    let out = tessera_ok(&argv);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let last: Vec<&str> = printed.lines().rev().take(n).collect::<Vec<_>>();
+    let last: Vec<&str> = last.into_iter().rev().collect();
+    assert_eq!(
+        shown, last,
+        "README's plan sample differs from `tessera plan {args}`"
+    );
+}

@@ -1,5 +1,6 @@
 //! `tessera model synth` and `tessera render` driven as a user drives them: the real binary,
-//! real files, real exit codes.
+//! real files, real exit codes; and the first mistakes a user makes (an output that cannot be
+//! written, a size off the grid, no coordinator or Redis where the flags point).
 
 mod common;
 
@@ -145,9 +146,10 @@ fn sd21_tiny_renders_non_square_with_ddim_and_writes_latents() {
     ]);
     let (w, h, _, text) = read_png(&png);
     assert_eq!((w, h), (192, 128));
-    // The live preview: one pixel per latent cell at this size, latent colours, not decoded.
+    // The live preview: latent colours, not decoded; at the picture's own size, which is
+    // smaller than a preview's 256 px.
     let (pw, ph, preview, ptext) = read_png(&dir.path("preview.png"));
-    assert_eq!((pw, ph), (24, 16));
+    assert_eq!((pw, ph), (192, 128));
     assert!(preview.iter().any(|&v| v != preview[0]), "a flat preview");
     assert!(
         ptext.iter().any(|(_, v)| v.contains("preview")),
@@ -325,6 +327,17 @@ fn failing_render(model: &Path, out: &Path) -> String {
     err
 }
 
+/// Truncates a file to half its length (a weights file whose header still reads).
+fn cut_in_half(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+}
+
 #[test]
 fn broken_model_directories_get_short_errors_naming_the_file() {
     let good = tiny_model("sdxl-tiny");
@@ -333,14 +346,7 @@ fn broken_model_directories_get_short_errors_naming_the_file() {
     // A truncated UNet file.
     let m = dir.path("truncated");
     copy_dir(&good, &m);
-    let f = m.join("unet/diffusion_pytorch_model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    cut_in_half(&m.join("unet/diffusion_pytorch_model.safetensors"));
     let err = failing_render(&m, &dir.path("a.png"));
     assert!(
         err.contains("unet/diffusion_pytorch_model.safetensors"),
@@ -384,7 +390,10 @@ fn bad_flags_get_clear_errors() {
     let out = dir.path("x.png");
     let o = out.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["--size", "250x256"], "use 248 or 256"),
+        (
+            &["--size", "250x256"],
+            "use --size 192x256 or --size 256x256",
+        ),
         (&["--size", "256"], "WIDTHxHEIGHT"),
         (&["--steps", "0"], "use 1 to 1000"),
         (&["--guidance", "NaN"], "guidance"),
@@ -510,4 +519,251 @@ fn synth_is_deterministic_and_never_overwrites_foreign_directories() {
         std::fs::read_to_string(foreign.join("keep.txt")).unwrap(),
         "mine"
     );
+}
+
+/// Every file name in `dir`, sorted: what a refused command must leave unchanged.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn outputs_that_cannot_be_written_are_refused_before_the_weights_load() {
+    // Weights cut short: a render that reaches the model load fails on them, so a refusal
+    // naming an output flag proves the outputs were checked first.
+    let dir = scratch("outputs");
+    let model = dir.path("model");
+    copy_dir(&tiny_model("sdxl-tiny"), &model);
+    cut_in_half(&model.join("unet/diffusion_pytorch_model.safetensors"));
+    let (png, missing) = (dir.path("a.png"), dir.path("no-such-dir/a.png"));
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "render",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ];
+        args.extend_from_slice(&["--size", "256x256", "--steps", "4"]);
+        args.extend_from_slice(extra);
+        String::from_utf8_lossy(&tessera(&args).stderr).into_owned()
+    };
+    let err = render(&["-o", png.to_str().unwrap()]);
+    assert!(err.contains("truncated or corrupt"), "{err}");
+
+    let before = listing(&dir.0);
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["-o", missing.to_str().unwrap()],
+            format!("-o {}: the directory", missing.display()),
+        ),
+        (
+            vec![
+                "-o",
+                png.to_str().unwrap(),
+                "--output-latents",
+                missing.to_str().unwrap(),
+            ],
+            "--output-latents".into(),
+        ),
+        (
+            vec![
+                "-o",
+                png.to_str().unwrap(),
+                "--preview",
+                missing.to_str().unwrap(),
+            ],
+            "--preview".into(),
+        ),
+        (vec!["-o", dir.0.to_str().unwrap()], "is a directory".into()),
+        (
+            vec![
+                "-o",
+                png.to_str().unwrap(),
+                "--preview",
+                png.to_str().unwrap(),
+            ],
+            "-o and --preview both name".into(),
+        ),
+    ];
+    for (extra, want) in &cases {
+        let err = render(extra);
+        assert!(err.contains(want.as_str()), "{extra:?}: {err}");
+        assert!(
+            !err.contains("truncated"),
+            "{extra:?} loaded the weights first: {err}"
+        );
+    }
+    assert_eq!(
+        listing(&dir.0),
+        before,
+        "a refused render left files behind"
+    );
+
+    // fetch and watch check their files before calling a coordinator (none runs here).
+    let err = tessera(&["fetch", "job", "-o", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        err.contains("-o ") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = tessera(&["watch", "job", "--preview", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        err.contains("--preview ") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_size_off_the_grid_gets_a_size_that_keeps_every_rule() {
+    let model = tiny_model("sdxl-tiny");
+    let m = model.to_str().unwrap();
+    // 500 is neither on the cascade's 64-pixel grid nor are its halves: the size offered is
+    // in the user's words and plans at once.
+    let r = tessera(&["plan", "--model", m, "--size", "500x500"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("--size 500x500:") && err.contains("use --size 448x448 or --size 512x512"),
+        "{err}"
+    );
+    assert!(!err.contains("stage"), "{err}");
+    for offered in ["448x448", "512x512"] {
+        tessera_ok(&["plan", "--model", m, "--size", offered]);
+    }
+    // --stages alone: the last stage is the picture's size.
+    let r = tessera_ok(&[
+        "plan",
+        "--model",
+        m,
+        "--stages",
+        "128x128,256x192",
+        "--json",
+    ]);
+    let plan: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(plan["stages"][1]["size"], serde_json::json!([256, 192]));
+
+    // An init image of another shape is measured against the first stage, named as such.
+    let dir = scratch("init-aspect");
+    let init = dir.path("wide.png");
+    write_png(&init, 64, 32, png::ColorType::Rgb, &[90; 64 * 32 * 3]);
+    let out = dir.path("x.png");
+    let cases: &[(&[&str], &str)] = &[(
+        &["--size", "256x256", "--init-image", init.to_str().unwrap()],
+        "but the first stage, which it is resized to, is 128x128",
+    )];
+    expect_render_errors(&model, &out, cases);
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Starts `tessera ARGS` with stderr piped (so not a terminal, and without NO_COLOR), waits
+/// for a stderr line containing `want` (at most a minute), stops the process and returns the
+/// stderr read so far.
+fn stderr_until(args: &[&str], want: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(tessera_bin())
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("TESSERA_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(want) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
+#[test]
+fn connection_errors_name_the_address_and_how_to_point_elsewhere() {
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    // No coordinator there: each client command fails at once, naming the URL and the
+    // flag and variable that change it; watch does not wait for one that never came.
+    for args in [
+        vec!["status", "j", "--coordinator", url.as_str()],
+        vec!["watch", "j", "--coordinator", url.as_str()],
+        vec![
+            "submit",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--coordinator",
+            url.as_str(),
+        ],
+    ] {
+        let r = tessera(&args);
+        assert!(!r.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            err.contains(&format!("cannot reach the coordinator at {url}"))
+                && err.contains("--coordinator URL")
+                && err.contains("TESSERA_COORDINATOR"),
+            "{args:?}: {err}"
+        );
+    }
+    let r = std::process::Command::new(tessera_bin())
+        .args(["list"])
+        .env("TESSERA_COORDINATOR", &url)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains(&url));
+
+    // No Redis there: coordinator and worker say where they wait, with the password masked,
+    // and what to change; stderr is not a terminal, so the log has no colour codes.
+    let redis = format!("redis://:hunter2@127.0.0.1:{}/0", closed_port());
+    let masked = redis.replace("hunter2", "***");
+    let model = tiny_model("sdxl-tiny");
+    let coordinator = ["coordinator", "--redis", &redis, "--listen", "127.0.0.1:0"];
+    let worker = [
+        "worker",
+        "--redis",
+        &redis,
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    for args in [&coordinator[..], &worker[..]] {
+        let log = stderr_until(args, "waiting for Redis");
+        assert!(
+            log.contains(&format!("waiting for Redis at {masked}"))
+                && log.contains("--redis URL or the TESSERA_REDIS variable"),
+            "{args:?}: {log}"
+        );
+        assert!(!log.contains("hunter2"), "{log}");
+        assert!(
+            !log.contains('\x1b'),
+            "colour codes in a log that is not a terminal: {log:?}"
+        );
+    }
 }

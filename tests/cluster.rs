@@ -223,9 +223,10 @@ fn a_cluster_job_matches_the_embedded_render() {
         String::from_utf8_lossy(&out.stderr),
         cluster.logs()
     );
-    // watch kept the job's live preview: the 64² latent of the last stage, one pixel a cell.
+    // watch kept the job's live preview: the last stage's 64² latent (a 512-px picture) shown
+    // 256 px a side.
     let (pw, ph, _, _) = read_png(&preview);
-    assert_eq!((pw, ph), (64, 64), "{}", cluster.logs());
+    assert_eq!((pw, ph), (256, 256), "{}", cluster.logs());
     let s = cluster.status(&id);
     assert_eq!(s["state"], "succeeded", "{s}");
     assert_eq!(s["method"], "hybrid");

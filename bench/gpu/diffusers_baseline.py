@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The diffusers side of `tessera bench unet`: the same UNet architecture with random weights in
-diffusers + PyTorch, fp16 (or bf16) with PyTorch's scaled-dot-product attention, timed the same
+"""The diffusers side of `tessera bench unet`: the same denoiser (UNet, or SD3's MMDiT
+transformer) with random weights in diffusers + PyTorch, fp16 (or bf16) with PyTorch's scaled-dot-product attention, timed the same
 way (warm-up, then the median of synchronized evaluations) on the same GPU.
 
     python3 bench/gpu/diffusers_baseline.py --config /tmp/tessera-synthetic-sdxl-v1/unet/config.json \
         --size 1024x1024 --batch 2
 
 `--config` is the UNet config tessera's `synthetic:sdxl` writes (run `tessera bench unet` once
-first), so both sides build exactly the same architecture. FLOPs are counted independently with
+first), or the transformer config of `synthetic:sd3`
+(`/tmp/tessera-synthetic-sd3-v1/transformer/config.json`: SD3Transformer2DModel, with 77 CLIP
++ 256 T5 text tokens and the pooled text), so both sides build exactly the same architecture. FLOPs are counted independently with
 torch's FlopCounterMode, next to the count tessera prints, and the bf16 matrix-multiply peak is
 measured here as tessera measures it. Prints one JSON object per size (`--size A,B`: one model,
 several sizes).
@@ -28,8 +30,8 @@ import sys
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 
 
 def sync(device):
@@ -112,7 +114,8 @@ def matmul_peak(device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="unet/config.json of the architecture")
+    p.add_argument("--config", required=True,
+                   help="unet/config.json or transformer/config.json of the architecture")
     p.add_argument("--size", default="1024x1024",
                    help="WIDTHxHEIGHT in pixels; several, comma-separated, print one line each")
     p.add_argument("--batch", type=int, default=2)
@@ -130,23 +133,44 @@ def main():
     with open(args.config) as f:
         config = json.load(f)
     torch.manual_seed(0)
-    # Parameters made on the device: initialising 2.6 B of them on the CPU takes minutes.
-    with device:
-        unet = UNet2DConditionModel.from_config(config)
-    unet = unet.to(device=device, dtype=dtype).eval()
-    unet.set_attn_processor(AttnProcessor2_0())
+    model = build(config, device, dtype)
     peak = None if args.no_peak or device.type != "cuda" else matmul_peak(device)
     for w, h in sizes:
+        forward = make_forward(model, config, (w, h), args.batch, device, dtype)
         profile_dir = os.path.join(args.profile, f"{w}x{h}") if args.profile else None
-        print(json.dumps(run_size(unet, config, (w, h), args, dtype, device, peak, profile_dir)))
+        print(json.dumps(run(args, forward, device, (w, h), peak, profile_dir)))
         sys.stdout.flush()
 
 
-def run_size(unet, config, size, args, dtype, device, peak, profile_dir):
-    """Times (and profiles) one image size; returns its JSON record."""
+def build(config, device, dtype):
+    """The denoiser with random weights, made on the device (initialising 2.6 B parameters on
+    the CPU takes minutes)."""
+    sd3 = config.get("_class_name") == "SD3Transformer2DModel"
+    with device:
+        model = (SD3Transformer2DModel if sd3 else UNet2DConditionModel).from_config(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.set_attn_processor(JointAttnProcessor2_0() if sd3 else AttnProcessor2_0())
+    return model
+
+
+def make_forward(model, config, size, b, device, dtype):
+    """One evaluation of `model` on random inputs of image size `size`."""
     w, h = size
-    b = args.batch
     sample = torch.randn(b, config["in_channels"], h // 8, w // 8, device=device, dtype=dtype)
+    t = torch.tensor(500.0, device=device)
+    if isinstance(model, SD3Transformer2DModel):
+        ctx = torch.randn(b, 77 + 256, config["joint_attention_dim"], device=device, dtype=dtype)
+        pooled = torch.randn(b, config["pooled_projection_dim"], device=device, dtype=dtype)
+
+        def forward():
+            model(hidden_states=sample, encoder_hidden_states=ctx, pooled_projections=pooled,
+                  timestep=t.expand(b))
+
+        return forward
+    return unet_forward(model, config, sample, t, b, h, w, device, dtype)
+
+
+def unet_forward(unet, config, sample, t, b, h, w, device, dtype):
     ctx = torch.randn(b, 77, config["cross_attention_dim"], device=device, dtype=dtype)
     kwargs = {}
     if config.get("addition_embed_type") == "text_time":
@@ -155,11 +179,21 @@ def run_size(unet, config, size, args, dtype, device, peak, profile_dir):
             "text_embeds": torch.randn(b, pooled, device=device, dtype=dtype),
             "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * b, device=device, dtype=dtype),
         }
-    t = torch.tensor(500.0, device=device)
+
+    def forward():
+        unet(sample, t, encoder_hidden_states=ctx, **kwargs)
+
+    return forward
+
+
+def run(args, forward, device, size, peak, profile_dir):
+    """Times (and profiles) one image size; returns its JSON record."""
+    w, h = size
+    b = args.batch
 
     @torch.inference_mode()
     def evaluate():
-        unet(sample, t, encoder_hidden_states=ctx, **kwargs)
+        forward()
 
     from torch.utils.flop_counter import FlopCounterMode
 

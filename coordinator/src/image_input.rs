@@ -56,12 +56,18 @@ fn read_png(flag: &str, path: &Path, bytes: &[u8]) -> Result<(usize, usize, usiz
 }
 
 /// Aspect ratios must agree within 1%: the picture is resized, not cropped, to each stage.
-fn check_aspect(flag: &str, path: &Path, (h, w): (usize, usize), target: (u32, u32)) -> Result<()> {
+/// `target` is the size the picture is resized to, which `what` names for the user.
+fn check_aspect(
+    flag: &str,
+    path: &Path,
+    (h, w): (usize, usize),
+    (what, target): (&str, (u32, u32)),
+) -> Result<()> {
     let got = w as f64 / h as f64;
     let want = f64::from(target.0) / f64::from(target.1);
     if (got / want - 1.0).abs() > 0.01 {
         bail!(
-            "{flag} {} is {w}x{h} (aspect {got:.3}) but the render is {}x{} (aspect {want:.3}): \
+            "{flag} {} is {w}x{h} (aspect {got:.3}) but {what} is {}x{} (aspect {want:.3}): \
              crop the picture or pick a --size with its aspect ratio",
             path.display(),
             target.0,
@@ -71,7 +77,8 @@ fn check_aspect(flag: &str, path: &Path, (h, w): (usize, usize), target: (u32, u
     Ok(())
 }
 
-/// `--init-image`: (1, 3, H, W) in [-1, 1]; `target` is the render's (width, height).
+/// `--init-image`: (1, 3, H, W) in [-1, 1]; `target` is the (width, height) of the first
+/// stage, which the picture is resized to.
 pub fn read_init_image(path: &Path, target: (u32, u32)) -> Result<Tensor> {
     decode_init_image(path, &read_file("--init-image", path)?, target)
 }
@@ -79,7 +86,8 @@ pub fn read_init_image(path: &Path, target: (u32, u32)) -> Result<Tensor> {
 /// [`read_init_image`] of PNG bytes already read; `path` names them in messages.
 pub fn decode_init_image(path: &Path, bytes: &[u8], target: (u32, u32)) -> Result<Tensor> {
     let (h, w, c, data) = read_png("--init-image", path, bytes)?;
-    check_aspect("--init-image", path, (h, w), target)?;
+    let what = "the first stage, which it is resized to,";
+    check_aspect("--init-image", path, (h, w), (what, target))?;
     let mut planar = vec![0f32; 3 * h * w];
     for y in 0..h {
         for x in 0..w {
@@ -101,7 +109,7 @@ pub fn read_mask(path: &Path, target: (u32, u32)) -> Result<Tensor> {
 /// [`read_mask`] of PNG bytes already read; `path` names them in messages.
 pub fn decode_mask(path: &Path, bytes: &[u8], target: (u32, u32)) -> Result<Tensor> {
     let (h, w, c, data) = read_png("--mask", path, bytes)?;
-    check_aspect("--mask", path, (h, w), target)?;
+    check_aspect("--mask", path, (h, w), ("the render", target))?;
     let mask: Vec<f32> = data
         .chunks_exact(c)
         .map(|p| if p.iter().any(|&v| v != 0) { 1.0 } else { 0.0 })
@@ -146,6 +154,11 @@ mod tests {
         assert!(err.contains("--mask") && err.contains("aspect"), "{err}");
         let junk = dir.join("junk.png");
         std::fs::write(&junk, b"not a png").unwrap();
+        let err = read_init_image(&grey, (512, 512)).unwrap_err().to_string();
+        assert!(
+            err.contains("but the first stage, which it is resized to, is 512x512"),
+            "{err}"
+        );
         let err = read_init_image(&junk, (512, 512)).unwrap_err().to_string();
         assert!(err.contains("--init-image") && err.contains("PNG"), "{err}");
         let err = read_init_image(&dir.join("absent.png"), (512, 512))

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
-use tessera_coordinator::cli::Cli;
+use tessera_coordinator::cli::{Cli, Command};
 
 /// One command line found in a file: where, and the arguments after `tessera`.
 #[derive(Debug, Clone, PartialEq)]
@@ -768,4 +768,555 @@ fn reports_a_broken_flag_and_a_file_it_cannot_read() {
     let unclosed = "x: 1\nargs: [\"worker\", \"--model\"\n";
     let (_, problems) = check_file("c.yaml", Kind::Yaml, unclosed, &subs);
     assert_eq!(problems, ["c.yaml:2: a flow list that never closes"]);
+}
+
+// ---- what must outlive a restart: the coordinator's images and Redis' data ----
+//
+// Every recipe that runs a coordinator must give it an `--output-dir` on storage that outlives
+// the process (the default, the temporary directory, is a systemd `PrivateTmp`, a Kubernetes
+// `emptyDir` or the container's own layer), and every recipe that runs Redis must run it with
+// AOF on a volume. The YAML here is read by indentation, enough for these recipes.
+
+/// The `--output-dir` of each coordinator command line in a file (`None` when the flag is left
+/// out), with its line.
+fn coordinator_output_dirs(kind: Kind, text: &str) -> Vec<(usize, Option<PathBuf>)> {
+    let found = extract(kind, text, &subcommands()).unwrap_or_default();
+    found
+        .into_iter()
+        .filter_map(|f| {
+            let argv = std::iter::once("tessera".to_string()).chain(f.args);
+            match Cli::try_parse_from(argv).ok()?.command {
+                Command::Coordinator(a) => Some((f.line, a.output_dir)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The output directory of a coordinator line, or why there is none to keep.
+fn required_dir(line: usize, dir: Option<PathBuf>) -> Result<PathBuf, String> {
+    dir.ok_or_else(|| {
+        format!(
+            "{line}: the coordinator has no --output-dir, so its finished images go to a \
+             temporary directory that a restart empties"
+        )
+    })
+}
+
+fn significant(line: &str) -> bool {
+    let t = line.trim();
+    !t.is_empty() && !t.starts_with('#')
+}
+
+/// The lines below line `at` that are indented deeper than it: its block.
+fn block_below<'a>(lines: &[&'a str], at: usize) -> Vec<&'a str> {
+    let base = indent(lines[at]);
+    lines[at + 1..]
+        .iter()
+        .copied()
+        .filter(|l| significant(l))
+        .take_while(|l| indent(l) > base)
+        .collect()
+}
+
+/// The value of `key` on a YAML line (`key: value` or `- key: value`), or inside a flow map on
+/// it (`{claimName: x}`), unquoted and without a trailing comment.
+fn yaml_value(line: &str, key: &str) -> Option<String> {
+    let t = line.trim_start().trim_start_matches("- ");
+    let t = t.split(" #").next().unwrap_or(t);
+    if let Some(v) = t.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
+        return Some(unquote_yaml(v.trim()));
+    }
+    let inner = t.split_once('{')?.1.split_once('}')?.0;
+    inner.split(',').find_map(|pair| {
+        let (k, v) = pair.split_once(':')?;
+        (k.trim() == key).then(|| unquote_yaml(v.trim()))
+    })
+}
+
+/// The items of the list under the first `key:` line of `block`, each as its lines.
+fn list_under<'a>(block: &[&'a str], key: &str) -> Vec<Vec<&'a str>> {
+    let Some(at) = block
+        .iter()
+        .position(|l| yaml_value(l, key).is_some_and(|v| v.is_empty()))
+    else {
+        return Vec::new();
+    };
+    let mut items: Vec<Vec<&str>> = Vec::new();
+    let mut item_indent = None;
+    for line in block_below(block, at) {
+        let starts_item = line.trim_start().starts_with("- ");
+        match item_indent {
+            None if starts_item => item_indent = Some(indent(line)),
+            Some(i) if indent(line) < i => break,
+            _ => {}
+        }
+        if starts_item && Some(indent(line)) == item_indent {
+            items.push(vec![line]);
+        } else if let Some(last) = items.last_mut() {
+            last.push(line);
+        }
+    }
+    items
+}
+
+fn item_value(item: &[&str], key: &str) -> Option<String> {
+    item.iter().find_map(|l| yaml_value(l, key))
+}
+
+/// Whether `dir` is `mount` or lies under it.
+fn covers(mount: &str, dir: &Path) -> bool {
+    !mount.is_empty() && dir.starts_with(mount)
+}
+
+/// `SOURCE:TARGET[:MODE]` of a compose or `docker run -v` volume: (source, target, read-only).
+fn split_volume(spec: &str) -> Option<(String, String, bool)> {
+    let mut parts = spec.splitn(3, ':');
+    let (source, target) = (parts.next()?, parts.next()?);
+    let ro = parts
+        .next()
+        .is_some_and(|m| m.split(',').any(|o| o == "ro"));
+    Some((source.to_string(), target.to_string(), ro))
+}
+
+/// A volume source that outlives the container: a named volume (declared, where the format
+/// declares them) or a host directory.
+fn persistent_source(source: &str, declared: Option<&[String]>) -> Result<(), String> {
+    let host = source.starts_with('/') || source.starts_with('.') || source.starts_with('$');
+    match declared {
+        _ if host => Ok(()),
+        Some(names) if !names.iter().any(|n| n == source) => Err(format!(
+            "volume {source} is not declared under the top-level volumes:"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Compose: the services (name and block), and the named volumes declared at the top level.
+fn compose_services<'a>(lines: &[&'a str]) -> (Vec<(String, Vec<&'a str>)>, Vec<String>) {
+    let top = |key: &str| {
+        lines
+            .iter()
+            .position(|l| indent(l) == 0 && l.trim_end() == key)
+    };
+    let children = |at: Option<usize>| -> Vec<(usize, String)> {
+        let Some(at) = at else { return Vec::new() };
+        let depth = block_below(lines, at)
+            .first()
+            .map(|l| indent(l))
+            .unwrap_or(0);
+        (at + 1..lines.len())
+            .filter(|&i| significant(lines[i]))
+            .take_while(|&i| indent(lines[i]) > 0)
+            .filter(|&i| indent(lines[i]) == depth)
+            .map(|i| {
+                (
+                    i,
+                    lines[i].trim().split(':').next().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let services = children(top("services:"))
+        .into_iter()
+        .map(|(i, name)| (name, block_below(lines, i)))
+        .collect();
+    let volumes = children(top("volumes:"))
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    (services, volumes)
+}
+
+fn compose_mounts(block: &[&str]) -> Vec<(String, String, bool)> {
+    list_under(block, "volumes")
+        .iter()
+        .filter_map(|item| {
+            split_volume(&unquote_yaml(item[0].trim_start().trim_start_matches("- ")))
+        })
+        .collect()
+}
+
+fn compose_keeps_data(text: &str) -> Result<(), String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (services, declared) = compose_services(&lines);
+    for (line, dir) in coordinator_output_dirs(Kind::Yaml, text) {
+        let dir = required_dir(line, dir)?;
+        let (name, block) = services
+            .iter()
+            .find(|(_, b)| b.contains(&lines[line - 1]))
+            .ok_or(format!("{line}: a coordinator outside services:"))?;
+        let mounts = compose_mounts(block);
+        let (source, _, ro) = mounts
+            .iter()
+            .find(|(_, target, _)| covers(target, &dir))
+            .ok_or(format!(
+                "{line}: service {name} mounts no volume over --output-dir {}",
+                dir.display()
+            ))?;
+        if *ro {
+            return Err(format!(
+                "{line}: the volume over {} is read-only",
+                dir.display()
+            ));
+        }
+        persistent_source(source, Some(&declared)).map_err(|e| format!("{line}: {e}"))?;
+    }
+    for (name, block) in &services {
+        if !block
+            .iter()
+            .any(|l| yaml_value(l, "image").is_some_and(|i| i.starts_with("redis")))
+        {
+            continue;
+        }
+        if !block
+            .iter()
+            .any(|l| l.contains("\"--appendonly\", \"yes\""))
+        {
+            return Err(format!(
+                "service {name} runs Redis without --appendonly yes"
+            ));
+        }
+        let mounts = compose_mounts(block);
+        let (source, _, _) = mounts
+            .iter()
+            .find(|(_, target, _)| target == "/data")
+            .ok_or(format!("service {name} keeps Redis' /data on no volume"))?;
+        persistent_source(source, Some(&declared))?;
+    }
+    Ok(())
+}
+
+/// Kubernetes manifests: the documents of every YAML file in a directory, as lines.
+fn k8s_documents(files: &[(String, String)]) -> Vec<(String, Vec<String>)> {
+    files
+        .iter()
+        .flat_map(|(name, text)| {
+            text.split("\n---")
+                .map(|doc| (name.clone(), doc.lines().map(str::to_string).collect()))
+        })
+        .collect()
+}
+
+fn k8s_keeps_data(files: &[(String, String)]) -> Result<(), String> {
+    let docs = k8s_documents(files);
+    let kind_of_doc = |doc: &[&str]| {
+        doc.iter()
+            .find_map(|l| (indent(l) == 0).then(|| yaml_value(l, "kind")).flatten())
+    };
+    let claims: Vec<String> = docs
+        .iter()
+        .filter_map(|(_, doc)| {
+            let doc: Vec<&str> = doc.iter().map(String::as_str).collect();
+            (kind_of_doc(&doc).as_deref() == Some("PersistentVolumeClaim"))
+                .then(|| item_value(&doc, "name"))
+                .flatten()
+        })
+        .collect();
+    let mut redis = 0;
+    for (file, doc) in &docs {
+        let doc: Vec<&str> = doc.iter().map(String::as_str).collect();
+        let text = doc.join("\n");
+        let mounts: Vec<(String, String)> = list_under(&doc, "volumeMounts")
+            .iter()
+            .filter_map(|m| Some((item_value(m, "name")?, item_value(m, "mountPath")?)))
+            .collect();
+        let volumes = list_under(&doc, "volumes");
+        for (line, dir) in coordinator_output_dirs(Kind::Yaml, &text) {
+            let at = format!("{file} (document line {line})");
+            let dir = required_dir(line, dir).map_err(|e| format!("{file}: {e}"))?;
+            let (name, _) = mounts
+                .iter()
+                .find(|(_, path)| covers(path, &dir))
+                .ok_or(format!(
+                    "{at}: no volume is mounted over --output-dir {}",
+                    dir.display()
+                ))?;
+            let volume = volumes
+                .iter()
+                .find(|v| item_value(v, "name").as_ref() == Some(name))
+                .ok_or(format!("{at}: volume {name} is mounted but not defined"))?;
+            let persistent = match item_value(volume, "claimName") {
+                Some(claim) if claims.contains(&claim) => true,
+                Some(claim) => return Err(format!("{at}: claim {claim} is defined nowhere")),
+                None => item_value(volume, "hostPath").is_some(),
+            };
+            if !persistent {
+                return Err(format!(
+                    "{at}: --output-dir {} is on volume {name}, which is not a persistent \
+                     volume claim (an emptyDir dies with the pod)",
+                    dir.display()
+                ));
+            }
+        }
+        if !doc
+            .iter()
+            .any(|l| yaml_value(l, "image").is_some_and(|i| i.starts_with("redis")))
+        {
+            continue;
+        }
+        redis += 1;
+        if !text.contains("\"--appendonly\", \"yes\"") {
+            return Err(format!("{file}: Redis runs without --appendonly yes"));
+        }
+        let (data, _) = mounts
+            .iter()
+            .find(|(_, path)| path == "/data")
+            .ok_or(format!("{file}: Redis' /data is mounted from no volume"))?;
+        let templates = list_under(&doc, "volumeClaimTemplates");
+        if !templates
+            .iter()
+            .any(|t| item_value(t, "name").as_ref() == Some(data))
+        {
+            return Err(format!(
+                "{file}: Redis' /data (volume {data}) has no volume claim template"
+            ));
+        }
+    }
+    if redis == 0 {
+        return Err("no Redis StatefulSet found".into());
+    }
+    Ok(())
+}
+
+/// systemd: `--output-dir` under the unit's `StateDirectory=` (kept across restarts and
+/// reboots, and writable despite `ProtectSystem=strict`).
+fn systemd_keeps_data(text: &str) -> Result<(), String> {
+    let states: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("StateDirectory="))
+        .flat_map(|v| v.split_whitespace().map(|d| format!("/var/lib/{d}")))
+        .collect();
+    for (line, dir) in coordinator_output_dirs(Kind::Systemd, text) {
+        let dir = required_dir(line, dir)?;
+        if !states.iter().any(|s| covers(s, &dir)) {
+            return Err(format!(
+                "{line}: --output-dir {} is not under the unit's StateDirectory ({states:?})",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `-v SOURCE:TARGET` / `--volume` options of a `docker run` line, before the image.
+fn docker_volumes(words: &[String]) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let spec = match w.as_str() {
+            "-v" | "--volume" => words.get(i + 1).cloned(),
+            _ => w.strip_prefix("--volume=").map(str::to_string),
+        };
+        out.extend(spec.as_deref().and_then(split_volume));
+    }
+    out
+}
+
+fn shell_words(line: &str) -> Vec<String> {
+    lex(&expand(line))
+        .into_iter()
+        .filter_map(|t| match t {
+            Tok::Word(w) => Some(w),
+            Tok::Op(_) => None,
+        })
+        .collect()
+}
+
+/// Markdown: a coordinator in a `docker run` line has a volume over its `--output-dir`, a
+/// Redis container runs with AOF on a volume, and a worker container tells the image's health
+/// check its port (`TESSERA_HEALTH_PORT`).
+fn docker_run_keeps_data(text: &str) -> Result<(), String> {
+    let lines: Vec<&str> = text.lines().collect();
+    for (line, dir) in coordinator_output_dirs(Kind::Markdown, text) {
+        let dir = required_dir(line, dir)?;
+        let words = shell_words(lines[line - 1]);
+        if !words.iter().any(|w| w == "run") {
+            continue;
+        }
+        let image = words
+            .iter()
+            .position(|w| is_tessera_image(w))
+            .unwrap_or(words.len());
+        let volumes = docker_volumes(&words[..image]);
+        let (source, _, _) = volumes
+            .iter()
+            .find(|(_, target, _)| covers(target, &dir))
+            .ok_or(format!(
+                "{line}: no -v volume over --output-dir {}",
+                dir.display()
+            ))?;
+        persistent_source(source, None).map_err(|e| format!("{line}: {e}"))?;
+    }
+    for (i, raw) in lines.iter().enumerate() {
+        let words = shell_words(raw);
+        if !(words.first().is_some_and(|w| w == "docker") && words.iter().any(|w| w == "run")) {
+            continue;
+        }
+        let line = i + 1;
+        if let Some(image) = words.iter().position(|w| w.starts_with("redis:")) {
+            let args = &words[image..];
+            if !args
+                .windows(2)
+                .any(|p| p[0] == "--appendonly" && p[1] == "yes")
+            {
+                return Err(format!("{line}: Redis runs without --appendonly yes"));
+            }
+            if !docker_volumes(&words[..image])
+                .iter()
+                .any(|(_, t, _)| t == "/data")
+            {
+                return Err(format!("{line}: Redis' /data is on no volume"));
+            }
+        }
+        let Some(image) = words.iter().position(|w| is_tessera_image(w)) else {
+            continue;
+        };
+        let argv = std::iter::once("tessera").chain(words[image + 1..].iter().map(String::as_str));
+        if let Ok(Cli {
+            command: Command::Worker(w),
+        }) = Cli::try_parse_from(argv)
+        {
+            let port = format!("TESSERA_HEALTH_PORT={}", w.listen.port());
+            if !words[..image].contains(&port) {
+                return Err(format!(
+                    "{line}: a worker listening on {} needs -e {port} for the image's health check",
+                    w.listen
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dockerfile: a default coordinator command keeps its images on a declared `VOLUME`.
+fn dockerfile_keeps_data(text: &str) -> Result<(), String> {
+    let volumes: Vec<String> = logical_lines(text)
+        .iter()
+        .filter_map(|(_, l)| l.trim().strip_prefix("VOLUME"))
+        .flat_map(|v| {
+            v.split(|c: char| c.is_whitespace() || matches!(c, '[' | ']' | ',' | '"'))
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (line, dir) in coordinator_output_dirs(Kind::Dockerfile, text) {
+        let dir = required_dir(line, dir)?;
+        if !volumes.iter().any(|v| covers(v, &dir)) {
+            return Err(format!(
+                "{line}: --output-dir {} is not on a VOLUME, so it stays in the container's layer",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_recipe_keeps_finished_images_and_redis_data_on_persistent_storage() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut problems = Vec::new();
+    let mut k8s = Vec::new();
+    let mut checked = Vec::new();
+    for path in deploy_files(&root.join("deploy")) {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let name = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let kind = kind_of(&path);
+        let result = match kind {
+            Kind::Yaml if text.lines().any(|l| l.trim_end() == "services:") => {
+                compose_keeps_data(&text)
+            }
+            Kind::Yaml => {
+                k8s.push((name.clone(), text.clone()));
+                Ok(())
+            }
+            Kind::Systemd => systemd_keeps_data(&text),
+            Kind::Markdown => docker_run_keeps_data(&text),
+            Kind::Dockerfile => dockerfile_keeps_data(&text),
+            _ => Ok(()),
+        };
+        if !coordinator_output_dirs(kind, &text).is_empty() {
+            checked.push(name.clone());
+        }
+        problems.extend(result.err().map(|e| format!("{name}:{e}")));
+    }
+    if !k8s.is_empty() {
+        problems.extend(k8s_keeps_data(&k8s).err());
+    }
+    println!("coordinators checked in: {checked:?}");
+    // compose, Kubernetes, systemd, the docker run lines and the image itself.
+    assert!(checked.len() >= 5, "only {checked:?} run a coordinator");
+    assert!(problems.is_empty(), "\n{}\n", problems.join("\n"));
+}
+
+#[test]
+fn the_persistence_check_catches_recipes_that_lose_images() {
+    let compose = "services:\n  redis:\n    image: redis:7.4\n    command: [\"redis-server\", \"--appendonly\", \"yes\"]\n    volumes:\n      - redis-data:/data\n  coordinator:\n    command: [\"coordinator\", \"--output-dir\", \"/out\"]\n    volumes:\n      - out:/out\nvolumes:\n  redis-data:\n  out:\n";
+    assert_eq!(compose_keeps_data(compose), Ok(()));
+    let undeclared = compose.replace("  out:\n", "");
+    assert!(compose_keeps_data(&undeclared)
+        .unwrap_err()
+        .contains("not declared"));
+    let unmounted = compose.replace("      - out:/out\n", "      - out:/elsewhere\n");
+    assert!(compose_keeps_data(&unmounted)
+        .unwrap_err()
+        .contains("mounts no volume"));
+    let no_flag = compose.replace(", \"--output-dir\", \"/out\"", "");
+    assert!(compose_keeps_data(&no_flag)
+        .unwrap_err()
+        .contains("no --output-dir"));
+    let no_aof = compose.replace("\"--appendonly\", \"yes\"", "\"--save\", \"\"");
+    assert!(compose_keeps_data(&no_aof)
+        .unwrap_err()
+        .contains("appendonly"));
+
+    let pod = "kind: Deployment\nspec:\n  template:\n    spec:\n      containers:\n        - name: c\n          args: [\"coordinator\", \"--output-dir\", \"/out\"]\n          volumeMounts:\n            - name: out\n              mountPath: /out\n      volumes:\n        - name: out\n          persistentVolumeClaim: {claimName: keep}\n";
+    let redis = "kind: StatefulSet\nspec:\n  template:\n    spec:\n      containers:\n        - name: redis\n          image: redis:7.4\n          args: [\"redis-server\", \"--appendonly\", \"yes\"]\n          volumeMounts:\n            - name: data\n              mountPath: /data\n  volumeClaimTemplates:\n    - metadata:\n        name: data\n";
+    let claim = "kind: PersistentVolumeClaim\nmetadata:\n  name: keep\n";
+    let files = |pod: &str| {
+        vec![
+            ("c.yaml".to_string(), format!("{claim}---\n{pod}")),
+            ("r.yaml".to_string(), redis.to_string()),
+        ]
+    };
+    assert_eq!(k8s_keeps_data(&files(pod)), Ok(()));
+    let empty = pod.replace("persistentVolumeClaim: {claimName: keep}", "emptyDir: {}");
+    assert!(k8s_keeps_data(&files(&empty))
+        .unwrap_err()
+        .contains("emptyDir"));
+    let unknown = pod.replace("claimName: keep", "claimName: lost");
+    assert!(k8s_keeps_data(&files(&unknown))
+        .unwrap_err()
+        .contains("defined nowhere"));
+
+    let unit = "[Service]\nStateDirectory=tessera\nExecStart=/bin/tessera coordinator --output-dir /var/lib/tessera/out\n";
+    assert_eq!(systemd_keeps_data(unit), Ok(()));
+    let tmp = unit.replace("/var/lib/tessera/out", "/tmp/out");
+    assert!(systemd_keeps_data(&tmp)
+        .unwrap_err()
+        .contains("StateDirectory"));
+
+    let md = "```sh\ndocker run -v keep:/out tessera:1 coordinator --output-dir /out\ndocker run -e TESSERA_HEALTH_PORT=7071 tessera:1 worker --listen 0.0.0.0:7071 --model /m\n```\n";
+    assert_eq!(docker_run_keeps_data(md), Ok(()));
+    let lost = md.replace("-v keep:/out ", "");
+    assert!(docker_run_keeps_data(&lost)
+        .unwrap_err()
+        .contains("no -v volume"));
+    let unhealthy = md.replace("-e TESSERA_HEALTH_PORT=7071 ", "");
+    assert!(docker_run_keeps_data(&unhealthy)
+        .unwrap_err()
+        .contains("TESSERA_HEALTH_PORT=7071"));
+
+    let docker = "FROM x\nVOLUME [\"/out\"]\nENTRYPOINT [\"tessera\"]\nCMD [\"coordinator\", \"--output-dir\", \"/out\"]\n";
+    assert_eq!(dockerfile_keeps_data(docker), Ok(()));
+    let layer = docker.replace("VOLUME [\"/out\"]\n", "");
+    assert!(dockerfile_keeps_data(&layer)
+        .unwrap_err()
+        .contains("VOLUME"));
 }

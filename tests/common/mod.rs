@@ -45,9 +45,11 @@ pub fn tessera_ok(args: &[&str]) -> Output {
 pub fn tiny_model(arch: &str) -> PathBuf {
     static SDXL: OnceLock<PathBuf> = OnceLock::new();
     static SD21: OnceLock<PathBuf> = OnceLock::new();
+    static SD3: OnceLock<PathBuf> = OnceLock::new();
     let cell = match arch {
         "sdxl-tiny" => &SDXL,
         "sd21-tiny" => &SD21,
+        "sd3-tiny" => &SD3,
         other => panic!("unknown tiny arch {other}"),
     };
     cell.get_or_init(|| {

@@ -113,7 +113,11 @@ pub async fn serve(
         path: cfg.model_dir.clone(),
         message: e.to_string(),
     })?;
-    let store = RedisStore::connect(&cfg.redis_url, RedisOptions::default()).await?;
+    let redis = RedisOptions {
+        url_from: Some("--redis URL or the TESSERA_REDIS variable".into()),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect(&cfg.redis_url, redis).await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -67,32 +67,37 @@ pub fn predict_noise(
     }
 }
 
-/// Decodes latents (N, 4, h, w) in the scheduler's space (i.e. before dividing by the VAE's
-/// scaling factor) to images in [-1, 1].
+/// Decodes latents (N, C, h, w) in the scheduler's space (i.e. before dividing by the VAE's
+/// scaling factor and adding its shift, SD3's `latents / scaling_factor + shift_factor`) to
+/// images in [-1, 1].
 pub fn decode_latents(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
-    let z = (latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?;
+    let z = ((latents.to_dtype(model.vae_dtype())? / model.vae_scaling_factor())?
+        + model.vae_shift_factor())?;
     model.vae.decode(&z)?.to_dtype(candle_core::DType::F32)
 }
 
 /// Encodes pixels (N, 3, H, W) in [-1, 1] to the scheduler's latent space: the posterior's
-/// sample with the given noise (N, C, H/8, W/8) times the scaling factor, as the pipelines'
-/// `vae.encode(image).latent_dist.sample() * scaling_factor`. In one piece: the coordinator
-/// sends a picture larger than a VAE tile as `EncodeTile` tasks.
+/// sample with the given noise (N, C, H/8, W/8), less the VAE's shift, times the scaling
+/// factor, as the pipelines' `(vae.encode(image).latent_dist.sample() − shift_factor) *
+/// scaling_factor`. In one piece: the coordinator sends a picture larger than a VAE tile as
+/// `EncodeTile` tasks.
 pub fn encode_pixels(model: &DiffusionModel, pixels: &Tensor, noise: &Tensor) -> Result<Tensor> {
     let x = pixels.to_dtype(model.vae_dtype())?;
     let posterior = model.vae.encode(&x)?;
     let z = posterior.sample(&noise.to_dtype(model.vae_dtype())?)?;
-    z.to_dtype(candle_core::DType::F32)? * model.vae_scaling_factor()
+    ((z.to_dtype(candle_core::DType::F32)? - model.vae_shift_factor())?)
+        * model.vae_scaling_factor()
 }
 
 /// One tile of a distributed encode: the posterior of `pixels` (N, 3, H, W) in [-1, 1] as
-/// (N, 2C, H/8, W/8) `[mean, std]`, both times the scaling factor, so that
-/// `mean + std · ε` is [`encode_pixels`]' sample for noise ε.
+/// (N, 2C, H/8, W/8) `[(mean − shift) · scale, std · scale]`, so that `mean + std · ε` is
+/// [`encode_pixels`]' sample for noise ε.
 pub fn encode_moments(model: &DiffusionModel, pixels: &Tensor) -> Result<Tensor> {
     let x = pixels.to_dtype(model.vae_dtype())?;
     let posterior = model.vae.encode(&x)?;
     let sf = model.vae_scaling_factor();
-    let mean = (posterior.mean().to_dtype(candle_core::DType::F32)? * sf)?;
+    let mean =
+        ((posterior.mean().to_dtype(candle_core::DType::F32)? - model.vae_shift_factor())? * sf)?;
     let std = (posterior.std()?.to_dtype(candle_core::DType::F32)? * sf)?;
     Tensor::cat(&[&mean, &std], 1)
 }

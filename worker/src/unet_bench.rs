@@ -95,7 +95,7 @@ pub fn run(
     let dir = ModelDir::open(&opts.model)?;
     let cfg = DenoiserConfig::read(&dir)?;
     report(&format!(
-        "loading the UNet of {} ({dtype:?})",
+        "loading the denoiser of {} ({dtype:?})",
         opts.model.display()
     ));
     let denoiser = cfg.load(&dir, dtype, &device)?;
@@ -104,7 +104,9 @@ pub fn run(
     let b = opts.batch;
     let sample =
         Tensor::randn(0f32, 1.0, (b, cfg.latent_channels(), lh, lw), &device)?.to_dtype(dtype)?;
-    let text = Tensor::randn(0f32, 1.0, (b, 77, cfg.context_dim()?), &device)?.to_dtype(dtype)?;
+    let tokens = cfg.text_tokens();
+    let text =
+        Tensor::randn(0f32, 1.0, (b, tokens, cfg.context_dim()?), &device)?.to_dtype(dtype)?;
     let pooled = match cfg.pooled_dim() {
         Some(p) => Some(Tensor::randn(0f32, 1.0, (b, p), &device)?.to_dtype(dtype)?),
         None => None,
@@ -156,7 +158,7 @@ pub fn run(
         host::profiler_range(&device, false).map_err(BenchError::Invalid)?;
     }
     let peak_memory = host::peak_memory(&device).map(|b| b as f64 / (1u64 << 30) as f64);
-    let flops = cfg.flops(lh, lw, 77)? * b as f64;
+    let flops = cfg.flops(lh, lw, tokens)? * b as f64;
     let median = median_of(&times);
     let queued_median = median_of(&queued);
     let mean = times.iter().sum::<f64>() / times.len() as f64;

@@ -2,7 +2,8 @@
 //! generation parameters written into every PNG. Both are read by people and compared byte
 //! for byte by the golden script, so their wording only changes on purpose.
 
-use crate::plan::{Plan, StageEntry, StagePlan, StageSchedule};
+use crate::method::params::Method;
+use crate::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
 use crate::spec::{BitDepth, RenderSpec};
 
 impl RenderSpec {
@@ -41,6 +42,7 @@ pub fn png_parameters(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
         let kind = match &plan.stages[0].schedule {
             StageSchedule::Schedule { scheduler, .. } => scheduler.to_string(),
             StageSchedule::Frecas { .. } => "ddim".to_string(),
+            StageSchedule::FrecasFlow { .. } => "flow-euler".to_string(),
         };
         s.push_str(&format!("\nscheduler: {kind}"));
     }
@@ -88,6 +90,7 @@ pub fn plan_text(plan: &Plan) -> String {
     for (k, st) in plan.stages.iter().enumerate() {
         s.push_str(&stage_text(k, st, plan.view_batch));
     }
+    s.push_str(&frecas_note(plan));
     s.push_str(&cluster_hint(plan));
     s.push_str(&format!(
         "total model evaluations: {}\npeak memory (estimate): coordinator {}, worker {} ({} weights + {} activations)\n",
@@ -127,13 +130,17 @@ fn stage_text(k: usize, st: &StagePlan, view_batch: usize) -> String {
     if !st.timesteps.is_empty() {
         s.push_str(&format!("  timesteps: {}\n", ranges(&st.timesteps)));
     }
+    let views = if st.local_views == 1 && st.global_views == 0 {
+        format!("1, the whole {}x{} latent,", st.tile[1], st.tile[0])
+    } else {
+        format!(
+            "{} local ({}x{} latent tiles) + {} global",
+            st.local_views, st.tile[1], st.tile[0], st.global_views
+        )
+    };
     s.push_str(&format!(
-        "  views per step: {} local ({}x{} latent tiles) + {} global in {} tasks; {} model evaluations per step, {} in all\n",
-        st.local_views,
-        st.tile[1],
-        st.tile[0],
-        st.global_views,
-        st.tasks_per_step(view_batch),
+        "  views per step: {views} in {}; {} model evaluations per step, {} in all\n",
+        count(st.tasks_per_step(view_batch), "task"),
         st.evaluations_per_step,
         st.evaluations
     ));
@@ -168,8 +175,45 @@ fn stage_extras(st: &StagePlan) -> Vec<String> {
     if let Some(w) = st.camap_inject {
         extras.push(format!("reuses attention maps (weight {w})"));
     }
-    extras.push(format!("guidance {:?}", st.guidance));
+    extras.push(guidance_text(&st.guidance));
     extras
+}
+
+/// `n` and the noun, plural unless n is one.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+fn guidance_text(g: &GuidancePlan) -> String {
+    match g {
+        GuidancePlan::None => "no guidance (conditional prediction only)".into(),
+        GuidancePlan::Cfg { scale } => format!("guidance {scale}"),
+        GuidancePlan::FaCfg {
+            high,
+            low,
+            low_latent,
+        } => format!(
+            "frequency-aware guidance {high} on high frequencies, {low} on those of the \
+             previous stage's {}x{} latent",
+            low_latent[1], low_latent[0]
+        ),
+    }
+}
+
+/// FreCaS with tiled stages: Tessera's tiles bring global views and scale fusion with them,
+/// which the reference FreCaS (one whole-latent evaluation per step) does not have.
+fn frecas_note(plan: &Plan) -> String {
+    let tiled = plan.stages.iter().any(|st| st.global_views > 0);
+    if plan.method != Method::Frecas || !tiled {
+        return String::new();
+    }
+    "note: tiled stages add global views and scale fusion, which the reference FreCaS does not \
+     have; --no-fusion turns them off (local tiles only)\n"
+        .into()
 }
 
 /// A hint for clusters, when a step's tasks are few enough that the last round matters.
@@ -186,12 +230,64 @@ fn cluster_hint(plan: &Plan) -> String {
     // A step's tasks go out in rounds, one per worker; the last round leaves the workers
     // without a task idle, which matters once the rounds are few.
     format!(
-        "on a cluster: up to {tasks} tasks per step; with more than about {} workers, a smaller --view-batch (1: {} tasks) keeps them evenly busy\n",
-        (tasks / 4).max(1),
+        "on a cluster: up to {tasks} tasks per step; with more than about {}, a smaller --view-batch (1: {} tasks) keeps them evenly busy\n",
+        count((tasks / 4).max(1), "worker"),
         plan.stages
             .iter()
             .map(|st| st.tasks_per_step(1))
             .max()
             .unwrap_or(0)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::params::MethodSpec;
+    use crate::plan::{plan, ArchInfo};
+    use crate::spec::{JobRequest, Size};
+
+    fn plan_of(size: u32, method: Method, no_fusion: bool) -> Plan {
+        let request = JobRequest {
+            prompt: "a lighthouse".into(),
+            size: Some(Size {
+                width: size,
+                height: size,
+            }),
+            method: MethodSpec {
+                method: Some(method),
+                no_fusion,
+                ..Default::default()
+            },
+            ..JobRequest::default()
+        };
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        plan(&request.to_spec(arch.training_size, || 0).unwrap(), &arch).unwrap()
+    }
+
+    #[test]
+    fn the_plan_reads_as_words_not_rust_values() {
+        let text = plan_text(&plan_of(2048, Method::Frecas, false));
+        for rust in ["{", "}", "Cfg", " 1 tasks", " 1 workers"] {
+            assert!(!text.contains(rust), "{rust:?} in\n{text}");
+        }
+        for want in [
+            "views per step: 1, the whole 128x128 latent, in 1 task;",
+            "guidance 7.5",
+            "frequency-aware guidance 35 on high frequencies, 7.5 on those of the previous \
+             stage's 128x128 latent",
+            "with more than about 1 worker,",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn frecas_with_tiled_stages_says_what_it_adds_to_the_reference() {
+        let note = "tiled stages add global views and scale fusion";
+        assert!(plan_text(&plan_of(2048, Method::Frecas, false)).contains(note));
+        // Nothing to say without global views, or for the methods that fuse by design.
+        assert!(!plan_text(&plan_of(2048, Method::Frecas, true)).contains(note));
+        assert!(!plan_text(&plan_of(2048, Method::Hybrid, false)).contains(note));
+    }
 }

@@ -2,7 +2,7 @@
 //! latent it works in, what it predicts and how it is stepped, what it is conditioned on, which
 //! method hooks it carries; and the named models of each family (`plan --arch NAME`, `model
 //! synth --arch NAME`, `--model synthetic:NAME`). Whatever differs by family is read here, so a
-//! new family (SD3's MMDiT next) is one more row, not a hunt through the code.
+//! new family is one more row, not a hunt through the code.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,8 @@ pub enum Family {
     Sd2,
     /// Stable Diffusion XL (`StableDiffusionXLPipeline`).
     Sdxl,
+    /// Stable Diffusion 3 and 3.5 (`StableDiffusion3Pipeline`): the MMDiT transformer.
+    Sd3,
 }
 
 /// What the denoiser's output estimates.
@@ -103,7 +105,7 @@ pub struct FamilyInfo {
 }
 
 /// The families in the order messages list them.
-pub const FAMILIES: [FamilyInfo; 2] = [
+pub const FAMILIES: [FamilyInfo; 3] = [
     FamilyInfo {
         family: Family::Sd2,
         pipeline_class: "StableDiffusionPipeline",
@@ -158,6 +160,29 @@ pub const FAMILIES: [FamilyInfo; 2] = [
             s2: 0.4,
         }),
     },
+    FamilyInfo {
+        family: Family::Sd3,
+        pipeline_class: "StableDiffusion3Pipeline",
+        checkpoints: "SD3 medium, SD3.5",
+        latent_channels: 16,
+        patch_size: 2,
+        predictions: &[Prediction::FlowVelocity],
+        scheduler: SchedulerFamily::FlowMatching,
+        conditioning: Conditioning {
+            text_embeddings: true,
+            pooled: true,
+            size_ids: false,
+        },
+        // Scale fusion and the CA-maps act on the joint attention; there are no convolutions
+        // to dilate and no UNet skips for FreeU.
+        hooks: Hooks {
+            scale_fusion: true,
+            attention_maps: true,
+            dilation: false,
+            freeu: false,
+        },
+        freeu: None,
+    },
 ];
 
 impl Family {
@@ -177,7 +202,7 @@ impl Family {
             .map(|f| f.family)
     }
 
-    /// "StableDiffusionPipeline (SD 2.1) and StableDiffusionXLPipeline (SDXL base)".
+    /// "StableDiffusionPipeline (SD 2.1), StableDiffusionXLPipeline (SDXL base) and …".
     pub fn pipeline_classes() -> String {
         let names: Vec<String> = FAMILIES
             .iter()
@@ -201,15 +226,25 @@ pub struct PlanPreset {
     /// `_class_name` of the checkpoint's scheduler config.
     pub scheduler_class: &'static str,
     pub prediction: Prediction,
+    /// Text tokens the denoiser attends to.
+    pub text_tokens: usize,
+    /// The largest latent side one model call accepts, where the model limits it.
+    pub max_view_latent: Option<usize>,
 }
 
 // UNet + VAE + text encoder(s).
 const SD21_PARAMS: u64 = 865_910_724 + 83_653_863 + 340_387_840;
 const SDXL_PARAMS: u64 = 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840;
+// MMDiT + 16-channel VAE + CLIP-L and CLIP-G with projections + T5-XXL's encoder, as
+// `synthetic:sd3` builds them (a worker test counts them).
+pub const SD3_PARAMS: u64 =
+    SD3_TRANSFORMER_PARAMS + 83_819_683 + 123_650_304 + 694_659_840 + 4_762_310_656;
+// The published 2,028,328,000 plus the position embedding the checkpoint stores (192² × 1536).
+const SD3_TRANSFORMER_PARAMS: u64 = 2_028_328_000 + 192 * 192 * 1536;
 
 /// `plan --arch`'s presets, in the order messages list them: SD 2.1 (768, v-prediction), SD 2.1
-/// base (512, epsilon), SDXL base 1.0.
-pub const PLAN_PRESETS: [PlanPreset; 3] = [
+/// base (512, epsilon), SDXL base 1.0, SD3 medium.
+pub const PLAN_PRESETS: [PlanPreset; 4] = [
     PlanPreset {
         name: "sd21",
         family: Family::Sd2,
@@ -218,6 +253,8 @@ pub const PLAN_PRESETS: [PlanPreset; 3] = [
         base_channels: 320,
         scheduler_class: "DDIMScheduler",
         prediction: Prediction::V,
+        text_tokens: 77,
+        max_view_latent: None,
     },
     PlanPreset {
         name: "sd21-base",
@@ -227,6 +264,8 @@ pub const PLAN_PRESETS: [PlanPreset; 3] = [
         base_channels: 320,
         scheduler_class: "DDIMScheduler",
         prediction: Prediction::Epsilon,
+        text_tokens: 77,
+        max_view_latent: None,
     },
     PlanPreset {
         name: "sdxl",
@@ -236,6 +275,22 @@ pub const PLAN_PRESETS: [PlanPreset; 3] = [
         base_channels: 320,
         scheduler_class: "EulerDiscreteScheduler",
         prediction: Prediction::Epsilon,
+        text_tokens: 77,
+        max_view_latent: None,
+    },
+    PlanPreset {
+        name: "sd3",
+        family: Family::Sd3,
+        training_size: 1024,
+        parameters: SD3_PARAMS,
+        // The transformer's width: 24 heads of 64.
+        base_channels: 1536,
+        scheduler_class: "FlowMatchEulerDiscreteScheduler",
+        prediction: Prediction::FlowVelocity,
+        // 77 CLIP tokens and the pipeline's 256 T5 tokens.
+        text_tokens: 77 + 256,
+        // pos_embed_max_size 192 patches of 2.
+        max_view_latent: Some(384),
     },
 ];
 
@@ -255,6 +310,16 @@ impl PlanPreset {
 
     /// The checkpoint's `scheduler/scheduler_config.json`, as released.
     pub fn scheduler_config(&self) -> Result<SchedulerConfig, SchedulerError> {
+        if self.family.info().scheduler == SchedulerFamily::FlowMatching {
+            // SD3 medium's: a fixed shift of 3.
+            return SchedulerConfig::from_json(
+                format!(
+                    r#"{{"_class_name": "{}", "num_train_timesteps": 1000, "shift": 3.0}}"#,
+                    self.scheduler_class
+                )
+                .as_bytes(),
+            );
+        }
         let prediction = match self.prediction.config_name() {
             Some(name) => format!(r#", "prediction_type": "{name}""#),
             None => String::new(),
@@ -281,7 +346,7 @@ pub struct NamedModel {
 }
 
 /// The tiny models `tessera model synth --arch NAME` writes (training size 128).
-pub const TINY_MODELS: [NamedModel; 2] = [
+pub const TINY_MODELS: [NamedModel; 3] = [
     NamedModel {
         name: "sdxl-tiny",
         family: Family::Sdxl,
@@ -293,10 +358,16 @@ pub const TINY_MODELS: [NamedModel; 2] = [
         family: Family::Sd2,
         about: "SD 2.1 architecture (v-prediction, DDIM), tiny widths; training size 128x128",
     },
+    NamedModel {
+        name: "sd3-tiny",
+        family: Family::Sd3,
+        about: "SD3 architecture (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE, flow matching), \
+                tiny widths; training size 128x128",
+    },
 ];
 
 /// The full-size architectures `--model synthetic:NAME` loads with weights made on the device.
-pub const SYNTHETIC_MODELS: [NamedModel; 2] = [
+pub const SYNTHETIC_MODELS: [NamedModel; 3] = [
     NamedModel {
         name: "sdxl",
         family: Family::Sdxl,
@@ -306,6 +377,11 @@ pub const SYNTHETIC_MODELS: [NamedModel; 2] = [
         name: "sd21",
         family: Family::Sd2,
         about: "SD 2.1 (768, v-prediction)",
+    },
+    NamedModel {
+        name: "sd3",
+        family: Family::Sd3,
+        about: "SD3 medium (MMDiT, 2B; T5-XXL encoder)",
     },
 ];
 
@@ -343,7 +419,7 @@ mod tests {
 
     #[test]
     fn every_family_has_one_row_and_one_pipeline_class() {
-        for f in [Family::Sd2, Family::Sdxl] {
+        for f in [Family::Sd2, Family::Sdxl, Family::Sd3] {
             assert_eq!(f.info().family, f);
             assert_eq!(
                 Family::from_pipeline_class(f.info().pipeline_class),
@@ -352,7 +428,8 @@ mod tests {
         }
         assert_eq!(
             Family::pipeline_classes(),
-            "StableDiffusionPipeline (SD 2.1) and StableDiffusionXLPipeline (SDXL base)"
+            "StableDiffusionPipeline (SD 2.1), StableDiffusionXLPipeline (SDXL base) and \
+             StableDiffusion3Pipeline (SD3 medium, SD3.5)"
         );
         assert_eq!(Family::from_pipeline_class("FluxPipeline"), None);
     }
@@ -371,6 +448,9 @@ mod tests {
             .unwrap();
         assert_eq!(sdxl.prediction().unwrap(), PredictionType::Epsilon);
         assert_eq!(sdxl.class_name, "EulerDiscreteScheduler");
+        let sd3 = PlanPreset::find("sd3").unwrap().scheduler_config().unwrap();
+        assert!(sd3.is_flow_matching());
+        assert_eq!(sd3.shift, 3.0);
         for p in &PLAN_PRESETS {
             assert!(
                 p.family.info().predictions.contains(&p.prediction),
@@ -382,14 +462,14 @@ mod tests {
 
     #[test]
     fn names_are_listed_as_messages_spell_them() {
-        assert_eq!(PlanPreset::names(), "sd21, sd21-base or sdxl");
+        assert_eq!(PlanPreset::names(), "sd21, sd21-base, sdxl or sd3");
         assert_eq!(
             NamedModel::names(&SYNTHETIC_MODELS, |n| format!("synthetic:{n}")),
-            "synthetic:sdxl or synthetic:sd21"
+            "synthetic:sdxl, synthetic:sd21 or synthetic:sd3"
         );
         assert_eq!(
             NamedModel::names(&TINY_MODELS, str::to_string),
-            "sdxl-tiny or sd21-tiny"
+            "sdxl-tiny, sd21-tiny or sd3-tiny"
         );
     }
 

@@ -4,15 +4,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::{Family, PlanPreset};
+use crate::family::{Family, PlanPreset, SchedulerFamily};
 use crate::method::frecas::{self, FrecasPreset, StageSpec};
 use crate::method::freescale::{self, DilationSchedule, DEFAULT_COSINE_SCALE, DEFAULT_DILATE_TAU};
 use crate::method::guidance;
 use crate::method::params::{Method, MethodSpec, TileWeights};
 use crate::resize::ResizeFilter;
-use crate::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::sched::{dynamic_mu, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::spec::{
-    check_side_multiple, RenderSpec, Size, SpecError, PIXELS_PER_LATENT, SIZE_MULTIPLE,
+    check_side_multiple, check_side_range, latent_pixels, RenderSpec, Size, SpecError,
+    PIXELS_PER_LATENT, SIZE_MULTIPLE,
 };
 use crate::tiling::{GlobalViewConfig, GlobalViews, LocalViewConfig, LocalViews};
 
@@ -36,8 +37,12 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T> {
 pub const DEFAULT_VIEW_BATCH: usize = 4;
 /// FreeScale's reference step count; `dilate_tau` counts in its steps.
 const FREESCALE_REFERENCE_STEPS: usize = 50;
-/// Text tokens of a CLIP prompt (the CA-map's channel count).
-const TEXT_TOKENS: usize = 77;
+/// Text tokens of a CLIP prompt (the CA-map's channel count for SD 2.x and SDXL).
+const CLIP_TEXT_TOKENS: usize = 77;
+
+fn default_text_tokens() -> usize {
+    CLIP_TEXT_TOKENS
+}
 
 /// What planning needs to know about a model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +60,13 @@ pub struct ArchInfo {
     pub weight_bytes: u64,
     /// Channels of the UNet's first block (activations scale with it).
     pub base_channels: usize,
+    /// Text tokens the denoiser attends to (the CA-map's channel count).
+    #[serde(default = "default_text_tokens")]
+    pub text_tokens: usize,
+    /// The largest latent side one model call accepts (SD3: its position embeddings'
+    /// `pos_embed_max_size` × patch size); none for a UNet.
+    #[serde(default)]
+    pub max_view_latent: Option<usize>,
 }
 
 impl ArchInfo {
@@ -78,7 +90,22 @@ impl ArchInfo {
             parameters: p.parameters,
             weight_bytes: 2,
             base_channels: p.base_channels,
+            text_tokens: p.text_tokens,
+            max_view_latent: p.max_view_latent,
         })
+    }
+
+    fn flow_matching(&self) -> bool {
+        self.family.info().scheduler == SchedulerFamily::FlowMatching
+    }
+
+    /// diffusers' `mu` for a latent of `latent` (h, w) when the scheduler shifts by the
+    /// image size.
+    fn shift_mu(&self, latent: [usize; 2]) -> Option<f64> {
+        let p = self.family.info().patch_size.max(1);
+        self.scheduler
+            .use_dynamic_shifting
+            .then(|| dynamic_mu(&self.scheduler, (latent[0] / p) * (latent[1] / p)))
     }
 
     fn training_latent(&self) -> usize {
@@ -90,14 +117,24 @@ impl ArchInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StageSchedule {
-    /// Steps `start..steps` of a diffusers schedule of `steps` steps.
+    /// Steps `start..steps` of a diffusers schedule of `steps` steps (`mu`: the shift of a
+    /// flow-matching schedule that shifts by the image size).
     Schedule {
         scheduler: SchedulerKind,
         steps: usize,
         start: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mu: Option<f64>,
     },
     /// FreCaS: DDIM from each listed timestep back by `1000 / inference_steps`.
     Frecas { inference_steps: usize },
+    /// FreCaS on a flow-matching model: entries `indices` of the shifted 1000-step schedule,
+    /// each step from one entry to the next (the last to the entry after it).
+    FrecasFlow {
+        indices: Vec<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mu: Option<f64>,
+    },
 }
 
 /// Guidance applied to a stage's merged predictions.
@@ -225,7 +262,7 @@ pub fn local_view_config(window: usize, overlap: f64) -> LocalViewConfig {
     }
 }
 
-/// Rough peak memory, in bytes (see DESIGN.md; formulas in [`plan`]).
+/// Rough peak memory, in bytes (formulas in `estimate_memory`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryEstimate {
     pub coordinator_bytes: u64,
@@ -278,56 +315,149 @@ pub fn default_stages(size: Size, training: u32) -> Vec<Size> {
         .collect()
 }
 
+/// Pixels a side must be a multiple of under `method`: one latent pixel for plain sampling (as
+/// diffusers' pipelines accept), 8 for cascades, whose tiles and strided views must line up
+/// with the UNet's grid.
+/// Cascade stages are tiled and strided: whole multiples of 8 latent pixels keep tiles, strided
+/// views and the denoiser's grid aligned. A single stage needs whole latent pixels, and for a
+/// transformer whole patches (SD3: 2×2 latent pixels, so 16 px).
+fn side_multiple(method: Method, arch: &ArchInfo) -> u32 {
+    if method == Method::Single {
+        PIXELS_PER_LATENT * arch.family.info().patch_size as u32
+    } else {
+        SIZE_MULTIPLE
+    }
+}
+
+fn on_grid(size: Size, multiple: u32) -> bool {
+    size.width.is_multiple_of(multiple) && size.height.is_multiple_of(multiple)
+}
+
 fn resolve_stages(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> Result<Vec<Size>> {
     let target = Size {
         width: spec.width,
         height: spec.height,
     };
-    let stages = match (&spec.method.stages, method) {
-        (Some(s), _) => s.clone(),
-        (None, Method::Single) => vec![target],
-        (None, _) => default_stages(target, arch.training_size),
+    let multiple = side_multiple(method, arch);
+    let Some(given) = &spec.method.stages else {
+        // The stages derive from --size (their halves are put on the grid), so only --size
+        // can break a rule, and the fix offered must keep every rule at once.
+        if !on_grid(target, multiple) {
+            return invalid(size_off_grid(spec, arch, method));
+        }
+        return Ok(match method {
+            Method::Single => vec![target],
+            _ => default_stages(target, arch.training_size),
+        });
     };
-    if stages.is_empty() {
+    if given.is_empty() {
         return invalid("--stages is empty: list sizes like 1024x1024,2048x2048");
     }
-    // Cascade stages are tiled and strided: whole multiples of 8 latent pixels keep tiles,
-    // strided views and the UNet's grid aligned.
-    let multiple = if method == Method::Single {
-        PIXELS_PER_LATENT
-    } else {
-        SIZE_MULTIPLE
-    };
-    for (k, s) in stages.iter().enumerate() {
-        let name = if stages.len() == 1 {
-            "--size".to_string()
-        } else {
-            format!("stage {k}")
-        };
-        check_side_multiple(&format!("{name} width"), s.width, multiple)?;
-        check_side_multiple(&format!("{name} height"), s.height, multiple)?;
+    for (k, s) in given.iter().enumerate() {
+        let name = format!("--stages' {} ({s})", listed_stage(k + 1));
+        check_side_multiple(&format!("{name}: width"), s.width, multiple)?;
+        check_side_multiple(&format!("{name}: height"), s.height, multiple)?;
         if k > 0 {
-            let p = stages[k - 1];
+            let p = given[k - 1];
             if s.width < p.width || s.height < p.height || *s == p {
                 return invalid(format!(
-                    "stage {k} ({s}) is not larger than stage {} ({p}): list --stages smallest first",
-                    k - 1
+                    "--stages: {s} is not larger than {p} before it: list the stages smallest first"
                 ));
             }
         }
     }
-    let last = *stages.last().expect("not empty");
+    let last = *given.last().expect("not empty");
     if last != target {
         return invalid(format!(
-            "the last stage is {last} but --size is {target}: make them equal"
+            "the last of --stages is {last} but --size is {target}: make them equal (or drop \
+             --size: it defaults to the last stage)"
         ));
     }
-    if method == Method::Single && stages.len() > 1 {
+    if method == Method::Single && given.len() > 1 {
         return invalid(
             "--method single renders one stage: drop --stages or pick a cascade method",
         );
     }
-    Ok(stages)
+    Ok(given.clone())
+}
+
+/// "first stage", "second stage", … of the stages a user listed (counted from 1, as people
+/// count them).
+fn listed_stage(n: usize) -> String {
+    match n {
+        1 => "first stage".into(),
+        2 => "second stage".into(),
+        3 => "third stage".into(),
+        n => format!("stage {n}"),
+    }
+}
+
+/// The refusal of a `--size` off the method's grid, with the nearest sizes below and above it
+/// that keep every size rule (the method a size resolves to may change with it).
+fn size_off_grid(spec: &RenderSpec, arch: &ArchInfo, method: Method) -> String {
+    let multiple = side_multiple(method, arch);
+    let size = Size {
+        width: spec.width,
+        height: spec.height,
+    };
+    let why = if method == Method::Single {
+        match multiple / PIXELS_PER_LATENT {
+            1 => format!("{multiple} pixels (one latent pixel)"),
+            p => format!("{multiple} pixels (one {p}×{p}-latent-pixel patch of the transformer)"),
+        }
+    } else {
+        format!(
+            "{multiple} pixels{}, as the {method} cascade needs",
+            latent_pixels(multiple)
+        )
+    };
+    let fixes: Vec<String> = nearest_valid_sizes(spec, arch, size)
+        .iter()
+        .map(|s| format!("--size {s}"))
+        .collect();
+    let hint = match fixes.as_slice() {
+        [] => String::new(),
+        [one] => format!(": use {one}"),
+        [a, b, ..] => format!(": use {a} or {b}"),
+    };
+    format!("--size {size}: each side must be a multiple of {why}{hint}")
+}
+
+/// The nearest size at or below `size` and the nearest at or above it that pass every size
+/// rule for `spec` without --stages: in range, on the grid of the method each resolves to.
+fn nearest_valid_sizes(spec: &RenderSpec, arch: &ArchInfo, size: Size) -> Vec<Size> {
+    let round = |v: u32, m: u32, up: bool| if up { v.div_ceil(m) * m } else { v / m * m };
+    let mut found: Vec<Size> = Vec::new();
+    for up in [false, true] {
+        let nearest = [side_multiple(Method::Single, arch), SIZE_MULTIPLE]
+            .into_iter()
+            .map(|m| Size {
+                width: round(size.width, m, up),
+                height: round(size.height, m, up),
+            })
+            .find(|&s| keeps_size_rules(spec, arch, s));
+        if let Some(s) = nearest.filter(|s| !found.contains(s)) {
+            found.push(s);
+        }
+    }
+    found
+}
+
+fn keeps_size_rules(spec: &RenderSpec, arch: &ArchInfo, size: Size) -> bool {
+    let probe = RenderSpec {
+        width: size.width,
+        height: size.height,
+        method: MethodSpec {
+            stages: None,
+            ..spec.method.clone()
+        },
+        ..spec.clone()
+    };
+    let method = resolve_method(&probe, arch);
+    check_side_range("--size width", size.width).is_ok()
+        && check_side_range("--size height", size.height).is_ok()
+        && on_grid(size, side_multiple(method, arch))
+        && resolve_stages(&probe, arch, method).is_ok()
 }
 
 /// FreCaS stage timing: the user's `--end-times`/`--stage-steps`, else the reference preset
@@ -340,7 +470,7 @@ fn frecas_timing(
     total_steps: usize,
 ) -> Result<(Vec<StageSpec>, FrecasPreset)> {
     let n = sizes.len();
-    let preset = frecas_preset(arch, n);
+    let preset = frecas_preset(arch.family, n);
     let ends = ms
         .end_times
         .clone()
@@ -391,15 +521,11 @@ fn frecas_timing(
 
 /// The reference preset for `n` stages, else the 3-stage pattern stretched to `n` (first
 /// 400/30, middle 200/5, last 0/15; one stage 0/50) with the model's preset weights.
-fn frecas_preset(arch: &ArchInfo, n: usize) -> FrecasPreset {
-    if let Some(p) = FrecasPreset::reference(arch.family == Family::Sdxl, n) {
+fn frecas_preset(family: Family, n: usize) -> FrecasPreset {
+    if let Some(p) = FrecasPreset::reference(family, n) {
         return p;
     }
-    let mut p = if arch.family == Family::Sdxl {
-        FrecasPreset::sdxl_4096()
-    } else {
-        FrecasPreset::sd21_2048()
-    };
+    let mut p = FrecasPreset::weights_of(family);
     p.stages = (0..n)
         .map(|k| {
             let (end_time, steps) = match (k, n) {
@@ -469,6 +595,7 @@ pub fn plan(spec: &RenderSpec, arch: &ArchInfo) -> Result<Plan> {
     let timing = stage_timing(spec, arch, &settings, &sizes)?;
     let layout = Layout {
         spec,
+        max_view_latent: arch.max_view_latent,
         settings: &settings,
         sizes: &sizes,
         facfg: timing.facfg,
@@ -529,6 +656,8 @@ struct Settings {
     /// Latent side of a local view.
     tile_latent: usize,
     freeu: bool,
+    /// FreeScale's dilated convolutions, where the family has convolutions to dilate.
+    dilation: bool,
     filter: ResizeFilter,
 }
 
@@ -537,7 +666,7 @@ impl Settings {
         let ms = &spec.method;
         let frecas_like = matches!(method, Method::Frecas | Method::Hybrid);
         let freescale_like = matches!(method, Method::Freescale | Method::Hybrid);
-        check_method_flags(spec, method, n)?;
+        check_method_flags(spec, arch, method, n)?;
         let cosine_scale = ms.cosine_scale.unwrap_or(DEFAULT_COSINE_SCALE);
         check_fraction("--cosine-scale", cosine_scale, 0.0..=100.0)?;
         if let Some(bg) = ms.cosine_scale_bg {
@@ -562,7 +691,8 @@ impl Settings {
             view_batch,
             dilate_tau: ms.dilate_tau.unwrap_or(DEFAULT_DILATE_TAU),
             tile_latent: (tile_px / PIXELS_PER_LATENT) as usize,
-            freeu: ms.freeu.unwrap_or(freescale_like),
+            freeu: ms.freeu.unwrap_or(freescale_like) && arch.family.info().hooks.freeu,
+            dilation: arch.family.info().hooks.dilation,
             filter: ms.resize.unwrap_or(if method == Method::Frecas {
                 ResizeFilter::Nearest
             } else {
@@ -572,9 +702,10 @@ impl Settings {
     }
 }
 
-/// Flags that only some methods, or only cascades, can honour.
-fn check_method_flags(spec: &RenderSpec, method: Method, n: usize) -> Result<()> {
+/// Flags that only some methods, or only cascades, or only some model families, can honour.
+fn check_method_flags(spec: &RenderSpec, arch: &ArchInfo, method: Method, n: usize) -> Result<()> {
     let ms = &spec.method;
+    check_family_flags(spec, arch)?;
     let frecas_like = matches!(method, Method::Frecas | Method::Hybrid);
     let freescale_like = matches!(method, Method::Freescale | Method::Hybrid);
     if ms.mask && !freescale_like {
@@ -591,11 +722,45 @@ fn check_method_flags(spec: &RenderSpec, method: Method, n: usize) -> Result<()>
             "--init-image upscales a picture: give a --size (or --stages) larger than the first stage",
         );
     }
-    if frecas_like && spec.scheduler == Some(SchedulerKind::Euler) {
+    if frecas_like && !arch.flow_matching() && spec.scheduler == Some(SchedulerKind::Euler) {
         return invalid(format!(
             "{method} steps its stages with DDIM (FreCaS' timing): drop --scheduler, or use \
              --method freescale for Euler"
         ));
+    }
+    Ok(())
+}
+
+/// FreeScale's dilation and FreeU change UNet convolutions and skips: a family without them
+/// (SD3's transformer) refuses the flags; a flow-matching family steps with flow-matching
+/// Euler only.
+fn check_family_flags(spec: &RenderSpec, arch: &ArchInfo) -> Result<()> {
+    let (ms, info) = (&spec.method, arch.family.info());
+    if ms.freeu == Some(true) && !info.hooks.freeu {
+        return invalid(format!(
+            "--freeu scales a UNet's backbone and skips; {} ({}) is a transformer without \
+             them: drop --freeu",
+            info.checkpoints, info.pipeline_class
+        ));
+    }
+    if ms.dilate_tau.is_some() && !info.hooks.dilation {
+        return invalid(format!(
+            "--dilate-tau sets FreeScale's dilated UNet convolutions; {} ({}) has none: drop \
+             --dilate-tau",
+            info.checkpoints, info.pipeline_class
+        ));
+    }
+    if arch.flow_matching() && spec.scheduler == Some(SchedulerKind::Ddim) {
+        return invalid(format!(
+            "{} is a flow-matching model: it steps with flow-matching Euler, not DDIM: drop \
+             --scheduler (or pass --scheduler euler)",
+            info.checkpoints
+        ));
+    }
+    if !arch.flow_matching() && spec.scheduler == Some(SchedulerKind::FlowEuler) {
+        return invalid(
+            "--scheduler flow-euler is for flow-matching models (SD3): use ddim or euler",
+        );
     }
     Ok(())
 }
@@ -624,29 +789,21 @@ fn stage_timing(
     settings: &Settings,
     sizes: &[Size],
 ) -> Result<Timing> {
-    let alphas = arch
-        .scheduler
-        .alphas_cumprod()
-        .map_err(|e| PlanError(e.to_string()))?;
     if settings.frecas_like {
-        frecas_stage_timing(spec, arch, sizes, &alphas)
+        frecas_stage_timing(spec, arch, sizes)
     } else {
         Ok(Timing {
-            stages: schedule_stage_timing(spec, arch, settings.method, sizes.len())?,
+            stages: schedule_stage_timing(spec, arch, settings.method, sizes)?,
             facfg: [35.0, 7.5],
             camap: 0.0,
         })
     }
 }
 
-/// FreCaS: each stage DDIM-stepped from its start time to its end time, with the preset's
-/// gamma, FA-CFG weights and CA-map weight unless given.
-fn frecas_stage_timing(
-    spec: &RenderSpec,
-    arch: &ArchInfo,
-    sizes: &[Size],
-    alphas: &[f64],
-) -> Result<Timing> {
+/// FreCaS: each stage DDIM-stepped (a flow-matching model: Euler-stepped along its shifted
+/// schedule) from its start time to its end time, with the preset's gamma, FA-CFG weights
+/// and CA-map weight unless given.
+fn frecas_stage_timing(spec: &RenderSpec, arch: &ArchInfo, sizes: &[Size]) -> Result<Timing> {
     let ms = &spec.method;
     let (stage_specs, preset) = frecas_timing(ms, arch, sizes, spec.steps)?;
     let gamma = ms.gamma.unwrap_or(preset.gamma);
@@ -657,22 +814,64 @@ fn frecas_stage_timing(
     }
     let camap = ms.camap.unwrap_or(preset.camap_weight);
     check_fraction("--camap", camap, 0.0..=1.0)?;
-    let planned =
-        frecas::plan_stages(&stage_specs, gamma, alphas).map_err(|e| PlanError(e.to_string()))?;
-    let stages = planned
-        .into_iter()
-        .map(|p| StageTiming {
-            timesteps: p.timesteps.iter().map(|&t| t as f64).collect(),
-            schedule: StageSchedule::Frecas {
-                inference_steps: p.ddim_inference_steps,
-            },
-        })
-        .collect();
+    let stages = if arch.flow_matching() {
+        frecas_flow_timing(arch, &stage_specs, sizes)?
+    } else {
+        let alphas = arch
+            .scheduler
+            .alphas_cumprod()
+            .map_err(|e| PlanError(e.to_string()))?;
+        frecas::plan_stages(&stage_specs, gamma, &alphas)
+            .map_err(|e| PlanError(e.to_string()))?
+            .into_iter()
+            .map(|p| StageTiming {
+                timesteps: p.timesteps.iter().map(|&t| t as f64).collect(),
+                schedule: StageSchedule::Frecas {
+                    inference_steps: p.ddim_inference_steps,
+                },
+            })
+            .collect()
+    };
     Ok(Timing {
         stages,
         facfg,
         camap,
     })
+}
+
+/// FreCaS on a flow-matching model: each stage's entries of the 1000-step shifted schedule
+/// (the scheduler shifting by the first stage's size where it shifts by size).
+fn frecas_flow_timing(
+    arch: &ArchInfo,
+    stage_specs: &[StageSpec],
+    sizes: &[Size],
+) -> Result<Vec<StageTiming>> {
+    let mu = arch.shift_mu(latent_of(&sizes[0]));
+    let n_train = arch.scheduler.num_train_timesteps;
+    let full =
+        Scheduler::flow(&arch.scheduler, n_train, mu).map_err(|e| PlanError(e.to_string()))?;
+    let planned = frecas::plan_flow_stages(stage_specs).map_err(|e| PlanError(e.to_string()))?;
+    planned
+        .into_iter()
+        .map(|p| {
+            let timesteps = p
+                .indices
+                .iter()
+                .map(|&i| {
+                    full.timesteps().get(i).copied().ok_or_else(|| {
+                        PlanError(format!("schedule entry {i} is past the model's {n_train}"))
+                    })
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            Ok(StageTiming {
+                timesteps,
+                schedule: StageSchedule::FrecasFlow {
+                    indices: p.indices,
+                    mu,
+                },
+            })
+        })
+        .collect()
 }
 
 /// FreeScale's timing: the first stage runs the whole schedule, the later ones restart at
@@ -681,9 +880,12 @@ fn schedule_stage_timing(
     spec: &RenderSpec,
     arch: &ArchInfo,
     method: Method,
-    n: usize,
+    sizes: &[Size],
 ) -> Result<Vec<StageTiming>> {
+    let n = sizes.len();
     let kind = match (spec.scheduler, method) {
+        // A flow-matching model has one sampler (check_family_flags refused DDIM).
+        _ if arch.flow_matching() => SchedulerKind::FlowEuler,
         (Some(k), _) => k,
         (None, Method::Freescale) => SchedulerKind::Euler,
         (None, _) => arch
@@ -691,8 +893,12 @@ fn schedule_stage_timing(
             .kind()
             .map_err(|e| PlanError(e.to_string()))?,
     };
-    let sched =
-        Scheduler::new(kind, &arch.scheduler, spec.steps).map_err(|e| PlanError(e.to_string()))?;
+    let mu = arch.shift_mu(latent_of(&sizes[0]));
+    let sched = match kind {
+        SchedulerKind::FlowEuler => Scheduler::flow(&arch.scheduler, spec.steps, mu),
+        _ => Scheduler::new(kind, &arch.scheduler, spec.steps),
+    }
+    .map_err(|e| PlanError(e.to_string()))?;
     let restart = spec
         .method
         .restart_step
@@ -713,6 +919,7 @@ fn schedule_stage_timing(
                     scheduler: kind,
                     steps: spec.steps,
                     start,
+                    mu,
                 },
             }
         })
@@ -800,7 +1007,7 @@ fn dilated_steps(schedule: &StageSchedule, timesteps: &[f64], dilate_tau: usize)
         StageSchedule::Schedule { start, .. } => {
             dilate_tau.saturating_sub(*start).min(timesteps.len())
         }
-        StageSchedule::Frecas { .. } => {
+        StageSchedule::Frecas { .. } | StageSchedule::FrecasFlow { .. } => {
             let t_min = 1000.0 * (1.0 - dilate_tau as f64 / FREESCALE_REFERENCE_STEPS as f64);
             timesteps.iter().filter(|&&t| t >= t_min).count()
         }
@@ -811,6 +1018,8 @@ fn dilated_steps(schedule: &StageSchedule, timesteps: &[f64], dilate_tau: usize)
 /// FreCaS weights.
 struct Layout<'a> {
     spec: &'a RenderSpec,
+    /// The largest latent side one model call accepts.
+    max_view_latent: Option<usize>,
     settings: &'a Settings,
     sizes: &'a [Size],
     facfg: [f64; 2],
@@ -832,9 +1041,26 @@ impl Layout<'_> {
             timesteps.clear();
         }
         let views = stage_views(k, latent, s, ms.no_fusion)?;
+        if let Some(max) = self.max_view_latent {
+            if views.tile[0] > max || views.tile[1] > max {
+                return invalid(format!(
+                    "stage {k}: a view of {}x{} px is larger than the model's position \
+                     embedding covers ({} px a side): use --tile-size {} or less{}",
+                    views.tile[1] * PIXELS_PER_LATENT as usize,
+                    views.tile[0] * PIXELS_PER_LATENT as usize,
+                    max * PIXELS_PER_LATENT as usize,
+                    max * PIXELS_PER_LATENT as usize,
+                    if s.method == Method::Single {
+                        ", and a cascade method (--method hybrid) for larger pictures"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
         let b = s.training_latent;
         let view_larger = views.tile[0] > b || views.tile[1] > b;
-        let dilation = if s.freescale_like && view_larger {
+        let dilation = if s.freescale_like && view_larger && s.dilation {
             let steps = dilated_steps(&schedule, &timesteps, s.dilate_tau);
             DilationSchedule::new(views.tile[1], b, steps).map_err(|e| PlanError(e.to_string()))?
         } else {
@@ -926,7 +1152,7 @@ fn drop_camap_of_a_stage_without_steps(stages: &mut [StagePlan]) {
 /// - coordinator: per stage about 12 latent-sized f32 buffers (latent, upscaled latent and its
 ///   noise, merged local and global conditional/unconditional predictions, weights, guidance
 ///   and step temporaries), the transition's pixels (decoded and resized, 3 channels, f32) and
-///   a captured CA-map (77 text tokens × 2 halves per latent pixel); the largest stage counts.
+///   a captured CA-map (text tokens × 2 halves per latent pixel); the largest stage counts.
 /// - worker: the weights, plus activations of one call: views × CFG halves × tile tokens ×
 ///   base channels × 24 live tensors of that size (the UNet's widest resolution dominates;
 ///   attention is computed in query chunks), at the weights' precision.
@@ -949,7 +1175,7 @@ fn estimate_memory(
             bytes += 3 * 4 * (prev_px + this_px);
         }
         if s.camap_capture {
-            bytes += px * TEXT_TOKENS as u64 * 2 * 4;
+            bytes += px * arch.text_tokens as u64 * 2 * 4;
         }
         coordinator = coordinator.max(bytes);
         let views = view_batch.min(s.local_views.max(1)) as u64;
@@ -1035,6 +1261,136 @@ mod tests {
             StageEntry::Previous {
                 from_predicted_x0: true,
                 filter: ResizeFilter::Nearest
+            }
+        ));
+    }
+
+    /// `tessera plan --arch sd3 --method frecas --size 2048x2048 --stages
+    /// 1024x1024,2048x2048 --end-times 50,0 --stage-steps 20,8`: the timesteps printed by
+    /// tests/parity/ref_frecas_sd3_schedule.py, the reference's own `scheduler_wrapper` on its
+    /// flow-matching scheduler (SD3 medium's shift 3). Stage 2 starts 69 entries before the
+    /// schedule's end (`get_next_starttimestep_rf(50, 1024, 2048)`), at entry 930.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn sd3_frecas_timesteps_match_the_reference_scheduler_wrapper() {
+        let arch = ArchInfo::preset("sd3").unwrap();
+        let s = RenderSpec {
+            method: MethodSpec {
+                method: Some(Method::Frecas),
+                stages: Some(vec![
+                    Size {
+                        width: 1024,
+                        height: 1024,
+                    },
+                    Size {
+                        width: 2048,
+                        height: 2048,
+                    },
+                ]),
+                end_times: Some(vec![50, 0]),
+                stage_steps: Some(vec![20, 8]),
+                ..Default::default()
+            },
+            ..spec(2048, None)
+        };
+        let p = plan(&s, &arch).unwrap();
+        let want0 = [
+            1000.0,
+            982.7942504882812,
+            964.362060546875,
+            944.567626953125,
+            923.2540283203125,
+            900.2393798828125,
+            875.3117065429688,
+            848.2220458984375,
+            818.6763305664062,
+            786.3248291015625,
+            750.7477416992188,
+            711.4375610351562,
+            667.7741088867188,
+            618.9918212890625,
+            564.1344604492188,
+            501.9920349121094,
+            431.00994873046875,
+            349.15771484375,
+            253.73133850097656,
+            143.50180053710938,
+        ];
+        let want1 = [
+            188.48167419433594,
+            165.18649291992188,
+            141.04881286621094,
+            116.02210235595703,
+            90.05628204345703,
+            63.09751510620117,
+            35.08771896362305,
+            8.928571701049805,
+        ];
+        assert_eq!(p.stages[0].timesteps, want0);
+        assert_eq!(p.stages[1].timesteps, want1);
+        let indices = |k: usize| match &p.stages[k].schedule {
+            StageSchedule::FrecasFlow { indices, mu: None } => indices.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(indices(1), vec![930, 940, 950, 960, 970, 980, 990, 999]);
+        assert_eq!(indices(0)[19], 949);
+        // FA-CFG and CA-map weights of the reference's SD3 preset; no FreeU, no dilation.
+        assert_eq!(
+            p.stages[1].guidance,
+            GuidancePlan::FaCfg {
+                high: 35.0,
+                low: 7.5,
+                low_latent: [128, 128]
+            }
+        );
+        assert_eq!(p.stages[1].camap_inject, Some(0.5));
+        assert!(!p.stages[1].freeu);
+        assert_eq!(p.stages[1].dilation, 1);
+    }
+
+    #[test]
+    fn sd3_refuses_unet_only_flags_and_ddim() {
+        let arch = ArchInfo::preset("sd3").unwrap();
+        let with = |f: &dyn Fn(&mut RenderSpec)| {
+            let mut s = spec(2048, None);
+            f(&mut s);
+            plan(&s, &arch).unwrap_err().0
+        };
+        let e = with(&|s| s.method.freeu = Some(true));
+        assert!(e.contains("drop --freeu") && e.contains("SD3"), "{e}");
+        let e = with(&|s| s.method.dilate_tau = Some(20));
+        assert!(e.contains("drop --dilate-tau"), "{e}");
+        let e = with(&|s| s.scheduler = Some(SchedulerKind::Ddim));
+        assert!(e.contains("flow-matching"), "{e}");
+        // The defaults leave FreeU and dilation off; hybrid works, single at 1024 too.
+        let p = plan(&spec(2048, None), &arch).unwrap();
+        assert_eq!(p.method, Method::Hybrid);
+        assert!(p.stages.iter().all(|s| !s.freeu && s.dilation == 1));
+        let single = plan(&spec(1024, None), &arch).unwrap();
+        assert_eq!(single.stages[0].timesteps.len(), 50);
+        assert_eq!(single.stages[0].timesteps[0], 1000.0);
+        // Views the position embedding cannot cover, and sizes the patches cannot tile.
+        let e = with(&|s| {
+            s.method.method = Some(Method::Single);
+            s.width = 4096;
+            s.height = 4096;
+        });
+        assert!(e.contains("--tile-size 3072 or less"), "{e}");
+        let e = with(&|s| {
+            s.method.method = Some(Method::Single);
+            s.width = 1032;
+            s.height = 1024;
+        });
+        assert!(e.contains("multiple of 16"), "{e}");
+        // Euler on SD3 is flow-matching Euler.
+        let mut s = spec(1024, Some(Method::Single));
+        s.scheduler = Some(SchedulerKind::Euler);
+        let p = plan(&s, &arch).unwrap();
+        assert!(matches!(
+            p.stages[0].schedule,
+            StageSchedule::Schedule {
+                scheduler: SchedulerKind::FlowEuler,
+                ..
             }
         ));
     }
@@ -1145,6 +1501,7 @@ mod tests {
             scheduler: SchedulerKind::Euler,
             steps: 50,
             start,
+            mu: None,
         };
         let ts = vec![0.0; 35];
         assert_eq!(dilated_steps(&schedule(15), &ts, 35), 20);
@@ -1165,7 +1522,11 @@ mod tests {
         let arch = ArchInfo::preset("sdxl").unwrap();
         let mut s = spec(2048, Some(Method::Freescale));
         s.steps = 10;
-        let t = schedule_stage_timing(&s, &arch, Method::Freescale, 2).unwrap();
+        let sizes = [1024, 2048].map(|w| Size {
+            width: w,
+            height: w,
+        });
+        let t = schedule_stage_timing(&s, &arch, Method::Freescale, &sizes).unwrap();
         assert_eq!(t[0].timesteps.len(), 10);
         assert_eq!(t[1].timesteps.len(), 10 - 3);
         assert_eq!(t[1].timesteps[0], t[0].timesteps[3]);
@@ -1174,7 +1535,8 @@ mod tests {
             StageSchedule::Schedule {
                 scheduler: SchedulerKind::Euler,
                 steps: 10,
-                start: 3
+                start: 3,
+                mu: None
             }
         );
     }
@@ -1195,6 +1557,108 @@ mod tests {
         let p = plan(&s, &arch).unwrap();
         assert!(p.stages[0].camap_capture);
         assert!(p.stages[1].camap_inject.is_some());
+    }
+
+    /// The sizes a refusal offers ("… use --size AxB or --size CxD").
+    fn offered_sizes(err: &str) -> Vec<Size> {
+        let hint = err.split(": use ").nth(1).unwrap_or("");
+        hint.split("--size ")
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn an_off_grid_size_is_refused_in_the_users_words_with_sizes_that_keep_every_rule() {
+        // The tiny models' training size: 500 asks for a 3-stage hybrid cascade.
+        let tiny = ArchInfo {
+            training_size: 128,
+            ..ArchInfo::preset("sdxl").unwrap()
+        };
+        let err = plan(&spec(500, None), &tiny).unwrap_err().0;
+        assert_eq!(
+            err,
+            "--size 500x500: each side must be a multiple of 64 pixels (8 latent pixels), as \
+             the hybrid cascade needs: use --size 448x448 or --size 512x512"
+        );
+        // At SDXL's training size 500 is plain sampling, whose grid is one latent pixel.
+        let sdxl = ArchInfo::preset("sdxl").unwrap();
+        let err = plan(&spec(500, None), &sdxl).unwrap_err().0;
+        assert!(
+            err.ends_with("use --size 496x496 or --size 504x504"),
+            "{err}"
+        );
+        // Just above the training size the method changes with the size offered.
+        let err = plan(&spec(1030, None), &sdxl).unwrap_err().0;
+        assert!(
+            err.ends_with("use --size 1024x1024 or --size 1088x1088"),
+            "{err}"
+        );
+
+        // Whatever the method and shape, every size offered plans: one round trip per mistake.
+        let methods = [None, Some(Method::Single), Some(Method::Freescale)];
+        let methods = methods
+            .into_iter()
+            .chain([Some(Method::Frecas), Some(Method::Hybrid)]);
+        let mut refused = 0;
+        for method in methods {
+            for w in (64..=560).step_by(12) {
+                for h in [64, 100, 128, 250, 333, 520] {
+                    let s = RenderSpec {
+                        width: w,
+                        height: h,
+                        ..spec(w, method)
+                    };
+                    let Err(e) = plan(&s, &tiny) else { continue };
+                    refused += 1;
+                    assert!(e.0.starts_with("--size") && !e.0.contains("stage"), "{e}");
+                    let offered = offered_sizes(&e.0);
+                    assert!(!offered.is_empty(), "{e}");
+                    for o in offered {
+                        let fixed = RenderSpec {
+                            width: o.width,
+                            height: o.height,
+                            ..s.clone()
+                        };
+                        assert!(plan(&fixed, &tiny).is_ok(), "{e}: {o} fails too");
+                    }
+                }
+            }
+        }
+        assert!(refused > 100, "only {refused} sizes refused");
+    }
+
+    #[test]
+    fn listed_stages_are_named_as_the_user_wrote_them() {
+        let arch = ArchInfo::preset("sdxl").unwrap();
+        let stages = |sizes: &[u32]| MethodSpec {
+            stages: Some(
+                sizes
+                    .iter()
+                    .map(|&v| Size {
+                        width: v,
+                        height: v,
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let s = RenderSpec {
+            method: stages(&[1024, 2000]),
+            ..spec(2000, None)
+        };
+        let err = plan(&s, &arch).unwrap_err().0;
+        assert!(
+            err.starts_with(
+                "--stages' second stage (2000x2000): width 2000 is not a multiple of 64"
+            ) && err.ends_with("use 1984 or 2048"),
+            "{err}"
+        );
+        let s = RenderSpec {
+            method: stages(&[1024, 2048]),
+            ..spec(4096, None)
+        };
+        let err = plan(&s, &arch).unwrap_err().0;
+        assert!(err.contains("drop --size"), "{err}");
     }
 
     #[test]

@@ -171,14 +171,10 @@ impl std::fmt::Display for Size {
     }
 }
 
-/// Checks one side of an image size: a multiple of 8 pixels (one latent pixel), as diffusers'
-/// pipelines accept for plain sampling.
-pub fn check_side(name: &str, value: u32) -> Result<(), SpecError> {
-    check_side_multiple(name, value, PIXELS_PER_LATENT)
-}
-
-/// Checks one side against a pixel multiple: cascade stages and tiles use [`SIZE_MULTIPLE`].
-pub fn check_side_multiple(name: &str, value: u32, multiple: u32) -> Result<(), SpecError> {
+/// Checks that one side lies in [`MIN_SIDE`, `MAX_SIDE`]. Which multiple of pixels a side must
+/// be depends on the method, so the plan checks that (`plan::plan`), with a suggestion that
+/// keeps every rule.
+pub fn check_side_range(name: &str, value: u32) -> Result<(), SpecError> {
     if value < MIN_SIDE {
         return Err(SpecError(format!(
             "{name} {value} is too small: use at least {MIN_SIDE} pixels"
@@ -189,29 +185,41 @@ pub fn check_side_multiple(name: &str, value: u32, multiple: u32) -> Result<(), 
             "{name} {value} is too large: use at most {MAX_SIDE} pixels"
         )));
     }
+    Ok(())
+}
+
+/// Checks one side against a pixel multiple (a tile size, a stage of `--stages`), suggesting
+/// the multiples on either side.
+pub fn check_side_multiple(name: &str, value: u32, multiple: u32) -> Result<(), SpecError> {
+    check_side_range(name, value)?;
     if !value.is_multiple_of(multiple) {
         let down = value / multiple * multiple;
         let up = down + multiple;
-        let hint = if down == 0 {
+        let hint = if down < MIN_SIDE {
             format!("use {up}")
         } else {
             format!("use {down} or {up}")
         };
-        let latent = match multiple / PIXELS_PER_LATENT {
-            1 => String::new(),
-            n => format!(" ({n} latent pixels)"),
-        };
         return Err(SpecError(format!(
-            "{name} {value} is not a multiple of {multiple} pixels{latent}: {hint}"
+            "{name} {value} is not a multiple of {multiple} pixels{}: {hint}",
+            latent_pixels(multiple)
         )));
     }
     Ok(())
 }
 
+/// " (N latent pixels)" for a pixel multiple of more than one latent pixel, else "".
+pub fn latent_pixels(multiple: u32) -> String {
+    match multiple / PIXELS_PER_LATENT {
+        0 | 1 => String::new(),
+        n => format!(" ({n} latent pixels)"),
+    }
+}
+
 impl RenderSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        check_side("width", self.width)?;
-        check_side("height", self.height)?;
+        check_side_range("--size width", self.width)?;
+        check_side_range("--size height", self.height)?;
         if self.steps == 0 || self.steps > MAX_STEPS {
             return Err(SpecError(format!(
                 "steps {} is out of range: use 1 to {MAX_STEPS}",
@@ -293,13 +301,6 @@ mod tests {
     #[test]
     fn bad_specs_say_what_to_change() {
         let cases: Vec<(RenderSpec, &str)> = vec![
-            (
-                RenderSpec {
-                    width: 250,
-                    ..spec()
-                },
-                "use 248 or 256",
-            ),
             (
                 RenderSpec {
                     height: 0,

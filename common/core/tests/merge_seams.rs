@@ -206,14 +206,14 @@ fn gaussian_merge_has_no_seam_even_in_the_residual() -> TestResult {
     Ok(())
 }
 
-/// The same requirement for the uniform average, Tessera's default `--tile-weights`. It does
-/// not hold: where a view starts, the plain average jumps by (its output − the mean of the
+/// The same requirement for the uniform average (`--tile-weights uniform`, the reference's
+/// plain average; Tessera's default is `gaussian`). It does not hold: where a view starts, the plain average jumps by (its output − the mean of the
 /// others) / count, about half the views' disagreement where two views overlap. Measured
 /// with the disagreement above (amplitude 0.05): border steps 0.091–0.118 against inside
 /// steps of 0.070 (1.3–1.7 x); with the field subtracted 0.047–0.053 against 0.005 (≈ 10 x;
 /// last-view-wins ≈ 0.095). Run with `--ignored` to see it.
 #[test]
-#[ignore = "known: a uniform average of disagreeing views steps at tile borders (default --tile-weights uniform)"]
+#[ignore = "known: a uniform average of disagreeing views steps at tile borders (--tile-weights uniform; the default is gaussian)"]
 fn uniform_merge_shows_no_step_at_tile_borders() -> TestResult {
     let failures = seam_failures(ViewWeighting::Uniform, false)?;
     assert!(failures.is_empty(), "{failures:#?}");

@@ -1,4 +1,4 @@
-//! The store: everything a job needs to resume lives under one key prefix (DESIGN.md, "Store").
+//! The store: everything a job needs to resume lives under one key prefix (the layout: `keys.rs`).
 //! The cluster keeps it in Redis; the embedded `tessera render` keeps it in memory behind the
 //! same trait, so both drive one engine.
 //!

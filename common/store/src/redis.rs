@@ -63,6 +63,9 @@ pub struct RedisOptions {
     /// PEM file of the CA that signed the server's certificate, for `rediss://` URLs to a server
     /// with a private CA; `None` uses the system's trusted roots.
     pub ca: Option<PathBuf>,
+    /// How the user gives the URL (e.g. "--redis URL or the TESSERA_REDIS variable"), named in
+    /// connection messages so that a wrong address is changed at once.
+    pub url_from: Option<String>,
 }
 
 impl Default for RedisOptions {
@@ -72,6 +75,7 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             ca: None,
+            url_from: None,
         }
     }
 }
@@ -498,6 +502,11 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(opts.connect_timeout))
         .set_response_timeout(Some(opts.response_timeout));
+    let elsewhere = opts
+        .url_from
+        .as_deref()
+        .map(|how| format!("; another Redis: {how}"))
+        .unwrap_or_default();
     let start = Instant::now();
     let mut delay = BACKOFF_MIN;
     let mut waiting = false;
@@ -521,7 +530,7 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
                     return Err(StoreError::Unavailable(format!(
                         "cannot reach Redis at {shown} after {:.1} s ({e}); check that \
                          redis-server is running there, that host and port are right and \
-                         reachable from this machine{}",
+                         reachable from this machine{}{elsewhere}",
                         elapsed.as_secs_f64(),
                         if shown.starts_with("rediss") {
                             ", and that the server speaks TLS"
@@ -532,9 +541,14 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
                 }
                 if !waiting {
                     waiting = true;
+                    let another = opts
+                        .url_from
+                        .as_deref()
+                        .map(|how| format!(" Another Redis: {how}."))
+                        .unwrap_or_default();
                     tracing::warn!(
-                        url = shown,
-                        "waiting for Redis ({e}); up to {} s",
+                        "waiting for Redis at {shown} ({e}), up to {} s. Is redis-server \
+                         running there?{another}",
                         opts.retry_for.as_secs()
                     );
                 }
@@ -551,8 +565,13 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
                 } else {
                     ""
                 };
+                let how = opts
+                    .url_from
+                    .as_deref()
+                    .map(|how| format!(" (the URL is given with {how})"))
+                    .unwrap_or_default();
                 return Err(StoreError::Unavailable(format!(
-                    "cannot connect to Redis at {shown}: {e}{hint}"
+                    "cannot connect to Redis at {shown}: {e}{hint}{how}"
                 )));
             }
         }

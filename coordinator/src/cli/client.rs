@@ -18,6 +18,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::job::{JobArgs, MissingPrompt};
+use super::output::check_writable;
 use super::roles::runtime;
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
@@ -41,20 +42,47 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> Result<Client> {
-        let channel = net::channel(
-            &self.coordinator,
-            &ClientNet {
-                ca: self.tls_ca.clone(),
-                connect_timeout: Some(Duration::from_secs(5)),
-            },
-        )?;
+    /// Connects at once, so that a coordinator that cannot be reached is reported first, with
+    /// the address tried and how to point at another.
+    async fn client(&self) -> Result<Client> {
+        let netcfg = ClientNet {
+            ca: self.tls_ca.clone(),
+            connect_timeout: Some(Duration::from_secs(5)),
+        };
+        let channel = net::endpoint(&self.coordinator, &netcfg)?
+            .connect()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
         Ok(
             CoordinatorClient::with_interceptor(channel, AttachToken::new(self.token.as_deref())?)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
         )
     }
+
+    fn unreachable(&self, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+        let url = net::normalize_url(&self.coordinator, self.tls_ca.is_some());
+        anyhow!(
+            "cannot reach the coordinator at {url} ({}): start `tessera coordinator` there, or \
+             point at another with --coordinator URL or the TESSERA_COORDINATOR variable",
+            causes(e)
+        )
+    }
+}
+
+/// An error and its sources on one line, each message once ("transport error: tcp connect
+/// error: Connection refused (os error 111)").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
 }
 
 /// A gRPC refusal as a person reads it: the server's message, not a debug dump.
@@ -137,7 +165,7 @@ fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<Su
 pub fn submit(args: SubmitArgs) -> Result<()> {
     let req = request(&args.opts, &args.job, args.latents.as_deref())?;
     runtime()?.block_on(async move {
-        let mut client = args.conn.client()?;
+        let mut client = args.conn.client().await?;
         let id = client
             .submit_job(req)
             .await
@@ -181,7 +209,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         bail!("batch takes its prompts from the file: drop --prompt");
     }
     runtime()?.block_on(async move {
-        let mut client = args.conn.client()?;
+        let mut client = args.conn.client().await?;
         let mut failed = 0;
         for (line, prompt) in &prompts {
             let mut job = args.job.clone();
@@ -305,7 +333,7 @@ fn describe(info: &JobInfo) -> String {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     runtime()?.block_on(async move {
-        let mut client = args.target.conn.client()?;
+        let mut client = args.target.conn.client().await?;
         let info = client
             .get_job(JobRef {
                 job_id: args.target.job.clone(),
@@ -333,7 +361,7 @@ pub struct ListArgs {
 
 pub fn list(args: ListArgs) -> Result<()> {
     runtime()?.block_on(async move {
-        let mut client = args.conn.client()?;
+        let mut client = args.conn.client().await?;
         let jobs = client
             .list_jobs(ListJobsRequest {})
             .await
@@ -366,7 +394,7 @@ pub fn list(args: ListArgs) -> Result<()> {
 
 pub fn cancel(args: JobArg) -> Result<()> {
     runtime()?.block_on(async move {
-        let mut client = args.conn.client()?;
+        let mut client = args.conn.client().await?;
         let info = client
             .cancel_job(JobRef {
                 job_id: args.job.clone(),
@@ -389,8 +417,11 @@ pub fn watch(args: WatchArgs) -> Result<i32> {
         target: args,
         preview,
     } = args;
+    if let Some(path) = &preview {
+        check_writable(&[("--preview", path)])?;
+    }
     runtime()?.block_on(async move {
-        let mut client = args.conn.client()?;
+        let mut client = args.conn.client().await?;
         // The (image, stage, step) whose preview was last written.
         let mut previewed: Option<(u32, u32, u32)> = None;
         let bar = ProgressBar::new(1).with_style(
@@ -536,8 +567,9 @@ pub struct FetchArgs {
 }
 
 pub fn fetch(args: FetchArgs) -> Result<()> {
+    check_writable(&[("-o", &args.output)])?;
     runtime()?.block_on(async move {
-        let mut client = args.target.conn.client()?;
+        let mut client = args.target.conn.client().await?;
         let info = client
             .get_job(JobRef {
                 job_id: args.target.job.clone(),

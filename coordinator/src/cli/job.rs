@@ -1,6 +1,6 @@
 //! The job flags shared by `render`, `plan`, `submit` and `batch`: what to render and how the
-//! cascade runs. DESIGN.md's "Command line (contract)" fixes their names. They become a
-//! [`JobRequest`], the domain type the wire and the engine read; clap stays here.
+//! cascade runs. Their names are a contract (scripts and the deployment recipes use them). They
+//! become a [`JobRequest`], the domain type the wire and the engine read; clap stays here.
 
 use std::path::PathBuf;
 
@@ -22,8 +22,9 @@ pub struct JobArgs {
     /// diffusers.
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Output size WIDTHxHEIGHT in pixels, multiples of 64 [default: the model's training
-    /// size]. Above the training size the cascade doubles from it (see --stages).
+    /// Output size WIDTHxHEIGHT in pixels: multiples of 8 for plain sampling, of 64 for the
+    /// cascades [default: the last of --stages, else the model's training size]. Above the
+    /// training size the cascade doubles from it (see --stages).
     #[arg(long)]
     pub size: Option<Size>,
     /// Denoising steps. `single` and `freescale` run this schedule in every stage (FreeScale's
@@ -50,8 +51,8 @@ pub struct JobArgs {
     /// fusion [default: single at the training size, hybrid above].
     #[arg(long, value_parser = parse_method)]
     pub method: Option<Method>,
-    /// Stage sizes, smallest first, ending at --size: e.g. 1024x1024,2048x2048,4096x4096
-    /// [default: doubling from the training size].
+    /// Stage sizes, smallest first, the last the picture's size (then --size may be left out):
+    /// e.g. 1024x1024,2048x2048,4096x4096 [default: doubling from the training size].
     #[arg(long, value_delimiter = ',')]
     pub stages: Option<Vec<Size>>,
     /// FreeScale: the step stages after the first start at [default: 30% of --steps].

@@ -18,6 +18,7 @@ use tessera_worker::model::arch::arch_info;
 use tessera_worker::model::diffusion::DiffusionModel;
 
 use super::job::{JobArgs, MissingPrompt};
+use super::output::check_writable;
 use crate::dispatch::LocalWorkers;
 use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
 use crate::sync::lock;
@@ -71,6 +72,18 @@ fn preview_hook(path: PathBuf, sdxl: bool) -> PreviewHook {
     }))
 }
 
+/// Every file the render will write, checked before anything else is read or computed.
+fn check_outputs(args: &RenderArgs) -> Result<()> {
+    let mut outputs = vec![("-o", args.output.as_path())];
+    outputs.extend(
+        args.output_latents
+            .as_deref()
+            .map(|p| ("--output-latents", p)),
+    );
+    outputs.extend(args.preview.as_deref().map(|p| ("--preview", p)));
+    check_writable(&outputs)
+}
+
 /// What a render computes, checked and read before the weights load.
 struct Prepared {
     spec: RenderSpec,
@@ -83,6 +96,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
     if args.workers == 0 || args.workers > 64 {
         bail!("--workers {}: use 1 to 64", args.workers);
     }
+    check_outputs(&args)?;
     let device = open_device(&args.device)?;
     let Prepared { spec, plan, inputs } = prepare(&args, &device)?;
     let model = load_model(&args.model, &device)?;

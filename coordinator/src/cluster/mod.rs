@@ -60,7 +60,11 @@ pub async fn serve(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let store = RedisStore::connect(&cfg.redis_url, RedisOptions::default()).await?;
+    let redis = RedisOptions {
+        url_from: Some("--redis URL or the TESSERA_REDIS variable".into()),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect(&cfg.redis_url, redis).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| CoordinatorError::Listen {

@@ -14,9 +14,9 @@ use tessera_core::method::facfg::{fa_cfg, FaCfgWeights};
 use tessera_core::method::freescale::RestrainedStructure;
 use tessera_core::method::guidance;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
-use tessera_core::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
+use tessera_core::plan::{GuidancePlan, Plan, StageEntry, StagePlan};
 use tessera_core::resize::{ResizeFilter, Resizer};
-use tessera_core::sched::{Scheduler, SchedulerConfig, SchedulerKind};
+use tessera_core::sched::{SchedulerConfig, StageStepper as Stepper};
 use tessera_core::spec::{RenderSpec, PIXELS_PER_LATENT};
 use tessera_core::task::{Task, TaskKind, VaeNoise};
 use tessera_core::tiling::vae::VaeTiling;
@@ -213,53 +213,6 @@ pub struct Engine<'a> {
     pub store: &'a dyn Store,
     pub workers: &'a dyn Dispatch,
     pub model: ModelInfo,
-}
-
-/// A stage's stepping rule, built from its plan.
-struct Stepper {
-    scheduler: Scheduler,
-    schedule: StageSchedule,
-}
-
-impl Stepper {
-    fn new(stage: &StagePlan, cfg: &SchedulerConfig) -> Result<Self> {
-        let scheduler = match &stage.schedule {
-            StageSchedule::Schedule {
-                scheduler, steps, ..
-            } => Scheduler::new(*scheduler, cfg, *steps)?,
-            StageSchedule::Frecas { inference_steps } => {
-                Scheduler::new(SchedulerKind::Ddim, cfg, *inference_steps)?
-            }
-        };
-        Ok(Self {
-            scheduler,
-            schedule: stage.schedule.clone(),
-        })
-    }
-
-    /// Index into the scheduler's own schedule of the stage's step `j`.
-    fn index(&self, j: usize) -> usize {
-        match &self.schedule {
-            StageSchedule::Schedule { start, .. } => start + j,
-            StageSchedule::Frecas { .. } => j,
-        }
-    }
-
-    fn scale_input(&self, z: &Tensor, j: usize) -> Result<Tensor> {
-        Ok(match &self.schedule {
-            StageSchedule::Schedule { .. } => self.scheduler.scale_model_input(z, self.index(j))?,
-            StageSchedule::Frecas { .. } => z.clone(),
-        })
-    }
-
-    /// (next latent, predicted clean latent).
-    fn step(&self, eps: &Tensor, j: usize, t: f64, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        let out = match &self.schedule {
-            StageSchedule::Schedule { .. } => self.scheduler.step(eps, self.index(j), z)?,
-            StageSchedule::Frecas { .. } => self.scheduler.ddim_step_from(eps, t, z)?,
-        };
-        Ok((out.prev_sample, out.pred_original_sample))
-    }
 }
 
 /// Where a job's last checkpoint is: `step` steps of `stage` done; `complete` when the stage
@@ -525,7 +478,7 @@ impl Engine<'_> {
             stage,
             shape: (1, self.model.latent_channels, h, w),
         };
-        let stepper = Stepper::new(stage, &self.model.scheduler)?;
+        let stepper = Stepper::new(&stage.schedule, &self.model.scheduler)?;
         let mut start = match resume_at {
             Some(j0) => self.resume_stage(&at, j0)?,
             None => match self.enter_stage(&at, &stepper, prev, inputs)? {
@@ -578,7 +531,7 @@ impl Engine<'_> {
                     None => at.noise(NoisePurpose::InitialLatent)?,
                 };
                 // diffusers scales given latents by the scheduler's initial sigma too.
-                (noise * stepper.scheduler.init_noise_sigma())?
+                (noise * stepper.init_noise_sigma())?
             }
             StageEntry::InitImage { filter } => {
                 let image = inputs.init_image.take().ok_or_else(|| {
@@ -680,7 +633,7 @@ impl Engine<'_> {
             .timesteps
             .first()
             .ok_or_else(|| EngineError::Invalid(format!("stage {k} has no timesteps")))?;
-        let z = stepper.scheduler.add_noise(&z_up, &eps, t0)?;
+        let z = stepper.add_noise(&z_up, &eps, 0, t0)?;
         if stage.restraint.is_none() {
             return Ok((z, None));
         }
@@ -729,6 +682,7 @@ impl Engine<'_> {
             let mut checkpoints = Background::new(scope);
             for (j, &t) in stage.timesteps.iter().enumerate().skip(start.first_step) {
                 let step_start = Instant::now();
+                let t = stepper.timestep(j, t);
                 if let Some(r) = restraint {
                     z = r.apply(&z, j, t, stepper)?;
                 }
@@ -875,7 +829,7 @@ struct Restraint {
 impl Restraint {
     /// z before the model call of step `j` at `t`.
     fn apply(&self, z: &Tensor, j: usize, t: f64, stepper: &Stepper) -> Result<Tensor> {
-        let noised = || stepper.scheduler.add_noise(&self.z_up, &self.eps, t);
+        let noised = || stepper.add_noise(&self.z_up, &self.eps, j, t);
         Ok(self.rule.apply(z, j, t, noised)?)
     }
 }

@@ -1,6 +1,6 @@
 //! One model evaluation of a whole stage latent, distributed: cut the latent into local tiles
 //! and global strided views, hand them to workers in fixed batches, merge what comes back in
-//! view order, and fuse the two scales (DESIGN.md, "Tiled scale fusion").
+//! view order, and fuse the two scales (`tessera_core::method::fusion`; README, *Methods*).
 //!
 //! Every batch is the same whatever the number of workers, and merging follows view order, so
 //! the result does not depend on who computed what or when.

@@ -1,7 +1,17 @@
-//! FreCaS's cross-attention map reuse (`utils/camap_wrapper.py`) at each `attn2` of the UNet:
-//! capture the layer's head-averaged attention probabilities at one stage, and mix a stored map
-//! into the layer's output at the next. The stage-level map handling (cutting a view's part of
-//! the map, averaging layers) is `tessera_core::method::camap`.
+//! FreCaS's cross-attention map reuse (`utils/camap_wrapper.py`) at each `attn2` of the UNet
+//! and each joint attention `attn` of SD3's MMDiT: capture the layer's head-averaged attention
+//! probabilities at one stage, and mix a stored map into the layer's output at the next. The
+//! stage-level map handling (cutting a view's part of the map, averaging layers) is
+//! `tessera_core::method::camap`.
+//!
+//! On SD3 the map is the text→image part of the joint attention: the image queries' softmax
+//! over the text keys alone (the reference's `SDPA(q[:, :, :-154], k[:, :, -154:], I)`), and
+//! its reuse adds `w · (T / N) · (map @ V_text)` to the image tokens' output, T the text
+//! tokens and N the image tokens of a training-size view (the reference's `154 / 4096` at
+//! SD3's 1024 px). Two slips of the reference's SD3 branch are not followed: it takes the last
+//! 154 keys as the text (77 CLIP + 77 T5 tokens; the pipeline it runs passes 77 + 256, so
+//! those are T5's padding), and its reuse multiplies an undefined `attnmap` (so it never ran).
+//! Tessera takes every text token and the stored map.
 
 use candle_core::{Result, Tensor};
 
@@ -43,6 +53,39 @@ pub(crate) fn inject(
     let map = resized_injection_map(&inj.map.to_dtype(v.dtype())?, hw.0, hw.1)?;
     let reused = map.unsqueeze(1)?.broadcast_matmul(v)?;
     (out * (1.0 - inj.weight))? + (reused * inj.weight)?
+}
+
+/// SD3's text→image map of a joint attention: softmax(q_img·k_textᵀ·scale) over the text
+/// keys alone, averaged over heads, (B, N, T) from queries (B, heads, N, d) and text keys
+/// (B, heads, T, d).
+pub(crate) fn joint_text_map(q: &Tensor, k_text: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, probs) = crate::model::attention::attend(q, k_text, k_text, scale, true)?;
+    probs.ok_or_else(|| candle_core::Error::Msg("no attention map".into()))
+}
+
+/// FreCaS's reuse on SD3's joint attention (see the module doc): `out + w·(T/N)·(map @ V_text)`
+/// per head, `out` the image tokens' attention output (B, heads, h·w, d), `v_text` the text
+/// values (B, heads, T, d), N = `training_tokens`.
+pub(crate) fn inject_joint(
+    inj: &CrossAttnInjection,
+    path: &str,
+    out: Tensor,
+    v_text: &Tensor,
+    hw: (usize, usize),
+    training_tokens: usize,
+) -> Result<Tensor> {
+    let (b, t) = (inj.map.dim(0)?, inj.map.dim(3)?);
+    let (batch, tokens) = (out.dim(0)?, v_text.dim(2)?);
+    if b != batch || t != tokens {
+        candle_core::bail!(
+            "{path}: injected map {:?} does not fit batch {batch} with {tokens} text tokens",
+            inj.map.dims()
+        );
+    }
+    let map = resized_injection_map(&inj.map.to_dtype(v_text.dtype())?, hw.0, hw.1)?;
+    let reused = map.unsqueeze(1)?.broadcast_matmul(v_text)?;
+    let weight = inj.weight * tokens as f64 / training_tokens.max(1) as f64;
+    out + (reused * weight)?
 }
 
 /// The injected map resized spatially to the layer's (h, w) and flattened to (B, h·w, T).

@@ -95,21 +95,6 @@ impl UNetHooks {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_hooks_are_plain() {
-        let h = UNetHooks::default();
-        assert!(matches!(h.self_attention, SelfAttentionMode::Plain));
-        assert!(h.dilation.is_empty() && h.freeu.is_none());
-        assert!(!h.capture_cross_attention && h.captured.is_empty());
-        assert!(h.inject_cross_attention.is_none());
-        assert_eq!(h.dilation_of("conv_in"), 1);
-    }
-}
-
 /// The hooks a denoise task asks for, on a model of `family`: FreeU with the family's factors,
 /// FreeScale's dilated convolutions and scale fusion, and the cross-attention map capture. (The
 /// map injection needs the stage map's tensor; the task's runner adds it.)
@@ -130,4 +115,19 @@ pub fn for_task(family: Family, d: &DenoiseTask) -> UNetHooks {
     }
     hooks.capture_cross_attention = d.camap_capture.is_some();
     hooks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_hooks_are_plain() {
+        let h = UNetHooks::default();
+        assert!(matches!(h.self_attention, SelfAttentionMode::Plain));
+        assert!(h.dilation.is_empty() && h.freeu.is_none());
+        assert!(!h.capture_cross_attention && h.captured.is_empty());
+        assert!(h.inject_cross_attention.is_none());
+        assert_eq!(h.dilation_of("conv_in"), 1);
+    }
 }

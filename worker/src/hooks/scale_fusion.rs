@@ -62,26 +62,47 @@ pub fn fused_self_attention(
     grid: LayerGrid,
     sf: &ScaleFusion,
 ) -> Result<Tensor> {
+    let attend = |t: &Tensor| attn.forward_self(t);
+    fused_attention(&attend, attn.path(), x, grid, sf, None)
+}
+
+/// An attention over a batch of token sets (B', N', C) → (B', N', C): a self-attention, or
+/// SD3's joint attention's image part with the text tokens beside each set.
+pub type TokenAttention<'a> = dyn Fn(&Tensor) -> Result<Tensor> + 'a;
+
+/// FreeScale's scale fusion of `attend` over `x` (B, h·w, C) at the layer at `path` of
+/// `grid`; `global` is `attend(x)` when the caller has it already.
+pub fn fused_attention(
+    attend: &TokenAttention,
+    path: &str,
+    x: &Tensor,
+    grid: LayerGrid,
+    sf: &ScaleFusion,
+    global: Option<Tensor>,
+) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     let (h, w) = grid.hw;
     let (ih, iw) = grid.input_hw;
     let (th, tw) = sf.train_latent;
     if h * w != n || h == 0 || w == 0 || th == 0 || tw == 0 {
         candle_core::bail!(
-            "scale fusion at {}: bad grid {h}x{w} for {n} tokens or training size {th}x{tw}",
-            attn.path()
+            "scale fusion at {path}: bad grid {h}x{w} for {n} tokens or training size {th}x{tw}"
         );
     }
     let strides = ((ih / th).max(1), (iw / tw).max(1));
     let s = strides.0.max(strides.1);
     let grid4 = x.reshape((b, h, w, c))?;
     let windows = LayerWindows::new(grid, sf.train_latent, sf.jitter_seed.is_some());
-    let mut rng = ChaCha8Rng::seed_from_u64(sf.jitter_seed.unwrap_or(0) ^ path_hash(attn.path()));
-    let local = local_branch(attn, &grid4, &windows, &mut rng)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(sf.jitter_seed.unwrap_or(0) ^ path_hash(path));
+    let local = local_branch(attend, &grid4, &windows, &mut rng)?;
     let global = if sf.fast && (strides.0 > 1 || strides.1 > 1) {
-        strided_global_branch(attn, &grid4, strides)?
+        strided_global_branch(attend, &grid4, strides)?
     } else {
-        attn.forward_self(x)?.reshape((b, h, w, c))?
+        match global {
+            Some(g) => g,
+            None => attend(x)?,
+        }
+        .reshape((b, h, w, c))?
     };
     let kernel = 2 * s - 1;
     let fused = (blur_features(&local, kernel)? + (&global - blur_features(&global, kernel)?)?)?;
@@ -99,7 +120,7 @@ fn path_hash(path: &str) -> u64 {
 /// outputs averaged where windows overlap. As the reference, windows live in coordinates
 /// padded by the jitter range with zeros, and positions no window covers stay zero.
 fn local_branch(
-    attn: &Attention,
+    attend: &TokenAttention,
     grid4: &Tensor,
     windows: &LayerWindows,
     rng: &mut ChaCha8Rng,
@@ -138,9 +159,9 @@ fn local_branch(
             }
         }
     }
-    // Every window has the same size, so all of them go through attn1 as one batch.
+    // Every window has the same size, so all of them go through the attention as one batch.
     let nwin = pieces.len();
-    let out = attn.forward_self(&Tensor::cat(&pieces, 0)?)?;
+    let out = attend(&Tensor::cat(&pieces, 0)?)?;
     // (nwin·B, lh·lw, C) -> (B, nwin·lh·lw, C), then one scatter-add into the padded frame.
     let out = out
         .reshape((nwin, b, lh * lw, c))?
@@ -168,7 +189,7 @@ fn local_branch(
 /// sub-grids of unequal size where `s` does not divide the side, unlike the latent global
 /// views (`tessera_core::tiling::GlobalViews`), which pad to views of one aligned size.
 fn strided_global_branch(
-    attn: &Attention,
+    attend: &TokenAttention,
     grid4: &Tensor,
     (s_h, s_w): (usize, usize),
 ) -> Result<Tensor> {
@@ -182,9 +203,7 @@ fn strided_global_branch(
             let cj = strided_indices(w, j, s_w, grid4.device())?;
             let sub = sub_rows.index_select(&cj, 2)?;
             let (_, sh, sw, _) = sub.dims4()?;
-            let out = attn
-                .forward_self(&sub.reshape((b, sh * sw, c))?)?
-                .reshape((b, sh, sw, c))?;
+            let out = attend(&sub.reshape((b, sh * sw, c))?)?.reshape((b, sh, sw, c))?;
             row_out = row_out.index_add(&cj, &out, 2)?;
         }
         assembled = assembled.index_add(&ri, &row_out, 1)?;

@@ -75,12 +75,18 @@ fn synthetic_parameters(dir: &ModelDir, denoiser: &DenoiserConfig) -> Result<u64
     let mut total = count_parameters(|vb| denoiser.build(vb).map(|_| ())).map_err(err)?;
     let vae: VaeConfig = dir.config("vae")?;
     total += count_parameters(|vb| AutoencoderKL::new(vb, &vae).map(|_| ())).map_err(err)?;
-    for (name, projection) in [("text_encoder", false), ("text_encoder_2", true)] {
+    let sd3 = denoiser.family() == tessera_core::family::Family::Sd3;
+    for (name, projection) in [("text_encoder", sd3), ("text_encoder_2", true)] {
         if dir.index().components.contains(name) {
             let cfg: ClipTextConfig = dir.config(name)?;
             total += count_parameters(|vb| ClipTextModel::new(vb, &cfg, projection).map(|_| ()))
                 .map_err(err)?;
         }
+    }
+    if dir.index().components.contains("text_encoder_3") {
+        let cfg: super::t5::T5Config = dir.config("text_encoder_3")?;
+        total += count_parameters(|vb| super::t5::T5EncoderModel::new(vb, &cfg).map(|_| ()))
+            .map_err(err)?;
     }
     Ok(total)
 }
@@ -99,7 +105,14 @@ pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
         synthetic_parameters(&dir, &denoiser)?
     } else {
         let mut parameters = 0;
-        for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        for component in [
+            "unet",
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+        ] {
             parameters += count_parameters(&dir.component_dir(component))?;
         }
         parameters
@@ -113,5 +126,7 @@ pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
         parameters,
         weight_bytes,
         base_channels: denoiser.base_channels(),
+        text_tokens: denoiser.text_tokens(),
+        max_view_latent: denoiser.max_view_latent(),
     })
 }

@@ -94,8 +94,6 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// softmax(q·kᵀ·scale)·v in query chunks. With
-    /// `want_mean` it also returns the head-averaged probabilities (B, N, keys).
     fn attend(
         &self,
         q: &Tensor,
@@ -103,54 +101,7 @@ impl Attention {
         v: &Tensor,
         want_mean: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, h, n, _) = q.dims4()?;
-        let nk = k.dim(2)?;
-        let per_query = (b * h * nk).max(1);
-        let chunk = (MAX_SCORE_ELEMENTS / per_query).clamp(1, n.max(1));
-        let kt = k.t()?;
-        // Half precision: the scale is folded into q (small) rather than applied to the scores
-        // (large), and the scores stay in half precision; the softmax kernel subtracts the row
-        // maximum and sums in f32. This keeps the biggest tensor of a high-resolution step at
-        // 2 bytes per element and touched twice, instead of converted and copied four times.
-        let half = matches!(q.dtype(), DType::F16 | DType::BF16);
-        let q = if half { (q * self.scale)? } else { q.clone() };
-        let mut outs = Vec::new();
-        let mut means = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            let qc = if len == n {
-                q.clone()
-            } else {
-                q.narrow(2, start, len)?
-            };
-            let scores = qc.matmul(&kt)?;
-            let probs = if half {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&(scores * self.scale)?)?
-            };
-            outs.push(probs.matmul(v)?);
-            if want_mean {
-                means.push(head_mean(&probs)?);
-            }
-            start += len;
-        }
-        let out = if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 2)?
-        };
-        let mean = if want_mean {
-            Some(if means.len() == 1 {
-                means.remove(0)
-            } else {
-                Tensor::cat(&means, 1)?
-            })
-        } else {
-            None
-        };
-        Ok((out, mean))
+        attend(q, k, v, self.scale, want_mean)
     }
 
     /// Attention through the fused GPU kernel where it applies ([`gpu::flash_attn`]): the
@@ -202,6 +153,65 @@ impl Attention {
         };
         self.merge_heads(&out)
     }
+}
+
+/// softmax(q·kᵀ·scale)·v of (B, heads, N, d) queries in query chunks. With `want_mean` it
+/// also returns the head-averaged probabilities (B, N, keys).
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    want_mean: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, h, n, _) = q.dims4()?;
+    let nk = k.dim(2)?;
+    let per_query = (b * h * nk).max(1);
+    let chunk = (MAX_SCORE_ELEMENTS / per_query).clamp(1, n.max(1));
+    let kt = k.t()?;
+    // Half precision: the scale is folded into q (small) rather than applied to the scores
+    // (large), and the scores stay in half precision; the softmax kernel subtracts the row
+    // maximum and sums in f32. This keeps the biggest tensor of a high-resolution step at
+    // 2 bytes per element and touched twice, instead of converted and copied four times.
+    let half = matches!(q.dtype(), DType::F16 | DType::BF16);
+    let q = if half { (q * scale)? } else { q.clone() };
+    let mut outs = Vec::new();
+    let mut means = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let qc = if len == n {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
+        let scores = qc.matmul(&kt)?;
+        let probs = if half {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&(scores * scale)?)?
+        };
+        outs.push(probs.matmul(v)?);
+        if want_mean {
+            means.push(head_mean(&probs)?);
+        }
+        start += len;
+    }
+    let out = if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    let mean = if want_mean {
+        Some(if means.len() == 1 {
+            means.remove(0)
+        } else {
+            Tensor::cat(&means, 1)?
+        })
+    } else {
+        None
+    };
+    Ok((out, mean))
 }
 
 /// diffusers' `FeedForward` with GEGLU: `net.0.proj` (dim -> 2·inner), `net.2` (inner -> dim).

@@ -1,16 +1,17 @@
 //! The denoiser of a model: the network that predicts from noisy latents at a timestep, under
 //! a text conditioning and the methods' hooks. Engine, tasks and worker talk to it through
 //! [`Denoiser`] (the loaded network) and [`DenoiserConfig`] (its facts, read without weights),
-//! one variant per implementation: diffusers' UNet2DConditionModel serves SD 2.x and SDXL
-//! today; SD3's MMDiT is the next variant. What varies by family otherwise is in the family
-//! table, [`tessera_core::family`].
+//! one variant per implementation: diffusers' UNet2DConditionModel serves SD 2.x and SDXL,
+//! `SD3Transformer2DModel` (MMDiT) serves SD3. What varies by family otherwise is in the
+//! family table, [`tessera_core::family`].
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tessera_core::family::{Family, FamilyInfo};
 
-use super::flops::unet_flops;
+use super::flops::{mmdit_flops, unet_flops};
 use super::loader::{ModelDir, Result};
+use super::sd3::transformer::{Sd3Transformer2DModel, Sd3TransformerConfig};
 use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use crate::hooks::UNetHooks;
 
@@ -18,20 +19,32 @@ use crate::hooks::UNetHooks;
 const PIXELS_PER_LATENT: usize = 8;
 /// SDXL's size ids per sample: original size, crop top-left, target size.
 const SIZE_IDS: usize = 6;
+/// Text tokens of a CLIP prompt.
+const CLIP_TOKENS: usize = 77;
+/// T5 tokens the SD3 pipeline adds (`max_sequence_length`, zeros without T5).
+pub const SD3_T5_TOKENS: usize = 256;
 
 /// A denoiser's configuration, as its model directory gives it.
 #[derive(Debug, Clone)]
 pub enum DenoiserConfig {
     /// `unet/config.json` of an SD 2.x or SDXL directory.
-    Unet { family: Family, config: UNetConfig },
+    /// (Boxed: a UNet config is several times an MMDiT one.)
+    Unet {
+        family: Family,
+        config: Box<UNetConfig>,
+    },
+    /// `transformer/config.json` of an SD3 directory.
+    Mmdit { config: Sd3TransformerConfig },
 }
 
 /// A loaded denoiser.
 pub enum Denoiser {
+    /// (Both boxed: the module trees differ several times in size.)
     Unet {
         family: Family,
-        unet: UNet2DConditionModel,
+        unet: Box<UNet2DConditionModel>,
     },
+    Mmdit(Box<Sd3Transformer2DModel>),
 }
 
 /// What the denoiser is conditioned on for one batch, laid out like the batch's latents.
@@ -52,7 +65,10 @@ impl DenoiserConfig {
         match family {
             Family::Sd2 | Family::Sdxl => Ok(Self::Unet {
                 family,
-                config: dir.config("unet")?,
+                config: Box::new(dir.config("unet")?),
+            }),
+            Family::Sd3 => Ok(Self::Mmdit {
+                config: dir.config("transformer")?,
             }),
         }
     }
@@ -60,27 +76,32 @@ impl DenoiserConfig {
     pub fn family(&self) -> Family {
         match self {
             Self::Unet { family, .. } => *family,
+            Self::Mmdit { .. } => Family::Sd3,
         }
     }
 
     /// The training size in pixels (`sample_size` latent pixels).
     pub fn training_size(&self) -> u32 {
-        match self {
-            Self::Unet { config, .. } => (config.sample_size() * PIXELS_PER_LATENT) as u32,
-        }
+        let latent = match self {
+            Self::Unet { config, .. } => config.sample_size(),
+            Self::Mmdit { config } => config.sample_size,
+        };
+        (latent * PIXELS_PER_LATENT) as u32
     }
 
     /// Channels of the latents it denoises.
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Unet { config, .. } => config.in_channels,
+            Self::Mmdit { config } => config.in_channels,
         }
     }
 
-    /// Channels of its first block (activations scale with it).
+    /// Channels of its first block (activations scale with it): the transformer's width.
     pub fn base_channels(&self) -> usize {
         match self {
             Self::Unet { config, .. } => config.block_out_channels.first().copied().unwrap_or(320),
+            Self::Mmdit { config } => config.inner_dim(),
         }
     }
 
@@ -88,6 +109,23 @@ impl DenoiserConfig {
     pub fn context_dim(&self) -> candle_core::Result<usize> {
         match self {
             Self::Unet { config, .. } => Ok(config.per_block()?.cross_dims[0]),
+            Self::Mmdit { config } => Ok(config.joint_attention_dim),
+        }
+    }
+
+    /// Text tokens of its conditioning: 77 CLIP tokens, and SD3's 256 T5 tokens after them.
+    pub fn text_tokens(&self) -> usize {
+        match self {
+            Self::Unet { .. } => CLIP_TOKENS,
+            Self::Mmdit { .. } => CLIP_TOKENS + SD3_T5_TOKENS,
+        }
+    }
+
+    /// The largest latent side one call accepts, where the model limits it.
+    pub fn max_view_latent(&self) -> Option<usize> {
+        match self {
+            Self::Unet { .. } => None,
+            Self::Mmdit { config } => config.max_latent(),
         }
     }
 
@@ -102,6 +140,7 @@ impl DenoiserConfig {
                 (Some(t), Some(p)) if config.is_sdxl() => Some(p - SIZE_IDS * t),
                 _ => None,
             },
+            Self::Mmdit { config } => Some(config.pooled_projection_dim),
         }
     }
 
@@ -110,6 +149,7 @@ impl DenoiserConfig {
     pub fn flops(&self, h: usize, w: usize, tokens: usize) -> candle_core::Result<f64> {
         match self {
             Self::Unet { config, .. } => unet_flops(config, h, w, tokens),
+            Self::Mmdit { config } => Ok(mmdit_flops(config, h, w, tokens)),
         }
     }
 
@@ -118,8 +158,11 @@ impl DenoiserConfig {
         match self {
             Self::Unet { family, config } => Ok(Denoiser::Unet {
                 family: *family,
-                unet: UNet2DConditionModel::new(vb, config)?,
+                unet: Box::new(UNet2DConditionModel::new(vb, config)?),
             }),
+            Self::Mmdit { config } => Ok(Denoiser::Mmdit(Box::new(Sd3Transformer2DModel::new(
+                vb, config,
+            )?))),
         }
     }
 
@@ -127,6 +170,7 @@ impl DenoiserConfig {
     pub fn component(&self) -> &'static str {
         match self {
             Self::Unet { .. } => "unet",
+            Self::Mmdit { .. } => "transformer",
         }
     }
 
@@ -146,6 +190,7 @@ impl Denoiser {
     pub fn family(&self) -> Family {
         match self {
             Self::Unet { family, .. } => *family,
+            Self::Mmdit(_) => Family::Sd3,
         }
     }
 
@@ -158,6 +203,7 @@ impl Denoiser {
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Unet { unet, .. } => unet.config().in_channels,
+            Self::Mmdit(m) => m.config().in_channels,
         }
     }
 
@@ -168,9 +214,11 @@ impl Denoiser {
 
     /// The training size in pixels.
     pub fn training_size(&self) -> u32 {
-        match self {
-            Self::Unet { unet, .. } => (unet.config().sample_size() * PIXELS_PER_LATENT) as u32,
-        }
+        let latent = match self {
+            Self::Unet { unet, .. } => unet.config().sample_size(),
+            Self::Mmdit(m) => m.config().sample_size,
+        };
+        (latent * PIXELS_PER_LATENT) as u32
     }
 
     /// One prediction for `latents` (B, C, h, w) at `timestep` (shared by the batch;
@@ -192,6 +240,12 @@ impl Denoiser {
                     _ => None,
                 };
                 unet.forward(latents, timestep, &cond.text, added.as_ref(), hooks)
+            }
+            Self::Mmdit(m) => {
+                let pooled = cond.pooled.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("sd3 transformer: no pooled text embeddings".into())
+                })?;
+                m.forward(latents, timestep, &cond.text, pooled, hooks)
             }
         }
     }

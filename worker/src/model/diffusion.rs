@@ -1,6 +1,6 @@
 //! A whole Stable Diffusion model loaded from a diffusers directory: tokenizers, text encoders,
 //! denoiser, VAE and the scheduler configuration, plus prompt encoding exactly as diffusers'
-//! StableDiffusionPipeline / StableDiffusionXLPipeline do it.
+//! StableDiffusionPipeline / StableDiffusionXLPipeline / StableDiffusion3Pipeline do it.
 
 use std::path::Path;
 
@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use tessera_core::family::Family;
 use tessera_core::sched::SchedulerConfig;
 
-use super::denoiser::{Conditioning, Denoiser};
+use super::denoiser::{Conditioning, Denoiser, SD3_T5_TOKENS};
 use super::loader::{ModelDir, ModelError, Result};
+use super::t5::{T5Config, T5EncoderModel, T5Tokenizer};
 use super::text::{ClipTextConfig, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
 use super::vae::{AutoencoderKL, VaeConfig};
@@ -18,6 +19,12 @@ use super::vae::{AutoencoderKL, VaeConfig};
 struct TextBranch {
     tokenizer: ClipTokenizer,
     encoder: ClipTextModel,
+}
+
+/// SD3's optional third text encoder.
+struct T5Branch {
+    tokenizer: T5Tokenizer,
+    encoder: T5EncoderModel,
 }
 
 pub struct DiffusionModel {
@@ -29,16 +36,17 @@ pub struct DiffusionModel {
     pub scheduler_config: SchedulerConfig,
     vae_dtype: DType,
     text: Vec<TextBranch>,
+    t5: Option<T5Branch>,
 }
 
 /// Text conditioning for one prompt pair. Batches are laid out `[uncond, cond]`, as diffusers
 /// concatenates them.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeddings {
-    /// (1, 77, C) each.
+    /// (1, 77, C) each; SD3: (1, 77 + 256, C).
     pub cond: Tensor,
     pub uncond: Tensor,
-    /// SDXL's pooled text embeddings, (1, P) each.
+    /// SDXL's and SD3's pooled text embeddings, (1, P) each.
     pub pooled_cond: Option<Tensor>,
     pub pooled_uncond: Option<Tensor>,
 }
@@ -104,23 +112,8 @@ impl DiffusionModel {
             .weights("vae", vae_dtype, device)?
             .build(|vb| AutoencoderKL::new(vb, &vae_cfg))?;
 
-        let branches: &[(&str, &str, bool)] = match family {
-            Family::Sd2 => &[("tokenizer", "text_encoder", false)],
-            Family::Sdxl => &[
-                ("tokenizer", "text_encoder", false),
-                ("tokenizer_2", "text_encoder_2", true),
-            ],
-        };
-        let mut text = Vec::with_capacity(branches.len());
-        for &(tok, enc, with_projection) in branches {
-            let tokenizer = ClipTokenizer::from_dir(&dir.component_dir(tok))
-                .map_err(|e| ModelError::Other(e.to_string()))?;
-            let cfg: ClipTextConfig = dir.config(enc)?;
-            let encoder = dir
-                .weights(enc, dtype, device)?
-                .build(|vb| ClipTextModel::new(vb, &cfg, with_projection))?;
-            text.push(TextBranch { tokenizer, encoder });
-        }
+        let text = load_clip_branches(&dir, family, dtype, device)?;
+        let t5 = load_t5_branch(&dir, dtype, device)?;
 
         let sched_path = dir.scheduler_config_path();
         if !sched_path.is_file() {
@@ -138,6 +131,7 @@ impl DiffusionModel {
             scheduler_config,
             vae_dtype,
             text,
+            t5,
         })
     }
 
@@ -158,6 +152,16 @@ impl DiffusionModel {
 
     pub fn vae_scaling_factor(&self) -> f64 {
         self.vae.config().scaling_factor
+    }
+
+    /// The VAE's `shift_factor` (SD3's latents are `(z − shift) · scale`), 0 where none.
+    pub fn vae_shift_factor(&self) -> f64 {
+        self.vae.config().shift_factor.unwrap_or(0.0)
+    }
+
+    /// Whether the model encodes prompts with T5 too (SD3 with `text_encoder_3`).
+    pub fn has_t5(&self) -> bool {
+        self.t5.is_some()
     }
 
     /// Encodes a prompt and its negative. A missing negative prompt is the empty string, except
@@ -189,10 +193,11 @@ impl DiffusionModel {
     }
 
     /// SD: the last hidden state of the one encoder. SDXL: the penultimate hidden states of both
-    /// encoders side by side, and the second encoder's projected pooled output.
+    /// encoders side by side, and the second encoder's projected pooled output. SD3: see
+    /// [`Self::encode_sd3`].
     fn encode_text(&self, text: &str) -> Result<(Tensor, Option<Tensor>)> {
         let mut states = Vec::with_capacity(self.text.len());
-        let mut pooled = None;
+        let mut pooled = Vec::new();
         for branch in &self.text {
             let ids = branch
                 .tokenizer
@@ -204,16 +209,66 @@ impl DiffusionModel {
             let out = branch.encoder.forward(&ids).map_err(other)?;
             match self.family() {
                 Family::Sd2 => states.push(out.last_hidden_state),
-                Family::Sdxl => {
+                Family::Sdxl | Family::Sd3 => {
                     states.push(out.penultimate);
-                    if out.text_embeds.is_some() {
-                        pooled = out.text_embeds;
-                    }
+                    pooled.extend(out.text_embeds);
                 }
             }
         }
         let context = Tensor::cat(&states, 2).map_err(other)?;
-        Ok((context, pooled))
+        match self.family() {
+            Family::Sd2 => Ok((context, None)),
+            // SDXL's first encoder has no projection: the pooled output is the second's.
+            Family::Sdxl => Ok((context, pooled.pop())),
+            Family::Sd3 => self.encode_sd3(text, &context, &pooled),
+        }
+    }
+
+    /// SD3 (`StableDiffusion3Pipeline.encode_prompt`): both CLIP encoders' penultimate states
+    /// side by side, zero-padded to the transformer's text width, then the T5 encoder's last
+    /// state of 256 tokens (zeros when the directory has no T5); the pooled text is both
+    /// CLIP projections side by side.
+    fn encode_sd3(
+        &self,
+        text: &str,
+        clip: &Tensor,
+        pooled: &[Tensor],
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let width = self.denoiser_context_dim()?;
+        let clip_width = clip.dim(2).map_err(other)?;
+        if clip_width > width {
+            return Err(ModelError::Other(format!(
+                "the CLIP encoders give {clip_width} features, more than the transformer's \
+                 joint_attention_dim {width}"
+            )));
+        }
+        let clip = clip
+            .pad_with_zeros(2, 0, width - clip_width)
+            .map_err(other)?;
+        let t5 = match &self.t5 {
+            Some(b) => {
+                let ids = b.tokenizer.encode(text).map_err(ModelError::Other)?;
+                let ids = Tensor::new(ids.as_slice(), &self.device)
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(other)?;
+                b.encoder.forward(&ids).map_err(other)?
+            }
+            None => Tensor::zeros((1, SD3_T5_TOKENS, width), clip.dtype(), &self.device)
+                .map_err(other)?,
+        };
+        let context =
+            Tensor::cat(&[&clip, &t5.to_dtype(clip.dtype()).map_err(other)?], 1).map_err(other)?;
+        let pooled = Tensor::cat(pooled, 1).map_err(other)?;
+        Ok((context, Some(pooled)))
+    }
+
+    fn denoiser_context_dim(&self) -> Result<usize> {
+        match &self.denoiser {
+            Denoiser::Mmdit(m) => Ok(m.config().joint_attention_dim),
+            Denoiser::Unet { .. } => Err(ModelError::Other(
+                "SD3 prompt encoding needs an SD3 transformer".into(),
+            )),
+        }
     }
 
     /// The denoiser's conditioning for a batch of `repeat` views laid out `[uncond, cond]`
@@ -259,6 +314,56 @@ impl DiffusionModel {
             size_ids,
         })
     }
+}
+
+/// The CLIP tokenizers and text encoders of a family: SD 2.x's one, SDXL's two (the second
+/// with its pooled projection), SD3's two (both with projections).
+fn load_clip_branches(
+    dir: &ModelDir,
+    family: Family,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<TextBranch>> {
+    let branches: &[(&str, &str, bool)] = match family {
+        Family::Sd2 => &[("tokenizer", "text_encoder", false)],
+        Family::Sdxl => &[
+            ("tokenizer", "text_encoder", false),
+            ("tokenizer_2", "text_encoder_2", true),
+        ],
+        Family::Sd3 => &[
+            ("tokenizer", "text_encoder", true),
+            ("tokenizer_2", "text_encoder_2", true),
+        ],
+    };
+    let mut text = Vec::with_capacity(branches.len());
+    for &(tok, enc, with_projection) in branches {
+        let tokenizer = ClipTokenizer::from_dir(&dir.component_dir(tok))
+            .map_err(|e| ModelError::Other(e.to_string()))?;
+        let cfg: ClipTextConfig = dir.config(enc)?;
+        let encoder = dir
+            .weights(enc, dtype, device)?
+            .build(|vb| ClipTextModel::new(vb, &cfg, with_projection))?;
+        text.push(TextBranch { tokenizer, encoder });
+    }
+    Ok(text)
+}
+
+/// SD3's T5 encoder and tokenizer when `model_index.json` names one (`text_encoder_3`); a
+/// directory with `text_encoder_3: [null, null]` runs without, as diffusers does.
+fn load_t5_branch(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Option<T5Branch>> {
+    if !dir.index().components.contains("text_encoder_3") {
+        return Ok(None);
+    }
+    let tok_path = dir.component_dir("tokenizer_3").join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(ModelError::MissingFile { path: tok_path });
+    }
+    let tokenizer = T5Tokenizer::from_file(&tok_path, SD3_T5_TOKENS).map_err(ModelError::Other)?;
+    let cfg: T5Config = dir.config("text_encoder_3")?;
+    let encoder = dir
+        .weights("text_encoder_3", dtype, device)?
+        .build(|vb| T5EncoderModel::new(vb, &cfg))?;
+    Ok(Some(T5Branch { tokenizer, encoder }))
 }
 
 fn other(e: candle_core::Error) -> ModelError {

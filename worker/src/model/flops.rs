@@ -98,6 +98,37 @@ pub fn unet_flops(
     Ok(total)
 }
 
+/// FLOPs of one forward pass of SD3's MMDiT on a single sample at latent size `h`×`w` with
+/// `context_len` text tokens: per block the image and text streams' projections and
+/// feed-forwards and the joint attention's two products over all tokens (the last block's
+/// text stream stops after the attention's inputs); SD3.5's extra self-attention where
+/// configured; the patch embedding, context embedding and output projection.
+pub fn mmdit_flops(
+    cfg: &super::sd3::transformer::Sd3TransformerConfig,
+    h: usize,
+    w: usize,
+    context_len: usize,
+) -> f64 {
+    let p = cfg.patch_size.max(1);
+    let (n, t) = ((h / p * (w / p)) as f64, context_len as f64);
+    let d = cfg.inner_dim() as f64;
+    let pc = (p * p) as f64;
+    let mut total = 2.0 * n * cfg.in_channels as f64 * pc * d
+        + 2.0 * t * cfg.joint_attention_dim as f64 * d
+        + 2.0 * n * d * pc * cfg.out_channels() as f64;
+    for i in 0..cfg.num_layers {
+        let last = i + 1 == cfg.num_layers;
+        // q, k, v, out and the 4× feed-forward: 4 + 8 = 12 D² multiply-adds per token.
+        total += 2.0 * 12.0 * n * d * d;
+        total += 2.0 * if last { 3.0 } else { 12.0 } * t * d * d;
+        total += 2.0 * 2.0 * (n + t) * (n + t) * d;
+        if cfg.dual_attention_layers.contains(&i) {
+            total += 2.0 * 4.0 * n * d * d + 2.0 * 2.0 * n * n * d;
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

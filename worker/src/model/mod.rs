@@ -11,6 +11,8 @@ pub mod flops;
 pub mod loader;
 pub mod norm;
 pub mod resnet;
+pub mod sd3;
+pub mod t5;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;

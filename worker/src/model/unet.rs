@@ -508,20 +508,20 @@ pub fn timestep_embedding(
 
 /// diffusers' `TimestepEmbedding`: linear_1, SiLU, linear_2.
 #[derive(Debug, Clone)]
-struct TimestepEmbedding {
+pub(crate) struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
-    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
             linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }

@@ -25,10 +25,10 @@ use crate::model::text::{ClipTextConfig, ClipTextModel};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
 
-const DIFFUSERS_VERSION: &str = "0.42.1";
+pub(super) const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// Hidden size of the tiny text encoders.
-const TINY_TEXT_HIDDEN: usize = 32;
+pub(super) const TINY_TEXT_HIDDEN: usize = 32;
 
 /// Marks a directory as written here, which may then replace it; any other non-empty
 /// directory (a real model, say) is never touched.
@@ -51,24 +51,31 @@ struct Pipeline {
 
 /// One seed per component, in the order they are written: each component's weights come from
 /// their own stream, whether or not the weights are written.
-struct SeedStream {
+pub(super) struct SeedStream {
     base: u64,
     count: u64,
 }
 
 impl SeedStream {
-    fn next(&mut self) -> u64 {
+    pub(super) fn new(seed: Option<u64>) -> Self {
+        Self {
+            base: seed.unwrap_or(0),
+            count: 0,
+        }
+    }
+
+    pub(super) fn next(&mut self) -> u64 {
         self.count += 1;
         self.base.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.count
     }
 }
 
 /// The token ids of the tiny vocabulary that the text encoders' configs name.
-struct Vocabulary {
-    size: usize,
-    bos: u64,
-    eos: u64,
-    pad: u64,
+pub(super) struct Vocabulary {
+    pub(super) size: usize,
+    pub(super) bos: u64,
+    pub(super) eos: u64,
+    pub(super) pad: u64,
 }
 
 /// Writes the configs and tokenizers of an SDXL or SD 2.1 model of `size` into `out`, and
@@ -79,10 +86,7 @@ pub(crate) fn write_model(sdxl: bool, size: Size, out: &Path, seed: Option<u64>)
         full: size == Size::Full,
         seed,
     };
-    let mut seeds = SeedStream {
-        base: seed.unwrap_or(0),
-        count: 0,
-    };
+    let mut seeds = SeedStream::new(seed);
     // Tokenizers first: the text encoders' vocabulary size comes from them.
     let vocab = write_tokenizers(out, sdxl)?;
     write_text_encoders(out, pipeline, &vocab, &mut seeds)?;
@@ -94,7 +98,7 @@ pub(crate) fn write_model(sdxl: bool, size: Size, out: &Path, seed: Option<u64>)
 
 /// The tiny CLIP tokenizer(s): one for SD 2.1 (padded with "!"), two for SDXL (the first
 /// padded with `<|endoftext|>`, the second with "!").
-fn write_tokenizers(out: &Path, sdxl: bool) -> Result<Vocabulary> {
+pub(super) fn write_tokenizers(out: &Path, sdxl: bool) -> Result<Vocabulary> {
     let pad = if sdxl { "<|endoftext|>" } else { "!" };
     let tokenizer_dir = out.join("tokenizer");
     write_tiny_vocab(&tokenizer_dir, pad).map_err(|e| io_err(&tokenizer_dir, e))?;
@@ -393,7 +397,7 @@ fn write_model_index(out: &Path, sdxl: bool) -> Result<()> {
 
 /// Writes `component/file` from `value` and parses it back with the config type the loader
 /// uses, so a config the model code cannot read is caught here rather than at render time.
-fn write_config<T: serde::de::DeserializeOwned>(
+pub(super) fn write_config<T: serde::de::DeserializeOwned>(
     out: &Path,
     component: &str,
     file: &str,
@@ -408,7 +412,7 @@ fn write_config<T: serde::de::DeserializeOwned>(
 
 /// Constructs a component over an empty `VarMap`, fills every tensor it created from a seeded
 /// generator, and saves them as safetensors.
-fn write_weights(
+pub(super) fn write_weights(
     out: &Path,
     component: &str,
     file: &str,

@@ -1,5 +1,5 @@
-//! `--model synthetic:sdxl` and `synthetic:sd21`: the published full-size architectures (SDXL
-//! base 1.0, SD 2.1 768) with random weights made on the device when the model loads, so a
+//! `--model synthetic:sdxl`, `synthetic:sd21` and `synthetic:sd3`: the published full-size
+//! architectures (SDXL base 1.0, SD 2.1 768, SD3 medium) with random weights made on the device when the model loads, so a
 //! benchmark or a trial of a GPU node needs no weights on disk and no download.
 //!
 //! Everything else about such a model is ordinary: its configs and (tiny) tokenizers are
@@ -18,6 +18,7 @@ use candle_nn::{Init, VarBuilder};
 use tessera_core::family::{Family, NamedModel, SYNTHETIC_MODELS};
 
 use super::diffusers_dir::{write_model, Size, SYNTH_MARKER};
+use super::sd3_dir::write_sd3_model;
 use crate::model::loader::{ModelError, Result};
 
 pub const PREFIX: &str = "synthetic:";
@@ -37,7 +38,7 @@ pub fn config_dir(name: &str) -> Result<PathBuf> {
             NamedModel::names(&SYNTHETIC_MODELS, |n| format!("{PREFIX}{n}"))
         )));
     };
-    let sdxl = model.family == Family::Sdxl;
+    let family = model.family;
     let dir = std::env::temp_dir().join(format!("tessera-synthetic-{name}-v{LAYOUT_VERSION}"));
     if dir.join(SYNTH_MARKER).is_file() {
         return Ok(dir);
@@ -53,7 +54,10 @@ pub fn config_dir(name: &str) -> Result<PathBuf> {
         source,
     };
     fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    write_model(sdxl, Size::Full, &tmp, None)?;
+    match family {
+        Family::Sd3 => write_sd3_model(Size::Full, &tmp, None, true)?,
+        _ => write_model(family == Family::Sdxl, Size::Full, &tmp, None)?,
+    }
     let marker =
         serde_json::json!({ "arch": name, "weights": "random, made on the device at load" });
     fs::write(tmp.join(SYNTH_MARKER), marker.to_string()).map_err(|e| io(&tmp, e))?;
@@ -177,7 +181,31 @@ mod tests {
         assert!((860_000_000..870_000_000).contains(&unet), "{unet}");
 
         let e = ModelDir::open("synthetic:flux").unwrap_err().to_string();
-        assert!(e.contains("synthetic:sdxl or synthetic:sd21"), "{e}");
+        assert!(
+            e.contains("synthetic:sdxl, synthetic:sd21 or synthetic:sd3"),
+            "{e}"
+        );
+        Ok(())
+    }
+
+    /// `synthetic:sd3` is SD3 medium: a 2.03 B MMDiT, and in all what `plan --arch sd3`
+    /// counts (the preset's figure is pinned to this count).
+    #[test]
+    fn synthetic_sd3_has_sd3_mediums_size() -> anyhow::Result<()> {
+        use crate::model::sd3::transformer::{Sd3Transformer2DModel, Sd3TransformerConfig};
+        let sd3 = arch_info(Path::new("synthetic:sd3"), 2)?;
+        assert_eq!(
+            (sd3.family, sd3.training_size, sd3.latent_channels),
+            (Family::Sd3, 1024, 16)
+        );
+        assert_eq!((sd3.text_tokens, sd3.max_view_latent), (333, Some(384)));
+        let cfg: Sd3TransformerConfig = ModelDir::open("synthetic:sd3")?.config("transformer")?;
+        let mmdit = count_parameters(|vb| Sd3Transformer2DModel::new(vb, &cfg).map(|_| ()))?;
+        eprintln!("sd3: transformer {mmdit}, all {}", sd3.parameters);
+        // The published 2,028,328,000 parameters, plus the position embedding (a buffer in
+        // diffusers, a tensor of the checkpoint): 192² positions × 1536.
+        assert_eq!(mmdit, 2_028_328_000 + 192 * 192 * 1536);
+        assert_eq!(sd3.parameters, tessera_core::family::SD3_PARAMS);
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! `tessera model synth`: tiny models of the real architectures (SDXL, SD 2.1) with random
+//! `tessera model synth`: tiny models of the real architectures (SDXL, SD 2.1, SD3) with random
 //! weights, written to disk for tests, benchmarks and trials without a download. Training size
 //! 128 px; the weights are drawn from a seed, so the same seed writes the same bytes.
 
@@ -9,12 +9,14 @@ use serde_json::json;
 use tessera_core::family::{Family, NamedModel, TINY_MODELS};
 
 use super::diffusers_dir::{io_err, pretty, write_file, write_model, Size, SYNTH_MARKER};
+use super::sd3_dir::write_sd3_model;
 use crate::model::loader::{ModelError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyArch {
     SdxlTiny,
     Sd21Tiny,
+    Sd3Tiny,
 }
 
 impl TinyArch {
@@ -23,6 +25,7 @@ impl TinyArch {
         match family {
             Family::Sdxl => TinyArch::SdxlTiny,
             Family::Sd2 => TinyArch::Sd21Tiny,
+            Family::Sd3 => TinyArch::Sd3Tiny,
         }
     }
 
@@ -30,6 +33,7 @@ impl TinyArch {
         match self {
             TinyArch::SdxlTiny => Family::Sdxl,
             TinyArch::Sd21Tiny => Family::Sd2,
+            TinyArch::Sd3Tiny => Family::Sd3,
         }
     }
 
@@ -53,7 +57,10 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
         &out.join(SYNTH_MARKER),
         &pretty(&json!({ "arch": arch.name(), "seed": seed })),
     )?;
-    write_model(arch.family() == Family::Sdxl, Size::Tiny, out, Some(seed))
+    match arch.family() {
+        Family::Sd3 => write_sd3_model(Size::Tiny, out, Some(seed), true),
+        family => write_model(family == Family::Sdxl, Size::Tiny, out, Some(seed)),
+    }
 }
 
 fn prepare_dir(out: &Path) -> Result<()> {

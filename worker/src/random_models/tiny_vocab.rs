@@ -31,6 +31,11 @@ what when where which while who why how would could should about after before ot
 into through during without again further then once here all any both each few more most
 some such only own same than too can will just don now one two three four five";
 
+/// The words of the tiny corpus, in order (the T5 test vocabulary takes its words from them).
+pub(super) fn corpus_words() -> impl Iterator<Item = &'static str> {
+    TINY_CORPUS.split_whitespace()
+}
+
 /// Merges learned greedily (most frequent adjacent pair, ties broken by the pair's text) from
 /// [`TINY_CORPUS`], the way BPE training does.
 fn learn_tiny_merges(max_merges: usize) -> Vec<(String, String)> {

@@ -7,8 +7,15 @@
 //! the end of this one: with `s = (size_k / size_{k+1})^γ` and `a = ᾱ[end_k]`, the target
 //! `ā = s·a / (1 + (s − 1)·a)` (an SNR scaled by s), and the start is the first timestep whose
 //! ᾱ is at most ā (`1000 − searchsorted(flip(ᾱ), ā, right=True)`).
+//!
+//! On a flow-matching model (SD3) the stages walk the 1000-step shifted schedule instead:
+//! stage k evaluates its entries `999 − linspace(start, end, steps)` (the same truncated
+//! linspace, read as distances from the schedule's end), and the next stage starts at
+//! `get_next_starttimestep_rf`'s `int(1000·s·t / (1000 + (s − 1)·t))` with
+//! `s = √(size_{k+1} / size_k)` and t the stage's end ([`plan_flow_stages`]).
 
 use crate::error::{invalid, MathError, Result};
+use crate::family::Family;
 
 /// First timestep of the first stage.
 pub const FIRST_START: usize = 999;
@@ -95,15 +102,37 @@ impl FrecasPreset {
         }
     }
 
-    /// The reference preset for a model family (`sdxl` when `is_sdxl`) and stage count, if
-    /// `test.sh` has one.
-    pub fn reference(is_sdxl: bool, num_stages: usize) -> Option<Self> {
-        match (is_sdxl, num_stages) {
-            (true, 2) => Some(Self::sdxl_2048()),
-            (true, 3) => Some(Self::sdxl_4096()),
-            (false, 2) => Some(Self::sd21_1024()),
-            (false, 3) => Some(Self::sd21_2048()),
+    /// `test.sh`, "sd3 -- 2048" (its end times, steps and weights; γ does not enter the
+    /// rectified-flow rule, `main.py`'s default is kept for the record).
+    pub fn sd3_2048() -> Self {
+        Self {
+            stages: vec![stage(1024, 50, 20), stage(2048, 0, 8)],
+            gamma: 2.0,
+            facfg: [35.0, 7.5],
+            camap_weight: 0.5,
+            guidance: 7.5,
+        }
+    }
+
+    /// The reference preset for a model family and stage count, if `test.sh` has one.
+    pub fn reference(family: Family, num_stages: usize) -> Option<Self> {
+        match (family, num_stages) {
+            (Family::Sdxl, 2) => Some(Self::sdxl_2048()),
+            (Family::Sdxl, 3) => Some(Self::sdxl_4096()),
+            (Family::Sd2, 2) => Some(Self::sd21_1024()),
+            (Family::Sd2, 3) => Some(Self::sd21_2048()),
+            (Family::Sd3, 2) => Some(Self::sd3_2048()),
             _ => None,
+        }
+    }
+
+    /// The preset whose FA-CFG and CA-map weights a cascade of a family takes when `test.sh`
+    /// has none for its stage count.
+    pub fn weights_of(family: Family) -> Self {
+        match family {
+            Family::Sdxl => Self::sdxl_4096(),
+            Family::Sd2 => Self::sd21_2048(),
+            Family::Sd3 => Self::sd3_2048(),
         }
     }
 }
@@ -243,6 +272,59 @@ pub fn plan_stages(
         if let Some(next) = stages.get(k + 1) {
             let (from, to) = governing_sizes(st.size, next.size);
             start = next_start_timestep(alphas_cumprod, st.end_time, from, to, gamma)?;
+        }
+    }
+    Ok(out)
+}
+
+/// `get_next_starttimestep_rf`: the end `t` of a stage moved to the larger image's noise
+/// level by the rectified-flow shift `s = √(size_to / size_from)`,
+/// `int(1000·s·t / (1000 + (s − 1)·t))` (in f64, as Python computes it).
+pub fn next_start_rf(end_time: usize, size_from: usize, size_to: usize) -> Result<usize> {
+    if size_from == 0 || size_to == 0 {
+        return invalid("stage sizes must be positive");
+    }
+    let s = (size_to as f64 / size_from as f64).sqrt();
+    let t = end_time as f64;
+    Ok((1000.0 * s * t / (1000.0 + (s - 1.0) * t)) as usize)
+}
+
+/// One stage of a flow-matching cascade: the entries of the 1000-step shifted schedule it
+/// evaluates, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowStagePlan {
+    pub size: (usize, usize),
+    /// Its start in the reference's reversed count (999 for the first stage).
+    pub start: usize,
+    pub indices: Vec<usize>,
+}
+
+/// Every stage's schedule entries, as the reference's `set_timesteps` picks them on a
+/// `FlowMatchEulerDiscreteScheduler` set to 1000 steps: `indexs = 999 − linspace(st, et,
+/// steps).to(int32)`, stage 0 from 999, the next from [`next_start_rf`].
+pub fn plan_flow_stages(stages: &[StageSpec]) -> Result<Vec<FlowStagePlan>> {
+    if stages.is_empty() {
+        return invalid("at least one stage is needed");
+    }
+    let mut start = FIRST_START;
+    let mut out = Vec::with_capacity(stages.len());
+    for (k, st) in stages.iter().enumerate() {
+        if st.end_time > FIRST_START {
+            return invalid(format!(
+                "stage {k}: end time {} is past the schedule's {FIRST_START}",
+                st.end_time
+            ));
+        }
+        let counts = stage_timesteps(start, st.end_time, st.steps)
+            .map_err(|e| MathError::Invalid(format!("stage {k}: {e}")))?;
+        out.push(FlowStagePlan {
+            size: st.size,
+            start,
+            indices: counts.iter().map(|&c| FIRST_START - c).collect(),
+        });
+        if let Some(next) = stages.get(k + 1) {
+            let (from, to) = governing_sizes(st.size, next.size);
+            start = next_start_rf(st.end_time, from, to)?;
         }
     }
     Ok(out)
@@ -418,10 +500,10 @@ mod tests {
         assert!(plan_stages(&[], 1.5, &a).is_err());
         assert!(plan_stages(&FrecasPreset::sdxl_2048().stages, 0.0, &a).is_err());
         assert_eq!(
-            FrecasPreset::reference(true, 3),
+            FrecasPreset::reference(Family::Sdxl, 3),
             Some(FrecasPreset::sdxl_4096())
         );
-        assert_eq!(FrecasPreset::reference(false, 4), None);
+        assert_eq!(FrecasPreset::reference(Family::Sd2, 4), None);
     }
 
     #[test]

@@ -49,6 +49,34 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: String,
     #[serde(default = "default_timestep_type")]
     pub timestep_type: String,
+    /// Flow matching: the fixed shift of the σ schedule (SD3: 3.0).
+    #[serde(default = "default_one")]
+    pub shift: f64,
+    /// Flow matching: shift by the image's token count instead (diffusers' `mu`).
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    #[serde(
+        default = "default_base_shift",
+        deserialize_with = "or_default_base_shift"
+    )]
+    pub base_shift: f64,
+    #[serde(
+        default = "default_max_shift",
+        deserialize_with = "or_default_max_shift"
+    )]
+    pub max_shift: f64,
+    #[serde(default = "default_base_seq_len")]
+    pub base_image_seq_len: usize,
+    #[serde(default = "default_max_seq_len")]
+    pub max_image_seq_len: usize,
+    #[serde(default)]
+    pub invert_sigmas: bool,
+    #[serde(default)]
+    pub shift_terminal: Option<f64>,
+    #[serde(default = "default_time_shift_type")]
+    pub time_shift_type: String,
+    #[serde(default)]
+    pub stochastic_sampling: bool,
 }
 
 fn default_train_timesteps() -> usize {
@@ -83,6 +111,28 @@ fn default_final_sigmas() -> String {
 }
 fn default_timestep_type() -> String {
     "discrete".into()
+}
+fn default_base_shift() -> f64 {
+    0.5
+}
+fn default_max_shift() -> f64 {
+    1.15
+}
+fn default_base_seq_len() -> usize {
+    256
+}
+fn default_max_seq_len() -> usize {
+    4096
+}
+fn default_time_shift_type() -> String {
+    "exponential".into()
+}
+/// `base_shift` may be written as null, meaning the default.
+fn or_default_base_shift<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or_else(default_base_shift))
+}
+fn or_default_max_shift<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or_else(default_max_shift))
 }
 
 /// How inference timesteps are spread over the training timesteps (Lin et al. 2023, Table 2).
@@ -150,6 +200,7 @@ impl SchedulerConfig {
         match self.class_name.as_str() {
             "DDIMScheduler" => Ok(SchedulerKind::Ddim),
             "EulerDiscreteScheduler" => Ok(SchedulerKind::Euler),
+            "FlowMatchEulerDiscreteScheduler" => Ok(SchedulerKind::FlowEuler),
             other => Err(SchedulerError::Unsupported(format!(
                 "the model's scheduler is {other:?}; Tessera implements DDIM and Euler: pass \
                  --scheduler ddim or --scheduler euler"
@@ -182,6 +233,16 @@ impl SchedulerConfig {
     /// render never silently differs from diffusers'.
     pub fn check_supported(&self, kind: SchedulerKind) -> Result<(), SchedulerError> {
         let refuse = |what: &str| Err(SchedulerError::Unsupported(what.to_string()));
+        if kind == SchedulerKind::FlowEuler {
+            return self.check_flow_supported();
+        }
+        if self.is_flow_matching() {
+            return Err(SchedulerError::Invalid(format!(
+                "the model is a flow-matching model ({}): it steps with flow-matching Euler \
+                 (--scheduler euler, or none), not {kind}",
+                self.class_name
+            )));
+        }
         if self.thresholding {
             return refuse("thresholding (dynamic thresholding is for pixel-space models)");
         }
@@ -207,6 +268,33 @@ impl SchedulerConfig {
         }
         self.prediction()?;
         self.spacing()?;
+        Ok(())
+    }
+
+    /// A flow-matching scheduler (SD3's `FlowMatchEulerDiscreteScheduler`).
+    pub fn is_flow_matching(&self) -> bool {
+        self.class_name == "FlowMatchEulerDiscreteScheduler"
+    }
+
+    fn check_flow_supported(&self) -> Result<(), SchedulerError> {
+        let refuse = |what: &str| Err(SchedulerError::Unsupported(what.to_string()));
+        if self.use_karras_sigmas || self.use_exponential_sigmas || self.use_beta_sigmas {
+            return refuse("Karras/exponential/beta sigmas (use the plain flow-matching schedule)");
+        }
+        if self.invert_sigmas {
+            return refuse("invert_sigmas (a Mochi setting)");
+        }
+        if self.stochastic_sampling {
+            return refuse("stochastic_sampling (Tessera steps the deterministic ODE)");
+        }
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            return refuse("a shift that is not a positive number");
+        }
+        if self.num_train_timesteps < 2 {
+            return Err(SchedulerError::Config(
+                "num_train_timesteps must be at least 2".into(),
+            ));
+        }
         Ok(())
     }
 

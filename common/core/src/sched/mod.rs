@@ -1,4 +1,4 @@
-//! DDIM and Euler discrete schedulers, matching diffusers step for step. A `Scheduler` is one
+//! DDIM, Euler discrete and flow-matching Euler schedulers, matching diffusers step for step. A `Scheduler` is one
 //! sampling schedule (kind, config, number of steps); `step` is a pure function of
 //! (model output, step index, sample), with no hidden counter, so a resumed or re-run step
 //! computes exactly what it computed the first time.
@@ -6,9 +6,13 @@
 mod config;
 mod ddim;
 mod euler;
+mod flow;
 mod fused;
+mod stage;
 
 pub use config::{SchedulerConfig, TimestepSpacing};
+pub use flow::dynamic_mu;
+pub use stage::StageStepper;
 
 use candle_core::{DType, Result as TensorResult, Tensor};
 
@@ -27,6 +31,9 @@ pub enum SchedulerError {
 pub enum SchedulerKind {
     Ddim,
     Euler,
+    /// Flow-matching Euler (SD3's `FlowMatchEulerDiscreteScheduler`).
+    #[serde(rename = "flow_euler")]
+    FlowEuler,
 }
 
 impl std::str::FromStr for SchedulerKind {
@@ -36,8 +43,10 @@ impl std::str::FromStr for SchedulerKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "ddim" => Ok(Self::Ddim),
             "euler" => Ok(Self::Euler),
+            "flow-euler" | "flow_euler" => Ok(Self::FlowEuler),
             other => Err(SchedulerError::Invalid(format!(
-                "scheduler {other:?} is not known: use ddim or euler"
+                "scheduler {other:?} is not known: use ddim or euler (flow-matching models \
+                 step with flow-matching Euler, --scheduler euler)"
             ))),
         }
     }
@@ -48,6 +57,7 @@ impl std::fmt::Display for SchedulerKind {
         f.write_str(match self {
             Self::Ddim => "ddim",
             Self::Euler => "euler",
+            Self::FlowEuler => "flow-euler",
         })
     }
 }
@@ -74,7 +84,7 @@ pub struct Scheduler {
     /// DDIM: ᾱ used after the last step. Euler: unused.
     final_alpha_cumprod: f64,
     clip_sample: Option<f64>,
-    /// Euler: σ per step plus a final 0. DDIM: empty.
+    /// Euler and flow-matching Euler: σ per step plus a final 0. DDIM: empty.
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
 }
@@ -123,6 +133,7 @@ impl Scheduler {
                 }
                 s.timesteps = timesteps;
             }
+            SchedulerKind::FlowEuler => return Self::flow(cfg, num_inference_steps, None),
             SchedulerKind::Euler => {
                 let (timesteps, sigmas) = euler::schedule(
                     spacing,
@@ -147,6 +158,35 @@ impl Scheduler {
         Ok(s)
     }
 
+    /// A flow-matching Euler schedule of `num_inference_steps` steps; `mu` is the shift of a
+    /// config with `use_dynamic_shifting` (see [`dynamic_mu`]).
+    pub fn flow(
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+        mu: Option<f64>,
+    ) -> Result<Self, SchedulerError> {
+        cfg.check_supported(SchedulerKind::FlowEuler)?;
+        let n_train = cfg.num_train_timesteps;
+        if num_inference_steps == 0 || num_inference_steps > n_train {
+            return Err(SchedulerError::Invalid(format!(
+                "{num_inference_steps} steps: use 1 to {n_train} (the model's training timesteps)"
+            )));
+        }
+        let (timesteps, sigmas) = flow::schedule(cfg, num_inference_steps, mu)?;
+        Ok(Scheduler {
+            kind: SchedulerKind::FlowEuler,
+            // Unused by flow matching: x₀ comes from the velocity.
+            prediction: PredictionType::Epsilon,
+            num_train_timesteps: n_train,
+            alphas_cumprod: Vec::new(),
+            timesteps,
+            final_alpha_cumprod: 1.0,
+            clip_sample: None,
+            sigmas,
+            init_noise_sigma: 1.0,
+        })
+    }
+
     pub fn kind(&self) -> SchedulerKind {
         self.kind
     }
@@ -168,7 +208,7 @@ impl Scheduler {
         self.prediction
     }
 
-    /// Euler's σ per step (plus the final 0); empty for DDIM.
+    /// σ per step (plus the final 0) of Euler and flow matching; empty for DDIM.
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
@@ -182,7 +222,7 @@ impl Scheduler {
             )));
         }
         match self.kind {
-            SchedulerKind::Ddim => Ok(sample.clone()),
+            SchedulerKind::Ddim | SchedulerKind::FlowEuler => Ok(sample.clone()),
             SchedulerKind::Euler => {
                 let sigma = self.sigma_at(step_index)?;
                 sample / (sigma * sigma + 1.0).sqrt()
@@ -208,6 +248,9 @@ impl Scheduler {
         let out_dtype = sample.dtype();
         match self.kind {
             SchedulerKind::Ddim => self.ddim_step_from(model_output, t, sample),
+            SchedulerKind::FlowEuler => {
+                self.flow_step(model_output, step_index, step_index + 1, sample)
+            }
             SchedulerKind::Euler => {
                 let work = match out_dtype {
                     DType::F16 | DType::BF16 => DType::F32,
@@ -226,6 +269,34 @@ impl Scheduler {
                 })
             }
         }
+    }
+
+    /// A flow-matching Euler step from σ of step `from` to σ of step `to` of the schedule
+    /// (`to` = the step count is the final σ = 0), in f32 as diffusers upcasts; FreCaS steps
+    /// between entries of the 1000-step schedule this way.
+    pub fn flow_step(
+        &self,
+        model_output: &Tensor,
+        from: usize,
+        to: usize,
+        sample: &Tensor,
+    ) -> TensorResult<StepOutput> {
+        if self.kind != SchedulerKind::FlowEuler {
+            return Err(candle_core::Error::Msg(
+                "flow_step needs a flow-matching scheduler".into(),
+            ));
+        }
+        let out_dtype = sample.dtype();
+        let out = flow::step(
+            &model_output.to_dtype(DType::F32)?,
+            &sample.to_dtype(DType::F32)?,
+            self.sigma_at(from)?,
+            self.sigma_at(to)?,
+        )?;
+        Ok(StepOutput {
+            prev_sample: out.prev_sample.to_dtype(out_dtype)?,
+            pred_original_sample: out.pred_original_sample.to_dtype(out_dtype)?,
+        })
     }
 
     /// A DDIM step from any training timestep `t`, back by the schedule's nominal ratio
@@ -261,8 +332,9 @@ impl Scheduler {
     }
 
     /// Noises a clean sample to `timestep`, as the scheduler's `add_noise` does: DDIM uses
-    /// √ᾱ·x + √(1−ᾱ)·n at that (integer) training timestep; Euler x + σ·n with the σ of the
-    /// schedule's step at that timestep (it must be one of the schedule's timesteps).
+    /// √ᾱ·x + √(1−ᾱ)·n at that (integer) training timestep; Euler x + σ·n and flow matching
+    /// σ·n + (1 − σ)·x (`scale_noise`) with the σ of the schedule's step at that timestep (it
+    /// must be one of the schedule's timesteps).
     pub fn add_noise(
         &self,
         original: &Tensor,
@@ -275,16 +347,32 @@ impl Scheduler {
                 let a = self.alpha_at(timestep)?;
                 (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
             }
-            SchedulerKind::Euler => {
+            SchedulerKind::Euler | SchedulerKind::FlowEuler => {
                 let index = self.step_index_of(timestep).ok_or_else(|| {
                     candle_core::Error::Msg(format!(
-                        "timestep {timestep} is not in this Euler schedule {:?}",
-                        self.timesteps
+                        "timestep {timestep} is not in this {} schedule {:?}",
+                        self.kind, self.timesteps
                     ))
                 })?;
-                original + (noise * self.sigma_at(index)?)?
+                let sigma = self.sigma_at(index)?;
+                match self.kind {
+                    // Flow matching's `scale_noise`.
+                    SchedulerKind::FlowEuler => flow::scale_noise(original, &noise, sigma),
+                    _ => original + (noise * sigma)?,
+                }
             }
         }
+    }
+
+    /// Flow matching's `scale_noise` with the σ of step `index` of the schedule.
+    pub fn scale_noise_at(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        index: usize,
+    ) -> TensorResult<Tensor> {
+        let noise = noise.to_dtype(original.dtype())?;
+        flow::scale_noise(original, &noise, self.sigma_at(index)?)
     }
 
     /// The step of the schedule evaluated at `timestep`, found as diffusers'

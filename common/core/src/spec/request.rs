@@ -17,7 +17,7 @@ pub struct JobRequest {
     pub prompt: String,
     /// `None` is different from `Some("")` for SDXL, whose pipeline then uses zero embeddings.
     pub negative_prompt: Option<String>,
-    /// `None`: the model's training size.
+    /// `None`: the last of `method.stages` when given, else the model's training size.
     pub size: Option<Size>,
     pub steps: usize,
     pub guidance: f64,
@@ -60,7 +60,9 @@ impl JobRequest {
         training_size: u32,
         draw_seed: impl FnOnce() -> u64,
     ) -> Result<RenderSpec, SpecError> {
-        let size = self.size.unwrap_or(Size {
+        // Without --size, the last of --stages is the picture's size, else the training size.
+        let last_stage = self.method.stages.as_ref().and_then(|s| s.last().copied());
+        let size = self.size.or(last_stage).unwrap_or(Size {
             width: training_size,
             height: training_size,
         });
@@ -126,6 +128,23 @@ mod tests {
         };
         let spec = seeded.to_spec(1024, || unreachable!()).unwrap();
         assert_eq!((spec.width, spec.height, spec.seed), (512, 256, 7));
+    }
+
+    #[test]
+    fn a_request_with_stages_but_no_size_renders_at_the_last_stage() {
+        let mut r = request();
+        r.method.stages = Some(vec![
+            Size {
+                width: 128,
+                height: 96,
+            },
+            Size {
+                width: 256,
+                height: 192,
+            },
+        ]);
+        let spec = r.to_spec(128, || 0).unwrap();
+        assert_eq!((spec.width, spec.height), (256, 192));
     }
 
     #[test]

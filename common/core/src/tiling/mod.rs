@@ -698,7 +698,7 @@ impl GlobalScatter<'_> {
     }
 }
 
-/// The (2s − 1)² + s² model evaluations of one high-resolution step, as DESIGN counts them
+/// The (2s − 1)² + s² model evaluations of one high-resolution step, as the methods count them
 /// for square multiples: local then global view counts for this stage.
 pub fn view_counts(local: &LocalViews, global: &GlobalViews) -> (usize, usize) {
     (local.len(), global.len())
@@ -838,7 +838,7 @@ mod tests {
 
     #[test]
     fn sdxl_view_counts_at_2x_4x_8x() -> Result<()> {
-        // DESIGN: (2s − 1)² local + s² global; 8192² SDXL → latent 1024²: 225 + 64.
+        // (2s − 1)² local + s² global; 8192² SDXL → latent 1024²: 225 + 64.
         for (s, local, global) in [(2usize, 9usize, 4usize), (4, 49, 16), (8, 225, 64)] {
             let n = 128 * s;
             let l = LocalViews::new(n, n, &LocalViewConfig::for_training_size(128), Some(1))?;
