@@ -69,9 +69,11 @@ step() {
 }
 
 # --- The build, its libraries, the tools -------------------------------------------------
-bin_dir="$repo/target/gpu"
+# TESSERA_BIN_DIR: use that folder's tessera as it is (e.g. a CPU build, to dry-run the
+# `kernels` group on sample files).
+bin_dir="${TESSERA_BIN_DIR:-$repo/target/gpu}"
 bundle="${TESSERA_GPU_BUNDLE:-$repo/target/gpu.tar.xz}"
-if [[ -f "$bundle" ]]; then
+if [[ -z "${TESSERA_BIN_DIR:-}" && -f "$bundle" ]]; then
   scratch_bin="$(mktemp -d)"
   log "unpacking $bundle"
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
