@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Result};
+use candle_core::{CpuStorage, DType, Result, Tensor};
 
 use super::launch::{Arg, Launch};
 
@@ -182,4 +182,18 @@ pub fn run(l: &Launch, buffers: &mut [Buffer]) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Relative L2 error of `a` against the reference `b`, in f32: how the tests compare a kernel
+/// with the composition it replaces.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).expect("an f32 copy");
+    let (a, b) = (f32s(a), f32s(b));
+    let sum = |t: Tensor| {
+        t.sqr()
+            .and_then(|s| s.sum_all())
+            .and_then(|s| s.to_scalar::<f32>())
+    };
+    let num = sum((&a - &b).expect("tensors of one shape")).expect("a sum");
+    (num / sum(b).expect("a sum")).sqrt()
 }

@@ -191,7 +191,7 @@ impl CustomOp3 for FlashAttn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::emulator;
+    use crate::gpu::emulator::{self, rel_err};
     use candle_core::{Device, D};
 
     /// The composition the kernel replaces, in f32 from the same half-precision inputs.
@@ -213,13 +213,6 @@ mod tests {
         let out = probs.matmul(&v4).unwrap().transpose(1, 2).unwrap();
         let (b, n, h, d) = out.dims4().unwrap();
         out.reshape((b, n, h * d)).unwrap()
-    }
-
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap();
-        let num = (&a - b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let den = b.sqr().unwrap().sum_all().unwrap();
-        (num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()).sqrt()
     }
 
     #[test]

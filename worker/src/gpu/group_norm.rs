@@ -191,21 +191,11 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::emulator;
+    use crate::gpu::emulator::{self, rel_err};
     use crate::model::norm;
     use candle_core::{Device, Module};
     use candle_nn::VarBuilder;
     use std::collections::HashMap;
-
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (
-            a.to_dtype(DType::F32).unwrap(),
-            b.to_dtype(DType::F32).unwrap(),
-        );
-        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let den = b.sqr().unwrap().sum_all().unwrap();
-        (num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()).sqrt()
-    }
 
     #[test]
     fn emulated_kernels_match_the_composition() {

@@ -418,19 +418,9 @@ impl Transformer2DModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::emulator;
+    use crate::gpu::emulator::{self, rel_err};
     use candle_core::Device;
     use candle_nn::VarMap;
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (
-            a.to_dtype(DType::F32).unwrap(),
-            b.to_dtype(DType::F32).unwrap(),
-        );
-        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let den = b.sqr().unwrap().sum_all().unwrap();
-        (num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()).sqrt()
-    }
 
     /// A half-precision transformer block with every fused path on (run through the kernels'
     /// CPU emulation) against the same block as the CPU runs it: the model hands the kernels
@@ -455,7 +445,7 @@ mod tests {
         let want = run(&mut UNetHooks::default())?;
         let _emu = emulator::enable();
         let got = run(&mut UNetHooks::default())?;
-        let err = rel(&got, &want);
+        let err = rel_err(&got, &want);
         assert!(err < 5e-3, "{err}");
         let mut capture = UNetHooks {
             capture_cross_attention: true,
@@ -463,7 +453,7 @@ mod tests {
         };
         let captured = run(&mut capture)?;
         assert_eq!(capture.captured.len(), 1, "attn2 must keep the composition");
-        assert!(rel(&captured, &want) < 5e-3);
+        assert!(rel_err(&captured, &want) < 5e-3);
         Ok(())
     }
 }
