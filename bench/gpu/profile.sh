@@ -144,6 +144,8 @@ fi
 # --- parity in half precision, without and with the levers -------------------------------
 parity() { # LEVERS
   local t rc=0
+  compgen -G "$bin_dir/tests/parity_*" >/dev/null \
+    || { echo "no parity test binaries in $bin_dir/tests: build with --with-tests" >&2; return 2; }
   for t in "$bin_dir"/tests/parity_*; do
     TESSERA_GPU_LEVERS=$1 TESSERA_TEST_DEVICE=cuda:0 TESSERA_PARITY_FIXTURES=tests/parity/fixtures \
       "$t" --nocapture --test-threads 1 || rc=1
