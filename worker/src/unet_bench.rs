@@ -125,7 +125,6 @@ pub fn run(
     };
     // (ms until the forward call returned, ms until the device finished)
     let eval = || -> candle_core::Result<(f64, f64)> {
-        let _cache = host::param_cache(&device);
         let t = Instant::now();
         let mut hooks = UNetHooks::default();
         let out = denoiser.forward(&sample, 500.0, &cond, &mut hooks)?;

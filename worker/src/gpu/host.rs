@@ -29,8 +29,8 @@ pub fn configure(device: &Device, s: Switches) -> Result<(), String> {
 
 /// While alive, candle reuses device copies of the small host parameter arrays (shapes and
 /// strides of strided ops, and other uploads up to 4 KiB) made on this thread, instead of a
-/// pageable host-to-device copy per op. Hold it around a UNet evaluation, on the thread that
-/// runs it. Entries are keyed by content, so the cache grows only with distinct shapes and
+/// pageable host-to-device copy per op. `Denoiser::forward` holds one around every
+/// evaluation, on the thread that runs it. Entries are keyed by content, so the cache grows only with distinct shapes and
 /// distinct small uploads (e.g. timesteps).
 pub struct ParamCache {
     _guard: Option<Box<dyn std::any::Any>>,

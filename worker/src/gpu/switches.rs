@@ -19,8 +19,8 @@ pub struct Switches {
     /// every synchronisation (its release threshold is raised), as PyTorch's caching
     /// allocator does.
     pub pool_keep: bool,
-    /// During a UNet evaluation candle reuses device copies of the shape/stride parameters of
-    /// strided ops instead of copying them from pageable host memory for every op.
+    /// During each denoiser evaluation candle reuses device copies of the shape/stride
+    /// parameters of strided ops instead of copying them from pageable host memory every op.
     pub param_cache: bool,
     /// Attention through tessera's fused FlashAttention-2-style kernel (no score matrix).
     pub flash_attn: bool,
