@@ -215,3 +215,37 @@ pub fn matmul_peak_tflops(device: &Device) -> candle_core::Result<f64> {
     times.sort_by(f64::total_cmp);
     Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e12)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_reports_queued_beside_wall_time_and_the_levers_it_ran_with() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/parity/fixtures/sdxl/model");
+        let opts = UnetBenchOptions {
+            model,
+            device: "cpu".into(),
+            size: (64, 64),
+            batch: 2,
+            warmup: 0,
+            iters: 3,
+            dtype: None,
+            measure_peak: true,
+            profile_range: true,
+        };
+        let mut lines = Vec::new();
+        let r = run(&opts, |l| lines.push(l.to_string())).unwrap();
+        assert_eq!(r.iters, 3);
+        // Each evaluation is queued before it finishes, so the medians keep that order.
+        assert!(r.ms_enqueue_median > 0.0 && r.ms_enqueue_median <= r.ms_median);
+        assert!(r.enqueue_fraction > 0.0 && r.enqueue_fraction <= 1.0);
+        assert!(r.ms_min <= r.ms_median);
+        // No device pool and no matrix-multiply peak on the CPU.
+        assert_eq!((r.peak_memory_gib, r.peak_tflops), (None, None));
+        assert_eq!(r.levers, switches::get());
+        assert!(lines.iter().any(|l| l.contains("to queue")), "{lines:?}");
+        assert_eq!(median_of(&[3.0, 1.0, 2.0, 10.0]), 3.0);
+    }
+}
