@@ -189,8 +189,9 @@ fi
 # a terminal: `script` gives it one, so a render cut by its timeout still shows its stage,
 # step, views done and elapsed time in render_<size>.log.
 if want renders; then
-  # The lever set with the lowest 2048² time; `all` only if its parity run passed.
-  levers="$(python3 - "$OUT" <<'EOF'
+  # The lever set with the lowest 2048² time; `all` only if its parity run passed
+  # (TESSERA_RENDER_LEVERS overrides, e.g. when `renders` runs alone in a later window).
+  levers="${TESSERA_RENDER_LEVERS:-$(python3 - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 passed = any(l.startswith("parity_all\t0\t") for l in open(os.path.join(out, "steps.tsv")))
@@ -206,7 +207,7 @@ for lev in ("none", "host", "all"):
         best = (lev, r["ms_median"])
 print(best[0])
 EOF
-)"
+)}"
   scratch="$(mktemp -d)"
   for size in 4096 8192; do
     cmd="TESSERA_GPU_LEVERS=$levers TESSERA_LOG=tessera_worker::tasks=debug '$tessera' render \
