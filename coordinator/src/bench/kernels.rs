@@ -384,6 +384,10 @@ pub fn report(sides: &[Side], top: usize, command: String) -> Report {
             "Device time summed over the kernels each input captured (profile one evaluation on \
              each side); the ratio columns compare each input with the last one."
                 .into(),
+            "Without cuDNN, candle computes a convolution as im2col (convolution) plus a cuBLAS \
+             GEMM (GEMM), where cuDNN runs one implicit-GEMM kernel (convolution): compare \
+             GEMM + convolution together across such builds."
+                .into(),
         ],
     }
 }
