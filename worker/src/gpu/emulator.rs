@@ -136,6 +136,28 @@ fn build() -> std::result::Result<PathBuf, String> {
     Ok(bin)
 }
 
+/// Runs `launches` in order over the `inputs` (storage and start offset in elements) followed
+/// by fresh `outputs` (element type and length); returns the first output.
+pub fn run_op(
+    launches: &[Launch],
+    inputs: &[(&CpuStorage, usize)],
+    outputs: &[(DType, usize)],
+) -> Result<CpuStorage> {
+    let mut bufs = inputs
+        .iter()
+        .map(|(s, offset)| Buffer::input(s, *offset))
+        .collect::<Result<Vec<_>>>()?;
+    bufs.extend(
+        outputs
+            .iter()
+            .map(|&(dtype, len)| Buffer::output(dtype, len)),
+    );
+    for l in launches {
+        run(l, &mut bufs)?;
+    }
+    from_bytes(outputs[0].0, &bufs[inputs.len()].bytes)
+}
+
 /// Runs one launch over `buffers`; the written ones are read back in place.
 pub fn run(l: &Launch, buffers: &mut [Buffer]) -> Result<()> {
     static CALLS: AtomicUsize = AtomicUsize::new(0);

@@ -134,18 +134,12 @@ impl CustomOp3 for FlashAttn {
     ) -> Result<(CpuStorage, Shape)> {
         #[cfg(test)]
         if super::emulator::enabled() {
-            use super::emulator::{from_bytes, run, Buffer};
             use candle_core::backend::BackendStorage;
             let dtype = s1.dtype();
             let (l, shape) = plan(dtype, l1, l2, l3, self.heads, self.scale)?;
-            let mut bufs = vec![
-                Buffer::input(s1, l1.start_offset())?,
-                Buffer::input(s2, l2.start_offset())?,
-                Buffer::input(s3, l3.start_offset())?,
-                Buffer::output(dtype, shape.elem_count()),
-            ];
-            run(&l, &mut bufs)?;
-            return Ok((from_bytes(dtype, &bufs[3].bytes)?, shape));
+            let inputs = [(s1, l1), (s2, l2), (s3, l3)].map(|(s, l)| (s, l.start_offset()));
+            let out = super::emulator::run_op(&[l], &inputs, &[(dtype, shape.elem_count())])?;
+            return Ok((out, shape));
         }
         // Read here too: without tests or CUDA, nothing else reads the op's fields.
         let _ = (s1, l1, s2, l2, s3, l3, self.heads, self.scale);

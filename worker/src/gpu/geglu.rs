@@ -63,16 +63,12 @@ impl CustomOp1 for Geglu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         #[cfg(test)]
         if super::emulator::enabled() {
-            use super::emulator::{from_bytes, run, Buffer};
             use candle_core::backend::BackendStorage;
             let dtype = s.dtype();
             let (launch, shape) = plan(dtype, l)?;
-            let mut bufs = vec![
-                Buffer::input(s, l.start_offset())?,
-                Buffer::output(dtype, shape.elem_count()),
-            ];
-            run(&launch, &mut bufs)?;
-            return Ok((from_bytes(dtype, &bufs[1].bytes)?, shape));
+            let inputs = [(s, l.start_offset())];
+            let out = super::emulator::run_op(&[launch], &inputs, &[(dtype, shape.elem_count())])?;
+            return Ok((out, shape));
         }
         let _ = (s, l);
         candle_core::bail!("the fused GEGLU runs on CUDA devices; the CPU uses the composition")

@@ -128,22 +128,14 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         #[cfg(test)]
         if super::emulator::enabled() {
-            use super::emulator::{from_bytes, run, Buffer};
             use candle_core::backend::BackendStorage;
             let dtype = s1.dtype();
             let (launches, shape, parts) =
                 plan(dtype, l1, l2, l3, (self.groups, self.eps, self.silu))?;
-            let mut bufs = vec![
-                Buffer::input(s1, l1.start_offset())?,
-                Buffer::input(s2, l2.start_offset())?,
-                Buffer::input(s3, l3.start_offset())?,
-                Buffer::output(dtype, shape.elem_count()),
-                Buffer::output(DType::F32, parts),
-            ];
-            for l in &launches {
-                run(l, &mut bufs)?;
-            }
-            return Ok((from_bytes(dtype, &bufs[3].bytes)?, shape));
+            let inputs = [(s1, l1), (s2, l2), (s3, l3)].map(|(s, l)| (s, l.start_offset()));
+            let outputs = [(dtype, shape.elem_count()), (DType::F32, parts)];
+            let out = super::emulator::run_op(&launches, &inputs, &outputs)?;
+            return Ok((out, shape));
         }
         // Read here too: without tests or CUDA, nothing else reads the op's fields.
         let _ = (s1, l1, s2, l2, s3, l3, self.groups, self.eps, self.silu);
