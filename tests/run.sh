@@ -46,8 +46,8 @@ if ! need cargo; then
   echo "tests/run.sh: cargo is missing; install Rust from https://rustup.rs and run again" >&2
   exit 1
 fi
-if ! need cc; then
-  echo "tests/run.sh: installing a C compiler (needed by some crates' build scripts)" >&2
+if ! need cc || ! need c++; then
+  echo "tests/run.sh: installing C and C++ compilers (some crates' build scripts; the GPU kernels' CPU emulation in the tests)" >&2
   apt-get update -qq && apt-get install -y -qq build-essential >/dev/null
 fi
 if ! need redis-server || ! need openssl; then

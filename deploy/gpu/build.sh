@@ -2,7 +2,8 @@
 # Builds the CUDA `tessera` binary for Hopper GPUs (H100/H200, compute capability 9.0) on a
 # machine that has neither a GPU nor a CUDA toolkit.
 #
-#   deploy/gpu/build.sh            -> target/gpu/tessera (stripped) + target/gpu/libcudart.so.13
+#   deploy/gpu/build.sh            -> target/gpu/tessera (stripped) + target/gpu/libcudart.so.13,
+#       and all of target/gpu/ in one bundle, target/gpu.tar.xz (what bench/gpu/profile.sh runs)
 #   deploy/gpu/build.sh --with-tests   also the model parity tests, target/gpu/tests/parity_*,
 #       to check the model code on the GPU: TESSERA_TEST_DEVICE=cuda:0
 #       TESSERA_PARITY_FIXTURES=tests/parity/fixtures target/gpu/tests/parity_unet
@@ -163,3 +164,10 @@ say "built $out/tessera: $((size / 1024 / 1024)) MiB ($size bytes) in ${elapsed}
 say "ship it with $out/libcudart.so.13; needed at run time: driver >= 580, libcublas.so.13," \
   "libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 on LD_LIBRARY_PATH"
 ((size < max_bytes)) || die "the binary is over 64 MiB ($size bytes)"
+
+# 5. One compressed bundle of everything above (binary, cudart, test binaries): what a GPU
+# window carries over and bench/gpu/profile.sh unpacks.
+tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
+bundle_size=$(stat -c %s "$out.tar.xz")
+say "bundle $out.tar.xz: $((bundle_size / 1024 / 1024)) MiB"
+((bundle_size < max_bytes)) || say "warning: the bundle is over 64 MiB: carry target/gpu/tessera alone"

@@ -10,10 +10,14 @@ pub enum DeviceError {
     NoCudaSupport(String),
     #[error("device {name}: {message}")]
     Unavailable { name: String, message: String },
+    #[error("device {name}: {message}")]
+    Setup { name: String, message: String },
 }
 
 /// Opens the named device. CUDA availability is checked before candle touches the driver, so a
 /// machine without one gets this error rather than a panic from deep inside the CUDA bindings.
+/// A GPU gets the host-side speed levers its `TESSERA_GPU_*` switches select
+/// ([`crate::gpu::switches`]); an invalid switch is an error naming it.
 pub fn open_device(name: &str) -> Result<Device, DeviceError> {
     let name = name.trim();
     if name.eq_ignore_ascii_case("cpu") {
@@ -27,10 +31,17 @@ pub fn open_device(name: &str) -> Result<Device, DeviceError> {
     if !candle_core::utils::cuda_is_available() {
         return Err(DeviceError::NoCudaSupport(name.to_string()));
     }
-    Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable {
+    let setup = |message: String| DeviceError::Setup {
+        name: name.to_string(),
+        message,
+    };
+    let switches = crate::gpu::switches::load().map_err(setup)?;
+    let device = Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable {
         name: name.to_string(),
         message: e.to_string().lines().next().unwrap_or_default().to_string(),
-    })
+    })?;
+    crate::gpu::host::configure(&device, switches).map_err(setup)?;
+    Ok(device)
 }
 
 /// f32 on the CPU (no fast half-precision kernels there, and exact parity with diffusers'

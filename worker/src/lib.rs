@@ -2,6 +2,7 @@
 //! models with random weights, devices, and the tasks a worker runs.
 pub mod device;
 pub mod fingerprint;
+pub mod gpu;
 pub mod hooks;
 pub mod model;
 pub mod random_models;

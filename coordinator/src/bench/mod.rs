@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod e2e;
+pub mod kernels;
 pub mod memory;
 pub mod scale;
 pub mod step;

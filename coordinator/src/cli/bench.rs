@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// UNet speed on one device: ms per evaluation, achieved TFLOP/s and the fraction of the
     /// device's measured bf16 peak (compare with bench/gpu/diffusers_baseline.py).
     Unet(super::bench_unet::UnetArgs),
+    /// GPU time per kernel category of one UNet evaluation, tessera (an ncu CSV) beside
+    /// diffusers (a torch.profiler kernel table), from the files bench/gpu/profile.sh writes.
+    Kernels(super::bench_kernels::KernelsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +148,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let command = bench::invocation();
     match cmd {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
+        BenchCommand::Kernels(a) => super::bench_kernels::run(a),
         BenchCommand::E2e(a) => {
             if a.size < 64 || a.size % 64 != 0 {
                 bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");

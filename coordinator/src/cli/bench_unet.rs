@@ -37,6 +37,10 @@ pub struct UnetArgs {
     /// Skip timing the bf16 matrix-multiply peak.
     #[arg(long)]
     pub no_peak: bool,
+    /// Open the CUDA profiler range around the timed evaluations only (for
+    /// `ncu --profile-from-start off`, as bench/gpu/profile.sh runs it).
+    #[arg(long)]
+    pub profile_range: bool,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,6 +63,7 @@ pub fn run(args: UnetArgs) -> Result<()> {
         iters: args.iters,
         dtype,
         measure_peak: !args.no_peak,
+        profile_range: args.profile_range,
     };
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -75,6 +80,16 @@ pub fn run(args: UnetArgs) -> Result<()> {
         "ms/evaluation    {:.2} median, {:.2} mean, {:.2} min ({} timed)",
         r.ms_median, r.ms_mean, r.ms_min, r.iters
     );
+    println!(
+        "queued in        {:.2} ms median ({:.0}% of the wall time: {})",
+        r.ms_enqueue_median,
+        r.enqueue_fraction * 100.0,
+        if r.enqueue_fraction > 0.9 {
+            "host-bound, the device waits for the host"
+        } else {
+            "device-bound"
+        }
+    );
     println!("TFLOP/evaluation {:.2}", r.tflop_per_eval);
     println!("achieved         {:.1} TFLOP/s", r.tflops);
     if let (Some(p), Some(f)) = (r.peak_tflops, r.fraction_of_peak) {
@@ -83,5 +98,17 @@ pub fn run(args: UnetArgs) -> Result<()> {
             f * 100.0
         );
     }
+    if let Some(gib) = r.peak_memory_gib {
+        println!("peak memory      {gib:.2} GiB (device pool, timed evaluations)");
+    }
+    let on = r.levers.on();
+    println!(
+        "GPU levers on    {}",
+        if on.is_empty() {
+            "none".into()
+        } else {
+            on.join(", ")
+        }
+    );
     Ok(())
 }

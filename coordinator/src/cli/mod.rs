@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_unet;
 pub mod client;
 pub mod job;

@@ -7,6 +7,7 @@ use super::norm::GroupNorm;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
 
+use crate::gpu;
 use crate::hooks::cross_attention::{self, head_mean};
 use crate::hooks::scale_fusion::fused_self_attention;
 use crate::hooks::{SelfAttentionMode, UNetHooks};
@@ -73,7 +74,7 @@ impl Attention {
         self.to_out.forward(&x)
     }
 
-    pub(crate) fn qkv(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn check_context(&self, context: &Tensor) -> Result<()> {
         let cd = context.dim(D::Minus1)?;
         if cd != self.context_dim {
             candle_core::bail!(
@@ -82,6 +83,11 @@ impl Attention {
                 self.context_dim
             );
         }
+        Ok(())
+    }
+
+    pub(crate) fn qkv(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        self.check_context(context)?;
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
@@ -98,8 +104,25 @@ impl Attention {
         attend(q, k, v, self.scale, want_mean)
     }
 
+    /// Attention through the fused GPU kernel where it applies ([`gpu::flash_attn`]): the
+    /// (B, N, heads·d) projections go in and come out as they are.
+    fn fused(&self, x: &Tensor, context: &Tensor) -> Result<Option<Tensor>> {
+        if !gpu::flash_attn::applies(x, self.head_dim) {
+            return Ok(None);
+        }
+        self.check_context(context)?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = gpu::flash_attn::attention(&q, &k, &v, self.heads, self.scale)?;
+        self.to_out.forward(&out).map(Some)
+    }
+
     /// Plain self-attention over all tokens of `x` (B, N, C).
     pub fn forward_self(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(out) = self.fused(x, x)? {
+            return Ok(out);
+        }
         let (q, k, v) = self.qkv(x, x)?;
         let (out, _) = self.attend(&q, &k, &v, false)?;
         self.merge_heads(&out)
@@ -113,6 +136,12 @@ impl Attention {
         hw: (usize, usize),
         hooks: &mut UNetHooks,
     ) -> Result<Tensor> {
+        // Capture and injection need the probabilities: they keep the composition.
+        if !hooks.capture_cross_attention && hooks.inject_cross_attention.is_none() {
+            if let Some(out) = self.fused(x, context)? {
+                return Ok(out);
+            }
+        }
         let (q, k, v) = self.qkv(x, context)?;
         let (out, mean) = self.attend(&q, &k, &v, hooks.capture_cross_attention)?;
         if let Some(probs) = mean {
@@ -203,6 +232,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.proj.forward(x)?;
+        if gpu::geglu::applies(&p) {
+            return self.out.forward(&gpu::geglu::geglu(&p)?);
+        }
         let half = p.dim(D::Minus1)? / 2;
         // GEGLU: value half times exact (erf) GELU of the gate half, as torch's F.gelu.
         let value = p.narrow(D::Minus1, 0, half)?;
@@ -380,5 +412,48 @@ impl Transformer2DModel {
             Projection::Conv(c) => c.forward(&to_map(&t)?)?,
         };
         out + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::emulator::{self, rel_err};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// A half-precision transformer block with every fused path on (run through the kernels'
+    /// CPU emulation) against the same block as the CPU runs it: the model hands the kernels
+    /// the right tensors and takes the right ones back; map capture keeps the composition.
+    #[test]
+    fn emulated_fused_paths_match_the_block_as_the_cpu_runs_it() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F16, &dev);
+        let block = BasicTransformerBlock::new(vb, 64, 2, 32, 48)?;
+        for v in varmap.all_vars() {
+            v.set(&(v.as_tensor() + 0.05)?)?; // non-zero biases and norm shifts
+        }
+        let half = |t: &Tensor| t.to_dtype(DType::F16);
+        let x = half(&Tensor::randn(0f32, 1.0, (2, 16, 64), &dev)?)?;
+        let ctx = half(&Tensor::randn(0f32, 1.0, (2, 7, 48), &dev)?)?;
+        let grid = LayerGrid {
+            hw: (4, 4),
+            input_hw: (4, 4),
+        };
+        let run = |hooks: &mut UNetHooks| block.forward(&x, &ctx, grid, hooks);
+        let want = run(&mut UNetHooks::default())?;
+        let _emu = emulator::enable();
+        let got = run(&mut UNetHooks::default())?;
+        let err = rel_err(&got, &want);
+        assert!(err < 5e-3, "{err}");
+        let mut capture = UNetHooks {
+            capture_cross_attention: true,
+            ..Default::default()
+        };
+        let captured = run(&mut capture)?;
+        assert_eq!(capture.captured.len(), 1, "attn2 must keep the composition");
+        assert!(rel_err(&captured, &want) < 5e-3);
+        Ok(())
     }
 }

@@ -230,6 +230,8 @@ impl Denoiser {
         cond: &Conditioning,
         hooks: &mut UNetHooks,
     ) -> candle_core::Result<Tensor> {
+        // The HtoD parameter cache, when its lever is on (a no-op otherwise and on the CPU).
+        let _cache = crate::gpu::host::param_cache(latents.device());
         match self {
             Self::Unet { unet, .. } => {
                 let added = match (&cond.pooled, &cond.size_ids) {

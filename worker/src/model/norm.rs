@@ -33,8 +33,23 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     })
 }
 
+impl GroupNorm {
+    /// `silu(self.forward(x))`, fused into the normalisation where the GPU kernel applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::gpu::group_norm::applies(x, &self.weight) {
+            let (w, b) = (&self.weight, &self.bias);
+            return crate::gpu::group_norm::group_norm(x, w, b, self.groups, self.eps, true);
+        }
+        self.forward(x)?.silu()
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::gpu::group_norm::applies(x, &self.weight) {
+            let (w, b) = (&self.weight, &self.bias);
+            return crate::gpu::group_norm::group_norm(x, w, b, self.groups, self.eps, false);
+        }
         let dims = x.dims();
         if dims.len() < 3 || dims[1] != self.channels {
             candle_core::bail!(
@@ -97,6 +112,31 @@ mod tests {
         let half = ours.forward(&x.to_dtype(DType::F16)?)?;
         assert_eq!(half.dtype(), DType::F16);
         assert!(group_norm(5, 12, 1e-5, vb.pp("m")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn emulated_fused_norm_and_silu_match_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let norm = GroupNorm {
+            weight: Tensor::randn(1f32, 0.3, 32, &dev)?.to_dtype(DType::F16)?,
+            bias: Tensor::randn(0f32, 0.3, 32, &dev)?.to_dtype(DType::F16)?,
+            groups: 8,
+            channels: 32,
+            eps: 1e-5,
+        };
+        let x = (Tensor::randn(0f32, 2.0, (2, 32, 6, 5), &dev)? + 1.0)?.to_dtype(DType::F16)?;
+        let want = (norm.forward(&x)?, norm.forward(&x)?.silu()?);
+        let _emu = crate::gpu::emulator::enable();
+        let got = (norm.forward(&x)?, norm.forward_silu(&x)?);
+        for (g, w) in [(&got.0, &want.0), (&got.1, &want.1)] {
+            assert_eq!(g.dtype(), DType::F16);
+            let d = (g.to_dtype(DType::F32)? - w.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-2, "{d}");
+        }
         Ok(())
     }
 }

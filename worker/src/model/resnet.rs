@@ -124,13 +124,13 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, hooks: &UNetHooks) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h, hooks)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h, hooks)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x, hooks)?,
