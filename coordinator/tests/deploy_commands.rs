@@ -870,6 +870,20 @@ fn covers(mount: &str, dir: &Path) -> bool {
 }
 
 /// `SOURCE:TARGET[:MODE]` of a compose or `docker run -v` volume: (source, target, read-only).
+/// Whether a Redis command line turns AOF on: `--appendonly yes` as list items
+/// (`"--appendonly", "yes"`) or as words of a shell script (`sh -c "exec redis-server
+/// --appendonly yes …"`, as the recipes that add ACL users from the environment run it).
+fn turns_on_aof(text: &str) -> bool {
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+        .map(|w| w.trim_matches(|c| c == '"' || c == '\''))
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .any(|p| p[0] == "--appendonly" && p[1] == "yes")
+}
+
 fn split_volume(spec: &str) -> Option<(String, String, bool)> {
     let mut parts = spec.splitn(3, ':');
     let (source, target) = (parts.next()?, parts.next()?);
@@ -969,10 +983,7 @@ fn compose_keeps_data(text: &str) -> Result<(), String> {
         {
             continue;
         }
-        if !block
-            .iter()
-            .any(|l| l.contains("\"--appendonly\", \"yes\""))
-        {
+        if !turns_on_aof(&block.join("\n")) {
             return Err(format!(
                 "service {name} runs Redis without --appendonly yes"
             ));
@@ -1056,7 +1067,7 @@ fn k8s_keeps_data(files: &[(String, String)]) -> Result<(), String> {
             continue;
         }
         redis += 1;
-        if !text.contains("\"--appendonly\", \"yes\"") {
+        if !turns_on_aof(&text) {
             return Err(format!("{file}: Redis runs without --appendonly yes"));
         }
         let (data, _) = mounts
@@ -1155,10 +1166,7 @@ fn docker_run_keeps_data(text: &str) -> Result<(), String> {
         let line = i + 1;
         if let Some(image) = words.iter().position(|w| w.starts_with("redis:")) {
             let args = &words[image..];
-            if !args
-                .windows(2)
-                .any(|p| p[0] == "--appendonly" && p[1] == "yes")
-            {
+            if !turns_on_aof(&args.join(" ")) {
                 return Err(format!("{line}: Redis runs without --appendonly yes"));
             }
             if !docker_volumes(&words[..image])
@@ -1273,6 +1281,14 @@ fn the_persistence_check_catches_recipes_that_lose_images() {
         .contains("no --output-dir"));
     let no_aof = compose.replace("\"--appendonly\", \"yes\"", "\"--save\", \"\"");
     assert!(compose_keeps_data(&no_aof)
+        .unwrap_err()
+        .contains("appendonly"));
+    // Redis started from a shell script (to add ACL users from the environment).
+    let script = "[\"sh\", \"-c\", \"exec redis-server --appendonly yes --user default off\"]";
+    let shell = compose.replace("[\"redis-server\", \"--appendonly\", \"yes\"]", script);
+    assert_eq!(compose_keeps_data(&shell), Ok(()));
+    let shell_no_aof = shell.replace("--appendonly yes", "--appendonly no");
+    assert!(compose_keeps_data(&shell_no_aof)
         .unwrap_err()
         .contains("appendonly"));
 
