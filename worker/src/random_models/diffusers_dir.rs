@@ -121,13 +121,25 @@ pub(super) fn write_tokenizers(out: &Path, sdxl: bool) -> Result<Vocabulary> {
 /// bigG (its second) and OpenCLIP ViT-H (SD 2.1's), over the real 49408-token vocabulary
 /// size; the tokenizer stays the tiny one, whose ids all fall inside it.
 fn text_config(p: Pipeline, vocab: &Vocabulary, act: &str, with_projection: bool) -> Value {
-    let vocab_size = if p.full { 49408 } else { vocab.size };
-    let (hidden, inter, layers, heads, proj) = match (p.full, p.sdxl, with_projection) {
+    let dims = match (p.full, p.sdxl, with_projection) {
         (false, _, _) => (TINY_TEXT_HIDDEN, 64, 3, 4, TINY_TEXT_HIDDEN),
         (true, true, false) => (768, 3072, 12, 12, 768),
         (true, true, true) => (1280, 5120, 32, 20, 1280),
         (true, false, _) => (1024, 4096, 23, 16, 512),
     };
+    clip_config(vocab, p.full, dims, act, with_projection)
+}
+
+/// A CLIP text encoder's `config.json` with `dims` = (hidden, intermediate, layers, heads,
+/// projection), over the real 49408-token vocabulary size when `full`, else the tiny one's.
+pub(super) fn clip_config(
+    vocab: &Vocabulary,
+    full: bool,
+    (hidden, inter, layers, heads, proj): (usize, usize, usize, usize, usize),
+    act: &str,
+    with_projection: bool,
+) -> Value {
+    let vocab_size = if full { 49408 } else { vocab.size };
     let (bos, eos, pad) = (vocab.bos, vocab.eos, vocab.pad);
     json!({
         "architectures": [if with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],

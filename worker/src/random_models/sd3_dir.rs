@@ -10,8 +10,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::diffusers_dir::{
-    io_err, pretty, write_config, write_file, write_tokenizers, write_weights, SeedStream, Size,
-    Vocabulary, DIFFUSERS_VERSION, TINY_TEXT_HIDDEN,
+    clip_config, io_err, pretty, write_config, write_file, write_tokenizers, write_weights,
+    SeedStream, Size, Vocabulary, DIFFUSERS_VERSION, TINY_TEXT_HIDDEN,
 };
 use super::tiny::TINY_SAMPLE_SIZE;
 use crate::model::loader::Result;
@@ -77,23 +77,13 @@ fn write_clip_encoders(
             out,
             name,
             "config.json",
-            &json!({
-                "architectures": ["CLIPTextModelWithProjection"],
-                "model_type": "clip_text_model",
-                "vocab_size": if full { 49408 } else { vocab.size },
-                "hidden_size": hidden,
-                "intermediate_size": inter,
-                "num_hidden_layers": layers,
-                "num_attention_heads": heads,
-                "max_position_embeddings": 77,
-                "hidden_act": act,
-                "layer_norm_eps": 1e-5,
-                "projection_dim": hidden,
-                "bos_token_id": vocab.bos,
-                "eos_token_id": vocab.eos,
-                "pad_token_id": vocab.pad,
-                "torch_dtype": "float32",
-            }),
+            &clip_config(
+                vocab,
+                full,
+                (hidden, inter, layers, heads, hidden),
+                act,
+                true,
+            ),
         )?;
         let s = seeds.next();
         if weights {
