@@ -817,6 +817,7 @@ mod malformed {
                         count,
                         priority,
                         output_dir: dir.into(),
+                        ..Default::default()
                     })
                     .await;
                 let status = r.expect_err(name);

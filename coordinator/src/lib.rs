@@ -8,5 +8,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod image_input;
 pub mod latent_file;
+pub mod metrics;
+pub mod notify;
 pub mod preview;
 pub mod sync;

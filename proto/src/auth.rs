@@ -24,6 +24,18 @@ impl RequireToken {
     }
 }
 
+impl RequireToken {
+    /// Whether an `authorization` header value (any transport: gRPC metadata, an HTTP
+    /// header such as the metrics endpoint's) passes: always without a configured token.
+    pub fn accepts(&self, given: Option<&[u8]>) -> bool {
+        match (&self.expected, given) {
+            (None, _) => true,
+            (Some(expected), Some(given)) => constant_time_eq(given, expected),
+            (Some(_), None) => false,
+        }
+    }
+}
+
 impl Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else {

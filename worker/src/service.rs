@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::device::{compute_dtype, open_device};
+use crate::metrics::WorkerMetrics;
 use crate::model::arch::arch_info;
 use crate::model::diffusion::DiffusionModel;
 use crate::simulate::SimulatedModel;
@@ -86,6 +87,8 @@ pub struct WorkerConfig {
     /// this many milliseconds per training-size evaluation with CFG (see [`crate::simulate`]).
     /// `None`, the default, runs the real model.
     pub simulate_eval_ms: Option<f64>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`--metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What computes the tasks: the real model, or the benchmark double.
@@ -114,6 +117,7 @@ struct Shared {
     /// One task computes on the device at a time; the store reads and writes of the others
     /// (of the coordinator's second call) overlap it.
     device_turn: std::sync::Mutex<()>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 fn model_error(cfg: &WorkerConfig, e: impl std::fmt::Display) -> ServiceError {
@@ -192,6 +196,10 @@ pub async fn serve(
         Served::Simulated(_) => crate::simulate::GPU_DTYPE,
     };
     let description = describe(&id, &address, &cfg, &arch, (dtype, &fingerprint));
+    let metrics = Arc::new(WorkerMetrics::new(&device));
+    if let Some(addr) = cfg.metrics {
+        serve_metrics(addr, metrics.clone()).await?;
+    }
     let shared = Arc::new(Shared {
         id: id.clone(),
         served,
@@ -200,6 +208,7 @@ pub async fn serve(
         store: store.clone(),
         description,
         device_turn: Default::default(),
+        metrics,
     });
 
     let guard = RequireCallToken::default();
@@ -217,12 +226,12 @@ pub async fn serve(
     let (router, _health) =
         tessera_proto::server::router::<WorkerServer<WorkerService>>(tls, &open, true).await?;
     match cfg.simulate_eval_ms {
-        Some(ms) => eprintln!(
+        Some(ms) => crate::status!(
             "worker {id} serving model {:?} ({fingerprint}) on {address} as a BENCHMARK DOUBLE \
              ({ms} ms per evaluation, no weights, meaningless outputs)",
             cfg.model_name
         ),
-        None => eprintln!(
+        None => crate::status!(
             "worker {id} serving model {:?} ({fingerprint}) on {address} (device {})",
             cfg.model_name, cfg.device
         ),
@@ -257,6 +266,21 @@ pub async fn serve(
         return Err(e);
     }
     result.map_err(|e| ServiceError::Serve(e.to_string()))
+}
+
+/// Starts `GET /metrics` on `addr` (no token: bind it where only the scraper reaches).
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<WorkerMetrics>) -> Result<(), ServiceError> {
+    let listener = crate::metrics::bind("--metrics", addr)
+        .await
+        .map_err(|e| ServiceError::Listen {
+            addr: format!("--metrics {addr}"),
+            message: e.message,
+        })?;
+    let shown = listener.local_addr().map_or(addr, |a| a);
+    let router = crate::metrics::router(Arc::new(move || metrics.encode()), None);
+    crate::metrics::spawn_serve(listener, router);
+    crate::status!("worker metrics on http://{shown}/metrics");
+    Ok(())
 }
 
 /// How to reach the coordinators: every URL checked against the TLS settings up front.
@@ -426,7 +450,7 @@ impl Membership {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
                         tracing::info!(coordinator = %url, "joined the cluster");
-                        eprintln!(
+                        crate::status!(
                             "worker {} joined coordinator {url}",
                             self.description.worker_id
                         );
@@ -553,66 +577,73 @@ impl Worker for WorkerService {
             let task: Task = match serde_json::from_str(&r.task_json) {
                 Ok(t) => t,
                 Err(e) => {
+                    self.shared.metrics.task("malformed", "refused", 0.0, 0);
                     results.push(TaskResult {
-                        job: String::new(),
-                        id: String::new(),
-                        ok: false,
                         error: format!("malformed task: {e}"),
-                        retryable: false,
-                        seconds: 0.0,
+                        ..Default::default()
                     });
                     continue;
                 }
             };
-            let mut result = TaskResult {
-                job: task.job.clone(),
-                id: task.id.clone(),
-                ok: true,
-                error: String::new(),
-                retryable: false,
-                seconds: 0.0,
-            };
-            if r.model != self.shared.model_name {
-                result.ok = false;
-                result.retryable = true;
-                result.error = format!(
-                    "worker {} serves model {:?}, not {:?}",
-                    self.shared.id, self.shared.model_name, r.model
-                );
-            } else if let Err(why) = check_task_keys(&task) {
-                tracing::warn!(task = %task.id, "refused a task: {why}");
-                result.ok = false;
-                result.error = format!("refused: {why}");
-            } else {
-                let id = task.id.clone();
-                let shared = self.shared.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    tasks::execute(
-                        shared.served.backend(),
-                        &GuardedStore::new(&shared.store, &task),
-                        &shared.camaps,
-                        &task,
-                        &shared.device_turn,
-                    )
-                })
-                .await;
-                match outcome {
-                    Ok(Ok(held)) => result.seconds = held.as_secs_f64(),
-                    Ok(Err(e)) => {
-                        result.ok = false;
-                        result.retryable = retryable(&e);
-                        result.error = e.to_string();
-                        tracing::warn!(task = %id, "task failed: {e}");
-                    }
-                    Err(panic) => {
-                        result.ok = false;
-                        result.error = format!("task {id} panicked: {panic}");
-                    }
-                }
-            }
+            let kind = task.kind.name();
+            let (result, outcome) = self.run_one(&r.model, task).await;
+            let evaluations = u64::from(result.evaluations);
+            (self.shared.metrics).task(kind, outcome, result.seconds, evaluations);
             results.push(result);
         }
         Ok(Response::new(RunTasksResponse { results }))
+    }
+}
+
+impl WorkerService {
+    /// Runs one task of `model` (when this worker serves it and the task's keys pass), with
+    /// its outcome for the metrics: `ok`, `failed` or `refused`.
+    async fn run_one(&self, model: &str, task: Task) -> (TaskResult, &'static str) {
+        let mut result = TaskResult {
+            job: task.job.clone(),
+            id: task.id.clone(),
+            ..Default::default()
+        };
+        if model != self.shared.model_name {
+            result.retryable = true;
+            result.error = format!(
+                "worker {} serves model {:?}, not {model:?}",
+                self.shared.id, self.shared.model_name
+            );
+            return (result, "refused");
+        }
+        if let Err(why) = check_task_keys(&task) {
+            tracing::warn!(task = %task.id, "refused a task: {why}");
+            result.error = format!("refused: {why}");
+            return (result, "refused");
+        }
+        let id = task.id.clone();
+        let shared = self.shared.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            tasks::execute_counted(
+                shared.served.backend(),
+                &GuardedStore::new(&shared.store, &task),
+                &shared.camaps,
+                &task,
+                &shared.device_turn,
+            )
+        })
+        .await;
+        match outcome {
+            Ok(Ok(ran)) => {
+                result.ok = true;
+                result.seconds = ran.held.as_secs_f64();
+                result.evaluations = u32::try_from(ran.evaluations).unwrap_or(u32::MAX);
+                return (result, "ok");
+            }
+            Ok(Err(e)) => {
+                result.retryable = retryable(&e);
+                result.error = e.to_string();
+                tracing::warn!(task = %id, "task failed: {e}");
+            }
+            Err(panic) => result.error = format!("task {id} panicked: {panic}"),
+        }
+        (result, "failed")
     }
 }
 

@@ -170,9 +170,29 @@ pub fn execute(
     task: &Task,
     turn: &Mutex<()>,
 ) -> std::result::Result<Duration, TaskError> {
+    execute_counted(backend, store, camaps, task, turn).map(|ran| ran.held)
+}
+
+/// What running a task took: the time it held the device, and the model evaluations it ran
+/// (views, twice with guidance; none for prompt and VAE tasks), for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ran {
+    pub held: Duration,
+    pub evaluations: u64,
+}
+
+/// [`execute`], also counting the task's model evaluations.
+pub fn execute_counted(
+    backend: Backend,
+    store: &dyn Store,
+    camaps: &CamapCache,
+    task: &Task,
+    turn: &Mutex<()>,
+) -> std::result::Result<Ran, TaskError> {
     let held = Cell::new(Duration::ZERO);
     let on_device = || DeviceTurn::take(turn, &held);
     let io = TaskIo { store, task };
+    let mut evaluations = 0;
     match &task.kind {
         TaskKind::EncodePrompt {
             prompt,
@@ -183,7 +203,10 @@ pub fn execute(
                 .map_err(|e| io.compute(e))?;
             write_embeddings(store, &task.job, &e).map_err(|e| io.store(e))
         }
-        TaskKind::Denoise(d) => denoise_task(backend, &io, camaps, d, &on_device),
+        TaskKind::Denoise(d) => {
+            evaluations = denoise_task(backend, &io, camaps, d, &on_device)?;
+            Ok(())
+        }
         TaskKind::Decode { input, output } => {
             let z = io.read(input)?;
             let px = backend.decode(&z, &on_device).map_err(|e| io.compute(e))?;
@@ -208,7 +231,10 @@ pub fn execute(
             io.write(output, &moments)
         }
     }?;
-    Ok(held.get())
+    Ok(Ran {
+        held: held.get(),
+        evaluations,
+    })
 }
 
 /// Holds the device for a task's computation, adding the time held to `total` when dropped.
@@ -293,7 +319,7 @@ fn denoise_task(
     camaps: &CamapCache,
     d: &DenoiseTask,
     on_device: &OnDevice,
-) -> std::result::Result<(), TaskError> {
+) -> std::result::Result<u64, TaskError> {
     let inputs = DenoiseInputs {
         views: io.read(&d.input)?,
         embeddings: load_embeddings(io.store, &io.task.job).map_err(|e| io.store(e))?,
@@ -309,10 +335,13 @@ fn denoise_task(
         io.write(key, map)?;
     }
     io.write(&d.output_cond, &out.cond)?;
+    let views = out.cond.dims().first().copied().unwrap_or(0) as u64;
+    let mut evaluations = views;
     if let (Some(key), Some(u)) = (&d.output_uncond, &out.uncond) {
         io.write(key, u)?;
+        evaluations += views;
     }
-    Ok(())
+    Ok(evaluations)
 }
 
 /// Stores a job's prompt embeddings; `cond` last, as a resumed engine takes it as the sign

@@ -45,6 +45,19 @@ pub enum TaskKind {
     },
 }
 
+impl TaskKind {
+    /// The kind of work, in one word: for pace estimates, logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskKind::EncodePrompt { .. } => "prompt",
+            TaskKind::Denoise(_) => "denoise",
+            TaskKind::Decode { .. } => "decode",
+            TaskKind::Encode { .. } => "encode",
+            TaskKind::EncodeTile { .. } => "encode-tile",
+        }
+    }
+}
+
 /// Key of the VAE posterior sample's noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaeNoise {

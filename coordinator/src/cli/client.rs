@@ -139,6 +139,11 @@ pub struct QueueOpts {
     /// Directory on the coordinator's machine to write the PNGs to as they finish.
     #[arg(long)]
     pub output_dir: Option<String>,
+    /// An http(s) URL (a chat webhook) the coordinator POSTs a JSON message to when the job
+    /// finishes, fails or is cancelled; kept with the job, so a restarted coordinator still
+    /// tells it. A failed notification never fails the job.
+    #[arg(long, value_name = "URL")]
+    pub notify: Option<String>,
 }
 
 fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
@@ -160,11 +165,16 @@ fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<Su
         mask: read_file("--mask", job.mask.as_deref())?,
         ..v1::JobSpec::from(&job.to_request(MissingPrompt::Use(""))?)
     };
+    let notify = match opts.notify.as_deref() {
+        Some(url) => crate::notify::check_url(url)?.to_string(),
+        None => String::new(),
+    };
     Ok(SubmitJobRequest {
         spec: Some(spec),
         count: opts.count,
         priority: opts.priority,
         output_dir: opts.output_dir.clone().unwrap_or_default(),
+        notify,
     })
 }
 

@@ -63,6 +63,17 @@ pub enum Command {
     Bench(bench::BenchCommand),
 }
 
+impl Cli {
+    /// How this command's logs are written: the server roles' `--log-format`, else text.
+    pub fn log_format(&self) -> roles::LogFormat {
+        match &self.command {
+            Command::Coordinator(a) => a.observe.log_format,
+            Command::Worker(a) => a.observe.log_format,
+            _ => roles::LogFormat::Text,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Render(args) => render::run(args),

@@ -37,6 +37,28 @@ pub struct RedisArgs {
     pub redis_ca: Option<PathBuf>,
 }
 
+/// How a long-running role writes its logs (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for a person (coloured at a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (tracing's JSON layer), for a log stack.
+    Json,
+}
+
+/// Logging and metrics flags of both server roles.
+#[derive(Debug, Args)]
+pub struct Observability {
+    /// Log lines as text, or one JSON object per line for a log stack.
+    #[arg(long, value_enum, env = "TESSERA_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the
+    /// coordinator's need its --token when one is set).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
 /// The workers' credential, shared by the coordinator and its workers.
 #[derive(Debug, Args)]
 pub struct WorkerToken {
@@ -82,6 +104,16 @@ pub struct CoordinatorArgs {
     /// repeatable. Without it, clients' --output-dir is refused.
     #[arg(long, value_name = "DIR")]
     pub allow_output_dir: Vec<PathBuf>,
+    /// An http(s) URL (a chat webhook) to POST a JSON message to whenever any job finishes,
+    /// fails or is cancelled (besides each job's own `submit --notify`).
+    #[arg(long, value_name = "URL", env = "TESSERA_NOTIFY")]
+    pub notify: Option<String>,
+    /// Attempts per notification before it is given up (the waits between them double from
+    /// half a second).
+    #[arg(long, default_value_t = crate::notify::DEFAULT_ATTEMPTS)]
+    pub notify_attempts: u32,
+    #[command(flatten)]
+    pub observe: Observability,
 }
 
 /// The allowed output roots, canonical: each must be an existing directory.
@@ -113,6 +145,13 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.lease == 0 || args.job_ttl == 0 {
         bail!("--lease and --job-ttl must be at least 1 second");
     }
+    if !(1..=20).contains(&args.notify_attempts) {
+        bail!("--notify-attempts must be 1 to 20");
+    }
+    let notifier = crate::notify::Notifier {
+        everyone: args.notify.as_deref().map(crate::notify::check_url).transpose()?,
+        attempts: args.notify_attempts,
+    };
     let cfg = CoordinatorConfig {
         listen: args.listen,
         redis_url: args.redis.redis,
@@ -130,6 +169,8 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             .output_dir
             .unwrap_or_else(|| std::env::temp_dir().join("tessera-output")),
         allowed_output_dirs: allowed_roots(&args.allow_output_dir)?,
+        notifier,
+        metrics: args.observe.metrics,
     };
     create_private_dir(&cfg.output_dir)?;
     runtime()?.block_on(async move {
@@ -184,6 +225,8 @@ pub struct WorkerArgs {
     /// render. --model still gives the geometry (configs only).
     #[arg(long, value_name = "MS")]
     pub simulate_eval_ms: Option<f64>,
+    #[command(flatten)]
+    pub observe: Observability,
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
@@ -230,6 +273,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         tls_ca: args.tls.tls_ca,
         tasks_per_call: args.tasks_per_call,
         simulate_eval_ms: args.simulate_eval_ms,
+        metrics: args.observe.metrics,
     };
     runtime()?.block_on(async move {
         tessera_worker::service::serve(cfg, shutdown_signal())

@@ -104,6 +104,10 @@ pub struct JobRecord {
     /// What went wrong beside the render without failing it (a copy to `--output-dir`).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The client's `submit --notify` URL, told when the job ends (kept in the record so a
+    /// coordinator that resumes the job still tells it).
+    #[serde(default)]
+    pub notify: Option<String>,
     pub created_ms: i64,
     pub started_ms: i64,
     pub finished_ms: i64,

@@ -71,7 +71,7 @@ pub async fn acquire(store: &RedisStore, holder: &str) -> Result<String, StoreEr
             return Ok(token);
         }
         if !told {
-            eprintln!(
+            tessera_worker::status!(
                 "standing by: another coordinator holds the lock in Redis; this one takes over \
                  within {} s of it stopping (health: NOT_SERVING until then)",
                 LOCK_TTL.as_secs()

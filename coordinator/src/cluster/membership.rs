@@ -151,7 +151,7 @@ fn conflict_in(joined: &BTreeMap<String, Joined>, desc: &WorkerDescription) -> O
 /// A refused second fingerprint, logged on the coordinator too (the operator looks here).
 fn refuse_model(worker: &str, message: String) -> Status {
     tracing::warn!(worker, "refused a worker: {message}");
-    eprintln!("refused worker {worker}: {message}");
+    tessera_worker::status!("refused worker {worker}: {message}");
     Status::failed_precondition(message)
 }
 

@@ -90,6 +90,10 @@ pub struct CoordinatorConfig {
     pub output_dir: PathBuf,
     /// Directories (canonical) under which clients may have copies written (`--output-dir`).
     pub allowed_output_dirs: Vec<PathBuf>,
+    /// Who is told when a job ends (`--notify`, `--notify-attempts`).
+    pub notifier: crate::notify::Notifier,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`--metrics`), behind `token`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Each party holds its own credential: with a client token there must be a worker token,
@@ -202,6 +206,24 @@ async fn start_server(
     Ok(Server { stop, task, health })
 }
 
+/// Starts `GET /metrics` on `--metrics` (behind the client token), when asked for.
+async fn serve_metrics(cfg: &CoordinatorConfig) -> Result<(), CoordinatorError> {
+    let Some(addr) = cfg.metrics else {
+        return Ok(());
+    };
+    let listener = tessera_worker::metrics::bind("--metrics", addr)
+        .await
+        .map_err(|e| CoordinatorError::Listen {
+            addr: format!("--metrics {addr}"),
+            message: e.message,
+        })?;
+    let shown = listener.local_addr().map_or(addr, |a| a);
+    let router = crate::metrics::router(cfg.token.as_deref());
+    tessera_worker::metrics::spawn_serve(listener, router);
+    tessera_worker::status!("coordinator metrics on http://{shown}/metrics");
+    Ok(())
+}
+
 /// Runs the coordinator until `shutdown` resolves (or another coordinator takes the lock).
 /// Jobs still running then are resumed by the next coordinator started on the same Redis.
 pub async fn serve(
@@ -243,8 +265,9 @@ pub async fn serve(
     let members = Members::new(pool.clone());
     tokio::spawn(members.clone().expire());
     let leader = Leadership::new();
+    serve_metrics(&cfg).await?;
     let server = start_server(&cfg, listener, leader.clone(), members, worker_net).await?;
-    eprintln!("coordinator listening on {local}");
+    tessera_worker::status!("coordinator listening on {local}");
 
     tokio::pin!(shutdown);
     let holder = format!(
@@ -267,12 +290,13 @@ pub async fn serve(
             max_jobs: cfg.max_jobs.max(1),
             output_dir: cfg.output_dir.clone(),
             allowed_output_dirs: cfg.allowed_output_dirs.clone(),
+            notifier: cfg.notifier.clone(),
         },
     );
     leader.lead(runner.clone());
     tokio::spawn(runner.clone().run());
     server.serving(true).await;
-    eprintln!("coordinator serving on {local} (lock {token})");
+    tessera_worker::status!("coordinator serving on {local} (lock {token})");
 
     let lost = tokio::select! {
         lost = lock::hold(&fenced, &token, || runner.store_lost()) => Some(lost),
@@ -284,9 +308,9 @@ pub async fn serve(
     runner.halt();
     if let Some(why) = &lost {
         tracing::error!("lost the coordinator lock: {why}; stopping");
-        eprintln!("lost the coordinator lock: {why}; stopping job threads");
+        tessera_worker::status!("lost the coordinator lock: {why}; stopping job threads");
     } else {
-        eprintln!("stopping: job threads first (their checkpoints stand), then the lock");
+        tessera_worker::status!("stopping: job threads first (their checkpoints stand), then the lock");
     }
     let started = Instant::now();
     while runner.running_jobs() > 0 && started.elapsed() < JOBS_STOP {
@@ -296,7 +320,7 @@ pub async fn serve(
     match lost {
         None => {
             lock::release(&store.with_retry_for(Duration::from_secs(3)), &token).await;
-            eprintln!("coordinator stopped");
+            tessera_worker::status!("coordinator stopped");
             Ok(())
         }
         Some(why) => Err(CoordinatorError::LostLock(why.to_string())),

@@ -32,7 +32,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_core::task::{Task, TaskKind};
+use tessera_core::task::Task;
 use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
 use tessera_proto::v1::worker_client::WorkerClient;
@@ -44,6 +44,7 @@ use tonic::transport::Channel;
 
 use super::pace::{self, Pace};
 use crate::dispatch::{Dispatch, DispatchError};
+use crate::metrics;
 use crate::sync::lock;
 
 /// How many attempts a task gets (each lost lease, lost worker, failed call or retryable
@@ -212,9 +213,10 @@ impl Pool {
                 .collect();
             for id in gone {
                 if let Some(w) = st.workers.remove(&id) {
+                    metrics::coordinator().worker_left(&id);
                     let _ = w.alive.send(false);
                     tracing::warn!(worker = %id, "worker left (its membership ended)");
-                    eprintln!("worker {id} left");
+                    tessera_worker::status!("worker {id} left");
                 }
             }
             for m in live {
@@ -236,11 +238,12 @@ impl Pool {
                 );
                 joined.push(m);
             }
+            metrics::coordinator().workers.set(st.workers.len() as i64);
         }
         for m in joined {
             let d = &m.desc;
             tracing::info!(worker = %d.worker_id, address = %d.address, "worker joined");
-            eprintln!("worker {} joined ({})", d.worker_id, d.address);
+            tessera_worker::status!("worker {} joined ({})", d.worker_id, d.address);
             self.start_feeders(m);
         }
         self.inner.wake.notify_waiters();
@@ -356,6 +359,7 @@ impl Pool {
                     return;
                 }
                 Some(Err(_elapsed)) => {
+                    metrics::coordinator().leases_expired.inc_by(picked.len() as u64);
                     tracing::warn!(worker = %id, lease = ?lease, "call outlived its lease; its tasks go to others");
                     let why = format!("its call outlived the lease of {} s", lease.as_secs_f64());
                     self.attempts_failed(&picked, &id, &why);
@@ -400,6 +404,8 @@ impl Pool {
                 self.evict(worker, &why);
                 self.attempt_failed(slot, worker, &why);
             } else {
+                let evaluations = u64::from(r.evaluations);
+                metrics::coordinator().worker_task(worker, evaluations, r.seconds);
                 self.complete(slot, worker);
             }
         }
@@ -421,9 +427,11 @@ impl Pool {
         };
         st.evicted.insert(w.member.session.clone());
         let _ = w.alive.send(false);
+        metrics::coordinator().workers.set(st.workers.len() as i64);
+        metrics::coordinator().worker_left(worker);
         drop(st);
         tracing::error!(worker, "worker removed from the cluster: {why}");
-        eprintln!("worker {worker} removed: {why}");
+        tessera_worker::status!("worker {worker} removed: {why}");
         self.inner.wake.notify_waiters();
     }
 
@@ -512,10 +520,12 @@ impl Pool {
         if picked.is_empty() {
             let slot = speculate(st, worker, desc, now)?;
             tracing::info!(worker, task = %slot.task.id, "copying a task this worker should finish first");
+            metrics::coordinator().copies_issued.inc();
             lock(&slot.st).running_on.push((worker.to_string(), call));
             picked.push(slot);
         }
         st.next_call += 1;
+        publish_depth(st);
         let kinds = picked.iter().map(|s| s.kind).collect();
         if let Some(w) = st.workers.get_mut(worker) {
             w.pace.begin_call(call, kinds, now);
@@ -529,8 +539,13 @@ impl Pool {
             ss.running_on.retain(|(w, _)| w != worker);
             !std::mem::replace(&mut ss.done, true)
         };
-        lock(&self.inner.state).running.remove(&slot.key);
+        {
+            let mut st = lock(&self.inner.state);
+            st.running.remove(&slot.key);
+            publish_depth(&st);
+        }
         if first {
+            metrics::coordinator().tasks_completed.inc();
             slot.batch
                 .send(BatchEvent::Done(Box::new(slot.task.clone())));
         }
@@ -549,6 +564,7 @@ impl Pool {
             st.running.remove(&slot.key);
             st.queue.insert(slot.key, slot.clone());
         }
+        publish_depth(&st);
         drop(st);
         self.inner.wake.notify_waiters();
     }
@@ -573,6 +589,7 @@ impl Pool {
                 return;
             }
             ss.attempts += 1;
+            metrics::coordinator().task_attempts_failed.inc();
             let attempt = ss.attempts;
             ss.failures
                 .push(format!("attempt {attempt} on worker {worker}: {why}"));
@@ -610,7 +627,15 @@ impl Pool {
         let mut st = lock(&self.inner.state);
         st.queue.retain(|_, s| !Arc::ptr_eq(&s.batch, batch));
         st.running.retain(|_, s| !Arc::ptr_eq(&s.batch, batch));
+        publish_depth(&st);
     }
+}
+
+/// The task queue's depth and the tasks out, into the metrics.
+fn publish_depth(st: &State) {
+    let m = metrics::coordinator();
+    m.tasks_queued.set(st.queue.len() as i64);
+    m.tasks_running.set(st.running.len() as i64);
 }
 
 impl Slot {
@@ -660,13 +685,7 @@ fn speculate(
 
 /// The kind of work a task is, as far as its duration goes.
 fn kind_of(task: &Task) -> &'static str {
-    match &task.kind {
-        TaskKind::EncodePrompt { .. } => "prompt",
-        TaskKind::Denoise(_) => "denoise",
-        TaskKind::Decode { .. } => "decode",
-        TaskKind::Encode { .. } => "encode",
-        TaskKind::EncodeTile { .. } => "encode-tile",
-    }
+    task.kind.name()
 }
 
 async fn wait_lost(alive: &mut watch::Receiver<bool>) {
@@ -721,6 +740,7 @@ impl JobDispatch<'_> {
                 st: Mutex::new(SlotState::default()),
             }),
         );
+        publish_depth(&st);
         drop(st);
         self.pool.inner.wake.notify_waiters();
         Ok(())
@@ -824,6 +844,7 @@ impl Dispatch for JobDispatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::task::TaskKind;
 
     fn add_worker(st: &mut State, id: &str, seconds: f64, now: Instant) {
         let (alive, _) = watch::channel(true);

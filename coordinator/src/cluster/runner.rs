@@ -26,6 +26,8 @@ use super::outputs;
 use super::pool::{JobDispatch, ModelId, Pool};
 use crate::dispatch::DispatchError;
 use crate::engine::{Engine, EngineError, JobInputs, ModelInfo, PreviewHook, Progress};
+use crate::metrics::{self, MeteredStore};
+use crate::notify::{JobMessage, Notifier};
 use crate::sync::lock;
 use crate::{assemble, image_input, latent_file, preview};
 
@@ -40,6 +42,8 @@ pub struct RunnerOptions {
     pub output_dir: PathBuf,
     /// Where clients may have copies written (`--allow-output-dir`, canonical); none: nowhere.
     pub allowed_output_dirs: Vec<PathBuf>,
+    /// Who is told when a job ends (`--notify`, and each job's own `submit --notify`).
+    pub notifier: Notifier,
 }
 
 /// The message of a job Redis lost with its data.
@@ -103,7 +107,7 @@ impl Runner {
     pub fn store_lost(&self) {
         let active = lock(&self.active);
         if !active.is_empty() {
-            eprintln!(
+            tessera_worker::status!(
                 "Redis lost its data: failing the {} jobs running here",
                 active.len()
             );
@@ -163,7 +167,7 @@ impl Runner {
                 for id in ids {
                     match self.jobs.load(&id).await {
                         Ok(Some(record)) if !record.state.is_terminal() => {
-                            eprintln!("resuming job {id}");
+                            tessera_worker::status!("resuming job {id}");
                             tracing::info!(job = %id, "resuming a job left running");
                             self.launch(record);
                         }
@@ -181,6 +185,7 @@ impl Runner {
             if let Err(e) = self.start_queued().await {
                 tracing::warn!("starting queued jobs: {e}");
             }
+            self.publish_jobs().await;
             if last_sweep.elapsed() > Duration::from_secs(5) {
                 last_sweep = Instant::now();
                 match self.jobs.sweep().await {
@@ -197,6 +202,28 @@ impl Runner {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+    }
+
+    /// The jobs queued and running, into the metrics.
+    async fn publish_jobs(&self) {
+        if let Ok(queued) = self.jobs.queued_count().await {
+            let running = self.running_jobs();
+            metrics::coordinator().set_jobs(queued as usize, running);
+        }
+    }
+
+    /// Tells the job's `--notify` URL and the coordinator's that the job ended, off this
+    /// thread; counts the end in the metrics.
+    fn tell_end(&self, record: &JobRecord, keep: bool) {
+        metrics::coordinator().job_finished(&record.state.to_string());
+        let images = match keep {
+            true => (0..record.count)
+                .map(|n| self.image_path(&record.id, n).display().to_string())
+                .collect(),
+            false => Vec::new(),
+        };
+        let message = JobMessage::ended(record, images);
+        (self.opts.notifier).send(&self.runtime, record.notify.as_deref(), message);
     }
 
     async fn start_queued(self: &Arc<Self>) -> Result<(), tessera_store::StoreError> {
@@ -294,19 +321,19 @@ impl Runner {
             Ok(()) => {
                 record.state = JobState::Succeeded;
                 record.progress.phase = "done".into();
-                eprintln!("job {id} succeeded");
+                tessera_worker::status!("job {id} succeeded");
                 true
             }
             Err(JobEnd::Cancelled) => {
                 record.state = JobState::Cancelled;
                 record.progress.phase = "cancelled".into();
-                eprintln!("job {id} cancelled");
+                tessera_worker::status!("job {id} cancelled");
                 false
             }
             Err(JobEnd::Failed(message)) => {
                 record.state = JobState::Failed;
                 record.progress.phase = "failed".into();
-                eprintln!("job {id} failed: {message}");
+                tessera_worker::status!("job {id} failed: {message}");
                 record.error = Some(message);
                 false
             }
@@ -321,12 +348,14 @@ impl Runner {
         {
             tracing::error!(job = %id, "cannot record the end of the job: {e}");
         }
+        self.tell_end(&record, keep);
     }
 
     /// Every image of the job still to do, in turn, on one engine that dispatches to the pool.
     fn render_images(&self, record: &JobRecord, cancelled: &Arc<AtomicBool>) -> Result<(), JobEnd> {
         let store = self.store();
         let inputs = load_inputs(store, record).map_err(|e| JobEnd::Failed(format!("{e:#}")))?;
+        let metered = MeteredStore { inner: store };
         let on_waiting = |waiting: bool| {
             self.update(&record.id, |r| {
                 r.progress.phase = if waiting {
@@ -351,7 +380,7 @@ impl Runner {
             runner: self,
             record,
             engine: Engine {
-                store,
+                store: &metered,
                 workers: &dispatch,
                 model: ModelInfo {
                     scheduler: record.model_info.scheduler.clone(),
@@ -430,6 +459,7 @@ impl Runner {
                         record.progress.phase = "cancelled".into();
                         record.finished_ms = now_ms();
                         self.jobs.finish(&record, self.opts.job_ttl, false).await?;
+                        self.tell_end(&record, false);
                     }
                 }
             }
@@ -497,7 +527,7 @@ impl JobRun<'_> {
              `tessera fetch {id}`"
         );
         tracing::warn!(job = %id, "{warning}");
-        eprintln!("job {id}: {warning}");
+        tessera_worker::status!("job {id}: {warning}");
         Some(warning)
     }
 
@@ -567,6 +597,10 @@ impl JobRun<'_> {
             ..
         } = p
         {
+            let m = metrics::coordinator();
+            m.steps.inc();
+            m.step_seconds.observe(timings.wall);
+            m.critical_path_seconds.observe(timings.critical);
             // `tessera bench scale` reads these lines to time the steps.
             tracing::info!(
                 job = %self.record.id,
@@ -581,6 +615,10 @@ impl JobRun<'_> {
                 timings = %serde_json::to_string(&timings).unwrap_or_default(),
                 "step finished"
             );
+        }
+        if let Progress::Views(v) = p {
+            let halves = if self.record.plan.guided { 2 } else { 1 };
+            metrics::coordinator().evaluations.inc_by(v as u64 * halves);
         }
         let snapshot = self.runner.update(&self.record.id, |r| {
             record_progress(r, &self.record.plan, n, p)

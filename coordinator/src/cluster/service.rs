@@ -20,6 +20,7 @@ use super::jobs::{now_ms, JobRecord, JobState, Jobs, ProgressRecord};
 use super::lock::Leadership;
 use super::outputs;
 use super::runner::Runner;
+use crate::notify;
 
 /// Bytes per FetchResult message.
 const CHUNK: usize = 1 << 20;
@@ -156,6 +157,10 @@ impl CoordinatorService {
             &req.output_dir,
             &runner.opts.allowed_output_dirs,
         )?;
+        let notify = match req.notify.trim() {
+            "" => None,
+            url => Some(notify::check_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?),
+        };
         let model = spec.model.clone();
         let served = runner.pool.members();
         // Planning a big job is CPU work: keep it off the async threads.
@@ -171,11 +176,13 @@ impl CoordinatorService {
             )));
         }
         let id = new_job_id();
-        let record = new_record(&id, model, admitted, count, priority, output_dir);
+        let mut record = new_record(&id, model, admitted, count, priority, output_dir);
+        record.0.notify = notify.map(|u| u.to_string());
         jobs.create(&record.0, &record.1)
             .await
             .map_err(store_status)?;
         tracing::info!(job = %id, model = %record.0.model, "job queued");
+        crate::metrics::coordinator().jobs_submitted.inc();
         runner.notify();
         Ok(id)
     }
@@ -214,6 +221,7 @@ fn new_record(
         error: None,
         resumed_from: None,
         warnings: Vec::new(),
+        notify: None,
         created_ms: now_ms(),
         started_ms: 0,
         finished_ms: 0,

@@ -63,6 +63,18 @@ pub fn peak_memory(device: &Device) -> Option<u64> {
     None
 }
 
+/// The memory the device's pool has handed out now (bytes); `None` on the CPU or where the
+/// device does not say (the Prometheus gauge is then left out rather than shown as zero).
+pub fn used_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::get_pool_attribute(dev, cuda::Attr::UsedCurrent).ok();
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    None
+}
+
 /// Starts a new peak for [`peak_memory`].
 pub fn reset_peak(device: &Device) {
     #[cfg(feature = "cuda")]
@@ -95,12 +107,14 @@ mod cuda {
     pub enum Attr {
         ReleaseThreshold,
         UsedHigh,
+        UsedCurrent,
     }
 
     fn attr(a: Attr) -> sys::CUmemPool_attribute {
         match a {
             Attr::ReleaseThreshold => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             Attr::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            Attr::UsedCurrent => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
         }
     }
 
