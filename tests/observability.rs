@@ -20,8 +20,17 @@ use tessera_harness::{ClusterOptions, LocalCluster};
 
 const TOKEN: &str = "metrics-test-token";
 const JOB: &[&str] = &[
-    "submit", "--model", "tiny", "--prompt", "a harbour", "--size", "128x128", "--steps", "12",
-    "--seed", "5",
+    "submit",
+    "--model",
+    "tiny",
+    "--prompt",
+    "a harbour",
+    "--size",
+    "128x128",
+    "--steps",
+    "12",
+    "--seed",
+    "5",
 ];
 
 /// A strict reader of the Prometheus / OpenMetrics text format: every line is a `# HELP`,
@@ -88,7 +97,14 @@ mod prom {
                 ended = true;
             } else if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').ok_or(format!("{line:?}"))?;
-                let kinds = ["counter", "gauge", "histogram", "summary", "unknown", "info"];
+                let kinds = [
+                    "counter",
+                    "gauge",
+                    "histogram",
+                    "summary",
+                    "unknown",
+                    "info",
+                ];
                 if !valid_name(name) || !kinds.contains(&kind) {
                     return Err(format!("bad TYPE line {line:?}"));
                 }
@@ -131,7 +147,9 @@ mod prom {
         let v = match number {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            n => n.parse().map_err(|e| format!("value {n:?} in {line:?}: {e}"))?,
+            n => n
+                .parse()
+                .map_err(|e| format!("value {n:?} in {line:?}: {e}"))?,
         };
         Ok((series, v))
     }
@@ -142,12 +160,23 @@ fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -212,7 +241,11 @@ impl Hook {
                 let body = read_request(&conn);
                 let mut n = a.lock().unwrap();
                 *n += 1;
-                let status = if *n == 1 { "503 Service Unavailable" } else { "200 OK" };
+                let status = if *n == 1 {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
                 if *n > 1 {
                     b.lock().unwrap().push(body);
                 }
@@ -229,13 +262,17 @@ impl Hook {
 
     fn bodies(&self) -> Vec<serde_json::Value> {
         let bodies = self.bodies.lock().unwrap();
-        bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect()
     }
 }
 
 /// A request's body (by its Content-Length).
 fn read_request(conn: &TcpStream) -> String {
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut reader = BufReader::new(conn);
     let mut length = 0;
     loop {
@@ -287,8 +324,8 @@ fn start_cluster(dir: &Path, down: u16) -> LocalCluster {
         coordinator_flags: flags.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let mut cluster = LocalCluster::start(Path::new(tessera_bin()), dir, opts)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cluster =
+        LocalCluster::start(Path::new(tessera_bin()), dir, opts).unwrap_or_else(|e| panic!("{e}"));
     let worker_flags: Vec<String> = ["--model-name", "tiny", "--metrics", "127.0.0.1:0"]
         .iter()
         .chain(&["--log-format", "json"])
@@ -319,10 +356,21 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
     assert_eq!(value(&before, "tessera_workers"), 1.0);
 
     // A notify URL that is not http(s) is refused up front, naming the flag.
-    let bad = cluster.client(&["submit", "--model", "tiny", "--prompt", "x", "--notify", "ftp://h/x"]);
+    let bad = cluster.client(&[
+        "submit",
+        "--model",
+        "tiny",
+        "--prompt",
+        "x",
+        "--notify",
+        "ftp://h/x",
+    ]);
     let bad = bad.unwrap_or_else(|e| panic!("{e}"));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(!bad.status.success() && stderr.contains("only http:// and https://"), "{stderr}");
+    assert!(
+        !bad.status.success() && stderr.contains("only http:// and https://"),
+        "{stderr}"
+    );
 
     let notify = format!("http://{}/hook", hook.addr);
     let mut args = JOB.to_vec();
@@ -336,18 +384,34 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
     check_worker_metrics(&scrape(&worker, None));
 
     // The job's own hook: retried after its 503, then delivered once, with the job's end.
-    wait_until("the notification", Duration::from_secs(20), || !hook.bodies().is_empty());
+    wait_until("the notification", Duration::from_secs(20), || {
+        !hook.bodies().is_empty()
+    });
     let message = &hook.bodies()[0];
     assert_eq!(message["job_id"], id.as_str());
     assert_eq!(message["state"], "succeeded");
-    assert!(message["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{message}");
-    assert!(message["summary"].as_str().is_some_and(|s| s.contains("128x128")), "{message}");
+    assert!(
+        message["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{message}"
+    );
+    assert!(
+        message["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("128x128")),
+        "{message}"
+    );
     assert!(*hook.attempts.lock().unwrap() >= 2);
 
     // The coordinator-wide hook is down: three attempts, given up, the job unharmed.
-    wait_until("the down hook to be given up", Duration::from_secs(20), || {
-        cluster.coordinator_log().contains("not delivered after 3 attempts")
-    });
+    wait_until(
+        "the down hook to be given up",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .coordinator_log()
+                .contains("not delivered after 3 attempts")
+        },
+    );
     let done = scrape(&coordinator, Some(TOKEN));
     assert!(value(&done, r#"tessera_notifications_total{outcome="failed"}"#) >= 1.0);
     assert!(value(&done, r#"tessera_notifications_total{outcome="delivered"}"#) >= 1.0);
@@ -359,9 +423,13 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
     ];
     let slow = cluster.client_ok(&slow_job);
     let slow = slow.unwrap_or_else(|e| panic!("{e}"));
-    cluster.client_ok(&["cancel", &slow]).unwrap_or_else(|e| panic!("{e}"));
+    cluster
+        .client_ok(&["cancel", &slow])
+        .unwrap_or_else(|e| panic!("{e}"));
     wait_until("the cancel notification", Duration::from_secs(20), || {
-        hook.bodies().iter().any(|m| m["job_id"] == slow.as_str() && m["state"] == "cancelled")
+        hook.bodies()
+            .iter()
+            .any(|m| m["job_id"] == slow.as_str() && m["state"] == "cancelled")
     });
 
     check_json_logs("coordinator", &cluster.coordinator_log(), "succeeded");
@@ -386,7 +454,11 @@ fn watch_steps(cluster: &LocalCluster, addr: &str, id: &str) -> Vec<f64> {
             Some("failed" | "cancelled") => panic!("{status}\n{}", cluster.logs()),
             _ => {}
         }
-        assert!(start.elapsed() < Duration::from_secs(40), "{}", cluster.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "{}",
+            cluster.logs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -423,7 +495,10 @@ fn check_coordinator_moved(before: &BTreeMap<String, f64>, after: &BTreeMap<Stri
 }
 
 fn check_worker_metrics(w: &BTreeMap<String, f64>) {
-    assert!(value(w, "tessera_worker_evaluations_total") >= 12.0, "{w:?}");
+    assert!(
+        value(w, "tessera_worker_evaluations_total") >= 12.0,
+        "{w:?}"
+    );
     assert!(value(w, "tessera_worker_busy_seconds_total") > 0.0, "{w:?}");
     let denoised = r#"tessera_worker_tasks_total{kind="denoise",outcome="ok"}"#;
     assert!(value(w, denoised) >= 1.0, "{w:?}");
@@ -438,7 +513,10 @@ fn check_json_logs(role: &str, log: &str, status: &str) {
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("{role} logged a line that is not JSON ({e}): {line}"));
-        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
         messages.push(v["fields"]["message"].as_str().unwrap_or("").to_string());
     }
     assert!(

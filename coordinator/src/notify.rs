@@ -164,7 +164,9 @@ async fn deliver(url: url::Url, body: Bytes, job: &str, attempts: u32) {
         };
         if attempt == attempts {
             tracing::warn!(job, url = %shown, "notification not delivered after {attempts} attempts: {why}; giving up");
-            tessera_worker::status!("job {job}: notification to {shown} not delivered after {attempts} attempts: {why}");
+            tessera_worker::status!(
+                "job {job}: notification to {shown} not delivered after {attempts} attempts: {why}"
+            );
             super::metrics::coordinator().notification("failed");
             return;
         }
@@ -217,7 +219,10 @@ fn request(url: &url::Url, host: &str, body: Bytes) -> Result<hyper::Request<Ful
     let mut req = hyper::Request::post(path)
         .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::USER_AGENT, concat!("tessera/", env!("CARGO_PKG_VERSION")));
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("tessera/", env!("CARGO_PKG_VERSION")),
+        );
     if !url.username().is_empty() {
         let password = url.password().unwrap_or("");
         let credentials = basic_auth(url.username(), password);
@@ -291,7 +296,10 @@ mod tests {
         let e = check_url("ftp://example.com/x").unwrap_err();
         assert!(e.to_string().contains("only http:// and https://"), "{e}");
         assert!(check_url("file:///etc/passwd").is_err());
-        assert!(check_url("not a url").unwrap_err().to_string().contains("not a URL"));
+        assert!(check_url("not a url")
+            .unwrap_err()
+            .to_string()
+            .contains("not a URL"));
         assert!(check_url("http://").is_err());
     }
 
@@ -299,7 +307,10 @@ mod tests {
     fn logs_never_show_a_webhooks_secret() {
         let u = check_url("https://user:secret@example.com/hook?token=abc").unwrap();
         let shown = redacted(&u);
-        assert!(!shown.contains("secret") && !shown.contains("abc"), "{shown}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("abc"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -213,8 +213,14 @@ mod tests {
         m.task("denoise", "ok", 0.25, 8);
         m.task("decode", "failed", 0.0, 0);
         let text = m.encode();
-        assert!(text.contains("tessera_worker_evaluations_total 8"), "{text}");
-        assert!(text.contains("tessera_worker_busy_seconds_total 0.25"), "{text}");
+        assert!(
+            text.contains("tessera_worker_evaluations_total 8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_worker_busy_seconds_total 0.25"),
+            "{text}"
+        );
         assert!(
             text.contains(r#"tessera_worker_tasks_total{kind="decode",outcome="failed"} 1"#),
             "{text}"

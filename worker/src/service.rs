@@ -233,7 +233,8 @@ pub async fn serve(
         ),
         None => crate::status!(
             "worker {id} serving model {:?} ({fingerprint}) on {address} (device {})",
-            cfg.model_name, cfg.device
+            cfg.model_name,
+            cfg.device
         ),
     }
     let refusal = Arc::new(Mutex::new(None));
@@ -270,12 +271,13 @@ pub async fn serve(
 
 /// Starts `GET /metrics` on `addr` (no token: bind it where only the scraper reaches).
 async fn serve_metrics(addr: SocketAddr, metrics: Arc<WorkerMetrics>) -> Result<(), ServiceError> {
-    let listener = crate::metrics::bind("--metrics", addr)
-        .await
-        .map_err(|e| ServiceError::Listen {
-            addr: format!("--metrics {addr}"),
-            message: e.message,
-        })?;
+    let listener =
+        crate::metrics::bind("--metrics", addr)
+            .await
+            .map_err(|e| ServiceError::Listen {
+                addr: format!("--metrics {addr}"),
+                message: e.message,
+            })?;
     let shown = listener.local_addr().map_or(addr, |a| a);
     let router = crate::metrics::router(Arc::new(move || metrics.encode()), None);
     crate::metrics::spawn_serve(listener, router);

@@ -149,7 +149,11 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         bail!("--notify-attempts must be 1 to 20");
     }
     let notifier = crate::notify::Notifier {
-        everyone: args.notify.as_deref().map(crate::notify::check_url).transpose()?,
+        everyone: args
+            .notify
+            .as_deref()
+            .map(crate::notify::check_url)
+            .transpose()?,
         attempts: args.notify_attempts,
     };
     let cfg = CoordinatorConfig {

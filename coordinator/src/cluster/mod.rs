@@ -310,7 +310,9 @@ pub async fn serve(
         tracing::error!("lost the coordinator lock: {why}; stopping");
         tessera_worker::status!("lost the coordinator lock: {why}; stopping job threads");
     } else {
-        tessera_worker::status!("stopping: job threads first (their checkpoints stand), then the lock");
+        tessera_worker::status!(
+            "stopping: job threads first (their checkpoints stand), then the lock"
+        );
     }
     let started = Instant::now();
     while runner.running_jobs() > 0 && started.elapsed() < JOBS_STOP {

@@ -359,7 +359,9 @@ impl Pool {
                     return;
                 }
                 Some(Err(_elapsed)) => {
-                    metrics::coordinator().leases_expired.inc_by(picked.len() as u64);
+                    metrics::coordinator()
+                        .leases_expired
+                        .inc_by(picked.len() as u64);
                     tracing::warn!(worker = %id, lease = ?lease, "call outlived its lease; its tasks go to others");
                     let why = format!("its call outlived the lease of {} s", lease.as_secs_f64());
                     self.attempts_failed(&picked, &id, &why);

@@ -159,7 +159,9 @@ impl CoordinatorService {
         )?;
         let notify = match req.notify.trim() {
             "" => None,
-            url => Some(notify::check_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?),
+            url => {
+                Some(notify::check_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
         };
         let model = spec.model.clone();
         let served = runner.pool.members();

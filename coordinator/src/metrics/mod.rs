@@ -116,7 +116,29 @@ impl CoordinatorMetrics {
         m.register_jobs(&mut r);
         m.register_work(&mut r);
         m.register_pool(&mut r);
+        m.zero_known_labels();
         Self { registry: r, ..m }
+    }
+
+    /// Every label value known up front gets its series at zero, so a query or an alert sees
+    /// 0 rather than nothing before the first event (Prometheus' advice for labelled metrics).
+    fn zero_known_labels(&self) {
+        self.set_jobs(0, 0);
+        for state in ["succeeded", "failed", "cancelled"] {
+            let label = StateLabel {
+                state: state.into(),
+            };
+            let _ = self.jobs_finished.get_or_create(&label);
+        }
+        for outcome in ["delivered", "failed"] {
+            let label = OutcomeLabel {
+                outcome: outcome.into(),
+            };
+            let _ = self.notifications.get_or_create(&label);
+        }
+        for op in ["read", "write", "delete"] {
+            let _ = self.store_seconds.get_or_create(&OpLabel { op: op.into() });
+        }
     }
 
     fn register_jobs(&self, r: &mut Registry) {
@@ -182,15 +204,27 @@ impl CoordinatorMetrics {
 
     fn register_pool(&self, r: &mut Registry) {
         let gauges = [
-            ("tessera_tasks_queued", "Tasks waiting for a worker", &self.tasks_queued),
-            ("tessera_tasks_running", "Tasks out on workers", &self.tasks_running),
+            (
+                "tessera_tasks_queued",
+                "Tasks waiting for a worker",
+                &self.tasks_queued,
+            ),
+            (
+                "tessera_tasks_running",
+                "Tasks out on workers",
+                &self.tasks_running,
+            ),
             ("tessera_workers", "Workers joined", &self.workers),
         ];
         for (name, help, g) in gauges {
             r.register(name, help, g.clone());
         }
         let counters = [
-            ("tessera_tasks_completed", "Tasks whose results are in", &self.tasks_completed),
+            (
+                "tessera_tasks_completed",
+                "Tasks whose results are in",
+                &self.tasks_completed,
+            ),
             (
                 "tessera_task_attempts_failed",
                 "Task attempts lost (failed call, lost worker, expired lease, failed task)",
@@ -264,7 +298,9 @@ impl CoordinatorMetrics {
             .get_or_create(&label)
             .inc_by(evaluations);
         if seconds.is_finite() && seconds > 0.0 {
-            self.worker_busy_seconds.get_or_create(&label).inc_by(seconds);
+            self.worker_busy_seconds
+                .get_or_create(&label)
+                .inc_by(seconds);
         }
     }
 
@@ -297,9 +333,13 @@ pub fn router(token: Option<&str>) -> axum::Router {
 /// the exposition (counters with `_total`, histograms with `_bucket`, `_sum`, `_count`): what
 /// a dashboard or an alert may refer to.
 pub fn exported_names() -> std::collections::BTreeSet<String> {
+    // Fresh registries with one series in every family (an empty family is not shown).
     let worker = tessera_worker::metrics::WorkerMetrics::new(&candle_core::Device::Cpu);
+    worker.task("denoise", "ok", 1.0, 1);
+    let coordinator = CoordinatorMetrics::new();
+    coordinator.worker_task("w", 1, 1.0);
     let mut names = std::collections::BTreeSet::new();
-    for text in [coordinator().encode(), worker.encode()] {
+    for text in [coordinator.encode(), worker.encode()] {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut words = rest.split_whitespace();
