@@ -343,7 +343,7 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
     let _one = serial();
     let dir = scratch("observability");
     let hook = Hook::start();
-    let cluster = start_cluster(&dir.0, down_port());
+    let mut cluster = start_cluster(&dir.0, down_port());
     let coordinator = metrics_addr(&cluster.coordinator_log()).expect("coordinator metrics");
     let worker = metrics_addr(&cluster.workers[0].log()).expect("worker metrics");
 
@@ -431,6 +431,37 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
             .iter()
             .any(|m| m["job_id"] == slow.as_str() && m["state"] == "cancelled")
     });
+
+    // The URL lives in the job's record: a coordinator restarted mid-job still tells it.
+    let resumed_job = [
+        "submit", "--model", "tiny", "--prompt", "resumed", "--size", "128x128", "--steps", "60",
+        "--notify", &notify,
+    ];
+    let resumed = cluster
+        .client_ok(&resumed_job)
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_until("the job to run", Duration::from_secs(30), || {
+        let status = cluster
+            .client_ok(&["status", &resumed, "--json"])
+            .unwrap_or_default();
+        status.contains("\"running\"")
+    });
+    cluster.kill_coordinator();
+    cluster
+        .start_coordinator()
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_until(
+        "the resumed job's notification",
+        Duration::from_secs(60),
+        || {
+            hook.bodies()
+                .iter()
+                .any(|m| m["job_id"] == resumed.as_str() && m["state"] == "succeeded")
+        },
+    );
+    let status = cluster.client_ok(&["status", &resumed, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status.unwrap_or_default()).unwrap();
+    assert!(status["resumed_from"].is_object(), "not resumed: {status}");
 
     check_json_logs("coordinator", &cluster.coordinator_log(), "succeeded");
     check_json_logs("worker", &cluster.workers[0].log(), "serving model");

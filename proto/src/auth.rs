@@ -141,6 +141,16 @@ mod tests {
     }
 
     #[test]
+    fn an_http_authorization_header_passes_as_the_grpc_one_does() {
+        assert!(RequireToken::new(None).accepts(None));
+        let closed = RequireToken::new(Some("s3cret"));
+        assert!(closed.accepts(Some(b"Bearer s3cret")));
+        assert!(!closed.accepts(Some(b"Bearer s3cre")));
+        assert!(!closed.accepts(Some(b"s3cret")));
+        assert!(!closed.accepts(None));
+    }
+
+    #[test]
     fn tokens_are_checked_only_when_configured() {
         let mut open = RequireToken::new(None);
         assert_eq!(call(&mut open, None), Ok(()));
