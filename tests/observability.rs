@@ -434,17 +434,23 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
 
     // The URL lives in the job's record: a coordinator restarted mid-job still tells it.
     let resumed_job = [
-        "submit", "--model", "tiny", "--prompt", "resumed", "--size", "128x128", "--steps", "60",
+        "submit", "--model", "tiny", "--prompt", "resumed", "--size", "128x128", "--steps", "80",
         "--notify", &notify,
     ];
     let resumed = cluster
         .client_ok(&resumed_job)
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_until("the job to run", Duration::from_secs(30), || {
+    // Killed once a few steps are checkpointed, so the next coordinator resumes it.
+    wait_until("the job's third step", Duration::from_secs(30), || {
         let status = cluster
             .client_ok(&["status", &resumed, "--json"])
             .unwrap_or_default();
-        status.contains("\"running\"")
+        let json: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        assert_ne!(
+            json["state"], "succeeded",
+            "the job ended before the restart"
+        );
+        json["progress"]["step"].as_u64().is_some_and(|s| s >= 3)
     });
     cluster.kill_coordinator();
     cluster
