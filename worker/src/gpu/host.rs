@@ -178,6 +178,7 @@ mod tests {
         let _cache = param_cache(&cpu);
         assert!(_cache._guard.is_none());
         assert_eq!(peak_memory(&cpu), None);
+        assert_eq!(used_memory(&cpu), None);
         reset_peak(&cpu);
         profiler_range(&cpu, true).unwrap();
     }
