@@ -382,6 +382,17 @@ fn metrics_move_as_a_job_runs_notifications_arrive_and_logs_are_json() {
     let after = scrape(&coordinator, Some(TOKEN));
     check_coordinator_moved(&before, &after);
     check_worker_metrics(&scrape(&worker, None));
+    for (role, addr, token) in [
+        ("coordinator", &coordinator, Some(TOKEN)),
+        ("worker", &worker, None),
+    ] {
+        let body = http_get(addr, "/metrics", token).1;
+        eprintln!(
+            "{role} /metrics: {} bytes, {} lines",
+            body.len(),
+            body.lines().count()
+        );
+    }
 
     // The job's own hook: retried after its 503, then delivered once, with the job's end.
     wait_until("the notification", Duration::from_secs(20), || {

@@ -216,12 +216,10 @@ impl Runner {
     /// thread; counts the end in the metrics.
     fn tell_end(&self, record: &JobRecord, keep: bool) {
         metrics::coordinator().job_finished(&record.state.to_string());
-        let images = match keep {
-            true => (0..record.count)
-                .map(|n| self.image_path(&record.id, n).display().to_string())
-                .collect(),
-            false => Vec::new(),
-        };
+        let kept = if keep { record.count } else { 0 };
+        let images = (0..kept)
+            .map(|n| self.image_path(&record.id, n).display().to_string())
+            .collect();
         let message = JobMessage::ended(record, images);
         (self.opts.notifier).send(&self.runtime, record.notify.as_deref(), message);
     }
