@@ -319,6 +319,36 @@ mod tests {
         assert_eq!(basic_auth("Aladdin", "open sesame"), expected);
     }
 
+    /// A listener answering every request with `status`; counts the requests.
+    fn answering(status: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        (url, count)
+    }
+
+    #[test]
+    fn a_refusal_is_not_retried_and_server_trouble_is_until_the_attempts_run_out() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let body = Bytes::from_static(b"{}");
+        let (url, refused) = answering("404 Not Found");
+        rt.block_on(deliver(check_url(&url).unwrap(), body.clone(), "j", 3));
+        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (url, troubled) = answering("502 Bad Gateway");
+        rt.block_on(deliver(check_url(&url).unwrap(), body, "j", 2));
+        assert_eq!(troubled.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn server_trouble_is_retried_and_refusals_are_not() {
         assert!(retryable(hyper::StatusCode::BAD_GATEWAY));
