@@ -53,8 +53,8 @@ pub struct Observability {
     /// Log lines as text, or one JSON object per line for a log stack.
     #[arg(long, value_enum, env = "TESSERA_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the
-    /// coordinator's need its --token when one is set).
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given). With the
+    /// coordinator's --token set, a scrape must send it as a bearer token.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<SocketAddr>,
 }
@@ -106,7 +106,7 @@ pub struct CoordinatorArgs {
     pub allow_output_dir: Vec<PathBuf>,
     /// An http(s) URL (a chat webhook) to POST a JSON message to whenever any job finishes,
     /// fails or is cancelled (besides each job's own `submit --notify`).
-    #[arg(long, value_name = "URL", env = "TESSERA_NOTIFY")]
+    #[arg(long, value_name = "URL", env = "TESSERA_NOTIFY", hide_env_values = true)]
     pub notify: Option<String>,
     /// Attempts per notification before it is given up (the waits between them double from
     /// half a second).
