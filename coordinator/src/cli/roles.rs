@@ -106,7 +106,12 @@ pub struct CoordinatorArgs {
     pub allow_output_dir: Vec<PathBuf>,
     /// An http(s) URL (a chat webhook) to POST a JSON message to whenever any job finishes,
     /// fails or is cancelled (besides each job's own `submit --notify`).
-    #[arg(long, value_name = "URL", env = "TESSERA_NOTIFY", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TESSERA_NOTIFY",
+        hide_env_values = true
+    )]
     pub notify: Option<String>,
     /// Attempts per notification before it is given up (the waits between them double from
     /// half a second).
