@@ -243,6 +243,18 @@ impl Jobs {
             .await
     }
 
+    /// A queued job's record and queue place after its priority changed, atomically.
+    pub async fn reprioritise(&self, record: &JobRecord) -> Result<(), StoreError> {
+        let id = &record.id;
+        let mut batch = WriteBatch::new();
+        batch.set(&keys::job_record(id), &encode(record)?).zadd(
+            keys::JOB_QUEUE,
+            id,
+            queue_score(record.priority, record.seq),
+        );
+        self.store.write_batch("priority", &batch).await.map(drop)
+    }
+
     /// Queued → running, atomically.
     pub async fn mark_running(&self, record: &JobRecord) -> Result<(), StoreError> {
         let id = &record.id;

@@ -40,6 +40,8 @@ use pool::{Pool, PoolOptions};
 use runner::{Runner, RunnerOptions};
 use service::CoordinatorService;
 
+use crate::dashboard;
+
 /// How long a stopping coordinator waits for its job threads to stop.
 const JOBS_STOP: Duration = Duration::from_secs(10);
 /// How long open calls (a fetch in progress) may finish once the coordinator stops.
@@ -90,6 +92,8 @@ pub struct CoordinatorConfig {
     pub output_dir: PathBuf,
     /// Directories (canonical) under which clients may have copies written (`--output-dir`).
     pub allowed_output_dirs: Vec<PathBuf>,
+    /// The web dashboard (`--http`), behind the same token and TLS; off when `None`.
+    pub http: Option<crate::dashboard::DashboardConfig>,
 }
 
 /// Each party holds its own credential: with a client token there must be a worker token,
@@ -156,6 +160,25 @@ impl Server {
             serving,
         )
         .await;
+    }
+}
+
+/// The gRPC server and the dashboard, stopped together.
+struct Servers {
+    grpc: Server,
+    dashboard: Option<dashboard::Dashboard>,
+}
+
+impl Servers {
+    async fn stop(self) -> Result<(), CoordinatorError> {
+        if let Some(d) = self.dashboard {
+            d.stop().await;
+        }
+        self.grpc.stop().await
+    }
+
+    async fn serving(&self, serving: bool) {
+        self.grpc.serving(serving).await;
     }
 }
 
@@ -243,7 +266,12 @@ pub async fn serve(
     let members = Members::new(pool.clone());
     tokio::spawn(members.clone().expire());
     let leader = Leadership::new();
+    let dashboard = match &cfg.http {
+        Some(http) => Some(dashboard::start(&cfg, http, leader.clone(), members.clone()).await?),
+        None => None,
+    };
     let server = start_server(&cfg, listener, leader.clone(), members, worker_net).await?;
+    let server = Servers { grpc: server, dashboard };
     eprintln!("coordinator listening on {local}");
 
     tokio::pin!(shutdown);
