@@ -182,9 +182,11 @@ pub fn dashboard_submit(args: &[String]) -> std::result::Result<SubmitJobRequest
     }
     let form = Form::try_parse_from(args).map_err(|e| e.render().to_string())?;
     if form.job.init_image.is_some() || form.job.mask.is_some() {
-        return Err("--init-image and --mask name files on your own machine: submit such jobs \
+        return Err(
+            "--init-image and --mask name files on your own machine: submit such jobs \
                     with `tessera submit`"
-            .into());
+                .into(),
+        );
     }
     request(&form.opts, &form.job, None).map_err(|e| format!("{e:#}"))
 }

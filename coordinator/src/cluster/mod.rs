@@ -271,7 +271,10 @@ pub async fn serve(
         None => None,
     };
     let server = start_server(&cfg, listener, leader.clone(), members, worker_net).await?;
-    let server = Servers { grpc: server, dashboard };
+    let server = Servers {
+        grpc: server,
+        dashboard,
+    };
     eprintln!("coordinator listening on {local}");
 
     tokio::pin!(shutdown);

@@ -154,7 +154,10 @@ pub fn open_under(output_dir: &Path, parts: &[&str]) -> io::Result<std::fs::File
         .iter()
         .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('/'))
     {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a plain name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a plain name",
+        ));
     }
     let mut dir = open_dir(output_dir)?;
     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;

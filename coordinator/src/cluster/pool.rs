@@ -887,6 +887,7 @@ mod tests {
                 member,
                 alive,
                 pace,
+                counts: WorkerCounts::default(),
             },
         );
     }

@@ -103,7 +103,9 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 type Answer = Result<Response, ApiError>;
 
 /// `work`, answered 503 when it takes longer than the gRPC calls may.
-async fn within_deadline<T>(work: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+async fn within_deadline<T>(
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
     tokio::time::timeout(CALL_DEADLINE, work)
         .await
         .unwrap_or_else(|_| {
@@ -195,7 +197,11 @@ impl ListQuery {
             per_page: PER_PAGE,
         };
         let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
-        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let number = || {
                 value
@@ -209,9 +215,11 @@ impl ListQuery {
                         "queue" => ListView::Queue,
                         "running" => ListView::Running,
                         "finished" => ListView::Finished,
-                        other => return Err(bad(format!(
-                            "view={other:?}: use all, queue, running or finished"
-                        ))),
+                        other => {
+                            return Err(bad(format!(
+                                "view={other:?}: use all, queue, running or finished"
+                            )))
+                        }
                     }
                 }
                 "page" => q.page = number()?,
@@ -357,15 +365,25 @@ pub async fn cancel(State(dash): State<Arc<Dash>>, Path(id): Path<String>) -> An
     Ok(json(StatusCode::OK, &JobView::new(&record, eta)))
 }
 
-fn body_field<'a>(body: &'a serde_json::Value, name: &str) -> Result<&'a serde_json::Value, ApiError> {
+fn body_field<'a>(
+    body: &'a serde_json::Value,
+    name: &str,
+) -> Result<&'a serde_json::Value, ApiError> {
     body.get(name).ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("the request has no {name:?}"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request has no {name:?}"),
+        )
     })
 }
 
 fn parse_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the request is not JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request is not JSON: {e}"),
+        )
+    })
 }
 
 /// `POST /api/jobs/ID/priority` with `{"priority": N}`: a queued job's new place.
@@ -381,7 +399,10 @@ pub async fn priority(
         .as_i64()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("--priority {given} is not a whole number"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("--priority {given} is not a whole number"),
+            )
         })?;
     // The same range check, and message, as a submission's --priority.
     admission::check_job_options(1, p, "", &[])?;
@@ -408,8 +429,17 @@ pub async fn submit(State(dash): State<Arc<Dash>>, body: Bytes) -> Answer {
     let body = parse_body(&body)?;
     let args: Vec<String> = body_field(&body, "args")?
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "\"args\" must be a list of strings"))?;
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "\"args\" must be a list of strings",
+            )
+        })?;
     let req = (dash.parse_submit)(&args).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
     let id = dash
         .service
@@ -430,16 +460,25 @@ mod tests {
         let q = ListQuery::parse(None).unwrap();
         assert_eq!((q.view, q.page, q.per_page), (ListView::All, 0, PER_PAGE));
         let q = ListQuery::parse(Some("view=queue&page=3&per_page=100000&x=1")).unwrap();
-        assert_eq!((q.view, q.page, q.per_page), (ListView::Queue, 3, MAX_PER_PAGE));
+        assert_eq!(
+            (q.view, q.page, q.per_page),
+            (ListView::Queue, 3, MAX_PER_PAGE)
+        );
         let e = ListQuery::parse(Some("page=-1")).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert!(ListQuery::parse(Some("view=mine")).unwrap_err().message.contains("finished"));
+        assert!(ListQuery::parse(Some("view=mine"))
+            .unwrap_err()
+            .message
+            .contains("finished"));
     }
 
     #[test]
     fn grpc_refusals_keep_their_message_under_the_matching_http_status() {
         let e = ApiError::from(tonic::Status::invalid_argument("--steps 0: use 1 or more"));
-        assert_eq!((e.status, e.message.as_str()), (StatusCode::BAD_REQUEST, "--steps 0: use 1 or more"));
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (StatusCode::BAD_REQUEST, "--steps 0: use 1 or more")
+        );
         let e = ApiError::from(tonic::Status::resource_exhausted("the queue is full"));
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
     }

@@ -21,7 +21,11 @@ fn file(kind: &'static str, body: &'static str) -> Response {
 
 /// `GET /`: the dashboard, or the login page until the token is given.
 pub async fn index(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {
-    let page = if dash.authorized(&headers) { INDEX } else { LOGIN };
+    let page = if dash.authorized(&headers) {
+        INDEX
+    } else {
+        LOGIN
+    };
     file("text/html; charset=utf-8", page)
 }
 

@@ -58,8 +58,8 @@ impl Dash {
             return true;
         };
         let by_header = bearer(headers).is_some_and(|t| same(t.as_bytes(), token.as_bytes()));
-        let by_cookie = cookie(headers)
-            .is_some_and(|c| same(c.as_bytes(), cookie_value(token).as_bytes()));
+        let by_cookie =
+            cookie(headers).is_some_and(|c| same(c.as_bytes(), cookie_value(token).as_bytes()));
         by_header || by_cookie
     }
 }
@@ -91,7 +91,10 @@ pub async fn login(State(dash): State<Arc<Dash>>, body: Bytes) -> Response {
         .and_then(|v| v.get("token")?.as_str().map(str::to_string))
         .unwrap_or_default();
     let Some(token) = &dash.token else {
-        return json(StatusCode::OK, &serde_json::json!({"ok": true, "open": true}));
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({"ok": true, "open": true}),
+        );
     };
     if !same(given.as_bytes(), token.as_bytes()) {
         tokio::time::sleep(WRONG_TOKEN_WAIT).await;

@@ -77,10 +77,12 @@ async fn open(dash: &Dash, id: &str, parts: Vec<String>) -> Result<tokio::fs::Fi
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    opened.map(tokio::fs::File::from_std).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => not_found("the file is not there (expired?)".into()),
-        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    })
+    opened
+        .map(tokio::fs::File::from_std)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => not_found("the file is not there (expired?)".into()),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })
 }
 
 /// A file as a streamed body, a chunk at a time.
@@ -132,7 +134,9 @@ pub async fn image(
 pub async fn dzi(State(dash): State<Arc<Dash>>, Path((id, n)): Path<(String, String)>) -> Answer {
     let (record, n) = finished(&dash, &id, &n).await?;
     let (w, h) = (record.spec.width, record.spec.height);
-    let pyramid = open(&dash, &record.id, vec![format!("{n}.dzi")]).await.is_ok();
+    let pyramid = open(&dash, &record.id, vec![format!("{n}.dzi")])
+        .await
+        .is_ok();
     let body = serde_json::json!({
         "width": w,
         "height": h,
@@ -160,7 +164,8 @@ pub async fn tile(
     let level: u32 = level
         .parse()
         .map_err(|_| not_found(format!("{level:?} is not a level")))?;
-    let (col, row) = tile_name(&tile).ok_or_else(|| not_found(format!("{tile:?} is not a tile")))?;
+    let (col, row) =
+        tile_name(&tile).ok_or_else(|| not_found(format!("{tile:?} is not a tile")))?;
     let parts = vec![
         format!("{n}_files"),
         level.to_string(),
@@ -184,7 +189,14 @@ mod tests {
     #[test]
     fn tile_names_are_two_numbers_and_nothing_else() {
         assert_eq!(tile_name("3_7.png"), Some((3, 7)));
-        for bad in ["3_7.jpg", "../1_1.png", "1_1_1.png", "a_1.png", "1.png", "_1.png"] {
+        for bad in [
+            "3_7.jpg",
+            "../1_1.png",
+            "1_1_1.png",
+            "a_1.png",
+            "1.png",
+            "_1.png",
+        ] {
             assert_eq!(tile_name(bad), None, "{bad}");
         }
     }
