@@ -6,6 +6,7 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod dashboard;
 pub mod e2e;
 pub mod kernels;
 pub mod memory;

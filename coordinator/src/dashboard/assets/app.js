@@ -146,6 +146,8 @@ async function loadJobs() {
     document.getElementById("page").textContent = `page ${state.page + 1} of ${pages} (${page.total} jobs)`;
     document.getElementById("prev").disabled = state.page === 0;
     document.getElementById("next").disabled = state.page + 1 >= pages;
+    // For `tessera bench dashboard`: when the first page of jobs was on screen.
+    if (!performance.getEntriesByName("tessera-jobs").length) performance.mark("tessera-jobs");
   } catch (e) {
     notice(`jobs: ${e.message}`, true);
   }
@@ -235,6 +237,7 @@ function onTick(t) {
     const row = document.querySelector(`#jobs tr[data-job="${j.id}"]`);
     if (row) row.replaceWith(jobRow(j));
   }
+  if (!performance.getEntriesByName("tessera-live").length) performance.mark("tessera-live");
   if (state.listVersion !== t.list_version) {
     state.listVersion = t.list_version;
     loadJobs();
