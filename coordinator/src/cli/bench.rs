@@ -171,7 +171,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
         BenchCommand::Kernels(a) => super::bench_kernels::run(a),
         BenchCommand::Dashboard(a) => {
-            if a.jobs == 0 || a.workers == 0 || a.loads == 0 || !(a.eval_ms > 0.0) {
+            if a.jobs == 0
+                || a.workers == 0
+                || a.loads == 0
+                || a.eval_ms.is_nan()
+                || a.eval_ms <= 0.0
+            {
                 bail!("--jobs, --workers, --loads and --eval-ms must be positive");
             }
             let opts = crate::bench::dashboard::DashboardOptions {
