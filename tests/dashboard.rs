@@ -84,6 +84,57 @@ fn only_the_login_page_without_the_token(port: u16) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The queued job's priority changed from the page; a submission from the form refused with
+/// the message `tessera submit` gives for the same flags.
+fn change_priority_and_submit(b: &mut Browser, cluster: &LocalCluster, waiting: &str) {
+    let input = format!("document.querySelector('#jobs input.priority[data-job=\"{waiting}\"]')");
+    b.wait_for(
+        "the priority field",
+        &format!("!!{input}"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    b.eval(&format!(
+        "{input}.value = '7'; {input}.dispatchEvent(new Event('change'))"
+    ))
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let out = cluster.client_ok(&["status", waiting, "--json"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["priority"] == 7 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "priority not set: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cli = cluster
+        .client(&["submit", "--model", "tiny", "--prompt", "x", "--steps", "0"])
+        .unwrap();
+    let cli = String::from_utf8_lossy(&cli.stderr).to_string();
+    b.eval(
+        "(() => { const f = document.getElementById('submit'); f.model.value = 'tiny'; \
+         f.prompt.value = 'x'; f.steps.value = '0'; f.requestSubmit(); })()",
+    )
+    .unwrap();
+    let shown = b
+        .wait_for(
+            "the form's refusal",
+            "document.getElementById('submit-result').className.includes('error') && \
+             document.getElementById('submit-result').textContent",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(
+        shown.contains("--steps") && cli.contains(shown),
+        "page: {shown:?}, cli: {cli:?}"
+    );
+}
+
 fn save(name: &str, png: &[u8]) {
     if let Some(dir) = std::env::var_os("TESSERA_DASHBOARD_SHOTS") {
         let path = Path::new(&dir).join(name);
@@ -116,6 +167,9 @@ fn the_dashboard_works_in_a_real_browser() {
             format!("127.0.0.1:{port}"),
             "--output-dir".into(),
             dir.path("images").display().to_string(),
+            // One job at a time, so that a later job waits in the queue.
+            "--max-jobs".into(),
+            "1".into(),
         ],
         ..Default::default()
     };
@@ -175,7 +229,24 @@ fn the_dashboard_works_in_a_real_browser() {
         ],
     );
 
-    let mut b = Browser::start(1280, 1000).unwrap_or_else(|e| panic!("{e}"));
+    // A job that waits behind it, to move up the queue from the page.
+    let waiting = submit(
+        &cluster,
+        &[
+            "--prompt",
+            "a quiet bay",
+            "--size",
+            "256x256",
+            "--method",
+            "single",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+        ],
+    );
+
+    let mut b = Browser::start(1280, 1400).unwrap_or_else(|e| panic!("{e}"));
     let url = format!("http://127.0.0.1:{port}/");
     b.navigate(&url).unwrap();
     b.wait_for(
@@ -220,6 +291,7 @@ fn the_dashboard_works_in_a_real_browser() {
     )
     .unwrap();
     save("dashboard.png", &b.screenshot().unwrap());
+    change_priority_and_submit(&mut b, &cluster, &waiting);
 
     // Cancel it from the page (the button asks once more) and see its state change.
     let button = format!("document.querySelector('#jobs button.cancel[data-job=\"{long}\"]')");
