@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{scratch, tessera_bin, tiny_model};
+use common::{scratch, tessera_bin, tiny_model, CASCADE};
 use tessera_coordinator::bench::browser::Browser;
 use tessera_harness::{ClusterOptions, LocalCluster};
 
@@ -135,6 +135,15 @@ fn change_priority_and_submit(b: &mut Browser, cluster: &LocalCluster, waiting: 
     );
 }
 
+/// Waits for the element `selector` (a JavaScript expression) and clicks it `times` times.
+fn click(b: &mut Browser, what: &str, selector: &str, times: usize) {
+    b.wait_for(what, &format!("!!{selector}"), Duration::from_secs(20))
+        .unwrap();
+    for _ in 0..times {
+        b.eval(&format!("{selector}.click()")).unwrap();
+    }
+}
+
 fn save(name: &str, png: &[u8]) {
     if let Some(dir) = std::env::var_os("TESSERA_DASHBOARD_SHOTS") {
         let path = Path::new(&dir).join(name);
@@ -211,23 +220,11 @@ fn the_dashboard_works_in_a_real_browser() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // A long job to watch and then cancel.
-    let long = submit(
-        &cluster,
-        &[
-            "--prompt",
-            "a lighthouse on a cliff at dusk",
-            "--size",
-            "512x512",
-            "--stages",
-            "128x128,256x256,512x512",
-            "--method",
-            "hybrid",
-            "--stage-steps",
-            "20,20,20",
-            "--seed",
-            "11",
-        ],
-    );
+    let flags: Vec<&str> = CASCADE
+        .iter()
+        .map(|f| if *f == "2,3,4" { "20,20,20" } else { f })
+        .collect();
+    let long = submit(&cluster, &flags);
 
     // A job that waits behind it, to move up the queue from the page.
     let waiting = submit(
@@ -295,14 +292,7 @@ fn the_dashboard_works_in_a_real_browser() {
 
     // Cancel it from the page (the button asks once more) and see its state change.
     let button = format!("document.querySelector('#jobs button.cancel[data-job=\"{long}\"]')");
-    b.wait_for(
-        "its cancel button",
-        &format!("!!{button}"),
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    b.eval(&format!("{button}.click()")).unwrap();
-    b.eval(&format!("{button}.click()")).unwrap();
+    click(&mut b, "its cancel button", &button, 2);
     let cancelled = format!(
         "document.querySelector('#jobs tr[data-job=\"{long}\"] td.state')?.textContent === 'cancelled'"
     );
@@ -316,13 +306,7 @@ fn the_dashboard_works_in_a_real_browser() {
 
     // Open the finished image in the viewer: its tiles load, with its parameters beside.
     let thumb = format!("document.querySelector('a.thumb[data-job=\"{small}\"]')");
-    b.wait_for(
-        "the gallery thumbnail",
-        &format!("!!{thumb}"),
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    b.eval(&format!("{thumb}.click()")).unwrap();
+    click(&mut b, "the gallery thumbnail", &thumb, 1);
     let tiles = "Number(document.getElementById('viewer-canvas').dataset.tilesLoaded || 0) >= 1";
     b.wait_for("the viewer's tiles", tiles, Duration::from_secs(20))
         .unwrap();

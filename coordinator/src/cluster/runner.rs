@@ -451,15 +451,18 @@ pub enum ActionError {
 }
 
 impl Runner {
+    async fn existing(&self, id: &str) -> Result<JobRecord, ActionError> {
+        self.jobs
+            .load(id)
+            .await?
+            .ok_or_else(|| ActionError::NotFound(id.to_string()))
+    }
+
     /// A queued job's new place in the queue. A running job keeps its tasks' order (its
     /// tasks are already in the workers' queue), so only queued jobs move.
     pub async fn set_priority(&self, id: &str, priority: i32) -> Result<JobRecord, ActionError> {
         let _turn = self.admission.lock().await;
-        let mut record = self
-            .jobs
-            .load(id)
-            .await?
-            .ok_or_else(|| ActionError::NotFound(id.to_string()))?;
+        let mut record = self.existing(id).await?;
         if record.state != JobState::Queued {
             return Err(ActionError::Refused(format!(
                 "job {id} is {}: only a queued job's priority can change",
@@ -481,11 +484,7 @@ impl Runner {
         new_id: &str,
         max_queued: u64,
     ) -> Result<JobRecord, ActionError> {
-        let old = self
-            .jobs
-            .load(id)
-            .await?
-            .ok_or_else(|| ActionError::NotFound(id.to_string()))?;
+        let old = self.existing(id).await?;
         if old.state != JobState::Failed {
             return Err(ActionError::Refused(format!(
                 "job {id} is {}: only a failed job can be requeued",

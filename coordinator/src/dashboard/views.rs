@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tessera_core::describe;
 
-use crate::cluster::jobs::{now_ms, JobRecord, JobState};
+use crate::cluster::jobs::{now_ms, JobRecord, JobState, ProgressRecord};
 use crate::cluster::pool::WorkerSnapshot;
 
 /// How long a lost worker stays listed.
@@ -27,14 +27,9 @@ pub struct JobView {
     pub seed: u64,
     pub count: u32,
     pub images_done: u32,
-    pub image: u32,
-    pub stage: u32,
-    pub stages: u32,
-    pub step: u32,
-    pub steps: u32,
-    pub views_done: u64,
-    pub views_total: u64,
-    pub phase: String,
+    /// Image, stage, step, views done and total, phase: as the record has them.
+    #[serde(flatten)]
+    pub progress: ProgressRecord,
     /// Seconds left, when known.
     pub eta_s: Option<f64>,
     /// Seconds since it started (to its end, once finished).
@@ -75,14 +70,7 @@ impl JobView {
             seed: r.spec.seed,
             count: r.count,
             images_done: r.images_done,
-            image: p.image,
-            stage: p.stage,
-            stages: p.stages,
-            step: p.step,
-            steps: p.steps,
-            views_done: p.views_done,
-            views_total: p.views_total,
-            phase: p.phase.clone(),
+            progress: p.clone(),
             eta_s: (eta >= 0.0 && r.state == JobState::Running).then_some(eta),
             elapsed_s,
             evals_per_s,
