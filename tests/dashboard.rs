@@ -144,6 +144,25 @@ fn click(b: &mut Browser, what: &str, selector: &str, times: usize) {
     }
 }
 
+/// Requeue is for failed jobs and priority for queued ones: a finished job gets 409 and why.
+fn actions_refused_where_they_do_not_apply(port: u16, finished: &str) {
+    let headers = format!("Authorization: Bearer {TOKEN}\r\nX-Tessera-Dashboard: 1\r\n");
+    let path = format!("/api/jobs/{finished}/requeue");
+    let (status, body) = http(port, "POST", &path, &headers, "{}");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("only a failed job can be requeued"), "{body}");
+    let path = format!("/api/jobs/{finished}/priority");
+    let (status, body) = http(port, "POST", &path, &headers, "{\"priority\": 3}");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("only a queued job's priority can change"),
+        "{body}"
+    );
+    let (status, body) = http(port, "POST", &path, &headers, "{\"priority\": 5000}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("--priority 5000 is out of range"), "{body}");
+}
+
 fn save(name: &str, png: &[u8]) {
     if let Some(dir) = std::env::var_os("TESSERA_DASHBOARD_SHOTS") {
         let path = Path::new(&dir).join(name);
@@ -219,6 +238,7 @@ fn the_dashboard_works_in_a_real_browser() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    actions_refused_where_they_do_not_apply(port, &small);
     // A long job to watch and then cancel.
     let flags: Vec<&str> = CASCADE
         .iter()
