@@ -208,10 +208,19 @@ impl Jobs {
 
     /// Jobs waiting in the queue.
     pub async fn queued_count(&self) -> Result<u64, StoreError> {
+        self.count(keys::JOB_QUEUE, "queue length").await
+    }
+
+    /// Jobs listed (every state, until they expire).
+    pub async fn listed_count(&self) -> Result<u64, StoreError> {
+        self.count(keys::JOBS_INDEX, "job count").await
+    }
+
+    async fn count(&self, index: &str, what: &str) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("ZCARD");
-        cmd.arg(keys::JOB_QUEUE);
+        cmd.arg(index);
         self.store
-            .with_retry("queue length", |mut c| {
+            .with_retry(what, |mut c| {
                 let cmd = cmd.clone();
                 async move { cmd.query_async(&mut c).await }
             })

@@ -308,7 +308,7 @@ pub async fn overview(State(dash): State<Arc<Dash>>) -> Answer {
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Counts {
-    pub jobs: usize,
+    pub jobs: u64,
     pub queued: u64,
     pub running: usize,
     pub workers: usize,
@@ -317,7 +317,7 @@ pub struct Counts {
 pub async fn counts(runner: &Runner) -> Result<Counts, ApiError> {
     let jobs = Dash::jobs(runner);
     Ok(Counts {
-        jobs: jobs.all().await?.len(),
+        jobs: jobs.listed_count().await?,
         queued: jobs.queued_count().await?,
         running: runner.running_jobs(),
         workers: runner.pool.members().len(),
