@@ -55,6 +55,11 @@ if ! need redis-server || ! need openssl; then
   apt-get update -qq && apt-get install -y -qq redis-server openssl >/dev/null
 fi
 
+if ! need chromium && ! need chromium-browser && ! need google-chrome; then
+  echo "tests/run.sh: installing chromium (the dashboard's test drives a real headless browser)" >&2
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 mkdir -p target
 : >"$log"
 stage="cargo fmt"

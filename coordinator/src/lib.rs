@@ -4,6 +4,7 @@ pub mod assemble;
 pub mod bench;
 pub mod cli;
 pub mod cluster;
+pub mod dashboard;
 pub mod dispatch;
 pub mod engine;
 pub mod image_input;

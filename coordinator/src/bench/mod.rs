@@ -4,7 +4,9 @@
 //! `tessera coordinator` and `tessera worker`s, the workers usually as benchmark doubles
 //! (`--simulate-eval-ms`, see `tessera_worker::simulate`).
 
+pub mod browser;
 pub mod cluster;
+pub mod dashboard;
 pub mod e2e;
 pub mod kernels;
 pub mod memory;

@@ -30,6 +30,27 @@ pub enum BenchCommand {
     /// GPU time per kernel category of one UNet evaluation, tessera (an ncu CSV) beside
     /// diffusers (a torch.profiler kernel table), from the files bench/gpu/profile.sh writes.
     Kernels(super::bench_kernels::KernelsArgs),
+    /// The web dashboard with many jobs and workers (default 1,000 and 64 simulated): time
+    /// to first render in a headless Chromium and the payload sizes.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Jobs queued in the store.
+    #[arg(long, default_value_t = 1000)]
+    pub jobs: usize,
+    /// Simulated workers (benchmark doubles, real processes).
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// The simulated workers' milliseconds per evaluation.
+    #[arg(long, default_value_t = 2000.0)]
+    pub eval_ms: f64,
+    /// Page loads timed, after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub loads: usize,
+    #[command(flatten)]
+    pub out: MarkdownArg,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +170,25 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
         BenchCommand::Kernels(a) => super::bench_kernels::run(a),
+        BenchCommand::Dashboard(a) => {
+            if a.jobs == 0
+                || a.workers == 0
+                || a.loads == 0
+                || a.eval_ms.is_nan()
+                || a.eval_ms <= 0.0
+            {
+                bail!("--jobs, --workers, --loads and --eval-ms must be positive");
+            }
+            let opts = crate::bench::dashboard::DashboardOptions {
+                jobs: a.jobs,
+                workers: a.workers,
+                eval_ms: a.eval_ms,
+                loads: a.loads,
+            };
+            let (_, report) = crate::bench::dashboard::run(&opts, command)?;
+            report.emit(a.out.markdown.as_deref())?;
+            Ok(())
+        }
         BenchCommand::E2e(a) => {
             if a.size < 64 || a.size % 64 != 0 {
                 bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
+use clap::{Args, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_proto::auth::AttachToken;
 use tessera_proto::net::{self, ClientNet};
@@ -176,6 +176,29 @@ fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<Su
         output_dir: opts.output_dir.clone().unwrap_or_default(),
         notify,
     })
+}
+
+/// The dashboard's submit form: `tessera submit`'s flags (less the connection and files),
+/// parsed by the same parser into the same request. Files (`--init-image`, `--mask`) would be
+/// read on the coordinator's machine, so they are refused: they travel with `tessera submit`.
+pub fn dashboard_submit(args: &[String]) -> std::result::Result<SubmitJobRequest, String> {
+    #[derive(Debug, Parser)]
+    #[command(name = "submit", no_binary_name = true, disable_help_flag = true)]
+    struct Form {
+        #[command(flatten)]
+        opts: QueueOpts,
+        #[command(flatten)]
+        job: JobArgs,
+    }
+    let form = Form::try_parse_from(args).map_err(|e| e.render().to_string())?;
+    if form.job.init_image.is_some() || form.job.mask.is_some() {
+        return Err(
+            "--init-image and --mask name files on your own machine: submit such jobs \
+                    with `tessera submit`"
+                .into(),
+        );
+    }
+    request(&form.opts, &form.job, None).map_err(|e| format!("{e:#}"))
 }
 
 pub fn submit(args: SubmitArgs) -> Result<()> {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::cluster::{self, CoordinatorConfig};
+use crate::dashboard::DashboardConfig;
 
 /// TLS settings shared by both server roles.
 #[derive(Debug, Args)]
@@ -119,6 +120,10 @@ pub struct CoordinatorArgs {
     pub notify_attempts: u32,
     #[command(flatten)]
     pub observe: Observability,
+    /// Serve the web dashboard on HOST:PORT (off unless given): jobs, workers, previews, the
+    /// gallery and the operator's actions, behind --token and over TLS with --tls-cert.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http: Option<SocketAddr>,
 }
 
 /// The allowed output roots, canonical: each must be an existing directory.
@@ -180,6 +185,10 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         allowed_output_dirs: allowed_roots(&args.allow_output_dir)?,
         notifier,
         metrics: args.observe.metrics,
+        http: args.http.map(|listen| DashboardConfig {
+            listen,
+            parse_submit: super::client::dashboard_submit,
+        }),
     };
     create_private_dir(&cfg.output_dir)?;
     runtime()?.block_on(async move {

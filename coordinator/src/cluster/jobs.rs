@@ -212,10 +212,19 @@ impl Jobs {
 
     /// Jobs waiting in the queue.
     pub async fn queued_count(&self) -> Result<u64, StoreError> {
+        self.count(keys::JOB_QUEUE, "queue length").await
+    }
+
+    /// Jobs listed (every state, until they expire).
+    pub async fn listed_count(&self) -> Result<u64, StoreError> {
+        self.count(keys::JOBS_INDEX, "job count").await
+    }
+
+    async fn count(&self, index: &str, what: &str) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("ZCARD");
-        cmd.arg(keys::JOB_QUEUE);
+        cmd.arg(index);
         self.store
-            .with_retry("queue length", |mut c| {
+            .with_retry(what, |mut c| {
                 let cmd = cmd.clone();
                 async move { cmd.query_async(&mut c).await }
             })
@@ -245,6 +254,18 @@ impl Jobs {
         self.store
             .put_async(&keys::job_record(&record.id), &encode(record)?)
             .await
+    }
+
+    /// A queued job's record and queue place after its priority changed, atomically.
+    pub async fn reprioritise(&self, record: &JobRecord) -> Result<(), StoreError> {
+        let id = &record.id;
+        let mut batch = WriteBatch::new();
+        batch.set(&keys::job_record(id), &encode(record)?).zadd(
+            keys::JOB_QUEUE,
+            id,
+            queue_score(record.priority, record.seq),
+        );
+        self.store.write_batch("priority", &batch).await.map(drop)
     }
 
     /// Queued → running, atomically.

@@ -107,6 +107,14 @@ impl Members {
         true
     }
 
+    /// When each member's last heartbeat (or its join) came in.
+    pub fn last_seen(&self) -> Vec<(String, Instant)> {
+        lock(&self.joined)
+            .iter()
+            .map(|(id, j)| (id.clone(), j.last_seen))
+            .collect()
+    }
+
     /// Ends memberships whose heartbeats stopped, forever.
     pub async fn expire(self) {
         loop {

@@ -40,6 +40,8 @@ use pool::{Pool, PoolOptions};
 use runner::{Runner, RunnerOptions};
 use service::CoordinatorService;
 
+use crate::dashboard;
+
 /// How long a stopping coordinator waits for its job threads to stop.
 const JOBS_STOP: Duration = Duration::from_secs(10);
 /// How long open calls (a fetch in progress) may finish once the coordinator stops.
@@ -94,6 +96,8 @@ pub struct CoordinatorConfig {
     pub notifier: crate::notify::Notifier,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (`--metrics`), behind `token`.
     pub metrics: Option<SocketAddr>,
+    /// The web dashboard (`--http`), behind the same token and TLS; off when `None`.
+    pub http: Option<crate::dashboard::DashboardConfig>,
 }
 
 /// Each party holds its own credential: with a client token there must be a worker token,
@@ -160,6 +164,25 @@ impl Server {
             serving,
         )
         .await;
+    }
+}
+
+/// The gRPC server and the dashboard, stopped together.
+struct Servers {
+    grpc: Server,
+    dashboard: Option<dashboard::Dashboard>,
+}
+
+impl Servers {
+    async fn stop(self) -> Result<(), CoordinatorError> {
+        if let Some(d) = self.dashboard {
+            d.stop().await;
+        }
+        self.grpc.stop().await
+    }
+
+    async fn serving(&self, serving: bool) {
+        self.grpc.serving(serving).await;
     }
 }
 
@@ -266,7 +289,15 @@ pub async fn serve(
     tokio::spawn(members.clone().expire());
     let leader = Leadership::new();
     serve_metrics(&cfg).await?;
+    let dashboard = match &cfg.http {
+        Some(http) => Some(dashboard::start(&cfg, http, leader.clone(), members.clone()).await?),
+        None => None,
+    };
     let server = start_server(&cfg, listener, leader.clone(), members, worker_net).await?;
+    let server = Servers {
+        grpc: server,
+        dashboard,
+    };
     tessera_worker::status!("coordinator listening on {local}");
 
     tokio::pin!(shutdown);

@@ -141,13 +141,33 @@ pub fn job_dir(output_dir: &Path, job: &str) -> io::Result<PathBuf> {
 
 /// `output_dir/JOB/NAME` opened for reading, following no link at either level.
 pub fn open_image(output_dir: &Path, job: &str, name: &str) -> io::Result<std::fs::File> {
-    let root = open_dir(output_dir)?;
+    open_under(output_dir, &[job, name])
+}
+
+/// `output_dir/A/B/…/NAME` opened for reading, each part a plain name (no `..`, no `/`),
+/// following no link at any level.
+pub fn open_under(output_dir: &Path, parts: &[&str]) -> io::Result<std::fs::File> {
+    let Some((name, dirs)) = parts.split_last() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file named"));
+    };
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('/'))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a plain name",
+        ));
+    }
+    let mut dir = open_dir(output_dir)?;
     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-    let dir = rustix::fs::openat(&root, job, flags, Mode::empty())?;
+    for part in dirs {
+        dir = rustix::fs::openat(&dir, *part, flags, Mode::empty())?;
+    }
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     Ok(std::fs::File::from(rustix::fs::openat(
         &dir,
-        name,
+        *name,
         flags,
         Mode::empty(),
     )?))

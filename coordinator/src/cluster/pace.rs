@@ -62,6 +62,11 @@ impl Pace {
         self.seconds.iter().map(|(k, s)| (*k, *s))
     }
 
+    /// Calls sent and not yet returned: 0 means the worker is idle.
+    pub fn calls_out(&self) -> usize {
+        self.calls.len()
+    }
+
     /// Seconds a task of `kind` should take here: the worker's own record, else the typical.
     fn task_seconds(&self, kind: &str, typical: &Typical) -> Option<f64> {
         self.seconds

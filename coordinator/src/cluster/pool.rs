@@ -154,6 +154,29 @@ struct WorkerEntry {
     member: Member,
     alive: watch::Sender<bool>,
     pace: Pace,
+    counts: WorkerCounts,
+}
+
+/// What a worker has done since it joined, for the dashboard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerCounts {
+    /// Tasks whose result counted (the first copy in).
+    pub tasks_done: u64,
+    /// Copies of a task running elsewhere too that this worker finished first.
+    pub copies_won: u64,
+    /// Tasks this worker finished after another copy had already counted.
+    pub copies_lost: u64,
+}
+
+/// One live worker as the dashboard shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerSnapshot {
+    pub desc: WorkerDescription,
+    /// Calls it is computing or has queued.
+    pub calls_out: usize,
+    /// Its moving average seconds per task, by kind of task.
+    pub seconds: Vec<(&'static str, f64)>,
+    pub counts: WorkerCounts,
 }
 
 #[derive(Default)]
@@ -234,6 +257,7 @@ impl Pool {
                         member: m.clone(),
                         alive: tx,
                         pace: Pace::new(Instant::now()),
+                        counts: WorkerCounts::default(),
                     },
                 );
                 joined.push(m);
@@ -274,6 +298,20 @@ impl Pool {
             .workers
             .values()
             .map(|w| w.member.desc.clone())
+            .collect()
+    }
+
+    /// Every live worker with its pace and counts.
+    pub fn snapshots(&self) -> Vec<WorkerSnapshot> {
+        lock(&self.inner.state)
+            .workers
+            .values()
+            .map(|w| WorkerSnapshot {
+                desc: w.member.desc.clone(),
+                calls_out: w.pace.calls_out(),
+                seconds: w.pace.record().collect(),
+                counts: w.counts,
+            })
             .collect()
     }
 
@@ -536,16 +574,22 @@ impl Pool {
     }
 
     fn complete(&self, slot: &Arc<Slot>, worker: &str) {
-        let first = {
+        let (first, rivals) = {
             let mut ss = lock(&slot.st);
             ss.running_on.retain(|(w, _)| w != worker);
-            !std::mem::replace(&mut ss.done, true)
+            let first = !std::mem::replace(&mut ss.done, true);
+            (first, !ss.running_on.is_empty())
         };
-        {
-            let mut st = lock(&self.inner.state);
-            st.running.remove(&slot.key);
-            publish_depth(&st);
+        let mut st = lock(&self.inner.state);
+        st.running.remove(&slot.key);
+        if let Some(w) = st.workers.get_mut(worker) {
+            let c = &mut w.counts;
+            c.tasks_done += u64::from(first);
+            c.copies_won += u64::from(first && rivals);
+            c.copies_lost += u64::from(!first);
         }
+        publish_depth(&st);
+        drop(st);
         if first {
             metrics::coordinator().tasks_completed.inc();
             slot.batch
@@ -863,6 +907,7 @@ mod tests {
                 member,
                 alive,
                 pace,
+                counts: WorkerCounts::default(),
             },
         );
     }

@@ -21,7 +21,7 @@ use tessera_core::spec::RenderSpec;
 use tessera_store::{keys, RedisStore, Store};
 use tokio::sync::Notify;
 
-use super::jobs::{now_ms, JobRecord, JobState, Jobs, ResumeRecord};
+use super::jobs::{now_ms, JobRecord, JobState, Jobs, ProgressRecord, ResumeRecord};
 use super::outputs;
 use super::pool::{JobDispatch, ModelId, Pool};
 use crate::dispatch::DispatchError;
@@ -466,6 +466,104 @@ impl Runner {
     }
 }
 
+/// Why an operator's action on a job was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Store(#[from] tessera_store::StoreError),
+    #[error("no job {0:?}: it never existed or expired")]
+    NotFound(String),
+    /// The action does not apply to the job as it stands; the message says what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Runner {
+    async fn existing(&self, id: &str) -> Result<JobRecord, ActionError> {
+        self.jobs
+            .load(id)
+            .await?
+            .ok_or_else(|| ActionError::NotFound(id.to_string()))
+    }
+
+    /// A queued job's new place in the queue. A running job keeps its tasks' order (its
+    /// tasks are already in the workers' queue), so only queued jobs move.
+    pub async fn set_priority(&self, id: &str, priority: i32) -> Result<JobRecord, ActionError> {
+        let _turn = self.admission.lock().await;
+        let mut record = self.existing(id).await?;
+        if record.state != JobState::Queued {
+            return Err(ActionError::Refused(format!(
+                "job {id} is {}: only a queued job's priority can change",
+                record.state
+            )));
+        }
+        record.priority = priority;
+        self.jobs.reprioritise(&record).await?;
+        self.notify();
+        Ok(record)
+    }
+
+    /// A failed job queued again as a new job `new_id` with the same spec, plan and seed
+    /// (the failed one stays listed with its error). Jobs with submitted files cannot be:
+    /// their files went with the failure.
+    pub async fn requeue(
+        &self,
+        id: &str,
+        new_id: &str,
+        max_queued: u64,
+    ) -> Result<JobRecord, ActionError> {
+        let old = self.existing(id).await?;
+        if old.state != JobState::Failed {
+            return Err(ActionError::Refused(format!(
+                "job {id} is {}: only a failed job can be requeued",
+                old.state
+            )));
+        }
+        if !old.inputs.is_empty() {
+            return Err(ActionError::Refused(format!(
+                "job {id} was submitted with files ({}), removed when it failed: submit it \
+                 again with `tessera submit`",
+                old.inputs.join(", ")
+            )));
+        }
+        let queued = self.jobs.queued_count().await?;
+        if queued >= max_queued {
+            return Err(ActionError::Refused(format!(
+                "the queue is full ({queued} jobs wait, --max-queued {max_queued}): wait for \
+                 some to finish, or cancel some"
+            )));
+        }
+        let record = requeued_record(&old, new_id);
+        self.jobs.create(&record, &[]).await?;
+        tracing::info!(job = %new_id, from = %id, "failed job requeued");
+        self.notify();
+        Ok(record)
+    }
+}
+
+/// A fresh queued record for the spec and plan of `old`.
+fn requeued_record(old: &JobRecord, id: &str) -> JobRecord {
+    let now = now_ms();
+    JobRecord {
+        id: id.to_string(),
+        seq: now as u64,
+        state: JobState::Queued,
+        images_done: 0,
+        progress: ProgressRecord {
+            views_total: old.progress.views_total,
+            phase: "queued".into(),
+            ..Default::default()
+        },
+        error: None,
+        resumed_from: None,
+        warnings: Vec::new(),
+        created_ms: now,
+        started_ms: 0,
+        finished_ms: 0,
+        ..old.clone()
+    }
+}
+
 /// One job's images, rendered in turn on the job's thread.
 struct JobRun<'a> {
     runner: &'a Runner,
@@ -690,7 +788,7 @@ pub fn output_name(id: &str, image: u32, count: u32) -> String {
 }
 
 /// The PNG's generation parameters, with the model's fingerprint.
-fn png_parameters(spec: &RenderSpec, plan: &Plan, record: &JobRecord) -> String {
+pub(crate) fn png_parameters(spec: &RenderSpec, plan: &Plan, record: &JobRecord) -> String {
     let mut text = describe::png_parameters(spec, plan, &record.model);
     if !record.model_info.fingerprint.is_empty() {
         text.push_str(&format!(

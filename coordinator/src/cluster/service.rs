@@ -53,7 +53,7 @@ async fn within_deadline<T>(
         })
 }
 
-fn check_id(id: &str) -> Result<(), Status> {
+pub(crate) fn check_id(id: &str) -> Result<(), Status> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -68,7 +68,7 @@ fn check_id(id: &str) -> Result<(), Status> {
     }
 }
 
-fn new_job_id() -> String {
+pub(crate) fn new_job_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
