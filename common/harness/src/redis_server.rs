@@ -169,9 +169,8 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("DBSIZE answered {reply:?}"))
     }
 
-    /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan` (it comes with
-    /// redis-server).
-    pub fn scan(&self, pattern: &str) -> Vec<String> {
+    /// `redis-cli` on the plain admin port, logged in (it comes with redis-server).
+    fn cli(&self) -> Command {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &self.admin_port.to_string()]);
         if let Some((user, p)) = self.credentials() {
@@ -180,7 +179,27 @@ impl RedisServer {
                 cmd.args(["--user", user]);
             }
         }
-        let out = cmd
+        cmd
+    }
+
+    /// Bytes the server has read from and written to its clients since it started
+    /// (`INFO stats`: `total_net_input_bytes + total_net_output_bytes`); `None` when it does
+    /// not answer.
+    pub fn net_bytes(&self) -> Option<u64> {
+        let out = self.cli().args(["INFO", "stats"]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.parse().ok())
+        };
+        Some(field("total_net_input_bytes")? + field("total_net_output_bytes")?)
+    }
+
+    /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan`.
+    pub fn scan(&self, pattern: &str) -> Vec<String> {
+        let out = self
+            .cli()
             .args(["--scan", "--pattern", pattern])
             .output()
             .unwrap_or_else(|e| panic!("running redis-cli --scan: {e}"));
@@ -485,6 +504,11 @@ mod tests {
             server.url()
         );
         assert_eq!(server.scan("*"), vec!["k".to_string()]);
+        let before = server.net_bytes().expect("INFO stats answers");
+        let value = "x".repeat(10_000);
+        assert_eq!(server.command(&["SET", "big", &value]).unwrap(), "+OK");
+        let after = server.net_bytes().expect("INFO stats answers");
+        assert!(after >= before + 10_000, "{before} -> {after}");
         let mut anonymous = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         anonymous.write_all(&resp(&["GET", "k"])).unwrap();
         let mut line = String::new();

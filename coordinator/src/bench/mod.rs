@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod e2e;
 pub mod kernels;
 pub mod memory;
+pub mod netns;
 pub mod scale;
 pub mod step;
 

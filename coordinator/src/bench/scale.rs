@@ -3,6 +3,10 @@
 //! Redis, a real coordinator process and real worker processes on loopback; efficiency against
 //! the ideal `capacity / views per step`, and a mixed set where some workers are slower.
 //!
+//! With `--link-gbit` each link speed is a run of this same command inside a network namespace
+//! whose loopback is rate-limited (`netns.rs`); the child writes its runs as JSON for the parent's
+//! table.
+//!
 //! Only the high-resolution steps are timed: from the end of the stage's first step to the end
 //! of its last (as the coordinator logs them), so startup, prompt encoding, the stage's entry
 //! and the decode are excluded.
@@ -10,7 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::cluster;
+use serde::{Deserialize, Serialize};
+
+use super::{cluster, netns};
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 
 #[derive(Debug, Clone)]
@@ -28,6 +34,9 @@ pub struct ScaleOptions {
     pub steps: Option<usize>,
     /// Views per task (`--view-batch` of the job).
     pub view_batch: usize,
+    /// Links to measure each configuration on (`None`: unlimited), each in its own network
+    /// namespace; empty runs on the host's loopback.
+    pub links: Vec<Option<f64>>,
     pub markdown: Option<PathBuf>,
 }
 
@@ -39,9 +48,11 @@ pub struct MixedSet {
 }
 
 /// One configuration's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleRun {
     pub label: String,
+    /// The link it ran over ("host loopback", "unlimited", "2 Gbit/s").
+    pub link: String,
     pub workers: usize,
     /// Evaluations per second the workers could do together.
     pub capacity: f64,
@@ -51,11 +62,17 @@ pub struct ScaleRun {
     pub coordinator_ms: f64,
     /// Mean critical path per timed step (`StepTimings::critical`).
     pub critical_ms: f64,
+    /// Bytes through Redis (in + out) per timed step; `None` when Redis did not say.
+    pub bytes_per_step: Option<f64>,
 }
 
 impl ScaleRun {
     pub fn ideal_steps_per_second(&self) -> f64 {
         self.capacity / self.views_per_step as f64
+    }
+
+    pub fn ideal_step_ms(&self) -> f64 {
+        1000.0 / self.ideal_steps_per_second()
     }
 
     pub fn efficiency(&self) -> f64 {
@@ -137,6 +154,16 @@ fn run_one(
     args.extend(job_flags(opts.size, steps, opts.view_batch));
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
+    let lines = cluster::wait_steps(&mut cluster, &job, 0, 1, limit)?;
+    let start = (cluster.redis.net_bytes(), lines.len());
+    // The bytes are counted up to the second-last step, so the decode after the last is not.
+    let end_step = if steps >= 3 { steps - 1 } else { steps };
+    let lines = cluster::wait_steps(&mut cluster, &job, 0, end_step, limit)?;
+    let end = (cluster.redis.net_bytes(), lines.len());
+    let bytes_per_step = match (start, end) {
+        ((Some(b0), n0), (Some(b1), n1)) if n1 > n0 => Some((b1 - b0) as f64 / (n1 - n0) as f64),
+        _ => None,
+    };
     let lines = cluster::wait_steps(&mut cluster, &job, 0, steps, limit)?;
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
@@ -145,6 +172,7 @@ fn run_one(
     let critical_ms = lines[1..].iter().map(|l| l.critical_ms).sum::<f64>() / timed as f64;
     Ok(ScaleRun {
         label: label.to_string(),
+        link: "host loopback".into(),
         workers: speeds.len(),
         capacity,
         views_per_step: views,
@@ -152,25 +180,20 @@ fn run_one(
         steps_per_second: timed as f64 / seconds,
         coordinator_ms,
         critical_ms,
+        bytes_per_step,
     })
 }
 
-pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Report)> {
-    let machine = Machine::probe();
+/// Measures every configuration of `opts` on this process's network (no namespace).
+pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let scratch = Scratch::new("scale")?;
     let model = sdxl_geometry_model(&scratch.0)?;
     let views = views_per_step(&model, opts.size, opts.view_batch)?;
     let mut runs = Vec::new();
     for &n in &opts.workers {
         let speeds = vec![opts.eval_ms; n];
-        runs.push(run_one(
-            &scratch.0,
-            &model,
-            &format!("{n} workers"),
-            &speeds,
-            opts,
-            views,
-        )?);
+        let label = format!("{n} workers");
+        runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
     }
     if let Some(m) = opts.mixed {
         let mut speeds = vec![opts.eval_ms; m.fast];
@@ -178,28 +201,72 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         let label = format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor);
         runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
     }
-    let mut table = Table::new(&[
-        "workers",
-        "capacity (evals/s)",
-        "timed steps",
-        "steps/s",
-        "ideal steps/s",
-        "efficiency",
-        "coordinator work ms/step",
-        "critical path ms/step",
-    ]);
-    for r in &runs {
-        table.row(vec![
-            r.label.clone(),
-            format!("{:.1}", r.capacity),
-            r.timed_steps.to_string(),
-            format!("{:.3}", r.steps_per_second),
-            format!("{:.3}", r.ideal_steps_per_second()),
-            format!("{:.1}%", 100.0 * r.efficiency()),
-            format!("{:.0}", r.coordinator_ms),
-            format!("{:.0}", r.critical_ms),
-        ]);
+    Ok(runs)
+}
+
+/// The arguments that make a child process measure `opts` and write its runs to `file`.
+fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
+    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let (mixed, slow_factor) = match opts.mixed {
+        Some(m) => (list(&[m.fast, m.slow]), m.slow_factor),
+        None => ("none".into(), 1.0),
+    };
+    let mut args: Vec<String> = ["bench", "scale", "--workers", &list(&opts.workers)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (flag, value) in [
+        ("--eval-ms", opts.eval_ms.to_string()),
+        ("--mixed", mixed),
+        ("--slow-factor", slow_factor.to_string()),
+        ("--size", opts.size.to_string()),
+        ("--view-batch", opts.view_batch.to_string()),
+        ("--runs-json", file.display().to_string()),
+    ] {
+        args.extend([flag.to_string(), value]);
     }
+    if let Some(steps) = opts.steps {
+        args.extend(["--steps".to_string(), steps.to_string()]);
+    }
+    args
+}
+
+/// Each link of `opts.links` in its own namespace, one child process each.
+fn measure_links(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
+    netns::check_allowed()?;
+    let scratch = Scratch::new("scale-links")?;
+    let mut runs = Vec::new();
+    for (i, &link) in opts.links.iter().enumerate() {
+        eprintln!("link {}:", netns::label(link));
+        let file = scratch.path(&format!("runs-{i}.json"));
+        netns::run_inside(link, &child_args(opts, &file))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(super::io(format!("reading {}", file.display())))?;
+        let mut got: Vec<ScaleRun> = serde_json::from_str(&text)
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", file.display())))?;
+        for r in &mut got {
+            r.link = netns::label(link);
+        }
+        runs.extend(got);
+    }
+    Ok(runs)
+}
+
+/// Writes `runs` as JSON to `file` (a child of [`measure_links`]).
+pub fn write_runs(runs: &[ScaleRun], file: &Path) -> Result<()> {
+    let text = serde_json::to_string(runs)
+        .map_err(|e| BenchError::Setup(format!("encoding the runs: {e}")))?;
+    std::fs::write(file, text).map_err(super::io(format!("writing {}", file.display())))
+}
+
+pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Report)> {
+    let machine = Machine::probe();
+    let runs = if opts.links.is_empty() {
+        measure(opts)?
+    } else {
+        measure_links(opts)?
+    };
+    let views = runs.first().map_or(0, |r| r.views_per_step);
     let report = Report {
         title: format!(
             "bench scale: {}x{} SDXL-geometry stage, simulated workers at {} ms/evaluation",
@@ -207,26 +274,72 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         ),
         command,
         machine,
-        tables: vec![table],
-        notes: vec![
-            format!(
-                "{views} views per step ({} per task); an evaluation = one training-size view with CFG",
-                opts.view_batch
-            ),
-            "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
-             real Redis and gRPC, no model compute"
-                .into(),
-            "timed: from the end of the stage's first step to the end of its last, as the \
-             coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
-             ideal = capacity / views per step"
-                .into(),
-            "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
-             waiting for workers, most of it overlapping the workers); critical path ms/step: \
-             the part no worker of the job can overlap (StepTimings::critical: from the step's \
-             start to its first task out, and from its last result in to its end); both \
-             averaged over the timed steps"
-                .into(),
-        ],
+        tables: vec![table(&runs)],
+        notes: notes(views, opts.view_batch),
     };
     Ok((runs, report))
+}
+
+fn table(runs: &[ScaleRun]) -> Table {
+    let mut table = Table::new(&[
+        "link",
+        "workers",
+        "capacity (evals/s)",
+        "timed steps",
+        "steps/s",
+        "ideal steps/s",
+        "efficiency",
+        "ideal step ms",
+        "coordinator work ms/step",
+        "coordinator / ideal step",
+        "critical path ms/step",
+        "MB through Redis/step",
+    ]);
+    for r in runs {
+        table.row(vec![
+            r.link.clone(),
+            r.label.clone(),
+            format!("{:.1}", r.capacity),
+            r.timed_steps.to_string(),
+            format!("{:.3}", r.steps_per_second),
+            format!("{:.3}", r.ideal_steps_per_second()),
+            format!("{:.1}%", 100.0 * r.efficiency()),
+            format!("{:.0}", r.ideal_step_ms()),
+            format!("{:.0}", r.coordinator_ms),
+            format!("{:.2}", r.coordinator_ms / r.ideal_step_ms()),
+            format!("{:.0}", r.critical_ms),
+            r.bytes_per_step
+                .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
+        ]);
+    }
+    table
+}
+
+fn notes(views: usize, view_batch: usize) -> Vec<String> {
+    vec![
+        format!(
+            "{views} views per step ({view_batch} per task); an evaluation = one training-size view with CFG"
+        ),
+        "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
+         real Redis and gRPC, no model compute"
+            .into(),
+        "timed: from the end of the stage's first step to the end of its last, as the \
+         coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
+         ideal = capacity / views per step"
+            .into(),
+        "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
+         waiting for workers, most of it overlapping the workers); critical path ms/step: \
+         the part no worker of the job can overlap (StepTimings::critical: from the step's \
+         start to its first task out, and from its last result in to its end); both \
+         averaged over the timed steps"
+            .into(),
+        "MB through Redis/step: Redis' own count of bytes in and out (INFO stats) from the \
+         first step's end to the second-last's, per step: each byte a party writes and another \
+         reads crosses the store's link twice"
+            .into(),
+        "link: `--link-gbit` runs the whole loopback cluster in a network namespace whose \
+         loopback is limited with a tc token bucket; every packet crosses it once, so the \
+         limit caps all the cluster's traffic together"
+            .into(),
+    ]
 }

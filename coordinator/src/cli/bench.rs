@@ -112,9 +112,19 @@ pub struct ScaleArgs {
     /// Worker counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
     pub workers: Vec<usize>,
-    /// Milliseconds per training-size evaluation (with CFG) of the simulated workers.
-    #[arg(long, default_value_t = 100.0)]
+    /// Milliseconds per training-size evaluation (with CFG) of the simulated workers (the GPU
+    /// figure in BENCHMARKS.md).
+    #[arg(long, default_value_t = 50.0)]
     pub eval_ms: f64,
+    /// Link speeds in Gbit/s to run every configuration over, 0 for unlimited: each runs the
+    /// whole loopback cluster in a network namespace whose loopback is rate-limited with tc
+    /// (needs root or CAP_SYS_ADMIN/CAP_NET_ADMIN); left out, the host's loopback is used.
+    #[arg(long, value_delimiter = ',')]
+    pub link_gbit: Vec<f64>,
+    /// Write the runs as JSON to this file instead of a report (how a --link-gbit run hands
+    /// its figures back from inside the namespace).
+    #[arg(long, hide = true)]
+    pub runs_json: Option<PathBuf>,
     /// The mixed set: FAST,SLOW workers, the slow ones --slow-factor times slower; "none" skips it.
     #[arg(long, default_value = "6,2")]
     pub mixed: String,
@@ -227,6 +237,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     _ => bail!("--mixed takes FAST,SLOW (e.g. 6,2) or none"),
                 }
             };
+            if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
+                bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
+            }
             let opts = scale::ScaleOptions {
                 workers: a.workers,
                 eval_ms: a.eval_ms,
@@ -234,8 +247,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 size: a.size,
                 steps: a.steps,
                 view_batch: a.view_batch,
+                links: a
+                    .link_gbit
+                    .iter()
+                    .map(|&g| (g > 0.0).then_some(g))
+                    .collect(),
                 markdown: a.out.markdown.clone(),
             };
+            if let Some(file) = &a.runs_json {
+                let runs = scale::measure(&opts)?;
+                return Ok(scale::write_runs(&runs, file)?);
+            }
             let (_, report) = scale::run(&opts, command)?;
             report.emit(a.out.markdown.as_deref())?;
             Ok(())
