@@ -34,6 +34,8 @@ pub struct ScaleOptions {
     pub steps: Option<usize>,
     /// Views per task (`--view-batch` of the job).
     pub view_batch: usize,
+    /// Cores the coordinator may use, one run each (`None`: all of them).
+    pub coordinator_cores: Vec<Option<usize>>,
     /// Links to measure each configuration on (`None`: unlimited), each in its own network
     /// namespace; empty runs on the host's loopback.
     pub links: Vec<Option<f64>>,
@@ -53,6 +55,8 @@ pub struct ScaleRun {
     pub label: String,
     /// The link it ran over ("host loopback", "unlimited", "2 Gbit/s").
     pub link: String,
+    /// The cores the coordinator ran on ("all cores", "2 cores").
+    pub coordinator_cores: String,
     pub workers: usize,
     /// Evaluations per second the workers could do together.
     pub capacity: f64,
@@ -125,63 +129,112 @@ fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
     Ok(n as usize)
 }
 
-/// Runs one configuration on a fresh cluster: `speeds` are the workers' ms per evaluation.
+/// One configuration: its label, the workers' ms per evaluation, the cores the coordinator
+/// may use (`None`: all).
+struct Config {
+    label: String,
+    speeds: Vec<f64>,
+    cores: Option<usize>,
+}
+
+/// Runs one configuration on a fresh cluster.
 fn run_one(
     scratch: &Path,
     model: &Path,
-    label: &str,
-    speeds: &[f64],
+    cfg: &Config,
     opts: &ScaleOptions,
     views: usize,
 ) -> Result<ScaleRun> {
-    let capacity: f64 = speeds.iter().map(|ms| 1000.0 / ms).sum();
+    let capacity: f64 = cfg.speeds.iter().map(|ms| 1000.0 / ms).sum();
     let ideal_step = views as f64 / capacity;
     let steps = opts
         .steps
         .unwrap_or_else(|| ((6.0 / ideal_step).ceil() as usize + 1).clamp(2, 8))
         .max(2);
-    let dir = scratch.join(label.replace([' ', ','], "-"));
+    let cores = cores_label(cfg.cores);
+    let dir = scratch.join(format!("{}-{cores}", cfg.label).replace([' ', ','], "-"));
     std::fs::create_dir_all(&dir).map_err(super::io(format!("creating {}", dir.display())))?;
     eprintln!(
-        "{label}: {} workers, {steps} steps (ideal {ideal_step:.2} s each)",
-        speeds.len()
+        "{}: coordinator on {cores}, {steps} steps (ideal {ideal_step:.2} s each)",
+        cfg.label
     );
     let mut cluster = cluster::start(&dir, &[])?;
-    for &ms in speeds {
+    if let (Some(n), Some(pid)) = (cfg.cores, cluster.coordinator_pid()) {
+        pin(pid, n)?;
+    }
+    for &ms in &cfg.speeds {
         cluster::add_workers(&mut cluster, model, 1, Some(ms))?;
     }
     let mut args = vec!["--model".to_string(), "sdxl-geometry".to_string()];
     args.extend(job_flags(opts.size, steps, opts.view_batch));
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
-    let lines = cluster::wait_steps(&mut cluster, &job, 0, 1, limit)?;
+    let (lines, bytes_per_step) = watch_steps(&mut cluster, &job, steps, limit)?;
+    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
+    let timed = lines.len() - 1;
+    let seconds = (last.at_ms - first.at_ms) / 1e3;
+    let mean =
+        |f: fn(&cluster::StepLine) -> f64| lines[1..].iter().map(f).sum::<f64>() / timed as f64;
+    Ok(ScaleRun {
+        label: cfg.label.clone(),
+        link: "host loopback".into(),
+        coordinator_cores: cores,
+        workers: cfg.speeds.len(),
+        capacity,
+        views_per_step: views,
+        timed_steps: timed,
+        steps_per_second: timed as f64 / seconds,
+        coordinator_ms: mean(|l| l.coordinator_ms),
+        critical_ms: mean(|l| l.critical_ms),
+        bytes_per_step,
+    })
+}
+
+fn cores_label(cores: Option<usize>) -> String {
+    match cores {
+        Some(1) => "1 core".into(),
+        Some(n) => format!("{n} cores"),
+        None => "all cores".into(),
+    }
+}
+
+/// Pins every thread of process `pid` (and the threads it starts later) to cores `0..n`.
+fn pin(pid: u32, n: usize) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &format!("0-{}", n - 1), &pid.to_string()])
+        .output()
+        .map_err(super::io(
+            "running taskset (util-linux) for --coordinator-cores",
+        ))?;
+    if !out.status.success() {
+        return Err(BenchError::Setup(format!(
+            "--coordinator-cores {n}: taskset refused: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for `steps` steps of the job's stage; their lines and the bytes through Redis per
+/// step, counted from the first step's end to the second-last's (so the decode after the last
+/// step is not in it).
+fn watch_steps(
+    cluster: &mut tessera_harness::LocalCluster,
+    job: &str,
+    steps: usize,
+    limit: Duration,
+) -> Result<(Vec<cluster::StepLine>, Option<f64>)> {
+    let lines = cluster::wait_steps(cluster, job, 0, 1, limit)?;
     let start = (cluster.redis.net_bytes(), lines.len());
-    // The bytes are counted up to the second-last step, so the decode after the last is not.
     let end_step = if steps >= 3 { steps - 1 } else { steps };
-    let lines = cluster::wait_steps(&mut cluster, &job, 0, end_step, limit)?;
+    let lines = cluster::wait_steps(cluster, job, 0, end_step, limit)?;
     let end = (cluster.redis.net_bytes(), lines.len());
     let bytes_per_step = match (start, end) {
         ((Some(b0), n0), (Some(b1), n1)) if n1 > n0 => Some((b1 - b0) as f64 / (n1 - n0) as f64),
         _ => None,
     };
-    let lines = cluster::wait_steps(&mut cluster, &job, 0, steps, limit)?;
-    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
-    let timed = lines.len() - 1;
-    let seconds = (last.at_ms - first.at_ms) / 1e3;
-    let coordinator_ms = lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
-    let critical_ms = lines[1..].iter().map(|l| l.critical_ms).sum::<f64>() / timed as f64;
-    Ok(ScaleRun {
-        label: label.to_string(),
-        link: "host loopback".into(),
-        workers: speeds.len(),
-        capacity,
-        views_per_step: views,
-        timed_steps: timed,
-        steps_per_second: timed as f64 / seconds,
-        coordinator_ms,
-        critical_ms,
-        bytes_per_step,
-    })
+    let lines = cluster::wait_steps(cluster, job, 0, steps, limit)?;
+    Ok((lines, bytes_per_step))
 }
 
 /// Measures every configuration of `opts` on this process's network (no namespace).
@@ -189,19 +242,29 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let scratch = Scratch::new("scale")?;
     let model = sdxl_geometry_model(&scratch.0)?;
     let views = views_per_step(&model, opts.size, opts.view_batch)?;
-    let mut runs = Vec::new();
+    let mut configs = Vec::new();
     for &n in &opts.workers {
-        let speeds = vec![opts.eval_ms; n];
-        let label = format!("{n} workers");
-        runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
+        for &cores in &opts.coordinator_cores {
+            configs.push(Config {
+                label: format!("{n} workers"),
+                speeds: vec![opts.eval_ms; n],
+                cores,
+            });
+        }
     }
     if let Some(m) = opts.mixed {
         let mut speeds = vec![opts.eval_ms; m.fast];
         speeds.extend(vec![opts.eval_ms * m.slow_factor; m.slow]);
-        let label = format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor);
-        runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
+        configs.push(Config {
+            label: format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor),
+            speeds,
+            cores: None,
+        });
     }
-    Ok(runs)
+    configs
+        .iter()
+        .map(|cfg| run_one(&scratch.0, &model, cfg, opts, views))
+        .collect()
 }
 
 /// The arguments that make a child process measure `opts` and write its runs to `file`.
@@ -221,6 +284,7 @@ fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         ("--slow-factor", slow_factor.to_string()),
         ("--size", opts.size.to_string()),
         ("--view-batch", opts.view_batch.to_string()),
+        ("--coordinator-cores", cores_arg(&opts.coordinator_cores)),
         ("--runs-json", file.display().to_string()),
     ] {
         args.extend([flag.to_string(), value]);
@@ -229,6 +293,14 @@ fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         args.extend(["--steps".to_string(), steps.to_string()]);
     }
     args
+}
+
+fn cores_arg(cores: &[Option<usize>]) -> String {
+    cores
+        .iter()
+        .map(|c| c.map_or("all".into(), |n| n.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Each link of `opts.links` in its own namespace, one child process each.
@@ -284,6 +356,7 @@ fn table(runs: &[ScaleRun]) -> Table {
     let mut table = Table::new(&[
         "link",
         "workers",
+        "coordinator",
         "capacity (evals/s)",
         "timed steps",
         "steps/s",
@@ -299,6 +372,7 @@ fn table(runs: &[ScaleRun]) -> Table {
         table.row(vec![
             r.link.clone(),
             r.label.clone(),
+            r.coordinator_cores.clone(),
             format!("{:.1}", r.capacity),
             r.timed_steps.to_string(),
             format!("{:.3}", r.steps_per_second),

@@ -121,6 +121,10 @@ pub struct ScaleArgs {
     /// (needs root or CAP_SYS_ADMIN/CAP_NET_ADMIN); left out, the host's loopback is used.
     #[arg(long, value_delimiter = ',')]
     pub link_gbit: Vec<f64>,
+    /// Cores the coordinator may use, one run each: numbers, or "all" (it is pinned with
+    /// taskset; its threads per step follow).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub coordinator_cores: Vec<String>,
     /// Write the runs as JSON to this file instead of a report (how a --link-gbit run hands
     /// its figures back from inside the namespace).
     #[arg(long, hide = true)]
@@ -152,6 +156,22 @@ fn check_tiny_job(workers: usize, steps: usize, training_size: u32) -> Result<()
         bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
     }
     Ok(())
+}
+
+/// `--coordinator-cores`: counts from 1 up to this machine's cores, or "all" (`None`).
+fn parse_cores(list: &[String]) -> Result<Vec<Option<usize>>> {
+    let max = std::thread::available_parallelism().map_or(1, |n| n.get());
+    list.iter()
+        .map(|c| match c.trim() {
+            "all" => Ok(None),
+            n => match n.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => {
+                    bail!("--coordinator-cores takes counts from 1 to {max} or \"all\", e.g. 2,all")
+                }
+            },
+        })
+        .collect()
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -240,7 +260,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
                 bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
             }
+            let coordinator_cores = parse_cores(&a.coordinator_cores)?;
             let opts = scale::ScaleOptions {
+                coordinator_cores,
                 workers: a.workers,
                 eval_ms: a.eval_ms,
                 mixed,
