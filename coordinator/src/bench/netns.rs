@@ -111,7 +111,7 @@ mod tests {
         let args = tbf_args(10.0);
         assert_eq!(args[7], "10000mbit");
         assert_eq!(args[9], "12500000");
-        assert_eq!(tbf_args(0.5)[9], (256 * 1024).to_string());
+        assert_eq!(tbf_args(0.1)[9], (256 * 1024).to_string());
         assert_eq!(label(Some(2.0)), "2 Gbit/s");
         assert_eq!(label(None), "unlimited");
     }

@@ -268,7 +268,7 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
 }
 
 /// The arguments that make a child process measure `opts` and write its runs to `file`.
-fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
+pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
     let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
     let (mixed, slow_factor) = match opts.mixed {
         Some(m) => (list(&[m.fast, m.slow]), m.slow_factor),

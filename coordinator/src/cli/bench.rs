@@ -286,3 +286,57 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A `--link-gbit` run hands its options to a child inside the namespace as flags; they
+    /// must parse back to the same configuration.
+    #[test]
+    fn a_link_runs_child_gets_the_same_options_back() {
+        let opts = scale::ScaleOptions {
+            workers: vec![8, 16],
+            eval_ms: 50.0,
+            mixed: Some(scale::MixedSet {
+                fast: 6,
+                slow: 2,
+                slow_factor: 4.0,
+            }),
+            size: 4096,
+            steps: Some(3),
+            view_batch: 1,
+            coordinator_cores: vec![Some(1), None],
+            links: vec![Some(2.0)],
+            markdown: None,
+        };
+        let args = scale::child_args(&opts, std::path::Path::new("/tmp/runs.json"));
+        let cli =
+            crate::cli::Cli::try_parse_from(std::iter::once("tessera".to_string()).chain(args))
+                .expect("the child's flags parse");
+        let crate::cli::Command::Bench(BenchCommand::Scale(a)) = cli.command else {
+            panic!("not bench scale");
+        };
+        assert_eq!(a.workers, vec![8, 16]);
+        assert_eq!(
+            (a.eval_ms, a.size, a.steps, a.view_batch),
+            (50.0, 4096, Some(3), 1)
+        );
+        assert_eq!((a.mixed.as_str(), a.slow_factor), ("6,2", 4.0));
+        assert_eq!(
+            parse_cores(&a.coordinator_cores).unwrap(),
+            vec![Some(1), None]
+        );
+        assert!(
+            a.link_gbit.is_empty(),
+            "the child runs inside the link it was given"
+        );
+        assert_eq!(
+            a.runs_json.as_deref(),
+            Some(std::path::Path::new("/tmp/runs.json"))
+        );
+        assert!(parse_cores(&["0".into()]).is_err());
+        assert!(parse_cores(&["many".into()]).is_err());
+    }
+}
