@@ -186,14 +186,31 @@ impl RedisServer {
     /// (`INFO stats`: `total_net_input_bytes + total_net_output_bytes`); `None` when it does
     /// not answer.
     pub fn net_bytes(&self) -> Option<u64> {
-        let out = self.cli().args(["INFO", "stats"]).output().ok()?;
+        let v = self.info(
+            "stats",
+            &["total_net_input_bytes", "total_net_output_bytes"],
+        )?;
+        Some((v[0] + v[1]) as u64)
+    }
+
+    /// CPU seconds the server has used since it started (`INFO cpu`: user + system).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let v = self.info("cpu", &["used_cpu_user", "used_cpu_sys"])?;
+        Some(v[0] + v[1])
+    }
+
+    /// Numeric fields of one `INFO` section, in the order asked; `None` when one is missing.
+    fn info(&self, section: &str, names: &[&str]) -> Option<Vec<f64>> {
+        let out = self.cli().args(["INFO", section]).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let field = |name: &str| -> Option<u64> {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.parse().ok())
-        };
-        Some(field("total_net_input_bytes")? + field("total_net_output_bytes")?)
+        names
+            .iter()
+            .map(|name| {
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|v| v.parse().ok())
+            })
+            .collect()
     }
 
     /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan`.
@@ -509,6 +526,7 @@ mod tests {
         assert_eq!(server.command(&["SET", "big", &value]).unwrap(), "+OK");
         let after = server.net_bytes().expect("INFO stats answers");
         assert!(after >= before + 10_000, "{before} -> {after}");
+        assert!(server.cpu_seconds().is_some_and(|s| s >= 0.0));
         let mut anonymous = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         anonymous.write_all(&resp(&["GET", "k"])).unwrap();
         let mut line = String::new();

@@ -68,6 +68,11 @@ pub struct ScaleRun {
     pub critical_ms: f64,
     /// Bytes through Redis (in + out) per timed step; `None` when Redis did not say.
     pub bytes_per_step: Option<f64>,
+    /// The coordinator process's CPU milliseconds per step (all threads; unlike the wall
+    /// clock figures, barely moved by other processes on the machine).
+    pub coordinator_cpu_ms: Option<f64>,
+    /// Redis' CPU milliseconds per step (it runs commands on one thread).
+    pub redis_cpu_ms: Option<f64>,
 }
 
 impl ScaleRun {
@@ -169,7 +174,7 @@ fn run_one(
     args.extend(job_flags(opts.size, steps, opts.view_batch));
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
-    let (lines, bytes_per_step) = watch_steps(&mut cluster, &job, steps, limit)?;
+    let (lines, counted) = watch_steps(&mut cluster, &job, steps, limit)?;
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
@@ -186,7 +191,9 @@ fn run_one(
         steps_per_second: timed as f64 / seconds,
         coordinator_ms: mean(|l| l.coordinator_ms),
         critical_ms: mean(|l| l.critical_ms),
-        bytes_per_step,
+        bytes_per_step: counted.bytes,
+        coordinator_cpu_ms: counted.coordinator_cpu_ms,
+        redis_cpu_ms: counted.redis_cpu_ms,
     })
 }
 
@@ -215,26 +222,61 @@ fn pin(pid: u32, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Waits for `steps` steps of the job's stage; their lines and the bytes through Redis per
-/// step, counted from the first step's end to the second-last's (so the decode after the last
-/// step is not in it).
+/// What is counted per step between two moments of the run.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerStep {
+    bytes: Option<f64>,
+    coordinator_cpu_ms: Option<f64>,
+    redis_cpu_ms: Option<f64>,
+}
+
+/// The counters at one moment: Redis' bytes and CPU, the coordinator's CPU, steps done.
+struct Sample {
+    bytes: Option<u64>,
+    redis_cpu: Option<f64>,
+    coordinator_cpu: Option<f64>,
+    steps: usize,
+}
+
+impl Sample {
+    fn take(cluster: &tessera_harness::LocalCluster, steps: usize) -> Self {
+        Self {
+            bytes: cluster.redis.net_bytes(),
+            redis_cpu: cluster.redis.cpu_seconds(),
+            coordinator_cpu: cluster.coordinator_pid().and_then(super::cpu_seconds_of),
+            steps,
+        }
+    }
+
+    fn per_step(&self, later: &Sample) -> PerStep {
+        if later.steps <= self.steps {
+            return PerStep::default();
+        }
+        let n = (later.steps - self.steps) as f64;
+        let diff = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / n);
+        PerStep {
+            bytes: diff(self.bytes.map(|b| b as f64), later.bytes.map(|b| b as f64)),
+            coordinator_cpu_ms: diff(self.coordinator_cpu, later.coordinator_cpu).map(|s| s * 1e3),
+            redis_cpu_ms: diff(self.redis_cpu, later.redis_cpu).map(|s| s * 1e3),
+        }
+    }
+}
+
+/// Waits for `steps` steps of the job's stage; their lines and the counts per step from the
+/// first step's end to the second-last's (so the decode after the last step is not in them).
 fn watch_steps(
     cluster: &mut tessera_harness::LocalCluster,
     job: &str,
     steps: usize,
     limit: Duration,
-) -> Result<(Vec<cluster::StepLine>, Option<f64>)> {
+) -> Result<(Vec<cluster::StepLine>, PerStep)> {
     let lines = cluster::wait_steps(cluster, job, 0, 1, limit)?;
-    let start = (cluster.redis.net_bytes(), lines.len());
+    let start = Sample::take(cluster, lines.len());
     let end_step = if steps >= 3 { steps - 1 } else { steps };
     let lines = cluster::wait_steps(cluster, job, 0, end_step, limit)?;
-    let end = (cluster.redis.net_bytes(), lines.len());
-    let bytes_per_step = match (start, end) {
-        ((Some(b0), n0), (Some(b1), n1)) if n1 > n0 => Some((b1 - b0) as f64 / (n1 - n0) as f64),
-        _ => None,
-    };
+    let counted = start.per_step(&Sample::take(cluster, lines.len()));
     let lines = cluster::wait_steps(cluster, job, 0, steps, limit)?;
-    Ok((lines, bytes_per_step))
+    Ok((lines, counted))
 }
 
 /// Measures every configuration of `opts` on this process's network (no namespace).
@@ -366,6 +408,8 @@ fn table(runs: &[ScaleRun]) -> Table {
         "coordinator work ms/step",
         "coordinator / ideal step",
         "critical path ms/step",
+        "coordinator CPU ms/step",
+        "Redis CPU ms/step",
         "MB through Redis/step",
     ]);
     for r in runs {
@@ -382,6 +426,9 @@ fn table(runs: &[ScaleRun]) -> Table {
             format!("{:.0}", r.coordinator_ms),
             format!("{:.2}", r.coordinator_ms / r.ideal_step_ms()),
             format!("{:.0}", r.critical_ms),
+            r.coordinator_cpu_ms
+                .map_or("?".into(), |ms| format!("{ms:.0}")),
+            r.redis_cpu_ms.map_or("?".into(), |ms| format!("{ms:.0}")),
             r.bytes_per_step
                 .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
         ]);
@@ -406,6 +453,11 @@ fn notes(views: usize, view_batch: usize) -> Vec<String> {
          the part no worker of the job can overlap (StepTimings::critical: from the step's \
          start to its first task out, and from its last result in to its end); both \
          averaged over the timed steps"
+            .into(),
+        "coordinator / Redis CPU ms/step: CPU time the coordinator process (all its threads, \
+         from /proc) and redis-server (INFO cpu) used per step over the same steps as the \
+         bytes; CPU time is far less moved by other processes than the wall-clock columns, and \
+         coordinator CPU / ideal step is the cores it needs at least"
             .into(),
         "MB through Redis/step: Redis' own count of bytes in and out (INFO stats) from the \
          first step's end to the second-last's, per step: each byte a party writes and another \
