@@ -25,7 +25,7 @@ use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{Plan, StagePlan};
 use tessera_core::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
 use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
-use tessera_store::{get_tensor, keys, put_tensor, Store};
+use tessera_store::{get_tensor, get_tensors, keys, put_tensor, Store};
 
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::{Dispatch, DispatchError};
@@ -526,17 +526,17 @@ impl<'a> Arrivals<'a> {
     }
 }
 
-/// A task's predictions from the store, as f32.
+/// A task's predictions from the store, as f32: both halves in one round trip.
 fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Result<TaskOutputs> {
     let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-    let cpu = Device::Cpu;
-    let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
-    let uncond = if guided {
-        Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
-    } else {
-        None
-    };
-    Ok((cond, uncond))
+    let mut names = vec![key("cond")];
+    if guided {
+        names.push(key("uncond"));
+    }
+    let mut halves = get_tensors(store, &names, &Device::Cpu)?.into_iter();
+    let mut next = || halves.next().map(|t| t.to_dtype(DType::F32)).transpose();
+    let cond = next()?.ok_or_else(|| EngineError::Invalid(format!("no output for task {ti}")))?;
+    Ok((cond, next()?))
 }
 
 /// The merge after the last task: what was not merged as it came in (and the captured
