@@ -53,20 +53,17 @@ pub trait Dispatch: Sync {
 pub struct LocalWorkers {
     models: Vec<Arc<DiffusionModel>>,
     /// Each in-process worker's stage CA-map, as a worker process keeps its own.
-    camaps: Vec<tasks::CamapCache>,
+    cache: Vec<tasks::ReadCache>,
     store: Arc<dyn Store>,
 }
 
 impl LocalWorkers {
     pub fn new(models: Vec<Arc<DiffusionModel>>, store: Arc<dyn Store>) -> Self {
         assert!(!models.is_empty(), "at least one worker");
-        let camaps = models
-            .iter()
-            .map(|_| tasks::CamapCache::default())
-            .collect();
+        let cache = models.iter().map(|_| tasks::ReadCache::default()).collect();
         Self {
             models,
-            camaps,
+            cache,
             store,
         }
     }
@@ -82,7 +79,7 @@ impl Dispatch for LocalWorkers {
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<TaskError>> = Mutex::new(None);
         std::thread::scope(|scope| {
-            for (model, camaps) in self.models.iter().zip(&self.camaps) {
+            for (model, cache) in self.models.iter().zip(&self.cache) {
                 let (feed, failed, first_error) = (&feed, &failed, &first_error);
                 let store = self.store.as_ref();
                 // Each in-process worker runs one task at a time, so its device turn is its own.
@@ -94,8 +91,7 @@ impl Dispatch for LocalWorkers {
                     // Waits here until the engine has written the next task's input.
                     let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(task) = next else { return };
-                    match tasks::execute(tasks::Backend::Model(model), store, camaps, &task, &turn)
-                    {
+                    match tasks::execute(tasks::Backend::Model(model), store, cache, &task, &turn) {
                         Ok(_) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);

@@ -110,7 +110,7 @@ struct Shared {
     id: String,
     served: Served,
     /// The stage CA-map view tasks cut their parts from.
-    camaps: tasks::CamapCache,
+    cache: tasks::ReadCache,
     model_name: String,
     store: RedisStore,
     description: WorkerDescription,
@@ -203,7 +203,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         id: id.clone(),
         served,
-        camaps: tasks::CamapCache::default(),
+        cache: tasks::ReadCache::default(),
         model_name: cfg.model_name.clone(),
         store: store.clone(),
         description,
@@ -625,7 +625,7 @@ impl WorkerService {
             tasks::execute_counted(
                 shared.served.backend(),
                 &GuardedStore::new(&shared.store, &task),
-                &shared.camaps,
+                &shared.cache,
                 &task,
                 &shared.device_turn,
             )

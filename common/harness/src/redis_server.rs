@@ -169,9 +169,8 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("DBSIZE answered {reply:?}"))
     }
 
-    /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan` (it comes with
-    /// redis-server).
-    pub fn scan(&self, pattern: &str) -> Vec<String> {
+    /// `redis-cli` on the plain admin port, logged in (it comes with redis-server).
+    fn cli(&self) -> Command {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &self.admin_port.to_string()]);
         if let Some((user, p)) = self.credentials() {
@@ -180,7 +179,44 @@ impl RedisServer {
                 cmd.args(["--user", user]);
             }
         }
-        let out = cmd
+        cmd
+    }
+
+    /// Bytes the server has read from and written to its clients since it started
+    /// (`INFO stats`: `total_net_input_bytes + total_net_output_bytes`); `None` when it does
+    /// not answer.
+    pub fn net_bytes(&self) -> Option<u64> {
+        let v = self.info(
+            "stats",
+            &["total_net_input_bytes", "total_net_output_bytes"],
+        )?;
+        Some((v[0] + v[1]) as u64)
+    }
+
+    /// CPU seconds the server has used since it started (`INFO cpu`: user + system).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let v = self.info("cpu", &["used_cpu_user", "used_cpu_sys"])?;
+        Some(v[0] + v[1])
+    }
+
+    /// Numeric fields of one `INFO` section, in the order asked; `None` when one is missing.
+    fn info(&self, section: &str, names: &[&str]) -> Option<Vec<f64>> {
+        let out = self.cli().args(["INFO", section]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        names
+            .iter()
+            .map(|name| {
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|v| v.parse().ok())
+            })
+            .collect()
+    }
+
+    /// Keys matching `pattern` (a Redis glob), through `redis-cli --scan`.
+    pub fn scan(&self, pattern: &str) -> Vec<String> {
+        let out = self
+            .cli()
             .args(["--scan", "--pattern", pattern])
             .output()
             .unwrap_or_else(|e| panic!("running redis-cli --scan: {e}"));
@@ -485,6 +521,12 @@ mod tests {
             server.url()
         );
         assert_eq!(server.scan("*"), vec!["k".to_string()]);
+        let before = server.net_bytes().expect("INFO stats answers");
+        let value = "x".repeat(10_000);
+        assert_eq!(server.command(&["SET", "big", &value]).unwrap(), "+OK");
+        let after = server.net_bytes().expect("INFO stats answers");
+        assert!(after >= before + 10_000, "{before} -> {after}");
+        assert!(server.cpu_seconds().is_some_and(|s| s >= 0.0));
         let mut anonymous = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         anonymous.write_all(&resp(&["GET", "k"])).unwrap();
         let mut line = String::new();

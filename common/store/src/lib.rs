@@ -81,9 +81,22 @@ pub fn put_tensor(store: &dyn Store, key: &str, t: &Tensor) -> Result<()> {
 
 /// The tensor at `key`, or [`StoreError::Missing`].
 pub fn get_tensor(store: &dyn Store, key: &str, device: &Device) -> Result<Tensor> {
-    let bytes = store
-        .get(key)?
-        .ok_or_else(|| StoreError::Missing(key.to_string()))?;
+    decode_tensor(key, store.get(key)?, device)
+}
+
+/// The tensors at `keys` in one round trip ([`Store::get_many`]), in order; a missing one is
+/// [`StoreError::Missing`].
+pub fn get_tensors(store: &dyn Store, keys: &[String], device: &Device) -> Result<Vec<Tensor>> {
+    let values = store.get_many(keys)?;
+    keys.iter()
+        .zip(values)
+        .map(|(key, value)| decode_tensor(key, value, device))
+        .collect()
+}
+
+/// A stored value read from `key` as a tensor.
+fn decode_tensor(key: &str, value: Option<Vec<u8>>, device: &Device) -> Result<Tensor> {
+    let bytes = value.ok_or_else(|| StoreError::Missing(key.to_string()))?;
     codec::decode(&bytes, device).map_err(|e| StoreError::Codec {
         key: key.to_string(),
         message: e.to_string(),

@@ -96,7 +96,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{get_tensor, put_tensor, StoreError};
+    use crate::{get_tensor, get_tensors, put_tensor, StoreError};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -143,6 +143,15 @@ mod tests {
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         match get_tensor(&s, "absent", &Device::Cpu) {
             Err(StoreError::Missing(k)) => assert_eq!(k, "absent"),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+        let u = Tensor::new(&[5f32], &Device::Cpu).unwrap();
+        put_tensor(&s, "u", &u).unwrap();
+        let both = get_tensors(&s, &["u".into(), "k".into()], &Device::Cpu).unwrap();
+        assert_eq!(both[0].to_vec1::<f32>().unwrap(), vec![5.0]);
+        assert_eq!(both[1].dims(), &[2, 2]);
+        match get_tensors(&s, &["k".into(), "gone".into()], &Device::Cpu) {
+            Err(StoreError::Missing(k)) => assert_eq!(k, "gone"),
             other => panic!("expected Missing, got {other:?}"),
         }
     }

@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod e2e;
 pub mod kernels;
 pub mod memory;
+pub mod netns;
 pub mod scale;
 pub mod step;
 
@@ -257,6 +258,19 @@ pub fn tiny_model_at(dir: &Path, training: u32) -> Result<PathBuf> {
 
 /// A scratch directory for a run, removed when dropped.
 pub use tessera_harness::Scratch;
+
+/// CPU seconds (user + system, all threads) process `pid` has used, from `/proc/PID/stat`.
+pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the first, utime the
+    // 12th and stime the 13th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks / per_second as f64)
+}
 
 /// Peak resident memory (VmHWM) and current (VmRSS) of a process, in bytes.
 pub fn memory_of(pid: u32) -> Option<(u64, u64)> {

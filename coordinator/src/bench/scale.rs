@@ -3,6 +3,10 @@
 //! Redis, a real coordinator process and real worker processes on loopback; efficiency against
 //! the ideal `capacity / views per step`, and a mixed set where some workers are slower.
 //!
+//! With `--link-gbit` each link speed is a run of this same command inside a network namespace
+//! whose loopback is rate-limited (`netns.rs`); the child writes its runs as JSON for the parent's
+//! table.
+//!
 //! Only the high-resolution steps are timed: from the end of the stage's first step to the end
 //! of its last (as the coordinator logs them), so startup, prompt encoding, the stage's entry
 //! and the decode are excluded.
@@ -10,7 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::cluster;
+use serde::{Deserialize, Serialize};
+
+use super::{cluster, netns};
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 
 #[derive(Debug, Clone)]
@@ -28,6 +34,11 @@ pub struct ScaleOptions {
     pub steps: Option<usize>,
     /// Views per task (`--view-batch` of the job).
     pub view_batch: usize,
+    /// Cores the coordinator may use, one run each (`None`: all of them).
+    pub coordinator_cores: Vec<Option<usize>>,
+    /// Links to measure each configuration on (`None`: unlimited), each in its own network
+    /// namespace; empty runs on the host's loopback.
+    pub links: Vec<Option<f64>>,
     pub markdown: Option<PathBuf>,
 }
 
@@ -39,9 +50,13 @@ pub struct MixedSet {
 }
 
 /// One configuration's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleRun {
     pub label: String,
+    /// The link it ran over ("host loopback", "unlimited", "2 Gbit/s").
+    pub link: String,
+    /// The cores the coordinator ran on ("all cores", "2 cores").
+    pub coordinator_cores: String,
     pub workers: usize,
     /// Evaluations per second the workers could do together.
     pub capacity: f64,
@@ -51,11 +66,22 @@ pub struct ScaleRun {
     pub coordinator_ms: f64,
     /// Mean critical path per timed step (`StepTimings::critical`).
     pub critical_ms: f64,
+    /// Bytes through Redis (in + out) per timed step; `None` when Redis did not say.
+    pub bytes_per_step: Option<f64>,
+    /// The coordinator process's CPU milliseconds per step (all threads; unlike the wall
+    /// clock figures, barely moved by other processes on the machine).
+    pub coordinator_cpu_ms: Option<f64>,
+    /// Redis' CPU milliseconds per step (it runs commands on one thread).
+    pub redis_cpu_ms: Option<f64>,
 }
 
 impl ScaleRun {
     pub fn ideal_steps_per_second(&self) -> f64 {
         self.capacity / self.views_per_step as f64
+    }
+
+    pub fn ideal_step_ms(&self) -> f64 {
+        1000.0 / self.ideal_steps_per_second()
     }
 
     pub fn efficiency(&self) -> f64 {
@@ -108,98 +134,253 @@ fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
     Ok(n as usize)
 }
 
-/// Runs one configuration on a fresh cluster: `speeds` are the workers' ms per evaluation.
+/// One configuration: its label, the workers' ms per evaluation, the cores the coordinator
+/// may use (`None`: all).
+struct Config {
+    label: String,
+    speeds: Vec<f64>,
+    cores: Option<usize>,
+}
+
+/// Runs one configuration on a fresh cluster.
 fn run_one(
     scratch: &Path,
     model: &Path,
-    label: &str,
-    speeds: &[f64],
+    cfg: &Config,
     opts: &ScaleOptions,
     views: usize,
 ) -> Result<ScaleRun> {
-    let capacity: f64 = speeds.iter().map(|ms| 1000.0 / ms).sum();
+    let capacity: f64 = cfg.speeds.iter().map(|ms| 1000.0 / ms).sum();
     let ideal_step = views as f64 / capacity;
     let steps = opts
         .steps
         .unwrap_or_else(|| ((6.0 / ideal_step).ceil() as usize + 1).clamp(2, 8))
         .max(2);
-    let dir = scratch.join(label.replace([' ', ','], "-"));
+    let cores = cores_label(cfg.cores);
+    let dir = scratch.join(format!("{}-{cores}", cfg.label).replace([' ', ','], "-"));
     std::fs::create_dir_all(&dir).map_err(super::io(format!("creating {}", dir.display())))?;
     eprintln!(
-        "{label}: {} workers, {steps} steps (ideal {ideal_step:.2} s each)",
-        speeds.len()
+        "{}: coordinator on {cores}, {steps} steps (ideal {ideal_step:.2} s each)",
+        cfg.label
     );
     let mut cluster = cluster::start(&dir, &[])?;
-    for &ms in speeds {
+    if let (Some(n), Some(pid)) = (cfg.cores, cluster.coordinator_pid()) {
+        pin(pid, n)?;
+    }
+    for &ms in &cfg.speeds {
         cluster::add_workers(&mut cluster, model, 1, Some(ms))?;
     }
     let mut args = vec!["--model".to_string(), "sdxl-geometry".to_string()];
     args.extend(job_flags(opts.size, steps, opts.view_batch));
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
-    let lines = cluster::wait_steps(&mut cluster, &job, 0, steps, limit)?;
+    let (lines, counted) = watch_steps(&mut cluster, &job, steps, limit)?;
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
-    let coordinator_ms = lines[1..].iter().map(|l| l.coordinator_ms).sum::<f64>() / timed as f64;
-    let critical_ms = lines[1..].iter().map(|l| l.critical_ms).sum::<f64>() / timed as f64;
+    let mean =
+        |f: fn(&cluster::StepLine) -> f64| lines[1..].iter().map(f).sum::<f64>() / timed as f64;
     Ok(ScaleRun {
-        label: label.to_string(),
-        workers: speeds.len(),
+        label: cfg.label.clone(),
+        link: "host loopback".into(),
+        coordinator_cores: cores,
+        workers: cfg.speeds.len(),
         capacity,
         views_per_step: views,
         timed_steps: timed,
         steps_per_second: timed as f64 / seconds,
-        coordinator_ms,
-        critical_ms,
+        coordinator_ms: mean(|l| l.coordinator_ms),
+        critical_ms: mean(|l| l.critical_ms),
+        bytes_per_step: counted.bytes,
+        coordinator_cpu_ms: counted.coordinator_cpu_ms,
+        redis_cpu_ms: counted.redis_cpu_ms,
     })
 }
 
-pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Report)> {
-    let machine = Machine::probe();
+fn cores_label(cores: Option<usize>) -> String {
+    match cores {
+        Some(1) => "1 core".into(),
+        Some(n) => format!("{n} cores"),
+        None => "all cores".into(),
+    }
+}
+
+/// Pins every thread of process `pid` (and the threads it starts later) to cores `0..n`.
+fn pin(pid: u32, n: usize) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &format!("0-{}", n - 1), &pid.to_string()])
+        .output()
+        .map_err(super::io(
+            "running taskset (util-linux) for --coordinator-cores",
+        ))?;
+    if !out.status.success() {
+        return Err(BenchError::Setup(format!(
+            "--coordinator-cores {n}: taskset refused: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// What is counted per step between two moments of the run.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerStep {
+    bytes: Option<f64>,
+    coordinator_cpu_ms: Option<f64>,
+    redis_cpu_ms: Option<f64>,
+}
+
+/// The counters at one moment: Redis' bytes and CPU, the coordinator's CPU, steps done.
+struct Sample {
+    bytes: Option<u64>,
+    redis_cpu: Option<f64>,
+    coordinator_cpu: Option<f64>,
+    steps: usize,
+}
+
+impl Sample {
+    fn take(cluster: &tessera_harness::LocalCluster, steps: usize) -> Self {
+        Self {
+            bytes: cluster.redis.net_bytes(),
+            redis_cpu: cluster.redis.cpu_seconds(),
+            coordinator_cpu: cluster.coordinator_pid().and_then(super::cpu_seconds_of),
+            steps,
+        }
+    }
+
+    fn per_step(&self, later: &Sample) -> PerStep {
+        if later.steps <= self.steps {
+            return PerStep::default();
+        }
+        let n = (later.steps - self.steps) as f64;
+        let diff = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / n);
+        PerStep {
+            bytes: diff(self.bytes.map(|b| b as f64), later.bytes.map(|b| b as f64)),
+            coordinator_cpu_ms: diff(self.coordinator_cpu, later.coordinator_cpu).map(|s| s * 1e3),
+            redis_cpu_ms: diff(self.redis_cpu, later.redis_cpu).map(|s| s * 1e3),
+        }
+    }
+}
+
+/// Waits for `steps` steps of the job's stage; their lines and the counts per step from the
+/// first step's end to the second-last's (so the decode after the last step is not in them).
+fn watch_steps(
+    cluster: &mut tessera_harness::LocalCluster,
+    job: &str,
+    steps: usize,
+    limit: Duration,
+) -> Result<(Vec<cluster::StepLine>, PerStep)> {
+    let lines = cluster::wait_steps(cluster, job, 0, 1, limit)?;
+    let start = Sample::take(cluster, lines.len());
+    let end_step = if steps >= 3 { steps - 1 } else { steps };
+    let lines = cluster::wait_steps(cluster, job, 0, end_step, limit)?;
+    let counted = start.per_step(&Sample::take(cluster, lines.len()));
+    let lines = cluster::wait_steps(cluster, job, 0, steps, limit)?;
+    Ok((lines, counted))
+}
+
+/// Measures every configuration of `opts` on this process's network (no namespace).
+pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let scratch = Scratch::new("scale")?;
     let model = sdxl_geometry_model(&scratch.0)?;
     let views = views_per_step(&model, opts.size, opts.view_batch)?;
-    let mut runs = Vec::new();
+    let mut configs = Vec::new();
     for &n in &opts.workers {
-        let speeds = vec![opts.eval_ms; n];
-        runs.push(run_one(
-            &scratch.0,
-            &model,
-            &format!("{n} workers"),
-            &speeds,
-            opts,
-            views,
-        )?);
+        for &cores in &opts.coordinator_cores {
+            configs.push(Config {
+                label: format!("{n} workers"),
+                speeds: vec![opts.eval_ms; n],
+                cores,
+            });
+        }
     }
     if let Some(m) = opts.mixed {
         let mut speeds = vec![opts.eval_ms; m.fast];
         speeds.extend(vec![opts.eval_ms * m.slow_factor; m.slow]);
-        let label = format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor);
-        runs.push(run_one(&scratch.0, &model, &label, &speeds, opts, views)?);
+        configs.push(Config {
+            label: format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor),
+            speeds,
+            cores: None,
+        });
     }
-    let mut table = Table::new(&[
-        "workers",
-        "capacity (evals/s)",
-        "timed steps",
-        "steps/s",
-        "ideal steps/s",
-        "efficiency",
-        "coordinator work ms/step",
-        "critical path ms/step",
-    ]);
-    for r in &runs {
-        table.row(vec![
-            r.label.clone(),
-            format!("{:.1}", r.capacity),
-            r.timed_steps.to_string(),
-            format!("{:.3}", r.steps_per_second),
-            format!("{:.3}", r.ideal_steps_per_second()),
-            format!("{:.1}%", 100.0 * r.efficiency()),
-            format!("{:.0}", r.coordinator_ms),
-            format!("{:.0}", r.critical_ms),
-        ]);
+    configs
+        .iter()
+        .map(|cfg| run_one(&scratch.0, &model, cfg, opts, views))
+        .collect()
+}
+
+/// The arguments that make a child process measure `opts` and write its runs to `file`.
+pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
+    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let (mixed, slow_factor) = match opts.mixed {
+        Some(m) => (list(&[m.fast, m.slow]), m.slow_factor),
+        None => ("none".into(), 1.0),
+    };
+    let mut args: Vec<String> = ["bench", "scale", "--workers", &list(&opts.workers)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (flag, value) in [
+        ("--eval-ms", opts.eval_ms.to_string()),
+        ("--mixed", mixed),
+        ("--slow-factor", slow_factor.to_string()),
+        ("--size", opts.size.to_string()),
+        ("--view-batch", opts.view_batch.to_string()),
+        ("--coordinator-cores", cores_arg(&opts.coordinator_cores)),
+        ("--runs-json", file.display().to_string()),
+    ] {
+        args.extend([flag.to_string(), value]);
     }
+    if let Some(steps) = opts.steps {
+        args.extend(["--steps".to_string(), steps.to_string()]);
+    }
+    args
+}
+
+fn cores_arg(cores: &[Option<usize>]) -> String {
+    cores
+        .iter()
+        .map(|c| c.map_or("all".into(), |n| n.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Each link of `opts.links` in its own namespace, one child process each.
+fn measure_links(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
+    netns::check_allowed()?;
+    let scratch = Scratch::new("scale-links")?;
+    let mut runs = Vec::new();
+    for (i, &link) in opts.links.iter().enumerate() {
+        eprintln!("link {}:", netns::label(link));
+        let file = scratch.path(&format!("runs-{i}.json"));
+        netns::run_inside(link, &child_args(opts, &file))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(super::io(format!("reading {}", file.display())))?;
+        let mut got: Vec<ScaleRun> = serde_json::from_str(&text)
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", file.display())))?;
+        for r in &mut got {
+            r.link = netns::label(link);
+        }
+        runs.extend(got);
+    }
+    Ok(runs)
+}
+
+/// Writes `runs` as JSON to `file` (a child of [`measure_links`]).
+pub fn write_runs(runs: &[ScaleRun], file: &Path) -> Result<()> {
+    let text = serde_json::to_string(runs)
+        .map_err(|e| BenchError::Setup(format!("encoding the runs: {e}")))?;
+    std::fs::write(file, text).map_err(super::io(format!("writing {}", file.display())))
+}
+
+pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Report)> {
+    let machine = Machine::probe();
+    let runs = if opts.links.is_empty() {
+        measure(opts)?
+    } else {
+        measure_links(opts)?
+    };
+    let views = runs.first().map_or(0, |r| r.views_per_step);
     let report = Report {
         title: format!(
             "bench scale: {}x{} SDXL-geometry stage, simulated workers at {} ms/evaluation",
@@ -207,26 +388,84 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         ),
         command,
         machine,
-        tables: vec![table],
-        notes: vec![
-            format!(
-                "{views} views per step ({} per task); an evaluation = one training-size view with CFG",
-                opts.view_batch
-            ),
-            "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
-             real Redis and gRPC, no model compute"
-                .into(),
-            "timed: from the end of the stage's first step to the end of its last, as the \
-             coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
-             ideal = capacity / views per step"
-                .into(),
-            "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
-             waiting for workers, most of it overlapping the workers); critical path ms/step: \
-             the part no worker of the job can overlap (StepTimings::critical: from the step's \
-             start to its first task out, and from its last result in to its end); both \
-             averaged over the timed steps"
-                .into(),
-        ],
+        tables: vec![table(&runs)],
+        notes: notes(views, opts.view_batch),
     };
     Ok((runs, report))
+}
+
+fn table(runs: &[ScaleRun]) -> Table {
+    let mut table = Table::new(&[
+        "link",
+        "workers",
+        "coordinator",
+        "capacity (evals/s)",
+        "timed steps",
+        "steps/s",
+        "ideal steps/s",
+        "efficiency",
+        "ideal step ms",
+        "coordinator work ms/step",
+        "coordinator / ideal step",
+        "critical path ms/step",
+        "coordinator CPU ms/step",
+        "Redis CPU ms/step",
+        "MB through Redis/step",
+    ]);
+    for r in runs {
+        table.row(vec![
+            r.link.clone(),
+            r.label.clone(),
+            r.coordinator_cores.clone(),
+            format!("{:.1}", r.capacity),
+            r.timed_steps.to_string(),
+            format!("{:.3}", r.steps_per_second),
+            format!("{:.3}", r.ideal_steps_per_second()),
+            format!("{:.1}%", 100.0 * r.efficiency()),
+            format!("{:.0}", r.ideal_step_ms()),
+            format!("{:.0}", r.coordinator_ms),
+            format!("{:.2}", r.coordinator_ms / r.ideal_step_ms()),
+            format!("{:.0}", r.critical_ms),
+            r.coordinator_cpu_ms
+                .map_or("?".into(), |ms| format!("{ms:.0}")),
+            r.redis_cpu_ms.map_or("?".into(), |ms| format!("{ms:.0}")),
+            r.bytes_per_step
+                .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
+        ]);
+    }
+    table
+}
+
+fn notes(views: usize, view_batch: usize) -> Vec<String> {
+    vec![
+        format!(
+            "{views} views per step ({view_batch} per task); an evaluation = one training-size view with CFG"
+        ),
+        "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
+         real Redis and gRPC, no model compute"
+            .into(),
+        "timed: from the end of the stage's first step to the end of its last, as the \
+         coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
+         ideal = capacity / views per step"
+            .into(),
+        "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
+         waiting for workers, most of it overlapping the workers); critical path ms/step: \
+         the part no worker of the job can overlap (StepTimings::critical: from the step's \
+         start to its first task out, and from its last result in to its end); both \
+         averaged over the timed steps"
+            .into(),
+        "coordinator / Redis CPU ms/step: CPU time the coordinator process (all its threads, \
+         from /proc) and redis-server (INFO cpu) used per step over the same steps as the \
+         bytes; CPU time is far less moved by other processes than the wall-clock columns, and \
+         coordinator CPU / ideal step is the cores it needs at least"
+            .into(),
+        "MB through Redis/step: Redis' own count of bytes in and out (INFO stats) from the \
+         first step's end to the second-last's, per step: each byte a party writes and another \
+         reads crosses the store's link twice"
+            .into(),
+        "link: `--link-gbit` runs the whole loopback cluster in a network namespace whose \
+         loopback is limited with a tc token bucket; every packet crosses it once, so the \
+         limit caps all the cluster's traffic together"
+            .into(),
+    ]
 }

@@ -20,7 +20,7 @@ use tessera_harness::RedisServer;
 use tessera_store::{RedisOptions, RedisStore};
 use tessera_worker::service::GuardedStore;
 use tessera_worker::simulate::SimulatedModel;
-use tessera_worker::tasks::{self, Backend, CamapCache};
+use tessera_worker::tasks::{self, Backend, ReadCache};
 
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 use crate::dispatch::{Dispatch, DispatchError};
@@ -45,7 +45,7 @@ struct SimulatedWorkers {
     sim: SimulatedModel,
     store: RedisStore,
     /// The stage CA-map, read once per stage as by a worker process.
-    camaps: CamapCache,
+    cache: ReadCache,
     slots: usize,
 }
 
@@ -78,7 +78,7 @@ impl Dispatch for SimulatedWorkers {
                         tasks::execute(
                             Backend::Simulated(&self.sim),
                             &GuardedStore::new(&self.store, &task),
-                            &self.camaps,
+                            &self.cache,
                             &task,
                             &turn,
                         )
@@ -227,7 +227,7 @@ fn measure_size(
         sim: SimulatedModel::from_dir(model_dir, opts.eval_ms)
             .map_err(|e| BenchError::Setup(e.to_string()))?,
         store: store.clone(),
-        camaps: CamapCache::default(),
+        cache: ReadCache::default(),
         slots: opts.workers,
     };
     let engine = Engine {

@@ -133,9 +133,23 @@ pub struct ScaleArgs {
     /// Worker counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
     pub workers: Vec<usize>,
-    /// Milliseconds per training-size evaluation (with CFG) of the simulated workers.
-    #[arg(long, default_value_t = 100.0)]
+    /// Milliseconds per training-size evaluation (with CFG) of the simulated workers (the GPU
+    /// figure in BENCHMARKS.md).
+    #[arg(long, default_value_t = 50.0)]
     pub eval_ms: f64,
+    /// Link speeds in Gbit/s to run every configuration over, 0 for unlimited: each runs the
+    /// whole loopback cluster in a network namespace whose loopback is rate-limited with tc
+    /// (needs root or CAP_SYS_ADMIN/CAP_NET_ADMIN); left out, the host's loopback is used.
+    #[arg(long, value_delimiter = ',')]
+    pub link_gbit: Vec<f64>,
+    /// Cores the coordinator may use, one run each: numbers, or "all" (it is pinned with
+    /// taskset; its threads per step follow).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub coordinator_cores: Vec<String>,
+    /// Write the runs as JSON to this file instead of a report (how a --link-gbit run hands
+    /// its figures back from inside the namespace).
+    #[arg(long, hide = true)]
+    pub runs_json: Option<PathBuf>,
     /// The mixed set: FAST,SLOW workers, the slow ones --slow-factor times slower; "none" skips it.
     #[arg(long, default_value = "6,2")]
     pub mixed: String,
@@ -163,6 +177,22 @@ fn check_tiny_job(workers: usize, steps: usize, training_size: u32) -> Result<()
         bail!("--training-size takes pixels, a multiple of 64 from 128, e.g. 1024 or 256");
     }
     Ok(())
+}
+
+/// `--coordinator-cores`: counts from 1 up to this machine's cores, or "all" (`None`).
+fn parse_cores(list: &[String]) -> Result<Vec<Option<usize>>> {
+    let max = std::thread::available_parallelism().map_or(1, |n| n.get());
+    list.iter()
+        .map(|c| match c.trim() {
+            "all" => Ok(None),
+            n => match n.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => {
+                    bail!("--coordinator-cores takes counts from 1 to {max} or \"all\", e.g. 2,all")
+                }
+            },
+        })
+        .collect()
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -267,18 +297,86 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     _ => bail!("--mixed takes FAST,SLOW (e.g. 6,2) or none"),
                 }
             };
+            if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
+                bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
+            }
+            let coordinator_cores = parse_cores(&a.coordinator_cores)?;
             let opts = scale::ScaleOptions {
+                coordinator_cores,
                 workers: a.workers,
                 eval_ms: a.eval_ms,
                 mixed,
                 size: a.size,
                 steps: a.steps,
                 view_batch: a.view_batch,
+                links: a
+                    .link_gbit
+                    .iter()
+                    .map(|&g| (g > 0.0).then_some(g))
+                    .collect(),
                 markdown: a.out.markdown.clone(),
             };
+            if let Some(file) = &a.runs_json {
+                let runs = scale::measure(&opts)?;
+                return Ok(scale::write_runs(&runs, file)?);
+            }
             let (_, report) = scale::run(&opts, command)?;
             report.emit(a.out.markdown.as_deref())?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A `--link-gbit` run hands its options to a child inside the namespace as flags; they
+    /// must parse back to the same configuration.
+    #[test]
+    fn a_link_runs_child_gets_the_same_options_back() {
+        let opts = scale::ScaleOptions {
+            workers: vec![8, 16],
+            eval_ms: 50.0,
+            mixed: Some(scale::MixedSet {
+                fast: 6,
+                slow: 2,
+                slow_factor: 4.0,
+            }),
+            size: 4096,
+            steps: Some(3),
+            view_batch: 1,
+            coordinator_cores: vec![Some(1), None],
+            links: vec![Some(2.0)],
+            markdown: None,
+        };
+        let args = scale::child_args(&opts, std::path::Path::new("/tmp/runs.json"));
+        let cli =
+            crate::cli::Cli::try_parse_from(std::iter::once("tessera".to_string()).chain(args))
+                .expect("the child's flags parse");
+        let crate::cli::Command::Bench(BenchCommand::Scale(a)) = cli.command else {
+            panic!("not bench scale");
+        };
+        assert_eq!(a.workers, vec![8, 16]);
+        assert_eq!(
+            (a.eval_ms, a.size, a.steps, a.view_batch),
+            (50.0, 4096, Some(3), 1)
+        );
+        assert_eq!((a.mixed.as_str(), a.slow_factor), ("6,2", 4.0));
+        assert_eq!(
+            parse_cores(&a.coordinator_cores).unwrap(),
+            vec![Some(1), None]
+        );
+        assert!(
+            a.link_gbit.is_empty(),
+            "the child runs inside the link it was given"
+        );
+        assert_eq!(
+            a.runs_json.as_deref(),
+            Some(std::path::Path::new("/tmp/runs.json"))
+        );
+        assert!(parse_cores(&["0".into()]).is_err());
+        assert!(parse_cores(&["many".into()]).is_err());
     }
 }

@@ -13,6 +13,7 @@
 //! fusion's last band, guidance and the scheduler — see [`super::StepTimings::critical`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{Plan, StagePlan};
 use tessera_core::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
 use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
-use tessera_store::{get_tensor, keys, put_tensor, Store};
+use tessera_store::{get_tensor, get_tensors, keys, put_tensor, Store};
 
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::{Dispatch, DispatchError};
@@ -326,10 +327,11 @@ impl TaskInputs<'_> {
     }
 }
 
-/// Hands the tasks to the dispatcher from a writer thread as soon as each one's input is in
-/// the store, so the workers start on the first tasks while the later ones are written.
-/// Returns the writer's busy seconds, when it handed out the first task, and the dispatch's
-/// outcome.
+/// Hands the tasks to the dispatcher as soon as each one's input is in the store, so the
+/// workers start on the first tasks while the later ones are written. Writer threads (one per
+/// core, up to [`MAX_WRITERS`]) cut, encode and write the inputs; the tasks still go out in
+/// order, and each is the same whichever thread wrote it. Returns the writers' busy seconds
+/// (summed), when the first task went out, and the dispatch's outcome.
 fn hand_out(
     workers: &dyn Dispatch,
     count: usize,
@@ -341,29 +343,95 @@ fn hand_out(
     std::result::Result<(), DispatchError>,
 ) {
     let first_handed_out = std::sync::OnceLock::new();
-    let (written, dispatched) = std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<Task>();
-        let first_handed_out = &first_handed_out;
-        let writer = scope.spawn(move || -> Result<f64> {
-            let mut busy = 0.0;
-            for ti in 0..count {
-                let clock = Instant::now();
-                let task = make_task(ti)?;
-                busy += clock.elapsed().as_secs_f64();
-                let _ = first_handed_out.set(Instant::now());
-                if tx.send(task).is_err() {
-                    break;
+    let (next, stop, busy) = (AtomicUsize::new(0), AtomicBool::new(false), Mutex::new(0.0));
+    let (error, dispatched) = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, Result<Task>)>();
+        for _ in 0..writer_threads(count) {
+            let (tx, next, stop, busy) = (tx.clone(), &next, &stop, &busy);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let ti = next.fetch_add(1, Ordering::Relaxed);
+                    if ti >= count {
+                        break;
+                    }
+                    let clock = Instant::now();
+                    let task = make_task(ti);
+                    *lock(busy) += clock.elapsed().as_secs_f64();
+                    let failed = task.is_err();
+                    if tx.send((ti, task)).is_err() || failed {
+                        break;
+                    }
                 }
-            }
-            Ok(busy)
-        });
-        let dispatched = workers.run_streamed(&mut rx.into_iter(), on_done);
-        let written = writer
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (written, dispatched)
+            });
+        }
+        drop(tx);
+        let mut ordered = InOrder::new(rx, &first_handed_out);
+        let dispatched = workers.run_streamed(&mut ordered, on_done);
+        stop.store(true, Ordering::Relaxed);
+        (ordered.error, dispatched)
     });
+    let written = match error {
+        Some(e) => Err(e),
+        None => Ok(busy.into_inner().unwrap_or_else(|e| e.into_inner())),
+    };
     (written, first_handed_out.get().copied(), dispatched)
+}
+
+/// Most writer threads a step uses: past a few, the store's connection is the limit.
+const MAX_WRITERS: usize = 4;
+
+fn writer_threads(count: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WRITERS)
+        .min(count.max(1))
+}
+
+/// The writers' tasks in task order: early ones are held until their turn; the first failure
+/// ends the hand-out (and is the step's error).
+struct InOrder<'a> {
+    rx: mpsc::Receiver<(usize, Result<Task>)>,
+    pending: BTreeMap<usize, Task>,
+    next: usize,
+    error: Option<EngineError>,
+    first_handed_out: &'a std::sync::OnceLock<Instant>,
+}
+
+impl<'a> InOrder<'a> {
+    fn new(
+        rx: mpsc::Receiver<(usize, Result<Task>)>,
+        first_handed_out: &'a std::sync::OnceLock<Instant>,
+    ) -> Self {
+        Self {
+            rx,
+            pending: BTreeMap::new(),
+            next: 0,
+            error: None,
+            first_handed_out,
+        }
+    }
+}
+
+impl Iterator for InOrder<'_> {
+    type Item = Task;
+
+    fn next(&mut self) -> Option<Task> {
+        while self.error.is_none() {
+            if let Some(task) = self.pending.remove(&self.next) {
+                self.next += 1;
+                let _ = self.first_handed_out.set(Instant::now());
+                return Some(task);
+            }
+            match self.rx.recv() {
+                Ok((ti, Ok(task))) => {
+                    self.pending.insert(ti, task);
+                }
+                Ok((_, Err(e))) => self.error = Some(e),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
 }
 
 /// What the completion callbacks gathered: seconds spent reading outputs and merging, the
@@ -458,17 +526,17 @@ impl<'a> Arrivals<'a> {
     }
 }
 
-/// A task's predictions from the store, as f32.
+/// A task's predictions from the store, as f32: both halves in one round trip.
 fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Result<TaskOutputs> {
     let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-    let cpu = Device::Cpu;
-    let cond = get_tensor(store, &key("cond"), &cpu)?.to_dtype(DType::F32)?;
-    let uncond = if guided {
-        Some(get_tensor(store, &key("uncond"), &cpu)?.to_dtype(DType::F32)?)
-    } else {
-        None
-    };
-    Ok((cond, uncond))
+    let mut names = vec![key("cond")];
+    if guided {
+        names.push(key("uncond"));
+    }
+    let mut halves = get_tensors(store, &names, &Device::Cpu)?.into_iter();
+    let mut next = || halves.next().map(|t| t.to_dtype(DType::F32)).transpose();
+    let cond = next()?.ok_or_else(|| EngineError::Invalid(format!("no output for task {ti}")))?;
+    Ok((cond, next()?))
 }
 
 /// The merge after the last task: what was not merged as it came in (and the captured
@@ -786,6 +854,68 @@ mod tests {
     use tessera_core::plan::{plan, ArchInfo};
     use tessera_core::spec::RenderSpec;
     use tessera_core::tiling::{GlobalViewConfig, LocalViewConfig};
+
+    /// Records the order tasks were handed out in.
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Dispatch for Recorder {
+        fn run_streamed(
+            &self,
+            tasks: &mut (dyn Iterator<Item = Task> + Send),
+            done: &(dyn Fn(&Task) + Sync),
+        ) -> std::result::Result<(), DispatchError> {
+            for t in tasks {
+                lock(&self.0).push(t.id.clone());
+                done(&t);
+            }
+            Ok(())
+        }
+
+        fn workers(&self) -> usize {
+            1
+        }
+    }
+
+    fn prompt_task(ti: usize) -> Task {
+        Task {
+            job: "j".into(),
+            id: format!("task{ti}"),
+            kind: TaskKind::EncodePrompt {
+                prompt: String::new(),
+                negative_prompt: None,
+            },
+        }
+    }
+
+    #[test]
+    fn tasks_written_by_several_threads_go_out_in_order() {
+        let recorder = Recorder(Mutex::new(Vec::new()));
+        // Later tasks are quicker to write, so the writers finish them out of order.
+        let make = |ti: usize| -> Result<Task> {
+            std::thread::sleep(std::time::Duration::from_millis((20 - ti as u64) / 2));
+            Ok(prompt_task(ti))
+        };
+        let (written, first, dispatched) = hand_out(&recorder, 20, &make, &|_| {});
+        assert!(written.is_ok() && first.is_some() && dispatched.is_ok());
+        let want: Vec<String> = (0..20).map(|ti| format!("task{ti}")).collect();
+        assert_eq!(lock(&recorder.0).clone(), want);
+    }
+
+    #[test]
+    fn a_failed_write_ends_the_hand_out_before_the_failed_task() {
+        let recorder = Recorder(Mutex::new(Vec::new()));
+        let make = |ti: usize| -> Result<Task> {
+            if ti == 5 {
+                return Err(EngineError::Invalid("no room".into()));
+            }
+            Ok(prompt_task(ti))
+        };
+        let (written, _, _) = hand_out(&recorder, 50, &make, &|_| {});
+        assert!(matches!(written, Err(EngineError::Invalid(_))));
+        let sent = lock(&recorder.0).clone();
+        assert!(sent.len() <= 5, "{sent:?}");
+        assert!(!sent.contains(&"task5".to_string()));
+    }
 
     #[test]
     fn step_hooks_dilate_the_planned_steps_and_jitter_the_fusion_per_step() {
