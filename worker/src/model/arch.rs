@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use tessera_core::plan::ArchInfo;
-use tessera_core::sched::SchedulerConfig;
 
 use super::denoiser::DenoiserConfig;
 use super::loader::{ModelDir, ModelError, Result};
@@ -95,13 +94,10 @@ fn synthetic_parameters(dir: &ModelDir, denoiser: &DenoiserConfig) -> Result<u64
 pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
     let dir = ModelDir::open(path)?;
     let denoiser = DenoiserConfig::read(&dir)?;
-    let sched_path = dir.scheduler_config_path();
-    if !sched_path.is_file() {
-        return Err(ModelError::MissingFile { path: sched_path });
-    }
-    let scheduler = SchedulerConfig::from_file(&sched_path)
-        .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
-    let parameters = if dir.is_synthetic() {
+    let scheduler = dir.scheduler_config()?;
+    let parameters = if let Some(file) = dir.single_file() {
+        file.parameter_count()
+    } else if dir.is_synthetic() {
         synthetic_parameters(&dir, &denoiser)?
     } else {
         let mut parameters = 0;

@@ -115,12 +115,7 @@ impl DiffusionModel {
         let text = load_clip_branches(&dir, family, dtype, device)?;
         let t5 = load_t5_branch(&dir, dtype, device)?;
 
-        let sched_path = dir.scheduler_config_path();
-        if !sched_path.is_file() {
-            return Err(ModelError::MissingFile { path: sched_path });
-        }
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)
-            .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
+        let scheduler_config = dir.scheduler_config()?;
 
         Ok(Self {
             dir,
@@ -337,8 +332,7 @@ fn load_clip_branches(
     };
     let mut text = Vec::with_capacity(branches.len());
     for &(tok, enc, with_projection) in branches {
-        let tokenizer = ClipTokenizer::from_dir(&dir.component_dir(tok))
-            .map_err(|e| ModelError::Other(e.to_string()))?;
+        let tokenizer = dir.clip_tokenizer(tok)?;
         let cfg: ClipTextConfig = dir.config(enc)?;
         let encoder = dir
             .weights(enc, dtype, device)?

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod norm;
 pub mod resnet;
 pub mod sd3;
+pub mod single_file;
 pub mod t5;
 pub mod text;
 pub mod tokenizer;

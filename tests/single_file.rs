@@ -1,0 +1,84 @@
+//! Single-file checkpoints as a user passes them: `--model FILE.safetensors`. The fixtures are
+//! tiny SDXL and SD 2.1 (v-prediction) models made as diffusers directories and converted to
+//! one original-layout file each by diffusers' own conversion scripts
+//! (`tests/parity/make_single_file_fixtures.py`); the references are diffusers' pipeline run
+//! on the directory.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn single_file_parity(arch: &str) {
+    let root = repo_root().join("tests/parity/fixtures").join(arch);
+    let dir = scratch(&format!("single-{arch}"));
+    let (latent_err, err) = pipeline_parity(&root.join("model.safetensors"), &root, "cfg", &dir.0);
+    eprintln!("{arch}: rel. L2 error vs diffusers on the directory: latents {latent_err:.2e}, 8-bit image {err:.2e}");
+    assert!(
+        latent_err <= 1e-4,
+        "{arch}: final latents rel. L2 error {latent_err:.3e} > 1e-4"
+    );
+    assert!(err <= 5e-3, "{arch}: image rel. L2 error {err:.3e} (8-bit quantised)");
+}
+
+#[test]
+fn an_sdxl_single_file_renders_as_its_diffusers_directory() {
+    single_file_parity("sdxl_single");
+}
+
+#[test]
+fn an_sd21_single_file_renders_as_its_diffusers_directory() {
+    single_file_parity("sd21_single");
+}
+
+/// Writes `tensors` (name, shape) as f16 zeros into `path`.
+fn write_file(path: &Path, tensors: &[(&str, &[usize])]) {
+    let map: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .iter()
+        .map(|(k, s)| {
+            let t = candle_core::Tensor::zeros(*s, candle_core::DType::F16, &candle_core::Device::Cpu);
+            (k.to_string(), t.unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+#[test]
+fn files_of_other_kinds_get_one_line_saying_what_they_are() {
+    let dir = scratch("single-others");
+    let cases: [(&str, &[(&str, &[usize])], &str); 3] = [
+        (
+            "sd15.safetensors",
+            &[
+                ("model.diffusion_model.input_blocks.0.0.weight", &[8, 4, 3, 3]),
+                ("cond_stage_model.transformer.text_model.final_layer_norm.weight", &[8]),
+            ],
+            "Stable Diffusion 1.x",
+        ),
+        (
+            "style.safetensors",
+            &[("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", &[4, 8])],
+            "a LoRA",
+        ),
+        (
+            "vae.safetensors",
+            &[("encoder.conv_in.weight", &[8, 3, 3, 3]), ("decoder.conv_in.weight", &[8, 4, 3, 3])],
+            "a VAE alone",
+        ),
+    ];
+    for (name, tensors, want) in cases {
+        let path = dir.path(name);
+        write_file(&path, tensors);
+        let out = dir.path("x.png");
+        let o = tessera(&[
+            "render", "--model", path.to_str().unwrap(), "--prompt", "x", "--steps", "1", "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{name}: {err}");
+        assert!(err.contains("SDXL") && err.contains("SD 2.x"), "{name}: {err}");
+        assert!(err.trim().lines().count() <= 2, "{name}: {err}");
+        assert!(!out.exists());
+    }
+}
