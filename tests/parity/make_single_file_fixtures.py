@@ -36,7 +36,7 @@ import tempfile
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -99,9 +99,21 @@ def unet_sd21(seed):
 def save_dir(pipe, model_dir, tmp, vocab, merges, pads):
     pipe.to(torch.float16)
     pipe.save_pretrained(model_dir, safe_serialization=True)
+    for enc in ["text_encoder", "text_encoder_2"]:
+        prefix_text_model(os.path.join(model_dir, enc, "model.safetensors"))
     for sub, pad in pads:
         mf.write_tokenizer_dir(os.path.join(model_dir, sub), vocab, merges, pad)
     mf.clean_model_dir(model_dir)
+
+
+def prefix_text_model(path):
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix that every published
+    checkpoint has (and that the conversion scripts look for): restore it."""
+    if not os.path.exists(path):
+        return
+    sd = load_file(path)
+    save_file({(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+               for k, v in sd.items()}, path, metadata={"format": "pt"})
 
 
 def build(arch, scripts, vocab, merges):
