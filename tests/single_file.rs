@@ -19,7 +19,10 @@ fn single_file_parity(arch: &str) {
         latent_err <= 1e-4,
         "{arch}: final latents rel. L2 error {latent_err:.3e} > 1e-4"
     );
-    assert!(err <= 5e-3, "{arch}: image rel. L2 error {err:.3e} (8-bit quantised)");
+    assert!(
+        err <= 5e-3,
+        "{arch}: image rel. L2 error {err:.3e} (8-bit quantised)"
+    );
 }
 
 #[test]
@@ -37,7 +40,8 @@ fn write_file(path: &Path, tensors: &[(&str, &[usize])]) {
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .iter()
         .map(|(k, s)| {
-            let t = candle_core::Tensor::zeros(*s, candle_core::DType::F16, &candle_core::Device::Cpu);
+            let t =
+                candle_core::Tensor::zeros(*s, candle_core::DType::F16, &candle_core::Device::Cpu);
             (k.to_string(), t.unwrap())
         })
         .collect();
@@ -47,23 +51,36 @@ fn write_file(path: &Path, tensors: &[(&str, &[usize])]) {
 #[test]
 fn files_of_other_kinds_get_one_line_saying_what_they_are() {
     let dir = scratch("single-others");
-    let cases: [(&str, &[(&str, &[usize])], &str); 3] = [
+    type Keys<'a> = &'a [(&'a str, &'a [usize])];
+    let cases: [(&str, Keys, &str); 3] = [
         (
             "sd15.safetensors",
             &[
-                ("model.diffusion_model.input_blocks.0.0.weight", &[8, 4, 3, 3]),
-                ("cond_stage_model.transformer.text_model.final_layer_norm.weight", &[8]),
+                (
+                    "model.diffusion_model.input_blocks.0.0.weight",
+                    &[8, 4, 3, 3],
+                ),
+                (
+                    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                    &[8],
+                ),
             ],
             "Stable Diffusion 1.x",
         ),
         (
             "style.safetensors",
-            &[("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", &[4, 8])],
+            &[(
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                &[4, 8],
+            )],
             "a LoRA",
         ),
         (
             "vae.safetensors",
-            &[("encoder.conv_in.weight", &[8, 3, 3, 3]), ("decoder.conv_in.weight", &[8, 4, 3, 3])],
+            &[
+                ("encoder.conv_in.weight", &[8, 3, 3, 3]),
+                ("decoder.conv_in.weight", &[8, 4, 3, 3]),
+            ],
             "a VAE alone",
         ),
     ];
@@ -72,12 +89,22 @@ fn files_of_other_kinds_get_one_line_saying_what_they_are() {
         write_file(&path, tensors);
         let out = dir.path("x.png");
         let o = tessera(&[
-            "render", "--model", path.to_str().unwrap(), "--prompt", "x", "--steps", "1", "-o",
+            "render",
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "-o",
             out.to_str().unwrap(),
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{name}: {err}");
-        assert!(err.contains("SDXL") && err.contains("SD 2.x"), "{name}: {err}");
+        assert!(
+            err.contains("SDXL") && err.contains("SD 2.x"),
+            "{name}: {err}"
+        );
         assert!(err.trim().lines().count() <= 2, "{name}: {err}");
         assert!(!out.exists());
     }

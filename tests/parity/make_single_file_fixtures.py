@@ -154,6 +154,9 @@ def build(arch, scripts, vocab, merges):
     save_file({k: v.contiguous() for k, v in refs.items()}, os.path.join(out, "reference.safetensors"))
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
+    keep = os.environ.get("KEEP_DIRS")  # to compare Tessera on the directory by hand
+    if keep:
+        shutil.copytree(model_dir, os.path.join(keep, arch), dirs_exist_ok=True)
     shutil.rmtree(tmp)
 
 

@@ -14,10 +14,12 @@ use tessera_core::plan::{self, Plan};
 use tessera_core::spec::RenderSpec;
 use tessera_store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
-use tessera_worker::model::arch::arch_info;
+use tessera_worker::model::arch::arch_info_with;
 use tessera_worker::model::diffusion::DiffusionModel;
+use tessera_worker::model::single_file::Prediction;
 
 use super::job::{JobArgs, MissingPrompt};
+use super::model_flags::ModelFlags;
 use super::output::check_writable;
 use crate::dispatch::LocalWorkers;
 use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
@@ -26,10 +28,12 @@ use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
-    /// Model directory in the diffusers layout (SD 2.1 or SDXL base; `tessera model synth`
-    /// makes a tiny one).
+    /// Model: a diffusers directory (SD 2.x, SDXL base, SD3; `tessera model synth` makes a
+    /// tiny one) or a single-file SDXL or SD 2.x checkpoint (`FILE.safetensors`).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_flags: ModelFlags,
     #[command(flatten)]
     pub job: JobArgs,
     /// Initial noise of the first stage: a safetensors file with one tensor of shape
@@ -99,7 +103,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
     check_outputs(&args)?;
     let device = open_device(&args.device)?;
     let Prepared { spec, plan, inputs } = prepare(&args, &device)?;
-    let model = load_model(&args.model, &device)?;
+    let model = load_model(&args.model, args.model_flags.prediction(), &device)?;
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
@@ -138,7 +142,7 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         .map(latent_file::read_latents)
         .transpose()?;
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
-    let arch = arch_info(&args.model, weight_bytes)?;
+    let arch = arch_info_with(&args.model, weight_bytes, args.model_flags.prediction())?;
     let request = args.job.to_request(MissingPrompt::Refuse)?;
     let spec = request.to_spec(arch.training_size, rand::random)?;
     let plan = plan::plan(&spec, &arch)?;
@@ -176,10 +180,15 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
 }
 
 /// Loads the model's weights behind a spinner.
-fn load_model(dir: &Path, device: &Device) -> Result<Arc<DiffusionModel>> {
+fn load_model(
+    dir: &Path,
+    prediction: Option<Prediction>,
+    device: &Device,
+) -> Result<Arc<DiffusionModel>> {
     let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = Arc::new(DiffusionModel::load(dir, device, compute_dtype(device))?);
+    let dtype = compute_dtype(device);
+    let model = Arc::new(DiffusionModel::load_with(dir, device, dtype, prediction)?);
     spinner.finish_and_clear();
     Ok(model)
 }

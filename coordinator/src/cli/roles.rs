@@ -157,9 +157,11 @@ pub struct WorkerArgs {
     /// Not taken by workers: the clients' token stays with clients and the coordinator.
     #[arg(long, hide = true)]
     pub token: Option<String>,
-    /// Model directory in the diffusers layout.
+    /// Model: a diffusers directory or a single-file SDXL or SD 2.x checkpoint.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_flags: super::model_flags::ModelFlags,
     /// Name clients submit with (`tessera submit --model NAME`) [default: the directory's name].
     #[arg(long)]
     pub model_name: Option<String>,
@@ -216,6 +218,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
             })?,
     };
     let cfg = tessera_worker::service::WorkerConfig {
+        prediction_type: args.model_flags.prediction(),
         model_dir: args.model,
         model_name,
         device: args.device,

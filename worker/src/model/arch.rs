@@ -7,6 +7,7 @@ use tessera_core::plan::ArchInfo;
 
 use super::denoiser::DenoiserConfig;
 use super::loader::{ModelDir, ModelError, Result};
+use super::single_file::Prediction;
 
 /// Parameter count of the safetensors files directly in `dir` (fp16/bf16 variants of the
 /// same weights are skipped when a plain file exists).
@@ -92,7 +93,16 @@ fn synthetic_parameters(dir: &ModelDir, denoiser: &DenoiserConfig) -> Result<u64
 
 /// The plan's view of the model at `path`; `weight_bytes` is the precision workers will use.
 pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
-    let dir = ModelDir::open(path)?;
+    arch_info_with(path, weight_bytes, None)
+}
+
+/// [`arch_info`] with a single file's prediction type overridden.
+pub fn arch_info_with(
+    path: &Path,
+    weight_bytes: u64,
+    prediction: Option<Prediction>,
+) -> Result<ArchInfo> {
+    let dir = ModelDir::open_with(path, prediction)?;
     let denoiser = DenoiserConfig::read(&dir)?;
     let scheduler = dir.scheduler_config()?;
     let parameters = if let Some(file) = dir.single_file() {

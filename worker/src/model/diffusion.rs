@@ -10,6 +10,7 @@ use tessera_core::sched::SchedulerConfig;
 
 use super::denoiser::{Conditioning, Denoiser, SD3_T5_TOKENS};
 use super::loader::{ModelDir, ModelError, Result};
+use super::single_file::Prediction;
 use super::t5::{T5Config, T5EncoderModel, T5Tokenizer};
 use super::text::{ClipTextConfig, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
@@ -96,7 +97,18 @@ impl SizeConditioning {
 
 impl DiffusionModel {
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let dir = ModelDir::open(path)?;
+        Self::load_with(path, device, dtype, None)
+    }
+
+    /// [`Self::load`] with a single file's prediction type overridden (diffusers'
+    /// `prediction_type` argument of `from_single_file`).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        prediction: Option<Prediction>,
+    ) -> Result<Self> {
+        let dir = ModelDir::open_with(path, prediction)?;
         let family = dir.index().family;
         let denoiser = Denoiser::load(&dir, dtype, device)?;
 

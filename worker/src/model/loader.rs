@@ -87,6 +87,14 @@ impl ModelDir {
         if single_file::is_single_file(path.as_ref()) {
             return Self::open_single(path.as_ref(), prediction);
         }
+        if let Some(p) = prediction {
+            return Err(ModelError::Other(format!(
+                "--prediction-type {} applies to single-file checkpoints; the directory {} \
+                 says its own in scheduler/scheduler_config.json",
+                p.name(),
+                path.as_ref().display()
+            )));
+        }
         Self::open_dir(path)
     }
 
@@ -217,11 +225,13 @@ impl ModelDir {
     /// `component/config.json` parsed as `T`.
     pub fn config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
         if let Some(file) = &self.single {
-            let value = file.config(component).cloned().ok_or_else(|| ModelError::Other(format!(
-                "{} has no {component} (a single-file checkpoint holds {})",
-                file.path().display(),
-                file.component_names().collect::<Vec<_>>().join(", ")
-            )))?;
+            let value = file.config(component).cloned().ok_or_else(|| {
+                ModelError::Other(format!(
+                    "{} has no {component} (a single-file checkpoint holds {})",
+                    file.path().display(),
+                    file.component_names().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
             return serde_json::from_value(value).map_err(|source| ModelError::BadConfig {
                 path: file.path().join(component),
                 source,

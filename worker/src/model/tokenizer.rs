@@ -196,7 +196,7 @@ impl ClipTokenizer {
         let id_of = |tok: &str| {
             inner.token_to_id(tok).ok_or_else(|| {
                 malformed(
-                    &pad_source,
+                    pad_source,
                     format!("token {tok:?} is not in the vocabulary"),
                 )
             })
@@ -211,7 +211,7 @@ impl ClipTokenizer {
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
             }))
-            .map_err(|e| malformed(&pad_source, e))?;
+            .map_err(|e| malformed(pad_source, e))?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(settings.max_length),
             direction: PaddingDirection::Right,
@@ -270,7 +270,10 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
     build(vocab, merges, s, &vocab_path)
 }
 
-fn parse_merges(merges_text: &str, merges_path: &Path) -> Result<Vec<(String, String)>, TokenizerError> {
+fn parse_merges(
+    merges_text: &str,
+    merges_path: &Path,
+) -> Result<Vec<(String, String)>, TokenizerError> {
     let mut merges = Vec::new();
     for (n, line) in merges_text.lines().enumerate() {
         if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -382,6 +385,9 @@ pub(crate) fn byte_symbols() -> Vec<char> {
     out
 }
 
+/// BPE merges, in rank order.
+type Merges = Vec<(String, String)>;
+
 const STANDARD_BPE_NAME: &str = "the built-in CLIP vocabulary (bpe_simple_vocab_16e6)";
 
 /// OpenAI CLIP's BPE merges as open_clip ships them (`bpe_simple_vocab_16e6.txt.gz`, MIT).
@@ -390,7 +396,7 @@ static STANDARD_BPE: &[u8] = include_bytes!("../../assets/clip_bpe_simple_vocab_
 /// The vocabulary and merges derived from the BPE file the way CLIP's `SimpleTokenizer` does:
 /// merges are lines 1 ..= 48894; the vocabulary is the 256 byte symbols, the same with `</w>`,
 /// one token per merge, then `<|startoftext|>` and `<|endoftext|>` (49408 in all).
-fn standard_vocab() -> Result<(HashMap<String, u32>, Vec<(String, String)>), String> {
+fn standard_vocab() -> Result<(HashMap<String, u32>, Merges), String> {
     use std::io::Read;
     const MERGES: usize = 49152 - 256 - 2;
     let mut text = String::new();
@@ -401,7 +407,9 @@ fn standard_vocab() -> Result<(HashMap<String, u32>, Vec<(String, String)>), Str
     let lines = lines.get(1..=MERGES).ok_or("fewer merges than CLIP's")?;
     let mut merges = Vec::with_capacity(MERGES);
     for line in lines {
-        let (a, b) = line.split_once(' ').ok_or_else(|| format!("bad merge {line:?}"))?;
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("bad merge {line:?}"))?;
         merges.push((a.to_string(), b.to_string()));
     }
     let symbols: Vec<String> = byte_symbols().into_iter().map(String::from).collect();

@@ -33,7 +33,9 @@ pub fn describe_unsupported(shapes: &BTreeMap<String, Vec<usize>>) -> Option<Str
     } else if any("conditioner.embedders.0.model.") && !any("conditioner.embedders.1.") {
         "an SDXL refiner checkpoint (Tessera runs SDXL base-architecture models)"
     } else if !any("model.diffusion_model.")
-        && (any("first_stage_model.") || has("encoder.conv_in.weight") || has("decoder.conv_in.weight"))
+        && (any("first_stage_model.")
+            || has("encoder.conv_in.weight")
+            || has("decoder.conv_in.weight"))
     {
         "a VAE alone (Tessera needs a whole checkpoint: UNet, VAE and text encoders)"
     } else if any("model.diffusion_model.") {
@@ -57,10 +59,7 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<CheckpointKind, S
     {
         return Ok(CheckpointKind::Sdxl);
     }
-    if latent_unet
-        && any("cond_stage_model.model.transformer.resblocks.")
-        && !any("conditioner.")
-    {
+    if latent_unet && any("cond_stage_model.model.transformer.resblocks.") && !any("conditioner.") {
         return Ok(CheckpointKind::Sd2);
     }
     Err(describe_unsupported(shapes).unwrap_or_default())
@@ -71,29 +70,89 @@ mod tests {
     use super::*;
 
     fn shapes(keys: &[(&str, &[usize])]) -> BTreeMap<String, Vec<usize>> {
-        keys.iter().map(|(k, s)| (k.to_string(), s.to_vec())).collect()
+        keys.iter()
+            .map(|(k, s)| (k.to_string(), s.to_vec()))
+            .collect()
     }
 
-    const UNET_IN: (&str, &[usize]) = ("model.diffusion_model.input_blocks.0.0.weight", &[320, 4, 3, 3]);
+    const UNET_IN: (&str, &[usize]) = (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        &[320, 4, 3, 3],
+    );
 
     #[test]
     fn sdxl_and_sd2_are_told_apart_and_others_are_named() {
         let sdxl = shapes(&[
             UNET_IN,
             ("model.diffusion_model.label_emb.0.0.weight", &[1280, 2816]),
-            ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", &[768]),
-            ("conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight", &[1280]),
+            (
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                &[768],
+            ),
+            (
+                "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight",
+                &[1280],
+            ),
         ]);
         assert_eq!(detect(&sdxl), Ok(CheckpointKind::Sdxl));
-        let sd2 = shapes(&[UNET_IN, ("cond_stage_model.model.transformer.resblocks.0.ln_1.weight", &[1024])]);
+        let sd2 = shapes(&[
+            UNET_IN,
+            (
+                "cond_stage_model.model.transformer.resblocks.0.ln_1.weight",
+                &[1024],
+            ),
+        ]);
         assert_eq!(detect(&sd2), Ok(CheckpointKind::Sd2));
-        let cases: [(&[(&str, &[usize])], &str); 6] = [
-            (&[UNET_IN, ("cond_stage_model.transformer.text_model.final_layer_norm.weight", &[768])], "Stable Diffusion 1.x"),
-            (&[("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", &[4, 320])], "a LoRA"),
-            (&[("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", &[4, 4])], "Stable Diffusion 3"),
-            (&[("double_blocks.0.img_attn.norm.key_norm.scale", &[128])], "Flux"),
-            (&[("encoder.conv_in.weight", &[128, 3, 3, 3]), ("decoder.conv_in.weight", &[512, 4, 3, 3])], "a VAE alone"),
-            (&[("model.diffusion_model.input_blocks.0.0.weight", &[320, 9, 3, 3]), ("cond_stage_model.model.transformer.resblocks.0.ln_1.weight", &[1024])], "inpainting"),
+        type Keys<'a> = &'a [(&'a str, &'a [usize])];
+        let cases: [(Keys, &str); 6] = [
+            (
+                &[
+                    UNET_IN,
+                    (
+                        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                        &[768],
+                    ),
+                ],
+                "Stable Diffusion 1.x",
+            ),
+            (
+                &[(
+                    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                    &[4, 320],
+                )],
+                "a LoRA",
+            ),
+            (
+                &[(
+                    "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight",
+                    &[4, 4],
+                )],
+                "Stable Diffusion 3",
+            ),
+            (
+                &[("double_blocks.0.img_attn.norm.key_norm.scale", &[128])],
+                "Flux",
+            ),
+            (
+                &[
+                    ("encoder.conv_in.weight", &[128, 3, 3, 3]),
+                    ("decoder.conv_in.weight", &[512, 4, 3, 3]),
+                ],
+                "a VAE alone",
+            ),
+            (
+                &[
+                    (
+                        "model.diffusion_model.input_blocks.0.0.weight",
+                        &[320, 9, 3, 3],
+                    ),
+                    (
+                        "cond_stage_model.model.transformer.resblocks.0.ln_1.weight",
+                        &[1024],
+                    ),
+                ],
+                "inpainting",
+            ),
         ];
         for (keys, want) in cases {
             let e = detect(&shapes(keys)).unwrap_err();

@@ -66,14 +66,20 @@ fn dim(shapes: &Shapes, key: &str, d: usize) -> Result<usize, String> {
 fn count(shapes: &Shapes, prefix: &str) -> usize {
     shapes
         .keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .map(|n| n + 1)
         .max()
         .unwrap_or(0)
 }
 
 fn heads(width: usize) -> usize {
-    if width >= 64 && width % 64 == 0 {
+    if width >= 64 && width.is_multiple_of(64) {
         width / 64
     } else {
         1
@@ -104,7 +110,9 @@ pub fn unet_config(
         .filter(|b| shapes.contains_key(&format!("{U}input_blocks.{b}.0.in_layers.2.weight")))
         .count();
     if resnets == 0 || resnets % levels != 0 {
-        return Err(format!("the UNet's {resnets} down resnets do not divide into {levels} levels"));
+        return Err(format!(
+            "the UNet's {resnets} down resnets do not divide into {levels} levels"
+        ));
     }
     let layers = resnets / levels;
     let mut widths = Vec::new();
@@ -115,16 +123,34 @@ pub fn unet_config(
         depths.push(count(shapes, &format!("{block}1.transformer_blocks.")));
     }
     let attn = |i: usize| depths[i] > 0;
-    let first_attn = (0..levels).find(|&i| attn(i)).ok_or("the UNet has no attention")?;
+    let first_attn = (0..levels)
+        .find(|&i| attn(i))
+        .ok_or("the UNet has no attention")?;
     let attn_prefix = format!("{U}input_blocks.{}.1.", 1 + first_attn * (layers + 1));
-    let cross = dim(shapes, &format!("{attn_prefix}transformer_blocks.0.attn2.to_k.weight"), 1)?;
+    let cross = dim(
+        shapes,
+        &format!("{attn_prefix}transformer_blocks.0.attn2.to_k.weight"),
+        1,
+    )?;
     let linear = shape(shapes, &format!("{attn_prefix}proj_in.weight"))?.len() == 2;
     let down: Vec<&str> = (0..levels)
-        .map(|i| if attn(i) { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+        .map(|i| {
+            if attn(i) {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
         .collect();
     let up: Vec<&str> = (0..levels)
         .rev()
-        .map(|i| if attn(i) { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .map(|i| {
+            if attn(i) {
+                "CrossAttnUpBlock2D"
+            } else {
+                "UpBlock2D"
+            }
+        })
         .collect();
     let base = widths[0];
     let mut cfg = json!({
@@ -196,10 +222,18 @@ pub fn vae_config(shapes: &Shapes, kind: CheckpointKind) -> Result<(Value, usize
     let levels = count(shapes, &format!("{V}encoder.down."));
     let layers = count(shapes, &format!("{V}encoder.down.0.block."));
     if levels == 0 || layers == 0 {
-        return Err("the VAE's encoder blocks (first_stage_model.encoder.down.*) are missing".into());
+        return Err(
+            "the VAE's encoder blocks (first_stage_model.encoder.down.*) are missing".into(),
+        );
     }
     let widths = (0..levels)
-        .map(|i| dim(shapes, &format!("{V}encoder.down.{i}.block.{}.conv2.weight", layers - 1), 0))
+        .map(|i| {
+            dim(
+                shapes,
+                &format!("{V}encoder.down.{i}.block.{}.conv2.weight", layers - 1),
+                0,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let has = |k: &str| shapes.contains_key(&format!("{V}{k}"));
     let (scaling, upcast) = match kind {
@@ -237,7 +271,12 @@ pub fn text_config(
     with_projection: bool,
 ) -> Result<Value, String> {
     let (embedding, positions, blocks, fc) = if open_clip {
-        ("token_embedding.weight", "positional_embedding", "transformer.resblocks.", "mlp.c_fc.weight")
+        (
+            "token_embedding.weight",
+            "positional_embedding",
+            "transformer.resblocks.",
+            "mlp.c_fc.weight",
+        )
     } else {
         (
             "text_model.embeddings.token_embedding.weight",
@@ -306,13 +345,35 @@ mod tests {
 
     #[test]
     fn heads_groups_and_sizes_follow_the_published_configs() {
-        assert_eq!([heads(320), heads(640), heads(1280), heads(16)], [5, 10, 20, 1]);
+        assert_eq!(
+            [heads(320), heads(640), heads(1280), heads(16)],
+            [5, 10, 20, 1]
+        );
         assert_eq!(heads(1024), 16);
-        assert_eq!([groups(&[320, 640]), groups(&[8, 16]), groups(&[128, 256, 512])], [32, 8, 32]);
-        assert_eq!(sample_size(CheckpointKind::Sd2, Prediction::Epsilon, 320), 64);
+        assert_eq!(
+            [
+                groups(&[320, 640]),
+                groups(&[8, 16]),
+                groups(&[128, 256, 512])
+            ],
+            [32, 8, 32]
+        );
+        assert_eq!(
+            sample_size(CheckpointKind::Sd2, Prediction::Epsilon, 320),
+            64
+        );
         assert_eq!(sample_size(CheckpointKind::Sd2, Prediction::V, 320), 96);
-        assert_eq!(sample_size(CheckpointKind::Sdxl, Prediction::Epsilon, 320), 128);
-        let s = scheduler_config(CheckpointKind::Sd2, Prediction::default_for(CheckpointKind::Sd2));
-        assert_eq!((s["_class_name"].as_str(), s["prediction_type"].as_str()), (Some("DDIMScheduler"), Some("v_prediction")));
+        assert_eq!(
+            sample_size(CheckpointKind::Sdxl, Prediction::Epsilon, 320),
+            128
+        );
+        let s = scheduler_config(
+            CheckpointKind::Sd2,
+            Prediction::default_for(CheckpointKind::Sd2),
+        );
+        assert_eq!(
+            (s["_class_name"].as_str(), s["prediction_type"].as_str()),
+            (Some("DDIMScheduler"), Some("v_prediction"))
+        );
     }
 }

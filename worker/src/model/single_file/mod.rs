@@ -67,11 +67,18 @@ impl SingleFile {
     /// `prediction_type` argument). Errors are one line naming the file.
     pub fn open(path: &Path, prediction: Option<Prediction>) -> Result<Self, String> {
         if !path.is_file() {
-            return Err(format!("{} does not exist or is not a file", path.display()));
+            return Err(format!(
+                "{} does not exist or is not a file",
+                path.display()
+            ));
         }
         // SAFETY: a read-only map, under the same contract as a model directory's weights.
-        let tensors = unsafe { MmapedSafetensors::new(path) }
-            .map_err(|e| format!("{} is not a readable safetensors file ({e})", path.display()))?;
+        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+            format!(
+                "{} is not a readable safetensors file ({e})",
+                path.display()
+            )
+        })?;
         let shapes: Shapes = tensors
             .tensors()
             .into_iter()
@@ -160,21 +167,51 @@ fn components(
     let (unet, layout) = infer::unet_config(shapes, kind, prediction)?;
     let (vae, levels) = infer::vae_config(shapes, kind)?;
     let mut out = BTreeMap::new();
-    out.insert("unet", Component { config: unet, mapping: Mapping::Unet(layout) });
-    out.insert("vae", Component { config: vae, mapping: Mapping::Vae { levels } });
+    out.insert(
+        "unet",
+        Component {
+            config: unet,
+            mapping: Mapping::Unet(layout),
+        },
+    );
+    out.insert(
+        "vae",
+        Component {
+            config: vae,
+            mapping: Mapping::Vae { levels },
+        },
+    );
     match kind {
         CheckpointKind::Sdxl => {
             let p1 = "conditioner.embedders.0.transformer.";
             let p2 = "conditioner.embedders.1.model.";
             let te1 = infer::text_config(shapes, p1, false, "quick_gelu", false)?;
             let te2 = infer::text_config(shapes, p2, true, "gelu", true)?;
-            out.insert("text_encoder", Component { config: te1, mapping: Mapping::HfClip { prefix: p1 } });
-            out.insert("text_encoder_2", Component { config: te2, mapping: Mapping::OpenClip { prefix: p2 } });
+            out.insert(
+                "text_encoder",
+                Component {
+                    config: te1,
+                    mapping: Mapping::HfClip { prefix: p1 },
+                },
+            );
+            out.insert(
+                "text_encoder_2",
+                Component {
+                    config: te2,
+                    mapping: Mapping::OpenClip { prefix: p2 },
+                },
+            );
         }
         CheckpointKind::Sd2 => {
             let p = "cond_stage_model.model.";
             let te = infer::text_config(shapes, p, true, "gelu", false)?;
-            out.insert("text_encoder", Component { config: te, mapping: Mapping::OpenClip { prefix: p } });
+            out.insert(
+                "text_encoder",
+                Component {
+                    config: te,
+                    mapping: Mapping::OpenClip { prefix: p },
+                },
+            );
         }
     }
     Ok(out)
@@ -201,11 +238,13 @@ impl ComponentBackend {
             path: name.to_string(),
         };
         let src = self.source(name).ok_or_else(missing)?;
-        let view = self.file.tensors.get(&src.key).map_err(|_| {
-            candle_core::Error::CannotFindTensor {
-                path: format!("{} (diffusers {name})", src.key),
-            }
-        })?;
+        let view =
+            self.file
+                .tensors
+                .get(&src.key)
+                .map_err(|_| candle_core::Error::CannotFindTensor {
+                    path: format!("{} (diffusers {name})", src.key),
+                })?;
         match src.transform {
             Transform::Same => view.load(dev),
             Transform::Fused { part } => fused_part(&view, part, &src.key, dev),
@@ -269,5 +308,97 @@ impl SimpleBackend for ComponentBackend {
     fn contains_tensor(&self, name: &str) -> bool {
         self.source(name)
             .is_some_and(|s| self.file.shapes.contains_key(&s.key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::loader::ModelDir;
+    use crate::model::unet::UNetConfig;
+
+    fn fixture(arch: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/parity/fixtures")
+            .join(arch)
+            .join("model.safetensors")
+    }
+
+    #[test]
+    fn configs_are_inferred_from_the_shapes_of_a_converted_sdxl_file() {
+        let dir = ModelDir::open(fixture("sdxl_single")).unwrap();
+        let unet: UNetConfig = dir.config("unet").unwrap();
+        assert_eq!(unet.block_out_channels, vec![8, 16, 16]);
+        let cfg = dir.single_file().unwrap().config("unet").unwrap();
+        assert_eq!(
+            cfg["transformer_layers_per_block"],
+            serde_json::json!([1, 1, 2])
+        );
+        assert_eq!(cfg["down_block_types"][0], "DownBlock2D");
+        assert_eq!(cfg["addition_time_embed_dim"], 4);
+        assert_eq!(cfg["cross_attention_dim"], 16);
+        let te2 = dir.single_file().unwrap().config("text_encoder_2").unwrap();
+        assert_eq!(
+            (te2["vocab_size"].as_u64(), te2["projection_dim"].as_u64()),
+            (Some(49408), Some(8))
+        );
+        let sched = dir.scheduler_config().unwrap();
+        assert_eq!(sched.class_name, "EulerDiscreteScheduler");
+    }
+
+    #[test]
+    fn sd2_files_default_to_v_prediction_and_take_an_override() {
+        let file = fixture("sd21_single");
+        let json = |p| {
+            let dir = ModelDir::open_with(&file, p).unwrap();
+            dir.single_file().unwrap().scheduler_config()
+        };
+        assert_eq!(json(None)["prediction_type"], "v_prediction");
+        assert_eq!(json(None)["_class_name"], "DDIMScheduler");
+        assert_eq!(
+            json(Some(Prediction::Epsilon))["prediction_type"],
+            "epsilon"
+        );
+        let dir = ModelDir::open(&file).unwrap();
+        let te = dir.single_file().unwrap().config("text_encoder").unwrap();
+        assert_eq!(te["num_hidden_layers"], 23);
+    }
+
+    fn le_bytes<T: Copy, const N: usize>(v: Vec<T>, f: fn(T) -> [u8; N]) -> Vec<u8> {
+        v.into_iter().flat_map(f).collect()
+    }
+
+    #[test]
+    fn fused_in_proj_rows_are_narrowed_in_every_precision() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let t = Tensor::arange(0f32, 12.0, &Device::Cpu)
+                .unwrap()
+                .reshape((6, 2))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let flat = t.flatten_all().unwrap();
+            let (raw, st_dtype): (Vec<u8>, _) = match dtype {
+                DType::F32 => (
+                    le_bytes(flat.to_vec1::<f32>().unwrap(), f32::to_le_bytes),
+                    safetensors::Dtype::F32,
+                ),
+                DType::F16 => (
+                    le_bytes(flat.to_vec1::<half::f16>().unwrap(), half::f16::to_le_bytes),
+                    safetensors::Dtype::F16,
+                ),
+                _ => (
+                    le_bytes(
+                        flat.to_vec1::<half::bf16>().unwrap(),
+                        half::bf16::to_le_bytes,
+                    ),
+                    safetensors::Dtype::BF16,
+                ),
+            };
+            let view = safetensors::tensor::TensorView::new(st_dtype, vec![6, 2], &raw).unwrap();
+            let k = fused_part(&view, 1, "in_proj_weight", &Device::Cpu).unwrap();
+            let got = k.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got, vec![vec![4.0, 5.0], vec![6.0, 7.0]], "{dtype:?}");
+        }
     }
 }

@@ -64,8 +64,18 @@ pub fn unet(name: &str, layout: &UNetLayout) -> Option<Source> {
         unet_level(rest, "input_blocks", 1 + i * step, (i + 1) * step, "0.op.")?
     } else if let Some(rest) = name.strip_prefix("up_blocks.") {
         let (i, rest) = split_index(rest)?;
-        let up = if *layout.up_has_attention.get(i)? { "2." } else { "1." };
-        unet_level(rest, "output_blocks", i * step, i * step + layout.layers, up)?
+        let up = if *layout.up_has_attention.get(i)? {
+            "2."
+        } else {
+            "1."
+        };
+        unet_level(
+            rest,
+            "output_blocks",
+            i * step,
+            i * step + layout.layers,
+            up,
+        )?
     } else if let Some(rest) = name.strip_prefix("mid_block.") {
         if let Some(rest) = rest.strip_prefix("attentions.0.") {
             format!("middle_block.1.{rest}")
@@ -221,7 +231,9 @@ pub fn hf_clip(name: &str, prefix: &str) -> Option<Source> {
 pub fn open_clip(name: &str, prefix: &str) -> Option<Source> {
     let same = |k: String| Some(Source::same(format!("{prefix}{k}")));
     match name {
-        "text_model.embeddings.token_embedding.weight" => return same("token_embedding.weight".into()),
+        "text_model.embeddings.token_embedding.weight" => {
+            return same("token_embedding.weight".into())
+        }
         "text_model.embeddings.position_embedding.weight" => {
             return same("positional_embedding".into())
         }
@@ -239,7 +251,10 @@ pub fn open_clip(name: &str, prefix: &str) -> Option<Source> {
     let (n, r) = split_index(name.strip_prefix("text_model.encoder.layers.")?)?;
     let block = format!("{prefix}transformer.resblocks.{n}.");
     for (part, code) in [("q_proj.", 0), ("k_proj.", 1), ("v_proj.", 2)] {
-        if let Some(kind) = r.strip_prefix("self_attn.").and_then(|s| s.strip_prefix(part)) {
+        if let Some(kind) = r
+            .strip_prefix("self_attn.")
+            .and_then(|s| s.strip_prefix(part))
+        {
             return Some(Source {
                 key: format!("{block}attn.in_proj_{kind}"),
                 transform: Transform::Fused { part: code },
@@ -279,16 +294,46 @@ mod tests {
         let l = sdxl();
         let cases = [
             ("conv_in.weight", "input_blocks.0.0.weight"),
-            ("down_blocks.0.resnets.1.norm1.bias", "input_blocks.2.0.in_layers.0.bias"),
-            ("down_blocks.1.attentions.0.proj_in.weight", "input_blocks.4.1.proj_in.weight"),
-            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
-            ("down_blocks.2.resnets.0.conv_shortcut.weight", "input_blocks.7.0.skip_connection.weight"),
-            ("mid_block.resnets.1.time_emb_proj.weight", "middle_block.2.emb_layers.1.weight"),
-            ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight", "middle_block.1.transformer_blocks.0.attn1.to_q.weight"),
-            ("up_blocks.0.resnets.2.conv2.bias", "output_blocks.2.0.out_layers.3.bias"),
-            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.2.conv.weight"),
-            ("up_blocks.1.attentions.2.norm.weight", "output_blocks.5.1.norm.weight"),
-            ("up_blocks.2.resnets.0.conv1.weight", "output_blocks.6.0.in_layers.2.weight"),
+            (
+                "down_blocks.0.resnets.1.norm1.bias",
+                "input_blocks.2.0.in_layers.0.bias",
+            ),
+            (
+                "down_blocks.1.attentions.0.proj_in.weight",
+                "input_blocks.4.1.proj_in.weight",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "down_blocks.2.resnets.0.conv_shortcut.weight",
+                "input_blocks.7.0.skip_connection.weight",
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.weight",
+                "middle_block.2.emb_layers.1.weight",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                "middle_block.1.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "up_blocks.0.resnets.2.conv2.bias",
+                "output_blocks.2.0.out_layers.3.bias",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "up_blocks.1.attentions.2.norm.weight",
+                "output_blocks.5.1.norm.weight",
+            ),
+            (
+                "up_blocks.2.resnets.0.conv1.weight",
+                "output_blocks.6.0.in_layers.2.weight",
+            ),
             ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
             ("conv_norm_out.weight", "out.0.weight"),
         ];
@@ -300,19 +345,62 @@ mod tests {
     #[test]
     fn vae_and_text_names_and_transforms() {
         let v = |n| vae(n, 4).unwrap();
-        assert_eq!(v("decoder.up_blocks.0.resnets.2.conv1.weight").key, "first_stage_model.decoder.up.3.block.2.conv1.weight");
-        assert_eq!(v("encoder.down_blocks.1.downsamplers.0.conv.bias").key, "first_stage_model.encoder.down.1.downsample.conv.bias");
-        assert_eq!(v("decoder.up_blocks.1.upsamplers.0.conv.weight").key, "first_stage_model.decoder.up.2.upsample.conv.weight");
-        assert_eq!(v("encoder.down_blocks.1.resnets.0.conv_shortcut.weight").key, "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight");
+        assert_eq!(
+            v("decoder.up_blocks.0.resnets.2.conv1.weight").key,
+            "first_stage_model.decoder.up.3.block.2.conv1.weight"
+        );
+        assert_eq!(
+            v("encoder.down_blocks.1.downsamplers.0.conv.bias").key,
+            "first_stage_model.encoder.down.1.downsample.conv.bias"
+        );
+        assert_eq!(
+            v("decoder.up_blocks.1.upsamplers.0.conv.weight").key,
+            "first_stage_model.decoder.up.2.upsample.conv.weight"
+        );
+        assert_eq!(
+            v("encoder.down_blocks.1.resnets.0.conv_shortcut.weight").key,
+            "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight"
+        );
         let q = v("decoder.mid_block.attentions.0.to_out.0.weight");
-        assert_eq!((q.key.as_str(), q.transform), ("first_stage_model.decoder.mid.attn_1.proj_out.weight", Transform::DropTrailingOnes));
-        assert_eq!(v("encoder.mid_block.resnets.1.norm2.weight").key, "first_stage_model.encoder.mid.block_2.norm2.weight");
-        assert_eq!(v("post_quant_conv.weight").key, "first_stage_model.post_quant_conv.weight");
+        assert_eq!(
+            (q.key.as_str(), q.transform),
+            (
+                "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+                Transform::DropTrailingOnes
+            )
+        );
+        assert_eq!(
+            v("encoder.mid_block.resnets.1.norm2.weight").key,
+            "first_stage_model.encoder.mid.block_2.norm2.weight"
+        );
+        assert_eq!(
+            v("post_quant_conv.weight").key,
+            "first_stage_model.post_quant_conv.weight"
+        );
         let p = "cond_stage_model.model.";
         let k = open_clip("text_model.encoder.layers.3.self_attn.v_proj.bias", p).unwrap();
-        assert_eq!((k.key.as_str(), k.transform), ("cond_stage_model.model.transformer.resblocks.3.attn.in_proj_bias", Transform::Fused { part: 2 }));
-        assert_eq!(open_clip("text_model.encoder.layers.0.mlp.fc2.weight", p).unwrap().key, "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight");
-        assert_eq!(open_clip("text_projection.weight", p).unwrap().transform, Transform::Transposed);
-        assert_eq!(open_clip("text_model.embeddings.position_embedding.weight", p).unwrap().key, "cond_stage_model.model.positional_embedding");
+        assert_eq!(
+            (k.key.as_str(), k.transform),
+            (
+                "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_bias",
+                Transform::Fused { part: 2 }
+            )
+        );
+        assert_eq!(
+            open_clip("text_model.encoder.layers.0.mlp.fc2.weight", p)
+                .unwrap()
+                .key,
+            "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight"
+        );
+        assert_eq!(
+            open_clip("text_projection.weight", p).unwrap().transform,
+            Transform::Transposed
+        );
+        assert_eq!(
+            open_clip("text_model.embeddings.position_embedding.weight", p)
+                .unwrap()
+                .key,
+            "cond_stage_model.model.positional_embedding"
+        );
     }
 }
