@@ -1,7 +1,7 @@
 //! `tessera render`: one image, start to finish, in this process — an embedded coordinator,
 //! in-process workers and an in-memory store, running the same engine as the cluster.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,7 +16,8 @@ use tessera_store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
 use tessera_worker::model::arch::arch_info_with;
 use tessera_worker::model::diffusion::DiffusionModel;
-use tessera_worker::model::single_file::Prediction;
+use tessera_worker::model::loader::ModelDir;
+use tessera_worker::model::lora::{LoraSet, LoraSpec};
 
 use super::job::{JobArgs, MissingPrompt};
 use super::model_flags::ModelFlags;
@@ -34,6 +35,10 @@ pub struct RenderArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub model_flags: ModelFlags,
+    /// A LoRA to merge into the model, kohya or diffusers/PEFT format, with its weight
+    /// (default 1); repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = LoraSpec::parse)]
+    pub lora: Vec<LoraSpec>,
     #[command(flatten)]
     pub job: JobArgs,
     /// Initial noise of the first stage: a safetensors file with one tensor of shape
@@ -93,6 +98,7 @@ struct Prepared {
     spec: RenderSpec,
     plan: Plan,
     inputs: JobInputs,
+    loras: Arc<LoraSet>,
 }
 
 pub fn run(args: RenderArgs) -> Result<()> {
@@ -102,8 +108,14 @@ pub fn run(args: RenderArgs) -> Result<()> {
     }
     check_outputs(&args)?;
     let device = open_device(&args.device)?;
-    let Prepared { spec, plan, inputs } = prepare(&args, &device)?;
-    let model = load_model(&args.model, args.model_flags.prediction(), &device)?;
+    let prepared = prepare(&args, &device)?;
+    let model = load_model(&args, prepared.loras.clone(), &device)?;
+    let Prepared {
+        spec,
+        plan,
+        inputs,
+        loras,
+    } = prepared;
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
@@ -118,7 +130,12 @@ pub fn run(args: RenderArgs) -> Result<()> {
     let progress = RenderProgress::new(&plan);
     let on_progress = |p: Progress| progress.show(p);
     let out = engine.run("local", &spec, &plan, inputs, &on_progress)?;
-    write_outputs(&args, &engine, &spec, &plan, &out.latents, &on_progress)?;
+    let outputs = Outputs {
+        spec: &spec,
+        plan: &plan,
+        loras: &loras,
+    };
+    write_outputs(&args, &engine, &outputs, &out.latents, &on_progress)?;
     progress.finish();
     eprintln!(
         "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
@@ -160,6 +177,7 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         .as_deref()
         .map(|p| image_input::read_mask(p, target))
         .transpose()?;
+    let loras = Arc::new(LoraSet::load(&args.lora).map_err(anyhow::Error::msg)?);
     if request.seed.is_none() {
         eprintln!("seed: {}", spec.seed);
     }
@@ -176,36 +194,49 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         },
         spec,
         plan,
+        loras,
     })
 }
 
 /// Loads the model's weights behind a spinner.
 fn load_model(
-    dir: &Path,
-    prediction: Option<Prediction>,
+    args: &RenderArgs,
+    loras: Arc<LoraSet>,
     device: &Device,
 ) -> Result<Arc<DiffusionModel>> {
-    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
+    let path = &args.model;
+    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let dtype = compute_dtype(device);
-    let model = Arc::new(DiffusionModel::load_with(dir, device, dtype, prediction)?);
+    let dir = ModelDir::open_with(path, args.model_flags.prediction())?.with_loras(loras);
+    let model = Arc::new(DiffusionModel::load_from(dir, device, dtype)?);
     spinner.finish_and_clear();
     Ok(model)
 }
 
 /// `--output-latents`, then the PNG, streamed band by band as the tiled decode finishes it.
+/// What the written outputs describe.
+struct Outputs<'a> {
+    spec: &'a RenderSpec,
+    plan: &'a Plan,
+    loras: &'a LoraSet,
+}
+
 fn write_outputs(
     args: &RenderArgs,
     engine: &Engine<'_>,
-    spec: &RenderSpec,
-    plan: &Plan,
+    outputs: &Outputs<'_>,
     latents: &Tensor,
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<()> {
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, latents)?;
     }
-    let parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
+    let (spec, plan) = (outputs.spec, outputs.plan);
+    let mut parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
+    for lora in outputs.loras.describe() {
+        parameters.push_str(&format!("\nlora: {lora}"));
+    }
     let mut png = assemble::OutputFiles::create(
         &args.output,
         spec,

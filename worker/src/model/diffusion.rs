@@ -108,7 +108,12 @@ impl DiffusionModel {
         dtype: DType,
         prediction: Option<Prediction>,
     ) -> Result<Self> {
-        let dir = ModelDir::open_with(path, prediction)?;
+        Self::load_from(ModelDir::open_with(path, prediction)?, device, dtype)
+    }
+
+    /// Loads an opened model (with its LoRAs, if it has any); a LoRA module that matched no
+    /// weight is an error here, after every component is built.
+    pub fn load_from(dir: ModelDir, device: &Device, dtype: DType) -> Result<Self> {
         let family = dir.index().family;
         let denoiser = Denoiser::load(&dir, dtype, device)?;
 
@@ -126,6 +131,7 @@ impl DiffusionModel {
 
         let text = load_clip_branches(&dir, family, dtype, device)?;
         let t5 = load_t5_branch(&dir, dtype, device)?;
+        dir.check_loras_used()?;
 
         let scheduler_config = dir.scheduler_config()?;
 

@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use tessera_core::family::Family;
 use tessera_core::sched::SchedulerConfig;
 
+use super::lora::{LoraSet, Target};
+use super::single_file::names::UNetLayout;
 use super::single_file::{self, CheckpointKind, Prediction, SingleFile};
 use super::tokenizer::ClipTokenizer;
 
@@ -74,6 +76,8 @@ pub struct ModelDir {
     synthetic: bool,
     /// A single-file checkpoint read in place.
     single: Option<Arc<SingleFile>>,
+    /// LoRAs merged into the UNet's and text encoders' weights as they load.
+    loras: Option<Arc<LoraSet>>,
 }
 
 impl ModelDir {
@@ -115,6 +119,7 @@ impl ModelDir {
             },
             synthetic: false,
             single: Some(Arc::new(file)),
+            loras: None,
         })
     }
 
@@ -171,6 +176,38 @@ impl ModelDir {
             },
             synthetic: synthetic.is_some(),
             single: None,
+            loras: None,
+        })
+    }
+
+    /// Merges `loras` into the weights this model's components load from now on.
+    pub fn with_loras(mut self, loras: Arc<LoraSet>) -> Self {
+        self.loras = Some(loras);
+        self
+    }
+
+    /// After the components are built: every LoRA module must have found its weight.
+    pub fn check_loras_used(&self) -> Result<()> {
+        match &self.loras {
+            Some(l) => l.check_all_used().map_err(ModelError::Other),
+            None => Ok(()),
+        }
+    }
+
+    /// The UNet's block layout, for LoRA module names in the original SGM layout.
+    fn unet_layout(&self) -> Option<UNetLayout> {
+        let cfg: serde_json::Value = self.config("unet").ok()?;
+        let layers = match &cfg["layers_per_block"] {
+            serde_json::Value::Array(a) => a.first()?.as_u64()?,
+            v => v.as_u64().unwrap_or(2),
+        };
+        let up = cfg["up_block_types"].as_array()?;
+        Some(UNetLayout {
+            layers: layers as usize,
+            up_has_attention: up
+                .iter()
+                .map(|t| t.as_str().is_some_and(|s| s.contains("CrossAttn")))
+                .collect(),
         })
     }
 
@@ -248,6 +285,22 @@ impl ModelDir {
     /// Opens the safetensors weights of one component, validating every file's header first so a
     /// truncated download is reported against its file rather than as a missing tensor later.
     pub fn weights(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ComponentWeights> {
+        let mut weights = self.base_weights(component, dtype, device)?;
+        if let (Some(loras), Some(target)) = (&self.loras, Target::of_component(component)) {
+            let layout = (target == Target::Unet)
+                .then(|| self.unet_layout())
+                .flatten();
+            weights.vb = loras.wrap(target, weights.vb, layout);
+        }
+        Ok(weights)
+    }
+
+    fn base_weights(
         &self,
         component: &str,
         dtype: DType,

@@ -9,6 +9,7 @@ pub mod denoiser;
 pub mod diffusion;
 pub mod flops;
 pub mod loader;
+pub mod lora;
 pub mod norm;
 pub mod resnet;
 pub mod sd3;
