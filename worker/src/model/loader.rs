@@ -91,6 +91,18 @@ impl ModelDir {
         if single_file::is_single_file(path.as_ref()) {
             return Self::open_single(path.as_ref(), prediction);
         }
+        let ext = path
+            .as_ref()
+            .extension()
+            .and_then(|x| x.to_str())
+            .unwrap_or_default();
+        if path.as_ref().is_file() && ["ckpt", "pt", "pth", "bin"].contains(&ext) {
+            return Err(ModelError::Other(format!(
+                "{} is a pickled checkpoint, which Tessera does not load (it can run code); \
+                 use its .safetensors version",
+                path.as_ref().display()
+            )));
+        }
         if let Some(p) = prediction {
             return Err(ModelError::Other(format!(
                 "--prediction-type {} applies to single-file checkpoints; the directory {} \
