@@ -172,3 +172,54 @@ fn a_lora_for_another_model_names_its_unmatched_modules() {
     assert!(err.trim().lines().count() <= 2, "{err}");
     assert!(!out.exists());
 }
+
+/// A worker process serving a single file (`worker --model FILE.safetensors`) renders the same
+/// pixels as the embedded render of that file.
+#[test]
+fn a_cluster_worker_serves_a_single_file_as_the_embedded_render_does() {
+    use tessera_harness::{ClusterOptions, LocalCluster};
+    let dir = scratch("single-cluster");
+    // A copy: the worker caches the file's fingerprint beside it.
+    let model = dir.path("xl.safetensors");
+    let fixture = repo_root().join("tests/parity/fixtures/sdxl_single/model.safetensors");
+    std::fs::copy(&fixture, &model).unwrap();
+    let flags = [
+        "--prompt",
+        "a lighthouse",
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+    ];
+    let embedded = dir.path("embedded.png");
+    let mut args = vec!["render", "--model", model.to_str().unwrap(), "-o"];
+    args.push(embedded.to_str().unwrap());
+    args.extend_from_slice(&flags);
+    tessera_ok(&args);
+
+    let cluster_dir = dir.path("cluster");
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let mut cluster = LocalCluster::start(
+        std::path::Path::new(tessera_bin()),
+        &cluster_dir,
+        ClusterOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let name = ["--model-name".to_string(), "xl".to_string()];
+    cluster
+        .add_worker(&model, &name)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.wait_workers(1).unwrap_or_else(|e| panic!("{e}"));
+    let mut submit = vec!["submit", "--model", "xl"];
+    submit.extend_from_slice(&flags);
+    let id = cluster.client_ok(&submit).unwrap_or_else(|e| panic!("{e}"));
+    let watched = cluster.client(&["watch", id.trim()]).unwrap();
+    assert!(watched.status.success(), "{}", cluster.logs());
+    let fetched = dir.path("cluster.png");
+    cluster
+        .client_ok(&["fetch", id.trim(), "-o", fetched.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_png(&fetched).2, read_png(&embedded).2);
+}
