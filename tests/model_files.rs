@@ -195,9 +195,9 @@ fn a_cluster_worker_serves_a_single_file_as_the_embedded_render_does() {
         ClusterOptions::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let name = ["--model-name".to_string(), "xl".to_string()];
+    // No --model-name: a file serves under its name without `.safetensors`.
     cluster
-        .add_worker(&model, &name)
+        .add_worker(&model, &[])
         .unwrap_or_else(|e| panic!("{e}"));
     cluster.wait_workers(1).unwrap_or_else(|e| panic!("{e}"));
     let mut submit = vec!["submit", "--model", "xl"];

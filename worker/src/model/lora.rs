@@ -6,7 +6,7 @@
 //! `lora_adapter_metadata`). Every module of every file must match a weight of the model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -415,11 +415,6 @@ fn peft_alpha(metadata: &serde_json::Value, target: Target) -> Option<f64> {
         Target::TextEncoder2 => "text_encoder_2",
     };
     metadata.get(format!("{prefix}.lora_alpha"))?.as_f64()
-}
-
-/// Whether `path` exists as a regular file (no link followed), for early checks.
-pub fn is_plain_file(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub enum CheckpointKind {
 }
 
 /// What the file holds, when it is not a supported checkpoint.
-pub fn describe_unsupported(shapes: &BTreeMap<String, Vec<usize>>) -> Option<String> {
+pub fn describe_unsupported(shapes: &BTreeMap<String, Vec<usize>>) -> String {
     let has = |k: &str| shapes.contains_key(k);
     let any = |p: &str| shapes.keys().any(|k| k.starts_with(p) || k.contains(p));
     let what = if any("lora_unet_") || any("lora_te") || any(".lora_A.") || any(".lora_down.") {
@@ -43,7 +43,7 @@ pub fn describe_unsupported(shapes: &BTreeMap<String, Vec<usize>>) -> Option<Str
     } else {
         "not a Stable Diffusion checkpoint"
     };
-    Some(what.to_string())
+    what.to_string()
 }
 
 /// SDXL has its OpenCLIP bigG second encoder under `conditioner.embedders.1`; SD 2.x has a
@@ -62,7 +62,7 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<CheckpointKind, S
     if latent_unet && any("cond_stage_model.model.transformer.resblocks.") && !any("conditioner.") {
         return Ok(CheckpointKind::Sd2);
     }
-    Err(describe_unsupported(shapes).unwrap_or_default())
+    Err(describe_unsupported(shapes))
 }
 
 #[cfg(test)]

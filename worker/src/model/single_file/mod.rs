@@ -131,8 +131,8 @@ impl SingleFile {
         infer::scheduler_config(self.kind, self.prediction)
     }
 
-    /// Parameters of the components Tessera uses (SD 2.x's unused last text block excluded
-    /// only by name: close enough for a size estimate).
+    /// Parameters in the file (for the plan's memory estimate; an SD 2.x file's unused last
+    /// text block is counted too, a fraction of a percent).
     pub fn parameter_count(&self) -> u64 {
         self.shapes
             .values()
