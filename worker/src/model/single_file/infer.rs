@@ -105,23 +105,12 @@ pub fn unet_config(
     kind: CheckpointKind,
     prediction: Prediction,
 ) -> Result<(Value, UNetLayout), String> {
-    let levels = count_downsamplers(shapes) + 1;
-    let resnets = (0..count(shapes, &format!("{U}input_blocks.")))
-        .filter(|b| shapes.contains_key(&format!("{U}input_blocks.{b}.0.in_layers.2.weight")))
-        .count();
-    if resnets == 0 || resnets % levels != 0 {
-        return Err(format!(
-            "the UNet's {resnets} down resnets do not divide into {levels} levels"
-        ));
-    }
-    let layers = resnets / levels;
-    let mut widths = Vec::new();
-    let mut depths = Vec::new();
-    for i in 0..levels {
-        let block = format!("{U}input_blocks.{}.", 1 + i * (layers + 1));
-        widths.push(dim(shapes, &format!("{block}0.out_layers.3.weight"), 0)?);
-        depths.push(count(shapes, &format!("{block}1.transformer_blocks.")));
-    }
+    let DownLevels {
+        layers,
+        widths,
+        depths,
+    } = down_levels(shapes)?;
+    let levels = widths.len();
     let attn = |i: usize| depths[i] > 0;
     let first_attn = (0..levels)
         .find(|&i| attn(i))
@@ -178,6 +167,39 @@ pub fn unet_config(
         up_has_attention: (0..levels).rev().map(attn).collect(),
     };
     Ok((cfg, layout))
+}
+
+/// Per down level of the UNet: its width and transformer depth (0: no attention), and the
+/// resnets each level has.
+struct DownLevels {
+    layers: usize,
+    widths: Vec<usize>,
+    depths: Vec<usize>,
+}
+
+fn down_levels(shapes: &Shapes) -> Result<DownLevels, String> {
+    let levels = count_downsamplers(shapes) + 1;
+    let resnets = (0..count(shapes, &format!("{U}input_blocks.")))
+        .filter(|b| shapes.contains_key(&format!("{U}input_blocks.{b}.0.in_layers.2.weight")))
+        .count();
+    if resnets == 0 || resnets % levels != 0 {
+        return Err(format!(
+            "the UNet's {resnets} down resnets do not divide into {levels} levels"
+        ));
+    }
+    let layers = resnets / levels;
+    let mut widths = Vec::new();
+    let mut depths = Vec::new();
+    for i in 0..levels {
+        let block = format!("{U}input_blocks.{}.", 1 + i * (layers + 1));
+        widths.push(dim(shapes, &format!("{block}0.out_layers.3.weight"), 0)?);
+        depths.push(count(shapes, &format!("{block}1.transformer_blocks.")));
+    }
+    Ok(DownLevels {
+        layers,
+        widths,
+        depths,
+    })
 }
 
 fn count_downsamplers(shapes: &Shapes) -> usize {
