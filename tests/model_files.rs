@@ -211,3 +211,59 @@ fn a_cluster_worker_serves_a_single_file_as_the_embedded_render_does() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_png(&fetched).2, read_png(&embedded).2);
 }
+
+/// The same checkpoint stored in f32 and bf16 (rewritten here from the f16 fixture): the f32
+/// file holds the same values, so it renders the same latents; the bf16 one renders too.
+#[test]
+fn single_files_in_f32_and_bf16_load_as_f16_ones_do() {
+    use candle_core::{DType, Device};
+    let dir = scratch("single-dtypes");
+    let fixture = repo_root().join("tests/parity/fixtures/sd21_single/model.safetensors");
+    let tensors = candle_core::safetensors::load(&fixture, &Device::Cpu).unwrap();
+    let render = |model: &Path, name: &str| {
+        let out = dir.path(&format!("{name}.safetensors"));
+        let png = dir.path(&format!("{name}.png"));
+        tessera_ok(&[
+            "render",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lighthouse",
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--output-latents",
+            out.to_str().unwrap(),
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        t["latents"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let f16 = render(&fixture, "f16");
+    for (dtype, name) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
+        let converted: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
+            .collect();
+        let path = dir.path(&format!("model-{name}.safetensors"));
+        candle_core::safetensors::save(&converted, &path).unwrap();
+        let got = render(&path, name);
+        if dtype == DType::F32 {
+            assert_eq!(got, f16, "an f32 copy of an f16 file renders differently");
+        } else {
+            let err = rel_l2(&got, &f16);
+            assert!(
+                err.is_finite() && err < 0.2,
+                "bf16: rel. L2 {err:.3e} from the f16 file"
+            );
+        }
+    }
+}
