@@ -72,28 +72,29 @@ def vae(seed, scaling_factor, force_upcast):
     return v.eval()
 
 
-def unet_sdxl(seed):
+def unet(seed, **arch):
+    """A tiny UNet under the rules above: one head per level, 8 GroupNorm groups, 128 px."""
     torch.manual_seed(seed)
-    u = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=[8, 16, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        transformer_layers_per_block=[1, 1, 2], attention_head_dim=[1, 1, 1], cross_attention_dim=16,
-        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+    levels = len(arch["block_out_channels"])
+    u = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                             attention_head_dim=[1] * levels, norm_num_groups=8,
+                             use_linear_projection=True, **arch)
     mf.perturb_norms(u, seed + 1)
     return u.eval()
+
+
+def unet_sdxl(seed):
+    return unet(seed, block_out_channels=[8, 16, 16],
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                transformer_layers_per_block=[1, 1, 2], cross_attention_dim=16, addition_embed_type="text_time",
+                addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
 
 
 def unet_sd21(seed):
-    torch.manual_seed(seed)
-    u = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=[8, 16, 16, 16], down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=[1, 1, 1, 1],
-        cross_attention_dim=8, norm_num_groups=8, use_linear_projection=True, upcast_attention=True)
-    mf.perturb_norms(u, seed + 1)
-    return u.eval()
+    return unet(seed, block_out_channels=[8, 16, 16, 16], down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=8,
+                upcast_attention=True)
 
 
 def save_dir(pipe, model_dir, tmp, vocab, merges, pads):
