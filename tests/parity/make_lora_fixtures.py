@@ -52,6 +52,15 @@ def randomize_lora(model, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def metadata(cfg):
+    """The adapter config as diffusers stores it, made reproducible: target modules sorted (peft
+    keeps a set), no local base-model path."""
+    d = cfg.to_dict()
+    d["target_modules"] = sorted(d["target_modules"])
+    d["base_model_name_or_path"] = None
+    return d
+
+
 def write_peft(path):
     pipe = load()
     unet_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -63,7 +72,7 @@ def write_peft(path):
     StableDiffusionXLPipeline.save_lora_weights(
         OUT, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+        unet_lora_adapter_metadata=metadata(unet_cfg), text_encoder_lora_adapter_metadata=metadata(te_cfg),
         weight_name="peft.safetensors", safe_serialization=True)
 
 
