@@ -234,34 +234,6 @@ fn diffusers_made_sdxl_directory_matches_diffusers_pipeline() {
     diffusers_pipeline_parity("sdxl", "noneg");
 }
 
-/// Runs a render expected to fail and returns its stderr, checking the failure is short and
-/// free of panics and backtraces.
-fn failing_render(model: &Path, out: &Path) -> String {
-    let o = tessera(&[
-        "render",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success(), "render of a broken model succeeded");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(err.lines().count() <= 4, "error too long:\n{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    assert!(
-        !out.exists(),
-        "a failed render must not leave an output file"
-    );
-    err
-}
-
 /// Truncates a file to half its length (a weights file whose header still reads).
 fn cut_in_half(path: &Path) {
     let len = std::fs::metadata(path).unwrap().len();

@@ -173,6 +173,17 @@ pub fn write_png(path: &Path, width: u32, height: u32, color: png::ColorType, da
 /// reference.safetensors), into `dir`: the relative L2 errors of the final latents and of the
 /// 8-bit PNG against diffusers' decoded image (in [0, 1], quantised the same way).
 pub fn pipeline_parity(model: &Path, fixtures: &Path, case: &str, dir: &Path) -> (f64, f64) {
+    pipeline_parity_with(model, fixtures, case, dir, &[])
+}
+
+/// [`pipeline_parity`] with `extra` render flags (`--lora …`).
+pub fn pipeline_parity_with(
+    model: &Path,
+    fixtures: &Path,
+    case: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> (f64, f64) {
     use candle_core::{Device, Tensor};
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures.join("reference.json")).unwrap()).unwrap();
@@ -222,6 +233,7 @@ pub fn pipeline_parity(model: &Path, fixtures: &Path, case: &str, dir: &Path) ->
     if let Some(neg) = params["negative_prompt"].as_str() {
         args.extend(["--negative-prompt", neg]);
     }
+    args.extend_from_slice(extra);
     tessera_ok(&args);
     let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     let ours = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
@@ -240,4 +252,32 @@ pub fn pipeline_parity(model: &Path, fixtures: &Path, case: &str, dir: &Path) ->
         .map(|&p| f32::from(p) / 255.0)
         .collect();
     (latent_err, rel_l2(&pixels, &flat(&image)))
+}
+
+/// Runs a render expected to fail and returns its stderr, checking the failure is short and
+/// free of panics and backtraces.
+pub fn failing_render(model: &Path, out: &Path) -> String {
+    let o = tessera(&[
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "render of a broken model succeeded");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.lines().count() <= 4, "error too long:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a failed render must not leave an output file"
+    );
+    err
 }

@@ -32,8 +32,9 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::device::{compute_dtype, open_device};
 use crate::metrics::WorkerMetrics;
-use crate::model::arch::arch_info;
+use crate::model::arch::arch_info_with;
 use crate::model::diffusion::DiffusionModel;
+use crate::model::single_file::Prediction;
 use crate::simulate::SimulatedModel;
 use crate::tasks::{self, TaskError};
 
@@ -89,6 +90,8 @@ pub struct WorkerConfig {
     pub simulate_eval_ms: Option<f64>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (`--metrics`).
     pub metrics: Option<SocketAddr>,
+    /// A single-file checkpoint's prediction type, overriding its model type's default.
+    pub prediction_type: Option<Prediction>,
 }
 
 /// What computes the tasks: the real model, or the benchmark double.
@@ -133,6 +136,11 @@ async fn load(cfg: &WorkerConfig) -> Result<(Served, String), ServiceError> {
     let fingerprint = tokio::task::spawn_blocking(move || crate::fingerprint::fingerprint(&dir))
         .await
         .map_err(|e| model_error(cfg, e))??;
+    // The override changes the images: workers that differ in it must not pass as one model.
+    let fingerprint = match cfg.prediction_type {
+        Some(p) => format!("{fingerprint}+prediction_type={}", p.name()),
+        None => fingerprint,
+    };
     if let Some(ms) = cfg.simulate_eval_ms {
         tracing::warn!(
             eval_ms = ms,
@@ -145,9 +153,10 @@ async fn load(cfg: &WorkerConfig) -> Result<(Served, String), ServiceError> {
     tracing::info!(model = %cfg.model_dir.display(), device = %cfg.device, "loading the model");
     let started = Instant::now();
     let (dir, device) = (cfg.model_dir.clone(), open_device(&cfg.device)?);
+    let prediction = cfg.prediction_type;
     let model = tokio::task::spawn_blocking(move || {
         let dtype = compute_dtype(&device);
-        DiffusionModel::load(&dir, &device, dtype)
+        DiffusionModel::load_with(&dir, &device, dtype, prediction)
     })
     .await
     .map_err(|e| model_error(cfg, e))?
@@ -165,7 +174,8 @@ pub async fn serve(
     let coordinator_net = coordinator_net(&cfg)?;
     let device = open_device(&cfg.device)?;
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
-    let arch = arch_info(&cfg.model_dir, weight_bytes).map_err(|e| model_error(&cfg, e))?;
+    let arch = arch_info_with(&cfg.model_dir, weight_bytes, cfg.prediction_type)
+        .map_err(|e| model_error(&cfg, e))?;
     let redis = RedisOptions {
         url_from: Some("--redis URL or the TESSERA_REDIS variable".into()),
         ca: cfg.redis_ca.clone(),

@@ -8,6 +8,7 @@ pub mod bench_unet;
 pub mod client;
 pub mod job;
 pub mod model;
+pub mod model_flags;
 pub mod output;
 pub mod plan;
 pub mod render;

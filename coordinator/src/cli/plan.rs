@@ -9,19 +9,23 @@ use clap::Args;
 use tessera_core::describe;
 use tessera_core::family::{PlanPreset, PLAN_PRESETS};
 use tessera_core::plan::{self, ArchInfo};
-use tessera_worker::model::arch::arch_info;
+use tessera_worker::model::arch::arch_info_with;
 
 use super::job::{JobArgs, MissingPrompt};
+use super::model_flags::ModelFlags;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// Read the architecture from this model directory (configs and weight headers only).
+    /// Read the architecture from this model directory or single-file checkpoint (configs
+    /// and weight headers only).
     #[arg(long, conflicts_with = "arch")]
     pub model: Option<PathBuf>,
     /// A built-in architecture: SD 2.1 (768, v-prediction), SD 2.1 base (512), SDXL base 1.0
     /// or SD3 medium.
     #[arg(long, value_parser = PossibleValuesParser::new(PLAN_PRESETS.map(|p| p.name)))]
     pub arch: Option<String>,
+    #[command(flatten)]
+    pub model_flags: ModelFlags,
     #[command(flatten)]
     pub job: JobArgs,
     /// Bytes per weight on the workers for the memory estimate: 2 (f16 on a GPU) or 4 (f32
@@ -41,7 +45,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         );
     }
     let arch = match (&args.model, &args.arch) {
-        (Some(dir), None) => arch_info(dir, args.weight_bytes)?,
+        (Some(dir), None) => arch_info_with(dir, args.weight_bytes, args.model_flags.prediction())?,
         (None, Some(name)) => {
             let mut a = ArchInfo::preset(name)?;
             a.weight_bytes = args.weight_bytes;

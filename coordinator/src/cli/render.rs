@@ -1,7 +1,7 @@
 //! `tessera render`: one image, start to finish, in this process — an embedded coordinator,
 //! in-process workers and an in-memory store, running the same engine as the cluster.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,10 +14,13 @@ use tessera_core::plan::{self, Plan};
 use tessera_core::spec::RenderSpec;
 use tessera_store::{MemoryStore, Store};
 use tessera_worker::device::{compute_dtype, open_device};
-use tessera_worker::model::arch::arch_info;
+use tessera_worker::model::arch::arch_info_with;
 use tessera_worker::model::diffusion::DiffusionModel;
+use tessera_worker::model::loader::ModelDir;
+use tessera_worker::model::lora::{LoraSet, LoraSpec};
 
 use super::job::{JobArgs, MissingPrompt};
+use super::model_flags::ModelFlags;
 use super::output::check_writable;
 use crate::dispatch::LocalWorkers;
 use crate::engine::{Engine, JobInputs, ModelInfo, PreviewHook, Progress};
@@ -26,10 +29,16 @@ use crate::{assemble, image_input, latent_file, preview};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
-    /// Model directory in the diffusers layout (SD 2.1 or SDXL base; `tessera model synth`
-    /// makes a tiny one).
+    /// Model: a diffusers directory (SD 2.x, SDXL base, SD3; `tessera model synth` makes a
+    /// tiny one) or a single-file SDXL or SD 2.x checkpoint (`FILE.safetensors`).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_flags: ModelFlags,
+    /// A LoRA to merge into the model, kohya or diffusers/PEFT format, with its weight
+    /// (default 1); repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = LoraSpec::parse)]
+    pub lora: Vec<LoraSpec>,
     #[command(flatten)]
     pub job: JobArgs,
     /// Initial noise of the first stage: a safetensors file with one tensor of shape
@@ -89,6 +98,7 @@ struct Prepared {
     spec: RenderSpec,
     plan: Plan,
     inputs: JobInputs,
+    loras: Arc<LoraSet>,
 }
 
 pub fn run(args: RenderArgs) -> Result<()> {
@@ -98,8 +108,14 @@ pub fn run(args: RenderArgs) -> Result<()> {
     }
     check_outputs(&args)?;
     let device = open_device(&args.device)?;
-    let Prepared { spec, plan, inputs } = prepare(&args, &device)?;
-    let model = load_model(&args.model, &device)?;
+    let prepared = prepare(&args, &device)?;
+    let model = load_model(&args, prepared.loras.clone(), &device)?;
+    let Prepared {
+        spec,
+        plan,
+        inputs,
+        loras,
+    } = prepared;
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let workers = LocalWorkers::new(vec![model.clone(); args.workers], store.clone());
@@ -114,7 +130,12 @@ pub fn run(args: RenderArgs) -> Result<()> {
     let progress = RenderProgress::new(&plan);
     let on_progress = |p: Progress| progress.show(p);
     let out = engine.run("local", &spec, &plan, inputs, &on_progress)?;
-    write_outputs(&args, &engine, &spec, &plan, &out.latents, &on_progress)?;
+    let outputs = Outputs {
+        spec: &spec,
+        plan: &plan,
+        loras: &loras,
+    };
+    write_outputs(&args, &engine, &outputs, &out.latents, &on_progress)?;
     progress.finish();
     eprintln!(
         "wrote {} ({}x{}, {}, {} stage{}) in {:.1}s",
@@ -138,7 +159,7 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         .map(latent_file::read_latents)
         .transpose()?;
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
-    let arch = arch_info(&args.model, weight_bytes)?;
+    let arch = arch_info_with(&args.model, weight_bytes, args.model_flags.prediction())?;
     let request = args.job.to_request(MissingPrompt::Refuse)?;
     let spec = request.to_spec(arch.training_size, rand::random)?;
     let plan = plan::plan(&spec, &arch)?;
@@ -156,6 +177,7 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         .as_deref()
         .map(|p| image_input::read_mask(p, target))
         .transpose()?;
+    let loras = Arc::new(LoraSet::load(&args.lora).map_err(anyhow::Error::msg)?);
     if request.seed.is_none() {
         eprintln!("seed: {}", spec.seed);
     }
@@ -172,31 +194,49 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         },
         spec,
         plan,
+        loras,
     })
 }
 
 /// Loads the model's weights behind a spinner.
-fn load_model(dir: &Path, device: &Device) -> Result<Arc<DiffusionModel>> {
-    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
+fn load_model(
+    args: &RenderArgs,
+    loras: Arc<LoraSet>,
+    device: &Device,
+) -> Result<Arc<DiffusionModel>> {
+    let path = &args.model;
+    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = Arc::new(DiffusionModel::load(dir, device, compute_dtype(device))?);
+    let dtype = compute_dtype(device);
+    let dir = ModelDir::open_with(path, args.model_flags.prediction())?.with_loras(loras);
+    let model = Arc::new(DiffusionModel::load_from(dir, device, dtype)?);
     spinner.finish_and_clear();
     Ok(model)
 }
 
 /// `--output-latents`, then the PNG, streamed band by band as the tiled decode finishes it.
+/// What the written outputs describe.
+struct Outputs<'a> {
+    spec: &'a RenderSpec,
+    plan: &'a Plan,
+    loras: &'a LoraSet,
+}
+
 fn write_outputs(
     args: &RenderArgs,
     engine: &Engine<'_>,
-    spec: &RenderSpec,
-    plan: &Plan,
+    outputs: &Outputs<'_>,
     latents: &Tensor,
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<()> {
     if let Some(path) = &args.output_latents {
         latent_file::write_latents(path, latents)?;
     }
-    let parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
+    let (spec, plan) = (outputs.spec, outputs.plan);
+    let mut parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
+    for lora in outputs.loras.describe() {
+        parameters.push_str(&format!("\nlora: {lora}"));
+    }
     let mut png = assemble::OutputFiles::create(
         &args.output,
         spec,

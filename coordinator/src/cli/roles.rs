@@ -216,10 +216,13 @@ pub struct WorkerArgs {
     /// Not taken by workers: the clients' token stays with clients and the coordinator.
     #[arg(long, hide = true)]
     pub token: Option<String>,
-    /// Model directory in the diffusers layout.
+    /// Model: a diffusers directory or a single-file SDXL or SD 2.x checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// Name clients submit with (`tessera submit --model NAME`) [default: the directory's name].
+    #[command(flatten)]
+    pub model_flags: super::model_flags::ModelFlags,
+    /// Name clients submit with (`tessera submit --model NAME`) [default: the directory's
+    /// name, or the checkpoint file's without its extension].
     #[arg(long)]
     pub model_name: Option<String>,
     /// Address to serve the Worker API on; port 0 picks a free one.
@@ -247,6 +250,17 @@ pub struct WorkerArgs {
     pub observe: Observability,
 }
 
+fn default_model_name(model: &std::path::Path) -> Option<String> {
+    let path = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
+    let name = if path.is_file() {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+}
+
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
     if args.token.is_some() {
         bail!(
@@ -262,21 +276,16 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
     let model_name = match args.model_name {
         Some(n) if !n.trim().is_empty() => n,
         Some(_) => bail!("--model-name is empty: give a name or leave it out"),
-        None => args
-            .model
-            .canonicalize()
-            .unwrap_or_else(|_| args.model.clone())
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| !n.is_empty())
-            .with_context(|| {
-                format!(
-                    "--model {}: cannot name the model after this path; pass --model-name",
-                    args.model.display()
-                )
-            })?,
+        // A directory's name, or a checkpoint file's without `.safetensors`.
+        None => default_model_name(&args.model).with_context(|| {
+            format!(
+                "--model {}: cannot name the model after this path; pass --model-name",
+                args.model.display()
+            )
+        })?,
     };
     let cfg = tessera_worker::service::WorkerConfig {
+        prediction_type: args.model_flags.prediction(),
         model_dir: args.model,
         model_name,
         device: args.device,

@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use tessera_core::plan::ArchInfo;
-use tessera_core::sched::SchedulerConfig;
 
 use super::denoiser::DenoiserConfig;
 use super::loader::{ModelDir, ModelError, Result};
+use super::single_file::Prediction;
 
 /// Parameter count of the safetensors files directly in `dir` (fp16/bf16 variants of the
 /// same weights are skipped when a plain file exists).
@@ -93,15 +93,21 @@ fn synthetic_parameters(dir: &ModelDir, denoiser: &DenoiserConfig) -> Result<u64
 
 /// The plan's view of the model at `path`; `weight_bytes` is the precision workers will use.
 pub fn arch_info(path: &Path, weight_bytes: u64) -> Result<ArchInfo> {
-    let dir = ModelDir::open(path)?;
+    arch_info_with(path, weight_bytes, None)
+}
+
+/// [`arch_info`] with a single file's prediction type overridden.
+pub fn arch_info_with(
+    path: &Path,
+    weight_bytes: u64,
+    prediction: Option<Prediction>,
+) -> Result<ArchInfo> {
+    let dir = ModelDir::open_with(path, prediction)?;
     let denoiser = DenoiserConfig::read(&dir)?;
-    let sched_path = dir.scheduler_config_path();
-    if !sched_path.is_file() {
-        return Err(ModelError::MissingFile { path: sched_path });
-    }
-    let scheduler = SchedulerConfig::from_file(&sched_path)
-        .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
-    let parameters = if dir.is_synthetic() {
+    let scheduler = dir.scheduler_config()?;
+    let parameters = if let Some(file) = dir.single_file() {
+        file.parameter_count()
+    } else if dir.is_synthetic() {
         synthetic_parameters(&dir, &denoiser)?
     } else {
         let mut parameters = 0;

@@ -10,6 +10,7 @@ use tessera_core::sched::SchedulerConfig;
 
 use super::denoiser::{Conditioning, Denoiser, SD3_T5_TOKENS};
 use super::loader::{ModelDir, ModelError, Result};
+use super::single_file::Prediction;
 use super::t5::{T5Config, T5EncoderModel, T5Tokenizer};
 use super::text::{ClipTextConfig, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
@@ -96,7 +97,23 @@ impl SizeConditioning {
 
 impl DiffusionModel {
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let dir = ModelDir::open(path)?;
+        Self::load_with(path, device, dtype, None)
+    }
+
+    /// [`Self::load`] with a single file's prediction type overridden (diffusers'
+    /// `prediction_type` argument of `from_single_file`).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        prediction: Option<Prediction>,
+    ) -> Result<Self> {
+        Self::load_from(ModelDir::open_with(path, prediction)?, device, dtype)
+    }
+
+    /// Loads an opened model (with its LoRAs, if it has any); a LoRA module that matched no
+    /// weight is an error here, after every component is built.
+    pub fn load_from(dir: ModelDir, device: &Device, dtype: DType) -> Result<Self> {
         let family = dir.index().family;
         let denoiser = Denoiser::load(&dir, dtype, device)?;
 
@@ -114,13 +131,9 @@ impl DiffusionModel {
 
         let text = load_clip_branches(&dir, family, dtype, device)?;
         let t5 = load_t5_branch(&dir, dtype, device)?;
+        dir.check_loras_used()?;
 
-        let sched_path = dir.scheduler_config_path();
-        if !sched_path.is_file() {
-            return Err(ModelError::MissingFile { path: sched_path });
-        }
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)
-            .map_err(|e| ModelError::Other(format!("{}: {e}", sched_path.display())))?;
+        let scheduler_config = dir.scheduler_config()?;
 
         Ok(Self {
             dir,
@@ -337,8 +350,7 @@ fn load_clip_branches(
     };
     let mut text = Vec::with_capacity(branches.len());
     for &(tok, enc, with_projection) in branches {
-        let tokenizer = ClipTokenizer::from_dir(&dir.component_dir(tok))
-            .map_err(|e| ModelError::Other(e.to_string()))?;
+        let tokenizer = dir.clip_tokenizer(tok)?;
         let cfg: ClipTextConfig = dir.config(enc)?;
         let encoder = dir
             .weights(enc, dtype, device)?

@@ -1,5 +1,7 @@
 //! Reads a model directory in the diffusers layout: `model_index.json`, one folder per component
-//! with its `config.json` and safetensors weights (single file or sharded with an index).
+//! with its `config.json` and safetensors weights (single file or sharded with an index) — or a
+//! single-file checkpoint in the original layout through [`super::single_file`], behind the
+//! same interface.
 //!
 //! Every error names the file or tensor at fault, because the usual cause is a user's
 //! incomplete download or a directory of the wrong model, and they need to know what to fix.
@@ -7,11 +9,18 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use tessera_core::family::Family;
+use tessera_core::sched::SchedulerConfig;
+
+use super::lora::{LoraSet, Target};
+use super::single_file::names::UNetLayout;
+use super::single_file::{self, CheckpointKind, Prediction, SingleFile};
+use super::tokenizer::ClipTokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -65,10 +74,68 @@ pub struct ModelDir {
     index: ModelIndex,
     /// `synthetic:NAME`: configs only, weights made at random on the device.
     synthetic: bool,
+    /// A single-file checkpoint read in place.
+    single: Option<Arc<SingleFile>>,
+    /// LoRAs merged into the UNet's and text encoders' weights as they load.
+    loras: Option<Arc<LoraSet>>,
 }
 
 impl ModelDir {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens a model directory or a single-file checkpoint; `prediction` overrides what a
+    /// single file's model type implies (diffusers' `prediction_type`).
+    pub fn open_with(path: impl AsRef<Path>, prediction: Option<Prediction>) -> Result<Self> {
+        if single_file::is_single_file(path.as_ref()) {
+            return Self::open_single(path.as_ref(), prediction);
+        }
+        let ext = path
+            .as_ref()
+            .extension()
+            .and_then(|x| x.to_str())
+            .unwrap_or_default();
+        if path.as_ref().is_file() && ["ckpt", "pt", "pth", "bin"].contains(&ext) {
+            return Err(ModelError::Other(format!(
+                "{} is a pickled checkpoint, which Tessera does not load (it can run code); \
+                 use its .safetensors version",
+                path.as_ref().display()
+            )));
+        }
+        if let Some(p) = prediction {
+            return Err(ModelError::Other(format!(
+                "--prediction-type {} applies to single-file checkpoints; the directory {} \
+                 says its own in scheduler/scheduler_config.json",
+                p.name(),
+                path.as_ref().display()
+            )));
+        }
+        Self::open_dir(path)
+    }
+
+    fn open_single(path: &Path, prediction: Option<Prediction>) -> Result<Self> {
+        let file = SingleFile::open(path, prediction).map_err(ModelError::Other)?;
+        let (family, class_name) = match file.kind() {
+            CheckpointKind::Sdxl => (Family::Sdxl, "StableDiffusionXLPipeline"),
+            CheckpointKind::Sd2 => (Family::Sd2, "StableDiffusionPipeline"),
+        };
+        let components = file.component_names().map(String::from).collect();
+        Ok(Self {
+            root: path.to_path_buf(),
+            index: ModelIndex {
+                family,
+                class_name: class_name.to_string(),
+                force_zeros_for_empty_prompt: family == Family::Sdxl,
+                components,
+            },
+            synthetic: false,
+            single: Some(Arc::new(file)),
+            loras: None,
+        })
+    }
+
+    fn open_dir(path: impl AsRef<Path>) -> Result<Self> {
         let synthetic = crate::random_models::full_size::synthetic_name(path.as_ref());
         let root = match synthetic {
             Some(name) => crate::random_models::full_size::config_dir(name)?,
@@ -120,7 +187,71 @@ impl ModelDir {
                 components,
             },
             synthetic: synthetic.is_some(),
+            single: None,
+            loras: None,
         })
+    }
+
+    /// Merges `loras` into the weights this model's components load from now on.
+    pub fn with_loras(mut self, loras: Arc<LoraSet>) -> Self {
+        self.loras = Some(loras);
+        self
+    }
+
+    /// After the components are built: every LoRA module must have found its weight.
+    pub fn check_loras_used(&self) -> Result<()> {
+        match &self.loras {
+            Some(l) => l.check_all_used().map_err(ModelError::Other),
+            None => Ok(()),
+        }
+    }
+
+    /// The UNet's block layout, for LoRA module names in the original SGM layout.
+    fn unet_layout(&self) -> Option<UNetLayout> {
+        let cfg: serde_json::Value = self.config("unet").ok()?;
+        let layers = match &cfg["layers_per_block"] {
+            serde_json::Value::Array(a) => a.first()?.as_u64()?,
+            v => v.as_u64().unwrap_or(2),
+        };
+        let up = cfg["up_block_types"].as_array()?;
+        Some(UNetLayout {
+            layers: layers as usize,
+            up_has_attention: up
+                .iter()
+                .map(|t| t.as_str().is_some_and(|s| s.contains("CrossAttn")))
+                .collect(),
+        })
+    }
+
+    /// The single-file checkpoint this model is read from, if it is one.
+    pub fn single_file(&self) -> Option<&SingleFile> {
+        self.single.as_deref()
+    }
+
+    /// The scheduler configuration: `scheduler/scheduler_config.json`, or for a single file
+    /// the one diffusers pairs with its model type.
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        if let Some(file) = &self.single {
+            let json = file.scheduler_config().to_string();
+            return SchedulerConfig::from_json(json.as_bytes())
+                .map_err(|e| ModelError::Other(format!("{}: {e}", file.path().display())));
+        }
+        let path = self.scheduler_config_path();
+        if !path.is_file() {
+            return Err(ModelError::MissingFile { path });
+        }
+        SchedulerConfig::from_file(&path)
+            .map_err(|e| ModelError::Other(format!("{}: {e}", path.display())))
+    }
+
+    /// The CLIP tokenizer of `component` (`tokenizer`, `tokenizer_2`): from its folder, or for
+    /// a single file the standard CLIP vocabulary Tessera ships (checkpoints carry none).
+    pub fn clip_tokenizer(&self, component: &str) -> Result<ClipTokenizer> {
+        let tokenizer = match &self.single {
+            Some(file) => ClipTokenizer::standard(file.pad_token(component)),
+            None => ClipTokenizer::from_dir(&self.component_dir(component)),
+        };
+        tokenizer.map_err(|e| ModelError::Other(e.to_string()))
     }
 
     /// A `synthetic:NAME` model, whose weights are random.
@@ -142,6 +273,19 @@ impl ModelDir {
 
     /// `component/config.json` parsed as `T`.
     pub fn config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+        if let Some(file) = &self.single {
+            let value = file.config(component).cloned().ok_or_else(|| {
+                ModelError::Other(format!(
+                    "{} has no {component} (a single-file checkpoint holds {})",
+                    file.path().display(),
+                    file.component_names().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            return serde_json::from_value(value).map_err(|source| ModelError::BadConfig {
+                path: file.path().join(component),
+                source,
+            });
+        }
         read_json(&self.root.join(component).join("config.json"))
     }
 
@@ -158,12 +302,31 @@ impl ModelDir {
         dtype: DType,
         device: &Device,
     ) -> Result<ComponentWeights> {
+        let mut weights = self.base_weights(component, dtype, device)?;
+        if let (Some(loras), Some(target)) = (&self.loras, Target::of_component(component)) {
+            let layout = (target == Target::Unet)
+                .then(|| self.unet_layout())
+                .flatten();
+            weights.vb = loras.wrap(target, weights.vb, layout);
+        }
+        Ok(weights)
+    }
+
+    fn base_weights(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ComponentWeights> {
         if self.synthetic {
             return Ok(ComponentWeights {
                 component: component.to_string(),
                 files: "synthetic random weights".to_string(),
                 vb: crate::random_models::full_size::random_weights(dtype, device),
             });
+        }
+        if let Some(file) = &self.single {
+            return single_file_weights(file, component, dtype, device);
         }
         let dir = self.root.join(component);
         let files = weight_files(&dir)?;
@@ -189,6 +352,22 @@ impl ModelDir {
             vb,
         })
     }
+}
+
+fn single_file_weights(
+    file: &Arc<SingleFile>,
+    component: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<ComponentWeights> {
+    let backend = file.backend(component).ok_or_else(|| {
+        ModelError::Other(format!("{} has no {component}", file.path().display()))
+    })?;
+    Ok(ComponentWeights {
+        component: component.to_string(),
+        files: file.path().display().to_string(),
+        vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+    })
 }
 
 /// The weights of one component, ready for a model constructor.

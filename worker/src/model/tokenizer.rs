@@ -159,17 +159,44 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let settings = TokenizerSettings::read(dir)?;
         let json_path = dir.join("tokenizer.json");
-        let (mut inner, pad_source) = if json_path.is_file() {
+        let (inner, pad_source) = if json_path.is_file() {
             let t = Tokenizer::from_file(&json_path).map_err(|e| malformed(&json_path, e))?;
             (t, json_path)
         } else {
             let t = build_from_vocab(dir, &settings)?;
             (t, dir.join("vocab.json"))
         };
+        Self::finish(inner, &settings, &pad_source)
+    }
+
+    /// The standard CLIP tokenizer (OpenAI's 49408-token BPE, as `openai/clip-vit-large-patch14`
+    /// and the SD 2.x / SDXL repositories ship it), padded with `pad`: built from the BPE file
+    /// Tessera carries, for single-file checkpoints, which hold no tokenizer.
+    pub fn standard(pad: &str) -> Result<Self, TokenizerError> {
+        let source = PathBuf::from(STANDARD_BPE_NAME);
+        let (vocab, merges) = standard_vocab().map_err(|e| malformed(&source, e))?;
+        let settings = TokenizerSettings {
+            bos: BOS.to_string(),
+            eos: EOS.to_string(),
+            unk: EOS.to_string(),
+            pad: pad.to_string(),
+            max_length: DEFAULT_MAX_LENGTH,
+            lower_case: true,
+        };
+        let inner = build(vocab, merges, &settings, &source)?;
+        Self::finish(inner, &settings, &source)
+    }
+
+    /// Checks the special tokens and sets truncation and padding to `max_length`.
+    fn finish(
+        mut inner: Tokenizer,
+        settings: &TokenizerSettings,
+        pad_source: &Path,
+    ) -> Result<Self, TokenizerError> {
         let id_of = |tok: &str| {
             inner.token_to_id(tok).ok_or_else(|| {
                 malformed(
-                    &pad_source,
+                    pad_source,
                     format!("token {tok:?} is not in the vocabulary"),
                 )
             })
@@ -184,7 +211,7 @@ impl ClipTokenizer {
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
             }))
-            .map_err(|e| malformed(&pad_source, e))?;
+            .map_err(|e| malformed(pad_source, e))?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(settings.max_length),
             direction: PaddingDirection::Right,
@@ -239,6 +266,14 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
     let merges_text = read(&merges_path)?;
     let vocab: HashMap<String, u32> =
         serde_json::from_str(&vocab_text).map_err(|e| malformed(&vocab_path, e))?;
+    let merges = parse_merges(&merges_text, &merges_path)?;
+    build(vocab, merges, s, &vocab_path)
+}
+
+fn parse_merges(
+    merges_text: &str,
+    merges_path: &Path,
+) -> Result<Vec<(String, String)>, TokenizerError> {
     let mut merges = Vec::new();
     for (n, line) in merges_text.lines().enumerate() {
         if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -251,7 +286,7 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
             }
             _ => {
                 return Err(malformed(
-                    &merges_path,
+                    merges_path,
                     format!(
                         "line {} is not two space-separated symbols: {line:?}",
                         n + 1
@@ -260,11 +295,22 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
             }
         }
     }
+    Ok(merges)
+}
+
+/// The CLIP tokenizer over `vocab` and `merges` (see the module doc for its pieces).
+fn build(
+    vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    s: &TokenizerSettings,
+    vocab_path: &Path,
+) -> Result<Tokenizer, TokenizerError> {
+    let merges_path = vocab_path;
     let get = |tok: &str| {
         vocab
             .get(tok)
             .copied()
-            .ok_or_else(|| malformed(&vocab_path, format!("special token {tok:?} is missing")))
+            .ok_or_else(|| malformed(vocab_path, format!("special token {tok:?} is missing")))
     };
     let (bos_id, eos_id) = (get(&s.bos)?, get(&s.eos)?);
     get(&s.unk)?;
@@ -280,22 +326,22 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
         .fuse_unk(false)
         .unk_token(s.unk.clone())
         .build()
-        .map_err(|e| malformed(&merges_path, e))?;
+        .map_err(|e| malformed(merges_path, e))?;
     let mut t = Tokenizer::new(bpe);
     let ws = Replace::new(ReplacePattern::Regex(r"\s+".to_string()), " ")
-        .map_err(|e| malformed(&vocab_path, e))?;
+        .map_err(|e| malformed(vocab_path, e))?;
     let mut norms: Vec<NormalizerWrapper> = vec![NFC.into(), ws.into()];
     if s.lower_case {
         norms.push(Lowercase.into());
     }
     t.with_normalizer(Some(NormalizerSequence::new(norms)))
-        .map_err(|e| malformed(&vocab_path, e))?;
+        .map_err(|e| malformed(vocab_path, e))?;
     let split = Split::new(
         SplitPattern::Regex(CLIP_SPLIT.to_string()),
         SplitDelimiterBehavior::Removed,
         true,
     )
-    .map_err(|e| malformed(&vocab_path, e))?;
+    .map_err(|e| malformed(vocab_path, e))?;
     let pre: Vec<PreTokenizerWrapper> =
         vec![split.into(), ByteLevel::new(false, true, true).into()];
     t.with_pre_tokenizer(Some(PreTokenizerSequence::new(pre)));
@@ -314,7 +360,7 @@ fn build_from_vocab(dir: &Path, s: &TokenizerSettings) -> Result<Tokenizer, Toke
         }
     }
     t.add_special_tokens(specials)
-        .map_err(|e| malformed(&vocab_path, e))?;
+        .map_err(|e| malformed(vocab_path, e))?;
     Ok(t)
 }
 
@@ -339,10 +385,59 @@ pub(crate) fn byte_symbols() -> Vec<char> {
     out
 }
 
+/// BPE merges, in rank order.
+type Merges = Vec<(String, String)>;
+
+const STANDARD_BPE_NAME: &str = "the built-in CLIP vocabulary (bpe_simple_vocab_16e6)";
+
+/// OpenAI CLIP's BPE merges as open_clip ships them (`bpe_simple_vocab_16e6.txt.gz`, MIT).
+static STANDARD_BPE: &[u8] = include_bytes!("../../assets/clip_bpe_simple_vocab_16e6.txt.gz");
+
+/// The vocabulary and merges derived from the BPE file the way CLIP's `SimpleTokenizer` does:
+/// merges are lines 1 ..= 48894; the vocabulary is the 256 byte symbols, the same with `</w>`,
+/// one token per merge, then `<|startoftext|>` and `<|endoftext|>` (49408 in all).
+fn standard_vocab() -> Result<(HashMap<String, u32>, Merges), String> {
+    use std::io::Read;
+    const MERGES: usize = 49152 - 256 - 2;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(STANDARD_BPE)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let lines: Vec<&str> = text.split('\n').collect();
+    let lines = lines.get(1..=MERGES).ok_or("fewer merges than CLIP's")?;
+    let mut merges = Vec::with_capacity(MERGES);
+    for line in lines {
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("bad merge {line:?}"))?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let symbols: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
+    let tokens = symbols
+        .iter()
+        .cloned()
+        .chain(symbols.iter().map(|s| format!("{s}</w>")))
+        .chain(merges.iter().map(|(a, b)| format!("{a}{b}")))
+        .chain([BOS.to_string(), EOS.to_string()]);
+    let vocab = tokens.zip(0u32..).collect();
+    Ok((vocab, merges))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::random_models::tiny_vocab::write_tiny_vocab;
+
+    #[test]
+    fn the_standard_vocabulary_gives_clips_published_ids() {
+        let t = ClipTokenizer::standard("!").unwrap();
+        let ids = t.encode("a photo of a cat").unwrap();
+        assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!((ids[7], t.pad_id()), (0, 0));
+        let t = ClipTokenizer::standard(EOS).unwrap();
+        assert_eq!(t.pad_id(), 49407);
+        assert_eq!(t.token_to_id("<|startoftext|>"), Some(49406));
+    }
 
     struct TempDir(PathBuf);
     impl TempDir {
