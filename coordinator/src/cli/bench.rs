@@ -200,25 +200,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
         BenchCommand::Kernels(a) => super::bench_kernels::run(a),
-        BenchCommand::Dashboard(a) => {
-            if a.jobs == 0
-                || a.workers == 0
-                || a.loads == 0
-                || a.eval_ms.is_nan()
-                || a.eval_ms <= 0.0
-            {
-                bail!("--jobs, --workers, --loads and --eval-ms must be positive");
-            }
-            let opts = crate::bench::dashboard::DashboardOptions {
-                jobs: a.jobs,
-                workers: a.workers,
-                eval_ms: a.eval_ms,
-                loads: a.loads,
-            };
-            let (_, report) = crate::bench::dashboard::run(&opts, command)?;
-            report.emit(a.out.markdown.as_deref())?;
-            Ok(())
-        }
+        BenchCommand::Dashboard(a) => run_dashboard(a, command),
         BenchCommand::E2e(a) => {
             if a.size < 64 || a.size % 64 != 0 {
                 bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");
@@ -272,59 +254,76 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             report.emit(a.out.markdown.as_deref())?;
             Ok(())
         }
-        BenchCommand::Scale(a) => {
-            if a.workers.is_empty() || a.workers.contains(&0) {
-                bail!("--workers needs counts of at least 1, e.g. 1,2,4");
-            }
-            if !(a.eval_ms > 0.0 && a.slow_factor >= 1.0) {
-                bail!("--eval-ms must be positive and --slow-factor at least 1");
-            }
-            let mixed = if a.mixed == "none" {
-                None
-            } else {
-                let parts: Vec<usize> = a
-                    .mixed
-                    .split(',')
-                    .map(|p| p.trim().parse())
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(|_| anyhow::anyhow!("--mixed takes FAST,SLOW (e.g. 6,2) or none"))?;
-                match parts[..] {
-                    [fast, slow] if fast + slow > 0 => Some(scale::MixedSet {
-                        fast,
-                        slow,
-                        slow_factor: a.slow_factor,
-                    }),
-                    _ => bail!("--mixed takes FAST,SLOW (e.g. 6,2) or none"),
-                }
-            };
-            if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
-                bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
-            }
-            let coordinator_cores = parse_cores(&a.coordinator_cores)?;
-            let opts = scale::ScaleOptions {
-                coordinator_cores,
-                workers: a.workers,
-                eval_ms: a.eval_ms,
-                mixed,
-                size: a.size,
-                steps: a.steps,
-                view_batch: a.view_batch,
-                links: a
-                    .link_gbit
-                    .iter()
-                    .map(|&g| (g > 0.0).then_some(g))
-                    .collect(),
-                markdown: a.out.markdown.clone(),
-            };
-            if let Some(file) = &a.runs_json {
-                let runs = scale::measure(&opts)?;
-                return Ok(scale::write_runs(&runs, file)?);
-            }
-            let (_, report) = scale::run(&opts, command)?;
-            report.emit(a.out.markdown.as_deref())?;
-            Ok(())
-        }
+        BenchCommand::Scale(a) => run_scale(a, command),
     }
+}
+
+fn run_dashboard(a: DashboardArgs, command: String) -> Result<()> {
+    if a.jobs == 0 || a.workers == 0 || a.loads == 0 || a.eval_ms.is_nan() || a.eval_ms <= 0.0 {
+        bail!("--jobs, --workers, --loads and --eval-ms must be positive");
+    }
+    let opts = crate::bench::dashboard::DashboardOptions {
+        jobs: a.jobs,
+        workers: a.workers,
+        eval_ms: a.eval_ms,
+        loads: a.loads,
+    };
+    let (_, report) = crate::bench::dashboard::run(&opts, command)?;
+    report.emit(a.out.markdown.as_deref())?;
+    Ok(())
+}
+
+fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
+    if a.workers.is_empty() || a.workers.contains(&0) {
+        bail!("--workers needs counts of at least 1, e.g. 1,2,4");
+    }
+    if !(a.eval_ms > 0.0 && a.slow_factor >= 1.0) {
+        bail!("--eval-ms must be positive and --slow-factor at least 1");
+    }
+    let mixed = if a.mixed == "none" {
+        None
+    } else {
+        let parts: Vec<usize> = a
+            .mixed
+            .split(',')
+            .map(|p| p.trim().parse())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("--mixed takes FAST,SLOW (e.g. 6,2) or none"))?;
+        match parts[..] {
+            [fast, slow] if fast + slow > 0 => Some(scale::MixedSet {
+                fast,
+                slow,
+                slow_factor: a.slow_factor,
+            }),
+            _ => bail!("--mixed takes FAST,SLOW (e.g. 6,2) or none"),
+        }
+    };
+    if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
+        bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
+    }
+    let coordinator_cores = parse_cores(&a.coordinator_cores)?;
+    let opts = scale::ScaleOptions {
+        coordinator_cores,
+        workers: a.workers,
+        eval_ms: a.eval_ms,
+        mixed,
+        size: a.size,
+        steps: a.steps,
+        view_batch: a.view_batch,
+        links: a
+            .link_gbit
+            .iter()
+            .map(|&g| (g > 0.0).then_some(g))
+            .collect(),
+        markdown: a.out.markdown.clone(),
+    };
+    if let Some(file) = &a.runs_json {
+        let runs = scale::measure(&opts)?;
+        return Ok(scale::write_runs(&runs, file)?);
+    }
+    let (_, report) = scale::run(&opts, command)?;
+    report.emit(a.out.markdown.as_deref())?;
+    Ok(())
 }
 
 #[cfg(test)]
