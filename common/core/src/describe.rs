@@ -46,11 +46,15 @@ pub fn png_parameters(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
         };
         s.push_str(&format!("\nscheduler: {kind}"));
     }
-    format!(
+    let mut s = format!(
         "{s}\nmodel: {model}\nmethod: {}\nstages: {}\nmethod_flags: {ms}",
         plan.method,
         stages.join(",")
-    )
+    );
+    for l in &spec.loras {
+        s.push_str(&format!("\nlora: {}:{} ({})", l.name, l.weight, l.sha256));
+    }
+    s
 }
 
 fn gib(bytes: u64) -> String {
