@@ -306,6 +306,10 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         read_png(&out)
     };
     let expected = [embedded("peft.png", &peft), embedded("kohya.png", &kohya)];
+    assert!(
+        expected[0].2 != expected[1].2,
+        "the two LoRAs must change the picture"
+    );
 
     let cluster_dir = dir.path("cluster");
     std::fs::create_dir_all(&cluster_dir).unwrap();
@@ -371,5 +375,6 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         assert!(!watched.status.success(), "{said}");
         assert!(said.contains(name) && said.contains(why), "{said}");
         assert!(said.contains("on worker"), "{said}");
+        eprintln!("{name}: {}", said.trim());
     }
 }
