@@ -354,6 +354,13 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         assert_eq!(lora_lines(&got), lora_lines(want));
         assert_eq!(lora_lines(&got).len(), 1);
     }
+    for line in cluster
+        .logs()
+        .lines()
+        .filter(|l| l.contains("built a model with LoRAs") || l.contains("model loaded"))
+    {
+        eprintln!("{line}");
+    }
 
     // The client's own files: one the worker lacks, one the worker holds with other bytes.
     let client_dir = dir.path("client");

@@ -290,6 +290,11 @@ mod tests {
                 ..MethodSpec::default()
             },
             facfg: Some(vec![30.0, 5.0]),
+            loras: vec![LoraRef {
+                name: "style.safetensors".into(),
+                weight: 0.6,
+                sha256: format!("sha256:{}", "ab".repeat(32)),
+            }],
             ..JobRequest::default()
         };
         let wire = v1::JobSpec {

@@ -176,6 +176,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lora_is_named_by_plain_file_name_and_full_hash() {
+        let lora = |name: &str, sha256: String| JobRequest {
+            loras: vec![LoraRef {
+                name: name.into(),
+                weight: 0.5,
+                sha256,
+            }],
+            ..request()
+        };
+        let good = format!("sha256:{}", "0f".repeat(32));
+        let spec = lora("style.safetensors", good.clone()).to_spec(512, || 0);
+        assert_eq!(spec.unwrap().loras[0].name, "style.safetensors");
+        for (name, hash, says) in [
+            ("../style.safetensors", good.clone(), "plain file name"),
+            ("dir/style.safetensors", good.clone(), "plain file name"),
+            ("..", good, "plain file name"),
+            ("style.safetensors", "sha256:0f".into(), "64 lowercase hex"),
+        ] {
+            let e = lora(name, hash).to_spec(512, || 0).unwrap_err().0;
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
     fn a_background_scale_needs_a_mask() {
         let mut r = request();
         r.method.cosine_scale_bg = Some(0.5);
