@@ -161,40 +161,44 @@ fn a_lora_for_another_model_names_its_unmatched_modules() {
     assert!(!out.exists());
 }
 
+/// The job flags of the cluster tests: one small image, two steps.
+const SMALL_JOB: [&str; 8] = [
+    "--prompt",
+    "a lighthouse",
+    "--size",
+    "64x64",
+    "--steps",
+    "2",
+    "--seed",
+    "7",
+];
+
+/// A coordinator and Redis in `dir`'s `cluster` folder, no workers yet.
+fn start_cluster(dir: &Scratch) -> tessera_harness::LocalCluster {
+    let cluster_dir = dir.path("cluster");
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let opts = tessera_harness::ClusterOptions::default();
+    tessera_harness::LocalCluster::start(Path::new(tessera_bin()), &cluster_dir, opts)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A worker process serving a single file (`worker --model FILE.safetensors`) renders the same
 /// pixels as the embedded render of that file.
 #[test]
 fn a_cluster_worker_serves_a_single_file_as_the_embedded_render_does() {
-    use tessera_harness::{ClusterOptions, LocalCluster};
     let dir = scratch("single-cluster");
     // A copy: the worker caches the file's fingerprint beside it.
     let model = dir.path("xl.safetensors");
     let fixture = repo_root().join("tests/parity/fixtures/sdxl_single/model.safetensors");
     std::fs::copy(&fixture, &model).unwrap();
-    let flags = [
-        "--prompt",
-        "a lighthouse",
-        "--size",
-        "64x64",
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-    ];
+    let flags = SMALL_JOB;
     let embedded = dir.path("embedded.png");
     let mut args = vec!["render", "--model", model.to_str().unwrap(), "-o"];
     args.push(embedded.to_str().unwrap());
     args.extend_from_slice(&flags);
     tessera_ok(&args);
 
-    let cluster_dir = dir.path("cluster");
-    std::fs::create_dir_all(&cluster_dir).unwrap();
-    let mut cluster = LocalCluster::start(
-        std::path::Path::new(tessera_bin()),
-        &cluster_dir,
-        ClusterOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut cluster = start_cluster(&dir);
     // No --model-name: a file serves under its name without `.safetensors`.
     cluster
         .add_worker(&model, &[])
@@ -275,7 +279,6 @@ fn single_files_in_f32_and_bf16_load_as_f16_ones_do() {
 /// fails its job at once, naming the file and the worker.
 #[test]
 fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
-    use tessera_harness::{ClusterOptions, LocalCluster};
     let dir = scratch("lora-cluster");
     let fixtures = repo_root().join("tests/parity/fixtures");
     let model = dir.path("xl");
@@ -287,16 +290,7 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         lora("peft.safetensors", "0.7"),
         lora("kohya.safetensors", "0.4"),
     );
-    let flags = [
-        "--prompt",
-        "a lighthouse",
-        "--size",
-        "64x64",
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-    ];
+    let flags = SMALL_JOB;
     let embedded = |name: &str, lora: &str| {
         let out = dir.path(name);
         let mut args = vec!["render", "--model", model.to_str().unwrap(), "--lora", lora];
@@ -311,14 +305,7 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         "the two LoRAs must change the picture"
     );
 
-    let cluster_dir = dir.path("cluster");
-    std::fs::create_dir_all(&cluster_dir).unwrap();
-    let mut cluster = LocalCluster::start(
-        Path::new(tessera_bin()),
-        &cluster_dir,
-        ClusterOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut cluster = start_cluster(&dir);
     let extra = ["--lora-dir".to_string(), lora_dir.display().to_string()];
     cluster
         .add_worker(&model, &extra)
