@@ -372,3 +372,30 @@ fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
         eprintln!("{name}: {}", said.trim());
     }
 }
+
+/// `submit` and `batch` hash each `--lora` file before they call the coordinator: a file that
+/// cannot be read is an error naming it, and nothing is sent.
+#[test]
+fn submit_and_batch_name_a_lora_file_they_cannot_read() {
+    let dir = scratch("lora-client");
+    let prompts = dir.path("prompts.txt");
+    std::fs::write(&prompts, "a lighthouse\n").unwrap();
+    let missing = dir.path("gone.safetensors");
+    let lora = missing.to_str().unwrap();
+    // Port 9 (discard): nothing is ever called, so nothing needs to listen there.
+    let at = ["--coordinator", "http://127.0.0.1:9", "--model", "xl"];
+    for cmd in [
+        vec!["submit", "--prompt", "a lighthouse", "--lora", lora],
+        vec!["batch", prompts.to_str().unwrap(), "--lora", lora],
+    ] {
+        let mut args = cmd.clone();
+        args.extend_from_slice(&at);
+        let out = tessera(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("--lora {lora}: cannot read it")),
+            "{err}"
+        );
+    }
+}
