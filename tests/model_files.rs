@@ -161,40 +161,44 @@ fn a_lora_for_another_model_names_its_unmatched_modules() {
     assert!(!out.exists());
 }
 
+/// The job flags of the cluster tests: one small image, two steps.
+const SMALL_JOB: [&str; 8] = [
+    "--prompt",
+    "a lighthouse",
+    "--size",
+    "64x64",
+    "--steps",
+    "2",
+    "--seed",
+    "7",
+];
+
+/// A coordinator and Redis in `dir`'s `cluster` folder, no workers yet.
+fn start_cluster(dir: &Scratch) -> tessera_harness::LocalCluster {
+    let cluster_dir = dir.path("cluster");
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let opts = tessera_harness::ClusterOptions::default();
+    tessera_harness::LocalCluster::start(Path::new(tessera_bin()), &cluster_dir, opts)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A worker process serving a single file (`worker --model FILE.safetensors`) renders the same
 /// pixels as the embedded render of that file.
 #[test]
 fn a_cluster_worker_serves_a_single_file_as_the_embedded_render_does() {
-    use tessera_harness::{ClusterOptions, LocalCluster};
     let dir = scratch("single-cluster");
     // A copy: the worker caches the file's fingerprint beside it.
     let model = dir.path("xl.safetensors");
     let fixture = repo_root().join("tests/parity/fixtures/sdxl_single/model.safetensors");
     std::fs::copy(&fixture, &model).unwrap();
-    let flags = [
-        "--prompt",
-        "a lighthouse",
-        "--size",
-        "64x64",
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-    ];
+    let flags = SMALL_JOB;
     let embedded = dir.path("embedded.png");
     let mut args = vec!["render", "--model", model.to_str().unwrap(), "-o"];
     args.push(embedded.to_str().unwrap());
     args.extend_from_slice(&flags);
     tessera_ok(&args);
 
-    let cluster_dir = dir.path("cluster");
-    std::fs::create_dir_all(&cluster_dir).unwrap();
-    let mut cluster = LocalCluster::start(
-        std::path::Path::new(tessera_bin()),
-        &cluster_dir,
-        ClusterOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut cluster = start_cluster(&dir);
     // No --model-name: a file serves under its name without `.safetensors`.
     cluster
         .add_worker(&model, &[])
@@ -265,5 +269,133 @@ fn single_files_in_f32_and_bf16_load_as_f16_ones_do() {
                 "bf16: rel. L2 {err:.3e} from the f16 file"
             );
         }
+    }
+}
+
+/// LoRAs on a cluster: the client sends each LoRA's name, weight and hash; the worker reads the
+/// files from its `--lora-dir`. Two jobs with different LoRAs, submitted together to one
+/// worker, each give the pixels of the embedded `render --lora`, and their PNGs record the
+/// LoRAs as the embedded render does. A LoRA the worker lacks, or holds with other bytes,
+/// fails its job at once, naming the file and the worker.
+#[test]
+fn cluster_jobs_with_different_loras_render_as_the_embedded_render_does() {
+    let dir = scratch("lora-cluster");
+    let fixtures = repo_root().join("tests/parity/fixtures");
+    let model = dir.path("xl");
+    copy_dir(&fixtures.join("sdxl/model"), &model);
+    let lora_dir = dir.path("loras");
+    copy_dir(&fixtures.join("sdxl_lora"), &lora_dir);
+    let lora = |name: &str, weight: &str| format!("{}:{weight}", lora_dir.join(name).display());
+    let (peft, kohya) = (
+        lora("peft.safetensors", "0.7"),
+        lora("kohya.safetensors", "0.4"),
+    );
+    let flags = SMALL_JOB;
+    let embedded = |name: &str, lora: &str| {
+        let out = dir.path(name);
+        let mut args = vec!["render", "--model", model.to_str().unwrap(), "--lora", lora];
+        args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+        args.extend_from_slice(&flags);
+        tessera_ok(&args);
+        read_png(&out)
+    };
+    let expected = [embedded("peft.png", &peft), embedded("kohya.png", &kohya)];
+    assert!(
+        expected[0].2 != expected[1].2,
+        "the two LoRAs must change the picture"
+    );
+
+    let mut cluster = start_cluster(&dir);
+    let extra = ["--lora-dir".to_string(), lora_dir.display().to_string()];
+    cluster
+        .add_worker(&model, &extra)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.wait_workers(1).unwrap_or_else(|e| panic!("{e}"));
+    let submit = |lora: &str| {
+        let mut args = vec!["submit", "--model", "xl", "--lora", lora];
+        args.extend_from_slice(&flags);
+        let id = cluster.client_ok(&args).unwrap_or_else(|e| panic!("{e}"));
+        id.trim().to_string()
+    };
+    // Both queued before either is watched: the worker holds both sets at once.
+    let ids = [submit(&peft), submit(&kohya)];
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        let watched = cluster.client(&["watch", id]).unwrap();
+        assert!(watched.status.success(), "{}", cluster.logs());
+        let fetched = dir.path(&format!("cluster{i}.png"));
+        cluster
+            .client_ok(&["fetch", id, "-o", fetched.to_str().unwrap()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got = read_png(&fetched);
+        assert!(
+            got.2 == want.2,
+            "job {i}: pixels differ from the embedded render"
+        );
+        let lora_lines = |p: &(u32, u32, Vec<u8>, Vec<(String, String)>)| -> Vec<String> {
+            let text = &p.3.iter().find(|(k, _)| k == "parameters").unwrap().1;
+            text.lines()
+                .filter(|l| l.starts_with("lora: "))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(lora_lines(&got), lora_lines(want));
+        assert_eq!(lora_lines(&got).len(), 1);
+    }
+    for line in cluster
+        .logs()
+        .lines()
+        .filter(|l| l.contains("built a model with LoRAs") || l.contains("model loaded"))
+    {
+        eprintln!("{line}");
+    }
+
+    // The client's own files: one the worker lacks, one the worker holds with other bytes.
+    let client_dir = dir.path("client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let peft_bytes = std::fs::read(lora_dir.join("peft.safetensors")).unwrap();
+    std::fs::write(client_dir.join("absent.safetensors"), &peft_bytes).unwrap();
+    std::fs::write(client_dir.join("kohya.safetensors"), &peft_bytes).unwrap();
+    for (name, why) in [
+        ("absent.safetensors", "cannot be read"),
+        ("kohya.safetensors", "has hash"),
+    ] {
+        let id = submit(&client_dir.join(name).display().to_string());
+        let watched = cluster.client(&["watch", &id]).unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&watched.stdout),
+            String::from_utf8_lossy(&watched.stderr)
+        );
+        assert!(!watched.status.success(), "{said}");
+        assert!(said.contains(name) && said.contains(why), "{said}");
+        assert!(said.contains("on worker"), "{said}");
+        eprintln!("{name}: {}", said.trim());
+    }
+}
+
+/// `submit` and `batch` hash each `--lora` file before they call the coordinator: a file that
+/// cannot be read is an error naming it, and nothing is sent.
+#[test]
+fn submit_and_batch_name_a_lora_file_they_cannot_read() {
+    let dir = scratch("lora-client");
+    let prompts = dir.path("prompts.txt");
+    std::fs::write(&prompts, "a lighthouse\n").unwrap();
+    let missing = dir.path("gone.safetensors");
+    let lora = missing.to_str().unwrap();
+    // Port 9 (discard): nothing is ever called, so nothing needs to listen there.
+    let at = ["--coordinator", "http://127.0.0.1:9", "--model", "xl"];
+    for cmd in [
+        vec!["submit", "--prompt", "a lighthouse", "--lora", lora],
+        vec!["batch", prompts.to_str().unwrap(), "--lora", lora],
+    ] {
+        let mut args = cmd.clone();
+        args.extend_from_slice(&at);
+        let out = tessera(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("--lora {lora}: cannot read it")),
+            "{err}"
+        );
     }
 }

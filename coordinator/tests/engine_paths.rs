@@ -43,6 +43,7 @@ fn model() -> (Arc<DiffusionModel>, ArchInfo) {
 fn spec(stages: &[u32], method: MethodSpec) -> RenderSpec {
     let last = *stages.last().unwrap();
     RenderSpec {
+        loras: Vec::new(),
         prompt: "a lighthouse".into(),
         negative_prompt: None,
         width: last,

@@ -37,6 +37,7 @@ fn model() -> (Arc<DiffusionModel>, Plan) {
     let m = DiffusionModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let arch = arch_info(&dir, 4).unwrap();
     let spec = RenderSpec {
+        loras: Vec::new(),
         prompt: "x".into(),
         negative_prompt: None,
         width: 128,

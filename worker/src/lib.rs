@@ -4,6 +4,7 @@ pub mod device;
 pub mod fingerprint;
 pub mod gpu;
 pub mod hooks;
+pub mod lora_models;
 pub mod metrics;
 pub mod model;
 pub mod random_models;

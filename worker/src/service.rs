@@ -10,12 +10,14 @@
 //! coordinator merged and cleared its step cannot leave keys behind, and no task can write
 //! over a job's durable keys.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_core::plan::ArchInfo;
+use tessera_core::spec::LoraRef;
 use tessera_core::task::{Task, TaskKind};
 use tessera_proto::auth::{AttachToken, RequireCallToken};
 use tessera_proto::net::{self, ClientNet};
@@ -31,6 +33,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::device::{compute_dtype, open_device};
+use crate::lora_models::LoraModels;
 use crate::metrics::WorkerMetrics;
 use crate::model::arch::arch_info_with;
 use crate::model::diffusion::DiffusionModel;
@@ -47,6 +50,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum ServiceError {
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    #[error("--lora-dir {0}: not a directory; give the directory that holds the LoRA files")]
+    LoraDir(PathBuf),
     #[error("loading the model from {path}: {message}")]
     Model { path: PathBuf, message: String },
     #[error(transparent)]
@@ -92,6 +97,8 @@ pub struct WorkerConfig {
     pub metrics: Option<SocketAddr>,
     /// A single-file checkpoint's prediction type, overriding its model type's default.
     pub prediction_type: Option<Prediction>,
+    /// Where jobs' LoRAs are read from (`--lora-dir`).
+    pub lora_dir: Option<PathBuf>,
 }
 
 /// What computes the tasks: the real model, or the benchmark double.
@@ -121,6 +128,59 @@ struct Shared {
     /// (of the coordinator's second call) overlap it.
     device_turn: std::sync::Mutex<()>,
     metrics: Arc<WorkerMetrics>,
+    /// Models with a job's LoRAs merged in, built from the base model's files.
+    lora_models: LoraModels,
+    /// Each job's LoRAs, read once from its spec (the spec never changes).
+    job_loras: Mutex<HashMap<String, Vec<LoraRef>>>,
+}
+
+/// Jobs whose LoRAs are remembered; the map starts over when it is full.
+const REMEMBERED_JOBS: usize = 256;
+
+impl Shared {
+    /// The model a task runs on: the served one, or for a prompt or denoising task of a job
+    /// with LoRAs, that model with them merged in. The error says whether to retry.
+    fn lora_model(&self, task: &Task) -> Result<Option<Arc<DiffusionModel>>, (String, bool)> {
+        let uses_loras = matches!(
+            task.kind,
+            TaskKind::EncodePrompt { .. } | TaskKind::Denoise(_)
+        );
+        if !uses_loras || matches!(self.served, Served::Simulated(_)) {
+            return Ok(None);
+        }
+        let loras = self.job_loras(&task.job)?;
+        if loras.is_empty() {
+            return Ok(None);
+        }
+        (self.lora_models.model(&loras))
+            .map(Some)
+            .map_err(|e| (e.to_string(), false))
+    }
+
+    fn job_loras(&self, job: &str) -> Result<Vec<LoraRef>, (String, bool)> {
+        let mut known = self.job_loras.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = known.get(job) {
+            return Ok(l.clone());
+        }
+        #[derive(serde::Deserialize)]
+        struct SpecLoras {
+            #[serde(default)]
+            loras: Vec<LoraRef>,
+        }
+        let key = keys::spec(job);
+        let bytes = match self.store.get(&key) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err((format!("job {job} has no spec in the store"), true)),
+            Err(e) => return Err((format!("reading {key}: {e}"), true)),
+        };
+        let spec: SpecLoras = serde_json::from_slice(&bytes)
+            .map_err(|e| (format!("job {job}'s spec is unreadable: {e}"), false))?;
+        if known.len() >= REMEMBERED_JOBS {
+            known.clear();
+        }
+        known.insert(job.to_string(), spec.loras.clone());
+        Ok(spec.loras)
+    }
 }
 
 fn model_error(cfg: &WorkerConfig, e: impl std::fmt::Display) -> ServiceError {
@@ -172,6 +232,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let coordinator_net = coordinator_net(&cfg)?;
+    if let Some(dir) = cfg.lora_dir.as_ref().filter(|d| !d.is_dir()) {
+        return Err(ServiceError::LoraDir(dir.clone()));
+    }
     let device = open_device(&cfg.device)?;
     let weight_bytes = if device.is_cpu() { 4 } else { 2 };
     let arch = arch_info_with(&cfg.model_dir, weight_bytes, cfg.prediction_type)
@@ -210,7 +273,17 @@ pub async fn serve(
     if let Some(addr) = cfg.metrics {
         serve_metrics(addr, metrics.clone()).await?;
     }
+    let lora_models = LoraModels::new(
+        id.clone(),
+        cfg.lora_dir.clone(),
+        cfg.model_dir.clone(),
+        cfg.prediction_type,
+        device.clone(),
+        dtype,
+    );
     let shared = Arc::new(Shared {
+        lora_models,
+        job_loras: Mutex::default(),
         id: id.clone(),
         served,
         cache: tasks::ReadCache::default(),
@@ -632,13 +705,19 @@ impl WorkerService {
         let id = task.id.clone();
         let shared = self.shared.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            let with_loras = shared.lora_model(&task)?;
+            let backend = match &with_loras {
+                Some(m) => tasks::Backend::Model(m),
+                None => shared.served.backend(),
+            };
             tasks::execute_counted(
-                shared.served.backend(),
+                backend,
                 &GuardedStore::new(&shared.store, &task),
                 &shared.cache,
                 &task,
                 &shared.device_turn,
             )
+            .map_err(|e| (e.to_string(), retryable(&e)))
         })
         .await;
         match outcome {
@@ -648,10 +727,10 @@ impl WorkerService {
                 result.evaluations = u32::try_from(ran.evaluations).unwrap_or(u32::MAX);
                 return (result, "ok");
             }
-            Ok(Err(e)) => {
-                result.retryable = retryable(&e);
-                result.error = e.to_string();
-                tracing::warn!(task = %id, "task failed: {e}");
+            Ok(Err((e, retry))) => {
+                result.retryable = retry;
+                result.error = e;
+                tracing::warn!(task = %id, "task failed: {}", result.error);
             }
             Err(panic) => result.error = format!("task {id} panicked: {panic}"),
         }

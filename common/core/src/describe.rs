@@ -46,6 +46,10 @@ pub fn png_parameters(spec: &RenderSpec, plan: &Plan, model: &str) -> String {
         };
         s.push_str(&format!("\nscheduler: {kind}"));
     }
+    // Before `model:`: a cluster appends the model's fingerprint to the last line.
+    for l in &spec.loras {
+        s.push_str(&format!("\nlora: {}:{} ({})", l.name, l.weight, l.sha256));
+    }
     format!(
         "{s}\nmodel: {model}\nmethod: {}\nstages: {}\nmethod_flags: {ms}",
         plan.method,

@@ -1199,6 +1199,7 @@ mod tests {
 
     fn spec(size: u32, method: Option<Method>) -> RenderSpec {
         RenderSpec {
+            loras: Vec::new(),
             prompt: "a lighthouse".into(),
             negative_prompt: None,
             width: size,

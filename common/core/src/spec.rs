@@ -41,6 +41,55 @@ pub struct RenderSpec {
     /// How the finished picture is written (bit depth); not part of what is computed.
     #[serde(default)]
     pub output: OutputFormat,
+    /// LoRAs merged into the model for this job, in order; the workers find them by name in
+    /// their `--lora-dir` and check them by hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
+}
+
+/// A LoRA as a job names it: a plain file name (no directory), the weight it is merged at,
+/// and `sha256:HEX` of the file's bytes. A job never carries the file itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraRef {
+    pub name: String,
+    pub weight: f64,
+    pub sha256: String,
+}
+
+impl LoraRef {
+    /// Refuses a name that is not a plain file name, a weight that is not finite, or a hash
+    /// that is not `sha256:` and 64 lowercase hex digits.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let plain = !self.name.is_empty()
+            && self.name.len() <= 255
+            && self.name != "."
+            && self.name != ".."
+            && !self.name.contains(['/', '\\', '\0']);
+        if !plain {
+            return Err(SpecError(format!(
+                "--lora {:?}: a job names a LoRA by its plain file name in the workers' --lora-dir",
+                self.name
+            )));
+        }
+        if !self.weight.is_finite() {
+            return Err(SpecError(format!(
+                "--lora {}: the weight must be a finite number",
+                self.name
+            )));
+        }
+        let hex = self.sha256.strip_prefix("sha256:").unwrap_or_default();
+        let hash_ok = hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hash_ok {
+            return Err(SpecError(format!(
+                "--lora {}: the hash must be sha256: and 64 lowercase hex digits, got {:?}",
+                self.name, self.sha256
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Sample depth of the output PNG.
@@ -270,6 +319,7 @@ mod tests {
 
     fn spec() -> RenderSpec {
         RenderSpec {
+            loras: Vec::new(),
             prompt: "a lighthouse".into(),
             negative_prompt: None,
             width: 256,

@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 use super::job::{JobArgs, MissingPrompt};
 use super::output::check_writable;
 use super::roles::runtime;
+use tessera_core::spec::LoraRef;
+use tessera_worker::model::lora::{self, LoraSpec};
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
@@ -144,6 +146,34 @@ pub struct QueueOpts {
     /// tells it. A failed notification never fails the job.
     #[arg(long, value_name = "URL")]
     pub notify: Option<String>,
+    /// A LoRA to merge into the model at WEIGHT (default 1), repeatable. Only its file name,
+    /// weight and sha256 travel: every worker reads the file from its own --lora-dir and
+    /// checks the hash, and a worker without it fails the job naming the file.
+    #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = LoraSpec::parse)]
+    pub lora: Vec<LoraSpec>,
+}
+
+/// `--lora` as the job names them: each file is read here only to hash it.
+fn lora_refs(opts: &QueueOpts) -> Result<Vec<LoraRef>> {
+    opts.lora
+        .iter()
+        .map(|l| {
+            let name = l
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| {
+                    format!("--lora {}: name a .safetensors file", l.path.display())
+                })?;
+            let sha256 = lora::hash_file(&l.path)
+                .with_context(|| format!("--lora {}: cannot read it", l.path.display()))?;
+            Ok(LoraRef {
+                name: name.to_string(),
+                weight: l.weight,
+                sha256,
+            })
+        })
+        .collect()
 }
 
 fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
@@ -157,13 +187,20 @@ fn read_file(flag: &str, path: Option<&Path>) -> Result<Vec<u8>> {
 
 /// The job as the coordinator takes it: the request, the model it runs on and the bytes of the
 /// files it names. A missing prompt travels empty and the coordinator refuses it.
-fn request(opts: &QueueOpts, job: &JobArgs, latents: Option<&Path>) -> Result<SubmitJobRequest> {
+fn request(
+    opts: &QueueOpts,
+    job: &JobArgs,
+    latents: Option<&Path>,
+    loras: &[LoraRef],
+) -> Result<SubmitJobRequest> {
+    let mut request = job.to_request(MissingPrompt::Use(""))?;
+    request.loras = loras.to_vec();
     let spec = v1::JobSpec {
         model: opts.model.clone(),
         latents: read_file("--latents", latents)?,
         init_image: read_file("--init-image", job.init_image.as_deref())?,
         mask: read_file("--mask", job.mask.as_deref())?,
-        ..v1::JobSpec::from(&job.to_request(MissingPrompt::Use(""))?)
+        ..v1::JobSpec::from(&request)
     };
     let notify = match opts.notify.as_deref() {
         Some(url) => crate::notify::check_url(url)?.to_string(),
@@ -191,18 +228,19 @@ pub fn dashboard_submit(args: &[String]) -> std::result::Result<SubmitJobRequest
         job: JobArgs,
     }
     let form = Form::try_parse_from(args).map_err(|e| e.render().to_string())?;
-    if form.job.init_image.is_some() || form.job.mask.is_some() {
+    if form.job.init_image.is_some() || form.job.mask.is_some() || !form.opts.lora.is_empty() {
         return Err(
-            "--init-image and --mask name files on your own machine: submit such jobs \
+            "--init-image, --mask and --lora name files on your own machine: submit such jobs \
                     with `tessera submit`"
                 .into(),
         );
     }
-    request(&form.opts, &form.job, None).map_err(|e| format!("{e:#}"))
+    request(&form.opts, &form.job, None, &[]).map_err(|e| format!("{e:#}"))
 }
 
 pub fn submit(args: SubmitArgs) -> Result<()> {
-    let req = request(&args.opts, &args.job, args.latents.as_deref())?;
+    let loras = lora_refs(&args.opts)?;
+    let req = request(&args.opts, &args.job, args.latents.as_deref(), &loras)?;
     runtime()?.block_on(async move {
         let mut client = args.conn.client().await?;
         let id = client
@@ -247,13 +285,14 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     if args.job.prompt.is_some() {
         bail!("batch takes its prompts from the file: drop --prompt");
     }
+    let loras = lora_refs(&args.opts)?;
     runtime()?.block_on(async move {
         let mut client = args.conn.client().await?;
         let mut failed = 0;
         for (line, prompt) in &prompts {
             let mut job = args.job.clone();
             job.prompt = Some(prompt.clone());
-            let req = request(&args.opts, &job, None)?;
+            let req = request(&args.opts, &job, None, &loras)?;
             match client.submit_job(req).await {
                 Ok(r) => println!("{}", r.into_inner().job_id),
                 Err(s) => {

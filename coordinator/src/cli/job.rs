@@ -209,6 +209,7 @@ impl JobArgs {
                 bit_depth: self.bit_depth,
                 dzi: self.dzi,
             },
+            loras: Vec::new(),
         })
     }
 }

@@ -114,7 +114,7 @@ pub fn run(args: RenderArgs) -> Result<()> {
         spec,
         plan,
         inputs,
-        loras,
+        loras: _,
     } = prepared;
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -133,7 +133,6 @@ pub fn run(args: RenderArgs) -> Result<()> {
     let outputs = Outputs {
         spec: &spec,
         plan: &plan,
-        loras: &loras,
     };
     write_outputs(&args, &engine, &outputs, &out.latents, &on_progress)?;
     progress.finish();
@@ -178,6 +177,11 @@ fn prepare(args: &RenderArgs, device: &Device) -> Result<Prepared> {
         .map(|p| image_input::read_mask(p, target))
         .transpose()?;
     let loras = Arc::new(LoraSet::load(&args.lora).map_err(anyhow::Error::msg)?);
+    // The PNG records each LoRA as a cluster job names it.
+    let spec = RenderSpec {
+        loras: loras.refs(),
+        ..spec
+    };
     if request.seed.is_none() {
         eprintln!("seed: {}", spec.seed);
     }
@@ -219,7 +223,6 @@ fn load_model(
 struct Outputs<'a> {
     spec: &'a RenderSpec,
     plan: &'a Plan,
-    loras: &'a LoraSet,
 }
 
 fn write_outputs(
@@ -233,10 +236,7 @@ fn write_outputs(
         latent_file::write_latents(path, latents)?;
     }
     let (spec, plan) = (outputs.spec, outputs.plan);
-    let mut parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
-    for lora in outputs.loras.describe() {
-        parameters.push_str(&format!("\nlora: {lora}"));
-    }
+    let parameters = describe::png_parameters(spec, plan, &args.model.display().to_string());
     let mut png = assemble::OutputFiles::create(
         &args.output,
         spec,

@@ -240,6 +240,11 @@ pub struct WorkerArgs {
     /// Tasks (each a batch of views) per call from the coordinator.
     #[arg(long, default_value_t = 1)]
     pub tasks_per_call: u32,
+    /// The directory a job's LoRAs (`submit --lora`) are read from, by plain file name, each
+    /// checked against the hash the job records; symlinks are not followed. A job naming a
+    /// LoRA that is not here, or whose hash differs, fails at once naming the file.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// BENCHMARK DOUBLE, for `tessera bench`: load no weights and answer every task after MS
     /// milliseconds per training-size model evaluation with CFG (scaled by view area and
     /// batch), writing outputs of the real shapes with meaningless content. Never use it to
@@ -301,6 +306,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         tasks_per_call: args.tasks_per_call,
         simulate_eval_ms: args.simulate_eval_ms,
         metrics: args.observe.metrics,
+        lora_dir: args.lora_dir,
     };
     runtime()?.block_on(async move {
         tessera_worker::service::serve(cfg, shutdown_signal())

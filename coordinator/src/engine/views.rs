@@ -920,6 +920,7 @@ mod tests {
     #[test]
     fn step_hooks_dilate_the_planned_steps_and_jitter_the_fusion_per_step() {
         let spec = RenderSpec {
+            loras: Vec::new(),
             prompt: "a lighthouse".into(),
             negative_prompt: None,
             width: 2048,

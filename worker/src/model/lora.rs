@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use tessera_core::spec::LoraRef;
 
 use super::single_file::names::{self, UNetLayout};
 
@@ -98,6 +99,14 @@ impl LoraSet {
         })
     }
 
+    /// A set of files already loaded (a worker's, read from its --lora-dir).
+    pub fn from_files(files: Vec<LoraFile>) -> Self {
+        Self {
+            files,
+            used: Mutex::default(),
+        }
+    }
+
     /// `name:weight (sha256:…)` for each file, for the PNG's parameters.
     pub fn describe(&self) -> Vec<String> {
         self.files
@@ -105,6 +114,23 @@ impl LoraSet {
             .map(|f| {
                 let name = f.path.file_name().unwrap_or_default().to_string_lossy();
                 format!("{name}:{} ({})", f.weight, f.hash)
+            })
+            .collect()
+    }
+
+    /// Each file as a job names it: file name, weight and hash.
+    pub fn refs(&self) -> Vec<LoraRef> {
+        self.files
+            .iter()
+            .map(|f| LoraRef {
+                name: f
+                    .path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into(),
+                weight: f.weight,
+                sha256: f.hash.clone(),
             })
             .collect()
     }
@@ -286,9 +312,15 @@ fn load_file(spec: &LoraSpec) -> Result<LoraFile, String> {
     let shown = spec.path.display();
     let bytes =
         std::fs::read(&spec.path).map_err(|e| format!("LoRA {shown}: cannot read it ({e})"))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    load_bytes(spec, &bytes)
+}
+
+/// A LoRA file from its bytes, already read from `spec.path`.
+pub fn load_bytes(spec: &LoraSpec, bytes: &[u8]) -> Result<LoraFile, String> {
+    let shown = spec.path.display();
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| format!("LoRA {shown} is not a readable safetensors file ({e})"))?;
-    let metadata = peft_metadata(&bytes);
+    let metadata = peft_metadata(bytes);
     let modules = parse_modules(tensors, &metadata).map_err(|e| format!("LoRA {shown}: {e}"))?;
     if modules.is_empty() {
         return Err(format!("LoRA {shown} holds no LoRA modules"));
@@ -296,13 +328,34 @@ fn load_file(spec: &LoraSpec) -> Result<LoraFile, String> {
     Ok(LoraFile {
         path: spec.path.clone(),
         weight: spec.weight,
-        hash: sha256(&bytes),
+        hash: sha256(bytes),
         modules,
     })
 }
 
 pub fn sha256(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    hex_digest(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+/// [`sha256`] of a file read in pieces, so a large LoRA is never held whole to hash it.
+pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    hash_reader(std::fs::File::open(path)?)
+}
+
+/// [`sha256`] of everything `reader` yields.
+pub fn hash_reader(mut reader: impl std::io::Read) -> std::io::Result<String> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex_digest(ctx.finish()));
+        }
+        ctx.update(&buf[..n]);
+    }
+}
+
+fn hex_digest(digest: ring::digest::Digest) -> String {
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }

@@ -8,7 +8,9 @@
 
 use tessera_proto::v1;
 
-use super::{BitDepth, DziMode, JobRequest, OutputFormat, Size, SpecError, DEFAULT_GUIDANCE};
+use super::{
+    BitDepth, DziMode, JobRequest, LoraRef, OutputFormat, Size, SpecError, DEFAULT_GUIDANCE,
+};
 use super::{DEFAULT_STEPS, MAX_SIDE};
 use crate::method::params::{Method, MethodSpec, TileWeights};
 use crate::resize::ResizeFilter;
@@ -63,6 +65,15 @@ impl From<&JobRequest> for v1::JobSpec {
             mask: Vec::new(),
             bit_depth: Some(job.output.bit_depth.bits()),
             dzi: Some(job.output.dzi.to_string()),
+            loras: job
+                .loras
+                .iter()
+                .map(|l| v1::LoraRef {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                    sha256: l.sha256.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -96,6 +107,15 @@ impl TryFrom<&v1::JobSpec> for JobRequest {
             method,
             facfg,
             output: output_from_proto(spec)?,
+            loras: spec
+                .loras
+                .iter()
+                .map(|l| LoraRef {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                    sha256: l.sha256.clone(),
+                })
+                .collect(),
         })
     }
 }
@@ -270,6 +290,11 @@ mod tests {
                 ..MethodSpec::default()
             },
             facfg: Some(vec![30.0, 5.0]),
+            loras: vec![LoraRef {
+                name: "style.safetensors".into(),
+                weight: 0.6,
+                sha256: format!("sha256:{}", "ab".repeat(32)),
+            }],
             ..JobRequest::default()
         };
         let wire = v1::JobSpec {

@@ -2,7 +2,7 @@
 //! flags and the wire's `JobSpec` both become. [`JobRequest::to_spec`] turns it into the
 //! [`RenderSpec`] that planning and rendering read, once the model's training size is known.
 
-use super::{OutputFormat, RenderSpec, Size, SpecError};
+use super::{LoraRef, OutputFormat, RenderSpec, Size, SpecError};
 use crate::method::params::MethodSpec;
 use crate::sched::SchedulerKind;
 
@@ -31,6 +31,8 @@ pub struct JobRequest {
     /// FreCaS' FA-CFG weights W_HIGH, W_LOW as given (two, once checked).
     pub facfg: Option<Vec<f64>>,
     pub output: OutputFormat,
+    /// LoRAs by name, weight and hash (`--lora` on `submit` and `batch`).
+    pub loras: Vec<LoraRef>,
 }
 
 impl Default for JobRequest {
@@ -47,6 +49,7 @@ impl Default for JobRequest {
             method: MethodSpec::default(),
             facfg: None,
             output: OutputFormat::default(),
+            loras: Vec::new(),
         }
     }
 }
@@ -81,6 +84,9 @@ impl JobRequest {
                 "--cosine-scale-bg applies outside a --mask: give a --mask too, or drop it".into(),
             ));
         }
+        for lora in &self.loras {
+            lora.check()?;
+        }
         Ok(RenderSpec {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -95,6 +101,7 @@ impl JobRequest {
                 ..self.method.clone()
             },
             output: self.output,
+            loras: self.loras.clone(),
         })
     }
 }
@@ -166,6 +173,30 @@ mod tests {
             e.contains("--facfg takes two weights") && e.contains("got 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_lora_is_named_by_plain_file_name_and_full_hash() {
+        let lora = |name: &str, sha256: String| JobRequest {
+            loras: vec![LoraRef {
+                name: name.into(),
+                weight: 0.5,
+                sha256,
+            }],
+            ..request()
+        };
+        let good = format!("sha256:{}", "0f".repeat(32));
+        let spec = lora("style.safetensors", good.clone()).to_spec(512, || 0);
+        assert_eq!(spec.unwrap().loras[0].name, "style.safetensors");
+        for (name, hash, says) in [
+            ("../style.safetensors", good.clone(), "plain file name"),
+            ("dir/style.safetensors", good.clone(), "plain file name"),
+            ("..", good, "plain file name"),
+            ("style.safetensors", "sha256:0f".into(), "64 lowercase hex"),
+        ] {
+            let e = lora(name, hash).to_spec(512, || 0).unwrap_err().0;
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]
