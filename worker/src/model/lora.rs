@@ -107,17 +107,6 @@ impl LoraSet {
         }
     }
 
-    /// `name:weight (sha256:…)` for each file, for the PNG's parameters.
-    pub fn describe(&self) -> Vec<String> {
-        self.files
-            .iter()
-            .map(|f| {
-                let name = f.path.file_name().unwrap_or_default().to_string_lossy();
-                format!("{name}:{} ({})", f.weight, f.hash)
-            })
-            .collect()
-    }
-
     /// Each file as a job names it: file name, weight and hash.
     pub fn refs(&self) -> Vec<LoraRef> {
         self.files
