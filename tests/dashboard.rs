@@ -260,6 +260,8 @@ fn the_dashboard_works_in_a_real_browser() {
             "2",
             "--seed",
             "4",
+            "--by",
+            "night shift",
         ],
     );
 
@@ -279,6 +281,17 @@ fn the_dashboard_works_in_a_real_browser() {
     let workers = "document.querySelectorAll('#workers tr[data-worker]').length === 2";
     b.wait_for("both workers", workers, Duration::from_secs(20))
         .unwrap();
+    // Who submitted the waiting job, as its client said (`--by`).
+    let by = format!(
+        "(document.querySelector('#jobs tr[data-job=\"{waiting}\"]') || {{}}).textContent \
+         ?.includes('by night shift') === true"
+    );
+    b.wait_for(
+        "who submitted the waiting job",
+        &by,
+        Duration::from_secs(20),
+    )
+    .unwrap();
 
     // The running job's progress advances on the page (pushed by the event stream).
     let views = format!(

@@ -151,6 +151,18 @@ pub struct QueueOpts {
     /// checks the hash, and a worker without it fails the job naming the file.
     #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = LoraSpec::parse)]
     pub lora: Vec<LoraSpec>,
+    /// Who submits, as the dashboard shows it (default: $USER). A label for people, not a
+    /// credential.
+    #[arg(long, value_name = "NAME", env = "TESSERA_SUBMITTER")]
+    pub by: Option<String>,
+}
+
+/// `--by`, or the user running the client.
+fn submitter(opts: &QueueOpts) -> String {
+    opts.by
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_default()
 }
 
 /// `--lora` as the job names them: each file is read here only to hash it.
@@ -212,6 +224,7 @@ fn request(
         priority: opts.priority,
         output_dir: opts.output_dir.clone().unwrap_or_default(),
         notify,
+        submitted_by: submitter(opts),
     })
 }
 
@@ -227,7 +240,9 @@ pub fn dashboard_submit(args: &[String]) -> std::result::Result<SubmitJobRequest
         #[command(flatten)]
         job: JobArgs,
     }
-    let form = Form::try_parse_from(args).map_err(|e| e.render().to_string())?;
+    let mut form = Form::try_parse_from(args).map_err(|e| e.render().to_string())?;
+    // Not the coordinator's own $USER: a page's submission says where it came from.
+    form.opts.by.get_or_insert_with(|| "dashboard".to_string());
     if form.job.init_image.is_some() || form.job.mask.is_some() || !form.opts.lora.is_empty() {
         return Err(
             "--init-image, --mask and --lora name files on your own machine: submit such jobs \

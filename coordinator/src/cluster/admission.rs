@@ -196,6 +196,20 @@ fn check_files(
     Ok(inputs)
 }
 
+/// Longest `submit --by` kept.
+const MAX_SUBMITTER: usize = 64;
+
+/// `submit --by`: a short printable label (it is shown on pages and in terminals).
+pub fn check_submitter(by: &str) -> Result<String, Status> {
+    let by = by.trim();
+    if by.chars().count() > MAX_SUBMITTER || by.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "--by takes a name of at most {MAX_SUBMITTER} printable characters"
+        )));
+    }
+    Ok(by.to_string())
+}
+
 /// `--count`, `--priority` and `--output-dir` (against the allowed roots, from the path
 /// alone), checked.
 pub fn check_job_options(
@@ -231,6 +245,17 @@ pub fn check_job_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submitters_are_short_printable_labels() {
+        assert_eq!(check_submitter("  ana ").unwrap(), "ana");
+        assert_eq!(check_submitter("").unwrap(), "");
+        let long = "x".repeat(65);
+        for bad in [long.as_str(), "ana\x1b[31m", "a\nb"] {
+            let e = check_submitter(bad).unwrap_err();
+            assert!(e.message().contains("--by takes a name"), "{}", e.message());
+        }
+    }
 
     #[test]
     fn job_options_are_checked() {

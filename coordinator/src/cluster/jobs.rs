@@ -108,6 +108,9 @@ pub struct JobRecord {
     /// coordinator that resumes the job still tells it).
     #[serde(default)]
     pub notify: Option<String>,
+    /// Who submitted it, as the client said (`submit --by`); a label, not an identity.
+    #[serde(default)]
+    pub submitted_by: String,
     pub created_ms: i64,
     pub started_ms: i64,
     pub finished_ms: i64,

@@ -180,6 +180,7 @@ impl CoordinatorService {
         let id = new_job_id();
         let mut record = new_record(&id, model, admitted, count, priority, output_dir);
         record.0.notify = notify.map(|u| u.to_string());
+        record.0.submitted_by = admission::check_submitter(&req.submitted_by)?;
         jobs.create(&record.0, &record.1)
             .await
             .map_err(store_status)?;
@@ -224,6 +225,7 @@ fn new_record(
         resumed_from: None,
         warnings: Vec::new(),
         notify: None,
+        submitted_by: String::new(),
         created_ms: now_ms(),
         started_ms: 0,
         finished_ms: 0,

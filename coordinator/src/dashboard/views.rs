@@ -38,6 +38,8 @@ pub struct JobView {
     pub evals_per_s: Option<f64>,
     /// The plan's first line, as `tessera plan` prints it.
     pub summary: String,
+    /// Who submitted it, as the client said.
+    pub submitted_by: String,
     pub error: Option<String>,
     pub warnings: Vec<String>,
     pub created_ms: i64,
@@ -75,6 +77,7 @@ impl JobView {
             elapsed_s,
             evals_per_s,
             summary: plan_text.lines().next().unwrap_or_default().to_string(),
+            submitted_by: r.submitted_by.clone(),
             error: r.error.clone(),
             warnings: r.warnings.clone(),
             created_ms: r.created_ms,

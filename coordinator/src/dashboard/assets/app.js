@@ -119,7 +119,8 @@ function priorityCell(j) {
 
 function jobRow(j) {
   const what = el("td", {},
-    el("div", { text: `${j.width}×${j.height} · ${j.model} · seed ${j.seed}` }),
+    el("div", { text: `${j.width}×${j.height} · ${j.model} · seed ${j.seed}` +
+      (j.submitted_by ? ` · by ${j.submitted_by}` : "") }),
     el("div", { class: "mute", text: j.summary }),
     el("div", { class: "mute", text: `“${j.prompt}”` }));
   if (j.error) what.append(el("div", { class: "error", text: j.error }));
