@@ -7,6 +7,7 @@ pub mod error;
 pub mod family;
 pub mod method;
 pub mod noise;
+pub mod partial;
 pub mod plan;
 pub mod resize;
 pub mod sched;

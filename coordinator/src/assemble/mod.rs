@@ -266,12 +266,7 @@ pub fn software() -> String {
     format!("tessera {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// `dir/name.partial` next to the target, so the final rename stays on one filesystem.
-pub fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
+pub use tessera_core::partial::partial_path;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod dashboard;
 pub mod e2e;
 pub mod kernels;
+pub mod load;
 pub mod memory;
 pub mod netns;
 pub mod scale;

@@ -9,7 +9,7 @@ use tessera_core::family::Family;
 use tessera_core::sched::SchedulerConfig;
 
 use super::denoiser::{Conditioning, Denoiser, SD3_T5_TOKENS};
-use super::loader::{ModelDir, ModelError, Result};
+use super::loader::{ModelDir, ModelError, ModelIndex, Result};
 use super::single_file::Prediction;
 use super::t5::{T5Config, T5EncoderModel, T5Tokenizer};
 use super::text::{ClipTextConfig, ClipTextModel};
@@ -29,7 +29,9 @@ struct T5Branch {
 }
 
 pub struct DiffusionModel {
-    pub dir: ModelDir,
+    /// What `model_index.json` said. The opened `ModelDir` itself is not kept: a single file's
+    /// memory map would hold its ~7 GB of pages resident for the model's lifetime.
+    pub index: ModelIndex,
     pub device: Device,
     pub dtype: DType,
     pub denoiser: Denoiser,
@@ -136,7 +138,7 @@ impl DiffusionModel {
         let scheduler_config = dir.scheduler_config()?;
 
         Ok(Self {
-            dir,
+            index: dir.index().clone(),
             device: device.clone(),
             dtype,
             denoiser,
@@ -184,7 +186,7 @@ impl DiffusionModel {
         let (cond, pooled_cond) = self.encode_text(prompt)?;
         let zero_negative = negative.is_none()
             && self.family() == Family::Sdxl
-            && self.dir.index().force_zeros_for_empty_prompt;
+            && self.index.force_zeros_for_empty_prompt;
         let (uncond, pooled_uncond) = if zero_negative {
             (
                 cond.zeros_like().map_err(other)?,

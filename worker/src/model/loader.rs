@@ -208,19 +208,7 @@ impl ModelDir {
 
     /// The UNet's block layout, for LoRA module names in the original SGM layout.
     fn unet_layout(&self) -> Option<UNetLayout> {
-        let cfg: serde_json::Value = self.config("unet").ok()?;
-        let layers = match &cfg["layers_per_block"] {
-            serde_json::Value::Array(a) => a.first()?.as_u64()?,
-            v => v.as_u64().unwrap_or(2),
-        };
-        let up = cfg["up_block_types"].as_array()?;
-        Some(UNetLayout {
-            layers: layers as usize,
-            up_has_attention: up
-                .iter()
-                .map(|t| t.as_str().is_some_and(|s| s.contains("CrossAttn")))
-                .collect(),
-        })
+        UNetLayout::from_config(&self.config("unet").ok()?)
     }
 
     /// The single-file checkpoint this model is read from, if it is one.

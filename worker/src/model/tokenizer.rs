@@ -386,7 +386,7 @@ pub(crate) fn byte_symbols() -> Vec<char> {
 }
 
 /// BPE merges, in rank order.
-type Merges = Vec<(String, String)>;
+pub(crate) type Merges = Vec<(String, String)>;
 
 const STANDARD_BPE_NAME: &str = "the built-in CLIP vocabulary (bpe_simple_vocab_16e6)";
 
@@ -396,7 +396,7 @@ static STANDARD_BPE: &[u8] = include_bytes!("../../assets/clip_bpe_simple_vocab_
 /// The vocabulary and merges derived from the BPE file the way CLIP's `SimpleTokenizer` does:
 /// merges are lines 1 ..= 48894; the vocabulary is the 256 byte symbols, the same with `</w>`,
 /// one token per merge, then `<|startoftext|>` and `<|endoftext|>` (49408 in all).
-fn standard_vocab() -> Result<(HashMap<String, u32>, Merges), String> {
+pub(crate) fn standard_vocab() -> Result<(HashMap<String, u32>, Merges), String> {
     use std::io::Read;
     const MERGES: usize = 49152 - 256 - 2;
     let mut text = String::new();

@@ -19,7 +19,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
 
 use super::tiny::TINY_SAMPLE_SIZE;
-use super::tiny_vocab::write_tiny_vocab;
+use super::tiny_vocab::{write_standard_vocab, write_tiny_vocab};
 use crate::model::loader::{read_json, ModelError, Result};
 use crate::model::text::{ClipTextConfig, ClipTextModel};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
@@ -88,7 +88,7 @@ pub(crate) fn write_model(sdxl: bool, size: Size, out: &Path, seed: Option<u64>)
     };
     let mut seeds = SeedStream::new(seed);
     // Tokenizers first: the text encoders' vocabulary size comes from them.
-    let vocab = write_tokenizers(out, sdxl)?;
+    let vocab = write_tokenizers(out, sdxl, size == Size::Full)?;
     write_text_encoders(out, pipeline, &vocab, &mut seeds)?;
     let unet = write_unet(out, pipeline, &mut seeds)?;
     write_vae(out, pipeline, &unet, &mut seeds)?;
@@ -96,15 +96,21 @@ pub(crate) fn write_model(sdxl: bool, size: Size, out: &Path, seed: Option<u64>)
     write_model_index(out, sdxl)
 }
 
-/// The tiny CLIP tokenizer(s): one for SD 2.1 (padded with "!"), two for SDXL (the first
-/// padded with `<|endoftext|>`, the second with "!").
-pub(super) fn write_tokenizers(out: &Path, sdxl: bool) -> Result<Vocabulary> {
+/// The CLIP tokenizer(s): one for SD 2.1 (padded with "!"), two for SDXL (the first
+/// padded with `<|endoftext|>`, the second with "!"); the standard vocabulary (`standard`,
+/// the full sizes, as published) or the tiny one.
+pub(super) fn write_tokenizers(out: &Path, sdxl: bool, standard: bool) -> Result<Vocabulary> {
     let pad = if sdxl { "<|endoftext|>" } else { "!" };
+    let write = if standard {
+        write_standard_vocab
+    } else {
+        write_tiny_vocab
+    };
     let tokenizer_dir = out.join("tokenizer");
-    write_tiny_vocab(&tokenizer_dir, pad).map_err(|e| io_err(&tokenizer_dir, e))?;
+    write(&tokenizer_dir, pad).map_err(|e| io_err(&tokenizer_dir, e))?;
     if sdxl {
         let dir = out.join("tokenizer_2");
-        write_tiny_vocab(&dir, "!").map_err(|e| io_err(&dir, e))?;
+        write(&dir, "!").map_err(|e| io_err(&dir, e))?;
     }
     let vocab: serde_json::Map<String, Value> = read_json(&tokenizer_dir.join("vocab.json"))?;
     let id_of = |tok: &str| vocab.get(tok).and_then(|v| v.as_u64()).unwrap_or(0);
@@ -118,8 +124,7 @@ pub(super) fn write_tokenizers(out: &Path, sdxl: bool) -> Result<Vocabulary> {
 }
 
 /// A text encoder's `config.json`. Full sizes: CLIP ViT-L (SDXL's first encoder), OpenCLIP
-/// bigG (its second) and OpenCLIP ViT-H (SD 2.1's), over the real 49408-token vocabulary
-/// size; the tokenizer stays the tiny one, whose ids all fall inside it.
+/// bigG (its second) and OpenCLIP ViT-H (SD 2.1's), over the real 49408-token vocabulary.
 fn text_config(p: Pipeline, vocab: &Vocabulary, act: &str, with_projection: bool) -> Value {
     let dims = match (p.full, p.sdxl, with_projection) {
         (false, _, _) => (TINY_TEXT_HIDDEN, 64, 3, 4, TINY_TEXT_HIDDEN),
@@ -443,7 +448,7 @@ pub(super) fn write_weights(
     names.sort();
     for name in names {
         let var = &data[name];
-        let values = random_values(name, var.as_tensor(), seed);
+        let values = random_values(name, var.dims(), seed);
         let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).map_err(build_err)?;
         var.set(&t).map_err(build_err)?;
     }
@@ -466,9 +471,8 @@ pub(super) fn write_weights(
 /// Values for one parameter: norms near one, biases small, weights scaled by 1/sqrt(fan_in)
 /// so activations stay of order one through the tiny network. Each tensor gets its own stream
 /// keyed by its name, so adding a parameter does not change the others.
-fn random_values(name: &str, like: &Tensor, seed: u64) -> Vec<f32> {
-    let dims = like.dims();
-    let n = like.elem_count();
+pub(super) fn random_values(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
+    let n = dims.iter().product::<usize>();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -515,18 +519,18 @@ mod tests {
 
     #[test]
     fn norm_weights_are_near_one_and_streams_are_stable() {
-        let like = Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap();
-        let w = random_values("down_blocks.0.resnets.0.norm1.weight", &like, 3);
+        let like = [8];
+        let w = random_values("down_blocks.0.resnets.0.norm1.weight", &like[..], 3);
         assert!(w.iter().all(|v| (v - 1.0).abs() < 0.6));
-        let b = random_values("down_blocks.0.resnets.0.norm1.bias", &like, 3);
+        let b = random_values("down_blocks.0.resnets.0.norm1.bias", &like[..], 3);
         assert!(b.iter().all(|v| v.abs() < 0.3));
         assert_eq!(
             b,
-            random_values("down_blocks.0.resnets.0.norm1.bias", &like, 3)
+            random_values("down_blocks.0.resnets.0.norm1.bias", &like[..], 3)
         );
         assert_ne!(
             b,
-            random_values("down_blocks.0.resnets.0.norm1.bias", &like, 4)
+            random_values("down_blocks.0.resnets.0.norm1.bias", &like[..], 4)
         );
     }
 }

@@ -2,15 +2,17 @@
 //! architectures (SDXL base 1.0, SD 2.1 768, SD3 medium) with random weights made on the device when the model loads, so a
 //! benchmark or a trial of a GPU node needs no weights on disk and no download.
 //!
-//! Everything else about such a model is ordinary: its configs and (tiny) tokenizers are
+//! Everything else about such a model is ordinary: its configs and tokenizers (the standard
+//! CLIP vocabulary; SD3's stay tiny) are
 //! written once into a small directory under the system's temporary folder, and the loader
 //! opens that like any model directory; only [`ModelDir::weights`](crate::model::loader::ModelDir)
 //! hands out random tensors instead of reading safetensors. The images it makes are noise.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -23,7 +25,7 @@ use crate::model::loader::{ModelError, Result};
 
 pub const PREFIX: &str = "synthetic:";
 /// Bumped when the written configs change, so a stale cached directory is not reused.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// `Some(name)` when `path` spells a synthetic model (`synthetic:sdxl`).
 pub fn synthetic_name(path: &Path) -> Option<&str> {
@@ -109,34 +111,45 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
-/// Counts the parameters a constructor asks for without allocating them: every tensor handed
-/// out is one zero broadcast to the requested shape.
+/// Counts the parameters a constructor asks for without allocating them.
 pub fn count_parameters(
     construct: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
 ) -> candle_core::Result<u64> {
-    let counter = Arc::new(AtomicU64::new(0));
-    let vb = VarBuilder::from_backend(
-        Box::new(ShapeOnly(counter.clone())),
-        DType::F32,
-        Device::Cpu,
-    );
-    construct(vb)?;
-    Ok(counter.load(Ordering::Relaxed))
+    let shapes = parameter_shapes(construct)?;
+    Ok(shapes
+        .values()
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum())
 }
 
-struct ShapeOnly(Arc<AtomicU64>);
+/// The names and shapes of the parameters a constructor asks for, without allocating them:
+/// every tensor handed out is one zero broadcast to the requested shape.
+pub fn parameter_shapes(
+    construct: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> candle_core::Result<BTreeMap<String, Vec<usize>>> {
+    let shapes = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(ShapeOnly(shapes.clone())), DType::F32, Device::Cpu);
+    construct(vb)?;
+    let shapes = shapes
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("parameter shape map poisoned".into()))?;
+    Ok(shapes.clone())
+}
+
+struct ShapeOnly(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
 
 impl SimpleBackend for ShapeOnly {
     fn get(
         &self,
         shape: Shape,
-        _name: &str,
+        name: &str,
         _init: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.0
-            .fetch_add(shape.elem_count() as u64, Ordering::Relaxed);
+        if let Ok(mut shapes) = self.0.lock() {
+            shapes.insert(name.to_string(), shape.dims().to_vec());
+        }
         Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
     }
 

@@ -33,7 +33,7 @@ pub(crate) fn write_sd3_model(
 ) -> Result<()> {
     let full = size == Size::Full;
     let mut seeds = SeedStream::new(seed);
-    let vocab = write_tokenizers(out, true)?;
+    let vocab = write_tokenizers(out, true, false)?;
     write_clip_encoders(out, full, &vocab, seed.is_some(), &mut seeds)?;
     let s = seeds.next();
     if with_t5 {

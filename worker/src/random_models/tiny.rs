@@ -63,7 +63,7 @@ pub fn synthesize(arch: TinyArch, out: &Path, seed: u64) -> Result<()> {
     }
 }
 
-fn prepare_dir(out: &Path) -> Result<()> {
+pub(super) fn prepare_dir(out: &Path) -> Result<()> {
     if out.exists() {
         let non_empty = fs::read_dir(out)
             .map(|mut d| d.next().is_some())

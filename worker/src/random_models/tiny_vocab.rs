@@ -92,7 +92,6 @@ fn learn_tiny_merges(max_merges: usize) -> Vec<(String, String)> {
 /// symbols, their `</w>` forms, 400 learned merges, then `<|startoftext|>` and `<|endoftext|>`.
 /// Deterministic. Returns the vocabulary size.
 pub fn write_tiny_vocab(dir: &Path, pad_token: &str) -> std::io::Result<usize> {
-    fs::create_dir_all(dir)?;
     let mut tokens: Vec<String> = Vec::new();
     let symbols = byte_symbols();
     tokens.extend(symbols.iter().map(|c| c.to_string()));
@@ -106,7 +105,28 @@ pub fn write_tiny_vocab(dir: &Path, pad_token: &str) -> std::io::Result<usize> {
     }
     tokens.push(BOS.to_string());
     tokens.push(EOS.to_string());
+    write_vocab(dir, &tokens, &merges, pad_token)
+}
 
+/// Writes the standard CLIP vocabulary Tessera ships (49408 tokens, 48894 merges) as a
+/// tokenizer folder, as the published full-size models have it. Returns the vocabulary size.
+pub fn write_standard_vocab(dir: &Path, pad_token: &str) -> std::io::Result<usize> {
+    let (vocab, merges) = crate::model::tokenizer::standard_vocab()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut tokens: Vec<(u32, String)> = vocab.into_iter().map(|(t, i)| (i, t)).collect();
+    tokens.sort();
+    let tokens: Vec<String> = tokens.into_iter().map(|(_, t)| t).collect();
+    write_vocab(dir, &tokens, &merges, pad_token)
+}
+
+/// A CLIP tokenizer folder: `tokens` in id order, `merges` in rank order.
+fn write_vocab(
+    dir: &Path,
+    tokens: &[String],
+    merges: &[(String, String)],
+    pad_token: &str,
+) -> std::io::Result<usize> {
+    fs::create_dir_all(dir)?;
     let body: Vec<String> = tokens
         .iter()
         .enumerate()
@@ -114,7 +134,7 @@ pub fn write_tiny_vocab(dir: &Path, pad_token: &str) -> std::io::Result<usize> {
         .collect();
     fs::write(dir.join("vocab.json"), format!("{{{}}}", body.join(",")))?;
     let mut merges_txt = String::from("#version: 0.2\n");
-    for (a, b) in &merges {
+    for (a, b) in merges {
         merges_txt.push_str(&format!("{a} {b}\n"));
     }
     fs::write(dir.join("merges.txt"), merges_txt)?;

@@ -2,7 +2,8 @@
 //! and A1111 load — read in place: the file is memory-mapped, each component's config is
 //! inferred from the tensor shapes ([`infer`]), and every parameter the model code asks for by
 //! its diffusers name is read from its original key ([`names`]), a fused `in_proj` narrowed to
-//! its q, k or v rows without loading the rest. Nothing is converted on disk.
+//! its q, k or v rows without loading the rest, and its mapped pages dropped from the resident
+//! set once copied (`release_pages`). Nothing is converted on disk.
 
 pub mod detect;
 pub mod infer;
@@ -183,8 +184,7 @@ fn components(
     );
     match kind {
         CheckpointKind::Sdxl => {
-            let p1 = "conditioner.embedders.0.transformer.";
-            let p2 = "conditioner.embedders.1.model.";
+            let (p1, p2) = (names::SDXL_TEXT_1, names::SDXL_TEXT_2);
             let te1 = infer::text_config(shapes, p1, false, "quick_gelu", false)?;
             let te2 = infer::text_config(shapes, p2, true, "gelu", true)?;
             out.insert(
@@ -203,7 +203,7 @@ fn components(
             );
         }
         CheckpointKind::Sd2 => {
-            let p = "cond_stage_model.model.";
+            let p = names::SD2_TEXT;
             let te = infer::text_config(shapes, p, true, "gelu", false)?;
             out.insert(
                 "text_encoder",
@@ -245,7 +245,7 @@ impl ComponentBackend {
                 .map_err(|_| candle_core::Error::CannotFindTensor {
                     path: format!("{} (diffusers {name})", src.key),
                 })?;
-        match src.transform {
+        let t = match src.transform {
             Transform::Same => view.load(dev),
             Transform::Fused { part } => fused_part(&view, part, &src.key, dev),
             Transform::DropTrailingOnes => {
@@ -254,6 +254,37 @@ impl ComponentBackend {
                 t.reshape(dims)
             }
             Transform::Transposed => view.load(dev)?.t()?.contiguous(),
+        };
+        release_pages(view.data());
+        t
+    }
+}
+
+/// Drops the mapped pages of `bytes` — a tensor just copied out of the file — from this
+/// process's resident set. They stay in the page cache (reading them again reads no disk),
+/// but the whole 7 GB file is no longer held resident beside the weights built from it:
+/// the peak of a load is the weights plus one tensor, not twice the model. Pages only partly
+/// inside `bytes` are kept.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads a configuration value.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        if page == 0 {
+            return;
+        }
+        let start = bytes.as_ptr() as usize;
+        let (first, end) = (
+            start.div_ceil(page) * page,
+            (start + bytes.len()) / page * page,
+        );
+        if end > first {
+            // SAFETY: the range lies inside a read-only file mapping that stays mapped; after
+            // MADV_DONTNEED a later read faults the same file contents back in, so no
+            // reference into the map (this thread's or another's) sees different bytes.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
         }
     }
 }

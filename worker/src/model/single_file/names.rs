@@ -39,7 +39,31 @@ pub struct UNetLayout {
     pub up_has_attention: Vec<bool>,
 }
 
+impl UNetLayout {
+    /// The layout a diffusers `unet/config.json` describes.
+    pub fn from_config(cfg: &serde_json::Value) -> Option<Self> {
+        let layers = match &cfg["layers_per_block"] {
+            serde_json::Value::Array(a) => a.first()?.as_u64()?,
+            v => v.as_u64().unwrap_or(2),
+        };
+        let up = cfg["up_block_types"].as_array()?;
+        Some(Self {
+            layers: layers as usize,
+            up_has_attention: up
+                .iter()
+                .map(|t| t.as_str().is_some_and(|s| s.contains("CrossAttn")))
+                .collect(),
+        })
+    }
+}
+
 const UNET: &str = "model.diffusion_model.";
+
+/// Where the text encoders live in an SGM (SDXL) file: CLIP ViT-L with HF names, OpenCLIP bigG.
+pub const SDXL_TEXT_1: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_TEXT_2: &str = "conditioner.embedders.1.model.";
+/// SD 2.x's OpenCLIP ViT-H in an LDM file.
+pub const SD2_TEXT: &str = "cond_stage_model.model.";
 
 /// A UNet parameter, e.g. `down_blocks.1.attentions.0.proj_in.weight` →
 /// `model.diffusion_model.input_blocks.4.1.proj_in.weight`.
