@@ -977,10 +977,7 @@ fn compose_keeps_data(text: &str) -> Result<(), String> {
         persistent_source(source, Some(&declared)).map_err(|e| format!("{line}: {e}"))?;
     }
     for (name, block) in &services {
-        if !block
-            .iter()
-            .any(|l| yaml_value(l, "image").is_some_and(|i| i.starts_with("redis")))
-        {
+        if !runs_redis_server(block) {
             continue;
         }
         if !turns_on_aof(&block.join("\n")) {
@@ -996,6 +993,14 @@ fn compose_keeps_data(text: &str) -> Result<(), String> {
         persistent_source(source, Some(&declared))?;
     }
     Ok(())
+}
+
+/// Whether a compose service or a Kubernetes document runs a Redis server (the Redis image
+/// also serves one-shot `redis-cli` jobs, such as the cluster recipe's creation step).
+fn runs_redis_server<S: AsRef<str>>(lines: &[S]) -> bool {
+    let lines = || lines.iter().map(AsRef::as_ref);
+    lines().any(|l| yaml_value(l, "image").is_some_and(|i| i.starts_with("redis")))
+        && lines().any(|l| l.contains("redis-server"))
 }
 
 /// Kubernetes manifests: the documents of every YAML file in a directory, as lines.
@@ -1060,10 +1065,7 @@ fn k8s_keeps_data(files: &[(String, String)]) -> Result<(), String> {
                 ));
             }
         }
-        if !doc
-            .iter()
-            .any(|l| yaml_value(l, "image").is_some_and(|i| i.starts_with("redis")))
-        {
+        if !runs_redis_server(&doc) {
             continue;
         }
         redis += 1;

@@ -923,6 +923,20 @@ mod tests {
         let mut odd = ok.clone();
         odd.job = "a*".into();
         assert!(check_task_keys(&odd).is_err());
+        odd.job = "a{0}".into();
+        assert!(check_task_keys(&odd).is_err());
+        // The right name under another hash tag (another bucket, so another Redis Cluster
+        // slot than its input's) is not the step's key.
+        let out = keys::task(j, 1, 2, 0, "out");
+        let (name, _) = out.split_once('{').unwrap();
+        let moved = format!("{name}{}", keys::bucket_tag(0));
+        let moved = if moved == out {
+            format!("{name}{}", keys::bucket_tag(1))
+        } else {
+            moved
+        };
+        let bad = denoise(j, keys::task(j, 1, 2, 0, "in"), moved);
+        assert!(check_task_keys(&bad).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::redis_cluster::{Redis, RedisCluster};
 use crate::redis_server::{free_port, make_certificates, RedisServer, RedisServerOptions};
 
 /// What went wrong setting up or driving the cluster; the message says where to look.
@@ -160,6 +161,9 @@ fn is_root() -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     pub redis: RedisServerOptions,
+    /// 0: one Redis; n: a Redis Cluster of n shards (masters with AOF, `redis` giving their
+    /// passwords or ACL users) that the coordinator and workers reach as `redis-cluster://`.
+    pub redis_shards: usize,
     /// Every hop over TLS: certificates for 127.0.0.1 and their CA are made under the cluster's
     /// directory (`certs/`), and every role and client is given them.
     pub tls: bool,
@@ -190,7 +194,7 @@ impl ClusterOptions {
 pub struct LocalCluster {
     bin: PathBuf,
     dir: PathBuf,
-    pub redis: RedisServer,
+    pub redis: Redis,
     port: u16,
     opts: ClusterOptions,
     certs: Option<PathBuf>,
@@ -213,7 +217,10 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
-            redis: RedisServer::start_with(opts.redis.clone()),
+            redis: match opts.redis_shards {
+                0 => Redis::One(RedisServer::start_with(opts.redis.clone())),
+                n => Redis::Cluster(RedisCluster::start(n, opts.redis.clone())),
+            },
             port: free_port(),
             opts,
             certs,

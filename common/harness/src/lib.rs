@@ -3,7 +3,9 @@
 //! certificates, and a whole loopback cluster (Redis, a coordinator, workers) driven through
 //! the real binary. Nothing here is linked into a worker or the maths.
 mod cluster;
+mod redis_cluster;
 mod redis_server;
 
 pub use cluster::{output_within, ClusterOptions, HarnessError, LocalCluster, Process, Scratch};
+pub use redis_cluster::{Redis, RedisCluster};
 pub use redis_server::{make_certificates, RedisServer, RedisServerOptions};

@@ -54,6 +54,9 @@ pub struct RedisServerOptions {
     /// Clients connect over TLS (`rediss://`), with a certificate for 127.0.0.1 signed by a CA
     /// made for this server ([`RedisServer::ca`]). Needs the `openssl` command.
     pub tls: bool,
+    /// A node of a Redis Cluster (`cluster-enabled yes`, its node file in its directory, so a
+    /// restarted node rejoins); [`crate::RedisCluster`] starts these and assigns the slots.
+    pub cluster_node: bool,
 }
 
 /// A `redis-server` child process on a free loopback port with its own directory; killed and
@@ -64,6 +67,9 @@ pub struct RedisServer {
     port: u16,
     /// With TLS, a plain port on which the harness itself talks to the server; else `port`.
     admin_port: u16,
+    /// A cluster node's bus port, picked free (the default, port + 10000, may be taken or
+    /// beyond 65535); kept across restarts.
+    bus_port: u16,
     dir: PathBuf,
     opts: RedisServerOptions,
     child: Option<Child>,
@@ -84,6 +90,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port: 0,
             admin_port: 0,
+            bus_port: 0,
             dir,
             opts,
             child: None,
@@ -95,6 +102,7 @@ impl RedisServer {
             while server.opts.tls && server.admin_port == server.port {
                 server.admin_port = free_port();
             }
+            server.bus_port = free_port();
             match server.launch() {
                 Ok(()) => return server,
                 // Most likely the port was taken between our probe and the server's bind.
@@ -135,8 +143,22 @@ impl RedisServer {
         format!("{scheme}://{user}:{password}@127.0.0.1:{}/0", self.port)
     }
 
+    /// The `USER:PASSWORD@` of role `role`'s ACL user when the server has them, else of the
+    /// server's own login; empty without either.
+    pub(crate) fn userinfo_as(&self, role: &str) -> String {
+        let role_user = ROLE_USERS
+            .iter()
+            .find(|(r, _, _)| *r == role)
+            .filter(|_| self.opts.role_users)
+            .map(|(_, u, p)| (*u, *p));
+        match role_user.or_else(|| self.credentials()) {
+            Some((user, p)) => format!("{}:{}@", url_encode(user), url_encode(p)),
+            None => String::new(),
+        }
+    }
+
     /// Who clients log in as: the ACL user, or the default user's password.
-    fn credentials(&self) -> Option<(&str, &str)> {
+    pub(crate) fn credentials(&self) -> Option<(&str, &str)> {
         match (&self.opts.user, &self.opts.password) {
             (Some((user, p)), _) => Some((user, p)),
             (None, Some(p)) => Some(("", p)),
@@ -170,7 +192,7 @@ impl RedisServer {
     }
 
     /// `redis-cli` on the plain admin port, logged in (it comes with redis-server).
-    fn cli(&self) -> Command {
+    pub(crate) fn cli(&self) -> Command {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &self.admin_port.to_string()]);
         if let Some((user, p)) = self.credentials() {
@@ -283,6 +305,18 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--appendonly", if self.opts.aof { "yes" } else { "no" }]);
+        if self.opts.cluster_node {
+            // A short node timeout: a killed shard is noticed (CLUSTERDOWN) within a second.
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-node-timeout", "1000"])
+            .arg("--cluster-port")
+            .arg(self.bus_port.to_string());
+        }
         if let Some(p) = &self.opts.password {
             cmd.args(["--requirepass", p]);
         }

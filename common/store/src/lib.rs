@@ -8,9 +8,11 @@
 pub mod keys;
 mod memory;
 mod redis;
+mod redis_cluster;
 
 pub use self::redis::{RedisOptions, RedisStore, WriteBatch};
 pub use memory::MemoryStore;
+pub use redis_cluster::{is_cluster_url, Connection as RedisConnection};
 
 use candle_core::{Device, Tensor};
 
@@ -91,6 +93,23 @@ pub fn get_tensors(store: &dyn Store, keys: &[String], device: &Device) -> Resul
     keys.iter()
         .zip(values)
         .map(|(key, value)| decode_tensor(key, value, device))
+        .collect()
+}
+
+/// The floating-point tensors at `keys` in one round trip, each as its dims and f32 values,
+/// decoded straight from the stored bytes ([`codec::decode_f32`]: the values
+/// [`get_tensors`] then `to_dtype(F32)` give, without the tensors in between).
+pub fn get_f32s(store: &dyn Store, keys: &[String]) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+    let values = store.get_many(keys)?;
+    keys.iter()
+        .zip(values)
+        .map(|(key, value)| {
+            let bytes = value.ok_or_else(|| StoreError::Missing(key.to_string()))?;
+            codec::decode_f32(&bytes).map_err(|e| StoreError::Codec {
+                key: key.to_string(),
+                message: e.to_string(),
+            })
+        })
         .collect()
 }
 

@@ -14,8 +14,14 @@
 //! A coordinator writes through a *fenced* clone ([`RedisStore::fenced`]): every write runs in
 //! one Lua script that first checks that the coordinator lock still holds this coordinator's
 //! token, so a coordinator paused past its lock's expiry cannot write beside its successor.
+//!
+//! The same store runs on a Redis Cluster (`redis-cluster://` URLs, `redis_cluster.rs`). There
+//! a script or a transaction may only touch one slot, so batches are split by hash tag (the
+//! layout in `keys.rs` puts whatever must change together under one tag), the fence of a
+//! bucket's keys is that bucket's copy of the lock's token ([`RedisStore::arm_fence`]), and
+//! prefix scans walk every master.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,10 +30,12 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, RedisResult, Script};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::{Result, Store, StoreError};
+use super::redis_cluster::{self, ClusterUrl, Connection};
+use super::{keys, Result, Store, StoreError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -40,7 +48,7 @@ const KEY_BATCH: usize = 10_000;
 const DELETE_PASSES: usize = 4;
 
 /// Server error codes that mean "not now" rather than "never".
-const TRANSIENT_CODES: [&str; 4] = ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"];
+const TRANSIENT_CODES: [&str; 5] = ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"];
 
 /// Writes KEYS[2] only while KEYS[1] exists: the check and the write must be one step, or a
 /// step deletion could fall between them.
@@ -56,7 +64,8 @@ static PUT_GUARDED: LazyLock<Script> = LazyLock::new(|| {
 
 /// Runs a batch of commands only while KEYS[1] holds ARGV[1] (the fence), all in one atomic
 /// step. A fence key that is absent (expired, or lost with Redis' data) is taken again with
-/// the token and a time to live of ARGV[2] ms: nobody else held it, so nobody else wrote.
+/// the token and a time to live of ARGV[2] ms (none when 0: a bucket's fence copy): nobody
+/// else held it, so nobody else wrote.
 /// ARGV[3] is the number of commands; each is described by its name, its number of keys and
 /// its number of other arguments, followed by those arguments, its keys taken in order from
 /// KEYS[2..]. `SETIFEXISTS guard key value` is [`PUT_GUARDED`] inside the batch. Returns the
@@ -64,7 +73,9 @@ static PUT_GUARDED: LazyLock<Script> = LazyLock::new(|| {
 static FENCED_BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "local holder = redis.call('GET', KEYS[1]) \
-         if not holder then \
+         if not holder and ARGV[2] == '0' then \
+           redis.call('SET', KEYS[1], ARGV[1]) \
+         elseif not holder then \
            redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
          elseif holder ~= ARGV[1] then \
            return redis.error_reply('FENCED ' .. KEYS[1] .. ' is held by ' .. holder) \
@@ -86,6 +97,19 @@ static FENCED_BATCH: LazyLock<Script> = LazyLock::new(|| {
            end \
          end \
          return total",
+    )
+});
+
+/// Writes the fence token ARGV[1] (`HOLDER#GENERATION`) to a bucket's fence copy KEYS[1]
+/// unless a newer generation is there already (a later holder armed it first): returns 1 when
+/// it wrote, 0 when this token is stale.
+static ARM_FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local function gen(v) return tonumber(string.match(v, '#(%d+)$')) or 0 end \
+         local v = redis.call('GET', KEYS[1]) \
+         if v and gen(v) > gen(ARGV[1]) then return 0 end \
+         redis.call('SET', KEYS[1], ARGV[1]) \
+         return 1",
     )
 });
 
@@ -184,12 +208,44 @@ impl WriteBatch {
         pipe
     }
 
-    /// The batch as one call of [`FENCED_BATCH`].
-    fn fenced(&self, fence: &Fence) -> redis::ScriptInvocation<'static> {
-        let mut call = FENCED_BATCH.key(&fence.key);
-        call.arg(&fence.token)
-            .arg(millis(fence.ttl))
-            .arg(self.cmds.len());
+    /// The batch split by hash tag, for a Redis Cluster: each part touches one slot (a
+    /// multi-key UNLINK is split key by key into its tags' parts). Tags in order.
+    fn by_tag(&self) -> BTreeMap<String, WriteBatch> {
+        let mut parts: BTreeMap<String, WriteBatch> = BTreeMap::new();
+        for c in &self.cmds {
+            if c.name == "UNLINK" {
+                let mut keys_by_tag: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                for k in &c.keys {
+                    keys_by_tag
+                        .entry(keys::hash_tag(k))
+                        .or_default()
+                        .push(k.clone());
+                }
+                for (tag, ks) in keys_by_tag {
+                    parts.entry(tag.to_string()).or_default().unlink(&ks);
+                }
+                continue;
+            }
+            let tag = c.keys.first().map_or("", |k| keys::hash_tag(k));
+            parts
+                .entry(tag.to_string())
+                .or_default()
+                .cmds
+                .push(c.clone());
+        }
+        parts
+    }
+
+    /// The batch as one call of [`FENCED_BATCH`] checking `fence_key` (the lock itself, with
+    /// its time to live, or a bucket's fence copy, with none).
+    fn fenced(&self, fence: &Fence, fence_key: &str) -> redis::ScriptInvocation<'static> {
+        let ttl = if fence_key == fence.key {
+            millis(fence.ttl)
+        } else {
+            0
+        };
+        let mut call = FENCED_BATCH.key(fence_key);
+        call.arg(&fence.token).arg(ttl).arg(self.cmds.len());
         for c in &self.cmds {
             call.arg(c.name).arg(c.keys.len()).arg(c.args.len());
             for k in &c.keys {
@@ -258,7 +314,7 @@ impl Default for RedisOptions {
 /// future unawaited.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     shared: Arc<Shared>,
     fence: Option<Arc<Fence>>,
 }
@@ -282,29 +338,18 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[user:password@]host:port/db`, or `rediss://` for TLS) and
-    /// checks that the server answers a PING. A server that is not up yet (or still loading its
-    /// data) is waited for up to `opts.retry_for`; a refused password fails at once.
+    /// Connects to `url` (`redis://[user:password@]host:port/db`, or `rediss://` for TLS; or
+    /// a Redis Cluster's seed nodes, `redis-cluster://[user:password@]host:port[,host:port…]`
+    /// or `rediss-cluster://`) and checks that the server answers a PING. A server that is not
+    /// up yet (or still loading its data) is waited for up to `opts.retry_for`; a refused
+    /// password fails at once.
     pub async fn connect(url: &str, opts: RedisOptions) -> Result<RedisStore> {
         let shown = mask_password(url);
-        let client = open_client(url, &opts).map_err(|e| {
-            StoreError::Unavailable(format!("cannot use the Redis URL {shown}: {e}"))
-        })?;
-        wait_until_up(&client, &shown, &opts).await?;
-
-        // The manager's own reconnect retries last a few seconds: a reconnect that gives up is
-        // started again by the next command, and `with_retry` owns the overall deadline.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(opts.connect_timeout))
-            .set_response_timeout(Some(opts.response_timeout))
-            .set_min_delay(BACKOFF_MIN)
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(6);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}"))
-            })?;
+        let conn = if redis_cluster::is_cluster_url(url) {
+            Connection::Cluster(connect_cluster(url, &shown, &opts).await?)
+        } else {
+            Connection::Single(connect_single(url, &shown, &opts).await?)
+        };
         Ok(RedisStore {
             conn,
             shared: Arc::new(Shared {
@@ -317,6 +362,85 @@ impl RedisStore {
         })
     }
 
+    /// Whether this store is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Connection::Cluster(_))
+    }
+}
+
+/// One Redis: waits until it answers, then a connection that reconnects by itself.
+async fn connect_single(url: &str, shown: &str, opts: &RedisOptions) -> Result<ConnectionManager> {
+    let client = open_client(url, opts)
+        .map_err(|e| StoreError::Unavailable(format!("cannot use the Redis URL {shown}: {e}")))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.response_timeout));
+    wait_until_up(shown, opts, || async {
+        let mut c = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("PING").query_async::<String>(&mut c).await
+    })
+    .await?;
+    // The manager's own reconnect retries last a few seconds: a reconnect that gives up is
+    // started again by the next command, and `with_retry` owns the overall deadline.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.response_timeout))
+        .set_min_delay(BACKOFF_MIN)
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(6);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))
+}
+
+/// A Redis Cluster: waits until a seed node gives the slot map and every node answers, then
+/// one connection that follows the cluster's map.
+async fn connect_cluster(url: &str, shown: &str, opts: &RedisOptions) -> Result<ClusterConnection> {
+    let parsed = ClusterUrl::parse(url)
+        .map_err(|e| StoreError::Unavailable(format!("cannot use the Redis URL {shown}: {e}")))?;
+    let ca = match &opts.ca {
+        None => None,
+        Some(_) if !parsed.tls => {
+            return Err(StoreError::Unavailable(format!(
+                "a CA certificate was given but the URL {shown} is not rediss-cluster://"
+            )))
+        }
+        Some(ca) => Some(std::fs::read(ca).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot read the CA certificate {}: {e}",
+                ca.display()
+            ))
+        })?),
+    };
+    if parsed.tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    // The client's own retries are short: `with_retry` owns the overall deadline.
+    let client = parsed
+        .builder(ca)
+        .connection_timeout(opts.connect_timeout)
+        .response_timeout(opts.response_timeout)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(1000)
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("cannot use the Redis URL {shown}: {e}")))?;
+    let conn = std::sync::OnceLock::new();
+    wait_until_up(shown, opts, || async {
+        // Reads the slot map from a seed node and PINGs every node. (A shard that is down
+        // later answers CLUSTERDOWN, which every command rides out.)
+        let mut c = client.get_async_connection().await?;
+        let pong = redis::cmd("PING").query_async::<String>(&mut c).await?;
+        let _ = conn.set(c);
+        Ok(pong)
+    })
+    .await?;
+    Ok(conn.into_inner().expect("set when up"))
+}
+
+impl RedisStore {
     /// The URL this store connected to, password masked.
     pub fn url(&self) -> &str {
         &self.shared.url
@@ -388,7 +512,7 @@ impl RedisStore {
     /// ```
     pub async fn with_retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let start = Instant::now();
@@ -405,7 +529,7 @@ impl RedisStore {
                     self.outage_ends();
                     return Ok(v);
                 }
-                Err(e) if is_transient(&e) => {
+                Err(e) if is_transient(&e) || self.is_remapping(&e) => {
                     self.outage_begins(what, &e);
                     let elapsed = start.elapsed();
                     if elapsed >= self.shared.retry_for {
@@ -429,13 +553,27 @@ impl RedisStore {
                     )));
                 }
                 Err(e) => {
+                    let hint = if matches!(e.code(), Some("MOVED" | "ASK")) {
+                        "; the server is a node of a Redis Cluster: give its nodes as \
+                         redis-cluster://HOST:PORT,HOST:PORT,..."
+                    } else {
+                        ""
+                    };
                     return Err(StoreError::Rejected {
                         what: what.to_string(),
-                        message: e.to_string(),
-                    })
+                        message: format!("{e}{hint}"),
+                    });
                 }
             }
         }
+    }
+
+    /// Whether `e` is a cluster's slot map changing under a command (a shard coming back,
+    /// a failover): the client follows MOVED and ASK itself, and one that still reaches us
+    /// means its own few retries ran out while the map settled. On one Redis it is a
+    /// configuration error (a cluster node given as redis://).
+    fn is_remapping(&self, e: &RedisError) -> bool {
+        self.is_cluster() && matches!(e.code(), Some("MOVED" | "ASK"))
     }
 
     /// Runs `batch` atomically: through the fence on a fenced store, else as one MULTI/EXEC.
@@ -444,8 +582,35 @@ impl RedisStore {
         if batch.is_empty() {
             return Ok(0);
         }
-        if let Some(fence) = &self.fence {
-            let call = &batch.fenced(fence);
+        if !self.is_cluster() {
+            let fence_key = self.fence.as_ref().map(|f| f.key.as_str());
+            return self.write_slot(what, batch, fence_key).await;
+        }
+        // A cluster: one atomic part per hash tag, each fenced by its own slot's fence.
+        let parts = batch.by_tag();
+        let runs = parts.iter().map(|(tag, part)| {
+            let fence_key = self.fence.as_ref().map(|f| {
+                if keys::hash_tag(&f.key) == tag {
+                    f.key.clone()
+                } else {
+                    keys::fence_copy(tag)
+                }
+            });
+            async move { self.write_slot(what, part, fence_key.as_deref()).await }
+        });
+        Ok(futures::future::try_join_all(runs).await?.into_iter().sum())
+    }
+
+    /// Runs `batch` (all in one slot) as one call of [`FENCED_BATCH`] checking `fence_key`,
+    /// or without a fence as one MULTI/EXEC.
+    async fn write_slot(
+        &self,
+        what: &str,
+        batch: &WriteBatch,
+        fence_key: Option<&str>,
+    ) -> Result<i64> {
+        if let (Some(fence), Some(key)) = (&self.fence, fence_key) {
+            let call = &batch.fenced(fence, key);
             return self
                 .with_retry(what, |mut c| async move { call.invoke_async(&mut c).await })
                 .await;
@@ -461,6 +626,37 @@ impl RedisStore {
                 _ => 0,
             })
             .sum())
+    }
+
+    /// On a Redis Cluster, writes this fenced store's token into every bucket's fence copy
+    /// (`keys::fence_copies`), so that from now on a write of an earlier lock holder is refused
+    /// on every shard, not only beside the lock. A new lock holder calls it before it writes
+    /// anything else. A copy that holds a newer generation already means a later holder took
+    /// over: the fence is lost ([`RedisStore::fence_lost`]). One Redis has nothing to arm.
+    pub async fn arm_fence(&self) -> Result<()> {
+        let Some(fence) = self.fence.as_ref().filter(|_| self.is_cluster()) else {
+            return Ok(());
+        };
+        let copies = keys::fence_copies();
+        let runs = copies.iter().map(|copy| {
+            let mut call = ARM_FENCE.key(copy);
+            call.arg(&fence.token);
+            async move {
+                let call = &call;
+                self.with_retry("arming the fence", |mut c| async move {
+                    call.invoke_async::<i64>(&mut c).await
+                })
+                .await
+            }
+        });
+        let armed = futures::future::try_join_all(runs).await?;
+        if armed.contains(&0) {
+            fence.lost.store(true, Ordering::Relaxed);
+            return Err(StoreError::Fenced(
+                "a later coordinator armed the fence first".to_string(),
+            ));
+        }
+        Ok(())
     }
 
     fn outage_begins(&self, what: &str, e: &RedisError) {
@@ -614,18 +810,61 @@ impl RedisStore {
         let pattern = format!("{}*", escape_glob(prefix));
         let what = format!("SCAN {pattern}");
         let mut found = BTreeSet::new();
+        if let Connection::Cluster(conn) = &self.conn {
+            // Every master in turn; the list is read again on a retry, after a failover.
+            let masters = self
+                .with_retry("CLUSTER SLOTS", |_| {
+                    let mut c = conn.clone();
+                    async move { redis_cluster::masters(&mut c).await }
+                })
+                .await?;
+            for addr in &masters {
+                self.scan_node(&what, &pattern, Some(addr), &mut found)
+                    .await?;
+            }
+        } else {
+            self.scan_node(&what, &pattern, None, &mut found).await?;
+        }
+        Ok(found
+            .into_iter()
+            .filter(|k| k.starts_with(prefix))
+            .collect())
+    }
+
+    /// SCANs one server (one Redis, or the cluster's master at `addr`) for `pattern` into
+    /// `found`.
+    async fn scan_node(
+        &self,
+        what: &str,
+        pattern: &str,
+        addr: Option<&(String, u16)>,
+        found: &mut BTreeSet<String>,
+    ) -> Result<()> {
         let mut cursor = 0u64;
         loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, batch): (u64, Vec<String>) = self.run(&what, &cmd).await?;
-            found.extend(batch.into_iter().filter(|k| k.starts_with(prefix)));
+            let (next, batch): (u64, Vec<String>) = self
+                .with_retry(what, |c| async move {
+                    match (c, addr) {
+                        (Connection::Cluster(mut c), Some(addr)) => {
+                            redis_cluster::scan_master(&mut c, addr, cursor, pattern, SCAN_COUNT)
+                                .await
+                        }
+                        (mut c, _) => {
+                            redis::cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(pattern)
+                                .arg("COUNT")
+                                .arg(SCAN_COUNT)
+                                .query_async(&mut c)
+                                .await
+                        }
+                    }
+                })
+                .await?;
+            found.extend(batch);
             if next == 0 {
-                return Ok(found.into_iter().collect());
+                return Ok(());
             }
             cursor = next;
         }
@@ -645,25 +884,10 @@ impl RedisStore {
             if keys.is_empty() {
                 break;
             }
-            if self.fence.is_some() {
-                let batch = WriteBatch::new().unlink(&keys).clone();
-                removed += self
-                    .write_batch(&format!("UNLINK {prefix}*"), &batch)
-                    .await? as usize;
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for batch in keys.chunks(KEY_BATCH) {
-                pipe.cmd("UNLINK").arg(batch);
-            }
-            let pipe = &pipe;
-            let counts: Vec<usize> = self
-                .with_retry(&format!("UNLINK {prefix}*"), |mut c| async move {
-                    pipe.query_async(&mut c).await
-                })
-                .await?;
-            removed += counts.iter().sum::<usize>();
+            let batch = WriteBatch::new().unlink(&keys).clone();
+            removed += self
+                .write_batch(&format!("UNLINK {prefix}*"), &batch)
+                .await? as usize;
         }
         Ok(removed)
     }
@@ -674,27 +898,13 @@ impl RedisStore {
         let keys = self.keys_async(prefix).await?;
         let mut set = 0;
         for batch in keys.chunks(KEY_BATCH) {
-            if self.fence.is_some() {
-                let mut fenced = WriteBatch::new();
-                for key in batch {
-                    fenced.pexpire(key, ttl);
-                }
-                set += self
-                    .write_batch(&format!("PEXPIRE {prefix}*"), &fenced)
-                    .await? as usize;
-                continue;
-            }
-            let mut pipe = redis::pipe();
+            let mut expiries = WriteBatch::new();
             for key in batch {
-                pipe.cmd("PEXPIRE").arg(key).arg(millis(ttl));
+                expiries.pexpire(key, ttl);
             }
-            let pipe = &pipe;
-            let counts: Vec<usize> = self
-                .with_retry(&format!("PEXPIRE {prefix}*"), |mut c| async move {
-                    pipe.query_async(&mut c).await
-                })
-                .await?;
-            set += counts.iter().sum::<usize>();
+            set += self
+                .write_batch(&format!("PEXPIRE {prefix}*"), &expiries)
+                .await? as usize;
         }
         Ok(set)
     }
@@ -704,16 +914,19 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let what = format!("EXISTS of {} keys", keys.len());
+        if self.is_cluster() {
+            // A pipeline must stay in one slot there: one command each, all at once.
+            let runs = keys.iter().map(|key| self.exists_async(key));
+            return futures::future::try_join_all(runs).await;
+        }
         let mut pipe = redis::pipe();
         for key in keys {
             pipe.exists(key);
         }
         let pipe = &pipe;
-        self.with_retry(
-            &format!("EXISTS of {} keys", keys.len()),
-            |mut c| async move { pipe.query_async(&mut c).await },
-        )
-        .await
+        self.with_retry(&what, |mut c| async move { pipe.query_async(&mut c).await })
+            .await
     }
 
     /// Number of keys in the database.
@@ -814,10 +1027,11 @@ fn open_client(url: &str, opts: &RedisOptions) -> RedisResult<Client> {
 
 /// Waits until the server answers PING: through "connection refused" while it starts and
 /// `LOADING` while it reads its AOF, but not through a refused password.
-async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Result<()> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(opts.response_timeout));
+async fn wait_until_up<F, Fut>(shown: &str, opts: &RedisOptions, attempt: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = RedisResult<String>>,
+{
     let elsewhere = opts
         .url_from
         .as_deref()
@@ -827,13 +1041,7 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
     let mut delay = BACKOFF_MIN;
     let mut waiting = false;
     loop {
-        let attempt = async {
-            let mut c = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        };
-        match attempt.await {
+        match attempt().await {
             Ok(_) => {
                 if waiting {
                     tracing::info!(url = shown, "Redis is up");
@@ -872,7 +1080,9 @@ async fn wait_until_up(client: &Client, shown: &str, opts: &RedisOptions) -> Res
                 delay = (delay * 2).min(BACKOFF_MAX);
             }
             Err(e) => {
-                let hint = if is_auth_error(&e) {
+                let hint = if e.to_string().contains("cluster support disabled") {
+                    "; the server is not a Redis Cluster node: give it as redis://HOST:PORT"
+                } else if is_auth_error(&e) {
                     "; check the password in the URL (redis://:PASSWORD@host:port/db, or \
                      redis://USER:PASSWORD@... with ACL users)"
                 } else if is_tls_or_config_error(&e) && shown.starts_with("rediss") {

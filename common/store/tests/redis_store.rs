@@ -450,3 +450,177 @@ fn tls_works_with_the_servers_ca_and_fails_at_once_without_it() -> TestResult {
     assert!(err.to_string().contains("not rediss://"), "{err}");
     Ok(())
 }
+
+/// The store on a real 3-shard Redis Cluster (`tessera_harness::RedisCluster`): the same API
+/// as on one Redis, with the job layout's keys spread over the shards, batches, scripts and
+/// prefix deletes working across slots, the fence copied into every bucket, and a shard
+/// restart ridden out. One cluster for all the checks: forming one takes a few seconds.
+mod cluster {
+    use super::*;
+    use tessera_harness::RedisCluster;
+    use tessera_store::keys;
+
+    #[test]
+    fn the_store_works_across_the_shards_of_a_redis_cluster() -> TestResult {
+        let mut cluster = RedisCluster::start(3, RedisServerOptions::default());
+        let rt = runtime();
+        let store = rt.block_on(RedisStore::connect(
+            &cluster.url(),
+            options(Duration::from_secs(60)),
+        ))?;
+        assert!(store.is_cluster());
+
+        // A step's task keys, written with one batch, land on every shard and read back in one
+        // MGET across slots.
+        let job = "abc:i0";
+        let inputs: Vec<(String, Vec<u8>)> = (0..60)
+            .map(|t| (keys::task(job, 1, 2, t, "in"), vec![t as u8; 100]))
+            .collect();
+        store.put_many(&inputs)?;
+        let names: Vec<String> = inputs.iter().map(|(k, _)| k.clone()).collect();
+        let got = store.get_many(&names)?;
+        assert!(got
+            .iter()
+            .zip(&inputs)
+            .all(|(g, (_, v))| g.as_ref() == Some(v)));
+        let per_shard: Vec<usize> = cluster.nodes.iter().map(RedisServer::dbsize).collect();
+        assert!(
+            per_shard.iter().all(|&n| n > 5),
+            "keys per shard {per_shard:?}"
+        );
+
+        // Guarded writes (guard and output share their task's slot), a scan over every master,
+        // and a prefix delete that reaches every shard.
+        let out = keys::task(job, 1, 2, 7, "out");
+        assert!(store.put_guarded(&names[7], &out, b"late")?);
+        assert!(!store.put_guarded(
+            &keys::task(job, 1, 2, 99, "in"),
+            &keys::task(job, 1, 2, 99, "out"),
+            b"x"
+        )?);
+        let step = keys::step_prefix(job, 1, 2);
+        assert_eq!(store.keys(&step)?.len(), 61);
+        let exists =
+            rt.block_on(store.exists_many_async(&[names[0].clone(), out.clone(), "nope".into()]))?;
+        assert_eq!(exists, [true, true, false]);
+        assert_eq!(store.delete_prefix(&step)?, 61);
+        assert_eq!(
+            cluster.nodes.iter().map(RedisServer::dbsize).sum::<usize>(),
+            0
+        );
+
+        // One node of the cluster given as redis://: a key of another shard's slot says so.
+        let plain = rt.block_on(RedisStore::connect(
+            &cluster.nodes[0].url(),
+            RedisOptions::default(),
+        ))?;
+        let elsewhere = names
+            .iter()
+            .find(|k| plain.get(k).is_err())
+            .expect("some key lies on another shard");
+        let err = plain.put(elsewhere, b"x").expect_err("MOVED");
+        assert!(err.to_string().contains("redis-cluster://"), "{err}");
+
+        fences_hold_on_every_shard(&rt, &store)?;
+        a_shard_restart_stalls_a_write_that_then_lands(&mut cluster, &rt, &store)?;
+        Ok(())
+    }
+
+    /// A stale coordinator's writes are refused on every shard once its successor armed the
+    /// fence, and the stale one cannot arm it back.
+    fn fences_hold_on_every_shard(rt: &tokio::runtime::Runtime, store: &RedisStore) -> TestResult {
+        let ttl = Duration::from_secs(30);
+        let old = store.fenced(keys::COORDINATOR_LOCK, "old#1", ttl);
+        rt.block_on(store.put_async(keys::COORDINATOR_LOCK, b"old#1"))?;
+        rt.block_on(old.arm_fence())?;
+        let bulk: Vec<String> = (0..20).map(|t| keys::task("j", 0, 1, t, "in")).collect();
+        for key in &bulk {
+            old.put(key, b"v")?;
+        }
+        let mut batch = WriteBatch::new();
+        batch
+            .set(&keys::job_record("j"), b"{}")
+            .zadd(keys::JOB_QUEUE, "j", 1.0);
+        rt.block_on(old.write_batch("submit", &batch))?;
+
+        // The successor takes the lock and arms the fence.
+        rt.block_on(store.put_async(keys::COORDINATOR_LOCK, b"new#2"))?;
+        let new = store.fenced(keys::COORDINATOR_LOCK, "new#2", ttl);
+        rt.block_on(new.arm_fence())?;
+        for key in &bulk {
+            assert!(
+                matches!(old.put(key, b"stale"), Err(StoreError::Fenced(_))),
+                "{key}"
+            );
+            new.put(key, b"fresh")?;
+        }
+        assert!(matches!(
+            rt.block_on(old.write_batch("submit", &batch)),
+            Err(StoreError::Fenced(_))
+        ));
+        assert!(matches!(
+            old.delete_prefix(&keys::job_prefix("j")),
+            Err(StoreError::Fenced(_))
+        ));
+        assert!(old.fence_lost());
+        assert!(matches!(
+            rt.block_on(old.arm_fence()),
+            Err(StoreError::Fenced(_))
+        ));
+        new.put(&bulk[3], b"still ours")?;
+        assert_eq!(store.get(&bulk[3])?, Some(b"still ours".to_vec()));
+        assert!(new.delete_prefix(&keys::job_prefix("j"))? >= 21);
+        Ok(())
+    }
+
+    /// A shard killed and restarted (AOF on) stalls the writes to its slots, which then land.
+    fn a_shard_restart_stalls_a_write_that_then_lands(
+        cluster: &mut RedisCluster,
+        rt: &tokio::runtime::Runtime,
+        store: &RedisStore,
+    ) -> TestResult {
+        let keys: Vec<String> = (0..30).map(|t| keys::task("r", 0, 1, t, "in")).collect();
+        for k in &keys {
+            store.put(k, b"before")?;
+        }
+        cluster.kill_shard(2);
+        let writer = {
+            let store = store.clone();
+            let keys = keys.clone();
+            rt.spawn(async move {
+                for k in &keys {
+                    store.put_async(k, b"after").await?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.restart_shard(2);
+        rt.block_on(writer)??;
+        for k in &keys {
+            assert_eq!(store.get(k)?, Some(b"after".to_vec()), "{k}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_cluster_url_to_one_redis_and_a_plain_url_to_a_cluster_say_what_to_change() {
+        let one = RedisServer::start();
+        let rt = runtime();
+        let url = format!("redis-cluster://127.0.0.1:{}", one.port());
+        let err = rt
+            .block_on(RedisStore::connect(&url, options(Duration::from_secs(5))))
+            .expect_err("one Redis is not a cluster");
+        assert!(
+            err.to_string().contains("not a Redis Cluster node"),
+            "{err}"
+        );
+        let err = rt
+            .block_on(RedisStore::connect(
+                "redis-cluster://127.0.0.1",
+                RedisOptions::default(),
+            ))
+            .expect_err("no port");
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
+    }
+}

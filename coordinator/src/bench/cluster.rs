@@ -51,9 +51,15 @@ pub fn parse_steps(log: &str, job: &str) -> Vec<StepLine> {
 /// A loopback cluster for a benchmark (see [`tessera_harness::LocalCluster`]): Redis and a
 /// coordinator with `coordinator_flags`, started from this very binary, logging into `dir`.
 pub fn start(dir: &Path, coordinator_flags: &[String]) -> Result<LocalCluster> {
+    start_on(dir, coordinator_flags, 0)
+}
+
+/// [`start`] on a Redis Cluster of `shards` shards (0: one Redis).
+pub fn start_on(dir: &Path, coordinator_flags: &[String], shards: usize) -> Result<LocalCluster> {
     let bin = std::env::current_exe().map_err(io("finding the tessera binary"))?;
     let opts = ClusterOptions {
         coordinator_flags: coordinator_flags.to_vec(),
+        redis_shards: shards,
         ..Default::default()
     };
     Ok(LocalCluster::start(&bin, dir, opts)?)

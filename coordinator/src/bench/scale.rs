@@ -39,7 +39,21 @@ pub struct ScaleOptions {
     /// Links to measure each configuration on (`None`: unlimited), each in its own network
     /// namespace; empty runs on the host's loopback.
     pub links: Vec<Option<f64>>,
+    /// Stores to run each configuration on: 0 for one Redis, n for a Redis Cluster of n
+    /// shards.
+    pub stores: Vec<usize>,
     pub markdown: Option<PathBuf>,
+}
+
+/// Shards of the Redis Cluster `--store cluster` runs on.
+pub const CLUSTER_SHARDS: usize = 3;
+
+/// How a run's store is named: `redis`, or `cluster` with its shards.
+pub fn store_label(shards: usize) -> String {
+    match shards {
+        0 => "one Redis".into(),
+        n => format!("{n}-shard cluster"),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,8 +85,15 @@ pub struct ScaleRun {
     /// The coordinator process's CPU milliseconds per step (all threads; unlike the wall
     /// clock figures, barely moved by other processes on the machine).
     pub coordinator_cpu_ms: Option<f64>,
-    /// Redis' CPU milliseconds per step (it runs commands on one thread).
+    /// Redis' CPU milliseconds per step (it runs commands on one thread); on a cluster, the
+    /// busiest shard's.
     pub redis_cpu_ms: Option<f64>,
+    /// The store ("one Redis", "3-shard cluster").
+    #[serde(default)]
+    pub store: String,
+    /// The busiest shard's part of the bytes (1 for one Redis).
+    #[serde(default)]
+    pub busiest_share: Option<f64>,
 }
 
 impl ScaleRun {
@@ -140,6 +161,7 @@ struct Config {
     label: String,
     speeds: Vec<f64>,
     cores: Option<usize>,
+    shards: usize,
 }
 
 /// Runs one configuration on a fresh cluster.
@@ -157,13 +179,14 @@ fn run_one(
         .unwrap_or_else(|| ((6.0 / ideal_step).ceil() as usize + 1).clamp(2, 8))
         .max(2);
     let cores = cores_label(cfg.cores);
-    let dir = scratch.join(format!("{}-{cores}", cfg.label).replace([' ', ','], "-"));
+    let store = store_label(cfg.shards);
+    let dir = scratch.join(format!("{}-{cores}-{store}", cfg.label).replace([' ', ','], "-"));
     std::fs::create_dir_all(&dir).map_err(super::io(format!("creating {}", dir.display())))?;
     eprintln!(
-        "{}: coordinator on {cores}, {steps} steps (ideal {ideal_step:.2} s each)",
+        "{}: coordinator on {cores}, {store}, {steps} steps (ideal {ideal_step:.2} s each)",
         cfg.label
     );
-    let mut cluster = cluster::start(&dir, &[])?;
+    let mut cluster = cluster::start_on(&dir, &[], cfg.shards)?;
     if let (Some(n), Some(pid)) = (cfg.cores, cluster.coordinator_pid()) {
         pin(pid, n)?;
     }
@@ -194,6 +217,8 @@ fn run_one(
         bytes_per_step: counted.bytes,
         coordinator_cpu_ms: counted.coordinator_cpu_ms,
         redis_cpu_ms: counted.redis_cpu_ms,
+        store,
+        busiest_share: counted.busiest_share,
     })
 }
 
@@ -228,12 +253,14 @@ struct PerStep {
     bytes: Option<f64>,
     coordinator_cpu_ms: Option<f64>,
     redis_cpu_ms: Option<f64>,
+    busiest_share: Option<f64>,
 }
 
-/// The counters at one moment: Redis' bytes and CPU, the coordinator's CPU, steps done.
+/// The counters at one moment: each Redis shard's bytes and CPU, the coordinator's CPU,
+/// steps done.
 struct Sample {
-    bytes: Option<u64>,
-    redis_cpu: Option<f64>,
+    bytes: Vec<Option<u64>>,
+    redis_cpu: Vec<Option<f64>>,
     coordinator_cpu: Option<f64>,
     steps: usize,
 }
@@ -254,10 +281,28 @@ impl Sample {
         }
         let n = (later.steps - self.steps) as f64;
         let diff = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / n);
+        // Per shard, then summed (bytes) or the busiest (CPU: each shard has one thread).
+        let shard_bytes: Option<Vec<f64>> = self
+            .bytes
+            .iter()
+            .zip(&later.bytes)
+            .map(|(a, b)| diff(a.map(|v| v as f64), b.map(|v| v as f64)))
+            .collect();
+        let shard_cpu: Option<Vec<f64>> = self
+            .redis_cpu
+            .iter()
+            .zip(&later.redis_cpu)
+            .map(|(a, b)| diff(*a, *b))
+            .collect();
+        let bytes = shard_bytes.as_ref().map(|v| v.iter().sum::<f64>());
+        let busiest = shard_bytes.and_then(|v| v.into_iter().reduce(f64::max));
         PerStep {
-            bytes: diff(self.bytes.map(|b| b as f64), later.bytes.map(|b| b as f64)),
+            bytes,
             coordinator_cpu_ms: diff(self.coordinator_cpu, later.coordinator_cpu).map(|s| s * 1e3),
-            redis_cpu_ms: diff(self.redis_cpu, later.redis_cpu).map(|s| s * 1e3),
+            redis_cpu_ms: shard_cpu
+                .and_then(|v| v.into_iter().reduce(f64::max))
+                .map(|s| s * 1e3),
+            busiest_share: busiest.zip(bytes).map(|(b, all)| b / all.max(1.0)),
         }
     }
 }
@@ -285,13 +330,21 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let model = sdxl_geometry_model(&scratch.0)?;
     let views = views_per_step(&model, opts.size, opts.view_batch)?;
     let mut configs = Vec::new();
+    let stores = if opts.stores.is_empty() {
+        &[0][..]
+    } else {
+        &opts.stores[..]
+    };
     for &n in &opts.workers {
         for &cores in &opts.coordinator_cores {
-            configs.push(Config {
-                label: format!("{n} workers"),
-                speeds: vec![opts.eval_ms; n],
-                cores,
-            });
+            for &shards in stores {
+                configs.push(Config {
+                    label: format!("{n} workers"),
+                    speeds: vec![opts.eval_ms; n],
+                    cores,
+                    shards,
+                });
+            }
         }
     }
     if let Some(m) = opts.mixed {
@@ -301,6 +354,7 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
             label: format!("mixed {}+{} at {}x", m.fast, m.slow, m.slow_factor),
             speeds,
             cores: None,
+            shards: stores[0],
         });
     }
     configs
@@ -327,6 +381,7 @@ pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         ("--size", opts.size.to_string()),
         ("--view-batch", opts.view_batch.to_string()),
         ("--coordinator-cores", cores_arg(&opts.coordinator_cores)),
+        ("--store", stores_arg(&opts.stores)),
         ("--runs-json", file.display().to_string()),
     ] {
         args.extend([flag.to_string(), value]);
@@ -335,6 +390,18 @@ pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         args.extend(["--steps".to_string(), steps.to_string()]);
     }
     args
+}
+
+fn stores_arg(stores: &[usize]) -> String {
+    let names: Vec<&str> = stores
+        .iter()
+        .map(|&s| if s == 0 { "redis" } else { "cluster" })
+        .collect();
+    if names.is_empty() {
+        "redis".into()
+    } else {
+        names.join(",")
+    }
 }
 
 fn cores_arg(cores: &[Option<usize>]) -> String {
@@ -399,6 +466,7 @@ fn table(runs: &[ScaleRun]) -> Table {
         "link",
         "workers",
         "coordinator",
+        "store",
         "capacity (evals/s)",
         "timed steps",
         "steps/s",
@@ -409,14 +477,16 @@ fn table(runs: &[ScaleRun]) -> Table {
         "coordinator / ideal step",
         "critical path ms/step",
         "coordinator CPU ms/step",
-        "Redis CPU ms/step",
-        "MB through Redis/step",
+        "Redis CPU ms/step (busiest shard)",
+        "MB through Redis/step (all shards)",
+        "busiest shard's bytes",
     ]);
     for r in runs {
         table.row(vec![
             r.link.clone(),
             r.label.clone(),
             r.coordinator_cores.clone(),
+            r.store.clone(),
             format!("{:.1}", r.capacity),
             r.timed_steps.to_string(),
             format!("{:.3}", r.steps_per_second),
@@ -431,6 +501,8 @@ fn table(runs: &[ScaleRun]) -> Table {
             r.redis_cpu_ms.map_or("?".into(), |ms| format!("{ms:.0}")),
             r.bytes_per_step
                 .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
+            r.busiest_share
+                .map_or("?".into(), |s| format!("{:.0}%", 100.0 * s)),
         ]);
     }
     table
@@ -462,6 +534,10 @@ fn notes(views: usize, view_batch: usize) -> Vec<String> {
         "MB through Redis/step: Redis' own count of bytes in and out (INFO stats) from the \
          first step's end to the second-last's, per step: each byte a party writes and another \
          reads crosses the store's link twice"
+            .into(),
+        "store: one Redis, or a Redis Cluster of 3 masters on the same link (`--store \
+         cluster`); its bytes are summed over the shards, its Redis CPU is the busiest \
+         shard's, and the busiest shard's bytes are its part of the sum (a third is even)"
             .into(),
         "link: `--link-gbit` runs the whole loopback cluster in a network namespace whose \
          loopback is limited with a tc token bucket; every packet crosses it once, so the \

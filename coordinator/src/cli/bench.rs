@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use crate::bench::{self, e2e, memory, scale, step};
+use crate::bench::{self, e2e, load, memory, scale, step};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -33,6 +33,37 @@ pub enum BenchCommand {
     /// The web dashboard with many jobs and workers (default 1,000 and 64 simulated): time
     /// to first render in a headless Chromium and the payload sizes.
     Dashboard(DashboardArgs),
+    /// Wall time and peak memory of loading whole models on the CPU until ready to denoise
+    /// (e.g. a diffusers directory against its single-file checkpoint), each load in a fresh
+    /// process, with the page cache warm and cold.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// A model to load: a diffusers directory or a single-file .safetensors; repeat the flag
+    /// to compare (ratios are against the first).
+    #[arg(long, required = true)]
+    pub model: Vec<PathBuf>,
+    /// Loads per model and cache state; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// The type the weights are loaded in (f16 holds SDXL in ~7 GB; f32 needs twice that).
+    #[arg(long, default_value = "f16", value_parser = clap::builder::PossibleValuesParser::new(["f16", "bf16", "f32"]))]
+    pub dtype: String,
+    /// Measure with a warm page cache only (else also cold: the model's files evicted
+    /// before each load).
+    #[arg(long)]
+    pub warm_only: bool,
+    /// A LoRA, FILE[:WEIGHT] (repeatable): each model is also loaded (warm) with the LoRAs
+    /// merged, which measures the merge (what a worker pays per new LoRA set).
+    #[arg(long)]
+    pub lora: Vec<String>,
+    /// Run one load in this process and print its figures (how each measured load runs).
+    #[arg(long, hide = true)]
+    pub child: bool,
+    #[command(flatten)]
+    pub out: MarkdownArg,
 }
 
 #[derive(Debug, Args)]
@@ -164,8 +195,26 @@ pub struct ScaleArgs {
     /// Views per task (the job's --view-batch).
     #[arg(long, default_value_t = 4)]
     pub view_batch: usize,
+    /// Stores to run every configuration on: redis (one Redis), cluster (a Redis Cluster of
+    /// 3 masters on the same link).
+    #[arg(long, value_delimiter = ',', default_value = "redis")]
+    pub store: Vec<String>,
     #[command(flatten)]
     pub out: MarkdownArg,
+}
+
+/// `--store` names as shard counts (0: one Redis).
+fn parse_stores(names: &[String]) -> Result<Vec<usize>> {
+    names
+        .iter()
+        .map(|n| match n.trim() {
+            "redis" => Ok(0),
+            "cluster" => Ok(scale::CLUSTER_SHARDS),
+            other => {
+                bail!("--store takes redis and/or cluster (e.g. redis,cluster), not {other:?}")
+            }
+        })
+        .collect()
 }
 
 /// The flags `memory` and `e2e` share: whole jobs on N workers with the tiny model.
@@ -201,6 +250,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Unet(a) => super::bench_unet::run(a),
         BenchCommand::Kernels(a) => super::bench_kernels::run(a),
         BenchCommand::Dashboard(a) => run_dashboard(a, command),
+        BenchCommand::Load(a) => run_load(a, command),
         BenchCommand::E2e(a) => {
             if a.size < 64 || a.size % 64 != 0 {
                 bail!("--size takes a side in pixels, a multiple of 64, e.g. 4096");
@@ -273,6 +323,33 @@ fn run_dashboard(a: DashboardArgs, command: String) -> Result<()> {
     Ok(())
 }
 
+fn run_load(a: LoadArgs, command: String) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "bf16" => candle_core::DType::BF16,
+        "f32" => candle_core::DType::F32,
+        _ => candle_core::DType::F16,
+    };
+    if a.child {
+        let [model] = &a.model[..] else {
+            bail!("--child loads one --model");
+        };
+        return Ok(load::child(model, dtype, &a.lora)?);
+    }
+    if a.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let opts = load::LoadOptions {
+        models: a.model,
+        repeats: a.repeats,
+        dtype,
+        cold: !a.warm_only,
+        loras: a.lora,
+    };
+    let (_, report) = load::run(&opts, command)?;
+    report.emit(a.out.markdown.as_deref())?;
+    Ok(())
+}
+
 fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
     if a.workers.is_empty() || a.workers.contains(&0) {
         bail!("--workers needs counts of at least 1, e.g. 1,2,4");
@@ -304,6 +381,7 @@ fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
     let coordinator_cores = parse_cores(&a.coordinator_cores)?;
     let opts = scale::ScaleOptions {
         coordinator_cores,
+        stores: parse_stores(&a.store)?,
         workers: a.workers,
         eval_ms: a.eval_ms,
         mixed,
@@ -348,6 +426,7 @@ mod tests {
             view_batch: 1,
             coordinator_cores: vec![Some(1), None],
             links: vec![Some(2.0)],
+            stores: vec![0, 3],
             markdown: None,
         };
         let args = scale::child_args(&opts, std::path::Path::new("/tmp/runs.json"));
@@ -375,6 +454,8 @@ mod tests {
             a.runs_json.as_deref(),
             Some(std::path::Path::new("/tmp/runs.json"))
         );
+        assert_eq!(parse_stores(&a.store).unwrap(), vec![0, 3]);
+        assert!(parse_stores(&["sharded".into()]).is_err());
         assert!(parse_cores(&["0".into()]).is_err());
         assert!(parse_cores(&["many".into()]).is_err());
     }

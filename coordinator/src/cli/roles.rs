@@ -29,11 +29,13 @@ pub struct ServerTls {
 #[derive(Debug, Args)]
 pub struct RedisArgs {
     /// Redis holding jobs and tensors: redis://[USER:PASSWORD@]host:port[/db], or rediss:// for
-    /// TLS (see SECURITY.md for ACL users).
+    /// TLS; a Redis Cluster by its seed nodes,
+    /// redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] (rediss-cluster:// for TLS).
+    /// See SECURITY.md for ACL users.
     #[arg(long, env = "TESSERA_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// CA certificate (PEM) that signed Redis' certificate, for a rediss:// URL to a server
-    /// with a private CA.
+    /// CA certificate (PEM) that signed Redis' certificate, for a rediss:// or
+    /// rediss-cluster:// URL to servers with a private CA.
     #[arg(long, env = "TESSERA_REDIS_CA")]
     pub redis_ca: Option<PathBuf>,
 }

@@ -1,6 +1,6 @@
 //! The coordinator lock, and this coordinator's place: standby, leading or stopping.
 //!
-//! One coordinator runs jobs at a time: the one holding `tessera:coordinator:lock`. Each
+//! One coordinator runs jobs at a time: the one holding `tessera:coordinator:lock{tessera}`. Each
 //! acquisition writes a new value, `HOLDER#GENERATION`, and every write the holder makes goes
 //! through a store fenced by that value ([`RedisStore::fenced`]): a coordinator paused past
 //! the lock's expiry, whose successor has taken the lock, has every write refused, and stops

@@ -311,6 +311,9 @@ pub async fn serve(
         _ = &mut shutdown => return server.stop().await,
     };
     let fenced = store.fenced(keys::COORDINATOR_LOCK, &token, lock::LOCK_TTL);
+    // On a Redis Cluster the fence is copied into every bucket before anything is written,
+    // so the previous holder's writes are refused on every shard from here on.
+    fenced.arm_fence().await?;
     let runner = Runner::new(
         Jobs {
             store: fenced.clone(),

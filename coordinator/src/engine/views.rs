@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
+use tessera_core::codec;
 use tessera_core::method::camap::{CaMap, ViewPlacement};
 use tessera_core::method::fusion::FusionBands;
 use tessera_core::method::params::TileWeights;
@@ -25,7 +26,7 @@ use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{Plan, StagePlan};
 use tessera_core::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
 use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
-use tessera_store::{get_tensor, get_tensors, keys, put_tensor, Store};
+use tessera_store::{get_f32s, get_tensor, keys, Store};
 
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::{Dispatch, DispatchError};
@@ -56,8 +57,13 @@ pub struct Predictions {
     pub last_result: Option<Instant>,
 }
 
-/// A task's conditional and (when guided) unconditional predictions.
-type TaskOutputs = (Tensor, Option<Tensor>);
+/// A task's predictions as read: `(views, C, h, w)` f32 values each, the conditional and
+/// (when guided) the unconditional ones.
+struct TaskOutputs {
+    dims: Vec<usize>,
+    cond: Vec<f32>,
+    uncond: Option<Vec<f32>>,
+}
 
 /// Which views a task holds.
 enum Group {
@@ -119,13 +125,30 @@ pub fn evaluate(
     let mut timings = StepTimings::default();
     let clock = Instant::now();
     let views = StepViews::new(stage, &at, plan.view_batch)?;
+    // The views are cut from the latent's values in place (a copy only if it is not a
+    // contiguous f32 CPU tensor).
+    let (storage, layout) = input.storage_and_layout();
+    let owned;
+    let latent: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((from, to))) if input.dtype() == DType::F32 => {
+            &cpu.as_slice::<f32>()?[from..to]
+        }
+        _ => {
+            owned = input
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            &owned
+        }
+    };
     let inputs = TaskInputs {
         store,
         plan,
         stage,
         at,
         views: &views,
-        input,
+        latent,
+        batch: input.dims4()?.0,
         camap,
         capture,
         hooks: step_hooks(plan, stage, &at),
@@ -212,9 +235,10 @@ fn step_hooks(plan: &Plan, stage: &StagePlan, at: &StepAt) -> StepHooks {
     }
 }
 
-/// Views cut for one task: the batch, a view's latent size, where each sits in the stage.
+/// Views cut for one task: the batch encoded for the store, a view's latent size, where each
+/// sits in the stage.
 struct CutViews {
-    batch: Tensor,
+    batch: Vec<u8>,
     view_hw: (usize, usize),
     placements: Vec<ViewPlacement>,
     local: bool,
@@ -228,7 +252,9 @@ struct TaskInputs<'a> {
     stage: &'a StagePlan,
     at: StepAt<'a>,
     views: &'a StepViews,
-    input: &'a Tensor,
+    /// The stage latent's `(B, C, H, W)` values, and B.
+    latent: &'a [f32],
+    batch: usize,
     camap: Option<&'a CaMap>,
     capture: bool,
     hooks: StepHooks,
@@ -240,11 +266,7 @@ impl TaskInputs<'_> {
         let at = &self.at;
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
         let cut = self.cut(&self.views.groups[ti])?;
-        put_tensor(
-            self.store,
-            &key("in"),
-            &cut.batch.to_dtype(self.view_dtype)?,
-        )?;
+        self.store.put(&key("in"), &cut.batch)?;
         Ok(Task {
             job: at.job.to_string(),
             id: task_id(at, ti),
@@ -278,9 +300,12 @@ impl TaskInputs<'_> {
                         }
                     })
                     .collect();
+                let view_hw = local.window();
                 CutViews {
-                    batch: local.extract_batch(self.input, ix)?,
-                    view_hw: local.window(),
+                    batch: self.encode(ix, view_hw, &|i, row| {
+                        local.for_each_row(self.latent, i, row)
+                    })?,
+                    view_hw,
                     placements,
                     local: true,
                 }
@@ -298,14 +323,37 @@ impl TaskInputs<'_> {
                         strides: g.strides(),
                     });
                 }
+                let view_hw = g.view_size();
                 CutViews {
-                    batch: g.extract_batch(self.input, ix)?,
-                    view_hw: g.view_size(),
+                    batch: self
+                        .encode(ix, view_hw, &|i, row| g.for_each_row(self.latent, i, row))?,
+                    view_hw,
                     placements,
                     local: false,
                 }
             }
         })
+    }
+
+    /// The views `ix` stacked on the batch axis and encoded as the workers' dtype, straight
+    /// from the latent's rows: the bytes of cutting them as tensors, converting and encoding.
+    fn encode(&self, ix: &[usize], (vh, vw): (usize, usize), rows: &ViewRows) -> Result<Vec<u8>> {
+        let (h, w) = self.views.local.latent_size();
+        let channels = self.latent.len() / (self.batch * h * w).max(1);
+        let dims = [ix.len() * self.batch, channels, vh, vw];
+        let mut out = codec::header(self.view_dtype, &dims).map_err(codec_error)?;
+        let mut failed = None;
+        for &i in ix {
+            rows(i, &mut |row| {
+                if let Err(e) = codec::push_f32_as(&mut out, self.view_dtype, row) {
+                    failed.get_or_insert(e);
+                }
+            })?;
+        }
+        match failed {
+            Some(e) => Err(codec_error(e)),
+            None => Ok(out),
+        }
     }
 
     /// The worker cuts its views' parts of the stage's map (stored once at the stage's entry)
@@ -325,6 +373,13 @@ impl TaskInputs<'_> {
             placements,
         })
     }
+}
+
+/// A view's rows, handed one by one to the callback (`for_each_row` of the views' layout).
+type ViewRows<'r> = dyn Fn(usize, &mut dyn FnMut(&[f32])) -> tessera_core::error::Result<()> + 'r;
+
+fn codec_error(e: codec::CodecError) -> EngineError {
+    EngineError::Invalid(format!("encoding views: {e}"))
 }
 
 /// Hands the tasks to the dispatcher as soon as each one's input is in the store, so the
@@ -381,8 +436,7 @@ fn hand_out(
 const MAX_WRITERS: usize = 4;
 
 fn writer_threads(count: usize) -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+    tessera_core::tiling::cores()
         .clamp(1, MAX_WRITERS)
         .min(count.max(1))
 }
@@ -526,17 +580,28 @@ impl<'a> Arrivals<'a> {
     }
 }
 
-/// A task's predictions from the store, as f32: both halves in one round trip.
+/// A task's predictions from the store, as f32: both halves in one round trip, decoded
+/// straight into the values the merge reads.
 fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Result<TaskOutputs> {
     let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
     let mut names = vec![key("cond")];
     if guided {
         names.push(key("uncond"));
     }
-    let mut halves = get_tensors(store, &names, &Device::Cpu)?.into_iter();
-    let mut next = || halves.next().map(|t| t.to_dtype(DType::F32)).transpose();
-    let cond = next()?.ok_or_else(|| EngineError::Invalid(format!("no output for task {ti}")))?;
-    Ok((cond, next()?))
+    let mut halves = get_f32s(store, &names)?.into_iter();
+    let (dims, cond) = halves
+        .next()
+        .ok_or_else(|| EngineError::Invalid(format!("no output for task {ti}")))?;
+    let uncond = match halves.next() {
+        Some((d, _)) if d != dims => {
+            return Err(EngineError::Invalid(format!(
+                "task {ti}'s unconditional output is {d:?}, its conditional one {dims:?}"
+            )))
+        }
+        Some((_, u)) => Some(u),
+        None => None,
+    };
+    Ok(TaskOutputs { dims, cond, uncond })
 }
 
 /// The merge after the last task: what was not merged as it came in (and the captured
@@ -691,30 +756,32 @@ impl<'a> StepMerge<'a> {
     }
 
     /// Adds task `ti`'s views, each as its `[uncond; cond]` planes (or `[cond]` unguided).
-    fn add(&mut self, ti: usize, (cond, uncond): TaskOutputs) -> Result<()> {
+    fn add(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {
         let ix = self.groups[ti].views();
-        let (n, c, _, _) = cond.dims4()?;
+        let &[n, c, _, _] = outputs.dims.as_slice() else {
+            return Err(EngineError::Invalid(format!(
+                "task {ti} returned outputs of shape {:?}, not (views, C, h, w)",
+                outputs.dims
+            )));
+        };
         if n != ix.len() {
             return Err(EngineError::Invalid(format!(
                 "task {ti} returned {n} views for {}",
                 ix.len()
             )));
         }
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let cond = flat(&cond)?;
-        let uncond = uncond.as_ref().map(flat).transpose()?;
-        let halves = if uncond.is_some() { 2 } else { 1 };
-        let per = cond.len() / n;
-        let mut vals = Vec::with_capacity(halves * per);
+        let halves = if outputs.uncond.is_some() { 2 } else { 1 };
+        let per = outputs.cond.len() / n;
         for (v, &view) in ix.iter().enumerate() {
-            vals.clear();
-            if let Some(u) = &uncond {
-                vals.extend_from_slice(&u[v * per..(v + 1) * per]);
-            }
-            vals.extend_from_slice(&cond[v * per..(v + 1) * per]);
+            let cond = &outputs.cond[v * per..(v + 1) * per];
+            // Each view's planes are `[uncond; cond]` (or `[cond]`), read where they lie.
+            let parts: Vec<&[f32]> = match &outputs.uncond {
+                Some(u) => vec![&u[v * per..(v + 1) * per], cond],
+                None => vec![cond],
+            };
             match &self.groups[ti] {
-                Group::Local(_) => self.add_local(view, &vals, halves * c)?,
-                Group::Global(_) => self.add_global(view, &vals, halves * c)?,
+                Group::Local(_) => self.add_local(view, &parts, halves * c)?,
+                Group::Global(_) => self.add_global(view, &parts, halves * c)?,
             }
         }
         if let (Group::Local(_), Some(m), Some((bands, global))) = (
@@ -729,26 +796,26 @@ impl<'a> StepMerge<'a> {
     }
 
     /// Adds local view `view`'s `planes` planes to the merge, which takes them in view order.
-    fn add_local(&mut self, view: usize, vals: &[f32], planes: usize) -> Result<()> {
+    fn add_local(&mut self, view: usize, parts: &[&[f32]], planes: usize) -> Result<()> {
         if self.local_merge.is_none() {
             self.local_merge = Some(self.local.merge_in_order(planes, self.weighting)?);
         }
         if let Some(m) = self.local_merge.as_mut() {
             debug_assert_eq!(m.next_view(), view);
-            m.add(vals)?;
+            m.add_parts(parts)?;
         }
         Ok(())
     }
 
     /// Scatters global view `view`; once every global view is in, the fusion can start.
-    fn add_global(&mut self, view: usize, vals: &[f32], planes: usize) -> Result<()> {
+    fn add_global(&mut self, view: usize, parts: &[&[f32]], planes: usize) -> Result<()> {
         let Some(g) = self.global else {
             return Err(EngineError::Invalid(
                 "global views without a global layout".into(),
             ));
         };
         let scatter = self.global_scatter.get_or_insert_with(|| g.scatter(planes));
-        scatter.add(view, vals)?;
+        scatter.add_parts(view, parts)?;
         if scatter.is_complete() {
             if let Some(done) = self.global_scatter.take() {
                 let hw = self.local.latent_size();
@@ -987,7 +1054,14 @@ mod tests {
                 u.push(v.narrow(0, 0, 1)?);
                 c.push(v.narrow(0, 1, 1)?);
             }
-            Ok((Tensor::cat(&c, 0)?, Some(Tensor::cat(&u, 0)?)))
+            let values = |parts: &[Tensor]| -> Result<Vec<f32>> {
+                Ok(Tensor::cat(parts, 0)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            Ok(TaskOutputs {
+                dims: Tensor::cat(&c, 0)?.dims().to_vec(),
+                cond: values(&c)?,
+                uncond: Some(values(&u)?),
+            })
         };
         let scale = 3;
         let dims = [2, 4, h, w];

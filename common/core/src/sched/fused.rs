@@ -39,7 +39,7 @@ pub(super) fn step(
     let threads = if n < 1 << 16 {
         1
     } else {
-        std::thread::available_parallelism().map_or(1, |t| t.get())
+        crate::tiling::cores()
     };
     let per = n.div_ceil(threads).max(1);
     std::thread::scope(|scope| {

@@ -246,6 +246,21 @@ impl LocalViews {
         Ok(Tensor::cat(&views, 0)?)
     }
 
+    /// [`LocalViews::extract`] of view `index` without tensors: `latent` is a `(B, C, H, W)`
+    /// latent's row-major values, and `row` gets the view's rows in order (plane by plane),
+    /// the same values `extract` gives.
+    pub fn for_each_row(
+        &self,
+        latent: &[f32],
+        index: usize,
+        row: &mut dyn FnMut(&[f32]),
+    ) -> Result<()> {
+        let rect = self.rect(index)?;
+        let rows: Vec<i64> = (0..rect.height as i64).map(|i| rect.top + i).collect();
+        let cols: Vec<i64> = (0..rect.width as i64).map(|j| rect.left + j).collect();
+        gather_rows(latent, self.latent, &rows, &cols, self.padding, row)
+    }
+
     fn rect(&self, index: usize) -> Result<ViewRect> {
         self.rects.get(index).copied().ok_or_else(|| {
             MathError::Invalid(format!(
@@ -323,6 +338,12 @@ impl LocalMerge<'_> {
 
     /// Adds the next view's output, `bc` planes of `window_h × window_w` f32.
     pub fn add(&mut self, vals: &[f32]) -> Result<()> {
+        self.add_parts(&[vals])
+    }
+
+    /// [`LocalMerge::add`] with the view's planes in consecutive parts (e.g. the guidance
+    /// halves as they were read), each a whole number of planes: no copy into one buffer.
+    pub fn add_parts(&mut self, parts: &[&[f32]]) -> Result<()> {
         let (vh, vw) = self.views.window;
         let (h, w) = self.views.latent;
         let bc = self.bc;
@@ -332,11 +353,12 @@ impl LocalMerge<'_> {
                 self.views.rects.len()
             ));
         };
-        if vals.len() != bc * vh * vw {
+        let planes = view_planes(parts, vh * vw);
+        if planes.len() != bc {
             return invalid(format!(
                 "view {} output has {} values, expected {bc} x {vh} x {vw}",
                 self.next,
-                vals.len()
+                parts.iter().map(|p| p.len()).sum::<usize>()
             ));
         }
         // The columns of the window inside the latent; each value's arithmetic is the same
@@ -355,8 +377,8 @@ impl LocalMerge<'_> {
             for (d, &wt) in self.den[dst..dst + run].iter_mut().zip(wts) {
                 *d += wt;
             }
-            for k in 0..bc {
-                let src = &vals[(k * vh + y) * vw + x0..(k * vh + y) * vw + x1];
+            for (k, plane) in planes.iter().enumerate() {
+                let src = &plane[y * vw + x0..y * vw + x1];
                 let acc = &mut self.acc[k * h * w + dst..k * h * w + dst + run];
                 for ((a, &wt), &v) in acc.iter_mut().zip(wts).zip(src) {
                     *a += wt * v;
@@ -429,20 +451,37 @@ impl LocalMerge<'_> {
                 p % w
             ));
         }
-        for_each_row_chunk(&mut self.acc, w, |first_row, chunk| {
-            for (ri, row) in chunk.chunks_mut(w).enumerate() {
-                let y = (first_row + ri) % h;
-                if (from..upto).contains(&y) {
-                    for (a, &d) in row.iter_mut().zip(&den[y * w..(y + 1) * w]) {
-                        *a /= d;
-                    }
-                }
+        let den = &den[from * w..upto * w];
+        let planes = self.bc;
+        // Only the new rows of each plane; split between threads when there is enough of them
+        // to pay for the threads (a few settled rows after each view are not).
+        let divide = |first_row: usize, rows: &mut [f32]| {
+            for (a, &d) in rows.iter_mut().zip(&den[first_row * w..]) {
+                *a /= d;
             }
-        });
+        };
+        for plane in self.acc.chunks_exact_mut(h * w) {
+            let band = &mut plane[from * w..upto * w];
+            if band.len() * planes < PARALLEL_MIN {
+                divide(0, band);
+            } else {
+                for_each_row_chunk(band, w, divide);
+            }
+        }
         self.normalized = upto;
         Ok(())
     }
 }
+
+/// The cores this process may use, asked once: the standard library reads the cgroup's
+/// quota files on every call, which cost more than the small row runs a step hands out.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Fewer values than this are not worth the threads of [`for_each_row_chunk`].
+const PARALLEL_MIN: usize = 1 << 18;
 
 /// Runs `f(first_row, rows)` over `data` cut into runs of whole rows of `row_len`, one run per
 /// available core (scoped threads; a coordinator host has many).
@@ -451,10 +490,7 @@ where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let rows = data.len() / row_len.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(rows.max(1));
+    let threads = cores().min(rows.max(1));
     if threads <= 1 || row_len == 0 {
         f(0, data);
         return;
@@ -593,6 +629,21 @@ impl GlobalViews {
         Ok(Tensor::cat(&views, 0)?)
     }
 
+    /// [`GlobalViews::extract`] of view `index` without tensors, row by row (see
+    /// [`LocalViews::for_each_row`]).
+    pub fn for_each_row(
+        &self,
+        latent: &[f32],
+        index: usize,
+        row: &mut dyn FnMut(&[f32]),
+    ) -> Result<()> {
+        let (p, q) = self.offset(index)?;
+        let (sh, sw) = self.strides;
+        let rows: Vec<i64> = (0..self.view.0).map(|i| (p + i * sh) as i64).collect();
+        let cols: Vec<i64> = (0..self.view.1).map(|j| (q + j * sw) as i64).collect();
+        gather_rows(latent, self.latent, &rows, &cols, self.padding, row)
+    }
+
     /// Puts every view's output back at its strided positions, dropping padding: a
     /// `(B, C, H, W)` f32 tensor on the first output's device. Each latent pixel belongs to
     /// exactly one view, so this is a copy, not an average.
@@ -638,6 +689,12 @@ pub struct GlobalScatter<'a> {
 
 impl GlobalScatter<'_> {
     pub fn add(&mut self, index: usize, vals: &[f32]) -> Result<()> {
+        self.add_parts(index, &[vals])
+    }
+
+    /// [`GlobalScatter::add`] with the view's planes in consecutive parts (see
+    /// [`LocalMerge::add_parts`]).
+    pub fn add_parts(&mut self, index: usize, parts: &[&[f32]]) -> Result<()> {
         let (vh, vw) = self.views.view;
         let (h, w) = self.views.latent;
         let (sh, sw) = self.views.strides;
@@ -648,25 +705,26 @@ impl GlobalScatter<'_> {
                 self.seen.len()
             ));
         }
-        if vals.len() != bc * vh * vw {
+        let planes = view_planes(parts, vh * vw);
+        if planes.len() != bc {
             return invalid(format!(
                 "global view {index} output has {} values, expected {bc} x {vh} x {vw}",
-                vals.len()
+                parts.iter().map(|p| p.len()).sum::<usize>()
             ));
         }
         let (p, q) = (index / sw, index % sw);
-        for k in 0..bc {
+        // Columns of the view that land inside the latent.
+        let cols = vw.min((w.saturating_sub(q)).div_ceil(sw));
+        for (k, plane) in planes.iter().enumerate() {
             for i in 0..vh {
                 let y = p + i * sh;
                 if y >= h {
                     break;
                 }
-                for j in 0..vw {
-                    let x = q + j * sw;
-                    if x >= w {
-                        break;
-                    }
-                    self.dst[(k * h + y) * w + x] = vals[(k * vh + i) * vw + j];
+                let dst = &mut self.dst[(k * h + y) * w..(k * h + y + 1) * w];
+                let src = &plane[i * vw..i * vw + cols];
+                for (d, &v) in dst[q..].chunks_mut(sw).zip(src) {
+                    d[0] = v;
                 }
             }
         }
@@ -758,6 +816,67 @@ fn gather(
     let ri = Tensor::from_vec(ri, rows.len(), dev)?;
     let ci = Tensor::from_vec(ci, cols.len(), dev)?;
     Ok(src.index_select(&ri, 2)?.index_select(&ci, 3)?)
+}
+
+/// A view's planes of `plane` values each, from parts holding whole planes; empty when the
+/// parts do not split into whole planes (the caller reports the count it wanted).
+fn view_planes<'v>(parts: &[&'v [f32]], plane: usize) -> Vec<&'v [f32]> {
+    if plane == 0 || parts.iter().any(|p| p.len() % plane != 0) {
+        return Vec::new();
+    }
+    parts.iter().flat_map(|p| p.chunks_exact(plane)).collect()
+}
+
+/// [`gather`] over row-major values, one output row at a time: `latent` holds whole
+/// `h × w` planes, and each plane's `rows × cols` are handed to `row` in order. A row whose
+/// columns are one run inside the latent is handed over without a copy.
+fn gather_rows(
+    latent: &[f32],
+    (h, w): (usize, usize),
+    rows: &[i64],
+    cols: &[i64],
+    padding: EdgePadding,
+    row: &mut dyn FnMut(&[f32]),
+) -> Result<()> {
+    if h * w == 0 || !latent.len().is_multiple_of(h * w) {
+        return invalid(format!(
+            "{} latent values are not whole {h}x{w} planes",
+            latent.len()
+        ));
+    }
+    let ri: Vec<Option<usize>> = rows
+        .iter()
+        .map(|&r| pad_index(r, h, padding).map(|i| i as usize))
+        .collect();
+    let ci: Vec<Option<usize>> = cols
+        .iter()
+        .map(|&c| pad_index(c, w, padding).map(|i| i as usize))
+        .collect();
+    // Columns that are one run inside the latent: rows are plain slices of it.
+    let run = match ci.first() {
+        Some(&Some(a)) if ci.iter().enumerate().all(|(j, &c)| c == Some(a + j)) => Some(a),
+        _ => None,
+    };
+    let zeros = vec![0f32; ci.len()];
+    let mut buf = vec![0f32; ci.len()];
+    for plane in latent.chunks_exact(h * w) {
+        for r in &ri {
+            let Some(r) = *r else {
+                row(&zeros);
+                continue;
+            };
+            let src = &plane[r * w..(r + 1) * w];
+            if let Some(a) = run {
+                row(&src[a..a + ci.len()]);
+                continue;
+            }
+            for (b, c) in buf.iter_mut().zip(&ci) {
+                *b = c.map_or(0.0, |c| src[c]);
+            }
+            row(&buf);
+        }
+    }
+    Ok(())
 }
 
 /// Checks all outputs have one `(B, C, vh, vw)` shape; returns B·C and the device.
@@ -961,6 +1080,98 @@ mod tests {
         for (i, j) in [(0usize, 0usize), (5, 9), (127, 127)] {
             assert_eq!(view[i][j], lat[1 + 2 * i][1 + 2 * j]);
         }
+        Ok(())
+    }
+
+    /// A view's rows handed to a callback, as the tests call `for_each_row`.
+    type EachRow<'a> = dyn Fn(&mut dyn FnMut(&[f32])) -> Result<()> + 'a;
+
+    /// Every view read row by row from the values is what `extract` cuts from the tensor,
+    /// with each padding mode and views that reach past the edges.
+    #[test]
+    fn views_read_row_by_row_are_the_extracted_views() -> Result<()> {
+        let (h, w) = (45, 38);
+        let latent = Tensor::arange(0f32, (2 * 3 * h * w) as f32, &Device::Cpu)?
+            .reshape((2, 3, h, w))?
+            .affine(0.37, -5.0)?
+            .sin()?;
+        let values = latent.flatten_all()?.to_vec1::<f32>()?;
+        let rows_of = |each: &EachRow| -> Result<Vec<f32>> {
+            let mut out = Vec::new();
+            each(&mut |row| out.extend_from_slice(row))?;
+            Ok(out)
+        };
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        for padding in [
+            EdgePadding::Zero,
+            EdgePadding::Replicate,
+            EdgePadding::Reflect,
+        ] {
+            let cfg = LocalViewConfig {
+                padding,
+                ..LocalViewConfig::for_training_size(16)
+            };
+            let local = LocalViews::new(h, w, &cfg, Some(3))?;
+            assert!(local.rects().iter().any(|r| r.top < 0 || r.left < 0));
+            for i in 0..local.len() {
+                let rows = rows_of(&|row| local.for_each_row(&values, i, row))?;
+                assert_eq!(
+                    rows,
+                    flat(local.extract(&latent, i)?)?,
+                    "{padding:?} local {i}"
+                );
+            }
+            let gcfg = GlobalViewConfig {
+                padding,
+                ..GlobalViewConfig::for_training_size(16)
+            };
+            let global = GlobalViews::new(h, w, &gcfg)?;
+            for i in 0..global.len() {
+                let rows = rows_of(&|row| global.for_each_row(&values, i, row))?;
+                assert_eq!(
+                    rows,
+                    flat(global.extract(&latent, i)?)?,
+                    "{padding:?} global {i}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A view added in parts (the guidance halves where they were read) merges and scatters
+    /// to the same bytes as the view in one buffer.
+    #[test]
+    fn views_added_in_parts_merge_to_the_same_bytes() -> Result<()> {
+        let (h, w) = (40, 36);
+        let local = LocalViews::new(h, w, &LocalViewConfig::for_training_size(16), Some(9))?;
+        let global = GlobalViews::new(h, w, &GlobalViewConfig::for_training_size(16))?;
+        let view = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|k| ((k * 31 + seed * 7) as f32 * 0.013).cos())
+                .collect()
+        };
+        let (vh, vw) = local.window();
+        let mut whole = local.merge_in_order(4, ViewWeighting::GAUSSIAN)?;
+        let mut parts = local.merge_in_order(4, ViewWeighting::GAUSSIAN)?;
+        for i in 0..local.len() {
+            let v = view(4 * vh * vw, i);
+            whole.add(&v)?;
+            parts.add_parts(&[&v[..vh * vw], &v[vh * vw..]])?;
+        }
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(whole.finish_vec()?), bits(parts.finish_vec()?));
+        let (gh, gw) = global.view_size();
+        let (mut whole, mut parts) = (global.scatter(4), global.scatter(4));
+        for i in 0..global.len() {
+            let v = view(4 * gh * gw, i);
+            whole.add(i, &v)?;
+            parts.add_parts(i, &[&v[..2 * gh * gw], &v[2 * gh * gw..]])?;
+        }
+        assert_eq!(bits(whole.finish_vec()?), bits(parts.finish_vec()?));
+        // Parts that do not hold whole planes are refused.
+        let mut m = local.merge_in_order(2, ViewWeighting::Uniform)?;
+        let v = view(2 * vh * vw, 0);
+        assert!(m.add_parts(&[&v[..5], &v[5..]]).is_err());
         Ok(())
     }
 
