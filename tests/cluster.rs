@@ -232,28 +232,29 @@ fn a_cluster_job_matches_the_embedded_render() {
     assert!(listed.contains(&id), "{listed}");
 }
 
-#[test]
-fn a_worker_killed_mid_stage_costs_nothing() {
+/// The store a reliability test runs on: one Redis (`shards` 0) or a Redis Cluster of
+/// `shards` masters; AOF on either way, so a restarted store keeps what it held.
+fn store(shards: usize) -> ClusterOptions {
+    ClusterOptions {
+        redis_shards: shards,
+        redis: RedisServerOptions {
+            aof: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn worker_killed_mid_stage(name: &str, shards: usize) {
     let _one = serial();
     reference();
-    let mut cluster = Cluster::start(
-        "cluster-kill-worker",
-        2,
-        RedisServerOptions::default(),
-        None,
-    );
+    let mut cluster = Cluster::start_with(name, 2, store(shards));
     let id = cluster.submit(JOB);
     cluster.wait_for(&id, "the second stage", mid_stage);
     cluster.inner.workers[0].kill();
     // Another worker joins afterwards.
     cluster.add_worker();
-    let out = cluster.watch(&id);
-    assert!(
-        out.status.success(),
-        "watch: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.logs()
-    );
+    cluster.watch_ok(&id);
     assert_same_image(&cluster, &id);
     let log = cluster.inner.coordinator_log();
     assert!(
@@ -263,20 +264,23 @@ fn a_worker_killed_mid_stage_costs_nothing() {
 }
 
 #[test]
-fn a_restarted_coordinator_resumes_from_its_checkpoint() {
+fn a_worker_killed_mid_stage_costs_nothing() {
+    worker_killed_mid_stage("cluster-kill-worker", 0);
+}
+
+#[test]
+fn a_worker_killed_mid_stage_costs_nothing_on_a_redis_cluster() {
+    worker_killed_mid_stage("sharded-kill-worker", 3);
+}
+
+fn coordinator_restarted_mid_stage(name: &str, shards: usize) {
     let _one = serial();
     reference();
-    let mut cluster = Cluster::start("cluster-kill-coord", 2, RedisServerOptions::default(), None);
+    let mut cluster = Cluster::start_with(name, 2, store(shards));
     let id = cluster.submit(JOB);
     let at = cluster.wait_for(&id, "the second stage", mid_stage);
     cluster.restart_coordinator();
-    let out = cluster.watch(&id);
-    assert!(
-        out.status.success(),
-        "watch: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.logs()
-    );
+    cluster.watch_ok(&id);
     let s = cluster.status(&id);
     let resumed = &s["resumed_from"];
     assert!(resumed.is_object(), "no resume recorded: {s}");
@@ -286,6 +290,31 @@ fn a_restarted_coordinator_resumes_from_its_checkpoint() {
         at["progress"]
     );
     assert!(resumed["stage"].as_u64().unwrap() >= 1, "{s}");
+    assert_same_image(&cluster, &id);
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_from_its_checkpoint() {
+    coordinator_restarted_mid_stage("cluster-kill-coord", 0);
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_from_its_checkpoint_on_a_redis_cluster() {
+    coordinator_restarted_mid_stage("sharded-kill-coord", 3);
+}
+
+/// Every node of the store killed and restarted (a Redis Cluster's whole set of shards at
+/// once: everything answers connection refused, then CLUSTERDOWN until every slot is served).
+fn store_restarted_mid_job(name: &str, shards: usize) {
+    let _one = serial();
+    reference();
+    let mut cluster = Cluster::start_with(name, 2, store(shards));
+    let id = cluster.submit(JOB);
+    cluster.wait_for(&id, "the second stage", mid_stage);
+    cluster.inner.redis.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.inner.redis.restart();
+    cluster.watch_ok(&id);
     assert_same_image(&cluster, &id);
 }
 
@@ -364,30 +393,12 @@ fn cancel_removes_a_job_and_finished_jobs_expire() {
 
 #[test]
 fn redis_restarted_mid_job_costs_nothing() {
-    let _one = serial();
-    reference();
-    let mut cluster = Cluster::start(
-        "cluster-redis-restart",
-        2,
-        RedisServerOptions {
-            aof: true,
-            ..Default::default()
-        },
-        None,
-    );
-    let id = cluster.submit(JOB);
-    cluster.wait_for(&id, "the second stage", mid_stage);
-    cluster.inner.redis.kill();
-    std::thread::sleep(Duration::from_secs(2));
-    cluster.inner.redis.restart();
-    let out = cluster.watch(&id);
-    assert!(
-        out.status.success(),
-        "watch: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.logs()
-    );
-    assert_same_image(&cluster, &id);
+    store_restarted_mid_job("cluster-redis-restart", 0);
+}
+
+#[test]
+fn a_whole_redis_cluster_restarted_mid_job_costs_nothing() {
+    store_restarted_mid_job("sharded-redis-restart", 3);
 }
 
 /// A 3-shard Redis Cluster as the store, its nodes carrying the recipes' ACL users: one job
