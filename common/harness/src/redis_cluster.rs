@@ -161,6 +161,11 @@ impl Redis {
         }
     }
 
+    /// Every node's port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes().iter().map(RedisServer::port).collect()
+    }
+
     /// Keys on all nodes.
     pub fn dbsize(&self) -> usize {
         self.nodes().iter().map(RedisServer::dbsize).sum()

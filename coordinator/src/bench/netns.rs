@@ -7,6 +7,11 @@
 //! Every packet on a loopback crosses it once, so the limit caps the sum of all the cluster's
 //! traffic — about what one Redis node on a full-duplex link of half that speed moves in and
 //! out.
+//!
+//! `--link-per-node` instead gives each Redis node a link of its own ([`limit_ports`]): an HTB
+//! class per node's port carries that node's traffic in and out, as a Redis node on its own host
+//! has, and the rest of the loopback is not limited. A sharded store then has the links of all
+//! its shards, which one shared loopback cannot show.
 
 use std::process::Command;
 
@@ -77,6 +82,71 @@ fn tbf_args(gbit: f64) -> Vec<String> {
     .collect()
 }
 
+/// [`label`] of a run where each Redis node has a link of its own.
+pub fn label_per_node(gbit: Option<f64>) -> String {
+    match gbit {
+        None => "unlimited".into(),
+        Some(g) => format!("{g} Gbit/s per Redis node"),
+    }
+}
+
+/// The `tc` commands giving each of `ports` its own link of `gbit`: an HTB root whose
+/// unclassified packets pass unlimited, one class per port at the rate (the token bucket's
+/// burst), and filters sending the packets from and to that port into its class.
+fn htb_commands(gbit: f64, ports: &[u16]) -> Vec<Vec<String>> {
+    let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let rate = tbf_args(gbit);
+    let (mbit, burst) = (&rate[7], &rate[9]);
+    let mut cmds = vec![words("qdisc add dev lo root handle 1: htb")];
+    for (i, port) in ports.iter().enumerate() {
+        let class = format!("1:{:x}", 16 + i);
+        cmds.push(words(&format!(
+            "class add dev lo parent 1: classid {class} htb rate {mbit} ceil {mbit} \
+             burst {burst} cburst {burst}"
+        )));
+        for side in ["sport", "dport"] {
+            cmds.push(words(&format!(
+                "filter add dev lo parent 1: protocol ip prio 1 u32 match ip {side} {port} \
+                 0xffff flowid {class}"
+            )));
+        }
+    }
+    cmds
+}
+
+/// Gives each of `ports` (the store's nodes) its own link of `gbit` on this namespace's
+/// loopback, replacing the previous run's. Refused outside a namespace of our own: it would
+/// shape the host's loopback.
+pub fn limit_ports(gbit: f64, ports: &[u16]) -> Result<()> {
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    let (own, host) = (ns("/proc/self/ns/net"), ns("/proc/1/ns/net"));
+    if own.is_none() || host.is_none() || own == host {
+        return Err(BenchError::Setup(
+            "a per-node link is only set inside the benchmark's own network namespace; use \
+             --link-gbit with --link-per-node"
+                .into(),
+        ));
+    }
+    // Nothing to delete before the first run: the error is expected then.
+    let _ = Command::new("tc")
+        .args(["qdisc", "del", "dev", "lo", "root"])
+        .output();
+    for args in htb_commands(gbit, ports) {
+        let out = Command::new("tc")
+            .args(&args)
+            .output()
+            .map_err(io("running tc"))?;
+        if !out.status.success() {
+            return Err(BenchError::Setup(format!(
+                "`tc {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs this binary with `args` in a fresh network namespace limited to `gbit` (unlimited
 /// with `None`); its output passes through. Fails when the child fails.
 pub fn run_inside(gbit: Option<f64>, args: &[String]) -> Result<()> {
@@ -114,5 +184,34 @@ mod tests {
         assert_eq!(tbf_args(0.1)[9], (256 * 1024).to_string());
         assert_eq!(label(Some(2.0)), "2 Gbit/s");
         assert_eq!(label(None), "unlimited");
+        assert_eq!(label_per_node(Some(2.0)), "2 Gbit/s per Redis node");
+    }
+
+    #[test]
+    fn each_port_gets_a_class_and_both_directions_go_into_it() {
+        let cmds = htb_commands(2.0, &[7000, 7001]);
+        assert_eq!(cmds.len(), 1 + 2 * 3);
+        assert_eq!(cmds[0].join(" "), "qdisc add dev lo root handle 1: htb");
+        assert_eq!(
+            cmds[1].join(" "),
+            "class add dev lo parent 1: classid 1:10 htb rate 2000mbit ceil 2000mbit \
+             burst 2500000 cburst 2500000"
+        );
+        assert!(cmds[2]
+            .join(" ")
+            .ends_with("match ip sport 7000 0xffff flowid 1:10"));
+        assert!(cmds[3]
+            .join(" ")
+            .ends_with("match ip dport 7000 0xffff flowid 1:10"));
+        assert!(cmds[6]
+            .join(" ")
+            .ends_with("match ip dport 7001 0xffff flowid 1:11"));
+    }
+
+    #[test]
+    fn ports_are_not_shaped_on_the_hosts_own_network() {
+        // The tests run in pid 1's namespace (or cannot read it): either way, refused.
+        let err = limit_ports(2.0, &[7000]).unwrap_err().to_string();
+        assert!(err.contains("--link-per-node"), "{err}");
     }
 }

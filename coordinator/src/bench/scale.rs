@@ -42,6 +42,10 @@ pub struct ScaleOptions {
     /// Stores to run each configuration on: 0 for one Redis, n for a Redis Cluster of n
     /// shards.
     pub stores: Vec<usize>,
+    /// Each link of `links` is each Redis node's own, not the whole loopback's.
+    pub link_per_node: bool,
+    /// Inside a `link_per_node` namespace: the speed every Redis node of each run gets.
+    pub node_link: Option<f64>,
     pub markdown: Option<PathBuf>,
 }
 
@@ -187,6 +191,9 @@ fn run_one(
         cfg.label
     );
     let mut cluster = cluster::start_on(&dir, &[], cfg.shards)?;
+    if let Some(gbit) = opts.node_link {
+        netns::limit_ports(gbit, &cluster.redis.ports())?;
+    }
     if let (Some(n), Some(pid)) = (cfg.cores, cluster.coordinator_pid()) {
         pin(pid, n)?;
     }
@@ -389,6 +396,9 @@ pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
     if let Some(steps) = opts.steps {
         args.extend(["--steps".to_string(), steps.to_string()]);
     }
+    if let Some(gbit) = opts.node_link {
+        args.extend(["--node-link-gbit".to_string(), gbit.to_string()]);
+    }
     args
 }
 
@@ -418,15 +428,29 @@ fn measure_links(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let scratch = Scratch::new("scale-links")?;
     let mut runs = Vec::new();
     for (i, &link) in opts.links.iter().enumerate() {
-        eprintln!("link {}:", netns::label(link));
+        let label = if opts.link_per_node {
+            netns::label_per_node(link)
+        } else {
+            netns::label(link)
+        };
+        eprintln!("link {label}:");
         let file = scratch.path(&format!("runs-{i}.json"));
-        netns::run_inside(link, &child_args(opts, &file))?;
+        if opts.link_per_node {
+            // The namespace's loopback stays unlimited; the child shapes each node's port.
+            let child = ScaleOptions {
+                node_link: link,
+                ..opts.clone()
+            };
+            netns::run_inside(None, &child_args(&child, &file))?;
+        } else {
+            netns::run_inside(link, &child_args(opts, &file))?;
+        }
         let text = std::fs::read_to_string(&file)
             .map_err(super::io(format!("reading {}", file.display())))?;
         let mut got: Vec<ScaleRun> = serde_json::from_str(&text)
             .map_err(|e| BenchError::Setup(format!("{}: {e}", file.display())))?;
         for r in &mut got {
-            r.link = netns::label(link);
+            r.link = label.clone();
         }
         runs.extend(got);
     }
@@ -456,7 +480,7 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         command,
         machine,
         tables: vec![table(&runs)],
-        notes: notes(views, opts.view_batch),
+        notes: notes(views, opts.view_batch, opts.link_per_node),
     };
     Ok((runs, report))
 }
@@ -508,7 +532,17 @@ fn table(runs: &[ScaleRun]) -> Table {
     table
 }
 
-fn notes(views: usize, view_batch: usize) -> Vec<String> {
+fn notes(views: usize, view_batch: usize, per_node: bool) -> Vec<String> {
+    let link = if per_node {
+        "link: `--link-gbit` with `--link-per-node` runs the loopback cluster in a network \
+         namespace where each Redis node's port has a link of its own of that speed (a tc HTB \
+         class carrying the node's traffic in and out), as Redis nodes on their own hosts have; \
+         the coordinator's and the workers' other traffic (gRPC) is not limited"
+    } else {
+        "link: `--link-gbit` runs the whole loopback cluster in a network namespace whose \
+         loopback is limited with a tc token bucket; every packet crosses it once, so the \
+         limit caps all the cluster's traffic together"
+    };
     vec![
         format!(
             "{views} views per step ({view_batch} per task); an evaluation = one training-size view with CFG"
@@ -535,13 +569,16 @@ fn notes(views: usize, view_batch: usize) -> Vec<String> {
          first step's end to the second-last's, per step: each byte a party writes and another \
          reads crosses the store's link twice"
             .into(),
-        "store: one Redis, or a Redis Cluster of 3 masters on the same link (`--store \
-         cluster`); its bytes are summed over the shards, its Redis CPU is the busiest \
-         shard's, and the busiest shard's bytes are its part of the sum (a third is even)"
-            .into(),
-        "link: `--link-gbit` runs the whole loopback cluster in a network namespace whose \
-         loopback is limited with a tc token bucket; every packet crosses it once, so the \
-         limit caps all the cluster's traffic together"
-            .into(),
+        format!(
+            "store: one Redis, or a Redis Cluster of 3 masters {} (`--store cluster`); its \
+             bytes are summed over the shards, its Redis CPU is the busiest shard's, and the \
+             busiest shard's bytes are its part of the sum (a third is even)",
+            if per_node {
+                "each on its own link"
+            } else {
+                "on the same link"
+            }
+        ),
+        link.into(),
     ]
 }

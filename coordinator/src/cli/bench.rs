@@ -173,6 +173,15 @@ pub struct ScaleArgs {
     /// (needs root or CAP_SYS_ADMIN/CAP_NET_ADMIN); left out, the host's loopback is used.
     #[arg(long, value_delimiter = ',')]
     pub link_gbit: Vec<f64>,
+    /// With --link-gbit: give each Redis node a link of its own of that speed (its traffic in
+    /// and out, as a node on its own host has) instead of one link for the whole loopback;
+    /// the coordinator's and workers' gRPC traffic is then not limited.
+    #[arg(long, requires = "link_gbit")]
+    pub link_per_node: bool,
+    /// Inside a --link-per-node namespace: the link each Redis node gets (how the parent hands
+    /// it to the child).
+    #[arg(long, hide = true)]
+    pub node_link_gbit: Option<f64>,
     /// Cores the coordinator may use, one run each: numbers, or "all" (it is pinned with
     /// taskset; its threads per step follow).
     #[arg(long, value_delimiter = ',', default_value = "all")]
@@ -378,6 +387,11 @@ fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
     if a.link_gbit.iter().any(|g| !(g.is_finite() && *g >= 0.0)) {
         bail!("--link-gbit takes speeds in Gbit/s, 0 for unlimited, e.g. 0,10,2");
     }
+    if a.node_link_gbit
+        .is_some_and(|g| !(g.is_finite() && g > 0.0))
+    {
+        bail!("--node-link-gbit takes a speed in Gbit/s above 0");
+    }
     let coordinator_cores = parse_cores(&a.coordinator_cores)?;
     let opts = scale::ScaleOptions {
         coordinator_cores,
@@ -393,6 +407,8 @@ fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
             .iter()
             .map(|&g| (g > 0.0).then_some(g))
             .collect(),
+        link_per_node: a.link_per_node,
+        node_link: a.node_link_gbit,
         markdown: a.out.markdown.clone(),
     };
     if let Some(file) = &a.runs_json {
@@ -427,6 +443,8 @@ mod tests {
             coordinator_cores: vec![Some(1), None],
             links: vec![Some(2.0)],
             stores: vec![0, 3],
+            link_per_node: true,
+            node_link: Some(2.0),
             markdown: None,
         };
         let args = scale::child_args(&opts, std::path::Path::new("/tmp/runs.json"));
@@ -455,6 +473,7 @@ mod tests {
             Some(std::path::Path::new("/tmp/runs.json"))
         );
         assert_eq!(parse_stores(&a.store).unwrap(), vec![0, 3]);
+        assert_eq!(a.node_link_gbit, Some(2.0));
         assert!(parse_stores(&["sharded".into()]).is_err());
         assert!(parse_cores(&["0".into()]).is_err());
         assert!(parse_cores(&["many".into()]).is_err());
