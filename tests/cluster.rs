@@ -100,7 +100,9 @@ impl Cluster {
 
     /// Runs a client command against this cluster.
     fn client(&self, args: &[&str]) -> std::process::Output {
-        self.inner.client(args).unwrap_or_else(|e| panic!("{e}"))
+        self.inner
+            .client(args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     fn client_ok(&self, args: &[&str]) -> String {

@@ -1111,6 +1111,11 @@ fn is_transient(e: &RedisError) -> bool {
     if e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c)) {
         return true;
     }
+    // A Redis Cluster client with no node reachable (every shard down at once) says so
+    // without an I/O error; its connections come back with the nodes.
+    if e.kind() == redis::ErrorKind::ClusterConnectionNotFound {
+        return true;
+    }
     let network =
         e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout();
     network && !is_tls_or_config_error(e)

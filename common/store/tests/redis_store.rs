@@ -522,7 +522,9 @@ mod cluster {
         assert!(err.to_string().contains("redis-cluster://"), "{err}");
 
         fences_hold_on_every_shard(&rt, &store)?;
-        a_shard_restart_stalls_a_write_that_then_lands(&mut cluster, &rt, &store)?;
+        a_restart_stalls_a_write_that_then_lands(&mut cluster, &rt, &store, &[2])?;
+        // Every shard at once: the client finds no node at all for a while.
+        a_restart_stalls_a_write_that_then_lands(&mut cluster, &rt, &store, &[0, 1, 2])?;
         Ok(())
     }
 
@@ -573,17 +575,20 @@ mod cluster {
         Ok(())
     }
 
-    /// A shard killed and restarted (AOF on) stalls the writes to its slots, which then land.
-    fn a_shard_restart_stalls_a_write_that_then_lands(
+    /// Shards killed and restarted (AOF on) stall the writes to their slots, which then land.
+    fn a_restart_stalls_a_write_that_then_lands(
         cluster: &mut RedisCluster,
         rt: &tokio::runtime::Runtime,
         store: &RedisStore,
+        shards: &[usize],
     ) -> TestResult {
         let keys: Vec<String> = (0..30).map(|t| keys::task("r", 0, 1, t, "in")).collect();
         for k in &keys {
             store.put(k, b"before")?;
         }
-        cluster.kill_shard(2);
+        for &i in shards {
+            cluster.kill_shard(i);
+        }
         let writer = {
             let store = store.clone();
             let keys = keys.clone();
@@ -595,7 +600,10 @@ mod cluster {
             })
         };
         std::thread::sleep(Duration::from_secs(2));
-        cluster.restart_shard(2);
+        for &i in shards {
+            cluster.nodes[i].restart();
+        }
+        cluster.wait_ready();
         rt.block_on(writer)??;
         for k in &keys {
             assert_eq!(store.get(k)?, Some(b"after".to_vec()), "{k}");

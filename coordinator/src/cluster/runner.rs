@@ -18,7 +18,7 @@ use candle_core::Tensor;
 use tessera_core::describe;
 use tessera_core::plan::Plan;
 use tessera_core::spec::RenderSpec;
-use tessera_store::{keys, RedisStore, Store};
+use tessera_store::{keys, RedisStore, Store, StoreError};
 use tokio::sync::Notify;
 
 use super::jobs::{now_ms, JobRecord, JobState, Jobs, ProgressRecord, ResumeRecord};
@@ -340,13 +340,29 @@ impl Runner {
         if !keep {
             self.remove_images(id);
         }
-        if let Err(e) = self
-            .runtime
-            .block_on(self.jobs.finish(&record, self.opts.job_ttl, keep))
-        {
-            tracing::error!(job = %id, "cannot record the end of the job: {e}");
-        }
+        self.record_end(&record, keep);
         self.tell_end(&record, keep);
+    }
+
+    /// Writes the job's end to the store. An outage longer than the store's own retries is
+    /// waited out, as a step's is: given up, the job would stay listed as running with nothing
+    /// running it until the next coordinator.
+    fn record_end(&self, record: &JobRecord, keep: bool) {
+        let id = &record.id;
+        loop {
+            let finish = self.jobs.finish(record, self.opts.job_ttl, keep);
+            match self.runtime.block_on(finish) {
+                Ok(()) => return,
+                Err(StoreError::Unavailable(e)) if !self.halted() => {
+                    tracing::warn!(job = %id, "store unavailable ({e}); recording the end shortly");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, "cannot record the end of the job: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Every image of the job still to do, in turn, on one engine that dispatches to the pool.
