@@ -118,9 +118,14 @@ fn htb_commands(gbit: f64, ports: &[u16]) -> Vec<Vec<String>> {
 /// loopback, replacing the previous run's. Refused outside a namespace of our own: it would
 /// shape the host's loopback.
 pub fn limit_ports(gbit: f64, ports: &[u16]) -> Result<()> {
+    // The child of `run_inside` runs in a namespace its parent (the benchmark) is not in.
     let ns = |p: &str| std::fs::read_link(p).ok();
-    let (own, host) = (ns("/proc/self/ns/net"), ns("/proc/1/ns/net"));
-    if own.is_none() || host.is_none() || own == host {
+    let parent = std::os::unix::process::parent_id();
+    let (own, outside) = (
+        ns("/proc/self/ns/net"),
+        ns(&format!("/proc/{parent}/ns/net")),
+    );
+    if own.is_none() || outside.is_none() || own == outside {
         return Err(BenchError::Setup(
             "a per-node link is only set inside the benchmark's own network namespace; use \
              --link-gbit with --link-per-node"
@@ -210,7 +215,7 @@ mod tests {
 
     #[test]
     fn ports_are_not_shaped_on_the_hosts_own_network() {
-        // The tests run in pid 1's namespace (or cannot read it): either way, refused.
+        // The test runs in its parent's (cargo's) namespace: refused.
         let err = limit_ports(2.0, &[7000]).unwrap_err().to_string();
         assert!(err.contains("--link-per-node"), "{err}");
     }
