@@ -403,6 +403,46 @@ fn a_whole_redis_cluster_restarted_mid_job_costs_nothing() {
     store_restarted_mid_job("sharded-redis-restart", 3);
 }
 
+/// A job whose checkpoint tensors are gone from the store while its state still names them
+/// (a store that lost data without the coordinator noticing: an evicted key, a shard restarted
+/// without its AOF) fails, saying which key is missing, instead of trying its image again
+/// for ever.
+#[test]
+fn a_checkpoint_gone_from_the_store_fails_the_job_instead_of_retrying_for_ever() {
+    let _one = serial();
+    let mut cluster = Cluster::start(
+        "cluster-lost-checkpoint",
+        2,
+        RedisServerOptions::default(),
+        None,
+    );
+    let id = cluster.submit(JOB);
+    cluster.wait_for(&id, "the second stage", mid_stage);
+    cluster.inner.kill_coordinator();
+    // The image's tensors (`…:i0:ckpt:s1:t2:latent…`), not its state (`…:ckpt:state…`).
+    let pattern = format!("tessera:job:{id}:*ckpt:s[0-9]*");
+    assert!(
+        cluster.inner.redis.delete_matching(&pattern) > 0,
+        "no checkpoint tensors"
+    );
+    cluster
+        .inner
+        .start_coordinator()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = cluster
+        .inner
+        .client_within(&cluster.url(), &["watch", &id], Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(!out.status.success(), "{}", cluster.logs());
+    let s = cluster.status(&id);
+    assert_eq!(s["state"], "failed", "{s}");
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("is missing from the store") && error.contains(":ckpt:s"),
+        "{s}"
+    );
+}
+
 /// A 3-shard Redis Cluster as the store, its nodes carrying the recipes' ACL users: one job
 /// rides out, at once, the restart of one shard, of the coordinator and the loss of a worker,
 /// and gives the embedded render's pixels; every shard held a fair part of its keys and

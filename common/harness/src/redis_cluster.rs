@@ -161,6 +161,14 @@ impl Redis {
         }
     }
 
+    /// Deletes the keys matching `pattern` on every node (each where it lies); how many.
+    pub fn delete_matching(&self, pattern: &str) -> usize {
+        self.nodes()
+            .iter()
+            .map(|n| n.delete_matching(pattern))
+            .sum()
+    }
+
     /// Every node's port.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes().iter().map(RedisServer::port).collect()

@@ -249,6 +249,20 @@ impl RedisServer {
             .collect()
     }
 
+    /// Deletes the keys matching `pattern` held by this server; how many there were.
+    pub fn delete_matching(&self, pattern: &str) -> usize {
+        let keys = self.scan(pattern);
+        for key in &keys {
+            let out = self
+                .cli()
+                .args(["DEL", key])
+                .output()
+                .unwrap_or_else(|e| panic!("running redis-cli DEL: {e}"));
+            assert!(out.status.success(), "redis-cli DEL {key} failed");
+        }
+        keys.len()
+    }
+
     /// Kills the server with SIGKILL, like a crash of the process: what it acknowledged is
     /// in its AOF (written before the reply), what it had not is lost.
     pub fn kill(&mut self) {

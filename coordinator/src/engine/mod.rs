@@ -32,8 +32,14 @@ pub enum EngineError {
     Invalid(String),
     #[error("model: {0}")]
     Model(String),
+    /// The store failed (unreachable, or it refused): the image is tried again from its
+    /// checkpoint once the store answers.
     #[error("store: {0}")]
     Store(String),
+    /// The store answered, but a key the job needs is gone or unreadable (a store that lost
+    /// data, an evicted key): waiting cannot bring it back.
+    #[error("store: {0}")]
+    StoreData(String),
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
     #[error("computation failed: {0}")]
@@ -47,7 +53,11 @@ pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl From<tessera_store::StoreError> for EngineError {
     fn from(e: tessera_store::StoreError) -> Self {
-        EngineError::Store(e.to_string())
+        use tessera_store::StoreError::{Codec, Missing};
+        match e {
+            Missing(_) | Codec { .. } => EngineError::StoreData(e.to_string()),
+            _ => EngineError::Store(e.to_string()),
+        }
     }
 }
 
