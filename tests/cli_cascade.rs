@@ -251,6 +251,59 @@ fn plan_reports_views_evaluations_and_memory() {
         "{text}"
     );
 
+    // --workers: how busy the batch keeps them, and the batch that keeps them busiest.
+    let r = tessera_ok(&[
+        "plan",
+        "--arch",
+        "sdxl",
+        "--method",
+        "freescale",
+        "--size",
+        "8192x8192",
+        "--workers",
+        "32",
+        "--json",
+    ]);
+    let plan: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let fit = &plan["workers"];
+    assert_eq!(
+        (fit["workers"].as_u64(), fit["view_batch"].as_u64()),
+        (Some(32), Some(4))
+    );
+    let (busy, best) = (
+        fit["busy"].as_f64().unwrap(),
+        fit["recommended_busy"].as_f64().unwrap(),
+    );
+    assert!(0.0 < busy && busy < best && best <= 1.0, "{fit}");
+    let b = fit["recommended_view_batch"].as_u64().unwrap();
+    let text = tessera_ok(&[
+        "plan",
+        "--arch",
+        "sdxl",
+        "--method",
+        "freescale",
+        "--size",
+        "8192x8192",
+        "--workers",
+        "32",
+    ]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("; --view-batch {b} keeps them")) && text.contains("(recommended)"),
+        "{text}"
+    );
+    let r = tessera(&[
+        "plan",
+        "--arch",
+        "sdxl",
+        "--size",
+        "4096x4096",
+        "--workers",
+        "0",
+    ]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--workers"));
+
     // From a model directory: the tiny model's training size is 128.
     let model = tiny_model("sdxl-tiny");
     let r = tessera_ok(&[

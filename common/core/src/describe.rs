@@ -5,6 +5,7 @@
 use crate::method::params::Method;
 use crate::plan::{GuidancePlan, Plan, StageEntry, StagePlan, StageSchedule};
 use crate::spec::{BitDepth, RenderSpec};
+use crate::view_batch;
 
 impl RenderSpec {
     /// The generation parameters as `key: value` lines, for the PNG's metadata.
@@ -228,20 +229,44 @@ fn cluster_hint(plan: &Plan) -> String {
         .map(|st| st.tasks_per_step(plan.view_batch))
         .max()
         .unwrap_or(0);
-    if plan.view_batch <= 1 || tasks <= 1 {
+    if tasks <= 1 {
         return String::new();
     }
-    // A step's tasks go out in rounds, one per worker; the last round leaves the workers
-    // without a task idle, which matters once the rounds are few.
     format!(
-        "on a cluster: up to {tasks} tasks per step; with more than about {}, a smaller --view-batch (1: {} tasks) keeps them evenly busy\n",
-        count((tasks / 4).max(1), "worker"),
-        plan.stages
-            .iter()
-            .map(|st| st.tasks_per_step(1))
-            .max()
-            .unwrap_or(0)
+        "on a cluster: up to {tasks} tasks per step; `tessera plan --workers N` tells how busy they keep N workers and which --view-batch keeps them busiest\n"
     )
+}
+
+/// How busy the plan's tiled steps keep `workers` workers with its --view-batch, and the
+/// batch that keeps them busiest ([`view_batch::recommend`]).
+pub fn workers_text(plan: &Plan, workers: usize) -> String {
+    let on = count(workers, "worker");
+    let (Some(own), Some(best)) = (
+        view_batch::fit(plan, plan.view_batch, workers),
+        view_batch::recommend(plan, workers),
+    ) else {
+        return format!(
+            "on {on}: every step is one view, so --view-batch does not matter; more workers speed up other jobs beside this one, not this one\n"
+        );
+    };
+    let them = if workers == 1 { "it" } else { "them" };
+    let busy = |f: view_batch::Fit| format!("{them} {:.0}%", 100.0 * f.busy);
+    if best.view_batch == own.view_batch || own.busy >= best.busy - view_batch::TOLERANCE {
+        format!(
+            "on {on}: --view-batch {} keeps {} busy in the tiled steps, as well as any batch from 1 to {}\n",
+            own.view_batch,
+            busy(own),
+            view_batch::MAX_RECOMMENDED.max(own.view_batch)
+        )
+    } else {
+        format!(
+            "on {on}: --view-batch {} keeps {} busy in the tiled steps; --view-batch {} keeps {} busy (recommended)\n",
+            own.view_batch,
+            busy(own),
+            best.view_batch,
+            busy(best)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +295,33 @@ mod tests {
     }
 
     #[test]
+    fn the_workers_line_names_the_batch_that_keeps_them_busiest() {
+        let mut p = plan_of(8192, Method::Freescale, false);
+        let text = plan_text(&p);
+        assert!(text.contains("`tessera plan --workers N`"), "{text}");
+        let on8 = workers_text(&p, 8);
+        assert!(
+            on8.starts_with("on 8 workers: --view-batch 4 keeps them "),
+            "{on8}"
+        );
+        let best = view_batch::recommend(&p, 32).unwrap();
+        let on32 = workers_text(&p, 32);
+        assert!(
+            on32.contains(&format!("--view-batch {} keeps them", best.view_batch))
+                == (best.view_batch != 4),
+            "{on32}"
+        );
+        p.view_batch = best.view_batch;
+        let taken = workers_text(&p, 32);
+        assert!(
+            taken.contains("as well as any batch from 1 to 8"),
+            "{taken}"
+        );
+        let whole = workers_text(&plan_of(1024, Method::Freescale, false), 1);
+        assert!(whole.contains("does not matter"), "{whole}");
+    }
+
+    #[test]
     fn the_plan_reads_as_words_not_rust_values() {
         let text = plan_text(&plan_of(2048, Method::Frecas, false));
         for rust in ["{", "}", "Cfg", " 1 tasks", " 1 workers"] {
@@ -280,7 +332,7 @@ mod tests {
             "guidance 7.5",
             "frequency-aware guidance 35 on high frequencies, 7.5 on those of the previous \
              stage's 128x128 latent",
-            "with more than about 1 worker,",
+            "tasks per step; `tessera plan --workers N` tells",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }

@@ -14,3 +14,4 @@ pub mod sched;
 pub mod spec;
 pub mod task;
 pub mod tiling;
+pub mod view_batch;

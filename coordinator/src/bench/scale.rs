@@ -32,8 +32,9 @@ pub struct ScaleOptions {
     pub size: u32,
     /// Steps of the stage to run (at least 2); `None` picks enough for ~6 s of timed steps.
     pub steps: Option<usize>,
-    /// Views per task (`--view-batch` of the job).
-    pub view_batch: usize,
+    /// Views per task (`--view-batch` of the job); `None`: for each worker count, the batch
+    /// `tessera plan --workers N` recommends.
+    pub view_batch: Option<usize>,
     /// Cores the coordinator may use, one run each (`None`: all of them).
     pub coordinator_cores: Vec<Option<usize>>,
     /// Links to measure each configuration on (`None`: unlimited), each in its own network
@@ -98,6 +99,13 @@ pub struct ScaleRun {
     /// The busiest shard's part of the bytes (1 for one Redis).
     #[serde(default)]
     pub busiest_share: Option<f64>,
+    /// Views per task.
+    #[serde(default)]
+    pub view_batch: usize,
+    /// How busy `tessera plan --workers N` estimates the batch keeps the workers (its rounds
+    /// of tasks and their edges); `None` for the mixed set (the plan models equal workers).
+    #[serde(default)]
+    pub plan_estimate: Option<f64>,
 }
 
 impl ScaleRun {
@@ -136,20 +144,32 @@ fn job_flags(size: u32, steps: usize, view_batch: usize) -> Vec<String> {
     .collect()
 }
 
-/// Views (local + global) per step of the one-stage job, from `tessera plan --json`.
-fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
+/// `tessera plan --json` of the one-stage job (with `--workers N`, its "workers" object).
+fn plan_json(
+    model: &Path,
+    size: u32,
+    view_batch: usize,
+    workers: Option<usize>,
+) -> Result<serde_json::Value> {
     let exe = std::env::current_exe().map_err(super::io("finding the tessera binary"))?;
-    let out = std::process::Command::new(exe)
-        .args(["plan", "--model", &model.display().to_string(), "--json"])
-        .args(job_flags(size, 2, view_batch))
-        .output()
-        .map_err(super::io("running tessera plan"))?;
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["plan", "--model", &model.display().to_string(), "--json"])
+        .args(job_flags(size, 2, view_batch));
+    if let Some(n) = workers {
+        cmd.args(["--workers", &n.to_string()]);
+    }
+    let out = cmd.output().map_err(super::io("running tessera plan"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
         BenchError::Setup(format!(
             "tessera plan --json: {e}: {}",
             String::from_utf8_lossy(&out.stderr)
         ))
-    })?;
+    })
+}
+
+/// Views (local + global) per step of the one-stage job.
+fn views_per_step(model: &Path, size: u32) -> Result<usize> {
+    let plan = plan_json(model, size, 1, None)?;
     let stage = &plan["stages"][0];
     let n =
         stage["local_views"].as_u64().unwrap_or(0) + stage["global_views"].as_u64().unwrap_or(0);
@@ -159,6 +179,24 @@ fn views_per_step(model: &Path, size: u32, view_batch: usize) -> Result<usize> {
     Ok(n as usize)
 }
 
+/// The view batch a run of `workers` uses (the one asked for, or the one `tessera plan
+/// --workers N` recommends) and how busy its rounds can keep them.
+fn batch_for(opts: &ScaleOptions, model: &Path, workers: usize) -> Result<(usize, Option<f64>)> {
+    let asked = opts.view_batch.unwrap_or(1);
+    let plan = plan_json(model, opts.size, asked, Some(workers))?;
+    let fit = &plan["workers"];
+    let (batch, busy) = match opts.view_batch {
+        Some(b) => (Some(b as u64), &fit["busy"]),
+        None => (
+            fit["recommended_view_batch"].as_u64(),
+            &fit["recommended_busy"],
+        ),
+    };
+    let batch = batch
+        .ok_or_else(|| BenchError::Setup(format!("tessera plan recommends no batch: {plan}")))?;
+    Ok((batch as usize, busy.as_f64()))
+}
+
 /// One configuration: its label, the workers' ms per evaluation, the cores the coordinator
 /// may use (`None`: all).
 struct Config {
@@ -166,6 +204,8 @@ struct Config {
     speeds: Vec<f64>,
     cores: Option<usize>,
     shards: usize,
+    view_batch: usize,
+    plan_estimate: Option<f64>,
 }
 
 /// Runs one configuration on a fresh cluster.
@@ -184,10 +224,11 @@ fn run_one(
         .max(2);
     let cores = cores_label(cfg.cores);
     let store = store_label(cfg.shards);
+    let b = cfg.view_batch;
     let dir = scratch.join(format!("{}-{cores}-{store}", cfg.label).replace([' ', ','], "-"));
     std::fs::create_dir_all(&dir).map_err(super::io(format!("creating {}", dir.display())))?;
     eprintln!(
-        "{}: coordinator on {cores}, {store}, {steps} steps (ideal {ideal_step:.2} s each)",
+        "{}: coordinator on {cores}, {store}, view batch {b}, {steps} steps (ideal {ideal_step:.2} s each)",
         cfg.label
     );
     let mut cluster = cluster::start_on(&dir, &[], cfg.shards)?;
@@ -201,7 +242,7 @@ fn run_one(
         cluster::add_workers(&mut cluster, model, 1, Some(ms))?;
     }
     let mut args = vec!["--model".to_string(), "sdxl-geometry".to_string()];
-    args.extend(job_flags(opts.size, steps, opts.view_batch));
+    args.extend(job_flags(opts.size, steps, cfg.view_batch));
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
     let (lines, counted) = watch_steps(&mut cluster, &job, steps, limit)?;
@@ -226,6 +267,8 @@ fn run_one(
         redis_cpu_ms: counted.redis_cpu_ms,
         store,
         busiest_share: counted.busiest_share,
+        view_batch: b,
+        plan_estimate: cfg.plan_estimate,
     })
 }
 
@@ -335,7 +378,7 @@ fn watch_steps(
 pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
     let scratch = Scratch::new("scale")?;
     let model = sdxl_geometry_model(&scratch.0)?;
-    let views = views_per_step(&model, opts.size, opts.view_batch)?;
+    let views = views_per_step(&model, opts.size)?;
     let mut configs = Vec::new();
     let stores = if opts.stores.is_empty() {
         &[0][..]
@@ -343,6 +386,7 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
         &opts.stores[..]
     };
     for &n in &opts.workers {
+        let (view_batch, plan_estimate) = batch_for(opts, &model, n)?;
         for &cores in &opts.coordinator_cores {
             for &shards in stores {
                 configs.push(Config {
@@ -350,11 +394,14 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
                     speeds: vec![opts.eval_ms; n],
                     cores,
                     shards,
+                    view_batch,
+                    plan_estimate,
                 });
             }
         }
     }
     if let Some(m) = opts.mixed {
+        let (view_batch, _) = batch_for(opts, &model, m.fast + m.slow)?;
         let mut speeds = vec![opts.eval_ms; m.fast];
         speeds.extend(vec![opts.eval_ms * m.slow_factor; m.slow]);
         configs.push(Config {
@@ -362,6 +409,9 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
             speeds,
             cores: None,
             shards: stores[0],
+            view_batch,
+            // The plan models equal workers.
+            plan_estimate: None,
         });
     }
     configs
@@ -386,7 +436,10 @@ pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         ("--mixed", mixed),
         ("--slow-factor", slow_factor.to_string()),
         ("--size", opts.size.to_string()),
-        ("--view-batch", opts.view_batch.to_string()),
+        (
+            "--view-batch",
+            opts.view_batch.map_or("auto".into(), |b| b.to_string()),
+        ),
         ("--coordinator-cores", cores_arg(&opts.coordinator_cores)),
         ("--store", stores_arg(&opts.stores)),
         ("--runs-json", file.display().to_string()),
@@ -491,11 +544,13 @@ fn table(runs: &[ScaleRun]) -> Table {
         "workers",
         "coordinator",
         "store",
+        "view batch",
         "capacity (evals/s)",
         "timed steps",
         "steps/s",
         "ideal steps/s",
         "efficiency",
+        "plan's estimate",
         "ideal step ms",
         "coordinator work ms/step",
         "coordinator / ideal step",
@@ -511,11 +566,14 @@ fn table(runs: &[ScaleRun]) -> Table {
             r.label.clone(),
             r.coordinator_cores.clone(),
             r.store.clone(),
+            r.view_batch.to_string(),
             format!("{:.1}", r.capacity),
             r.timed_steps.to_string(),
             format!("{:.3}", r.steps_per_second),
             format!("{:.3}", r.ideal_steps_per_second()),
             format!("{:.1}%", 100.0 * r.efficiency()),
+            r.plan_estimate
+                .map_or("–".into(), |b| format!("{:.0}%", 100.0 * b)),
             format!("{:.0}", r.ideal_step_ms()),
             format!("{:.0}", r.coordinator_ms),
             format!("{:.2}", r.coordinator_ms / r.ideal_step_ms()),
@@ -532,7 +590,7 @@ fn table(runs: &[ScaleRun]) -> Table {
     table
 }
 
-fn notes(views: usize, view_batch: usize, per_node: bool) -> Vec<String> {
+fn notes(views: usize, view_batch: Option<usize>, per_node: bool) -> Vec<String> {
     let link = if per_node {
         "link: `--link-gbit` with `--link-per-node` runs the loopback cluster in a network \
          namespace where each Redis node's port has a link of its own of that speed (a tc HTB \
@@ -545,7 +603,13 @@ fn notes(views: usize, view_batch: usize, per_node: bool) -> Vec<String> {
     };
     vec![
         format!(
-            "{views} views per step ({view_batch} per task); an evaluation = one training-size view with CFG"
+            "{views} views per step ({}); an evaluation = one training-size view with CFG",
+            match view_batch {
+                Some(b) => format!("{b} per task"),
+                None => "per task: the view batch column, the one `tessera plan --workers N` \
+                         recommends for each worker count (`--view-batch auto`)"
+                    .into(),
+            }
         ),
         "workers are benchmark doubles (`tessera worker --simulate-eval-ms`): real processes, \
          real Redis and gRPC, no model compute"
@@ -553,6 +617,10 @@ fn notes(views: usize, view_batch: usize, per_node: bool) -> Vec<String> {
         "timed: from the end of the stage's first step to the end of its last, as the \
          coordinator logs them (startup, prompt encoding, stage entry and decode excluded); \
          ideal = capacity / views per step"
+            .into(),
+        "plan's estimate: the efficiency `tessera plan --workers N` estimates for the batch: \
+         the step's tasks on equal workers, each to the first one free, a tenth of an \
+         evaluation per call and half an evaluation per view of a task at the step's edges"
             .into(),
         "coordinator work ms/step: the engine's own work per step (StepTimings, all but \
          waiting for workers, most of it overlapping the workers); critical path ms/step: \

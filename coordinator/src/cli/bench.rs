@@ -201,15 +201,32 @@ pub struct ScaleArgs {
     /// Steps to run per configuration [default: enough for about 6 s of timed steps].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Views per task (the job's --view-batch).
-    #[arg(long, default_value_t = 4)]
-    pub view_batch: usize,
+    /// Views per task (the job's --view-batch), or "auto": for each worker count the batch
+    /// `tessera plan --workers N` recommends.
+    #[arg(long, default_value = "4", value_parser = parse_view_batch)]
+    pub view_batch: ViewBatchArg,
     /// Stores to run every configuration on: redis (one Redis), cluster (a Redis Cluster of
     /// 3 masters on the same link).
     #[arg(long, value_delimiter = ',', default_value = "redis")]
     pub store: Vec<String>,
     #[command(flatten)]
     pub out: MarkdownArg,
+}
+
+/// `bench scale --view-batch`: a count, or `auto` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewBatchArg(pub Option<usize>);
+
+fn parse_view_batch(s: &str) -> Result<ViewBatchArg, String> {
+    match s.trim() {
+        "auto" => Ok(ViewBatchArg(None)),
+        n => match n.parse::<usize>() {
+            Ok(n) if (1..=256).contains(&n) => Ok(ViewBatchArg(Some(n))),
+            _ => Err(format!(
+                "{s:?}: use a count from 1 to 256, or auto (the batch `tessera plan --workers N` recommends)"
+            )),
+        },
+    }
 }
 
 /// `--store` names as shard counts (0: one Redis).
@@ -401,7 +418,7 @@ fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
         mixed,
         size: a.size,
         steps: a.steps,
-        view_batch: a.view_batch,
+        view_batch: a.view_batch.0,
         links: a
             .link_gbit
             .iter()
@@ -439,7 +456,7 @@ mod tests {
             }),
             size: 4096,
             steps: Some(3),
-            view_batch: 1,
+            view_batch: None,
             coordinator_cores: vec![Some(1), None],
             links: vec![Some(2.0)],
             stores: vec![0, 3],
@@ -457,7 +474,7 @@ mod tests {
         assert_eq!(a.workers, vec![8, 16]);
         assert_eq!(
             (a.eval_ms, a.size, a.steps, a.view_batch),
-            (50.0, 4096, Some(3), 1)
+            (50.0, 4096, Some(3), ViewBatchArg(None))
         );
         assert_eq!((a.mixed.as_str(), a.slow_factor), ("6,2", 4.0));
         assert_eq!(

@@ -9,6 +9,7 @@ use clap::Args;
 use tessera_core::describe;
 use tessera_core::family::{PlanPreset, PLAN_PRESETS};
 use tessera_core::plan::{self, ArchInfo};
+use tessera_core::view_batch;
 use tessera_worker::model::arch::arch_info_with;
 
 use super::job::{JobArgs, MissingPrompt};
@@ -32,6 +33,10 @@ pub struct PlanArgs {
     /// on a CPU).
     #[arg(long, default_value_t = 2)]
     pub weight_bytes: u64,
+    /// Also say how busy this plan's tiled steps keep N equal workers with its --view-batch,
+    /// and which batch keeps them busiest (JSON: a "workers" object).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub workers: Option<u32>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
@@ -61,10 +66,32 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .to_request(MissingPrompt::Use("(plan)"))?
         .to_spec(arch.training_size, || 0)?;
     let plan = plan::plan(&spec, &arch)?;
+    let workers = args.workers.map(|n| n as usize);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        let mut json = serde_json::to_value(&plan)?;
+        if let (Some(n), Some(obj)) = (workers, json.as_object_mut()) {
+            obj.insert("workers".into(), workers_json(&plan, n));
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{}", describe::plan_text(&plan));
+        if let Some(n) = workers {
+            print!("{}", describe::workers_text(&plan, n));
+        }
     }
     Ok(())
+}
+
+/// `--workers N --json`: the plan's batch and the recommended one, with how busy each keeps
+/// the workers in the tiled steps (null where every step is one view).
+fn workers_json(plan: &plan::Plan, n: usize) -> serde_json::Value {
+    let own = view_batch::fit(plan, plan.view_batch, n);
+    let best = view_batch::recommend(plan, n);
+    serde_json::json!({
+        "workers": n,
+        "view_batch": plan.view_batch,
+        "busy": own.map(|f| f.busy),
+        "recommended_view_batch": best.map(|f| f.view_batch),
+        "recommended_busy": best.map(|f| f.busy),
+    })
 }
