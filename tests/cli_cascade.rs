@@ -214,7 +214,7 @@ fn init_image_upscales_128_to_512_through_two_stages_with_and_without_a_mask() {
 
 #[test]
 fn plan_reports_views_evaluations_and_memory() {
-    let r = tessera_ok(&[
+    let freescale_8k = [
         "plan",
         "--arch",
         "sdxl",
@@ -222,8 +222,8 @@ fn plan_reports_views_evaluations_and_memory() {
         "freescale",
         "--size",
         "8192x8192",
-        "--json",
-    ]);
+    ];
+    let r = tessera_ok(&[&freescale_8k[..], &["--json"]].concat());
     let plan: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let stages = plan["stages"].as_array().unwrap();
     assert_eq!(stages.len(), 4);
@@ -236,15 +236,7 @@ fn plan_reports_views_evaluations_and_memory() {
     assert!(plan["total_evaluations"].as_u64().unwrap() > 20_000);
     assert!(plan["memory"]["worker_bytes"].as_u64().unwrap() > 5 << 30);
 
-    let text = tessera_ok(&[
-        "plan",
-        "--arch",
-        "sdxl",
-        "--method",
-        "freescale",
-        "--size",
-        "8192x8192",
-    ]);
+    let text = tessera_ok(&freescale_8k);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("225 local") && text.contains("+ 64 global"),
@@ -252,18 +244,8 @@ fn plan_reports_views_evaluations_and_memory() {
     );
 
     // --workers: how busy the batch keeps them, and the batch that keeps them busiest.
-    let r = tessera_ok(&[
-        "plan",
-        "--arch",
-        "sdxl",
-        "--method",
-        "freescale",
-        "--size",
-        "8192x8192",
-        "--workers",
-        "32",
-        "--json",
-    ]);
+    let on_32 = [&freescale_8k[..], &["--workers", "32"]].concat();
+    let r = tessera_ok(&[&on_32[..], &["--json"]].concat());
     let plan: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let fit = &plan["workers"];
     assert_eq!(
@@ -276,17 +258,7 @@ fn plan_reports_views_evaluations_and_memory() {
     );
     assert!(0.0 < busy && busy < best && best <= 1.0, "{fit}");
     let b = fit["recommended_view_batch"].as_u64().unwrap();
-    let text = tessera_ok(&[
-        "plan",
-        "--arch",
-        "sdxl",
-        "--method",
-        "freescale",
-        "--size",
-        "8192x8192",
-        "--workers",
-        "32",
-    ]);
+    let text = tessera_ok(&on_32);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!("; --view-batch {b} keeps them")) && text.contains("(recommended)"),

@@ -1194,10 +1194,11 @@ fn estimate_memory(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec(size: u32, method: Option<Method>) -> RenderSpec {
+    /// A 50-step SDXL-style spec at `size`² (also for other modules' tests).
+    pub(crate) fn spec(size: u32, method: Option<Method>) -> RenderSpec {
         RenderSpec {
             loras: Vec::new(),
             prompt: "a lighthouse".into(),

@@ -92,32 +92,16 @@ fn step_span(st: &StagePlan, view_batch: usize, workers: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::params::{Method, MethodSpec};
+    use crate::method::params::Method;
     use crate::plan::{plan, ArchInfo};
-    use crate::spec::{RenderSpec, Size};
+    use crate::spec::Size;
 
     /// SDXL with `method` at `size`²: at 8192² FreeScale's last stage has 225 local and 64
     /// global views, the one-stage hybrid job of `tessera bench scale` the same.
     fn plan_of(size: u32, method: Method, stages: Option<Vec<Size>>) -> Plan {
-        let arch = ArchInfo::preset("sdxl").unwrap();
-        let spec = RenderSpec {
-            loras: Vec::new(),
-            prompt: "a lighthouse".into(),
-            negative_prompt: None,
-            width: size,
-            height: size,
-            steps: 50,
-            guidance: 7.5,
-            scheduler: None,
-            seed: 1,
-            method: MethodSpec {
-                method: Some(method),
-                stages,
-                ..Default::default()
-            },
-            output: Default::default(),
-        };
-        plan(&spec, &arch).unwrap()
+        let mut spec = crate::plan::tests::spec(size, Some(method));
+        spec.method.stages = stages;
+        plan(&spec, &ArchInfo::preset("sdxl").unwrap()).unwrap()
     }
 
     #[test]
