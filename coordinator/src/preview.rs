@@ -74,28 +74,30 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, side: usize) -> Result<Vec<u8>> 
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    // Per pixel row: each channel's latent rows summed once across the whole width (a
+    // straight pass over memory), then each pixel's columns of those sums.
     let mut rgb = Vec::with_capacity(3 * ph * pw);
+    let mut sums = vec![0.0f32; c * w];
     for ys in &rows {
+        sums.fill(0.0);
+        for (ch, sum) in sums.chunks_exact_mut(w).enumerate() {
+            let plane = &data[ch * h * w..(ch + 1) * h * w];
+            for y in ys.clone() {
+                for (s, v) in sum.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                    *s += v;
+                }
+            }
+        }
         for xs in &cols {
             let n = (ys.len() * xs.len()) as f32;
-            let mean = |ch: usize| {
-                let plane = &data[ch * h * w..(ch + 1) * h * w];
-                let sum: f32 = ys
-                    .clone()
-                    .map(|y| plane[y * w..][xs.clone()].iter().sum::<f32>())
-                    .sum();
-                sum / n
-            };
-            let cells: Vec<f32> = (0..c).map(mean).collect();
-            for k in 0..3 {
-                let v: f32 = bias[k]
-                    + cells
-                        .iter()
-                        .zip(factors)
-                        .map(|(c, f)| c * f[k])
-                        .sum::<f32>();
-                rgb.push(((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8);
+            let mut v = bias;
+            for (sum, f) in sums.chunks_exact(w).zip(factors) {
+                let mean = sum[xs.clone()].iter().sum::<f32>() / n;
+                for k in 0..3 {
+                    v[k] += mean * f[k];
+                }
             }
+            rgb.extend(v.map(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8));
         }
     }
     png_bytes_from(
