@@ -102,6 +102,12 @@ pub struct ScaleRun {
     /// Views per task.
     #[serde(default)]
     pub view_batch: usize,
+    /// All the worker processes' CPU milliseconds per step, together.
+    #[serde(default)]
+    pub workers_cpu_ms: Option<f64>,
+    /// The share of the machine's cores in use over the same steps (every process).
+    #[serde(default)]
+    pub machine_busy: Option<f64>,
     /// How busy `tessera plan --workers N` estimates the batch keeps the workers (its rounds
     /// of tasks and their edges); `None` for the mixed set (the plan models equal workers).
     #[serde(default)]
@@ -264,6 +270,8 @@ fn run_one(
         critical_ms: mean(|l| l.critical_ms),
         bytes_per_step: counted.bytes,
         coordinator_cpu_ms: counted.coordinator_cpu_ms,
+        workers_cpu_ms: counted.workers_cpu_ms,
+        machine_busy: counted.machine_busy,
         redis_cpu_ms: counted.redis_cpu_ms,
         store,
         busiest_share: counted.busiest_share,
@@ -302,6 +310,8 @@ fn pin(pid: u32, n: usize) -> Result<()> {
 struct PerStep {
     bytes: Option<f64>,
     coordinator_cpu_ms: Option<f64>,
+    workers_cpu_ms: Option<f64>,
+    machine_busy: Option<f64>,
     redis_cpu_ms: Option<f64>,
     busiest_share: Option<f64>,
 }
@@ -312,6 +322,10 @@ struct Sample {
     bytes: Vec<Option<u64>>,
     redis_cpu: Vec<Option<f64>>,
     coordinator_cpu: Option<f64>,
+    /// Every worker process's CPU seconds, summed.
+    workers_cpu: Option<f64>,
+    /// The machine's (busy, all) CPU time in ticks, every core together.
+    machine: Option<(f64, f64)>,
     steps: usize,
 }
 
@@ -321,6 +335,12 @@ impl Sample {
             bytes: cluster.redis.net_bytes(),
             redis_cpu: cluster.redis.cpu_seconds(),
             coordinator_cpu: cluster.coordinator_pid().and_then(super::cpu_seconds_of),
+            workers_cpu: cluster
+                .workers
+                .iter()
+                .map(|w| super::cpu_seconds_of(w.pid()))
+                .sum(),
+            machine: machine_ticks(),
             steps,
         }
     }
@@ -349,12 +369,33 @@ impl Sample {
         PerStep {
             bytes,
             coordinator_cpu_ms: diff(self.coordinator_cpu, later.coordinator_cpu).map(|s| s * 1e3),
+            workers_cpu_ms: diff(self.workers_cpu, later.workers_cpu).map(|s| s * 1e3),
+            machine_busy: self.machine.zip(later.machine).and_then(|(a, b)| {
+                let all = b.1 - a.1;
+                (all > 0.0).then(|| (b.0 - a.0) / all)
+            }),
             redis_cpu_ms: shard_cpu
                 .and_then(|v| v.into_iter().reduce(f64::max))
                 .map(|s| s * 1e3),
             busiest_share: busiest.zip(bytes).map(|(b, all)| b / all.max(1.0)),
         }
     }
+}
+
+/// The machine's CPU time from `/proc/stat`'s first line, in ticks: (busy, all), where idle
+/// and I/O wait are not busy.
+fn machine_ticks() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let all: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0.0);
+    Some((all - idle, all))
 }
 
 /// Waits for `steps` steps of the job's stage; their lines and the counts per step from the
@@ -557,6 +598,8 @@ fn table(runs: &[ScaleRun]) -> Table {
         "critical path ms/step",
         "coordinator CPU ms/step",
         "Redis CPU ms/step (busiest shard)",
+        "workers' CPU ms/step (all)",
+        "machine busy",
         "MB through Redis/step (all shards)",
         "busiest shard's bytes",
     ]);
@@ -581,6 +624,9 @@ fn table(runs: &[ScaleRun]) -> Table {
             r.coordinator_cpu_ms
                 .map_or("?".into(), |ms| format!("{ms:.0}")),
             r.redis_cpu_ms.map_or("?".into(), |ms| format!("{ms:.0}")),
+            r.workers_cpu_ms.map_or("?".into(), |ms| format!("{ms:.0}")),
+            r.machine_busy
+                .map_or("?".into(), |b| format!("{:.0}%", 100.0 * b)),
             r.bytes_per_step
                 .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
             r.busiest_share
@@ -631,7 +677,13 @@ fn notes(views: usize, view_batch: Option<usize>, per_node: bool) -> Vec<String>
         "coordinator / Redis CPU ms/step: CPU time the coordinator process (all its threads, \
          from /proc) and redis-server (INFO cpu) used per step over the same steps as the \
          bytes; CPU time is far less moved by other processes than the wall-clock columns, and \
-         coordinator CPU / ideal step is the cores it needs at least"
+         coordinator CPU / ideal step is the cores it needs at least; workers' CPU: every worker \
+         process's together (a benchmark double's is its store reads and writes, gRPC and \
+         making its outputs; its simulated evaluation sleeps)"
+            .into(),
+        "machine busy: the share of all the machine's cores in use over the same steps \
+         (`/proc/stat`, every process and the kernel): near 100% the machine's CPU, not the \
+         cluster's design, sets the pace"
             .into(),
         "MB through Redis/step: Redis' own count of bytes in and out (INFO stats) from the \
          first step's end to the second-last's, per step: each byte a party writes and another \
