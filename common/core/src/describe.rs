@@ -251,7 +251,7 @@ pub fn workers_text(plan: &Plan, workers: usize) -> String {
     };
     let them = if workers == 1 { "it" } else { "them" };
     let busy = |f: view_batch::Fit| format!("{them} {:.0}%", 100.0 * f.busy);
-    if best.view_batch == own.view_batch || own.busy >= best.busy - view_batch::TOLERANCE {
+    if own.busy >= best.busy - view_batch::TOLERANCE {
         format!(
             "on {on}: --view-batch {} keeps {} busy in the tiled steps, as well as any batch from 1 to {}\n",
             own.view_batch,

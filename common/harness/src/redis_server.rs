@@ -249,17 +249,37 @@ impl RedisServer {
             .collect()
     }
 
-    /// Deletes the keys matching `pattern` held by this server; how many there were.
+    /// Deletes the keys matching `pattern` held by this server; how many there were. One
+    /// `DEL` per key (keys of a Redis Cluster node lie in different slots, which one `DEL`
+    /// refuses), all sent through one `redis-cli` reading them from its input.
     pub fn delete_matching(&self, pattern: &str) -> usize {
+        use std::io::Write;
         let keys = self.scan(pattern);
-        for key in &keys {
-            let out = self
-                .cli()
-                .args(["DEL", key])
-                .output()
-                .unwrap_or_else(|e| panic!("running redis-cli DEL: {e}"));
-            assert!(out.status.success(), "redis-cli DEL {key} failed");
+        if keys.is_empty() {
+            return 0;
         }
+        let mut child = self
+            .cli()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running redis-cli: {e}"));
+        let commands: String = keys.iter().map(|k| format!("DEL {k}\n")).collect();
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(commands.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to redis-cli: {e}"));
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("running redis-cli: {e}"));
+        let replies = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && replies.lines().all(|l| l.trim() == "1"),
+            "redis-cli DEL of {} keys: {replies}",
+            keys.len()
+        );
         keys.len()
     }
 

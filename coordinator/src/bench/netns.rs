@@ -58,11 +58,18 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The `tc` token bucket for `gbit`: a burst of 10 ms at the rate (at least 256 KiB, above
-/// the loopback's 64 KiB packets) and a queue of up to 50 ms, so TCP sees a link, not drops.
-fn tbf_args(gbit: f64) -> Vec<String> {
+/// A link of `gbit` as `tc` takes it: the rate in mbit, and a burst of 10 ms at the rate (at
+/// least 256 KiB, above the loopback's 64 KiB packets) in bytes.
+fn rate_and_burst(gbit: f64) -> (String, u64) {
     let bytes_per_s = gbit * 1e9 / 8.0;
     let burst = ((bytes_per_s / 100.0) as u64).max(256 * 1024);
+    (format!("{}mbit", (gbit * 1000.0).round() as u64), burst)
+}
+
+/// The `tc` token bucket for `gbit` ([`rate_and_burst`]) with a queue of up to 50 ms, so TCP
+/// sees a link, not drops.
+fn tbf_args(gbit: f64) -> Vec<String> {
+    let (rate, burst) = rate_and_burst(gbit);
     [
         "qdisc",
         "add",
@@ -71,7 +78,7 @@ fn tbf_args(gbit: f64) -> Vec<String> {
         "root",
         "tbf",
         "rate",
-        &format!("{}mbit", (gbit * 1000.0).round() as u64),
+        &rate,
         "burst",
         &burst.to_string(),
         "latency",
@@ -95,8 +102,7 @@ pub fn label_per_node(gbit: Option<f64>) -> String {
 /// burst), and filters sending the packets from and to that port into its class.
 fn htb_commands(gbit: f64, ports: &[u16]) -> Vec<Vec<String>> {
     let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    let rate = tbf_args(gbit);
-    let (mbit, burst) = (&rate[7], &rate[9]);
+    let (mbit, burst) = rate_and_burst(gbit);
     let mut cmds = vec![words("qdisc add dev lo root handle 1: htb")];
     for (i, port) in ports.iter().enumerate() {
         let class = format!("1:{:x}", 16 + i);

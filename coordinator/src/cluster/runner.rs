@@ -354,8 +354,7 @@ impl Runner {
             match self.runtime.block_on(finish) {
                 Ok(()) => return,
                 Err(StoreError::Unavailable(e)) if !self.halted() => {
-                    tracing::warn!(job = %id, "store unavailable ({e}); recording the end shortly");
-                    std::thread::sleep(Duration::from_secs(2));
+                    wait_for_store(id, &e, "recording the end")
                 }
                 Err(e) => {
                     tracing::error!(job = %id, "cannot record the end of the job: {e}");
@@ -661,8 +660,7 @@ impl JobRun<'_> {
                     return Err(JobEnd::Cancelled)
                 }
                 Err(EngineError::Store(e)) if !self.cancelled.load(Ordering::Relaxed) => {
-                    tracing::warn!(job = %id, "store unavailable ({e}); resuming shortly");
-                    std::thread::sleep(Duration::from_secs(2));
+                    wait_for_store(id, &e, "resuming")
                 }
                 Err(e) => return Err(JobEnd::Failed(e.to_string())),
             }
@@ -689,9 +687,7 @@ impl JobRun<'_> {
                 Err(ImageError::Engine(EngineError::Store(e)))
                     if !self.cancelled.load(Ordering::Relaxed) =>
                 {
-                    let id = &self.record.id;
-                    tracing::warn!(job = %id, "store unavailable ({e}); decoding again shortly");
-                    std::thread::sleep(Duration::from_secs(2));
+                    wait_for_store(&self.record.id, &e, "decoding again")
                 }
                 Err(e) => return Err(JobEnd::Failed(e.to_string())),
             }
@@ -881,4 +877,11 @@ fn clone_inputs(inputs: &JobInputs, store: &RedisStore, job: &str, sdxl: bool) -
         mask: inputs.mask.clone(),
         preview: Some(preview),
     }
+}
+
+/// The pause before `then` is tried again after a store outage outlasted the store's own
+/// retries (the store is waited out, never the job given up for it).
+fn wait_for_store(job: &str, e: &dyn std::fmt::Display, then: &str) {
+    tracing::warn!(job = %job, "store unavailable ({e}); {then} shortly");
+    std::thread::sleep(Duration::from_secs(2));
 }
