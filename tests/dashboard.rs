@@ -268,9 +268,11 @@ fn the_dashboard_works_in_a_real_browser() {
     let mut b = Browser::start(1280, 1400).unwrap_or_else(|e| panic!("{e}"));
     let url = format!("http://127.0.0.1:{port}/");
     b.navigate(&url).unwrap();
+    // The form and its (deferred) script: a click before the script has attached its handler
+    // would submit the form natively and land on the login page again.
     b.wait_for(
         "the login form",
-        "!!document.getElementById('token')",
+        "!!document.getElementById('token') && document.readyState === 'complete'",
         Duration::from_secs(20),
     )
     .unwrap();
