@@ -1,14 +1,70 @@
-//! Scheduler steps as one pass over contiguous f32 values on the CPU, split over the cores.
+//! Element-wise arithmetic over a whole stage latent as one pass over contiguous f32 values on
+//! the CPU, split over the cores: the scheduler step, classifier-free guidance and the input
+//! scaling.
 //!
-//! A stage's latent is millions of values, and the step runs between a step's last result and
-//! the next step's first task, when no worker has anything to do; as a chain of tensor
-//! operations it makes five or six passes and as many stage-sized allocations. The fused
-//! closures repeat the chain's f32 operations in its order — candle's scalar product is an
-//! affine `v·m + 0`, and that `+ 0` is kept since it turns −0 into +0 — so the bytes match.
+//! A stage's latent is millions of values, and these run between a step's last result and
+//! the next step's first task, when no worker has anything to do; as chains of tensor
+//! operations they make several single-threaded passes and as many stage-sized allocations.
+//! The fused closures repeat the chain's f32 operations in its order — candle's scalar
+//! product is an affine `v·m + 0` (a division by a scalar `v·(1/d) + 0`), and that `+ 0` is
+//! kept since it turns −0 into +0 — so the bytes match.
 
-use candle_core::{CpuStorage, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 use super::StepOutput;
+
+/// The values of a contiguous CPU f32 tensor.
+fn values<'s>(storage: &'s Storage, layout: &Layout) -> Option<&'s [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((from, to))) => Some(&v[from..to]),
+        _ => None,
+    }
+}
+
+/// Values per thread: one run per core, a single run for small tensors.
+fn run_length(n: usize) -> usize {
+    let threads = if n < 1 << 16 {
+        1
+    } else {
+        crate::tiling::cores()
+    };
+    n.div_ceil(threads).max(1)
+}
+
+/// `f(a, b)` value by value over two tensors of one shape; `None` where they are not both
+/// contiguous CPU f32 tensors (the caller then runs the tensor chain).
+pub(crate) fn zip_map(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Option<Tensor>> {
+    if a.shape() != b.shape() {
+        return Ok(None);
+    }
+    let (a_store, a_layout) = a.storage_and_layout();
+    let (b_store, b_layout) = b.storage_and_layout();
+    let (Some(x), Some(y)) = (values(&a_store, a_layout), values(&b_store, b_layout)) else {
+        return Ok(None);
+    };
+    let per = run_length(x.len());
+    let mut out = vec![0f32; x.len()];
+    std::thread::scope(|scope| {
+        for ((o, x), y) in out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per)) {
+            let f = &f;
+            scope.spawn(move || {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = f(x, y);
+                }
+            });
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, a.shape().clone(), a.device())?))
+}
+
+/// `f(a)` value by value; `None` where `a` is not a contiguous CPU f32 tensor.
+pub(crate) fn map(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+    zip_map(a, a, |x, _| f(x))
+}
 
 /// `(prev, x0) = f(model_output, sample)` value by value; `None` where the two are not
 /// contiguous CPU f32 tensors of one shape (the caller then runs the tensor chain).
@@ -22,26 +78,13 @@ pub(super) fn step(
     }
     let (e_store, e_layout) = model_output.storage_and_layout();
     let (s_store, s_layout) = sample.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(e)), Storage::Cpu(CpuStorage::F32(s))) =
-        (&*e_store, &*s_store)
-    else {
+    let (Some(e), Some(s)) = (values(&e_store, e_layout), values(&s_store, s_layout)) else {
         return Ok(None);
     };
-    let (Some((e0, e1)), Some((s0, s1))) =
-        (e_layout.contiguous_offsets(), s_layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (e, s) = (&e[e0..e1], &s[s0..s1]);
     let n = s.len();
     let mut prev = vec![0f32; n];
     let mut x0 = vec![0f32; n];
-    let threads = if n < 1 << 16 {
-        1
-    } else {
-        crate::tiling::cores()
-    };
-    let per = n.div_ceil(threads).max(1);
+    let per = run_length(n);
     std::thread::scope(|scope| {
         for (((p, x), e), s) in prev
             .chunks_mut(per)

@@ -7,7 +7,7 @@ mod config;
 mod ddim;
 mod euler;
 mod flow;
-mod fused;
+pub(crate) mod fused;
 mod stage;
 
 pub use config::{SchedulerConfig, TimestepSpacing};
@@ -225,7 +225,13 @@ impl Scheduler {
             SchedulerKind::Ddim | SchedulerKind::FlowEuler => Ok(sample.clone()),
             SchedulerKind::Euler => {
                 let sigma = self.sigma_at(step_index)?;
-                sample / (sigma * sigma + 1.0).sqrt()
+                let d = (sigma * sigma + 1.0).sqrt();
+                // candle divides by a scalar as `v·(1/d) + 0`; one threaded pass here.
+                let m = (1.0 / d) as f32;
+                match fused::map(sample, |v| v * m + 0.0)? {
+                    Some(scaled) => Ok(scaled),
+                    None => sample / d,
+                }
             }
         }
     }
@@ -561,6 +567,31 @@ mod tests {
             assert!(s.scale_model_input(&x, 4).is_err());
             assert!(s.add_noise(&x, &e, 998.5).is_err());
             assert!(s.add_noise(&x, &e, 999.0).is_ok());
+        }
+        Ok(())
+    }
+
+    /// Euler's input scaling in one threaded pass gives the tensor division's bytes, at every
+    /// step of the schedule (±0 among the values).
+    #[test]
+    fn euler_input_scaling_matches_the_tensor_division_bit_for_bit() -> TensorResult<()> {
+        let dev = candle_core::Device::Cpu;
+        let cfg = sdxl_config("EulerDiscreteScheduler", "epsilon", "leading");
+        let s = Scheduler::new(SchedulerKind::Euler, &cfg, 10).unwrap();
+        let mut v = Tensor::randn(0f32, 14.0, 3 * (1 << 16) + 3, &dev)?.to_vec1::<f32>()?;
+        (v[0], v[1]) = (0.0, -0.0);
+        let x = Tensor::new(v, &dev)?;
+        let bits = |t: &Tensor| -> TensorResult<Vec<u32>> {
+            Ok(t.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+        };
+        for j in 0..10 {
+            let sigma = s.sigmas()[j];
+            let chain = (&x / (sigma * sigma + 1.0).sqrt())?;
+            assert_eq!(
+                bits(&s.scale_model_input(&x, j)?)?,
+                bits(&chain)?,
+                "step {j}"
+            );
         }
         Ok(())
     }
