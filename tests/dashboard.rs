@@ -73,6 +73,18 @@ fn only_the_login_page_without_the_token(port: u16) {
     assert_eq!(status, 401);
     let (status, _) = http(port, "POST", "/login", "", "{\"token\":\"wrong\"}");
     assert_eq!(status, 401);
+    // The login form posted by a browser without the page's script: the token in the body,
+    // never in an address; the right one is sent on to the dashboard with the cookie.
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    let (status, _) = http(port, "POST", "/login", form, "token=wrong");
+    assert_eq!(status, 401);
+    let (status, answer) = http(port, "POST", "/login", form, &format!("token={TOKEN}"));
+    assert_eq!(status, 303, "{answer}");
+    let answer = answer.to_ascii_lowercase();
+    assert!(
+        answer.contains("\r\nlocation: /\r\n") && answer.contains("set-cookie: tessera_dashboard="),
+        "{answer}"
+    );
     let cancel = "/api/jobs/abc/cancel";
     let (status, _) = http(port, "POST", cancel, "X-Tessera-Dashboard: 1\r\n", "{}");
     assert_eq!(status, 401);

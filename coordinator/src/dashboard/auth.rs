@@ -84,13 +84,29 @@ pub async fn require(State(dash): State<Arc<Dash>>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-/// `POST /login` with `{"token": "…"}`: sets the login cookie when the token is right.
-pub async fn login(State(dash): State<Arc<Dash>>, body: Bytes) -> Response {
-    let given = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("token")?.as_str().map(str::to_string))
-        .unwrap_or_default();
+/// `POST /login` with `{"token": "…"}` (the page's script), or the login form itself as a
+/// browser sends it without the script (`token=…`, form-encoded): sets the login cookie when
+/// the token is right. The form posts, so the token never travels in an address; a form's
+/// login answers with a redirect to the dashboard, the script's with JSON.
+pub async fn login(State(dash): State<Arc<Dash>>, headers: HeaderMap, body: Bytes) -> Response {
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+    let given = if form {
+        url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("token")?.as_str().map(str::to_string))
+    }
+    .unwrap_or_default();
     let Some(token) = &dash.token else {
+        if form {
+            return to_dashboard(None);
+        }
         return json(
             StatusCode::OK,
             &serde_json::json!({"ok": true, "open": true}),
@@ -109,7 +125,20 @@ pub async fn login(State(dash): State<Arc<Dash>>, body: Bytes) -> Response {
         "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={LOGIN_SECONDS}{secure}",
         cookie_value(token)
     );
-    with_cookie(set)
+    if form {
+        to_dashboard(Some(set))
+    } else {
+        with_cookie(set)
+    }
+}
+
+/// 303 to the dashboard (`GET /`), setting the cookie `set` on the way.
+fn to_dashboard(set: Option<String>) -> Response {
+    let mut res = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+    if let Some(v) = set.and_then(|s| HeaderValue::from_str(&s).ok()) {
+        res.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    res
 }
 
 /// `POST /logout`: forgets the login cookie.
