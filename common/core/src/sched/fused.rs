@@ -31,6 +31,17 @@ fn run_length(n: usize) -> usize {
     n.div_ceil(threads).max(1)
 }
 
+/// `f` over the values of two tensors of one shape; `None` where they are not both
+/// contiguous CPU f32 tensors (the caller then runs the tensor chain).
+fn with_values<R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+    if a.shape() != b.shape() {
+        return None;
+    }
+    let (a_store, a_layout) = a.storage_and_layout();
+    let (b_store, b_layout) = b.storage_and_layout();
+    Some(f(values(&a_store, a_layout)?, values(&b_store, b_layout)?))
+}
+
 /// `f(a, b)` value by value over two tensors of one shape; `None` where they are not both
 /// contiguous CPU f32 tensors (the caller then runs the tensor chain).
 pub(crate) fn zip_map(
@@ -38,27 +49,23 @@ pub(crate) fn zip_map(
     b: &Tensor,
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Result<Option<Tensor>> {
-    if a.shape() != b.shape() {
-        return Ok(None);
-    }
-    let (a_store, a_layout) = a.storage_and_layout();
-    let (b_store, b_layout) = b.storage_and_layout();
-    let (Some(x), Some(y)) = (values(&a_store, a_layout), values(&b_store, b_layout)) else {
-        return Ok(None);
-    };
-    let per = run_length(x.len());
-    let mut out = vec![0f32; x.len()];
-    std::thread::scope(|scope| {
-        for ((o, x), y) in out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per)) {
-            let f = &f;
-            scope.spawn(move || {
-                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                    *o = f(x, y);
-                }
-            });
-        }
+    let out = with_values(a, b, |x, y| {
+        let per = run_length(x.len());
+        let mut out = vec![0f32; x.len()];
+        std::thread::scope(|scope| {
+            for ((o, x), y) in out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per)) {
+                let f = &f;
+                scope.spawn(move || {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                        *o = f(x, y);
+                    }
+                });
+            }
+        });
+        out
     });
-    Ok(Some(Tensor::from_vec(out, a.shape().clone(), a.device())?))
+    out.map(|out| Tensor::from_vec(out, a.shape().clone(), a.device()))
+        .transpose()
 }
 
 /// `f(a)` value by value; `None` where `a` is not a contiguous CPU f32 tensor.
@@ -73,33 +80,30 @@ pub(super) fn step(
     sample: &Tensor,
     f: impl Fn(f32, f32) -> (f32, f32) + Sync,
 ) -> Result<Option<StepOutput>> {
-    if model_output.shape() != sample.shape() {
-        return Ok(None);
-    }
-    let (e_store, e_layout) = model_output.storage_and_layout();
-    let (s_store, s_layout) = sample.storage_and_layout();
-    let (Some(e), Some(s)) = (values(&e_store, e_layout), values(&s_store, s_layout)) else {
+    let out = with_values(model_output, sample, |e, s| {
+        let n = s.len();
+        let (mut prev, mut x0) = (vec![0f32; n], vec![0f32; n]);
+        let per = run_length(n);
+        std::thread::scope(|scope| {
+            for (((p, x), e), s) in prev
+                .chunks_mut(per)
+                .zip(x0.chunks_mut(per))
+                .zip(e.chunks(per))
+                .zip(s.chunks(per))
+            {
+                let f = &f;
+                scope.spawn(move || {
+                    for (((p, x), &e), &s) in p.iter_mut().zip(x.iter_mut()).zip(e).zip(s) {
+                        (*p, *x) = f(e, s);
+                    }
+                });
+            }
+        });
+        (prev, x0)
+    });
+    let Some((prev, x0)) = out else {
         return Ok(None);
     };
-    let n = s.len();
-    let mut prev = vec![0f32; n];
-    let mut x0 = vec![0f32; n];
-    let per = run_length(n);
-    std::thread::scope(|scope| {
-        for (((p, x), e), s) in prev
-            .chunks_mut(per)
-            .zip(x0.chunks_mut(per))
-            .zip(e.chunks(per))
-            .zip(s.chunks(per))
-        {
-            let f = &f;
-            scope.spawn(move || {
-                for (((p, x), &e), &s) in p.iter_mut().zip(x.iter_mut()).zip(e).zip(s) {
-                    (*p, *x) = f(e, s);
-                }
-            });
-        }
-    });
     let (shape, device) = (sample.shape().clone(), sample.device().clone());
     Ok(Some(StepOutput {
         prev_sample: Tensor::from_vec(prev, shape.clone(), &device)?,
