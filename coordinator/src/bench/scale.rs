@@ -47,6 +47,9 @@ pub struct ScaleOptions {
     pub link_per_node: bool,
     /// Inside a `link_per_node` namespace: the speed every Redis node of each run gets.
     pub node_link: Option<f64>,
+    /// Runs of every configuration (at least 1), in rounds: each round runs every
+    /// configuration once, so a slow spell of the machine falls on all of them alike.
+    pub repeat: usize,
     pub markdown: Option<PathBuf>,
 }
 
@@ -455,10 +458,13 @@ pub fn measure(opts: &ScaleOptions) -> Result<Vec<ScaleRun>> {
             plan_estimate: None,
         });
     }
-    configs
-        .iter()
-        .map(|cfg| run_one(&scratch.0, &model, cfg, opts, views))
-        .collect()
+    let mut runs = Vec::new();
+    for _ in 0..opts.repeat.max(1) {
+        for cfg in &configs {
+            runs.push(run_one(&scratch.0, &model, cfg, opts, views)?);
+        }
+    }
+    Ok(runs)
 }
 
 /// The arguments that make a child process measure `opts` and write its runs to `file`.
@@ -483,6 +489,7 @@ pub(crate) fn child_args(opts: &ScaleOptions, file: &Path) -> Vec<String> {
         ),
         ("--coordinator-cores", cores_arg(&opts.coordinator_cores)),
         ("--store", stores_arg(&opts.stores)),
+        ("--repeat", opts.repeat.max(1).to_string()),
         ("--runs-json", file.display().to_string()),
     ] {
         args.extend([flag.to_string(), value]);
@@ -573,8 +580,12 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
         ),
         command,
         machine,
-        tables: vec![table(&runs)],
-        notes: notes(views, opts.view_batch, opts.link_per_node),
+        tables: if opts.repeat > 1 {
+            vec![table(&runs), spread(&runs)]
+        } else {
+            vec![table(&runs)]
+        },
+        notes: notes(views, opts.view_batch, opts.link_per_node, opts.repeat),
     };
     Ok((runs, report))
 }
@@ -636,7 +647,73 @@ fn table(runs: &[ScaleRun]) -> Table {
     table
 }
 
-fn notes(views: usize, view_batch: Option<usize>, per_node: bool) -> Vec<String> {
+/// One row per configuration of repeated runs (in the order they first ran): how many runs,
+/// the median efficiency, its range and every run's in order.
+fn spread(runs: &[ScaleRun]) -> Table {
+    let mut table = Table::new(&[
+        "link",
+        "workers",
+        "coordinator",
+        "store",
+        "view batch",
+        "runs",
+        "median efficiency",
+        "range",
+        "each run",
+        "plan's estimate",
+    ]);
+    let key = |r: &ScaleRun| {
+        (
+            r.link.clone(),
+            r.label.clone(),
+            r.coordinator_cores.clone(),
+            r.store.clone(),
+            r.view_batch,
+        )
+    };
+    let mut groups: Vec<(_, Vec<&ScaleRun>)> = Vec::new();
+    for r in runs {
+        match groups.iter_mut().find(|(k, _)| *k == key(r)) {
+            Some((_, g)) => g.push(r),
+            None => groups.push((key(r), vec![r])),
+        }
+    }
+    let pct = |e: f64| format!("{:.1}%", 100.0 * e);
+    for ((link, label, cores, store, batch), group) in groups {
+        let each: Vec<f64> = group.iter().map(|r| r.efficiency()).collect();
+        let (lo, hi) = each
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &e| (lo.min(e), hi.max(e)));
+        table.row(vec![
+            link,
+            label,
+            cores,
+            store,
+            batch.to_string(),
+            each.len().to_string(),
+            pct(median(&each)),
+            format!("{}–{}", pct(lo), pct(hi)),
+            each.iter().map(|&e| pct(e)).collect::<Vec<_>>().join(", "),
+            group[0]
+                .plan_estimate
+                .map_or("–".into(), |b| format!("{:.0}%", 100.0 * b)),
+        ]);
+    }
+    table
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn notes(views: usize, view_batch: Option<usize>, per_node: bool, repeat: usize) -> Vec<String> {
     let link = if per_node {
         "link: `--link-gbit` with `--link-per-node` runs the loopback cluster in a network \
          namespace where each Redis node's port has a link of its own of that speed (a tc HTB \
@@ -647,7 +724,7 @@ fn notes(views: usize, view_batch: Option<usize>, per_node: bool) -> Vec<String>
          loopback is limited with a tc token bucket; every packet crosses it once, so the \
          limit caps all the cluster's traffic together"
     };
-    vec![
+    let mut notes = vec![
         format!(
             "{views} views per step ({}); an evaluation = one training-size view with CFG",
             match view_batch {
@@ -700,5 +777,70 @@ fn notes(views: usize, view_batch: Option<usize>, per_node: bool) -> Vec<String>
             }
         ),
         link.into(),
-    ]
+    ];
+    if repeat > 1 {
+        notes.push(format!(
+            "runs: every configuration ran {repeat} times, in rounds (each round runs every \
+             configuration once, in the order of the first table; with `--link-gbit`, within \
+             each link), so a slow spell of the machine falls on all of them; the second table gives each configuration's median \
+             efficiency, its range and each run's: on a shared machine one run of a \
+             configuration can differ from the next by several points"
+        ));
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(store: &str, steps_per_second: f64) -> ScaleRun {
+        ScaleRun {
+            label: "16 workers".into(),
+            link: "host loopback".into(),
+            coordinator_cores: "all cores".into(),
+            workers: 16,
+            capacity: 20.0,
+            views_per_step: 10,
+            timed_steps: 7,
+            steps_per_second,
+            coordinator_ms: 0.0,
+            critical_ms: 0.0,
+            bytes_per_step: None,
+            coordinator_cpu_ms: None,
+            redis_cpu_ms: None,
+            store: store.into(),
+            busiest_share: None,
+            view_batch: 2,
+            workers_cpu_ms: None,
+            machine_busy: None,
+            plan_estimate: Some(0.86),
+        }
+    }
+
+    /// Repeated runs (as rounds interleave them) grouped per configuration, in the order
+    /// they first ran, with the median, the range and each run in order.
+    #[test]
+    fn repeated_runs_are_summed_up_per_configuration() {
+        // Ideal: 2 steps/s, so 1.8 steps/s is 90%.
+        let runs = [
+            run("one Redis", 1.8),
+            run("3-shard cluster", 1.5),
+            run("one Redis", 1.6),
+            run("3-shard cluster", 1.7),
+            run("one Redis", 1.9),
+        ];
+        let t = spread(&runs);
+        assert_eq!(t.rows.len(), 2);
+        let redis = &t.rows[0];
+        assert_eq!(redis[3], "one Redis");
+        assert_eq!(
+            &redis[5..9],
+            ["3", "90.0%", "80.0%–95.0%", "90.0%, 80.0%, 95.0%"]
+        );
+        assert_eq!(redis[9], "86%");
+        let cluster = &t.rows[1];
+        assert_eq!(&cluster[5..8], ["2", "80.0%", "75.0%–85.0%"]);
+        assert_eq!(median(&[]), 0.0);
+    }
 }

@@ -209,6 +209,11 @@ pub struct ScaleArgs {
     /// 3 masters on the same link).
     #[arg(long, value_delimiter = ',', default_value = "redis")]
     pub store: Vec<String>,
+    /// Runs of every configuration, in rounds (each round runs every configuration once):
+    /// with more than one, a second table gives each configuration's median efficiency, its
+    /// range and every run's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     #[command(flatten)]
     pub out: MarkdownArg,
 }
@@ -426,6 +431,7 @@ fn run_scale(a: ScaleArgs, command: String) -> Result<()> {
             .collect(),
         link_per_node: a.link_per_node,
         node_link: a.node_link_gbit,
+        repeat: a.repeat as usize,
         markdown: a.out.markdown.clone(),
     };
     if let Some(file) = &a.runs_json {
@@ -462,6 +468,7 @@ mod tests {
             stores: vec![0, 3],
             link_per_node: true,
             node_link: Some(2.0),
+            repeat: 3,
             markdown: None,
         };
         let args = scale::child_args(&opts, std::path::Path::new("/tmp/runs.json"));
@@ -491,6 +498,7 @@ mod tests {
         );
         assert_eq!(parse_stores(&a.store).unwrap(), vec![0, 3]);
         assert_eq!(a.node_link_gbit, Some(2.0));
+        assert_eq!(a.repeat, 3);
         assert!(parse_stores(&["sharded".into()]).is_err());
         assert!(parse_cores(&["0".into()]).is_err());
         assert!(parse_cores(&["many".into()]).is_err());
