@@ -34,6 +34,7 @@ fn model() -> (Arc<DiffusionModel>, ArchInfo) {
         if !dir.join("model_index.json").is_file() {
             let _ = std::fs::remove_dir_all(&dir);
             synthesize(TinyArch::SdxlTiny, &dir, 1).unwrap();
+            tessera_harness::remove_at_exit(dir.clone());
         }
     }
     let m = DiffusionModel::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();

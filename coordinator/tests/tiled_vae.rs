@@ -32,6 +32,7 @@ fn model() -> (Arc<DiffusionModel>, Plan) {
         if !dir.join("model_index.json").is_file() {
             let _ = std::fs::remove_dir_all(&dir);
             synthesize(TinyArch::SdxlTiny, &dir, 3).unwrap();
+            tessera_harness::remove_at_exit(dir.clone());
         }
     }
     let m = DiffusionModel::load(&dir, &Device::Cpu, DType::F32).unwrap();

@@ -89,6 +89,7 @@ pub fn tiny_model(arch: &str) -> PathBuf {
             "--seed",
             "1",
         ]);
+        tessera_harness::remove_at_exit(dir.clone());
         dir
     })
     .clone()
