@@ -532,6 +532,44 @@ fn every_hop_can_use_tls() {
     assert!(!out.status.success());
 }
 
+/// A Redis Cluster over TLS (`rediss-cluster://`, `--redis-ca`; the shards' bus is TLS too),
+/// each role logged in as its own ACL user on every shard: the same image as the embedded
+/// render, its tensors spread over the shards.
+#[test]
+fn a_tls_redis_cluster_store_gives_the_same_image() {
+    let _one = serial();
+    reference();
+    let opts = ClusterOptions {
+        redis_shards: 3,
+        redis: RedisServerOptions {
+            tls: true,
+            user: Some(("admin".into(), "admin-test-password".into())),
+            role_users: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with("cluster-tls-shards", 2, opts);
+    assert!(
+        cluster
+            .inner
+            .redis
+            .url_as("worker")
+            .starts_with("rediss-cluster://tessera-worker:"),
+        "{}",
+        cluster.inner.redis.url_as("worker")
+    );
+    let id = cluster.submit(JOB);
+    let out = cluster.watch(&id);
+    assert!(out.status.success(), "{}", cluster.logs());
+    assert_same_image(&cluster, &id);
+    let bytes = shard_bytes(&cluster);
+    assert!(
+        bytes.iter().all(|&b| b > 0),
+        "a shard carried nothing: {bytes:?}"
+    );
+}
+
 mod malformed {
     use super::*;
     use tessera_proto::v1::coordinator_client::CoordinatorClient;

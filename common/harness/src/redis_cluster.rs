@@ -19,21 +19,29 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// `shards` masters with AOF (and `opts`' passwords or ACL users), slots spread evenly;
-    /// returns once every node says `cluster_state:ok`. TLS clusters are not made here.
+    /// returns once every node says `cluster_state:ok`. With `opts.tls` clients and the
+    /// cluster bus speak TLS, every node with a certificate of the first node's CA.
     pub fn start(shards: usize, opts: RedisServerOptions) -> RedisCluster {
         assert!(shards >= 1, "a Redis Cluster needs a shard");
-        assert!(!opts.tls, "the harness makes no TLS Redis Cluster");
         let node_opts = RedisServerOptions {
             aof: true,
             cluster_node: true,
             ..opts
         };
-        let nodes: Vec<RedisServer> = (0..shards)
-            .map(|_| RedisServer::start_with(node_opts.clone()))
-            .collect();
+        let mut nodes = vec![RedisServer::start_with(node_opts.clone())];
+        let others = RedisServerOptions {
+            certs_from: node_opts.tls.then(|| nodes[0].dir().to_path_buf()),
+            ..node_opts
+        };
+        nodes.extend((1..shards).map(|_| RedisServer::start_with(others.clone())));
         let mut create = nodes[0].cli();
         create.arg("--cluster").arg("create");
-        create.args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        // The harness's own plain ports (with TLS the clients' ports speak only TLS).
+        create.args(
+            nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.admin_port())),
+        );
         create.args(["--cluster-replicas", "0", "--cluster-yes"]);
         let out = create
             .output()
@@ -49,7 +57,8 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis-cluster://[USER:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,...`.
+    /// `redis-cluster://[USER:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,...` (`rediss-cluster://`
+    /// over TLS).
     pub fn url(&self) -> String {
         self.url_as("")
     }
@@ -61,8 +70,13 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
+        let scheme = if self.nodes[0].ca().is_some() {
+            "rediss-cluster"
+        } else {
+            "redis-cluster"
+        };
         format!(
-            "redis-cluster://{}{}",
+            "{scheme}://{}{}",
             self.nodes[0].userinfo_as(role),
             nodes.join(",")
         )

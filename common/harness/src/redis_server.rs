@@ -56,7 +56,12 @@ pub struct RedisServerOptions {
     pub tls: bool,
     /// A node of a Redis Cluster (`cluster-enabled yes`, its node file in its directory, so a
     /// restarted node rejoins); [`crate::RedisCluster`] starts these and assigns the slots.
+    /// With `tls`, the cluster bus is TLS too (`tls-cluster yes`).
     pub cluster_node: bool,
+    /// With `tls`: the directory whose `ca.pem`, `server.pem` and `server.key` the server uses
+    /// instead of making its own. The nodes of a TLS Redis Cluster authenticate each other on
+    /// the cluster bus, so they must share one CA.
+    pub certs_from: Option<PathBuf>,
 }
 
 /// A `redis-server` child process on a free loopback port with its own directory; killed and
@@ -84,8 +89,15 @@ impl RedisServer {
     pub fn start_with(opts: RedisServerOptions) -> RedisServer {
         check_installed();
         let dir = fresh_dir();
-        if opts.tls {
-            make_certificates(&dir);
+        match (&opts.certs_from, opts.tls) {
+            (_, false) => {}
+            (None, true) => make_certificates(&dir),
+            (Some(from), true) => {
+                for name in ["ca.pem", "server.pem", "server.key"] {
+                    fs::copy(from.join(name), dir.join(name))
+                        .unwrap_or_else(|e| panic!("copying {name} from {}: {e}", from.display()));
+                }
+            }
         }
         let mut server = RedisServer {
             port: 0,
@@ -173,6 +185,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The plain port the harness itself uses (the clients' port without TLS).
+    pub(crate) fn admin_port(&self) -> u16 {
+        self.admin_port
     }
 
     /// The server's directory (its AOF and its log, `redis.log`).
@@ -350,6 +367,9 @@ impl RedisServer {
             .args(["--cluster-node-timeout", "1000"])
             .arg("--cluster-port")
             .arg(self.bus_port.to_string());
+            if self.opts.tls {
+                cmd.args(["--tls-cluster", "yes"]);
+            }
         }
         if let Some(p) = &self.opts.password {
             cmd.args(["--requirepass", p]);
@@ -466,9 +486,11 @@ fn check_installed() {
 /// A CA and a server certificate for 127.0.0.1 and localhost, signed by it, in `dir`:
 /// `ca.pem`, `server.pem`, `server.key`. Also used by the cluster's TLS test.
 pub fn make_certificates(dir: &Path) {
+    // Client authentication too: the nodes of a TLS Redis Cluster present this certificate to
+    // each other on the cluster bus, which verifies both ends.
     let ext = "basicConstraints=CA:FALSE\n\
                keyUsage=digitalSignature,keyEncipherment\n\
-               extendedKeyUsage=serverAuth\n\
+               extendedKeyUsage=serverAuth,clientAuth\n\
                subjectAltName=IP:127.0.0.1,DNS:localhost\n";
     fs::write(dir.join("server.ext"), ext).expect("writing server.ext");
     let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
