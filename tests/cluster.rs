@@ -506,6 +506,17 @@ fn shard_bytes(cluster: &Cluster) -> Vec<u64> {
     bytes.into_iter().map(|b| b.expect("INFO stats")).collect()
 }
 
+/// Redis over TLS with the recipes' ACL users: the default user off, the coordinator and the
+/// workers logged in as their own users.
+fn tls_redis_with_role_users() -> RedisServerOptions {
+    RedisServerOptions {
+        tls: true,
+        user: Some(("admin".into(), "admin-test-password".into())),
+        role_users: true,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn every_hop_can_use_tls() {
     let _one = serial();
@@ -513,12 +524,7 @@ fn every_hop_can_use_tls() {
     // user off, the coordinator and the workers logged in as their own users.
     let opts = ClusterOptions {
         tls: true,
-        redis: RedisServerOptions {
-            tls: true,
-            user: Some(("admin".into(), "admin-test-password".into())),
-            role_users: true,
-            ..Default::default()
-        },
+        redis: tls_redis_with_role_users(),
         ..Default::default()
     };
     let cluster = Cluster::start_with("cluster-tls", 1, opts);
@@ -541,12 +547,7 @@ fn a_tls_redis_cluster_store_gives_the_same_image() {
     reference();
     let opts = ClusterOptions {
         redis_shards: 3,
-        redis: RedisServerOptions {
-            tls: true,
-            user: Some(("admin".into(), "admin-test-password".into())),
-            role_users: true,
-            ..Default::default()
-        },
+        redis: tls_redis_with_role_users(),
         ..Default::default()
     };
     let cluster = Cluster::start_with("cluster-tls-shards", 2, opts);

@@ -590,37 +590,48 @@ pub fn run(opts: &ScaleOptions, command: String) -> Result<(Vec<ScaleRun>, Repor
     Ok((runs, report))
 }
 
+/// The columns that name a configuration, first in both tables.
+const CONFIG_COLUMNS: [&str; 5] = ["link", "workers", "coordinator", "store", "view batch"];
+
+/// A run's configuration, as [`CONFIG_COLUMNS`] name it.
+fn config_cells(r: &ScaleRun) -> Vec<String> {
+    vec![
+        r.link.clone(),
+        r.label.clone(),
+        r.coordinator_cores.clone(),
+        r.store.clone(),
+        r.view_batch.to_string(),
+    ]
+}
+
 fn table(runs: &[ScaleRun]) -> Table {
-    let mut table = Table::new(&[
-        "link",
-        "workers",
-        "coordinator",
-        "store",
-        "view batch",
-        "capacity (evals/s)",
-        "timed steps",
-        "steps/s",
-        "ideal steps/s",
-        "efficiency",
-        "plan's estimate",
-        "ideal step ms",
-        "coordinator work ms/step",
-        "coordinator / ideal step",
-        "critical path ms/step",
-        "coordinator CPU ms/step",
-        "Redis CPU ms/step (busiest shard)",
-        "workers' CPU ms/step (all)",
-        "machine busy",
-        "MB through Redis/step (all shards)",
-        "busiest shard's bytes",
-    ]);
+    let mut table = Table::new(
+        &[
+            CONFIG_COLUMNS.as_slice(),
+            &[
+                "capacity (evals/s)",
+                "timed steps",
+                "steps/s",
+                "ideal steps/s",
+                "efficiency",
+                "plan's estimate",
+                "ideal step ms",
+                "coordinator work ms/step",
+                "coordinator / ideal step",
+                "critical path ms/step",
+                "coordinator CPU ms/step",
+                "Redis CPU ms/step (busiest shard)",
+                "workers' CPU ms/step (all)",
+                "machine busy",
+                "MB through Redis/step (all shards)",
+                "busiest shard's bytes",
+            ],
+        ]
+        .concat(),
+    );
     for r in runs {
-        table.row(vec![
-            r.link.clone(),
-            r.label.clone(),
-            r.coordinator_cores.clone(),
-            r.store.clone(),
-            r.view_batch.to_string(),
+        let mut cells = config_cells(r);
+        cells.extend([
             format!("{:.1}", r.capacity),
             r.timed_steps.to_string(),
             format!("{:.3}", r.steps_per_second),
@@ -643,6 +654,7 @@ fn table(runs: &[ScaleRun]) -> Table {
             r.busiest_share
                 .map_or("?".into(), |s| format!("{:.0}%", 100.0 * s)),
         ]);
+        table.row(cells);
     }
     table
 }
@@ -650,46 +662,34 @@ fn table(runs: &[ScaleRun]) -> Table {
 /// One row per configuration of repeated runs (in the order they first ran): how many runs,
 /// the median efficiency, its range and every run's in order.
 fn spread(runs: &[ScaleRun]) -> Table {
-    let mut table = Table::new(&[
-        "link",
-        "workers",
-        "coordinator",
-        "store",
-        "view batch",
-        "runs",
-        "median efficiency",
-        "range",
-        "each run",
-        "plan's estimate",
-    ]);
-    let key = |r: &ScaleRun| {
-        (
-            r.link.clone(),
-            r.label.clone(),
-            r.coordinator_cores.clone(),
-            r.store.clone(),
-            r.view_batch,
-        )
-    };
-    let mut groups: Vec<(_, Vec<&ScaleRun>)> = Vec::new();
+    let mut table = Table::new(
+        &[
+            CONFIG_COLUMNS.as_slice(),
+            &[
+                "runs",
+                "median efficiency",
+                "range",
+                "each run",
+                "plan's estimate",
+            ],
+        ]
+        .concat(),
+    );
+    let mut groups: Vec<(Vec<String>, Vec<&ScaleRun>)> = Vec::new();
     for r in runs {
-        match groups.iter_mut().find(|(k, _)| *k == key(r)) {
+        let key = config_cells(r);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, g)) => g.push(r),
-            None => groups.push((key(r), vec![r])),
+            None => groups.push((key, vec![r])),
         }
     }
     let pct = |e: f64| format!("{:.1}%", 100.0 * e);
-    for ((link, label, cores, store, batch), group) in groups {
+    for (mut cells, group) in groups {
         let each: Vec<f64> = group.iter().map(|r| r.efficiency()).collect();
         let (lo, hi) = each
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), &e| (lo.min(e), hi.max(e)));
-        table.row(vec![
-            link,
-            label,
-            cores,
-            store,
-            batch.to_string(),
+        cells.extend([
             each.len().to_string(),
             pct(median(&each)),
             format!("{}–{}", pct(lo), pct(hi)),
@@ -698,6 +698,7 @@ fn spread(runs: &[ScaleRun]) -> Table {
                 .plan_estimate
                 .map_or("–".into(), |b| format!("{:.0}%", 100.0 * b)),
         ]);
+        table.row(cells);
     }
     table
 }
