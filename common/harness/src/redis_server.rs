@@ -270,15 +270,14 @@ impl RedisServer {
     /// `DEL` per key (keys of a Redis Cluster node lie in different slots, which one `DEL`
     /// refuses), all sent through one `redis-cli` reading them from its input.
     pub fn delete_matching(&self, pattern: &str) -> usize {
-        use std::io::Write;
         let keys = self.scan(pattern);
         if keys.is_empty() {
             return 0;
         }
         let mut child = self
             .cli()
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("running redis-cli: {e}"));
         let commands: String = keys.iter().map(|k| format!("DEL {k}\n")).collect();

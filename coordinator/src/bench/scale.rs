@@ -783,9 +783,10 @@ fn notes(views: usize, view_batch: Option<usize>, per_node: bool, repeat: usize)
         notes.push(format!(
             "runs: every configuration ran {repeat} times, in rounds (each round runs every \
              configuration once, in the order of the first table; with `--link-gbit`, within \
-             each link), so a slow spell of the machine falls on all of them; the second table gives each configuration's median \
-             efficiency, its range and each run's: on a shared machine one run of a \
-             configuration can differ from the next by several points"
+             each link), so a slow spell of the machine falls on all of them; the second \
+             table gives each configuration's median efficiency, its range and each run's: \
+             on a shared machine one run of a configuration can differ from the next by \
+             several points"
         ));
     }
     notes
