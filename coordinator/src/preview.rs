@@ -5,7 +5,7 @@
 //! colour while a job runs; it is not the decoded image.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use tessera_core::spec::{BitDepth, PIXELS_PER_LATENT};
 
@@ -70,10 +70,20 @@ pub fn preview_png(latent: &Tensor, sdxl: bool, side: usize) -> Result<Vec<u8>> 
     }
     let (ph, pw) = preview_size(h, w, side);
     let (rows, cols) = (cells_of(h, ph), cells_of(w, pw));
-    let data = latent
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    // A stage latent (16 MB at 8K) is read where it lies, not copied out for every step's
+    // 256-pixel picture; anything else is converted first.
+    let (storage, layout) = latent.storage_and_layout();
+    let owned;
+    let data: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((from, to))) => &v[from..to],
+        _ => {
+            owned = latent
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            &owned
+        }
+    };
     // Per pixel row: each channel's latent rows summed once across the whole width (a
     // straight pass over memory), then each pixel's columns of those sums.
     let mut rgb = Vec::with_capacity(3 * ph * pw);
@@ -238,6 +248,26 @@ mod tests {
             .map(|k| ((SD3_BIAS[k] + SD3_FACTORS[15][k] + 1.0) * 127.5).round() as u8)
             .collect();
         assert_eq!(&px[..3], &want[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_latent_read_in_place_previews_as_its_converted_copy() -> Result<()> {
+        // Read in place (contiguous f32, also at an offset into its storage) or converted
+        // first (a transposed view, an f16 tensor): the same picture.
+        let z = Tensor::arange(0f32, 2.0 * 4.0 * 24.0 * 24.0, &Device::Cpu)?
+            .affine(1e-3, -2.0)?
+            .sin()?
+            .reshape((2, 4, 24, 24))?;
+        let second = z.narrow(0, 1, 1)?;
+        let want = preview_png(&second.copy()?, true, 64)?;
+        assert_eq!(preview_png(&second, true, 64)?, want);
+        let transposed = second.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        assert!(!transposed.is_contiguous());
+        assert_eq!(preview_png(&transposed, true, 64)?, want);
+        let half = second.to_dtype(DType::F16)?;
+        let want_half = preview_png(&half.to_dtype(DType::F32)?, true, 64)?;
+        assert_eq!(preview_png(&half, true, 64)?, want_half);
         Ok(())
     }
 }

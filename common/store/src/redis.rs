@@ -21,6 +21,7 @@
 //! bucket's keys is that bucket's copy of the lock's token ([`RedisStore::arm_fence`]), and
 //! prefix scans walk every master.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
@@ -118,20 +119,21 @@ static ARM_FENCE: LazyLock<Script> = LazyLock::new(|| {
 const FENCED_CHUNK: usize = 1000;
 
 /// Writes that go to Redis together and atomically: a MULTI/EXEC transaction, or on a fenced
-/// store one script that checks the fence first.
+/// store one script that checks the fence first. Values are borrowed: a tensor is copied once,
+/// into the command that carries it, not first into the batch.
 #[derive(Debug, Clone, Default)]
-pub struct WriteBatch {
-    cmds: Vec<BatchCmd>,
+pub struct WriteBatch<'a> {
+    cmds: Vec<BatchCmd<'a>>,
 }
 
 #[derive(Debug, Clone)]
-struct BatchCmd {
+struct BatchCmd<'a> {
     name: &'static str,
     keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    args: Vec<Cow<'a, [u8]>>,
 }
 
-impl WriteBatch {
+impl<'a> WriteBatch<'a> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -140,21 +142,26 @@ impl WriteBatch {
         self.cmds.is_empty()
     }
 
-    fn push(&mut self, name: &'static str, keys: Vec<String>, args: Vec<Vec<u8>>) -> &mut Self {
+    fn push(
+        &mut self,
+        name: &'static str,
+        keys: Vec<String>,
+        args: Vec<Cow<'a, [u8]>>,
+    ) -> &mut Self {
         self.cmds.push(BatchCmd { name, keys, args });
         self
     }
 
-    pub fn set(&mut self, key: &str, value: &[u8]) -> &mut Self {
-        self.push("SET", vec![key.into()], vec![value.to_vec()])
+    pub fn set(&mut self, key: &str, value: &'a [u8]) -> &mut Self {
+        self.push("SET", vec![key.into()], vec![value.into()])
     }
 
     /// SET with a time to live.
-    pub fn set_px(&mut self, key: &str, value: &[u8], ttl: Duration) -> &mut Self {
+    pub fn set_px(&mut self, key: &str, value: &'a [u8], ttl: Duration) -> &mut Self {
         let args = vec![
-            value.to_vec(),
-            b"PX".to_vec(),
-            millis(ttl).to_string().into_bytes(),
+            value.into(),
+            owned(b"PX"),
+            millis(ttl).to_string().into_bytes().into(),
         ];
         self.push("SET", vec![key.into()], args)
     }
@@ -169,29 +176,32 @@ impl WriteBatch {
 
     pub fn pexpire(&mut self, key: &str, ttl: Duration) -> &mut Self {
         let ms = millis(ttl).to_string().into_bytes();
-        self.push("PEXPIRE", vec![key.into()], vec![ms])
+        self.push("PEXPIRE", vec![key.into()], vec![ms.into()])
     }
 
     pub fn zadd(&mut self, key: &str, member: &str, score: f64) -> &mut Self {
-        let args = vec![score.to_string().into_bytes(), member.as_bytes().to_vec()];
+        let args = vec![
+            score.to_string().into_bytes().into(),
+            owned(member.as_bytes()),
+        ];
         self.push("ZADD", vec![key.into()], args)
     }
 
     pub fn zrem(&mut self, key: &str, member: &str) -> &mut Self {
-        self.push("ZREM", vec![key.into()], vec![member.as_bytes().to_vec()])
+        self.push("ZREM", vec![key.into()], vec![owned(member.as_bytes())])
     }
 
     pub fn sadd(&mut self, key: &str, member: &str) -> &mut Self {
-        self.push("SADD", vec![key.into()], vec![member.as_bytes().to_vec()])
+        self.push("SADD", vec![key.into()], vec![owned(member.as_bytes())])
     }
 
     pub fn srem(&mut self, key: &str, member: &str) -> &mut Self {
-        self.push("SREM", vec![key.into()], vec![member.as_bytes().to_vec()])
+        self.push("SREM", vec![key.into()], vec![owned(member.as_bytes())])
     }
 
-    fn set_if_exists(&mut self, guard: &str, key: &str, value: &[u8]) -> &mut Self {
+    fn set_if_exists(&mut self, guard: &str, key: &str, value: &'a [u8]) -> &mut Self {
         let keys = vec![guard.to_string(), key.to_string()];
-        self.push("SETIFEXISTS", keys, vec![value.to_vec()])
+        self.push("SETIFEXISTS", keys, vec![value.into()])
     }
 
     /// The batch as one MULTI/EXEC pipeline (no `SETIFEXISTS`: that is fenced-only).
@@ -202,7 +212,7 @@ impl WriteBatch {
             let cmd = pipe.cmd(c.name);
             cmd.arg(&c.keys);
             for a in &c.args {
-                cmd.arg(a.as_slice());
+                cmd.arg(&a[..]);
             }
         }
         pipe
@@ -210,8 +220,8 @@ impl WriteBatch {
 
     /// The batch split by hash tag, for a Redis Cluster: each part touches one slot (a
     /// multi-key UNLINK is split key by key into its tags' parts). Tags in order.
-    fn by_tag(&self) -> BTreeMap<String, WriteBatch> {
-        let mut parts: BTreeMap<String, WriteBatch> = BTreeMap::new();
+    fn by_tag(&self) -> BTreeMap<String, WriteBatch<'a>> {
+        let mut parts: BTreeMap<String, WriteBatch<'a>> = BTreeMap::new();
         for c in &self.cmds {
             if c.name == "UNLINK" {
                 let mut keys_by_tag: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -236,26 +246,60 @@ impl WriteBatch {
         parts
     }
 
-    /// The batch as one call of [`FENCED_BATCH`] checking `fence_key` (the lock itself, with
-    /// its time to live, or a bucket's fence copy, with none).
-    fn fenced(&self, fence: &Fence, fence_key: &str) -> redis::ScriptInvocation<'static> {
+    /// The batch as one `EVALSHA` of [`FENCED_BATCH`] checking `fence_key` (the lock itself,
+    /// with its time to live, or a bucket's fence copy, with none): built here rather than as
+    /// a `ScriptInvocation`, which would copy every value twice more (into its arguments, then
+    /// into the command) and again on each retry. Run it with [`run_fenced`].
+    fn fenced(&self, fence: &Fence, fence_key: &str) -> redis::Cmd {
         let ttl = if fence_key == fence.key {
             millis(fence.ttl)
         } else {
             0
         };
-        let mut call = FENCED_BATCH.key(fence_key);
-        call.arg(&fence.token).arg(ttl).arg(self.cmds.len());
+        let keys = 1 + self.cmds.iter().map(|c| c.keys.len()).sum::<usize>();
+        let args: usize = self.cmds.iter().map(|c| 3 + c.args.len()).sum();
+        let bytes: usize = self
+            .cmds
+            .iter()
+            .flat_map(|c| {
+                c.args
+                    .iter()
+                    .map(|a| a.len())
+                    .chain(c.keys.iter().map(String::len))
+            })
+            .sum();
+        let mut cmd = redis::Cmd::with_capacity(6 + keys + args, bytes + 64 * (keys + args));
+        cmd.arg("EVALSHA")
+            .arg(FENCED_BATCH.get_hash())
+            .arg(keys)
+            .arg(fence_key);
+        for k in self.cmds.iter().flat_map(|c| &c.keys) {
+            cmd.arg(k);
+        }
+        cmd.arg(&fence.token).arg(ttl).arg(self.cmds.len());
         for c in &self.cmds {
-            call.arg(c.name).arg(c.keys.len()).arg(c.args.len());
-            for k in &c.keys {
-                call.key(k);
-            }
+            cmd.arg(c.name).arg(c.keys.len()).arg(c.args.len());
             for a in &c.args {
-                call.arg(a.as_slice());
+                cmd.arg(&a[..]);
             }
         }
-        call
+        cmd
+    }
+}
+
+fn owned(bytes: &[u8]) -> Cow<'static, [u8]> {
+    Cow::Owned(bytes.to_vec())
+}
+
+/// Runs a [`WriteBatch::fenced`] command, loading [`FENCED_BATCH`] first where this Redis does
+/// not know it yet (a fresh or restarted server), as `ScriptInvocation` does.
+async fn run_fenced(cmd: &redis::Cmd, c: &mut Connection) -> RedisResult<i64> {
+    match cmd.query_async(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            FENCED_BATCH.load_async(c).await?;
+            cmd.query_async(c).await
+        }
+        other => other,
     }
 }
 
@@ -578,7 +622,7 @@ impl RedisStore {
 
     /// Runs `batch` atomically: through the fence on a fenced store, else as one MULTI/EXEC.
     /// Returns the sum of the commands' integer replies.
-    pub async fn write_batch(&self, what: &str, batch: &WriteBatch) -> Result<i64> {
+    pub async fn write_batch(&self, what: &str, batch: &WriteBatch<'_>) -> Result<i64> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -606,13 +650,13 @@ impl RedisStore {
     async fn write_slot(
         &self,
         what: &str,
-        batch: &WriteBatch,
+        batch: &WriteBatch<'_>,
         fence_key: Option<&str>,
     ) -> Result<i64> {
         if let (Some(fence), Some(key)) = (&self.fence, fence_key) {
             let call = &batch.fenced(fence, key);
             return self
-                .with_retry(what, |mut c| async move { call.invoke_async(&mut c).await })
+                .with_retry(what, |mut c| async move { run_fenced(call, &mut c).await })
                 .await;
         }
         let pipe = &batch.pipeline();

@@ -210,6 +210,17 @@ fn fenced_writes_land_only_while_the_fence_holds_the_token() -> TestResult {
     assert_eq!(plain.get("lock")?, Some(b"me#1".to_vec()));
     assert_eq!(plain.get("k")?, Some(b"v".to_vec()));
     assert!(!again.fence_lost());
+    // Redis lost its scripts (as a restart loses them): the next fenced write loads the
+    // script again and lands, every byte of a binary value as it was.
+    rt.block_on(plain.with_retry("SCRIPT FLUSH", |mut c| async move {
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut c)
+            .await
+    }))?;
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    again.put("bin", &bytes)?;
+    assert_eq!(plain.get("bin")?, Some(bytes));
     Ok(())
 }
 

@@ -200,8 +200,9 @@ impl Jobs {
         inputs: &[(String, Vec<u8>)],
     ) -> Result<(), StoreError> {
         let id = &record.id;
+        let encoded = encode(record)?;
         let mut batch = WriteBatch::new();
-        batch.set(&keys::job_record(id), &encode(record)?);
+        batch.set(&keys::job_record(id), &encoded);
         for (name, data) in inputs {
             batch.set(&keys::job_input(id, name), data);
         }
@@ -262,8 +263,9 @@ impl Jobs {
     /// A queued job's record and queue place after its priority changed, atomically.
     pub async fn reprioritise(&self, record: &JobRecord) -> Result<(), StoreError> {
         let id = &record.id;
+        let encoded = encode(record)?;
         let mut batch = WriteBatch::new();
-        batch.set(&keys::job_record(id), &encode(record)?).zadd(
+        batch.set(&keys::job_record(id), &encoded).zadd(
             keys::JOB_QUEUE,
             id,
             queue_score(record.priority, record.seq),
@@ -274,9 +276,10 @@ impl Jobs {
     /// Queued → running, atomically.
     pub async fn mark_running(&self, record: &JobRecord) -> Result<(), StoreError> {
         let id = &record.id;
+        let encoded = encode(record)?;
         let mut batch = WriteBatch::new();
         batch
-            .set(&keys::job_record(id), &encode(record)?)
+            .set(&keys::job_record(id), &encoded)
             .zrem(keys::JOB_QUEUE, id)
             .sadd(keys::JOBS_RUNNING, id);
         self.store.write_batch("start job", &batch).await.map(drop)
@@ -300,9 +303,10 @@ impl Jobs {
                 self.store.delete_async(&keys::job_input(id, name)).await?;
             }
         }
+        let encoded = encode(record)?;
         let mut batch = WriteBatch::new();
         batch
-            .set(&keys::job_record(id), &encode(record)?)
+            .set(&keys::job_record(id), &encoded)
             .zadd(keys::JOBS_INDEX, id, record.seq as f64)
             .zrem(keys::JOB_QUEUE, id)
             .srem(keys::JOBS_RUNNING, id);
