@@ -192,7 +192,10 @@ struct State {
 
 struct Inner {
     state: Mutex<State>,
+    /// Tasks were queued (or given back), or the workers changed: idle feeders look again.
     wake: Notify,
+    /// A batch's stream has ended: idle feeders look for a task to copy (see [`speculate`]).
+    tail: Notify,
     opts: PoolOptions,
     /// Where workers write their outputs, checked before a task counts as done.
     store: RedisStore,
@@ -211,6 +214,7 @@ impl Pool {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 wake: Notify::new(),
+                tail: Notify::new(),
                 opts,
                 store,
                 runtime: tokio::runtime::Handle::current(),
@@ -357,21 +361,29 @@ impl Pool {
         let per_call = desc.tasks_per_call.max(1) as usize;
         let lease = self.inner.opts.lease;
         let mut backoff = Duration::from_millis(200);
+        // Whether an empty queue sends this feeder looking for a copy. Not after a wake for a
+        // queued task: every idle feeder wakes for each one, and all but the one that takes
+        // it would run the copy estimate over every running task — thousands of times a step
+        // at 32 workers. Copies are looked for after a call, on the clock and at a tail.
+        let mut may_copy = true;
         loop {
             if !*alive.borrow() {
                 return;
             }
-            let notified = self.inner.wake.notified();
-            tokio::pin!(notified);
+            let (notified, tail) = (self.inner.wake.notified(), self.inner.tail.notified());
+            tokio::pin!(notified, tail);
             notified.as_mut().enable();
-            let Some((call_id, picked)) = self.pick(&id, &desc, per_call) else {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = alive.changed() => {}
-                }
+            tail.as_mut().enable();
+            let Some((call_id, picked)) = self.pick(&id, &desc, per_call, may_copy) else {
+                may_copy = tokio::select! {
+                    _ = &mut notified => false,
+                    _ = &mut tail => true,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => true,
+                    _ = alive.changed() => true,
+                };
                 continue;
             };
+            may_copy = true;
             let request = RunTasksRequest {
                 tasks: picked
                     .iter()
@@ -527,13 +539,14 @@ impl Pool {
     }
 
     /// Up to `n` queued tasks this worker serves, in queue order, leaving out retries still
-    /// waiting; with none, a copy of a task running elsewhere (see [`speculate`]). Returns them
-    /// with the call id they go out under.
+    /// waiting; with none and `may_copy`, a copy of a task running elsewhere (see
+    /// [`speculate`]). Returns them with the call id they go out under.
     fn pick(
         &self,
         worker: &str,
         desc: &WorkerDescription,
         n: usize,
+        may_copy: bool,
     ) -> Option<(u64, Vec<Arc<Slot>>)> {
         let mut guard = lock(&self.inner.state);
         let st = &mut *guard;
@@ -558,6 +571,9 @@ impl Pool {
             }
         }
         if picked.is_empty() {
+            if !may_copy {
+                return None;
+            }
             let slot = speculate(st, worker, desc, now)?;
             tracing::info!(worker, task = %slot.task.id, "copying a task this worker should finish first");
             metrics::coordinator().copies_issued.inc();
@@ -842,6 +858,7 @@ impl Dispatch for JobDispatch<'_> {
                 }
                 feeder_batch.all_queued.store(true, Ordering::Relaxed);
                 feeder_batch.send(BatchEvent::AllQueued(queued));
+                self.pool.inner.tail.notify_waiters();
             });
             let mut total: Option<usize> = None;
             let mut finished = 0;
