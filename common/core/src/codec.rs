@@ -220,13 +220,14 @@ pub fn decode(bytes: &[u8], device: &Device) -> Result<Tensor> {
 pub fn decode_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
     let (dtype, dims, data) = parse(bytes)?;
     let n = data.len() / dtype.size_in_bytes().max(1);
-    let mut out = vec![0f32; n];
+    // Filled as it is decoded, not zeroed first: a step reads a megabyte of predictions per
+    // task, and zeroing each buffer before overwriting it was a pass over all of them.
+    let mut out = Vec::with_capacity(n);
     match dtype {
-        DType::F32 => {
-            for (dst, c) in out.iter_mut().zip(data.chunks_exact(4)) {
-                *dst = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-            }
-        }
+        DType::F32 => out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        ),
         DType::F16 => widen::<half::f16>(data, &mut out),
         DType::BF16 => widen::<half::bf16>(data, &mut out),
         other => return Err(CodecError::Unsupported(other)),
@@ -234,22 +235,24 @@ pub fn decode_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((dims, out))
 }
 
-/// Two-byte floats to f32 through a stack buffer (the slice conversion is vectorised).
-fn widen<T: Copy + Default>(data: &[u8], out: &mut [f32])
+/// Two-byte floats to f32, appended to `out`, through stack buffers (the slice conversion is
+/// vectorised).
+fn widen<T: Copy + Default>(data: &[u8], out: &mut Vec<f32>)
 where
     [T]: HalfFloatSliceExt,
 {
-    let mut buf = [T::default(); CHUNK];
-    for (src, dst) in data.chunks(2 * CHUNK).zip(out.chunks_mut(CHUNK)) {
-        let buf = &mut buf[..dst.len()];
-        for (b, c) in buf
+    let (mut narrow, mut wide) = ([T::default(); CHUNK], [0f32; CHUNK]);
+    for src in data.chunks(2 * CHUNK) {
+        let n = src.len() / 2;
+        for (b, c) in narrow[..n]
             .reinterpret_cast_mut()
             .iter_mut()
             .zip(src.chunks_exact(2))
         {
             *b = u16::from_le_bytes([c[0], c[1]]);
         }
-        buf.convert_to_f32_slice(dst);
+        narrow[..n].convert_to_f32_slice(&mut wide[..n]);
+        out.extend_from_slice(&wide[..n]);
     }
 }
 
