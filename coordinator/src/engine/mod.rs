@@ -20,6 +20,7 @@ use tessera_core::sched::{SchedulerConfig, StageStepper as Stepper};
 use tessera_core::spec::{RenderSpec, PIXELS_PER_LATENT};
 use tessera_core::task::{Task, TaskKind, VaeNoise};
 use tessera_core::tiling::vae::VaeTiling;
+use tessera_core::tiling::MergeBuffers;
 use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
@@ -688,6 +689,8 @@ impl Engine<'_> {
         let (mut z, camap_in) = (start.z, start.camap_in);
         let mut x0 = z.clone();
         let mut camap_out = None;
+        // The local merge's stage-sized buffers, passed from step to step.
+        let mut buffers = MergeBuffers::default();
         std::thread::scope(|scope| -> Result<()> {
             let mut checkpoints = Background::new(scope);
             for (j, &t) in stage.timesteps.iter().enumerate().skip(start.first_step) {
@@ -698,7 +701,9 @@ impl Engine<'_> {
                 }
                 let input = stepper.scale_input(&z, j)?;
                 let before_views = step_start.elapsed().as_secs_f64();
-                let pred = self.evaluate_views(at, j, t, &input, camap_in.as_ref(), progress)?;
+                let camap_in = camap_in.as_ref();
+                let pred =
+                    self.evaluate_views(at, (j, t), &input, camap_in, &mut buffers, progress)?;
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
                 let eps = timed(&mut timings.guidance, || guide(&stage.guidance, &pred))?;
@@ -736,10 +741,10 @@ impl Engine<'_> {
     fn evaluate_views(
         &self,
         at: &StageAt,
-        j: usize,
-        t: f64,
+        (j, t): (usize, f64),
         input: &Tensor,
         camap_in: Option<&CaMap>,
+        buffers: &mut MergeBuffers,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<Predictions> {
         let capture = at.stage.camap_capture && j + 1 == at.stage.timesteps.len();
@@ -759,6 +764,7 @@ impl Engine<'_> {
             input,
             camap_in,
             capture,
+            buffers,
             &|n| progress(Progress::Views(n)),
         )
     }

@@ -25,7 +25,9 @@ use tessera_core::method::params::TileWeights;
 use tessera_core::noise::{NoiseKey, NoisePurpose};
 use tessera_core::plan::{Plan, StagePlan};
 use tessera_core::task::{CamapInject, DenoiseTask, FusionHook, Task, TaskKind};
-use tessera_core::tiling::{GlobalScatter, GlobalViews, LocalMerge, LocalViews, ViewWeighting};
+use tessera_core::tiling::{
+    GlobalScatter, GlobalViews, LocalMerge, LocalViews, MergeBuffers, ViewWeighting,
+};
 use tessera_store::{get_f32s, get_tensor, keys, Store};
 
 use super::{EngineError, Result, StepTimings};
@@ -109,7 +111,8 @@ pub const CAMAP_IN: &str = "camap_in";
 /// Evaluates the model over the whole stage latent `input` (already scaled for the model) at
 /// one step, as the plan lays the stage out: cut the views, hand the tasks out as their
 /// inputs are written while merging what comes back, read what could not be merged early,
-/// then fuse the scales and split the guidance halves.
+/// then fuse the scales and split the guidance halves. The local merge sums into `buffers`
+/// (the stage's earlier steps left them) and leaves what it can spare there for the next.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     store: &dyn Store,
@@ -120,6 +123,7 @@ pub fn evaluate(
     input: &Tensor,
     camap: Option<&CaMap>,
     capture: bool,
+    buffers: &mut MergeBuffers,
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Predictions> {
     let mut timings = StepTimings::default();
@@ -154,7 +158,8 @@ pub fn evaluate(
         hooks: step_hooks(plan, stage, &at),
         view_dtype: workers.view_dtype(),
     };
-    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, done);
+    let spare = std::mem::take(buffers);
+    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, spare, done);
     timings.store_write += clock.elapsed().as_secs_f64();
 
     let (written, first_handed_out, dispatched) =
@@ -169,11 +174,19 @@ pub fn evaluate(
     }
     timings.store_read += in_flight.read;
     timings.merge += in_flight.merging;
-    let (merged_local, fusion, camap) =
-        complete_merge(store, &at, plan.guided, merge, capture, &mut timings)?;
+    let (merged_local, fusion, camap) = complete_merge(
+        store,
+        &at,
+        plan.guided,
+        merge,
+        capture,
+        buffers,
+        &mut timings,
+    )?;
     let clock = Instant::now();
     let halves = if plan.guided { 2 } else { 1 };
-    let merged = fuse(merged_local, fusion, halves, stage.latent_hw())?;
+    let merged;
+    (merged, buffers.sums) = fuse(merged_local, fusion, halves, stage.latent_hw())?;
     timings.fusion += clock.elapsed().as_secs_f64();
     let (cond, uncond) = split_halves(merged, plan.guided)?;
     Ok(Predictions {
@@ -519,6 +532,7 @@ impl<'a> Arrivals<'a> {
         guided: bool,
         stage: &StagePlan,
         views: &'a StepViews,
+        buffers: MergeBuffers,
         done: &'a (dyn Fn(usize) + Sync),
     ) -> Self {
         let groups = &views.groups[..];
@@ -538,6 +552,7 @@ impl<'a> Arrivals<'a> {
                 views.global.as_ref(),
                 weighting,
                 stage.fusion_scale,
+                buffers,
             )),
             in_flight: Mutex::new(InFlight::default()),
             done,
@@ -605,13 +620,15 @@ fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Resu
 }
 
 /// The merge after the last task: what was not merged as it came in (and the captured
-/// CA-maps) is read and merged now, then the merges finish.
+/// CA-maps) is read and merged now, then the merges finish (leaving the weight sums' buffer
+/// in `buffers` for the next step).
 fn complete_merge(
     store: &dyn Store,
     at: &StepAt,
     guided: bool,
     mut merge: StepMerge,
     capture: bool,
+    buffers: &mut MergeBuffers,
     timings: &mut StepTimings,
 ) -> Result<(Vec<f32>, Option<Fusion>, Option<CaMap>)> {
     let clock = Instant::now();
@@ -620,7 +637,8 @@ fn complete_merge(
     read_remaining(store, at, guided, &mut merge, camap_merge.as_mut())?;
     timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
-    let (merged_local, fusion) = merge.finish()?;
+    let (merged_local, fusion);
+    (merged_local, fusion, buffers.weights) = merge.finish()?;
     let camap = camap_merge.map(CamapMerge::finish).transpose()?;
     timings.merge += clock.elapsed().as_secs_f64();
     Ok((merged_local, fusion, camap))
@@ -651,23 +669,21 @@ fn read_remaining(
 }
 
 /// The fusion's last rows (it ran behind the merge), or the local predictions alone without
-/// global views, as a `(halves, C, H, W)` tensor.
+/// global views, as a `(halves, C, H, W)` tensor; with the local sums' buffer where the
+/// fusion's result is elsewhere (the next step's merge reuses it).
 fn fuse(
     mut merged_local: Vec<f32>,
     fusion: Option<Fusion>,
     halves: usize,
     (h, w): (usize, usize),
-) -> Result<Tensor> {
+) -> Result<(Tensor, Vec<f32>)> {
     let channels = merged_local.len() / (halves * h * w).max(1);
-    let merged = match fusion {
-        Some((bands, global)) => bands.finish(&mut merged_local, global)?,
-        None => merged_local,
+    let (merged, spare) = match fusion {
+        Some((bands, global)) => (bands.finish(&mut merged_local, global)?, merged_local),
+        None => (merged_local, Vec::new()),
     };
-    Ok(Tensor::from_vec(
-        merged,
-        vec![halves, channels, h, w],
-        &Device::Cpu,
-    )?)
+    let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
+    Ok((merged, spare))
 }
 
 /// (cond, uncond) of the merged `[uncond; cond]` halves, or (cond, None) unguided.
@@ -719,6 +735,8 @@ struct StepMerge<'a> {
     /// The next task to merge.
     next: usize,
     arrived: BTreeMap<usize, TaskOutputs>,
+    /// Buffers for the local merge to sum into, taken when it starts.
+    buffers: Option<MergeBuffers>,
 }
 
 impl<'a> StepMerge<'a> {
@@ -728,6 +746,7 @@ impl<'a> StepMerge<'a> {
         global: Option<&'a GlobalViews>,
         weighting: ViewWeighting,
         fusion_scale: usize,
+        buffers: MergeBuffers,
     ) -> Self {
         Self {
             groups,
@@ -740,6 +759,7 @@ impl<'a> StepMerge<'a> {
             fusion_scale,
             next: 0,
             arrived: BTreeMap::new(),
+            buffers: Some(buffers),
         }
     }
 
@@ -798,7 +818,11 @@ impl<'a> StepMerge<'a> {
     /// Adds local view `view`'s `planes` planes to the merge, which takes them in view order.
     fn add_local(&mut self, view: usize, parts: &[&[f32]], planes: usize) -> Result<()> {
         if self.local_merge.is_none() {
-            self.local_merge = Some(self.local.merge_in_order(planes, self.weighting)?);
+            let buffers = self.buffers.take().unwrap_or_default();
+            let merge = self
+                .local
+                .merge_in_order_reusing(planes, self.weighting, buffers)?;
+            self.local_merge = Some(merge);
         }
         if let Some(m) = self.local_merge.as_mut() {
             debug_assert_eq!(m.next_view(), view);
@@ -826,18 +850,18 @@ impl<'a> StepMerge<'a> {
         Ok(())
     }
 
-    /// The merged local predictions, `(halves, C, H, W)` row-major values, and the fusion
-    /// with the merged global ones when the stage has global views.
-    fn finish(self) -> Result<(Vec<f32>, Option<Fusion>)> {
-        let local = self
+    /// The merged local predictions, `(halves, C, H, W)` row-major values, the fusion with
+    /// the merged global ones when the stage has global views, and the weight sums' buffer.
+    fn finish(self) -> Result<(Vec<f32>, Option<Fusion>, Vec<f32>)> {
+        let (local, weights) = self
             .local_merge
             .ok_or_else(|| EngineError::Invalid("no local view outputs".into()))?
-            .finish_vec()?;
+            .finish_reusable()?;
         match (self.global, self.fusion) {
             (Some(_), None) => Err(EngineError::Invalid(
                 "not every global view output was merged".into(),
             )),
-            (_, fusion) => Ok((local, fusion)),
+            (_, fusion) => Ok((local, fusion, weights)),
         }
     }
 }
@@ -1077,11 +1101,12 @@ mod tests {
                 fusion_scale: scale,
                 next: 0,
                 arrived: BTreeMap::new(),
+                buffers: None,
             };
             for &ti in order {
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
-            let (mut local, fusion) = m.finish()?;
+            let (mut local, fusion, _) = m.finish()?;
             // Bands start once the global views are in, wherever they fall in the order.
             let (bands, global) = fusion.expect("the fusion started");
             Ok(bands.finish(&mut local, global)?)
