@@ -124,18 +124,6 @@ impl Pace {
         Some(out)
     }
 
-    /// When each outstanding call is expected back, in the order they were sent; `None` where
-    /// some kind has no estimate anywhere.
-    pub fn estimates(&self, now: Instant, typical: &Typical) -> Option<Vec<(u64, CallEstimate)>> {
-        let walked = self.walk(None, now, typical)?;
-        Some(
-            walked
-                .into_iter()
-                .filter_map(|(id, e)| Some((id?, e)))
-                .collect(),
-        )
-    }
-
     /// When call `id` is expected back.
     pub fn estimate(&self, id: u64, now: Instant, typical: &Typical) -> Option<CallEstimate> {
         self.walk(None, now, typical)?
@@ -197,7 +185,6 @@ mod tests {
         let e2 = slow.estimate(2, t0, &none).unwrap();
         assert!(close(e1.end, t0 + secs(1.6)) && !e1.overdue);
         assert!(close(e2.end, t0 + secs(3.2)) && !e2.overdue);
-        assert_eq!(slow.estimates(t0, &none), Some(vec![(1, e1), (2, e2)]));
 
         // The first returns early: the second starts then.
         let t1 = t0 + secs(1.0);

@@ -722,10 +722,6 @@ fn speculate(
     }
     let typical = pace::typical(st.workers.values().map(|w| &w.pace));
     let me = &st.workers.get(worker)?.pace;
-    // Every idle feeder runs this whenever the queue changes, over every running task: each
-    // worker's calls are estimated once per run, and this worker's own end once per kind.
-    let mut calls: HashMap<String, Vec<(u64, pace::CallEstimate)>> = HashMap::new();
-    let mut mine: HashMap<&'static str, Option<Instant>> = HashMap::new();
     st.running
         .values()
         .filter(|s| s.model.served_by(desc))
@@ -737,21 +733,10 @@ fn speculate(
                     _ => return None,
                 }
             };
-            let there = *calls
-                .entry(other)
-                .or_insert_with_key(|other| {
-                    st.workers
-                        .get(other)
-                        .and_then(|w| w.pace.estimates(now, &typical))
-                        .unwrap_or_default()
-                })
-                .iter()
-                .find_map(|(c, e)| (*c == call).then_some(e))?;
+            let there = st.workers.get(&other)?.pace.estimate(call, now, &typical)?;
             let worth = there.overdue
                 || (s.batch.all_queued.load(Ordering::Relaxed) && {
-                    let mine = (*mine
-                        .entry(s.kind)
-                        .or_insert_with(|| me.next_end(&[s.kind], now, &typical)))?;
+                    let mine = me.next_end(&[s.kind], now, &typical)?;
                     there.end > mine + (mine - now) / 10
                 });
             worth.then(|| ((there.overdue, there.end), s.clone()))

@@ -701,9 +701,9 @@ impl Engine<'_> {
                 }
                 let input = stepper.scale_input(&z, j)?;
                 let before_views = step_start.elapsed().as_secs_f64();
-                let camap_in = camap_in.as_ref();
+                let camap = camap_in.as_ref();
                 let pred =
-                    self.evaluate_views(at, (j, t), &input, camap_in, &mut buffers, progress)?;
+                    self.evaluate_views(at, (j, t), &input, camap, &mut buffers, progress)?;
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
                 let eps = timed(&mut timings.guidance, || guide(&stage.guidance, &pred))?;
