@@ -9,10 +9,17 @@ use crate::sched::fused;
 /// On a stage latent in memory it is one threaded pass (it lies on the step's critical path).
 pub fn classifier_free(uncond: &Tensor, cond: &Tensor, scale: f64) -> Result<Tensor> {
     let w = scale as f32;
-    if let Some(g) = fused::zip_map(uncond, cond, |u, c| u + ((c - u) * w + 0.0))? {
+    if let Some(g) = fused::zip_map(uncond, cond, |u, c| cfg_value(u, c, w))? {
         return Ok(g);
     }
     uncond.add(&((cond - uncond)? * scale)?)
+}
+
+/// Classifier-free guidance of one value at the scale `w` (f32): the chain's operations in its
+/// order, the scalar product as candle's affine `v·w + 0`.
+#[inline]
+pub fn cfg_value(u: f32, c: f32, w: f32) -> f32 {
+    u + ((c - u) * w + 0.0)
 }
 
 /// diffusers applies guidance only when the scale is above one; at or below it the pipeline

@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{fused, PredictionType, StepOutput, TimestepSpacing};
+use super::{fused, PredictionType, StepOutput, TimestepSpacing, ValueStep};
 
 /// Integer timesteps, as `DDIMScheduler.set_timesteps` makes them: `linspace` values rounded
 /// half to even (numpy's `round`), `leading` shifted by `steps_offset`.
@@ -54,22 +54,8 @@ fn step_fused(
     alpha_t: f64,
     alpha_prev: f64,
 ) -> Result<Option<StepOutput>> {
-    let beta_t = 1.0 - alpha_t;
-    let (sa, sb) = (alpha_t.sqrt() as f32, beta_t.sqrt() as f32);
-    let (pa, pb) = (alpha_prev.sqrt() as f32, (1.0 - alpha_prev).sqrt() as f32);
-    let finish = move |x0: f32, eps: f32| ((x0 * pa + 0.0) + (eps * pb + 0.0), x0);
-    match prediction {
-        PredictionType::Epsilon => {
-            let inv_sa = (1.0 / alpha_t.sqrt()) as f32;
-            fused::step(model_output, sample, |e, s| {
-                finish((s - (e * sb + 0.0)) * inv_sa + 0.0, e)
-            })
-        }
-        PredictionType::VPrediction => fused::step(model_output, sample, |v, s| {
-            let x0 = (s * sa + 0.0) - (v * sb + 0.0);
-            finish(x0, (v * sa + 0.0) + (s * sb + 0.0))
-        }),
-    }
+    let step = ValueStep::ddim(prediction, alpha_t, alpha_prev);
+    fused::step(model_output, sample, |e, s| step.apply(e, s))
 }
 
 /// The step as a chain of tensor operations: any device and dtype, and clipping.

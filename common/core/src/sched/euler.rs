@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{fused, PredictionType, StepOutput, TimestepSpacing};
+use super::{fused, PredictionType, StepOutput, TimestepSpacing, ValueStep};
 
 /// Timesteps (f32 values, as diffusers holds them) and σ per step followed by a final 0.
 pub(super) fn schedule(
@@ -108,24 +108,8 @@ fn step_fused(
     sigma: f64,
     sigma_next: f64,
 ) -> Result<Option<StepOutput>> {
-    let (inv_sigma, delta) = ((1.0 / sigma) as f32, (sigma_next - sigma) as f32);
-    let finish = move |s: f32, x0: f32| {
-        let derivative = (s - x0) * inv_sigma + 0.0;
-        (s + (derivative * delta + 0.0), x0)
-    };
-    match prediction {
-        PredictionType::Epsilon => {
-            let m = sigma as f32;
-            fused::step(model_output, sample, |e, s| finish(s, s - (e * m + 0.0)))
-        }
-        PredictionType::VPrediction => {
-            let s2 = sigma * sigma + 1.0;
-            let (m_out, m_in) = ((-sigma / s2.sqrt()) as f32, (1.0 / s2) as f32);
-            fused::step(model_output, sample, |e, s| {
-                finish(s, (e * m_out + 0.0) + (s * m_in + 0.0))
-            })
-        }
-    }
+    let step = ValueStep::euler(prediction, sigma, sigma_next);
+    fused::step(model_output, sample, |e, s| step.apply(e, s))
 }
 
 #[cfg(test)]

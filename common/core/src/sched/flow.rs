@@ -8,7 +8,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{fused, SchedulerConfig, SchedulerError, StepOutput};
+use super::{fused, SchedulerConfig, SchedulerError, StepOutput, ValueStep};
 
 /// How `set_timesteps` shifts a σ list: a fixed `shift`, or the resolution-dependent shift
 /// by `mu` (the config's `use_dynamic_shifting`).
@@ -131,9 +131,8 @@ pub(super) fn step(
 ) -> Result<StepOutput> {
     // torch computes `sigma_next − sigma` between two float32 tensor elements.
     let (s, dt) = (sigma as f32, (sigma_next as f32) - (sigma as f32));
-    if let Some(out) = fused::step(model_output, sample, |v, x| {
-        (x + (v * dt + 0.0), x - (v * s + 0.0))
-    })? {
+    let step = ValueStep::flow(sigma, sigma_next);
+    if let Some(out) = fused::step(model_output, sample, |v, x| step.apply(v, x))? {
         return Ok(out);
     }
     Ok(StepOutput {

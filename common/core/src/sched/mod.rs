@@ -9,10 +9,12 @@ mod euler;
 mod flow;
 pub(crate) mod fused;
 mod stage;
+mod value;
 
 pub use config::{SchedulerConfig, TimestepSpacing};
 pub use flow::dynamic_mu;
 pub use stage::StageStepper;
+pub use value::ValueStep;
 
 use candle_core::{DType, Result as TensorResult, Tensor};
 
@@ -320,13 +322,7 @@ impl Scheduler {
                 "ddim_step_from needs a DDIM scheduler".into(),
             ));
         }
-        let prev_t = t as i64 - (self.num_train_timesteps / self.timesteps.len()) as i64;
-        let alpha_t = self.alpha_at(t)?;
-        let alpha_prev = if prev_t >= 0 {
-            self.alpha_at(prev_t as f64)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let (alpha_t, alpha_prev) = self.ddim_alphas_from(t)?;
         ddim::step(
             self.prediction,
             &model_output.to_dtype(sample.dtype())?,
@@ -392,6 +388,54 @@ impl Scheduler {
             .map(|(i, _)| i);
         let first = hits.next()?;
         Some(hits.next().unwrap_or(first))
+    }
+
+    /// ᾱ_t and ᾱ_prev of [`Self::ddim_step_from`] at `t`.
+    fn ddim_alphas_from(&self, t: f64) -> TensorResult<(f64, f64)> {
+        let prev_t = t as i64 - (self.num_train_timesteps / self.timesteps.len()) as i64;
+        let alpha_t = self.alpha_at(t)?;
+        let alpha_prev = if prev_t >= 0 {
+            self.alpha_at(prev_t as f64)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        Ok((alpha_t, alpha_prev))
+    }
+
+    /// [`Self::step`] at `step_index` as arithmetic on one value (for f32 samples), or `None`
+    /// where the step is not value by value here (DDIM clipping its x̂₀) or the index is
+    /// outside the schedule.
+    pub fn value_step(&self, step_index: usize) -> Option<ValueStep> {
+        let t = *self.timesteps.get(step_index)?;
+        match self.kind {
+            SchedulerKind::Ddim => self.ddim_value_step_from(t),
+            SchedulerKind::FlowEuler => self.flow_value_step(step_index, step_index + 1),
+            SchedulerKind::Euler => {
+                let sigma = self.sigma_at(step_index).ok()?;
+                let next = self.sigma_at(step_index + 1).ok()?;
+                Some(ValueStep::euler(self.prediction, sigma, next))
+            }
+        }
+    }
+
+    /// [`Self::ddim_step_from`] as arithmetic on one value (see [`Self::value_step`]).
+    pub fn ddim_value_step_from(&self, t: f64) -> Option<ValueStep> {
+        if self.kind != SchedulerKind::Ddim || self.clip_sample.is_some() {
+            return None;
+        }
+        let (alpha_t, alpha_prev) = self.ddim_alphas_from(t).ok()?;
+        Some(ValueStep::ddim(self.prediction, alpha_t, alpha_prev))
+    }
+
+    /// [`Self::flow_step`] as arithmetic on one value (see [`Self::value_step`]).
+    pub fn flow_value_step(&self, from: usize, to: usize) -> Option<ValueStep> {
+        if self.kind != SchedulerKind::FlowEuler {
+            return None;
+        }
+        Some(ValueStep::flow(
+            self.sigma_at(from).ok()?,
+            self.sigma_at(to).ok()?,
+        ))
     }
 
     /// ᾱ at an integer training timestep.

@@ -4,7 +4,7 @@
 
 use candle_core::{Result as TensorResult, Tensor};
 
-use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
+use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, ValueStep};
 use crate::plan::StageSchedule;
 
 /// A stage's scheduler and how the stage walks it.
@@ -93,6 +93,21 @@ impl StageStepper {
             }
         };
         Ok((out.prev_sample, out.pred_original_sample))
+    }
+
+    /// [`Self::step`] as arithmetic on one value of an f32 latent, or `None` where the step
+    /// is not value by value (DDIM clipping x̂₀).
+    pub fn value_step(&self, j: usize, t: f64) -> Option<ValueStep> {
+        match &self.schedule {
+            StageSchedule::Schedule { .. } => self.scheduler.value_step(self.index(j)),
+            StageSchedule::Frecas { .. } => self.scheduler.ddim_value_step_from(t),
+            StageSchedule::FrecasFlow { indices, .. } => {
+                // As in `step`: to the next entry, or the one after the last.
+                let from = self.index(j);
+                let to = indices.get(j + 1).copied().unwrap_or(from + 1);
+                self.scheduler.flow_value_step(from, to)
+            }
+        }
     }
 
     /// The timestep of the stage's step `j`, `planned` as the plan lists it. A flow-matching
