@@ -3,6 +3,7 @@
 //! work handed to workers as tasks. The embedded `tessera render` and the cluster drive this
 //! same loop; only the [`Dispatch`] and the [`Store`] differ.
 
+mod step_end;
 pub mod vae;
 pub mod views;
 
@@ -24,6 +25,7 @@ use tessera_core::tiling::MergeBuffers;
 use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
+use step_end::StepEnd;
 use vae::{Pixels, RowSink};
 use views::{Predictions, StepAt};
 
@@ -122,7 +124,8 @@ pub struct StepTimings {
     pub fusion: f64,
     /// Restrained structure, input scaling, CFG or FA-CFG.
     pub guidance: f64,
-    /// The scheduler step.
+    /// The scheduler step. Where it runs behind the merge (`step_end`), CFG runs in the same
+    /// pass and is counted here.
     pub scheduler: f64,
     /// Waiting for the previous checkpoint (if still being written) and starting this one;
     /// the writing itself (latent, x0 at a stage's end, dropping the previous checkpoint and
@@ -133,7 +136,8 @@ pub struct StepTimings {
     /// the previous step's end — until its first task is handed to the dispatcher:
     /// restraint, input scaling, cutting and writing the first task's views) plus the tail
     /// (from the last task's result coming in until the step's end: the merges still
-    /// pending, fusion, guidance, the scheduler step, starting the checkpoint). Time a
+    /// pending, the last band's fusion, guidance and scheduler step — the whole of them
+    /// under FA-CFG — and starting the checkpoint). Time a
     /// worker waits while later inputs are still being written is not in it; `tessera bench
     /// step` measures that separately by comparing `wall` with the workers' own time.
     pub critical: f64,
@@ -702,12 +706,19 @@ impl Engine<'_> {
                 let input = stepper.scale_input(&z, j)?;
                 let before_views = step_start.elapsed().as_secs_f64();
                 let camap = camap_in.as_ref();
-                let pred =
-                    self.evaluate_views(at, (j, t), &input, camap, &mut buffers, progress)?;
+                let guided = at.plan.guided;
+                let end = StepEnd::new(&stage.guidance, guided, stepper, (j, t), &z);
+                let mut pred =
+                    self.evaluate_views(at, (j, t), (&input, end), camap, &mut buffers, progress)?;
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
-                let eps = timed(&mut timings.guidance, || guide(&stage.guidance, &pred))?;
-                (z, x0) = timed(&mut timings.scheduler, || stepper.step(&eps, j, t, &z))?;
+                (z, x0) = match pred.stepped.take() {
+                    Some(stepped) => stepped,
+                    None => {
+                        let eps = timed(&mut timings.guidance, || guide(&stage.guidance, &pred))?;
+                        timed(&mut timings.scheduler, || stepper.step(&eps, j, t, &z))?
+                    }
+                };
                 let clock = Instant::now();
                 if pred.camap.is_some() {
                     camap_out = pred.camap;
@@ -742,7 +753,7 @@ impl Engine<'_> {
         &self,
         at: &StageAt,
         (j, t): (usize, f64),
-        input: &Tensor,
+        (input, end): (&Tensor, Option<StepEnd>),
         camap_in: Option<&CaMap>,
         buffers: &mut MergeBuffers,
         progress: &(dyn Fn(Progress) + Sync),
@@ -764,7 +775,7 @@ impl Engine<'_> {
             input,
             camap_in,
             capture,
-            buffers,
+            (buffers, end),
             &|n| progress(Progress::Views(n)),
         )
     }
@@ -853,8 +864,14 @@ impl Restraint {
 /// The guided prediction: CFG or FA-CFG of the merged predictions as the plan says, the
 /// conditional one alone when unguided.
 fn guide(plan: &GuidancePlan, pred: &Predictions) -> Result<Tensor> {
-    Ok(match (plan, &pred.uncond) {
-        (GuidancePlan::Cfg { scale }, Some(u)) => guidance::classifier_free(u, &pred.cond, *scale)?,
+    guide_halves(plan, &pred.cond, pred.uncond.as_ref())
+}
+
+/// [`guide`] of the halves `cond` and `uncond` (also of a band of rows of them: CFG is value
+/// by value).
+fn guide_halves(plan: &GuidancePlan, cond: &Tensor, uncond: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match (plan, uncond) {
+        (GuidancePlan::Cfg { scale }, Some(u)) => guidance::classifier_free(u, cond, *scale)?,
         (
             GuidancePlan::FaCfg {
                 high,
@@ -864,14 +881,14 @@ fn guide(plan: &GuidancePlan, pred: &Predictions) -> Result<Tensor> {
             Some(u),
         ) => fa_cfg(
             u,
-            &pred.cond,
+            cond,
             (low_latent[0], low_latent[1]),
             FaCfgWeights {
                 high: *high,
                 low: *low,
             },
         )?,
-        _ => pred.cond.clone(),
+        _ => cond.clone(),
     })
 }
 
@@ -966,6 +983,7 @@ mod tests {
         Ok(Predictions {
             cond: t(cond)?,
             uncond: uncond.map(t).transpose()?,
+            stepped: None,
             camap: None,
             timings: StepTimings::default(),
             first_handed_out: None,

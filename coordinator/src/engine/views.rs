@@ -9,8 +9,10 @@
 //! hands each task out as soon as its input is in the store, and each result is read and
 //! merged as it arrives (held back only until the tasks before it are merged). The global
 //! views go out first, so the scale fusion runs behind the local merge a band of rows at a
-//! time. What remains between the last result and the next step is the last merges, the
-//! fusion's last band, guidance and the scheduler — see [`super::StepTimings::critical`].
+//! time, and guidance and the scheduler step behind the fusion ([`StepEnd`]). What remains
+//! between the last result and the next step is the last merges and the last band's fusion,
+//! guidance and step (all of guidance and the step under FA-CFG) — see
+//! [`super::StepTimings::critical`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,6 +32,7 @@ use tessera_core::tiling::{
 };
 use tessera_store::{get_f32s, get_tensor, keys, Store};
 
+use super::step_end::StepEnd;
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::sync::lock;
@@ -49,6 +52,9 @@ pub struct StepAt<'a> {
 pub struct Predictions {
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
+    /// The step's next latent and predicted clean latent, where its end ran behind the
+    /// merge ([`StepEnd`]); `None` leaves guidance and the step to the caller.
+    pub stepped: Option<(Tensor, Tensor)>,
     /// The stage's cross-attention map, when this step captured one.
     pub camap: Option<CaMap>,
     /// Where the coordinator's time went (the evaluation's share of [`StepTimings`]).
@@ -113,6 +119,8 @@ pub const CAMAP_IN: &str = "camap_in";
 /// inputs are written while merging what comes back, read what could not be merged early,
 /// then fuse the scales and split the guidance halves. The local merge sums into `buffers`
 /// (the stage's earlier steps left them) and leaves what it can spare there for the next.
+/// With `end`, guidance and the scheduler step follow the merge down the latent, and the
+/// result carries the stepped latents.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     store: &dyn Store,
@@ -123,7 +131,7 @@ pub fn evaluate(
     input: &Tensor,
     camap: Option<&CaMap>,
     capture: bool,
-    buffers: &mut MergeBuffers,
+    (buffers, end): (&mut MergeBuffers, Option<StepEnd>),
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Predictions> {
     let mut timings = StepTimings::default();
@@ -159,7 +167,7 @@ pub fn evaluate(
         view_dtype: workers.view_dtype(),
     };
     let spare = std::mem::take(buffers);
-    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, spare, done);
+    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, (spare, end), done);
     timings.store_write += clock.elapsed().as_secs_f64();
 
     let (written, first_handed_out, dispatched) =
@@ -174,7 +182,7 @@ pub fn evaluate(
     }
     timings.store_read += in_flight.read;
     timings.merge += in_flight.merging;
-    let (merged_local, fusion, camap) = complete_merge(
+    let (merged_local, fusion, camap, end) = complete_merge(
         store,
         &at,
         plan.guided,
@@ -184,14 +192,26 @@ pub fn evaluate(
         &mut timings,
     )?;
     let clock = Instant::now();
-    let halves = if plan.guided { 2 } else { 1 };
     let merged;
-    (merged, buffers.sums) = fuse(merged_local, fusion, halves, stage.latent_hw())?;
+    (merged, buffers.sums) = fuse(merged_local, fusion)?;
     timings.fusion += clock.elapsed().as_secs_f64();
+    let (h, w) = stage.latent_hw();
+    let stepped = match end {
+        Some(mut end) => {
+            end.advance(&merged, h)?;
+            timings.scheduler += end.seconds();
+            Some(end.finish()?)
+        }
+        None => None,
+    };
+    let halves = if plan.guided { 2 } else { 1 };
+    let channels = merged.len() / (halves * h * w).max(1);
+    let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
     let (cond, uncond) = split_halves(merged, plan.guided)?;
     Ok(Predictions {
         cond,
         uncond,
+        stepped,
         camap,
         timings,
         first_handed_out,
@@ -532,7 +552,7 @@ impl<'a> Arrivals<'a> {
         guided: bool,
         stage: &StagePlan,
         views: &'a StepViews,
-        buffers: MergeBuffers,
+        (buffers, end): (MergeBuffers, Option<StepEnd<'a>>),
         done: &'a (dyn Fn(usize) + Sync),
     ) -> Self {
         let groups = &views.groups[..];
@@ -552,7 +572,7 @@ impl<'a> Arrivals<'a> {
                 views.global.as_ref(),
                 weighting,
                 stage.fusion_scale,
-                buffers,
+                (buffers, end),
             )),
             in_flight: Mutex::new(InFlight::default()),
             done,
@@ -570,11 +590,17 @@ impl<'a> Arrivals<'a> {
         let outputs = read_outputs(self.store, &self.at, ti, self.guided);
         let read = clock.elapsed().as_secs_f64();
         let clock = Instant::now();
-        let merged = match outputs {
-            Ok(outputs) => lock(&self.merge).arrive(ti, outputs),
-            Err(_) => Ok(()),
+        // The step end running behind the merge is counted as guidance and scheduler time.
+        let (merged, stepping) = match outputs {
+            Ok(outputs) => {
+                let mut merge = lock(&self.merge);
+                let before = merge.end_seconds();
+                let merged = merge.arrive(ti, outputs);
+                (merged, merge.end_seconds() - before)
+            }
+            Err(_) => (Ok(()), 0.0),
         };
-        let merging = clock.elapsed().as_secs_f64();
+        let merging = clock.elapsed().as_secs_f64() - stepping;
         let mut f = lock(&self.in_flight);
         f.read += read;
         f.merging += merging;
@@ -621,28 +647,34 @@ fn read_outputs(store: &dyn Store, at: &StepAt, ti: usize, guided: bool) -> Resu
 
 /// The merge after the last task: what was not merged as it came in (and the captured
 /// CA-maps) is read and merged now, then the merges finish (leaving the weight sums' buffer
-/// in `buffers` for the next step).
-fn complete_merge(
+/// in `buffers` for the next step). Returns the merged local predictions, the fusion, the
+/// CA-map and the step end that ran behind the merge.
+fn complete_merge<'a>(
     store: &dyn Store,
     at: &StepAt,
     guided: bool,
-    mut merge: StepMerge,
+    mut merge: StepMerge<'a>,
     capture: bool,
     buffers: &mut MergeBuffers,
     timings: &mut StepTimings,
-) -> Result<(Vec<f32>, Option<Fusion>, Option<CaMap>)> {
+) -> Result<MergeDone<'a>> {
     let clock = Instant::now();
     // The captured maps are merged view by view in view order, never held all at once.
     let mut camap_merge = capture.then(|| CamapMerge::new(merge.local, merge.weighting));
     read_remaining(store, at, guided, &mut merge, camap_merge.as_mut())?;
     timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
+    let end = merge.end.take();
     let (merged_local, fusion);
     (merged_local, fusion, buffers.weights) = merge.finish()?;
     let camap = camap_merge.map(CamapMerge::finish).transpose()?;
     timings.merge += clock.elapsed().as_secs_f64();
-    Ok((merged_local, fusion, camap))
+    Ok((merged_local, fusion, camap, end))
 }
+
+/// What [`complete_merge`] leaves: the merged local predictions, the fusion, the CA-map and
+/// the step end.
+type MergeDone<'a> = (Vec<f32>, Option<Fusion>, Option<CaMap>, Option<StepEnd<'a>>);
 
 /// Whatever could not be read early is read now, in order; with `camap`, each local task's
 /// captured maps are read and merged view by view.
@@ -669,21 +701,13 @@ fn read_remaining(
 }
 
 /// The fusion's last rows (it ran behind the merge), or the local predictions alone without
-/// global views, as a `(halves, C, H, W)` tensor; with the local sums' buffer where the
+/// global views: the `(halves, C, H, W)` values, with the local sums' buffer where the
 /// fusion's result is elsewhere (the next step's merge reuses it).
-fn fuse(
-    mut merged_local: Vec<f32>,
-    fusion: Option<Fusion>,
-    halves: usize,
-    (h, w): (usize, usize),
-) -> Result<(Tensor, Vec<f32>)> {
-    let channels = merged_local.len() / (halves * h * w).max(1);
-    let (merged, spare) = match fusion {
+fn fuse(mut merged_local: Vec<f32>, fusion: Option<Fusion>) -> Result<(Vec<f32>, Vec<f32>)> {
+    Ok(match fusion {
         Some((bands, global)) => (bands.finish(&mut merged_local, global)?, merged_local),
         None => (merged_local, Vec::new()),
-    };
-    let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
-    Ok((merged, spare))
+    })
 }
 
 /// (cond, uncond) of the merged `[uncond; cond]` halves, or (cond, None) unguided.
@@ -737,6 +761,8 @@ struct StepMerge<'a> {
     arrived: BTreeMap<usize, TaskOutputs>,
     /// Buffers for the local merge to sum into, taken when it starts.
     buffers: Option<MergeBuffers>,
+    /// Guidance and the scheduler step, run on the rows the merge (and fusion) settle.
+    end: Option<StepEnd<'a>>,
 }
 
 impl<'a> StepMerge<'a> {
@@ -746,7 +772,7 @@ impl<'a> StepMerge<'a> {
         global: Option<&'a GlobalViews>,
         weighting: ViewWeighting,
         fusion_scale: usize,
-        buffers: MergeBuffers,
+        (buffers, end): (MergeBuffers, Option<StepEnd<'a>>),
     ) -> Self {
         Self {
             groups,
@@ -760,7 +786,13 @@ impl<'a> StepMerge<'a> {
             next: 0,
             arrived: BTreeMap::new(),
             buffers: Some(buffers),
+            end,
         }
+    }
+
+    /// Seconds the step end has run so far.
+    fn end_seconds(&self) -> f64 {
+        self.end.as_ref().map_or(0.0, StepEnd::seconds)
     }
 
     fn arrive(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {
@@ -804,13 +836,26 @@ impl<'a> StepMerge<'a> {
                 Group::Global(_) => self.add_global(view, &parts, halves * c)?,
             }
         }
-        if let (Group::Local(_), Some(m), Some((bands, global))) = (
-            &self.groups[ti],
-            self.local_merge.as_mut(),
-            self.fusion.as_mut(),
-        ) {
-            let (settled, local) = m.settle()?;
-            bands.advance(local, global, settled)?;
+        if let (Group::Local(_), Some(m)) = (&self.groups[ti], self.local_merge.as_mut()) {
+            match (self.fusion.as_mut(), self.global) {
+                // The fusion follows the settled rows, the step end the fused ones.
+                (Some((bands, global)), _) => {
+                    let (settled, local) = m.settle()?;
+                    bands.advance(local, global, settled)?;
+                    if let Some(end) = self.end.as_mut() {
+                        end.advance(global, bands.fused_rows())?;
+                    }
+                }
+                // Without global views the settled rows are the predictions.
+                (None, None) => {
+                    if let Some(end) = self.end.as_mut() {
+                        let (settled, local) = m.settle()?;
+                        end.advance(local, settled)?;
+                    }
+                }
+                // The global views are not all in yet.
+                (None, Some(_)) => {}
+            }
         }
         Ok(())
     }
@@ -1089,7 +1134,14 @@ mod tests {
         };
         let scale = 3;
         let dims = [2, 4, h, w];
-        let run = |groups: &[Group], order: &[usize]| -> Result<Vec<f32>> {
+        // The step end follows the merge (DDIM, CFG) from this sample.
+        let stepper =
+            super::super::step_end::test_stepper(tessera_core::sched::SchedulerKind::Ddim);
+        let sample = Tensor::randn(0f32, 1.0, (1, 4, h, w), &Device::Cpu)?;
+        let cfg = tessera_core::plan::GuidancePlan::Cfg { scale: 5.0 };
+        let (j, t) = (2, stepper.scheduler().timesteps()[2]);
+        type Stepped = Option<(Tensor, Tensor)>;
+        let run = |groups: &[Group], order: &[usize]| -> Result<(Vec<f32>, Stepped)> {
             let mut m = StepMerge {
                 groups,
                 local: &local,
@@ -1102,14 +1154,19 @@ mod tests {
                 next: 0,
                 arrived: BTreeMap::new(),
                 buffers: None,
+                end: StepEnd::new(&cfg, true, &stepper, (j, t), &sample),
             };
             for &ti in order {
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
+            let end = m.end.take();
             let (mut local, fusion, _) = m.finish()?;
             // Bands start once the global views are in, wherever they fall in the order.
             let (bands, global) = fusion.expect("the fusion started");
-            Ok(bands.finish(&mut local, global)?)
+            let fused = bands.finish(&mut local, global)?;
+            let mut end = end.expect("a step end");
+            end.advance(&fused, h)?;
+            Ok((fused, Some(end.finish()?)))
         };
         let n = banded.len();
         let forward: Vec<usize> = (0..n).collect();
@@ -1117,10 +1174,21 @@ mod tests {
         let mut shuffled = forward.clone();
         shuffled.rotate_left(n / 3);
         shuffled.swap(0, n - 1);
-        let a = run(&banded, &forward)?;
-        assert_eq!(a, run(&banded, &backward)?);
-        assert_eq!(a, run(&banded, &shuffled)?);
-        assert_eq!(a, run(&whole, &shuffled)?);
+        let (a, stepped) = run(&banded, &forward)?;
+        let bits = |s: &Stepped| -> Result<Vec<u32>> {
+            let (z, x0) = s.as_ref().expect("stepped");
+            let v = Tensor::cat(&[z, x0], 0)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.into_iter().map(f32::to_bits).collect())
+        };
+        for (groups, order) in [
+            (&banded, &backward),
+            (&banded, &shuffled),
+            (&whole, &shuffled),
+        ] {
+            let (b, s) = run(groups, order)?;
+            assert_eq!(a, b);
+            assert_eq!(bits(&stepped)?, bits(&s)?);
+        }
         // And it is what the all-at-once merges give.
         let views_out = |count: usize, f: &dyn Fn(usize) -> Result<Tensor>| {
             (0..count).map(f).collect::<Result<Vec<_>>>()
@@ -1139,6 +1207,12 @@ mod tests {
         )?;
         assert_eq!(a.len(), want.len());
         assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // And the step end that followed the merge is the whole latent's guided step.
+        let merged = Tensor::from_vec(want, (2, 4, h, w), &Device::Cpu)?;
+        let (cond, uncond) = split_halves(merged, true)?;
+        let eps = super::super::guide_halves(&cfg, &cond, uncond.as_ref())?;
+        let whole_step = stepper.step(&eps, j, t, &sample)?;
+        assert_eq!(bits(&stepped)?, bits(&Some(whole_step))?);
         Ok(())
     }
 }

@@ -440,6 +440,11 @@ impl FusionBands {
         Ok(())
     }
 
+    /// Rows of `global` that hold the fused result so far.
+    pub fn fused_rows(&self) -> usize {
+        self.fused
+    }
+
     /// The rest of the rows (`local` now wholly final); the fused values, in `global`'s buffer.
     pub fn finish(mut self, local: &mut [f32], mut global: Vec<f32>) -> Result<Vec<f32>> {
         self.advance(local, &mut global, self.h)?;

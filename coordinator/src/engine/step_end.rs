@@ -1,0 +1,347 @@
+//! A step's end — guidance and the scheduler step — run a band of rows at a time behind the
+//! merge, so that after the step's last result only the last band is left.
+//!
+//! The merge (and the scale fusion behind it) settles the stage's merged predictions from the
+//! top down while later views still compute. Classifier-free guidance and every scheduler
+//! step Tessera runs (DDIM without clipping, Euler, flow matching) are value by value, so each
+//! band of settled rows is guided and stepped as soon as it is final, straight from the
+//! merged values into the next latent: each value goes through the whole-latent pass's
+//! arithmetic (`guidance::cfg_value`, `sched::ValueStep`), so the bytes are the same. FA-CFG
+//! resamples the whole prediction, so a stage guided by it keeps its step end after the last
+//! result, as does a DDIM that clips x̂₀.
+
+use candle_core::{DType, Device, Tensor};
+use tessera_core::method::guidance::cfg_value;
+use tessera_core::plan::GuidancePlan;
+use tessera_core::sched::{StageStepper as Stepper, ValueStep};
+
+use super::{EngineError, Result};
+
+/// Values past which a band is split between threads.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Guidance and the scheduler step of one step over the rows of the merged predictions that
+/// are final so far; the next latent and the predicted clean latent fill in as they go.
+pub struct StepEnd<'a> {
+    /// The CFG scale, `None` for the conditional prediction alone.
+    scale: Option<f32>,
+    step: ValueStep,
+    /// The step's sample, `(1, C, H, W)` contiguous f32 on the CPU.
+    sample: &'a Tensor,
+    /// `(C, H, W)` of the latent.
+    dims: (usize, usize, usize),
+    /// Rows stepped so far.
+    done: usize,
+    next: Vec<f32>,
+    x0: Vec<f32>,
+    /// Seconds spent guiding and stepping.
+    seconds: f64,
+}
+
+impl<'a> StepEnd<'a> {
+    /// The end of step `j` at `t` from `sample`, or `None` where it cannot run in bands:
+    /// FA-CFG with both halves, a step that is not value by value, or a sample that is not one
+    /// contiguous `(1, C, H, W)` f32 latent on the CPU (the whole-latent path then runs as
+    /// before).
+    pub fn new(
+        guidance: &GuidancePlan,
+        guided: bool,
+        stepper: &Stepper,
+        (j, t): (usize, f64),
+        sample: &'a Tensor,
+    ) -> Option<Self> {
+        let scale = match (guidance, guided) {
+            (GuidancePlan::Cfg { scale }, true) => Some(*scale as f32),
+            (GuidancePlan::FaCfg { .. }, true) => return None,
+            _ => None,
+        };
+        let (1, channels, h, w) = sample.dims4().ok()? else {
+            return None;
+        };
+        let contiguous = sample.storage_and_layout().1.is_contiguous();
+        if sample.dtype() != DType::F32 || !sample.device().is_cpu() || !contiguous {
+            return None;
+        }
+        let n = channels * h * w;
+        Some(Self {
+            scale,
+            step: stepper.value_step(j, t)?,
+            sample,
+            dims: (channels, h, w),
+            done: 0,
+            next: vec![0.0; n],
+            x0: vec![0.0; n],
+            seconds: 0.0,
+        })
+    }
+
+    /// Seconds spent guiding and stepping so far.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+
+    /// Guides and steps rows `done..upto` of `merged`, the `(halves, C, H, W)` merged
+    /// predictions (`[uncond; cond]` guided, `[cond]` otherwise), whose rows `0..upto` are
+    /// final.
+    pub fn advance(&mut self, merged: &[f32], upto: usize) -> Result<()> {
+        let (channels, h, w) = self.dims;
+        let (from, upto) = (self.done, upto.min(h));
+        if upto <= from {
+            return Ok(());
+        }
+        let plane = h * w;
+        let halves = if self.scale.is_some() { 2 } else { 1 };
+        if merged.len() != halves * channels * plane {
+            return Err(EngineError::Invalid(format!(
+                "merged predictions of {} values for {halves} halves of a {channels}x{h}x{w} \
+                 latent",
+                merged.len()
+            )));
+        }
+        let clock = std::time::Instant::now();
+        let (storage, layout) = self.sample.storage_and_layout();
+        let sample = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
+            _ => return Err(EngineError::Invalid("the step's sample moved".into())),
+        };
+        let rows = from * w..upto * w;
+        let (scale, step) = (self.scale, self.step);
+        let parallel = rows.len() * channels >= PARALLEL_MIN;
+        std::thread::scope(|scope| {
+            let planes = self
+                .next
+                .chunks_exact_mut(plane)
+                .zip(self.x0.chunks_exact_mut(plane));
+            for (c, (next, x0)) in planes.enumerate() {
+                let at = |p: usize| &merged[p * plane..(p + 1) * plane][rows.clone()];
+                let (cond, uncond) = match scale {
+                    Some(_) => (at(channels + c), Some(at(c))),
+                    None => (at(c), None),
+                };
+                let band = Band {
+                    cond,
+                    uncond,
+                    sample: &sample[c * plane..(c + 1) * plane][rows.clone()],
+                    next: &mut next[rows.clone()],
+                    x0: &mut x0[rows.clone()],
+                };
+                if parallel {
+                    scope.spawn(move || band.run(scale, step));
+                } else {
+                    band.run(scale, step);
+                }
+            }
+        });
+        self.seconds += clock.elapsed().as_secs_f64();
+        self.done = upto;
+        Ok(())
+    }
+
+    /// The next latent and the predicted clean latent, once every row is stepped.
+    pub fn finish(self) -> Result<(Tensor, Tensor)> {
+        let (channels, h, w) = self.dims;
+        if self.done != h {
+            return Err(EngineError::Invalid(format!(
+                "the step end reached row {} of {h}",
+                self.done
+            )));
+        }
+        let shape = (1, channels, h, w);
+        Ok((
+            Tensor::from_vec(self.next, shape, &Device::Cpu)?,
+            Tensor::from_vec(self.x0, shape, &Device::Cpu)?,
+        ))
+    }
+}
+
+/// One channel's rows of a band: the merged halves and the sample in, the step's outputs out.
+struct Band<'v> {
+    cond: &'v [f32],
+    uncond: Option<&'v [f32]>,
+    sample: &'v [f32],
+    next: &'v mut [f32],
+    x0: &'v mut [f32],
+}
+
+impl Band<'_> {
+    fn run(self, scale: Option<f32>, step: ValueStep) {
+        let outs = self.next.iter_mut().zip(self.x0.iter_mut());
+        let ins = self.cond.iter().zip(self.sample);
+        match (scale, self.uncond) {
+            (Some(w), Some(u)) => {
+                for (((n, x), (&c, &s)), &u) in outs.zip(ins).zip(u) {
+                    (*n, *x) = step.apply(cfg_value(u, c, w), s);
+                }
+            }
+            _ => {
+                for ((n, x), (&c, &s)) in outs.zip(ins) {
+                    (*n, *x) = step.apply(c, s);
+                }
+            }
+        }
+    }
+}
+
+/// A stepper of `schedule` from a diffusers config of `kind` (SDXL's betas; `prediction`
+/// and DDIM's clipping as given), for tests.
+#[cfg(test)]
+pub(super) fn test_stepper_of(
+    kind: tessera_core::sched::SchedulerKind,
+    prediction: &str,
+    clip: bool,
+    schedule: &tessera_core::plan::StageSchedule,
+) -> Stepper {
+    use tessera_core::sched::{SchedulerConfig, SchedulerKind};
+    let json = match kind {
+        SchedulerKind::FlowEuler => r#"{"_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": 1000, "shift": 3.0}"#
+            .to_string(),
+        _ => format!(
+            r#"{{"_class_name": "{}", "num_train_timesteps": 1000,
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": false,
+            "prediction_type": "{prediction}", "clip_sample": {clip}}}"#,
+            match kind {
+                SchedulerKind::Euler => "EulerDiscreteScheduler",
+                _ => "DDIMScheduler",
+            }
+        ),
+    };
+    let cfg = SchedulerConfig::from_json(json.as_bytes()).expect("a scheduler config");
+    Stepper::new(schedule, &cfg).expect("a scheduler")
+}
+
+/// Ten steps of `kind` (epsilon, no clipping), for tests.
+#[cfg(test)]
+pub(super) fn test_stepper(kind: tessera_core::sched::SchedulerKind) -> Stepper {
+    let schedule = tessera_core::plan::StageSchedule::Schedule {
+        scheduler: kind,
+        steps: 10,
+        start: 0,
+        mu: None,
+    };
+    test_stepper_of(kind, "epsilon", false, &schedule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::guide_halves;
+    use super::*;
+    use tessera_core::plan::StageSchedule;
+    use tessera_core::sched::SchedulerKind;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// Every stepping rule a stage can have (each scheduler, both parameterisations, FreCaS'
+    /// DDIM and flow rules), with and without CFG.
+    fn steppers() -> Vec<(String, Stepper, usize)> {
+        let schedule = |scheduler| StageSchedule::Schedule {
+            scheduler,
+            steps: 10,
+            start: 2,
+            mu: None,
+        };
+        let mut all = Vec::new();
+        for kind in [SchedulerKind::Ddim, SchedulerKind::Euler] {
+            for prediction in ["epsilon", "v_prediction"] {
+                let s = test_stepper_of(kind, prediction, false, &schedule(kind));
+                all.push((format!("{kind:?} {prediction}"), s, 3));
+            }
+        }
+        let flow = SchedulerKind::FlowEuler;
+        all.push((
+            "flow".into(),
+            test_stepper_of(flow, "", false, &schedule(flow)),
+            3,
+        ));
+        let frecas = StageSchedule::Frecas {
+            inference_steps: 10,
+        };
+        let ddim = SchedulerKind::Ddim;
+        for (j, name) in [(0, "frecas first"), (9, "frecas last")] {
+            let s = test_stepper_of(ddim, "epsilon", false, &frecas);
+            all.push((name.into(), s, j));
+        }
+        let flow_frecas = StageSchedule::FrecasFlow {
+            indices: vec![0, 200, 400, 600],
+            mu: None,
+        };
+        for (j, name) in [(1, "frecas flow"), (3, "frecas flow last")] {
+            let s = test_stepper_of(flow, "", false, &flow_frecas);
+            all.push((name.into(), s, j));
+        }
+        all
+    }
+
+    /// Bands of uneven heights (one row, a jump over several, the rest) give the whole
+    /// latent's guided step bit for bit, on a latent large enough for the threaded passes.
+    #[test]
+    fn bands_step_to_the_whole_latents_bytes() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c, h, w) = (4, 67, 301);
+        for (name, stepper, j) in steppers() {
+            let planned = [
+                999.0, 899.0, 799.0, 699.0, 599.0, 499.0, 399.0, 299.0, 199.0, 99.0,
+            ];
+            let t = stepper.timestep(j, planned[j]);
+            let sample = (Tensor::randn(0f32, 1.0, (1, c, h, w), &dev)? * 3.0)?;
+            for (guidance, halves) in [
+                (GuidancePlan::Cfg { scale: 7.5 }, 2),
+                (GuidancePlan::None, 1),
+            ] {
+                let merged = Tensor::randn(0f32, 1.0, (halves, c, h, w), &dev)?;
+                let (cond, uncond) = match halves {
+                    2 => (merged.narrow(0, 1, 1)?, Some(merged.narrow(0, 0, 1)?)),
+                    _ => (merged.clone(), None),
+                };
+                let eps = guide_halves(&guidance, &cond, uncond.as_ref())?;
+                let (want_next, want_x0) = stepper.step(&eps, j, t, &sample)?;
+
+                let values = merged.flatten_all()?.to_vec1::<f32>()?;
+                let mut end = StepEnd::new(&guidance, halves == 2, &stepper, (j, t), &sample)
+                    .expect("bands for this guidance");
+                for upto in [1, 1, 9, 40, h] {
+                    end.advance(&values, upto)?;
+                }
+                let (next, x0) = end.finish()?;
+                assert_eq!(bits(&next), bits(&want_next), "{name}, {halves} halves");
+                assert_eq!(bits(&x0), bits(&want_x0), "{name}, {halves} halves");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn what_is_not_value_by_value_is_left_to_the_whole_latent() -> Result<()> {
+        let dev = Device::Cpu;
+        let stepper = test_stepper(SchedulerKind::Ddim);
+        let sample = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev)?;
+        let at = (0, stepper.timestep(0, 901.0));
+        let fa = GuidancePlan::FaCfg {
+            high: 7.5,
+            low: 35.0,
+            low_latent: [4, 4],
+        };
+        assert!(StepEnd::new(&fa, true, &stepper, at, &sample).is_none());
+        let cfg = GuidancePlan::Cfg { scale: 7.5 };
+        let half = sample.to_dtype(DType::F16)?;
+        assert!(StepEnd::new(&cfg, true, &stepper, at, &half).is_none());
+        let strided = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev)?.transpose(2, 3)?;
+        assert!(StepEnd::new(&cfg, true, &stepper, at, &strided).is_none());
+        let schedule = StageSchedule::Frecas {
+            inference_steps: 10,
+        };
+        let clipping = test_stepper_of(SchedulerKind::Ddim, "epsilon", true, &schedule);
+        assert!(StepEnd::new(&cfg, true, &clipping, at, &sample).is_none());
+        // Unfinished bands and merged values of another size are errors.
+        let mut end = StepEnd::new(&cfg, true, &stepper, at, &sample).expect("bands");
+        end.advance(&[0.0; 2 * 4 * 8 * 8], 5)?;
+        assert!(end.finish().is_err());
+        let mut end = StepEnd::new(&cfg, true, &stepper, at, &sample).expect("bands");
+        assert!(end.advance(&[0.0; 4 * 8 * 8], 5).is_err());
+        Ok(())
+    }
+}
