@@ -80,10 +80,14 @@ impl SimulatedModel {
         self.denoise_time(1, hw, true)
     }
 
-    /// The simulated device time: `length` holding the worker's device turn.
+    /// The simulated device time: `length` holding the worker's device turn. Each turn is
+    /// logged with its wall-clock span (ms since the epoch): `tessera bench scale` reads
+    /// these lines to tell when the workers waited.
     fn compute(on_device: &OnDevice, length: Duration) {
         let _turn = on_device();
+        let start_ms = epoch_ms();
         std::thread::sleep(length);
+        tracing::info!(start_ms, end_ms = epoch_ms(), "simulated device turn");
     }
 
     /// Prompt embeddings of the real shapes: constant tokens, and SDXL's pooled embeddings.
@@ -162,6 +166,13 @@ impl SimulatedModel {
         let mean = self.encode(px, on_device)?;
         Tensor::cat(&[&mean, &mean.zeros_like()?], 1)
     }
+}
+
+/// Milliseconds since the Unix epoch, as f64 (the coordinator's step lines use the same clock).
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 #[cfg(test)]

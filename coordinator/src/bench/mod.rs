@@ -8,6 +8,7 @@ pub mod browser;
 pub mod cluster;
 pub mod dashboard;
 pub mod e2e;
+pub mod idle;
 pub mod kernels;
 pub mod load;
 pub mod memory;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::idle::{self, WorkerTime};
 use super::{cluster, netns};
 use super::{sdxl_geometry_model, BenchError, Machine, Report, Result, Scratch, Table};
 
@@ -115,6 +116,9 @@ pub struct ScaleRun {
     /// of tasks and their edges); `None` for the mixed set (the plan models equal workers).
     #[serde(default)]
     pub plan_estimate: Option<f64>,
+    /// A worker's step: device turns and waits (from the benchmark doubles' logs).
+    #[serde(default)]
+    pub worker_time: Option<WorkerTime>,
 }
 
 impl ScaleRun {
@@ -255,6 +259,12 @@ fn run_one(
     let job = cluster::submit(&cluster, &args)?;
     let limit = Duration::from_secs_f64(120.0 + 4.0 * ideal_step * (steps + 2) as f64);
     let (lines, counted) = watch_steps(&mut cluster, &job, steps, limit)?;
+    let step_ends: Vec<f64> = lines.iter().map(|l| l.at_ms).collect();
+    let turns: Vec<_> = cluster
+        .workers
+        .iter()
+        .map(|w| idle::parse_turns(&w.log()))
+        .collect();
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let timed = lines.len() - 1;
     let seconds = (last.at_ms - first.at_ms) / 1e3;
@@ -280,6 +290,7 @@ fn run_one(
         busiest_share: counted.busiest_share,
         view_batch: b,
         plan_estimate: cfg.plan_estimate,
+        worker_time: idle::per_step(&step_ends, &turns),
     })
 }
 
@@ -625,6 +636,7 @@ fn table(runs: &[ScaleRun]) -> Table {
                 "machine busy",
                 "MB through Redis/step (all shards)",
                 "busiest shard's bytes",
+                "a worker's step, ms: device, waiting before its first turn, between, after its last",
             ],
         ]
         .concat(),
@@ -653,6 +665,12 @@ fn table(runs: &[ScaleRun]) -> Table {
                 .map_or("?".into(), |b| format!("{:.1}", b / 1e6)),
             r.busiest_share
                 .map_or("?".into(), |s| format!("{:.0}%", 100.0 * s)),
+            r.worker_time.map_or("?".into(), |t| {
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0}",
+                    t.busy_ms, t.head_ms, t.between_ms, t.tail_ms
+                )
+            }),
         ]);
         table.row(cells);
     }
@@ -778,6 +796,14 @@ fn notes(views: usize, view_batch: Option<usize>, per_node: bool, repeat: usize)
             }
         ),
         link.into(),
+        "a worker's step: each benchmark double logs its device turns, the coordinator its \
+         steps' ends; per timed step and worker, the ms it held the device, waited before its \
+         first turn (the step's head: nothing handed to it yet), waited between turns (calls \
+         and store traffic the device did not hide), and waited after its last turn (the \
+         step's tail: the last round running elsewhere, then the last merges, the step end and \
+         the next step's first inputs), averaged over workers and steps; the four sum to the \
+         step's wall time"
+            .into(),
     ];
     if repeat > 1 {
         notes.push(format!(
@@ -817,6 +843,7 @@ mod tests {
             workers_cpu_ms: None,
             machine_busy: None,
             plan_estimate: Some(0.86),
+            worker_time: None,
         }
     }
 
