@@ -155,6 +155,8 @@ struct WorkerEntry {
     alive: watch::Sender<bool>,
     pace: Pace,
     counts: WorkerCounts,
+    /// Its feeders waiting for a task (found nothing to take and sleep until woken).
+    waiting: usize,
 }
 
 /// What a worker has done since it joined, for the dashboard.
@@ -262,6 +264,7 @@ impl Pool {
                         alive: tx,
                         pace: Pace::new(Instant::now()),
                         counts: WorkerCounts::default(),
+                        waiting: 0,
                     },
                 );
                 joined.push(m);
@@ -366,15 +369,21 @@ impl Pool {
         // it would run the copy estimate over every running task — thousands of times a step
         // at 32 workers. Copies are looked for after a call, on the clock and at a tail.
         let mut may_copy = true;
+        // Whether this feeder counts among its worker's waiting ones (see [`yields_to_idle`]).
+        let mut waiting = false;
         loop {
             if !*alive.borrow() {
+                if waiting {
+                    self.stop_waiting(&id);
+                }
                 return;
             }
             let (notified, tail) = (self.inner.wake.notified(), self.inner.tail.notified());
             tokio::pin!(notified, tail);
             notified.as_mut().enable();
             tail.as_mut().enable();
-            let Some((call_id, picked)) = self.pick(&id, &desc, per_call, may_copy) else {
+            let picked = self.pick(&id, &desc, (per_call, may_copy), &mut waiting);
+            let Some((call_id, picked)) = picked else {
                 may_copy = tokio::select! {
                     _ = &mut notified => false,
                     _ = &mut tail => true,
@@ -539,29 +548,64 @@ impl Pool {
     }
 
     /// Up to `n` queued tasks this worker serves, in queue order, leaving out retries still
-    /// waiting; with none and `may_copy`, a copy of a task running elsewhere (see
-    /// [`speculate`]). Returns them with the call id they go out under.
+    /// waiting — none where a worker with nothing to do should take them first
+    /// ([`yields_to_idle`]); with none and `may_copy`, a copy of a task running elsewhere (see
+    /// [`speculate`]). Returns them with the call id they go out under. `waiting` is the
+    /// feeder's mark among its worker's waiting feeders: cleared here, set again when it
+    /// gets nothing.
     fn pick(
         &self,
+        worker: &str,
+        desc: &WorkerDescription,
+        (n, may_copy): (usize, bool),
+        waiting: &mut bool,
+    ) -> Option<(u64, Vec<Arc<Slot>>)> {
+        let mut guard = lock(&self.inner.state);
+        let st = &mut *guard;
+        let w = st.workers.get_mut(worker)?;
+        if std::mem::take(waiting) {
+            w.waiting = w.waiting.saturating_sub(1);
+        }
+        let picked = self.pick_locked(st, worker, desc, n, may_copy);
+        if picked.is_none() {
+            if let Some(w) = st.workers.get_mut(worker) {
+                w.waiting += 1;
+                *waiting = true;
+            }
+        }
+        picked
+    }
+
+    /// A feeder that was waiting stops (its worker left).
+    fn stop_waiting(&self, worker: &str) {
+        if let Some(w) = lock(&self.inner.state).workers.get_mut(worker) {
+            w.waiting = w.waiting.saturating_sub(1);
+        }
+    }
+
+    /// [`Self::pick`] under the state's lock.
+    fn pick_locked(
+        &self,
+        st: &mut State,
         worker: &str,
         desc: &WorkerDescription,
         n: usize,
         may_copy: bool,
     ) -> Option<(u64, Vec<Arc<Slot>>)> {
-        let mut guard = lock(&self.inner.state);
-        let st = &mut *guard;
-        if !st.workers.contains_key(worker) {
-            return None;
-        }
         let call = st.next_call;
         let now = Instant::now();
-        let keys: Vec<QueueKey> = st
+        let mut keys: Vec<QueueKey> = st
             .queue
             .iter()
             .filter(|(_, s)| s.model.served_by(desc) && s.ready(now))
             .take(n)
             .map(|(k, _)| *k)
             .collect();
+        let first = keys.first().and_then(|k| st.queue.get(k));
+        let yielded = first.is_some_and(|s| yields_to_idle(st, worker, &s.model));
+        if yielded {
+            keys.clear();
+        }
         let mut picked = Vec::with_capacity(keys.len());
         for k in keys {
             if let Some(slot) = st.queue.remove(&k) {
@@ -571,7 +615,7 @@ impl Pool {
             }
         }
         if picked.is_empty() {
-            if !may_copy {
+            if !may_copy || yielded {
                 return None;
             }
             let slot = speculate(st, worker, desc, now)?;
@@ -746,6 +790,21 @@ fn speculate(
 }
 
 /// The kind of work a task is, as far as its duration goes.
+/// Whether `worker`, with a call already out, should leave a queued task of `model` to a
+/// worker that has none and a feeder waiting for one: at a step's start the tasks come out a
+/// few milliseconds apart, and a worker's second call taking one of them leaves another
+/// worker idle until later tasks are written — the whole step waits for that worker at its
+/// end. Waiting feeders are woken for every queued task, so the idle worker takes it.
+fn yields_to_idle(st: &State, worker: &str, model: &ModelId) -> bool {
+    let busy = st
+        .workers
+        .get(worker)
+        .is_some_and(|w| w.pace.calls_out() > 0);
+    busy && st.workers.iter().any(|(id, w)| {
+        id != worker && w.waiting > 0 && w.pace.calls_out() == 0 && model.served_by(&w.member.desc)
+    })
+}
+
 fn kind_of(task: &Task) -> &'static str {
     task.kind.name()
 }
@@ -925,6 +984,7 @@ mod tests {
                 alive,
                 pace,
                 counts: WorkerCounts::default(),
+                waiting: 0,
             },
         );
     }
@@ -1030,6 +1090,45 @@ mod tests {
         assert_eq!(id(speculate(&st, "twin", &m, now)), Some("t3".into()));
         lock(&c.st).done = true;
         assert_eq!(id(speculate(&st, "twin", &m, now)), None);
+    }
+
+    /// A worker computing a call leaves a queued task to a worker with none and a feeder
+    /// waiting; not to one without a waiting feeder (its feeders are gone or backing off),
+    /// nor to one serving other models, nor when it has no call out itself.
+    #[test]
+    fn a_busy_workers_second_call_yields_to_an_idle_waiting_worker() {
+        let now = Instant::now();
+        let mut st = State::default();
+        add_worker(&mut st, "busy", 0.4, now);
+        add_worker(&mut st, "idle", 0.4, now);
+        let (tx, _rx) = mpsc::channel();
+        let batch = Arc::new(Batch {
+            tx: Mutex::new(tx),
+            abandoned: AtomicBool::new(false),
+            all_queued: AtomicBool::new(false),
+        });
+        let a = running(&mut st, &batch, 1);
+        let m = ModelId {
+            name: "m".into(),
+            fingerprint: "fp".into(),
+        };
+        // No one has a call out: nobody yields.
+        st.workers.get_mut("idle").expect("idle").waiting = 1;
+        assert!(!yields_to_idle(&st, "busy", &m));
+        send(&mut st, "busy", 1, &[&a], now);
+        assert!(yields_to_idle(&st, "busy", &m));
+        assert!(!yields_to_idle(&st, "idle", &m));
+        let other = ModelId {
+            name: "other".into(),
+            fingerprint: String::new(),
+        };
+        assert!(!yields_to_idle(&st, "busy", &other));
+        st.workers.get_mut("idle").expect("idle").waiting = 0;
+        assert!(!yields_to_idle(&st, "busy", &m));
+        // An idle worker that is computing a call is not idle.
+        st.workers.get_mut("idle").expect("idle").waiting = 1;
+        send(&mut st, "idle", 2, &[&a], now);
+        assert!(!yields_to_idle(&st, "busy", &m));
     }
 
     #[test]
