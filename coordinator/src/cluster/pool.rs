@@ -6,6 +6,10 @@
 //! - Order: the queue is sorted by (job priority, job submission, task order), so a
 //!   higher-priority job goes first and jobs of equal priority interleave only where the
 //!   earlier one leaves workers idle.
+//! - Calls: each worker has two calls out at most (the second computes while the first's
+//!   results travel); a worker with one call out leaves a queued task to a worker with none
+//!   that is waiting for work ([`yields_to_idle`]), so a step's first tasks reach every worker
+//!   before any gets a second.
 //! - Members: the workers that joined through the Membership service
 //!   ([`super::membership`]), each called with the call token it gave at its join — never a
 //!   client's credential.
