@@ -416,8 +416,8 @@ fn codec_error(e: codec::CodecError) -> EngineError {
 }
 
 /// Hands the tasks to the dispatcher as soon as each one's input is in the store, so the
-/// workers start on the first tasks while the later ones are written. Writer threads (one per
-/// core, up to [`MAX_WRITERS`]) cut, encode and write the inputs; the tasks still go out in
+/// workers start on the first tasks while the later ones are written. [`MAX_WRITERS`] writer
+/// threads cut, encode and write the inputs; the tasks still go out in
 /// order, and each is the same whichever thread wrote it. Returns the writers' busy seconds
 /// (summed), when the first task went out, and the dispatch's outcome.
 fn hand_out(
@@ -465,13 +465,14 @@ fn hand_out(
     (written, first_handed_out.get().copied(), dispatched)
 }
 
-/// Most writer threads a step uses: past a few, the store's connection is the limit.
+/// Writer threads a step uses: past a few, the store's connection is the limit. Not fewer on
+/// a machine with fewer cores: a writer mostly waits for the store (four writers against two
+/// on a 2-core machine: the wait before a worker's first task of a step 55-66 -> 44-54 ms at
+/// 32 workers, BENCHMARKS.md).
 const MAX_WRITERS: usize = 4;
 
 fn writer_threads(count: usize) -> usize {
-    tessera_core::tiling::cores()
-        .clamp(1, MAX_WRITERS)
-        .min(count.max(1))
+    MAX_WRITERS.min(count.max(1))
 }
 
 /// The writers' tasks in task order: early ones are held until their turn; the first failure
