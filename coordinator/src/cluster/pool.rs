@@ -1047,6 +1047,16 @@ mod tests {
         w.pace.begin_call(call, kinds, now);
     }
 
+    /// A batch still being streamed, its events dropped.
+    fn test_batch() -> Arc<Batch> {
+        let (tx, _rx) = mpsc::channel();
+        Arc::new(Batch {
+            tx: Mutex::new(tx),
+            abandoned: AtomicBool::new(false),
+            all_queued: AtomicBool::new(false),
+        })
+    }
+
     fn id(slot: Option<Arc<Slot>>) -> Option<String> {
         slot.map(|s| s.task.id.clone())
     }
@@ -1058,12 +1068,7 @@ mod tests {
         add_worker(&mut st, "fast", 0.4, now);
         add_worker(&mut st, "twin", 0.4, now);
         add_worker(&mut st, "slow", 1.6, now);
-        let (tx, _rx) = mpsc::channel();
-        let batch = Arc::new(Batch {
-            tx: Mutex::new(tx),
-            abandoned: AtomicBool::new(false),
-            all_queued: AtomicBool::new(false),
-        });
+        let batch = test_batch();
         let a = running(&mut st, &batch, 1);
         let b = running(&mut st, &batch, 2);
         let c = running(&mut st, &batch, 3);
@@ -1105,12 +1110,7 @@ mod tests {
         let mut st = State::default();
         add_worker(&mut st, "busy", 0.4, now);
         add_worker(&mut st, "idle", 0.4, now);
-        let (tx, _rx) = mpsc::channel();
-        let batch = Arc::new(Batch {
-            tx: Mutex::new(tx),
-            abandoned: AtomicBool::new(false),
-            all_queued: AtomicBool::new(false),
-        });
+        let batch = test_batch();
         let a = running(&mut st, &batch, 1);
         let m = ModelId {
             name: "m".into(),
