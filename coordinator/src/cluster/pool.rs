@@ -793,7 +793,6 @@ fn speculate(
         .map(|(_, s)| s)
 }
 
-/// The kind of work a task is, as far as its duration goes.
 /// Whether `worker`, with a call already out, should leave a queued task of `model` to a
 /// worker that has none and a feeder waiting for one: at a step's start the tasks come out a
 /// few milliseconds apart, and a worker's second call taking one of them leaves another
@@ -809,6 +808,7 @@ fn yields_to_idle(st: &State, worker: &str, model: &ModelId) -> bool {
     })
 }
 
+/// The kind of work a task is, as far as its duration goes.
 fn kind_of(task: &Task) -> &'static str {
     task.kind.name()
 }
