@@ -23,6 +23,8 @@ const PARALLEL_MIN: usize = 1 << 16;
 /// Guidance and the scheduler step of one step over the rows of the merged predictions that
 /// are final so far; the next latent and the predicted clean latent fill in as they go.
 pub struct StepEnd<'a> {
+    /// Whether the merged predictions hold both halves.
+    guided: bool,
     /// The CFG scale, `None` for the conditional prediction alone.
     scale: Option<f32>,
     step: ValueStep,
@@ -64,6 +66,7 @@ impl<'a> StepEnd<'a> {
         }
         let n = channels * h * w;
         Some(Self {
+            guided,
             scale,
             step: stepper.value_step(j, t)?,
             sample,
@@ -90,7 +93,7 @@ impl<'a> StepEnd<'a> {
             return Ok(());
         }
         let plane = h * w;
-        let halves = if self.scale.is_some() { 2 } else { 1 };
+        let halves = if self.guided { 2 } else { 1 };
         if merged.len() != halves * channels * plane {
             return Err(EngineError::Invalid(format!(
                 "merged predictions of {} values for {halves} halves of a {channels}x{h}x{w} \
@@ -105,7 +108,7 @@ impl<'a> StepEnd<'a> {
             _ => return Err(EngineError::Invalid("the step's sample moved".into())),
         };
         let rows = from * w..upto * w;
-        let (scale, step) = (self.scale, self.step);
+        let (guided, scale, step) = (self.guided, self.scale, self.step);
         let parallel = rows.len() * channels >= PARALLEL_MIN;
         std::thread::scope(|scope| {
             let planes = self
@@ -114,9 +117,9 @@ impl<'a> StepEnd<'a> {
                 .zip(self.x0.chunks_exact_mut(plane));
             for (c, (next, x0)) in planes.enumerate() {
                 let at = |p: usize| &merged[p * plane..(p + 1) * plane][rows.clone()];
-                let (cond, uncond) = match scale {
-                    Some(_) => (at(channels + c), Some(at(c))),
-                    None => (at(c), None),
+                let (cond, uncond) = match guided {
+                    true => (at(channels + c), Some(at(c))),
+                    false => (at(c), None),
                 };
                 let band = Band {
                     cond,
@@ -288,9 +291,13 @@ mod tests {
             ];
             let t = stepper.timestep(j, planned[j]);
             let sample = (Tensor::randn(0f32, 1.0, (1, c, h, w), &dev)? * 3.0)?;
+            // A plan's guidance and its halves agree; the other pairs take the whole path's
+            // reading too (the conditional prediction alone).
             for (guidance, halves) in [
                 (GuidancePlan::Cfg { scale: 7.5 }, 2),
                 (GuidancePlan::None, 1),
+                (GuidancePlan::None, 2),
+                (GuidancePlan::Cfg { scale: 7.5 }, 1),
             ] {
                 let merged = Tensor::randn(0f32, 1.0, (halves, c, h, w), &dev)?;
                 let (cond, uncond) = match halves {

@@ -662,8 +662,11 @@ fn complete_merge<'a>(
     let clock = Instant::now();
     // The captured maps are merged view by view in view order, never held all at once.
     let mut camap_merge = capture.then(|| CamapMerge::new(merge.local, merge.weighting));
+    let stepped_before = merge.end_seconds();
     read_remaining(store, at, guided, &mut merge, camap_merge.as_mut())?;
-    timings.store_read += clock.elapsed().as_secs_f64();
+    // The step end these late merges ran is counted as scheduler time (below).
+    let stepping = merge.end_seconds() - stepped_before;
+    timings.store_read += clock.elapsed().as_secs_f64() - stepping;
     let clock = Instant::now();
     let end = merge.end.take();
     let (merged_local, fusion);
