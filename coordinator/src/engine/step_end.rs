@@ -6,11 +6,13 @@
 //! step Tessera runs (DDIM without clipping, Euler, flow matching) are value by value, so each
 //! band of settled rows is guided and stepped as soon as it is final, straight from the
 //! merged values into the next latent: each value goes through the whole-latent pass's
-//! arithmetic (`guidance::cfg_value`, `sched::ValueStep`), so the bytes are the same. FA-CFG
-//! resamples the whole prediction, so a stage guided by it keeps its step end after the last
-//! result, as does a DDIM that clips x̂₀.
+//! arithmetic (`guidance::cfg_value`, `sched::ValueStep`), so the bytes are the same. FA-CFG's
+//! low band resamples through the previous stage's size, so its rows follow the final ones a
+//! few rows behind (`facfg::FaCfgBands`, the same bytes as `fa_cfg`). A DDIM that clips x̂₀
+//! keeps its step end after the last result.
 
 use candle_core::{DType, Device, Tensor};
+use tessera_core::method::facfg::{FaCfgBands, FaCfgWeights};
 use tessera_core::method::guidance::cfg_value;
 use tessera_core::plan::GuidancePlan;
 use tessera_core::sched::{StageStepper as Stepper, ValueStep};
@@ -25,8 +27,7 @@ const PARALLEL_MIN: usize = 1 << 16;
 pub struct StepEnd<'a> {
     /// Whether the merged predictions hold both halves.
     guided: bool,
-    /// The CFG scale, `None` for the conditional prediction alone.
-    scale: Option<f32>,
+    guide: Guide,
     step: ValueStep,
     /// The step's sample, `(1, C, H, W)` contiguous f32 on the CPU.
     sample: &'a Tensor,
@@ -41,10 +42,9 @@ pub struct StepEnd<'a> {
 }
 
 impl<'a> StepEnd<'a> {
-    /// The end of step `j` at `t` from `sample`, or `None` where it cannot run in bands:
-    /// FA-CFG with both halves, a step that is not value by value, or a sample that is not one
-    /// contiguous `(1, C, H, W)` f32 latent on the CPU (the whole-latent path then runs as
-    /// before).
+    /// The end of step `j` at `t` from `sample`, or `None` where it cannot run in bands: a
+    /// step that is not value by value, or a sample that is not one contiguous `(1, C, H, W)`
+    /// f32 latent on the CPU (the whole-latent path then runs as before).
     pub fn new(
         guidance: &GuidancePlan,
         guided: bool,
@@ -52,13 +52,29 @@ impl<'a> StepEnd<'a> {
         (j, t): (usize, f64),
         sample: &'a Tensor,
     ) -> Option<Self> {
-        let scale = match (guidance, guided) {
-            (GuidancePlan::Cfg { scale }, true) => Some(*scale as f32),
-            (GuidancePlan::FaCfg { .. }, true) => return None,
-            _ => None,
-        };
         let (1, channels, h, w) = sample.dims4().ok()? else {
             return None;
+        };
+        let guide = match (guidance, guided) {
+            (GuidancePlan::Cfg { scale }, true) => Guide::Cfg(*scale as f32),
+            (
+                GuidancePlan::FaCfg {
+                    high,
+                    low,
+                    low_latent,
+                },
+                true,
+            ) => {
+                let weights = FaCfgWeights {
+                    high: *high,
+                    low: *low,
+                };
+                let low_hw = (low_latent[0], low_latent[1]);
+                Guide::FaCfg(Box::new(
+                    FaCfgBands::new(channels, (h, w), low_hw, weights).ok()?,
+                ))
+            }
+            _ => Guide::Cond,
         };
         let contiguous = sample.storage_and_layout().1.is_contiguous();
         if sample.dtype() != DType::F32 || !sample.device().is_cpu() || !contiguous {
@@ -67,7 +83,7 @@ impl<'a> StepEnd<'a> {
         let n = channels * h * w;
         Some(Self {
             guided,
-            scale,
+            guide,
             step: stepper.value_step(j, t)?,
             sample,
             dims: (channels, h, w),
@@ -102,13 +118,24 @@ impl<'a> StepEnd<'a> {
             )));
         }
         let clock = std::time::Instant::now();
+        // FA-CFG's rows lag the final ones by its resampling's reach.
+        let upto = match &mut self.guide {
+            Guide::FaCfg(bands) => {
+                let (uncond, cond) = merged.split_at(channels * plane);
+                bands.advance(uncond, cond, upto)
+            }
+            _ => upto,
+        };
+        if upto <= from {
+            return Ok(());
+        }
         let (storage, layout) = self.sample.storage_and_layout();
         let sample = match (&*storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
             _ => return Err(EngineError::Invalid("the step's sample moved".into())),
         };
         let rows = from * w..upto * w;
-        let (guided, scale, step) = (self.guided, self.scale, self.step);
+        let (guided, guide, step) = (self.guided, &self.guide, self.step);
         let parallel = rows.len() * channels >= PARALLEL_MIN;
         std::thread::scope(|scope| {
             let planes = self
@@ -122,6 +149,7 @@ impl<'a> StepEnd<'a> {
                     false => (at(c), None),
                 };
                 let band = Band {
+                    at: (c, from, w),
                     cond,
                     uncond,
                     sample: &sample[c * plane..(c + 1) * plane][rows.clone()],
@@ -129,9 +157,9 @@ impl<'a> StepEnd<'a> {
                     x0: &mut x0[rows.clone()],
                 };
                 if parallel {
-                    scope.spawn(move || band.run(scale, step));
+                    scope.spawn(move || band.run(guide, step));
                 } else {
-                    band.run(scale, step);
+                    band.run(guide, step);
                 }
             }
         });
@@ -157,8 +185,19 @@ impl<'a> StepEnd<'a> {
     }
 }
 
+/// How the merged halves become the step's prediction.
+enum Guide {
+    /// The conditional prediction alone (unguided).
+    Cond,
+    /// Classifier-free guidance at this scale.
+    Cfg(f32),
+    FaCfg(Box<FaCfgBands>),
+}
+
 /// One channel's rows of a band: the merged halves and the sample in, the step's outputs out.
 struct Band<'v> {
+    /// (channel, first row, row width).
+    at: (usize, usize, usize),
     cond: &'v [f32],
     uncond: Option<&'v [f32]>,
     sample: &'v [f32],
@@ -167,13 +206,29 @@ struct Band<'v> {
 }
 
 impl Band<'_> {
-    fn run(self, scale: Option<f32>, step: ValueStep) {
+    fn run(self, guide: &Guide, step: ValueStep) {
         let outs = self.next.iter_mut().zip(self.x0.iter_mut());
         let ins = self.cond.iter().zip(self.sample);
-        match (scale, self.uncond) {
-            (Some(w), Some(u)) => {
+        match (guide, self.uncond) {
+            (Guide::Cfg(w), Some(u)) => {
                 for (((n, x), (&c, &s)), &u) in outs.zip(ins).zip(u) {
-                    (*n, *x) = step.apply(cfg_value(u, c, w), s);
+                    (*n, *x) = step.apply(cfg_value(u, c, *w), s);
+                }
+            }
+            (Guide::FaCfg(bands), Some(u)) => {
+                let (plane, first, w) = self.at;
+                let mut eps = vec![0f32; w];
+                let rows = self
+                    .next
+                    .chunks_exact_mut(w)
+                    .zip(self.x0.chunks_exact_mut(w));
+                let ins = self.cond.chunks_exact(w).zip(u.chunks_exact(w));
+                for (r, ((next, x0), (c, u))) in rows.zip(ins).enumerate() {
+                    bands.guide_row(plane, first + r, (u, c), &mut eps);
+                    let s = &self.sample[r * w..(r + 1) * w];
+                    for (((n, x), &e), &s) in next.iter_mut().zip(x0.iter_mut()).zip(&eps).zip(s) {
+                        (*n, *x) = step.apply(e, s);
+                    }
                 }
             }
             _ => {
@@ -292,12 +347,20 @@ mod tests {
             let t = stepper.timestep(j, planned[j]);
             let sample = (Tensor::randn(0f32, 1.0, (1, c, h, w), &dev)? * 3.0)?;
             // A plan's guidance and its halves agree; the other pairs take the whole path's
-            // reading too (the conditional prediction alone).
+            // reading too (the conditional prediction alone). FA-CFG through a previous
+            // stage of about half the size (not an integer ratio).
+            let fa = GuidancePlan::FaCfg {
+                high: 7.5,
+                low: 35.0,
+                low_latent: [h / 2, w / 2],
+            };
             for (guidance, halves) in [
                 (GuidancePlan::Cfg { scale: 7.5 }, 2),
+                (fa.clone(), 2),
                 (GuidancePlan::None, 1),
                 (GuidancePlan::None, 2),
                 (GuidancePlan::Cfg { scale: 7.5 }, 1),
+                (fa, 1),
             ] {
                 let merged = Tensor::randn(0f32, 1.0, (halves, c, h, w), &dev)?;
                 let (cond, uncond) = match halves {
@@ -307,11 +370,20 @@ mod tests {
                 let eps = guide_halves(&guidance, &cond, uncond.as_ref())?;
                 let (want_next, want_x0) = stepper.step(&eps, j, t, &sample)?;
 
+                // Rows not final yet are NaN: reading one early shows in the result.
                 let values = merged.flatten_all()?.to_vec1::<f32>()?;
+                let mut seen = vec![f32::NAN; values.len()];
+                let plane = h * w;
                 let mut end = StepEnd::new(&guidance, halves == 2, &stepper, (j, t), &sample)
                     .expect("bands for this guidance");
+                let mut from = 0;
                 for upto in [1, 1, 9, 40, h] {
-                    end.advance(&values, upto)?;
+                    for p in 0..halves * c {
+                        let rows = p * plane + from * w..p * plane + upto * w;
+                        seen[rows.clone()].copy_from_slice(&values[rows]);
+                    }
+                    from = upto;
+                    end.advance(&seen, upto)?;
                 }
                 let (next, x0) = end.finish()?;
                 assert_eq!(bits(&next), bits(&want_next), "{name}, {halves} halves");
@@ -330,7 +402,7 @@ mod tests {
         let fa = GuidancePlan::FaCfg {
             high: 7.5,
             low: 35.0,
-            low_latent: [4, 4],
+            low_latent: [0, 4],
         };
         assert!(StepEnd::new(&fa, true, &stepper, at, &sample).is_none());
         let cfg = GuidancePlan::Cfg { scale: 7.5 };
