@@ -136,8 +136,8 @@ pub struct StepTimings {
     /// the previous step's end — until its first task is handed to the dispatcher:
     /// restraint, input scaling, cutting and writing the first task's views) plus the tail
     /// (from the last task's result coming in until the step's end: the merges still
-    /// pending, the last band's fusion, guidance and scheduler step — the whole of them
-    /// under FA-CFG — and starting the checkpoint). Time a
+    /// pending, the last band's fusion, guidance and scheduler step, and starting the
+    /// checkpoint). Time a
     /// worker waits while later inputs are still being written is not in it; `tessera bench
     /// step` measures that separately by comparing `wall` with the workers' own time.
     pub critical: f64,

@@ -11,8 +11,7 @@
 //! views go out first, so the scale fusion runs behind the local merge a band of rows at a
 //! time, and guidance and the scheduler step behind the fusion ([`StepEnd`]). What remains
 //! between the last result and the next step is the last merges and the last band's fusion,
-//! guidance and step (all of guidance and the step under FA-CFG) — see
-//! [`super::StepTimings::critical`].
+//! guidance and step — see [`super::StepTimings::critical`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
