@@ -854,8 +854,15 @@ struct Restraint {
 }
 
 impl Restraint {
-    /// z before the model call of step `j` at `t`.
+    /// z before the model call of step `j` at `t`: one threaded pass where the rule allows
+    /// (it lies on the step's critical path), else the tensor chains — the same bytes.
     fn apply(&self, z: &Tensor, j: usize, t: f64, stepper: &Stepper) -> Result<Tensor> {
+        if let Some(noise) = stepper.value_noise(j, t) {
+            let halves = (&self.z_up, &self.eps);
+            if let Some(out) = self.rule.apply_in_one_pass(z, halves, (j, t), noise)? {
+                return Ok(out);
+            }
+        }
         let noised = || stepper.add_noise(&self.z_up, &self.eps, j, t);
         Ok(self.rule.apply(z, j, t, noised)?)
     }
@@ -989,6 +996,80 @@ mod tests {
             first_handed_out: None,
             last_result: None,
         })
+    }
+
+    /// The restrained structure in one pass gives the tensor chains' bytes for every
+    /// scheduler's noising (DDIM, Euler, flow matching, FreCaS' DDIM), on a latent large
+    /// enough to be threaded with a +0 and a −0 in it; step 0 and a map of exponents take the
+    /// chains.
+    #[test]
+    fn restraint_in_one_pass_matches_the_chains_bit_for_bit() -> Result<()> {
+        use tessera_core::plan::StageSchedule;
+        use tessera_core::sched::SchedulerKind;
+        let dev = Device::Cpu;
+        let shape = (1, 4, 97, 211);
+        let mut zv = Tensor::randn(0f32, 1.0, shape, &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        (zv[0], zv[1]) = (0.0, -0.0);
+        let z = Tensor::from_vec(zv, shape, &dev)?;
+        let restraint = Restraint {
+            rule: RestrainedStructure::uniform(1.5, 1000),
+            z_up: Tensor::randn(0f32, 1.0, shape, &dev)?,
+            eps: Tensor::randn(0f32, 1.0, shape, &dev)?,
+        };
+        let schedule = |scheduler| StageSchedule::Schedule {
+            scheduler,
+            steps: 10,
+            start: 2,
+            mu: None,
+        };
+        let frecas = StageSchedule::Frecas {
+            inference_steps: 10,
+        };
+        let (ddim, euler, flow) = (
+            SchedulerKind::Ddim,
+            SchedulerKind::Euler,
+            SchedulerKind::FlowEuler,
+        );
+        let steppers = [
+            step_end::test_stepper_of(ddim, "epsilon", false, &schedule(ddim)),
+            step_end::test_stepper_of(euler, "epsilon", false, &schedule(euler)),
+            step_end::test_stepper_of(flow, "", false, &schedule(flow)),
+            step_end::test_stepper_of(ddim, "epsilon", false, &frecas),
+        ];
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.into_iter().map(f32::to_bits).collect())
+        };
+        for (k, stepper) in steppers.iter().enumerate() {
+            for j in [1, 4] {
+                let t = match k {
+                    3 => 799.0,
+                    _ => stepper.timestep(j, stepper.scheduler().timesteps()[2 + j]),
+                };
+                let noised = || stepper.add_noise(&restraint.z_up, &restraint.eps, j, t);
+                let chain = restraint.rule.apply(&z, j, t, noised)?;
+                let noise = stepper.value_noise(j, t).expect("a noising");
+                let halves = (&restraint.z_up, &restraint.eps);
+                let one = restraint
+                    .rule
+                    .apply_in_one_pass(&z, halves, (j, t), noise)?;
+                assert_eq!(
+                    bits(&one.expect("one pass"))?,
+                    bits(&chain)?,
+                    "stepper {k}, step {j}"
+                );
+                assert_eq!(bits(&restraint.apply(&z, j, t, stepper)?)?, bits(&chain)?);
+            }
+        }
+        let noise = steppers[0].value_noise(1, 999.0).expect("a noising");
+        let halves = (&restraint.z_up, &restraint.eps);
+        let first = restraint
+            .rule
+            .apply_in_one_pass(&z, halves, (0, 999.0), noise)?;
+        assert!(first.is_none());
+        Ok(())
     }
 
     #[test]

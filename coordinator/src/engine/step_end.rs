@@ -127,6 +127,7 @@ impl<'a> StepEnd<'a> {
             _ => upto,
         };
         if upto <= from {
+            self.seconds += clock.elapsed().as_secs_f64();
             return Ok(());
         }
         let (storage, layout) = self.sample.storage_and_layout();

@@ -138,6 +138,33 @@ impl RestrainedStructure {
             }
         }
     }
+
+    /// [`Self::apply`] with one exponent everywhere as one threaded pass over the values: z,
+    /// the upscaled latent `z_up` and the stage's noise `eps`, noised by `noise` (the
+    /// scheduler's `add_noise` at `t`), with the chains' f32 operations in their order (the
+    /// same bytes). `None` where it does not apply (step 0, a weight of 0 or outside [0, 1],
+    /// an exponent map, tensors that are not contiguous f32 on the CPU); the caller then runs
+    /// [`Self::apply`].
+    pub fn apply_in_one_pass(
+        &self,
+        z: &Tensor,
+        (z_up, eps): (&Tensor, &Tensor),
+        (j, t): (usize, f64),
+        noise: crate::sched::ValueNoise,
+    ) -> Result<Option<Tensor>> {
+        let RestraintExponents::Uniform(scale) = self.exponents else {
+            return Ok(None);
+        };
+        let c = restraint_weight(t, self.num_train_timesteps, scale);
+        if j == 0 || c == 0.0 || !(0.0..=1.0).contains(&c) || z.dims() != z_up.dims() {
+            return Ok(None);
+        }
+        // `(z·(1 − c)) + (n·c)`, each scalar product candle's affine `v·m + 0`.
+        let (keep, mix) = ((1.0 - c) as f32, c as f32);
+        Ok(crate::sched::fused::zip3_map(z_up, eps, z, |x, n, z| {
+            (z * keep + 0.0) + (noise.apply(x, n) * mix + 0.0)
+        })?)
+    }
 }
 
 /// Per-latent-pixel exponents `mask·cosine_scale + (1 − mask)·cosine_scale_bg`, with the mask

@@ -68,6 +68,41 @@ pub(crate) fn zip_map(
         .transpose()
 }
 
+/// `f(a, b, c)` value by value over three tensors of one shape; `None` where they are not all
+/// contiguous CPU f32 tensors.
+pub(crate) fn zip3_map(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Result<Option<Tensor>> {
+    if a.shape() != c.shape() {
+        return Ok(None);
+    }
+    let (c_store, c_layout) = c.storage_and_layout();
+    let Some(z) = values(&c_store, c_layout) else {
+        return Ok(None);
+    };
+    let out = with_values(a, b, |x, y| {
+        let per = run_length(x.len());
+        let mut out = vec![0f32; x.len()];
+        std::thread::scope(|scope| {
+            let runs = out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per));
+            for (((o, x), y), z) in runs.zip(z.chunks(per)) {
+                let f = &f;
+                scope.spawn(move || {
+                    for (((o, &x), &y), &z) in o.iter_mut().zip(x).zip(y).zip(z) {
+                        *o = f(x, y, z);
+                    }
+                });
+            }
+        });
+        out
+    });
+    out.map(|out| Tensor::from_vec(out, a.shape().clone(), a.device()))
+        .transpose()
+}
+
 /// `f(a)` value by value; `None` where `a` is not a contiguous CPU f32 tensor.
 pub(crate) fn map(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
     zip_map(a, a, |x, _| f(x))

@@ -14,7 +14,7 @@ mod value;
 pub use config::{SchedulerConfig, TimestepSpacing};
 pub use flow::dynamic_mu;
 pub use stage::StageStepper;
-pub use value::ValueStep;
+pub use value::{ValueNoise, ValueStep};
 
 use candle_core::{DType, Result as TensorResult, Tensor};
 
@@ -375,6 +375,26 @@ impl Scheduler {
     ) -> TensorResult<Tensor> {
         let noise = noise.to_dtype(original.dtype())?;
         flow::scale_noise(original, &noise, self.sigma_at(index)?)
+    }
+
+    /// [`Self::add_noise`] at `timestep` as arithmetic on one value (for f32 latents), or
+    /// `None` where `timestep` is not one the scheduler can noise to.
+    pub fn value_noise(&self, timestep: f64) -> Option<ValueNoise> {
+        match self.kind {
+            SchedulerKind::Ddim => Some(ValueNoise::ddim(self.alpha_at(timestep).ok()?)),
+            SchedulerKind::Euler | SchedulerKind::FlowEuler => {
+                let sigma = self.sigma_at(self.step_index_of(timestep)?).ok()?;
+                Some(match self.kind {
+                    SchedulerKind::FlowEuler => ValueNoise::flow(sigma),
+                    _ => ValueNoise::euler(sigma),
+                })
+            }
+        }
+    }
+
+    /// [`Self::scale_noise_at`] as arithmetic on one value (see [`Self::value_noise`]).
+    pub fn flow_value_noise_at(&self, index: usize) -> Option<ValueNoise> {
+        Some(ValueNoise::flow(self.sigma_at(index).ok()?))
     }
 
     /// The step of the schedule evaluated at `timestep`, found as diffusers'

@@ -4,7 +4,7 @@
 
 use candle_core::{Result as TensorResult, Tensor};
 
-use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, ValueStep};
+use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, ValueNoise, ValueStep};
 use crate::plan::StageSchedule;
 
 /// A stage's scheduler and how the stage walks it.
@@ -142,6 +142,15 @@ impl StageStepper {
                     .scale_noise_at(original, noise, self.index(j))
             }
             _ => self.scheduler.add_noise(original, noise, t),
+        }
+    }
+
+    /// [`Self::add_noise`] as arithmetic on one value of an f32 latent, or `None` where the
+    /// step's timestep cannot be noised to.
+    pub fn value_noise(&self, j: usize, t: f64) -> Option<ValueNoise> {
+        match self.scheduler.kind() {
+            SchedulerKind::FlowEuler => self.scheduler.flow_value_noise_at(self.index(j)),
+            _ => self.scheduler.value_noise(t),
         }
     }
 

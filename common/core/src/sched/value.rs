@@ -45,6 +45,50 @@ pub enum ValueStep {
     },
 }
 
+/// A scheduler's `add_noise` as arithmetic on one value: `(clean, noise) → noised`, the tensor
+/// chain's f32 operations in its order (as [`ValueStep`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueNoise {
+    /// DDIM: `√ᾱ·x + √(1 − ᾱ)·n`.
+    Ddim { sa: f32, sb: f32 },
+    /// Euler: `x + σ·n`.
+    Euler { sigma: f32 },
+    /// Flow matching's `scale_noise`: `σ·n + (1 − σ)·x`.
+    Flow { sigma: f32, keep: f32 },
+}
+
+impl ValueNoise {
+    pub fn ddim(alpha: f64) -> Self {
+        Self::Ddim {
+            sa: alpha.sqrt() as f32,
+            sb: (1.0 - alpha).sqrt() as f32,
+        }
+    }
+
+    pub fn euler(sigma: f64) -> Self {
+        Self::Euler {
+            sigma: sigma as f32,
+        }
+    }
+
+    pub fn flow(sigma: f64) -> Self {
+        Self::Flow {
+            sigma: sigma as f32,
+            keep: (1.0 - sigma) as f32,
+        }
+    }
+
+    /// The clean value `x` noised with `n`.
+    #[inline]
+    pub fn apply(self, x: f32, n: f32) -> f32 {
+        match self {
+            Self::Ddim { sa, sb } => (x * sa + 0.0) + (n * sb + 0.0),
+            Self::Euler { sigma } => x + (n * sigma + 0.0),
+            Self::Flow { sigma, keep } => (n * sigma + 0.0) + (x * keep + 0.0),
+        }
+    }
+}
+
 impl ValueStep {
     /// DDIM from ᾱ_t to ᾱ_prev.
     pub fn ddim(prediction: PredictionType, alpha_t: f64, alpha_prev: f64) -> Self {
