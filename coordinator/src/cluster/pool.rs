@@ -161,6 +161,9 @@ struct WorkerEntry {
     counts: WorkerCounts,
     /// Its feeders waiting for a task (found nothing to take and sleep until woken).
     waiting: usize,
+    /// Its last call came back without results (failed, lost, past its lease): others do not
+    /// leave tasks to it (see [`yields_to_idle`]) until a call succeeds.
+    failing: bool,
 }
 
 /// What a worker has done since it joined, for the dashboard.
@@ -269,6 +272,7 @@ impl Pool {
                         pace: Pace::new(Instant::now()),
                         counts: WorkerCounts::default(),
                         waiting: 0,
+                        failing: false,
                     },
                 );
                 joined.push(m);
@@ -542,6 +546,7 @@ impl Pool {
     ) {
         let mut st = lock(&self.inner.state);
         if let Some(w) = st.workers.get_mut(worker) {
+            w.failing = reports.is_empty() && !picked.is_empty();
             w.pace.end_call(call, Instant::now());
             for (slot, r) in picked.iter().zip(reports) {
                 if r.ok {
@@ -797,14 +802,20 @@ fn speculate(
 /// worker that has none and a feeder waiting for one: at a step's start the tasks come out a
 /// few milliseconds apart, and a worker's second call taking one of them leaves another
 /// worker idle until later tasks are written — the whole step waits for that worker at its
-/// end. Waiting feeders are woken for every queued task, so the idle worker takes it.
+/// end. Waiting feeders are woken for every queued task, so the idle worker takes it. Not to a
+/// worker whose last call failed: a dead worker's feeders wait too until its membership ends,
+/// and every task it takes costs an attempt.
 fn yields_to_idle(st: &State, worker: &str, model: &ModelId) -> bool {
     let busy = st
         .workers
         .get(worker)
         .is_some_and(|w| w.pace.calls_out() > 0);
     busy && st.workers.iter().any(|(id, w)| {
-        id != worker && w.waiting > 0 && w.pace.calls_out() == 0 && model.served_by(&w.member.desc)
+        id != worker
+            && !w.failing
+            && w.waiting > 0
+            && w.pace.calls_out() == 0
+            && model.served_by(&w.member.desc)
     })
 }
 
@@ -989,6 +1000,7 @@ mod tests {
                 pace,
                 counts: WorkerCounts::default(),
                 waiting: 0,
+                failing: false,
             },
         );
     }
@@ -1103,7 +1115,8 @@ mod tests {
 
     /// A worker computing a call leaves a queued task to a worker with none and a feeder
     /// waiting; not to one without a waiting feeder (its feeders are gone or backing off),
-    /// nor to one serving other models, nor when it has no call out itself.
+    /// nor to one whose last call failed, nor to one serving other models, nor when it has no
+    /// call out itself.
     #[test]
     fn a_busy_workers_second_call_yields_to_an_idle_waiting_worker() {
         let now = Instant::now();
@@ -1129,6 +1142,12 @@ mod tests {
         assert!(!yields_to_idle(&st, "busy", &other));
         st.workers.get_mut("idle").expect("idle").waiting = 0;
         assert!(!yields_to_idle(&st, "busy", &m));
+        // Nor to one whose last call failed (a worker that died waits too, until its
+        // membership ends).
+        st.workers.get_mut("idle").expect("idle").waiting = 1;
+        st.workers.get_mut("idle").expect("idle").failing = true;
+        assert!(!yields_to_idle(&st, "busy", &m));
+        st.workers.get_mut("idle").expect("idle").failing = false;
         // An idle worker that is computing a call is not idle.
         st.workers.get_mut("idle").expect("idle").waiting = 1;
         send(&mut st, "idle", 2, &[&a], now);
