@@ -118,14 +118,16 @@ pub struct StepTimings {
     pub workers: f64,
     /// Reading and decoding the task outputs.
     pub store_read: f64,
-    /// Weighted merge of the local views, scatter of the global views (and CA-maps).
+    /// Weighted merge of the local views, scatter of the global views (and CA-maps), with
+    /// what runs behind it as results arrive: the fusion's and the step end's earlier bands.
     pub merge: f64,
-    /// Scale fusion `G(local) + (global − G(global))`.
+    /// Scale fusion `G(local) + (global − G(global))` (its last band).
     pub fusion: f64,
     /// Restrained structure, input scaling, CFG or FA-CFG.
     pub guidance: f64,
-    /// The scheduler step. Where it runs behind the merge (`step_end`), CFG runs in the same
-    /// pass and is counted here.
+    /// The scheduler step. Where it runs behind the merge (`step_end`): its last band, with
+    /// its guidance (one pass); the bands before it run in the merge's callbacks and count
+    /// as merge, as the fusion behind the merge does.
     pub scheduler: f64,
     /// Waiting for the previous checkpoint (if still being written) and starting this one;
     /// the writing itself (latent, x0 at a stage's end, dropping the previous checkpoint and

@@ -37,8 +37,6 @@ pub struct StepEnd<'a> {
     done: usize,
     next: Vec<f32>,
     x0: Vec<f32>,
-    /// Seconds spent guiding and stepping.
-    seconds: f64,
 }
 
 impl<'a> StepEnd<'a> {
@@ -55,6 +53,11 @@ impl<'a> StepEnd<'a> {
         let (1, channels, h, w) = sample.dims4().ok()? else {
             return None;
         };
+        let contiguous = sample.storage_and_layout().1.is_contiguous();
+        if sample.dtype() != DType::F32 || !sample.device().is_cpu() || !contiguous {
+            return None;
+        }
+        let step = stepper.value_step(j, t)?;
         let guide = match (guidance, guided) {
             (GuidancePlan::Cfg { scale }, true) => Guide::Cfg(*scale as f32),
             (
@@ -76,27 +79,17 @@ impl<'a> StepEnd<'a> {
             }
             _ => Guide::Cond,
         };
-        let contiguous = sample.storage_and_layout().1.is_contiguous();
-        if sample.dtype() != DType::F32 || !sample.device().is_cpu() || !contiguous {
-            return None;
-        }
         let n = channels * h * w;
         Some(Self {
             guided,
             guide,
-            step: stepper.value_step(j, t)?,
+            step,
             sample,
             dims: (channels, h, w),
             done: 0,
             next: vec![0.0; n],
             x0: vec![0.0; n],
-            seconds: 0.0,
         })
-    }
-
-    /// Seconds spent guiding and stepping so far.
-    pub fn seconds(&self) -> f64 {
-        self.seconds
     }
 
     /// Guides and steps rows `done..upto` of `merged`, the `(halves, C, H, W)` merged
@@ -117,7 +110,6 @@ impl<'a> StepEnd<'a> {
                 merged.len()
             )));
         }
-        let clock = std::time::Instant::now();
         // FA-CFG's rows lag the final ones by its resampling's reach.
         let upto = match &mut self.guide {
             Guide::FaCfg(bands) => {
@@ -127,7 +119,6 @@ impl<'a> StepEnd<'a> {
             _ => upto,
         };
         if upto <= from {
-            self.seconds += clock.elapsed().as_secs_f64();
             return Ok(());
         }
         let (storage, layout) = self.sample.storage_and_layout();
@@ -164,7 +155,6 @@ impl<'a> StepEnd<'a> {
                 }
             }
         });
-        self.seconds += clock.elapsed().as_secs_f64();
         self.done = upto;
         Ok(())
     }

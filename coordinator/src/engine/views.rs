@@ -195,14 +195,15 @@ pub fn evaluate(
     (merged, buffers.sums) = fuse(merged_local, fusion)?;
     timings.fusion += clock.elapsed().as_secs_f64();
     let (h, w) = stage.latent_hw();
+    let clock = Instant::now();
     let stepped = match end {
         Some(mut end) => {
             end.advance(&merged, h)?;
-            timings.scheduler += end.seconds();
             Some(end.finish()?)
         }
         None => None,
     };
+    timings.scheduler += clock.elapsed().as_secs_f64();
     let halves = if plan.guided { 2 } else { 1 };
     let channels = merged.len() / (halves * h * w).max(1);
     let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
@@ -590,17 +591,11 @@ impl<'a> Arrivals<'a> {
         let outputs = read_outputs(self.store, &self.at, ti, self.guided);
         let read = clock.elapsed().as_secs_f64();
         let clock = Instant::now();
-        // The step end running behind the merge is counted as guidance and scheduler time.
-        let (merged, stepping) = match outputs {
-            Ok(outputs) => {
-                let mut merge = lock(&self.merge);
-                let before = merge.end_seconds();
-                let merged = merge.arrive(ti, outputs);
-                (merged, merge.end_seconds() - before)
-            }
-            Err(_) => (Ok(()), 0.0),
+        let merged = match outputs {
+            Ok(outputs) => lock(&self.merge).arrive(ti, outputs),
+            Err(_) => Ok(()),
         };
-        let merging = clock.elapsed().as_secs_f64() - stepping;
+        let merging = clock.elapsed().as_secs_f64();
         let mut f = lock(&self.in_flight);
         f.read += read;
         f.merging += merging;
@@ -661,11 +656,8 @@ fn complete_merge<'a>(
     let clock = Instant::now();
     // The captured maps are merged view by view in view order, never held all at once.
     let mut camap_merge = capture.then(|| CamapMerge::new(merge.local, merge.weighting));
-    let stepped_before = merge.end_seconds();
     read_remaining(store, at, guided, &mut merge, camap_merge.as_mut())?;
-    // The step end these late merges ran is counted as scheduler time (below).
-    let stepping = merge.end_seconds() - stepped_before;
-    timings.store_read += clock.elapsed().as_secs_f64() - stepping;
+    timings.store_read += clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let end = merge.end.take();
     let (merged_local, fusion);
@@ -764,7 +756,8 @@ struct StepMerge<'a> {
     arrived: BTreeMap<usize, TaskOutputs>,
     /// Buffers for the local merge to sum into, taken when it starts.
     buffers: Option<MergeBuffers>,
-    /// Guidance and the scheduler step, run on the rows the merge (and fusion) settle.
+    /// Guidance and the scheduler step, run on the rows the merge (and fusion) settle (their
+    /// time counted as the merge's, as the fusion's is).
     end: Option<StepEnd<'a>>,
 }
 
@@ -791,11 +784,6 @@ impl<'a> StepMerge<'a> {
             buffers: Some(buffers),
             end,
         }
-    }
-
-    /// Seconds the step end has run so far.
-    fn end_seconds(&self) -> f64 {
-        self.end.as_ref().map_or(0.0, StepEnd::seconds)
     }
 
     fn arrive(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {

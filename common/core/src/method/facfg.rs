@@ -112,18 +112,14 @@ fn taps(n_in: usize, n_out: usize) -> Vec<Tap> {
         .collect()
 }
 
-/// Row `(r0, r1, wr)` of a bilinear resampling of the plane `src` (rows of `w_in` values)
-/// into `out`, one value per column tap: candle's f64 arithmetic, rounded to f32.
-fn resample_row(src: &[f32], w_in: usize, (r0, r1, wr): Tap, cols: &[Tap], out: &mut [f32]) {
-    let (top, bottom) = (
-        &src[r0 * w_in..(r0 + 1) * w_in],
-        &src[r1 * w_in..(r1 + 1) * w_in],
-    );
-    for (o, &(c0, c1, wc)) in out.iter_mut().zip(cols) {
-        let t = f64::from(top[c0]) * (1.0 - wc) + f64::from(top[c1]) * wc;
-        let b = f64::from(bottom[c0]) * (1.0 - wc) + f64::from(bottom[c1]) * wc;
-        *o = (t * (1.0 - wr) + b * wr) as f32;
-    }
+/// The value at row tap `(r0, r1, wr)` and column tap `(c0, c1, wc)` of a bilinear resampling
+/// of the plane `src` (rows of `w_in` values): candle's f64 arithmetic, rounded to f32.
+#[inline]
+fn resample_at(src: &[f32], w_in: usize, (r0, r1, wr): Tap, (c0, c1, wc): Tap) -> f32 {
+    let (top, bottom) = (&src[r0 * w_in..], &src[r1 * w_in..]);
+    let t = f64::from(top[c0]) * (1.0 - wc) + f64::from(top[c1]) * wc;
+    let b = f64::from(bottom[c0]) * (1.0 - wc) + f64::from(bottom[c1]) * wc;
+    (t * (1.0 - wr) + b * wr) as f32
 }
 
 /// [`fa_cfg`] a band of rows at a time, for merged predictions that become final from the
@@ -195,13 +191,9 @@ impl FaCfgBands {
                 let row = p * lh * lw + r * lw;
                 for (src, low) in [(uncond, &mut self.low.0), (cond, &mut self.low.1)] {
                     let plane = &src[p * h * w..(p + 1) * h * w];
-                    resample_row(
-                        plane,
-                        w,
-                        self.down.0[r],
-                        &self.down.1,
-                        &mut low[row..row + lw],
-                    );
+                    for (o, &col) in low[row..row + lw].iter_mut().zip(&self.down.1) {
+                        *o = resample_at(plane, w, self.down.0[r], col);
+                    }
                 }
             }
         }
@@ -228,18 +220,11 @@ impl FaCfgBands {
         }
         let (lh, lw) = self.low_hw;
         let plane = p * lh * lw..(p + 1) * lh * lw;
-        let w = out.len();
-        let (mut ul, mut cl) = (vec![0f32; w], vec![0f32; w]);
-        resample_row(
-            &self.low.0[plane.clone()],
-            lw,
-            self.up.0[y],
-            &self.up.1,
-            &mut ul,
-        );
-        resample_row(&self.low.1[plane], lw, self.up.0[y], &self.up.1, &mut cl);
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = fa_cfg_value((u[i], c[i]), (ul[i], cl[i]), self.weights);
+        let (lu, lc) = (&self.low.0[plane.clone()], &self.low.1[plane]);
+        let row = self.up.0[y];
+        for (((o, &u), &c), &col) in out.iter_mut().zip(u).zip(c).zip(&self.up.1) {
+            let low = (resample_at(lu, lw, row, col), resample_at(lc, lw, row, col));
+            *o = fa_cfg_value((u, c), low, self.weights);
         }
     }
 }
