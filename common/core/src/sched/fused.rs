@@ -9,6 +9,8 @@
 //! product is an affine `v·m + 0` (a division by a scalar `v·(1/d) + 0`), and that `+ 0` is
 //! kept since it turns −0 into +0 — so the bytes match.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 use super::StepOutput;
@@ -42,6 +44,20 @@ fn with_values<R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -
     Some(f(values(&a_store, a_layout)?, values(&b_store, b_layout)?))
 }
 
+/// `n` values, each run of them (one per thread, see [`run_length`]) filled by `fill` with
+/// the run's range of indices.
+fn in_runs(n: usize, fill: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let per = run_length(n);
+    let mut out = vec![0f32; n];
+    std::thread::scope(|scope| {
+        for (i, run) in out.chunks_mut(per).enumerate() {
+            let fill = &fill;
+            scope.spawn(move || fill(i * per..i * per + run.len(), run));
+        }
+    });
+    out
+}
+
 /// `f(a, b)` value by value over two tensors of one shape; `None` where they are not both
 /// contiguous CPU f32 tensors (the caller then runs the tensor chain).
 pub(crate) fn zip_map(
@@ -50,19 +66,11 @@ pub(crate) fn zip_map(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Result<Option<Tensor>> {
     let out = with_values(a, b, |x, y| {
-        let per = run_length(x.len());
-        let mut out = vec![0f32; x.len()];
-        std::thread::scope(|scope| {
-            for ((o, x), y) in out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per)) {
-                let f = &f;
-                scope.spawn(move || {
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                        *o = f(x, y);
-                    }
-                });
+        in_runs(x.len(), |r, out| {
+            for ((o, &x), &y) in out.iter_mut().zip(&x[r.clone()]).zip(&y[r]) {
+                *o = f(x, y);
             }
-        });
-        out
+        })
     });
     out.map(|out| Tensor::from_vec(out, a.shape().clone(), a.device()))
         .transpose()
@@ -84,20 +92,12 @@ pub(crate) fn zip3_map(
         return Ok(None);
     };
     let out = with_values(a, b, |x, y| {
-        let per = run_length(x.len());
-        let mut out = vec![0f32; x.len()];
-        std::thread::scope(|scope| {
-            let runs = out.chunks_mut(per).zip(x.chunks(per)).zip(y.chunks(per));
-            for (((o, x), y), z) in runs.zip(z.chunks(per)) {
-                let f = &f;
-                scope.spawn(move || {
-                    for (((o, &x), &y), &z) in o.iter_mut().zip(x).zip(y).zip(z) {
-                        *o = f(x, y, z);
-                    }
-                });
+        in_runs(x.len(), |r, out| {
+            let ins = x[r.clone()].iter().zip(&y[r.clone()]).zip(&z[r]);
+            for (o, ((&x, &y), &z)) in out.iter_mut().zip(ins) {
+                *o = f(x, y, z);
             }
-        });
-        out
+        })
     });
     out.map(|out| Tensor::from_vec(out, a.shape().clone(), a.device()))
         .transpose()
