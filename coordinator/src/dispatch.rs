@@ -24,7 +24,9 @@ pub enum DispatchError {
 }
 
 /// Runs tasks to completion: when `run` returns Ok, every task's outputs are in the store.
-/// `done` is called once per finished task, from any thread, in completion order.
+/// `done` is called once per finished task, from any thread, in completion order. Calls may
+/// overlap (a stage's steps do, at their edge): each runs its own stream of tasks on the
+/// same workers.
 pub trait Dispatch: Sync {
     /// Runs the tasks, handing each out as soon as `tasks` yields it (it may block), so writing
     /// the later inputs overlaps the workers' computation of the earlier ones. Returns once
@@ -54,6 +56,9 @@ pub struct LocalWorkers {
     models: Vec<Arc<DiffusionModel>>,
     /// Each in-process worker's stage CA-map, as a worker process keeps its own.
     cache: Vec<tasks::ReadCache>,
+    /// Each in-process worker's device turn: one task at a time on it, whichever call (and
+    /// so step) the task is from.
+    turns: Vec<Mutex<()>>,
     store: Arc<dyn Store>,
 }
 
@@ -61,9 +66,11 @@ impl LocalWorkers {
     pub fn new(models: Vec<Arc<DiffusionModel>>, store: Arc<dyn Store>) -> Self {
         assert!(!models.is_empty(), "at least one worker");
         let cache = models.iter().map(|_| tasks::ReadCache::default()).collect();
+        let turns = models.iter().map(|_| Mutex::new(())).collect();
         Self {
             models,
             cache,
+            turns,
             store,
         }
     }
@@ -79,11 +86,10 @@ impl Dispatch for LocalWorkers {
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<TaskError>> = Mutex::new(None);
         std::thread::scope(|scope| {
-            for (model, cache) in self.models.iter().zip(&self.cache) {
+            let workers = self.models.iter().zip(&self.cache).zip(&self.turns);
+            for ((model, cache), turn) in workers {
                 let (feed, failed, first_error) = (&feed, &failed, &first_error);
                 let store = self.store.as_ref();
-                // Each in-process worker runs one task at a time, so its device turn is its own.
-                let turn = Mutex::new(());
                 scope.spawn(move || loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
@@ -91,7 +97,7 @@ impl Dispatch for LocalWorkers {
                     // Waits here until the engine has written the next task's input.
                     let next = feed.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(task) = next else { return };
-                    match tasks::execute(tasks::Backend::Model(model), store, cache, &task, &turn) {
+                    match tasks::execute(tasks::Backend::Model(model), store, cache, &task, turn) {
                         Ok(_) => done(&task),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! same loop; only the [`Dispatch`] and the [`Store`] differ.
 
 mod step_end;
+mod step_input;
 pub mod vae;
 pub mod views;
 
@@ -26,8 +27,9 @@ use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
 use step_end::StepEnd;
+use step_input::StepInput;
 use vae::{Pixels, RowSink};
-use views::{Predictions, StepAt};
+use views::{Flight, Predictions, StepAt, StepSetup, StepViews};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -681,6 +683,12 @@ impl Engine<'_> {
 
     /// The denoising loop of a stage from `start`: restrain, scale the input, evaluate the
     /// views, guide, step, checkpoint in the background, report the step's timings.
+    ///
+    /// Steps overlap at their edge: each step opens the next one before its own results
+    /// come in, and its end publishes the next latent's top rows as they are stepped, so the
+    /// next step's first tasks (local views at the top of the latent) reach workers the
+    /// step's last round leaves idle (`step_input.rs`). A stage that restrains its structure
+    /// modifies the next latent once the step has ended, so its steps only meet.
     fn denoise(
         &self,
         at: &StageAt,
@@ -695,23 +703,64 @@ impl Engine<'_> {
         let (mut z, camap_in) = (start.z, start.camap_in);
         let mut x0 = z.clone();
         let mut camap_out = None;
-        // The local merge's stage-sized buffers, passed from step to step.
-        let mut buffers = MergeBuffers::default();
+        let first = start.first_step;
+        // Two tasks per worker: the workers the step's last round leaves idle, and then every
+        // worker while the next step's global views are written.
+        let head = match restraint {
+            Some(_) => 0,
+            None => 2 * self.workers.workers(),
+        };
+        let layouts = (first..steps)
+            .map(|j| StepViews::new(stage, &at.step(stepper, j), at.plan.view_batch, head))
+            .collect::<Result<Vec<_>>>()?;
+        let done = |n| progress(Progress::Views(n));
+        let setup = |j: usize| StepSetup {
+            store: self.store,
+            workers: self.workers,
+            plan: at.plan,
+            stage,
+            views: &layouts[j - first],
+            at: at.step(stepper, j),
+            camap: camap_in.as_ref(),
+            capture: stage.camap_capture && j + 1 == steps,
+            done: &done,
+        };
+        // The local merge's stage-sized buffers, passed from step to step (two steps merge
+        // at once where they overlap).
+        let mut spare: Vec<MergeBuffers> = Vec::new();
         std::thread::scope(|scope| -> Result<()> {
+            let open = |setup, buffers: Option<MergeBuffers>| {
+                let input = StepInput::new(at.shape);
+                views::open(scope, setup, input, buffers.unwrap_or_default())
+            };
             let mut checkpoints = Background::new(scope);
-            for (j, &t) in stage.timesteps.iter().enumerate().skip(start.first_step) {
+            let mut next: Option<Flight> = None;
+            for j in first..steps {
                 let step_start = Instant::now();
-                let t = stepper.timestep(j, t);
+                let t = stepper.timestep(j, stage.timesteps[j]);
                 if let Some(r) = restraint {
                     z = r.apply(&z, j, t, stepper)?;
                 }
                 let input = stepper.scale_input(&z, j)?;
+                let flight = match next.take() {
+                    Some(f) => f,
+                    None => open(setup(j), spare.pop()),
+                };
+                flight.begin(&input)?;
+                drop(input);
+                let mut end = StepEnd::new(&stage.guidance, at.plan.guided, stepper, (j, t), &z);
+                if j + 1 < steps {
+                    let following = open(setup(j + 1), spare.pop());
+                    if let (Some(end), None) = (end.as_mut(), restraint) {
+                        let scale = stepper.input_scale(j + 1)?;
+                        end.publish_to(following.input(), scale, following.head_rows());
+                    }
+                    next = Some(following);
+                }
+                flight.set_end(end);
                 let before_views = step_start.elapsed().as_secs_f64();
-                let camap = camap_in.as_ref();
-                let guided = at.plan.guided;
-                let end = StepEnd::new(&stage.guidance, guided, stepper, (j, t), &z);
-                let mut pred =
-                    self.evaluate_views(at, (j, t), (&input, end), camap, &mut buffers, progress)?;
+                let (mut pred, buffers) = flight.close()?;
+                spare.push(buffers);
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
                 (z, x0) = match pred.stepped.take() {
@@ -749,39 +798,6 @@ impl Engine<'_> {
         })
     }
 
-    /// The model over the whole stage latent at step `j` (capturing the CA-map at the last
-    /// step of a stage that passes it on).
-    fn evaluate_views(
-        &self,
-        at: &StageAt,
-        (j, t): (usize, f64),
-        (input, end): (&Tensor, Option<StepEnd>),
-        camap_in: Option<&CaMap>,
-        buffers: &mut MergeBuffers,
-        progress: &(dyn Fn(Progress) + Sync),
-    ) -> Result<Predictions> {
-        let capture = at.stage.camap_capture && j + 1 == at.stage.timesteps.len();
-        let step = StepAt {
-            job: at.job,
-            seed: at.seed,
-            stage: at.k,
-            step: j,
-            timestep: t,
-        };
-        views::evaluate(
-            self.store,
-            self.workers,
-            at.plan,
-            at.stage,
-            step,
-            input,
-            camap_in,
-            capture,
-            (buffers, end),
-            &|n| progress(Progress::Views(n)),
-        )
-    }
-
     /// Step `j`'s checkpoint (with x0 and the CA-map at the stage's end), the deletion of
     /// its task keys and the preview: what runs beside the next step.
     fn save_step(
@@ -816,6 +832,17 @@ struct StageAt<'a> {
 }
 
 impl StageAt<'_> {
+    /// Where step `j` of the stage is.
+    fn step(&self, stepper: &Stepper, j: usize) -> StepAt<'_> {
+        StepAt {
+            job: self.job,
+            seed: self.seed,
+            stage: self.k,
+            step: j,
+            timestep: stepper.timestep(j, self.stage.timesteps[j]),
+        }
+    }
+
     /// The stage's seeded draw for `purpose`.
     fn noise(&self, purpose: NoisePurpose) -> Result<Tensor> {
         let key = NoiseKey {

@@ -15,31 +15,36 @@ use candle_core::{DType, Device, Tensor};
 use tessera_core::method::facfg::{FaCfgBands, FaCfgWeights};
 use tessera_core::method::guidance::cfg_value;
 use tessera_core::plan::GuidancePlan;
-use tessera_core::sched::{StageStepper as Stepper, ValueStep};
+use tessera_core::sched::{InputScale, StageStepper as Stepper, ValueStep};
 
+use super::step_input::StepInput;
 use super::{EngineError, Result};
+use std::sync::Arc;
 
 /// Values past which a band is split between threads.
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// Guidance and the scheduler step of one step over the rows of the merged predictions that
 /// are final so far; the next latent and the predicted clean latent fill in as they go.
-pub struct StepEnd<'a> {
+pub struct StepEnd {
     /// Whether the merged predictions hold both halves.
     guided: bool,
     guide: Guide,
     step: ValueStep,
     /// The step's sample, `(1, C, H, W)` contiguous f32 on the CPU.
-    sample: &'a Tensor,
+    sample: Tensor,
     /// `(C, H, W)` of the latent.
     dims: (usize, usize, usize),
     /// Rows stepped so far.
     done: usize,
     next: Vec<f32>,
     x0: Vec<f32>,
+    /// Where the next step's first rows go as soon as they are stepped (its input, scaled
+    /// for the model), and up to which row.
+    publish: Option<(Arc<StepInput>, InputScale, usize)>,
 }
 
-impl<'a> StepEnd<'a> {
+impl StepEnd {
     /// The end of step `j` at `t` from `sample`, or `None` where it cannot run in bands: a
     /// step that is not value by value, or a sample that is not one contiguous `(1, C, H, W)`
     /// f32 latent on the CPU (the whole-latent path then runs as before).
@@ -48,7 +53,7 @@ impl<'a> StepEnd<'a> {
         guided: bool,
         stepper: &Stepper,
         (j, t): (usize, f64),
-        sample: &'a Tensor,
+        sample: &Tensor,
     ) -> Option<Self> {
         let (1, channels, h, w) = sample.dims4().ok()? else {
             return None;
@@ -84,12 +89,19 @@ impl<'a> StepEnd<'a> {
             guided,
             guide,
             step,
-            sample,
+            sample: sample.clone(),
             dims: (channels, h, w),
             done: 0,
             next: vec![0.0; n],
             x0: vec![0.0; n],
+            publish: None,
         })
+    }
+
+    /// Publishes the next latent's rows `0..rows` to `input` as they are stepped, scaled for
+    /// the model by `scale` (see [`StepInput`]).
+    pub fn publish_to(&mut self, input: Arc<StepInput>, scale: InputScale, rows: usize) {
+        self.publish = Some((input, scale, rows));
     }
 
     /// Guides and steps rows `done..upto` of `merged`, the `(halves, C, H, W)` merged
@@ -155,6 +167,9 @@ impl<'a> StepEnd<'a> {
                 }
             }
         });
+        if let Some((input, scale, limit)) = &self.publish {
+            input.publish(&self.next, (from, upto), *scale, *limit);
+        }
         self.done = upto;
         Ok(())
     }

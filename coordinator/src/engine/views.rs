@@ -8,17 +8,20 @@
 //! The step is pipelined so the coordinator's work overlaps the workers': a writer thread
 //! hands each task out as soon as its input is in the store, and each result is read and
 //! merged as it arrives (held back only until the tasks before it are merged). The global
-//! views go out first, so the scale fusion runs behind the local merge a band of rows at a
-//! time, and guidance and the scheduler step behind the fusion ([`StepEnd`]). What remains
-//! between the last result and the next step is the last merges and the last band's fusion,
-//! guidance and step — see [`super::StepTimings::critical`].
+//! views go out early (after a head of local views at the top of the latent), so the scale
+//! fusion runs behind the local merge a band of rows at a time, and guidance and the
+//! scheduler step behind the fusion ([`StepEnd`]). What remains between the last result and
+//! the next step is the last merges and the last band's fusion, guidance and step — see
+//! [`super::StepTimings::critical`] — and the next step's head has gone out before it: a
+//! step is opened ([`open`]) while the one before still runs, its head waiting only for the
+//! rows it needs ([`StepInput`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tessera_core::codec;
 use tessera_core::method::camap::{CaMap, ViewPlacement};
 use tessera_core::method::fusion::FusionBands;
@@ -32,6 +35,7 @@ use tessera_core::tiling::{
 use tessera_store::{get_f32s, get_tensor, keys, Store};
 
 use super::step_end::StepEnd;
+use super::step_input::{StepInput, StopOnDrop};
 use super::{EngineError, Result, StepTimings};
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::sync::lock;
@@ -113,129 +117,236 @@ fn global_views(stage: &StagePlan) -> Result<Option<GlobalViews>> {
 /// the stage's entry; view tasks name it and the workers cut their views from it.
 pub const CAMAP_IN: &str = "camap_in";
 
-/// Evaluates the model over the whole stage latent `input` (already scaled for the model) at
-/// one step, as the plan lays the stage out: cut the views, hand the tasks out as their
-/// inputs are written while merging what comes back, read what could not be merged early,
-/// then fuse the scales and split the guidance halves. The local merge sums into `buffers`
-/// (the stage's earlier steps left them) and leaves what it can spare there for the next.
-/// With `end`, guidance and the scheduler step follow the merge down the latent, and the
-/// result carries the stepped latents.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate(
-    store: &dyn Store,
-    workers: &dyn Dispatch,
-    plan: &Plan,
-    stage: &StagePlan,
-    at: StepAt,
-    input: &Tensor,
-    camap: Option<&CaMap>,
+/// What a step's tasks are made from and sent to, beside its input.
+pub struct StepSetup<'v> {
+    pub store: &'v dyn Store,
+    pub workers: &'v dyn Dispatch,
+    pub plan: &'v Plan,
+    pub stage: &'v StagePlan,
+    pub views: &'v StepViews,
+    pub at: StepAt<'v>,
+    pub camap: Option<&'v CaMap>,
+    /// Whether the step captures the stage's CA-map.
+    pub capture: bool,
+    /// Called with the number of views of each task that finishes.
+    pub done: &'v (dyn Fn(usize) + Sync),
+}
+
+/// A step whose tasks are going out: the thread that writes them as their input becomes
+/// known and hands them to the workers, and the merge of what comes back. Steps overlap at
+/// their edge, so the next step is opened while this one runs (see `step_input.rs`).
+pub struct Flight<'scope, 'v> {
+    at: StepAt<'v>,
+    plan: &'v Plan,
+    stage: &'v StagePlan,
+    store: &'v dyn Store,
     capture: bool,
-    (buffers, end): (&mut MergeBuffers, Option<StepEnd>),
-    done: &(dyn Fn(usize) + Sync),
-) -> Result<Predictions> {
-    let mut timings = StepTimings::default();
+    input: Arc<StepInput>,
+    head_rows: usize,
+    arrivals: Arc<Arrivals<'v>>,
+    handle: std::thread::ScopedJoinHandle<'scope, HandOut>,
+    /// Seconds spent setting the step up.
+    setup: f64,
+    _stop: StopOnDrop,
+}
+
+/// What [`hand_out`] returns.
+type HandOut = (
+    Result<f64>,
+    Option<Instant>,
+    std::result::Result<(), DispatchError>,
+);
+
+/// Opens step `setup.at`: its tasks are written and handed out as `input` makes their views
+/// known, each result merged as it arrives (into `buffers`, the sums' buffers of an earlier
+/// step). The step's end is set later ([`Flight::set_end`]), once the step's sample is.
+pub fn open<'scope, 'v>(
+    scope: &'scope std::thread::Scope<'scope, 'v>,
+    setup: StepSetup<'v>,
+    input: Arc<StepInput>,
+    buffers: MergeBuffers,
+) -> Flight<'scope, 'v> {
     let clock = Instant::now();
-    let views = StepViews::new(stage, &at, plan.view_batch)?;
-    // The views are cut from the latent's values in place (a copy only if it is not a
-    // contiguous f32 CPU tensor).
-    let (storage, layout) = input.storage_and_layout();
-    let owned;
-    let latent: &[f32] = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((from, to))) if input.dtype() == DType::F32 => {
-            &cpu.as_slice::<f32>()?[from..to]
-        }
-        _ => {
-            owned = input
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            &owned
-        }
-    };
+    let StepSetup {
+        store,
+        workers,
+        plan,
+        stage,
+        views,
+        at,
+        camap,
+        capture,
+        done,
+    } = setup;
+    let arrivals = Arc::new(Arrivals::new(
+        store,
+        at,
+        plan.guided,
+        stage,
+        views,
+        (buffers, None),
+        done,
+    ));
     let inputs = TaskInputs {
         store,
         plan,
         stage,
         at,
-        views: &views,
-        latent,
-        batch: input.dims4()?.0,
+        views,
+        input: input.clone(),
         camap,
         capture,
         hooks: step_hooks(plan, stage, &at),
         view_dtype: workers.view_dtype(),
     };
-    let spare = std::mem::take(buffers);
-    let arrivals = Arrivals::new(store, at, plan.guided, stage, &views, (spare, end), done);
-    timings.store_write += clock.elapsed().as_secs_f64();
-
-    let (written, first_handed_out, dispatched) =
+    let merging = arrivals.clone();
+    let handle = scope.spawn(move || {
         hand_out(workers, views.groups.len(), &|ti| inputs.task(ti), &|t| {
-            arrivals.on_done(t)
-        });
-    timings.store_write += written?;
-    dispatched?;
-    let (merge, in_flight) = arrivals.finish();
-    if let Some(e) = in_flight.error {
-        return Err(e);
-    }
-    timings.store_read += in_flight.read;
-    timings.merge += in_flight.merging;
-    let (merged_local, fusion, camap, end) = complete_merge(
+            merging.on_done(t)
+        })
+    });
+    Flight {
+        at,
+        plan,
+        stage,
         store,
-        &at,
-        plan.guided,
-        merge,
         capture,
-        buffers,
-        &mut timings,
-    )?;
-    let clock = Instant::now();
-    let merged;
-    (merged, buffers.sums) = fuse(merged_local, fusion)?;
-    timings.fusion += clock.elapsed().as_secs_f64();
-    let (h, w) = stage.latent_hw();
-    let clock = Instant::now();
-    let stepped = match end {
-        Some(mut end) => {
-            end.advance(&merged, h)?;
-            Some(end.finish()?)
-        }
-        None => None,
-    };
-    timings.scheduler += clock.elapsed().as_secs_f64();
-    let halves = if plan.guided { 2 } else { 1 };
-    let channels = merged.len() / (halves * h * w).max(1);
-    let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
-    let (cond, uncond) = split_halves(merged, plan.guided)?;
-    Ok(Predictions {
-        cond,
-        uncond,
-        stepped,
-        camap,
-        timings,
-        first_handed_out,
-        last_result: in_flight.last_result,
-    })
+        head_rows: views.head_rows(),
+        _stop: StopOnDrop(input.clone()),
+        input,
+        arrivals,
+        handle,
+        setup: clock.elapsed().as_secs_f64(),
+    }
 }
 
-/// A step's views and its tasks' groups of them.
-struct StepViews {
+impl Flight<'_, '_> {
+    /// The step's input, for the step before it to publish its first rows to.
+    pub fn input(&self) -> Arc<StepInput> {
+        self.input.clone()
+    }
+
+    /// Rows of the input the step's first tasks need (0: they wait for all of it).
+    pub fn head_rows(&self) -> usize {
+        self.head_rows
+    }
+
+    /// Begins the step with its whole input (already scaled for the model): every task
+    /// may now be written.
+    pub fn begin(&self, input: &Tensor) -> Result<()> {
+        self.input.set_whole(input)
+    }
+
+    /// With `end`, guidance and the scheduler step follow the merge down the latent, and the
+    /// step's result carries the stepped latents.
+    pub fn set_end(&self, end: Option<StepEnd>) {
+        lock(&self.arrivals.merge).end = end;
+    }
+
+    /// Waits for the step's last task, reads what could not be merged early, then fuses the
+    /// scales and splits the guidance halves. Returns the predictions and the merge's buffers
+    /// for a later step.
+    pub fn close(self) -> Result<(Predictions, MergeBuffers)> {
+        let mut timings = StepTimings {
+            store_write: self.setup,
+            ..StepTimings::default()
+        };
+        let (written, first_handed_out, dispatched) = self
+            .handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // The writers' seconds, less those spent waiting for the input's rows.
+        timings.store_write += (written? - self.input.waited()).max(0.0);
+        dispatched?;
+        let arrivals = Arc::try_unwrap(self.arrivals)
+            .map_err(|_| EngineError::Invalid("a step's results are still being merged".into()))?;
+        let (merge, in_flight) = arrivals.finish();
+        if let Some(e) = in_flight.error {
+            return Err(e);
+        }
+        timings.store_read += in_flight.read;
+        timings.merge += in_flight.merging;
+        let mut buffers = MergeBuffers::default();
+        let (merged_local, fusion, camap, end) = complete_merge(
+            self.store,
+            &self.at,
+            self.plan.guided,
+            merge,
+            self.capture,
+            &mut buffers,
+            &mut timings,
+        )?;
+        let clock = Instant::now();
+        let merged;
+        (merged, buffers.sums) = fuse(merged_local, fusion)?;
+        timings.fusion += clock.elapsed().as_secs_f64();
+        let (h, w) = self.stage.latent_hw();
+        let clock = Instant::now();
+        let stepped = match end {
+            Some(mut end) => {
+                end.advance(&merged, h)?;
+                Some(end.finish()?)
+            }
+            None => None,
+        };
+        timings.scheduler += clock.elapsed().as_secs_f64();
+        let halves = if self.plan.guided { 2 } else { 1 };
+        let channels = merged.len() / (halves * h * w).max(1);
+        let merged = Tensor::from_vec(merged, vec![halves, channels, h, w], &Device::Cpu)?;
+        let (cond, uncond) = split_halves(merged, self.plan.guided)?;
+        let pred = Predictions {
+            cond,
+            uncond,
+            stepped,
+            camap,
+            timings,
+            first_handed_out,
+            last_result: in_flight.last_result,
+        };
+        Ok((pred, buffers))
+    }
+}
+
+/// A step's views and its tasks' groups of them, with the rows of the step's input each
+/// group needs before it can be written (`None`: all of it).
+pub struct StepViews {
     local: LocalViews,
     global: Option<GlobalViews>,
     groups: Vec<Group>,
+    needs: Vec<Option<usize>>,
 }
 
 impl StepViews {
-    fn new(stage: &StagePlan, at: &StepAt, batch: usize) -> Result<Self> {
+    /// The views of step `at`, in tasks of `batch`, the first (up to) `head` of local views
+    /// at the top of the latent (see [`task_groups`]).
+    pub fn new(stage: &StagePlan, at: &StepAt, batch: usize, head: usize) -> Result<Self> {
         let local = local_views(stage, at)?;
         let global = global_views(stage)?;
-        let groups = task_groups(local.len(), global.as_ref().map_or(0, |g| g.len()), batch);
+        let globals = global.as_ref().map_or(0, |g| g.len());
+        let groups = task_groups(local.len(), globals, batch, head);
+        let (h, vh) = (local.latent_size().0, local.window().0);
+        let mut needs = vec![None; groups.len()];
+        for (need, group) in needs.iter_mut().zip(&groups) {
+            match group {
+                Group::Local(ix) => {
+                    let bottom = |i: usize| (local.rects()[i].top.max(0) as usize + vh).min(h);
+                    *need = ix.iter().map(|&i| bottom(i)).max();
+                }
+                // The first global task ends the head: what follows needs the whole input.
+                Group::Global(_) => break,
+            }
+        }
         Ok(Self {
             local,
             global,
             groups,
+            needs,
         })
+    }
+
+    /// Rows of the input the head's tasks need (0 without a head).
+    pub fn head_rows(&self) -> usize {
+        self.needs.iter().flatten().copied().max().unwrap_or(0)
     }
 }
 
@@ -285,9 +396,8 @@ struct TaskInputs<'a> {
     stage: &'a StagePlan,
     at: StepAt<'a>,
     views: &'a StepViews,
-    /// The stage latent's `(B, C, H, W)` values, and B.
-    latent: &'a [f32],
-    batch: usize,
+    /// The step's input, `(B, C, H, W)`, as it becomes known.
+    input: Arc<StepInput>,
     camap: Option<&'a CaMap>,
     capture: bool,
     hooks: StepHooks,
@@ -298,7 +408,10 @@ impl TaskInputs<'_> {
     fn task(&self, ti: usize) -> Result<Task> {
         let at = &self.at;
         let key = |part: &str| keys::task(at.job, at.stage, at.step, ti, part);
-        let cut = self.cut(&self.views.groups[ti])?;
+        let group = &self.views.groups[ti];
+        let cut = self
+            .input
+            .with_rows(self.views.needs[ti], |latent| self.cut(latent, group))??;
         self.store.put(&key("in"), &cut.batch)?;
         Ok(Task {
             job: at.job.to_string(),
@@ -318,8 +431,8 @@ impl TaskInputs<'_> {
         })
     }
 
-    /// The group's views cut from the stage latent.
-    fn cut(&self, group: &Group) -> Result<CutViews> {
+    /// The group's views cut from the step's input values `latent`.
+    fn cut(&self, latent: &[f32], group: &Group) -> Result<CutViews> {
         Ok(match group {
             Group::Local(ix) => {
                 let local = &self.views.local;
@@ -335,9 +448,8 @@ impl TaskInputs<'_> {
                     .collect();
                 let view_hw = local.window();
                 CutViews {
-                    batch: self.encode(ix, view_hw, &|i, row| {
-                        local.for_each_row(self.latent, i, row)
-                    })?,
+                    batch: self
+                        .encode(ix, view_hw, &|i, row| local.for_each_row(latent, i, row))?,
                     view_hw,
                     placements,
                     local: true,
@@ -358,8 +470,7 @@ impl TaskInputs<'_> {
                 }
                 let view_hw = g.view_size();
                 CutViews {
-                    batch: self
-                        .encode(ix, view_hw, &|i, row| g.for_each_row(self.latent, i, row))?,
+                    batch: self.encode(ix, view_hw, &|i, row| g.for_each_row(latent, i, row))?,
                     view_hw,
                     placements,
                     local: false,
@@ -371,9 +482,8 @@ impl TaskInputs<'_> {
     /// The views `ix` stacked on the batch axis and encoded as the workers' dtype, straight
     /// from the latent's rows: the bytes of cutting them as tensors, converting and encoding.
     fn encode(&self, ix: &[usize], (vh, vw): (usize, usize), rows: &ViewRows) -> Result<Vec<u8>> {
-        let (h, w) = self.views.local.latent_size();
-        let channels = self.latent.len() / (self.batch * h * w).max(1);
-        let dims = [ix.len() * self.batch, channels, vh, vw];
+        let (batch, channels, _, _) = self.input.dims();
+        let dims = [ix.len() * batch, channels, vh, vw];
         let mut out = codec::header(self.view_dtype, &dims).map_err(codec_error)?;
         let mut failed = None;
         for &i in ix {
@@ -553,7 +663,7 @@ impl<'a> Arrivals<'a> {
         guided: bool,
         stage: &StagePlan,
         views: &'a StepViews,
-        (buffers, end): (MergeBuffers, Option<StepEnd<'a>>),
+        (buffers, end): (MergeBuffers, Option<StepEnd>),
         done: &'a (dyn Fn(usize) + Sync),
     ) -> Self {
         let groups = &views.groups[..];
@@ -669,7 +779,7 @@ fn complete_merge<'a>(
 
 /// What [`complete_merge`] leaves: the merged local predictions, the fusion, the CA-map and
 /// the step end.
-type MergeDone<'a> = (Vec<f32>, Option<Fusion>, Option<CaMap>, Option<StepEnd<'a>>);
+type MergeDone<'a> = (Vec<f32>, Option<Fusion>, Option<CaMap>, Option<StepEnd>);
 
 /// Whatever could not be read early is read now, in order; with `camap`, each local task's
 /// captured maps are read and merged view by view.
@@ -714,18 +824,28 @@ fn split_halves(merged: Tensor, guided: bool) -> Result<(Tensor, Option<Tensor>)
     })
 }
 
-/// The step's tasks: batches of global views first, then of local views in view order. Once
-/// the global views are merged, the fusion can follow the local merge down the latent a band
-/// of rows at a time (see [`StepMerge`]).
-fn task_groups(locals: usize, globals: usize, batch: usize) -> Vec<Group> {
+/// The step's tasks: a head of up to `head` batches of local views (at most half of them),
+/// then the batches of global views, then the other local views, all in view order. The
+/// head's views lie at the top of the latent, so they can go out as soon as the step before
+/// has stepped those rows (`step_input.rs`); once the global views are merged, the fusion
+/// follows the local merge down the latent a band of rows at a time (see [`StepMerge`]).
+/// Without a head: the global views first. The order does not change the bytes.
+fn task_groups(locals: usize, globals: usize, batch: usize, head: usize) -> Vec<Group> {
     let chunks = |n: usize| {
         let ix: Vec<usize> = (0..n).collect();
         ix.chunks(batch.max(1))
             .map(<[usize]>::to_vec)
             .collect::<Vec<_>>()
     };
-    let mut groups: Vec<Group> = chunks(globals).into_iter().map(Group::Global).collect();
-    groups.extend(chunks(locals).into_iter().map(Group::Local));
+    let mut local = chunks(locals).into_iter().map(Group::Local);
+    let head = if globals == 0 {
+        0
+    } else {
+        head.min(local.len() / 2)
+    };
+    let mut groups: Vec<Group> = local.by_ref().take(head).collect();
+    groups.extend(chunks(globals).into_iter().map(Group::Global));
+    groups.extend(local);
     groups
 }
 
@@ -758,7 +878,7 @@ struct StepMerge<'a> {
     buffers: Option<MergeBuffers>,
     /// Guidance and the scheduler step, run on the rows the merge (and fusion) settle (their
     /// time counted as the merge's, as the fusion's is).
-    end: Option<StepEnd<'a>>,
+    end: Option<StepEnd>,
 }
 
 impl<'a> StepMerge<'a> {
@@ -768,7 +888,7 @@ impl<'a> StepMerge<'a> {
         global: Option<&'a GlobalViews>,
         weighting: ViewWeighting,
         fusion_scale: usize,
-        (buffers, end): (MergeBuffers, Option<StepEnd<'a>>),
+        (buffers, end): (MergeBuffers, Option<StepEnd>),
     ) -> Self {
         Self {
             groups,
@@ -1093,12 +1213,19 @@ mod tests {
             .reshape((2, 4, h, w))?
             .affine(1e-4, -1.0)?
             .sin()?;
-        // Globals first, as steps run (the fusion follows the merge), and locals first (the
-        // fusion runs whole at the end): the same bytes.
-        let banded = task_groups(local.len(), global.len(), 3);
-        let mut whole = task_groups(local.len(), 0, 3);
-        whole.extend(task_groups(0, global.len(), 3));
+        // Globals first (the fusion follows the merge), a head of local views before them
+        // (as overlapping steps run), and locals first (the fusion runs whole at the end):
+        // the same bytes.
+        let banded = task_groups(local.len(), global.len(), 3, 0);
+        let headed = task_groups(local.len(), global.len(), 3, 4);
+        let mut whole = task_groups(local.len(), 0, 3, 0);
+        whole.extend(task_groups(0, global.len(), 3, 0));
         assert!(matches!(banded[0], Group::Global(_)) && matches!(whole[0], Group::Local(_)));
+        let head = headed
+            .iter()
+            .take_while(|g| matches!(g, Group::Local(_)))
+            .count();
+        assert!(head > 0 && head <= 4 && matches!(headed[head], Group::Global(_)));
         // Each view's batch rows are [uncond, cond] of the field: split them per task.
         let per_task = |g: &Group| -> Result<TaskOutputs> {
             let ix = match g {
@@ -1174,6 +1301,8 @@ mod tests {
         for (groups, order) in [
             (&banded, &backward),
             (&banded, &shuffled),
+            (&headed, &forward),
+            (&headed, &shuffled),
             (&whole, &shuffled),
         ] {
             let (b, s) = run(groups, order)?;

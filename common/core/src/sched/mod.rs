@@ -14,7 +14,7 @@ mod value;
 pub use config::{SchedulerConfig, TimestepSpacing};
 pub use flow::dynamic_mu;
 pub use stage::StageStepper;
-pub use value::{ValueNoise, ValueStep};
+pub use value::{InputScale, ValueNoise, ValueStep};
 
 use candle_core::{DType, Result as TensorResult, Tensor};
 
@@ -217,25 +217,37 @@ impl Scheduler {
 
     /// The model input for step `step_index`: Euler divides by sqrt(σ² + 1), DDIM passes it on.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> TensorResult<Tensor> {
+        match self.input_scale(step_index)? {
+            InputScale::Identity => Ok(sample.clone()),
+            // One threaded pass of the value arithmetic; candle's division where it cannot.
+            InputScale::Times(m) => match fused::map(sample, |v| InputScale::Times(m).apply(v))? {
+                Some(scaled) => Ok(scaled),
+                None => sample / self.input_divisor(step_index)?,
+            },
+        }
+    }
+
+    /// [`Self::scale_model_input`] as arithmetic on one value.
+    pub fn input_scale(&self, step_index: usize) -> TensorResult<InputScale> {
         if step_index >= self.timesteps.len() {
             return Err(candle_core::Error::Msg(format!(
                 "step index {step_index} outside the schedule of {} steps",
                 self.timesteps.len()
             )));
         }
-        match self.kind {
-            SchedulerKind::Ddim | SchedulerKind::FlowEuler => Ok(sample.clone()),
+        Ok(match self.kind {
+            SchedulerKind::Ddim | SchedulerKind::FlowEuler => InputScale::Identity,
+            // candle divides by a scalar as `v·(1/d) + 0`.
             SchedulerKind::Euler => {
-                let sigma = self.sigma_at(step_index)?;
-                let d = (sigma * sigma + 1.0).sqrt();
-                // candle divides by a scalar as `v·(1/d) + 0`; one threaded pass here.
-                let m = (1.0 / d) as f32;
-                match fused::map(sample, |v| v * m + 0.0)? {
-                    Some(scaled) => Ok(scaled),
-                    None => sample / d,
-                }
+                InputScale::Times((1.0 / self.input_divisor(step_index)?) as f32)
             }
-        }
+        })
+    }
+
+    /// Euler's √(σ² + 1) at `step_index`.
+    fn input_divisor(&self, step_index: usize) -> TensorResult<f64> {
+        let sigma = self.sigma_at(step_index)?;
+        Ok((sigma * sigma + 1.0).sqrt())
     }
 
     /// One denoising step at `step_index` of the schedule (η = 0 for DDIM, no churn for
@@ -499,6 +511,27 @@ mod tests {
             .as_bytes(),
         )
         .unwrap()
+    }
+
+    /// The value-by-value input scaling is what the whole-latent one gives, bit for bit.
+    #[test]
+    fn input_scale_is_scale_model_input_value_by_value() {
+        let cfg = sdxl_config("EulerDiscreteScheduler", "epsilon", "leading");
+        let sample = Tensor::randn(0f32, 3.0, (1, 4, 9, 7), &candle_core::Device::Cpu).unwrap();
+        let values = sample.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for kind in [SchedulerKind::Euler, SchedulerKind::Ddim] {
+            let s = Scheduler::new(kind, &cfg, 10).unwrap();
+            for i in [0, 4, 9] {
+                let whole = s.scale_model_input(&sample, i).unwrap();
+                let whole = whole.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let scale = s.input_scale(i).unwrap();
+                assert_eq!(kind == SchedulerKind::Euler, scale != InputScale::Identity);
+                for (w, &v) in whole.iter().zip(&values) {
+                    assert_eq!(w.to_bits(), scale.apply(v).to_bits());
+                }
+            }
+            assert!(s.input_scale(10).is_err());
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 use candle_core::{Result as TensorResult, Tensor};
 
-use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, ValueNoise, ValueStep};
+use super::{
+    InputScale, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, ValueNoise, ValueStep,
+};
 use crate::plan::StageSchedule;
 
 /// A stage's scheduler and how the stage walks it.
@@ -66,6 +68,16 @@ impl StageStepper {
         match &self.schedule {
             StageSchedule::Schedule { .. } => self.scheduler.scale_model_input(z, self.index(j)),
             StageSchedule::Frecas { .. } | StageSchedule::FrecasFlow { .. } => Ok(z.clone()),
+        }
+    }
+
+    /// [`Self::scale_input`] as arithmetic on one value.
+    pub fn input_scale(&self, j: usize) -> TensorResult<InputScale> {
+        match &self.schedule {
+            StageSchedule::Schedule { .. } => self.scheduler.input_scale(self.index(j)),
+            StageSchedule::Frecas { .. } | StageSchedule::FrecasFlow { .. } => {
+                Ok(InputScale::Identity)
+            }
         }
     }
 

@@ -9,6 +9,24 @@
 
 use super::PredictionType;
 
+/// How a step's model input is made from its latent, value by value (what
+/// `Scheduler::scale_model_input` computes): unchanged, or Euler's product by 1/√(σ² + 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputScale {
+    Identity,
+    Times(f32),
+}
+
+impl InputScale {
+    #[inline]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            InputScale::Identity => v,
+            InputScale::Times(m) => v * m + 0.0,
+        }
+    }
+}
+
 /// One step's constants, by scheduler and parameterisation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueStep {

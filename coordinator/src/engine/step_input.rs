@@ -1,0 +1,214 @@
+//! A step's model input as it becomes known, so that its first tasks can go out before the
+//! step before it has ended.
+//!
+//! Steps overlap at their edge: while a step's last tasks compute, its end (guidance and the
+//! scheduler step, [`super::step_end::StepEnd`]) has already produced the top rows of the
+//! next latent, and the workers left idle by the step's last round can start on the next
+//! step's top local views. The step end *publishes* those rows here — scaled for the model
+//! with the same per-value arithmetic as the whole-latent `scale_input` — and the writers of
+//! the next step's first tasks wait for the rows their views need. The rest of the next
+//! step's tasks wait for the whole input, set once the step has begun (after the restraint,
+//! where the stage has one). Either way a view's values are the same bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Storage, Tensor};
+use tessera_core::sched::InputScale;
+
+use super::{EngineError, Result};
+use crate::sync::lock;
+
+/// The model input of one step, `(B, C, H, W)`: rows published early, then the whole of it.
+pub struct StepInput {
+    dims: (usize, usize, usize, usize),
+    state: Mutex<InputState>,
+    changed: Condvar,
+    /// Nanoseconds writers have spent waiting for rows (not work: kept out of the timings).
+    waited: AtomicU64,
+}
+
+#[derive(Default)]
+struct InputState {
+    /// Rows `0..head_rows` of every plane are final (the rest of the buffer is unused).
+    head: Vec<f32>,
+    head_rows: usize,
+    /// The whole input, contiguous f32 on the CPU.
+    whole: Option<Tensor>,
+    /// The stage stopped before this step could run: waiting writers give up.
+    stopped: bool,
+}
+
+impl StepInput {
+    pub fn new(dims: (usize, usize, usize, usize)) -> Arc<Self> {
+        Arc::new(Self {
+            dims,
+            state: Mutex::new(InputState::default()),
+            changed: Condvar::new(),
+            waited: AtomicU64::new(0),
+        })
+    }
+
+    /// `(B, C, H, W)` of the input.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        self.dims
+    }
+
+    /// Sets the whole input (the step has begun); every waiting writer may go on.
+    pub fn set_whole(&self, input: &Tensor) -> Result<()> {
+        let (b, c, h, w) = self.dims;
+        if input.dims4()? != (b, c, h, w) {
+            return Err(EngineError::Invalid(format!(
+                "a step input of shape {:?} for a {b}x{c}x{h}x{w} latent",
+                input.dims()
+            )));
+        }
+        let whole = match contiguous_f32(input) {
+            Some(_) => input.clone(),
+            None => input.to_dtype(DType::F32)?.contiguous()?,
+        };
+        let mut s = lock(&self.state);
+        s.whole = Some(whole);
+        s.head = Vec::new();
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Publishes rows `from..upto` of `next` (the next latent's `(C, H, W)` values, those rows
+    /// final), scaled for the model by `scale`, up to row `limit`. Rows must come in order.
+    pub fn publish(
+        &self,
+        next: &[f32],
+        (from, upto): (usize, usize),
+        scale: InputScale,
+        limit: usize,
+    ) {
+        let (b, c, h, w) = self.dims;
+        let upto = upto.min(limit).min(h);
+        let mut s = lock(&self.state);
+        if b != 1 || next.len() != c * h * w || s.whole.is_some() || from != s.head_rows {
+            return;
+        }
+        if upto <= from {
+            return;
+        }
+        if s.head.is_empty() {
+            s.head = vec![0.0; c * h * w];
+        }
+        for plane in 0..c {
+            let rows = plane * h * w + from * w..plane * h * w + upto * w;
+            for (out, &v) in s.head[rows.clone()].iter_mut().zip(&next[rows]) {
+                *out = scale.apply(v);
+            }
+        }
+        s.head_rows = upto;
+        self.changed.notify_all();
+    }
+
+    /// Stops the step: writers still waiting give up with an error.
+    pub fn stop(&self) {
+        lock(&self.state).stopped = true;
+        self.changed.notify_all();
+    }
+
+    /// Runs `f` over the input's values once rows `0..rows` are known (`None`: the whole
+    /// input), waiting until they are. Only the rows asked for may be read.
+    pub fn with_rows<R>(&self, rows: Option<usize>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(whole) = s.whole.clone() {
+                drop(s);
+                let (storage, layout) = whole.storage_and_layout();
+                return match (&*storage, layout.contiguous_offsets()) {
+                    (Storage::Cpu(cpu), Some((a, b))) => Ok(f(&cpu.as_slice::<f32>()?[a..b])),
+                    _ => Err(EngineError::Invalid("the step input moved".into())),
+                };
+            }
+            if s.stopped {
+                return Err(EngineError::Invalid(
+                    "the stage stopped before this step's input was known".into(),
+                ));
+            }
+            if let Some(r) = rows {
+                if s.head_rows >= r && !s.head.is_empty() {
+                    return Ok(f(&s.head));
+                }
+            }
+            let clock = Instant::now();
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            let waited = clock.elapsed().as_nanos() as u64;
+            self.waited.fetch_add(waited, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds writers have spent waiting in [`Self::with_rows`] so far.
+    pub fn waited(&self) -> f64 {
+        self.waited.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+}
+
+/// A tensor that already is contiguous f32 on the CPU.
+fn contiguous_f32(t: &Tensor) -> Option<()> {
+    let (storage, layout) = t.storage_and_layout();
+    let cpu = matches!(&*storage, Storage::Cpu(_));
+    (cpu && t.dtype() == DType::F32 && layout.contiguous_offsets().is_some()).then_some(())
+}
+
+/// Stops a step's input when dropped: a step opened early but never begun (the stage ended
+/// with an error first) must not leave its writers waiting.
+pub struct StopOnDrop(pub Arc<StepInput>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn published_rows_are_the_scaled_rows_of_the_whole_input() -> Result<()> {
+        let (c, h, w) = (3, 6, 5);
+        let z: Vec<f32> = (0..c * h * w).map(|i| i as f32 * 0.37 - 9.0).collect();
+        let scale = InputScale::Times(0.3);
+        let input = StepInput::new((1, c, h, w));
+        input.publish(&z, (0, 2), scale, 4);
+        input.publish(&z, (2, 6), scale, 4);
+        let head = input.with_rows(Some(4), |v| v.to_vec())?;
+        let whole = Tensor::from_vec(
+            z.iter().map(|&v| scale.apply(v)).collect(),
+            (1, c, h, w),
+            &Device::Cpu,
+        )?;
+        let want = whole.flatten_all()?.to_vec1::<f32>()?;
+        for plane in 0..c {
+            let rows = plane * h * w..plane * h * w + 4 * w;
+            assert_eq!(head[rows.clone()], want[rows]);
+        }
+        input.set_whole(&whole)?;
+        assert_eq!(input.with_rows(None, |v| v.to_vec())?, want);
+        Ok(())
+    }
+
+    #[test]
+    fn a_writer_waits_for_its_rows_and_a_stop_ends_the_wait() -> Result<()> {
+        let (c, h, w) = (1, 8, 2);
+        let z = vec![1.0f32; c * h * w];
+        let input = StepInput::new((1, c, h, w));
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| input.with_rows(Some(3), |v| v[5]));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            input.publish(&z, (0, 3), InputScale::Identity, 8);
+            assert_eq!(waiting.join().unwrap().unwrap(), 1.0);
+            let never = s.spawn(|| input.with_rows(None, |v| v.len()));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(StopOnDrop(input.clone()));
+            assert!(never.join().unwrap().is_err());
+        });
+        Ok(())
+    }
+}
