@@ -27,7 +27,7 @@ use tessera_store::{get_json, get_tensor, keys, put_json, put_tensor, Store};
 
 use crate::dispatch::{Dispatch, DispatchError};
 use step_end::StepEnd;
-use step_input::StepInput;
+use step_input::{InputRule, StepInput};
 use vae::{Pixels, RowSink};
 use views::{Flight, Predictions, StepAt, StepSetup, StepViews};
 
@@ -687,8 +687,8 @@ impl Engine<'_> {
     /// Steps overlap at their edge: each step opens the next one before its own results
     /// come in, and its end publishes the next latent's top rows as they are stepped, so the
     /// next step's first tasks (local views at the top of the latent) reach workers the
-    /// step's last round leaves idle (`step_input.rs`). A stage that restrains its structure
-    /// modifies the next latent once the step has ended, so its steps only meet.
+    /// step's last round leaves idle (`step_input.rs`); a restrained stage's rows are
+    /// restrained value by value on the way (`next_input_rule`).
     fn denoise(
         &self,
         at: &StageAt,
@@ -706,10 +706,7 @@ impl Engine<'_> {
         let first = start.first_step;
         // Two tasks per worker: the workers the step's last round leaves idle, and then every
         // worker while the next step's global views are written.
-        let head = match restraint {
-            Some(_) => 0,
-            None => 2 * self.workers.workers(),
-        };
+        let head = 2 * self.workers.workers();
         let layouts = (first..steps)
             .map(|j| StepViews::new(stage, &at.step(stepper, j), at.plan.view_batch, head))
             .collect::<Result<Vec<_>>>()?;
@@ -751,9 +748,10 @@ impl Engine<'_> {
                 let mut end = StepEnd::new(&stage.guidance, at.plan.guided, stepper, (j, t), &z);
                 if j + 1 < steps {
                     let following = open(setup(j + 1), spare.pop());
-                    if let (Some(end), None) = (end.as_mut(), restraint) {
-                        let scale = stepper.input_scale(j + 1)?;
-                        end.publish_to(following.input(), scale, following.head_rows());
+                    let t_next = stepper.timestep(j + 1, stage.timesteps[j + 1]);
+                    let rule = next_input_rule(stepper, restraint, (j + 1, t_next))?;
+                    if let (Some(end), Some(rule)) = (end.as_mut(), rule) {
+                        end.publish_to(following.input(), rule, following.head_rows());
                     }
                     next = Some(following);
                 }
@@ -895,6 +893,36 @@ impl Restraint {
         let noised = || stepper.add_noise(&self.z_up, &self.eps, j, t);
         Ok(self.rule.apply(z, j, t, noised)?)
     }
+}
+
+/// How step `j`'s input is made value by value from the latent the step before produces,
+/// or `None` where it cannot be (a restraint under a mask, or one whose one-pass form does not
+/// apply): that step's first tasks then wait for its whole input.
+fn next_input_rule(
+    stepper: &Stepper,
+    restraint: Option<&Restraint>,
+    (j, t): (usize, f64),
+) -> Result<Option<InputRule>> {
+    let scale = stepper.input_scale(j)?;
+    let Some(r) = restraint else {
+        return Ok(Some(InputRule {
+            scale,
+            restraint: None,
+        }));
+    };
+    let rule = stepper
+        .value_noise(j, t)
+        .and_then(|noise| r.rule.value_restraint((j, t), noise));
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+    Ok(match rule {
+        Some(rule) if f32_cpu(&r.z_up) && f32_cpu(&r.eps) && r.z_up.dims() == r.eps.dims() => {
+            Some(InputRule {
+                scale,
+                restraint: Some((rule, r.z_up.clone(), r.eps.clone())),
+            })
+        }
+        _ => None,
+    })
 }
 
 /// The guided prediction: CFG or FA-CFG of the merged predictions as the plan says, the

@@ -15,9 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use tessera_core::method::facfg::{FaCfgBands, FaCfgWeights};
 use tessera_core::method::guidance::cfg_value;
 use tessera_core::plan::GuidancePlan;
-use tessera_core::sched::{InputScale, StageStepper as Stepper, ValueStep};
+use tessera_core::sched::{StageStepper as Stepper, ValueStep};
 
-use super::step_input::StepInput;
+use super::step_input::{InputRule, StepInput};
 use super::{EngineError, Result};
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ pub struct StepEnd {
     x0: Vec<f32>,
     /// Where the next step's first rows go as soon as they are stepped (its input, scaled
     /// for the model), and up to which row.
-    publish: Option<(Arc<StepInput>, InputScale, usize)>,
+    publish: Option<(Arc<StepInput>, InputRule, usize)>,
 }
 
 impl StepEnd {
@@ -98,10 +98,10 @@ impl StepEnd {
         })
     }
 
-    /// Publishes the next latent's rows `0..rows` to `input` as they are stepped, scaled for
-    /// the model by `scale` (see [`StepInput`]).
-    pub fn publish_to(&mut self, input: Arc<StepInput>, scale: InputScale, rows: usize) {
-        self.publish = Some((input, scale, rows));
+    /// Publishes the next latent's rows `0..rows` to `input` as they are stepped, made the
+    /// model's input by `rule` (see [`StepInput`]).
+    pub fn publish_to(&mut self, input: Arc<StepInput>, rule: InputRule, rows: usize) {
+        self.publish = Some((input, rule, rows));
     }
 
     /// Guides and steps rows `done..upto` of `merged`, the `(halves, C, H, W)` merged
@@ -167,8 +167,8 @@ impl StepEnd {
                 }
             }
         });
-        if let Some((input, scale, limit)) = &self.publish {
-            input.publish(&self.next, (from, upto), *scale, *limit);
+        if let Some((input, rule, limit)) = &self.publish {
+            input.publish(&self.next, (from, upto), rule, *limit);
         }
         self.done = upto;
         Ok(())

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Storage, Tensor};
+use tessera_core::method::freescale::ValueRestraint;
 use tessera_core::sched::InputScale;
 
 use super::{EngineError, Result};
@@ -69,19 +70,27 @@ impl StepInput {
             None => input.to_dtype(DType::F32)?.contiguous()?,
         };
         let mut s = lock(&self.state);
-        s.whole = Some(whole);
-        s.head = Vec::new();
+        let published = std::mem::take(&mut s.head);
+        let rows = s.head_rows;
+        s.whole = Some(whole.clone());
         self.changed.notify_all();
+        drop(s);
+        // Tasks may have been cut from either: they must be the same bytes.
+        if rows > 0 && !same_rows(&published, &whole, (c * h * w, h * w), rows * w)? {
+            return Err(EngineError::Invalid(
+                "the rows published for a step's first tasks differ from its input".into(),
+            ));
+        }
         Ok(())
     }
 
     /// Publishes rows `from..upto` of `next` (the next latent's `(C, H, W)` values, those rows
-    /// final), scaled for the model by `scale`, up to row `limit`. Rows must come in order.
+    /// final), made the model's input by `rule`, up to row `limit`. Rows must come in order.
     pub fn publish(
         &self,
         next: &[f32],
         (from, upto): (usize, usize),
-        scale: InputScale,
+        rule: &InputRule,
         limit: usize,
     ) {
         let (b, c, h, w) = self.dims;
@@ -98,8 +107,8 @@ impl StepInput {
         }
         for plane in 0..c {
             let rows = plane * h * w + from * w..plane * h * w + upto * w;
-            for (out, &v) in s.head[rows.clone()].iter_mut().zip(&next[rows]) {
-                *out = scale.apply(v);
+            if !rule.make(&next[rows.clone()], rows.start, &mut s.head[rows]) {
+                return;
             }
         }
         s.head_rows = upto;
@@ -148,6 +157,67 @@ impl StepInput {
     }
 }
 
+/// Whether the first `n` values of every plane (`plane` values each, `len` in all) of `a` and
+/// the contiguous f32 tensor `b` are the same bits.
+fn same_rows(a: &[f32], b: &Tensor, (len, plane): (usize, usize), n: usize) -> Result<bool> {
+    let (storage, layout) = b.storage_and_layout();
+    let b = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((from, to))) => &cpu.as_slice::<f32>()?[from..to],
+        _ => return Ok(false),
+    };
+    if a.len() != len || b.len() != len {
+        return Ok(false);
+    }
+    Ok((0..len / plane.max(1)).all(|p| {
+        let r = p * plane..p * plane + n;
+        a[r.clone()]
+            .iter()
+            .zip(&b[r])
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    }))
+}
+
+/// How a step's model input is made from its latent, value by value: the restraint (where
+/// the stage has one and its one-pass form applies), then the input scaling — the
+/// arithmetic of the whole-latent passes, so the bytes are the same.
+pub struct InputRule {
+    pub scale: InputScale,
+    /// The step's restraint with the stage's `(z_up, ε)`, contiguous f32 on the CPU.
+    pub restraint: Option<(ValueRestraint, Tensor, Tensor)>,
+}
+
+impl InputRule {
+    /// Writes the input of the latent values `z`, which start at value `at` of the latent,
+    /// into `out`; false where the restraint's tensors cannot be read value by value.
+    fn make(&self, z: &[f32], at: usize, out: &mut [f32]) -> bool {
+        let Some((rule, z_up, eps)) = &self.restraint else {
+            for (o, &v) in out.iter_mut().zip(z) {
+                *o = self.scale.apply(v);
+            }
+            return true;
+        };
+        let (up_storage, up_layout) = z_up.storage_and_layout();
+        let (eps_storage, eps_layout) = eps.storage_and_layout();
+        let values = |s: &Storage, l: &candle_core::Layout| -> Option<Vec<f32>> {
+            let (Storage::Cpu(cpu), Some((from, _))) = (s, l.contiguous_offsets()) else {
+                return None;
+            };
+            let all = cpu.as_slice::<f32>().ok()?;
+            all.get(from + at..from + at + z.len()).map(<[f32]>::to_vec)
+        };
+        let (Some(up), Some(ep)) = (
+            values(&up_storage, up_layout),
+            values(&eps_storage, eps_layout),
+        ) else {
+            return false;
+        };
+        for (((o, &v), &x), &n) in out.iter_mut().zip(z).zip(&up).zip(&ep) {
+            *o = self.scale.apply(rule.apply(x, n, v));
+        }
+        true
+    }
+}
+
 /// A tensor that already is contiguous f32 on the CPU.
 fn contiguous_f32(t: &Tensor) -> Option<()> {
     let (storage, layout) = t.storage_and_layout();
@@ -175,9 +245,13 @@ mod tests {
         let (c, h, w) = (3, 6, 5);
         let z: Vec<f32> = (0..c * h * w).map(|i| i as f32 * 0.37 - 9.0).collect();
         let scale = InputScale::Times(0.3);
+        let rule = InputRule {
+            scale,
+            restraint: None,
+        };
         let input = StepInput::new((1, c, h, w));
-        input.publish(&z, (0, 2), scale, 4);
-        input.publish(&z, (2, 6), scale, 4);
+        input.publish(&z, (0, 2), &rule, 4);
+        input.publish(&z, (2, 6), &rule, 4);
         let head = input.with_rows(Some(4), |v| v.to_vec())?;
         let whole = Tensor::from_vec(
             z.iter().map(|&v| scale.apply(v)).collect(),
@@ -191,6 +265,45 @@ mod tests {
         }
         input.set_whole(&whole)?;
         assert_eq!(input.with_rows(None, |v| v.to_vec())?, want);
+        // Published rows that are not the input's are an error, not a different picture.
+        let other = StepInput::new((1, c, h, w));
+        other.publish(&z, (0, 2), &rule, 4);
+        assert!(other.set_whole(&(whole + 1.0)?).is_err());
+        Ok(())
+    }
+
+    /// A restrained stage's published rows are the whole-latent restraint and scaling's.
+    #[test]
+    fn restrained_rows_are_the_whole_latent_passes_bytes() -> Result<()> {
+        use tessera_core::method::freescale::RestrainedStructure;
+        use tessera_core::sched::SchedulerKind;
+        let (c, h, w) = (4, 7, 6);
+        let stepper = super::super::step_end::test_stepper(SchedulerKind::Euler);
+        let (j, t) = (3, stepper.scheduler().timesteps()[3]);
+        let randn = |s: f64| Tensor::randn(0f32, s as f32, (1, c, h, w), &Device::Cpu);
+        let (z, z_up, eps) = (randn(2.0)?, randn(1.0)?, randn(1.0)?);
+        let structure = RestrainedStructure::uniform(3.0, 1000);
+        let noise = stepper
+            .value_noise(j, t)
+            .expect("Euler noises value by value");
+        let restrained = structure
+            .apply_in_one_pass(&z, (&z_up, &eps), (j, t), noise)?
+            .expect("one pass applies");
+        let whole = stepper.scale_input(&restrained, j)?;
+        let rule = InputRule {
+            scale: stepper.input_scale(j)?,
+            restraint: Some((
+                structure.value_restraint((j, t), noise).expect("a rule"),
+                z_up,
+                eps,
+            )),
+        };
+        let input = StepInput::new((1, c, h, w));
+        let values = z.flatten_all()?.to_vec1::<f32>()?;
+        input.publish(&values, (0, h), &rule, 5);
+        assert_eq!(lock(&input.state).head_rows, 5);
+        // The check in `set_whole` compares the published rows bit for bit.
+        input.set_whole(&whole)?;
         Ok(())
     }
 
@@ -202,7 +315,11 @@ mod tests {
         std::thread::scope(|s| {
             let waiting = s.spawn(|| input.with_rows(Some(3), |v| v[5]));
             std::thread::sleep(std::time::Duration::from_millis(20));
-            input.publish(&z, (0, 3), InputScale::Identity, 8);
+            let rule = InputRule {
+                scale: InputScale::Identity,
+                restraint: None,
+            };
+            input.publish(&z, (0, 3), &rule, 8);
             assert_eq!(waiting.join().unwrap().unwrap(), 1.0);
             let never = s.spawn(|| input.with_rows(None, |v| v.len()));
             std::thread::sleep(std::time::Duration::from_millis(20));

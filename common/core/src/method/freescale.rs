@@ -152,18 +152,55 @@ impl RestrainedStructure {
         (j, t): (usize, f64),
         noise: crate::sched::ValueNoise,
     ) -> Result<Option<Tensor>> {
-        let RestraintExponents::Uniform(scale) = self.exponents else {
+        let Some(rule) = self.value_restraint((j, t), noise) else {
             return Ok(None);
         };
-        let c = restraint_weight(t, self.num_train_timesteps, scale);
-        if j == 0 || c == 0.0 || !(0.0..=1.0).contains(&c) || z.dims() != z_up.dims() {
+        if z.dims() != z_up.dims() {
             return Ok(None);
         }
-        // `(z·(1 − c)) + (n·c)`, each scalar product candle's affine `v·m + 0`.
-        let (keep, mix) = ((1.0 - c) as f32, c as f32);
         Ok(crate::sched::fused::zip3_map(z_up, eps, z, |x, n, z| {
-            (z * keep + 0.0) + (noise.apply(x, n) * mix + 0.0)
+            rule.apply(x, n, z)
         })?)
+    }
+
+    /// The arithmetic of [`Self::apply_in_one_pass`] at step `j` (timestep `t`) on one value,
+    /// or `None` where that pass does not apply (step 0, a weight of 0 or outside [0, 1], an
+    /// exponent map).
+    pub fn value_restraint(
+        &self,
+        (j, t): (usize, f64),
+        noise: crate::sched::ValueNoise,
+    ) -> Option<ValueRestraint> {
+        let RestraintExponents::Uniform(scale) = self.exponents else {
+            return None;
+        };
+        let c = restraint_weight(t, self.num_train_timesteps, scale);
+        if j == 0 || c == 0.0 || !(0.0..=1.0).contains(&c) {
+            return None;
+        }
+        Some(ValueRestraint {
+            keep: (1.0 - c) as f32,
+            mix: c as f32,
+            noise,
+        })
+    }
+}
+
+/// One step's restraint with one exponent, on one value: `(z·(1 − c)) + (n·c)` with
+/// n = add_noise(z_up, ε), each scalar product candle's affine `v·m + 0` (the chains' f32
+/// operations in their order).
+#[derive(Debug, Clone, Copy)]
+pub struct ValueRestraint {
+    keep: f32,
+    mix: f32,
+    noise: crate::sched::ValueNoise,
+}
+
+impl ValueRestraint {
+    /// z restrained, from the upscaled latent's value `z_up` and the stage noise's `eps`.
+    #[inline]
+    pub fn apply(self, z_up: f32, eps: f32, z: f32) -> f32 {
+        (z * self.keep + 0.0) + (self.noise.apply(z_up, eps) * self.mix + 0.0)
     }
 }
 
