@@ -722,14 +722,11 @@ impl Engine<'_> {
             capture: stage.camap_capture && j + 1 == steps,
             done: &done,
         };
-        // The local merge's stage-sized buffers, passed from step to step (two steps merge
-        // at once where they overlap).
-        let mut spare: Vec<MergeBuffers> = Vec::new();
+        // The local merge's stage-sized buffers, passed from step to step (a step's merge
+        // starts when it begins, after the step before has handed them back).
+        let mut buffers = MergeBuffers::default();
         std::thread::scope(|scope| -> Result<()> {
-            let open = |setup, buffers: Option<MergeBuffers>| {
-                let input = StepInput::new(at.shape);
-                views::open(scope, setup, input, buffers.unwrap_or_default())
-            };
+            let open = |setup| views::open(scope, setup, StepInput::new(at.shape));
             let mut checkpoints = Background::new(scope);
             let mut next: Option<Flight> = None;
             for j in first..steps {
@@ -739,15 +736,15 @@ impl Engine<'_> {
                     z = r.apply(&z, j, t, stepper)?;
                 }
                 let input = stepper.scale_input(&z, j)?;
-                let flight = match next.take() {
+                let mut flight = match next.take() {
                     Some(f) => f,
-                    None => open(setup(j), spare.pop()),
+                    None => open(setup(j)),
                 };
                 flight.begin(&input)?;
                 drop(input);
                 let mut end = StepEnd::new(&stage.guidance, at.plan.guided, stepper, (j, t), &z);
                 if j + 1 < steps {
-                    let following = open(setup(j + 1), spare.pop());
+                    let following = open(setup(j + 1));
                     let t_next = stepper.timestep(j + 1, stage.timesteps[j + 1]);
                     let rule = next_input_rule(stepper, restraint, (j + 1, t_next))?;
                     if let (Some(end), Some(rule)) = (end.as_mut(), rule) {
@@ -755,10 +752,10 @@ impl Engine<'_> {
                     }
                     next = Some(following);
                 }
-                flight.set_end(end);
+                flight.start_merge(end, std::mem::take(&mut buffers))?;
                 let before_views = step_start.elapsed().as_secs_f64();
-                let (mut pred, buffers) = flight.close()?;
-                spare.push(buffers);
+                let mut pred;
+                (pred, buffers) = flight.close()?;
                 let mut timings = pred.timings;
                 timings.guidance += before_views;
                 (z, x0) = match pred.stepped.take() {

@@ -145,8 +145,9 @@ pub struct Flight<'scope, 'v> {
     head_rows: usize,
     arrivals: Arc<Arrivals<'v>>,
     handle: std::thread::ScopedJoinHandle<'scope, HandOut>,
-    /// Seconds spent setting the step up.
+    /// Seconds spent setting the step up, and merging what arrived before it began.
     setup: f64,
+    held: f64,
     _stop: StopOnDrop,
 }
 
@@ -158,13 +159,12 @@ type HandOut = (
 );
 
 /// Opens step `setup.at`: its tasks are written and handed out as `input` makes their views
-/// known, each result merged as it arrives (into `buffers`, the sums' buffers of an earlier
-/// step). The step's end is set later ([`Flight::set_end`]), once the step's sample is.
+/// known. Results are held until the step begins ([`Flight::start_merge`]: the step before
+/// has then handed back its merge's buffers), then merged as they arrive.
 pub fn open<'scope, 'v>(
     scope: &'scope std::thread::Scope<'scope, 'v>,
     setup: StepSetup<'v>,
     input: Arc<StepInput>,
-    buffers: MergeBuffers,
 ) -> Flight<'scope, 'v> {
     let clock = Instant::now();
     let StepSetup {
@@ -178,15 +178,7 @@ pub fn open<'scope, 'v>(
         capture,
         done,
     } = setup;
-    let arrivals = Arc::new(Arrivals::new(
-        store,
-        at,
-        plan.guided,
-        stage,
-        views,
-        (buffers, None),
-        done,
-    ));
+    let arrivals = Arc::new(Arrivals::new(store, at, plan.guided, stage, views, done));
     let inputs = TaskInputs {
         store,
         plan,
@@ -217,6 +209,7 @@ pub fn open<'scope, 'v>(
         arrivals,
         handle,
         setup: clock.elapsed().as_secs_f64(),
+        held: 0.0,
     }
 }
 
@@ -237,10 +230,14 @@ impl Flight<'_, '_> {
         self.input.set_whole(input)
     }
 
-    /// With `end`, guidance and the scheduler step follow the merge down the latent, and the
+    /// Starts the merge into `buffers` (an earlier step's), merging what arrived before. With
+    /// `end`, guidance and the scheduler step follow the merge down the latent, and the
     /// step's result carries the stepped latents.
-    pub fn set_end(&self, end: Option<StepEnd>) {
-        lock(&self.arrivals.merge).end = end;
+    pub fn start_merge(&mut self, end: Option<StepEnd>, buffers: MergeBuffers) -> Result<()> {
+        let clock = Instant::now();
+        lock(&self.arrivals.merge).start(end, buffers)?;
+        self.held += clock.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Waits for the step's last task, reads what could not be merged early, then fuses the
@@ -265,7 +262,12 @@ impl Flight<'_, '_> {
             return Err(e);
         }
         timings.store_read += in_flight.read;
-        timings.merge += in_flight.merging;
+        timings.merge += in_flight.merging + self.held;
+        if merge.paused {
+            return Err(EngineError::Invalid(
+                "a step ended before its merge started".into(),
+            ));
+        }
         let mut buffers = MergeBuffers::default();
         let (merged_local, fusion, camap, end) = complete_merge(
             self.store,
@@ -663,7 +665,6 @@ impl<'a> Arrivals<'a> {
         guided: bool,
         stage: &StagePlan,
         views: &'a StepViews,
-        (buffers, end): (MergeBuffers, Option<StepEnd>),
         done: &'a (dyn Fn(usize) + Sync),
     ) -> Self {
         let groups = &views.groups[..];
@@ -683,7 +684,6 @@ impl<'a> Arrivals<'a> {
                 views.global.as_ref(),
                 weighting,
                 stage.fusion_scale,
-                (buffers, end),
             )),
             in_flight: Mutex::new(InFlight::default()),
             done,
@@ -876,6 +876,8 @@ struct StepMerge<'a> {
     arrived: BTreeMap<usize, TaskOutputs>,
     /// Buffers for the local merge to sum into, taken when it starts.
     buffers: Option<MergeBuffers>,
+    /// Arrivals are held, not merged, until the step begins ([`StepMerge::start`]).
+    paused: bool,
     /// Guidance and the scheduler step, run on the rows the merge (and fusion) settle (their
     /// time counted as the merge's, as the fusion's is).
     end: Option<StepEnd>,
@@ -888,7 +890,6 @@ impl<'a> StepMerge<'a> {
         global: Option<&'a GlobalViews>,
         weighting: ViewWeighting,
         fusion_scale: usize,
-        (buffers, end): (MergeBuffers, Option<StepEnd>),
     ) -> Self {
         Self {
             groups,
@@ -901,9 +902,16 @@ impl<'a> StepMerge<'a> {
             fusion_scale,
             next: 0,
             arrived: BTreeMap::new(),
-            buffers: Some(buffers),
-            end,
+            buffers: None,
+            paused: true,
+            end: None,
         }
+    }
+
+    /// Merges into `buffers` from now on, with the step's `end` behind the merge.
+    fn start(&mut self, end: Option<StepEnd>, buffers: MergeBuffers) -> Result<()> {
+        (self.end, self.buffers, self.paused) = (end, Some(buffers), false);
+        self.merge_in_order()
     }
 
     fn arrive(&mut self, ti: usize, outputs: TaskOutputs) -> Result<()> {
@@ -911,6 +919,14 @@ impl<'a> StepMerge<'a> {
             return Ok(());
         }
         self.arrived.insert(ti, outputs);
+        self.merge_in_order()
+    }
+
+    /// Merges every held task that is next in order (none while paused).
+    fn merge_in_order(&mut self) -> Result<()> {
+        if self.paused {
+            return Ok(());
+        }
         while let Some(outputs) = self.arrived.remove(&self.next) {
             self.add(self.next, outputs)?;
             self.next += 1;
@@ -1259,22 +1275,20 @@ mod tests {
         let cfg = tessera_core::plan::GuidancePlan::Cfg { scale: 5.0 };
         let (j, t) = (2, stepper.scheduler().timesteps()[2]);
         type Stepped = Option<(Tensor, Tensor)>;
-        let run = |groups: &[Group], order: &[usize]| -> Result<(Vec<f32>, Stepped)> {
-            let mut m = StepMerge {
+        // The merge starts (as its step begins) after `held` tasks have arrived.
+        let run = |groups: &[Group], order: &[usize], held: usize| -> Result<(Vec<f32>, Stepped)> {
+            let mut m = StepMerge::new(
                 groups,
-                local: &local,
-                global: Some(&global),
-                weighting: ViewWeighting::GAUSSIAN,
-                local_merge: None,
-                global_scatter: None,
-                fusion: None,
-                fusion_scale: scale,
-                next: 0,
-                arrived: BTreeMap::new(),
-                buffers: None,
-                end: StepEnd::new(&cfg, true, &stepper, (j, t), &sample),
-            };
-            for &ti in order {
+                &local,
+                Some(&global),
+                ViewWeighting::GAUSSIAN,
+                scale,
+            );
+            for (n, &ti) in order.iter().enumerate() {
+                if n == held {
+                    let end = StepEnd::new(&cfg, true, &stepper, (j, t), &sample);
+                    m.start(end, MergeBuffers::default())?;
+                }
                 m.arrive(ti, per_task(&groups[ti])?)?;
             }
             let end = m.end.take();
@@ -1292,20 +1306,20 @@ mod tests {
         let mut shuffled = forward.clone();
         shuffled.rotate_left(n / 3);
         shuffled.swap(0, n - 1);
-        let (a, stepped) = run(&banded, &forward)?;
+        let (a, stepped) = run(&banded, &forward, 0)?;
         let bits = |s: &Stepped| -> Result<Vec<u32>> {
             let (z, x0) = s.as_ref().expect("stepped");
             let v = Tensor::cat(&[z, x0], 0)?.flatten_all()?.to_vec1::<f32>()?;
             Ok(v.into_iter().map(f32::to_bits).collect())
         };
-        for (groups, order) in [
-            (&banded, &backward),
-            (&banded, &shuffled),
-            (&headed, &forward),
-            (&headed, &shuffled),
-            (&whole, &shuffled),
+        for (groups, order, held) in [
+            (&banded, &backward, 0),
+            (&banded, &shuffled, 0),
+            (&headed, &forward, 0),
+            (&headed, &shuffled, n / 2),
+            (&whole, &shuffled, 0),
         ] {
-            let (b, s) = run(groups, order)?;
+            let (b, s) = run(groups, order, held)?;
             assert_eq!(a, b);
             assert_eq!(bits(&stepped)?, bits(&s)?);
         }
