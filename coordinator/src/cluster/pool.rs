@@ -514,7 +514,10 @@ impl Pool {
     ) -> Vec<Option<String>> {
         let mut wanted = Vec::new();
         for (i, (slot, r)) in picked.iter().zip(results).enumerate() {
-            if r.ok && !lock(&slot.st).done {
+            // An abandoned batch's job has stopped and its keys may be gone already: its
+            // results count for nothing, and against no worker.
+            let abandoned = slot.batch.abandoned.load(Ordering::Relaxed);
+            if r.ok && !abandoned && !lock(&slot.st).done {
                 wanted.extend(keys::task_outputs(&slot.task).into_iter().map(|k| (i, k)));
             }
         }
