@@ -129,6 +129,16 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// `f` over the values of a contiguous f32 CPU tensor, read where they lie; `None` for any
+/// other tensor.
+pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((from, to))) => Some(f(&v[from..to])),
+        _ => None,
+    }
+}
+
 /// Appends a contiguous CPU tensor's elements straight from its storage (a checkpointed
 /// stage latent is not copied out first); false, with nothing written, for any other tensor.
 fn push_in_place(out: &mut Vec<u8>, t: &Tensor) -> bool {

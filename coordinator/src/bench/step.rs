@@ -47,30 +47,24 @@ struct SimulatedWorkers {
     /// The stage CA-map, read once per stage as by a worker process.
     cache: ReadCache,
     slots: usize,
-    /// The doubles' device turns, shared by overlapping calls (a stage's steps overlap): a
-    /// task taken from a stream waits for a free one, so `slots` tasks compute at most.
-    turns: Vec<Mutex<()>>,
-    free: Mutex<Vec<usize>>,
+    /// Doubles computing now, across overlapping calls (a stage's steps overlap): a task
+    /// taken from a stream waits until fewer than `slots` compute.
+    busy: Mutex<usize>,
     freed: std::sync::Condvar,
 }
 
 impl SimulatedWorkers {
-    /// Waits for a free double and returns its index.
-    fn take_turn(&self) -> usize {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(slot) = free.pop() {
-                return slot;
-            }
-            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+    /// Waits for a free double and takes it.
+    fn take_turn(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= self.slots {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
         }
+        *busy += 1;
     }
 
-    fn end_turn(&self, slot: usize) {
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot);
+    fn end_turn(&self) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         self.freed.notify_one();
     }
 }
@@ -86,6 +80,7 @@ impl Dispatch for SimulatedWorkers {
         std::thread::scope(|scope| {
             for _ in 0..self.slots {
                 let (feed, first_error) = (&feed, &first_error);
+                let turn = Mutex::new(());
                 scope.spawn(move || loop {
                     let next = feed.lock().unwrap_or_else(|e| e.into_inner()).next();
                     let Some(task) = next else { return };
@@ -100,15 +95,15 @@ impl Dispatch for SimulatedWorkers {
                         // The steps are done; the decode is not what this bench measures.
                         Err(DispatchError::Cancelled)
                     } else {
-                        let slot = self.take_turn();
+                        self.take_turn();
                         let outcome = tasks::execute(
                             Backend::Simulated(&self.sim),
                             &GuardedStore::new(&self.store, &task),
                             &self.cache,
                             &task,
-                            &self.turns[slot],
+                            &turn,
                         );
-                        self.end_turn(slot);
+                        self.end_turn();
                         outcome.map(|_| ()).map_err(DispatchError::from)
                     };
                     match outcome {
@@ -255,8 +250,7 @@ fn measure_size(
         store: store.clone(),
         cache: ReadCache::default(),
         slots: opts.workers,
-        turns: (0..opts.workers).map(|_| Mutex::new(())).collect(),
-        free: Mutex::new((0..opts.workers).collect()),
+        busy: Mutex::new(0),
         freed: std::sync::Condvar::new(),
     };
     let engine = Engine {

@@ -11,6 +11,7 @@ pub mod views;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use tessera_core::codec::with_f32_values;
 use tessera_core::method::camap::CaMap;
 use tessera_core::method::facfg::{fa_cfg, FaCfgWeights};
 use tessera_core::method::freescale::RestrainedStructure;
@@ -911,7 +912,7 @@ fn next_input_rule(
     let rule = stepper
         .value_noise(j, t)
         .and_then(|noise| r.rule.value_restraint((j, t), noise));
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+    let f32_cpu = |t: &Tensor| with_f32_values(t, |_| ()).is_some();
     Ok(match rule {
         Some(rule) if f32_cpu(&r.z_up) && f32_cpu(&r.eps) && r.z_up.dims() == r.eps.dims() => {
             Some(InputRule {

@@ -11,7 +11,8 @@
 //! few rows behind (`facfg::FaCfgBands`, the same bytes as `fa_cfg`). A DDIM that clips x̂₀
 //! keeps its step end after the last result.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use tessera_core::codec::with_f32_values;
 use tessera_core::method::facfg::{FaCfgBands, FaCfgWeights};
 use tessera_core::method::guidance::cfg_value;
 use tessera_core::plan::GuidancePlan;
@@ -58,10 +59,7 @@ impl StepEnd {
         let (1, channels, h, w) = sample.dims4().ok()? else {
             return None;
         };
-        let contiguous = sample.storage_and_layout().1.is_contiguous();
-        if sample.dtype() != DType::F32 || !sample.device().is_cpu() || !contiguous {
-            return None;
-        }
+        with_f32_values(sample, |_| ())?;
         let step = stepper.value_step(j, t)?;
         let guide = match (guidance, guided) {
             (GuidancePlan::Cfg { scale }, true) => Guide::Cfg(*scale as f32),
@@ -133,11 +131,22 @@ impl StepEnd {
         if upto <= from {
             return Ok(());
         }
-        let (storage, layout) = self.sample.storage_and_layout();
-        let sample = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
-            _ => return Err(EngineError::Invalid("the step's sample moved".into())),
-        };
+        let sample = self.sample.clone();
+        with_f32_values(&sample, |sample| {
+            self.step_rows(sample, merged, (from, upto))
+        })
+        .ok_or_else(|| EngineError::Invalid("the step's sample moved".into()))?;
+        if let Some((input, rule, limit)) = &self.publish {
+            input.publish(&self.next, (from, upto), rule, *limit);
+        }
+        self.done = upto;
+        Ok(())
+    }
+
+    /// Guides and steps rows `from..upto` of every plane, from `sample`'s values.
+    fn step_rows(&mut self, sample: &[f32], merged: &[f32], (from, upto): (usize, usize)) {
+        let (channels, h, w) = self.dims;
+        let plane = h * w;
         let rows = from * w..upto * w;
         let (guided, guide, step) = (self.guided, &self.guide, self.step);
         let parallel = rows.len() * channels >= PARALLEL_MIN;
@@ -167,11 +176,6 @@ impl StepEnd {
                 }
             }
         });
-        if let Some((input, rule, limit)) = &self.publish {
-            input.publish(&self.next, (from, upto), rule, *limit);
-        }
-        self.done = upto;
-        Ok(())
     }
 
     /// The next latent and the predicted clean latent, once every row is stepped.
@@ -291,6 +295,7 @@ pub(super) fn test_stepper(kind: tessera_core::sched::SchedulerKind) -> Stepper 
 mod tests {
     use super::super::guide_halves;
     use super::*;
+    use candle_core::DType;
     use tessera_core::plan::StageSchedule;
     use tessera_core::sched::SchedulerKind;
 

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
+use tessera_core::codec::with_f32_values;
 use tessera_core::method::freescale::ValueRestraint;
 use tessera_core::sched::InputScale;
 
@@ -65,8 +66,8 @@ impl StepInput {
                 input.dims()
             )));
         }
-        let whole = match contiguous_f32(input) {
-            Some(_) => input.clone(),
+        let whole = match with_f32_values(input, |_| ()) {
+            Some(()) => input.clone(),
             None => input.to_dtype(DType::F32)?.contiguous()?,
         };
         let mut s = lock(&self.state);
@@ -76,7 +77,7 @@ impl StepInput {
         self.changed.notify_all();
         drop(s);
         // Tasks may have been cut from either: they must be the same bytes.
-        if rows > 0 && !same_rows(&published, &whole, (c * h * w, h * w), rows * w)? {
+        if rows > 0 && !same_rows(&published, &whole, (c * h * w, h * w), rows * w) {
             return Err(EngineError::Invalid(
                 "the rows published for a step's first tasks differ from its input".into(),
             ));
@@ -128,11 +129,8 @@ impl StepInput {
         loop {
             if let Some(whole) = s.whole.clone() {
                 drop(s);
-                let (storage, layout) = whole.storage_and_layout();
-                return match (&*storage, layout.contiguous_offsets()) {
-                    (Storage::Cpu(cpu), Some((a, b))) => Ok(f(&cpu.as_slice::<f32>()?[a..b])),
-                    _ => Err(EngineError::Invalid("the step input moved".into())),
-                };
+                return with_f32_values(&whole, f)
+                    .ok_or_else(|| EngineError::Invalid("the step input moved".into()));
             }
             if s.stopped {
                 return Err(EngineError::Invalid(
@@ -159,22 +157,17 @@ impl StepInput {
 
 /// Whether the first `n` values of every plane (`plane` values each, `len` in all) of `a` and
 /// the contiguous f32 tensor `b` are the same bits.
-fn same_rows(a: &[f32], b: &Tensor, (len, plane): (usize, usize), n: usize) -> Result<bool> {
-    let (storage, layout) = b.storage_and_layout();
-    let b = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((from, to))) => &cpu.as_slice::<f32>()?[from..to],
-        _ => return Ok(false),
-    };
-    if a.len() != len || b.len() != len {
-        return Ok(false);
-    }
-    Ok((0..len / plane.max(1)).all(|p| {
-        let r = p * plane..p * plane + n;
-        a[r.clone()]
-            .iter()
-            .zip(&b[r])
-            .all(|(x, y)| x.to_bits() == y.to_bits())
-    }))
+fn same_rows(a: &[f32], b: &Tensor, (len, plane): (usize, usize), n: usize) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    with_f32_values(b, |b| {
+        a.len() == len
+            && b.len() == len
+            && (0..len / plane.max(1)).all(|p| {
+                let r = p * plane..p * plane + n;
+                bits(&a[r.clone()]) == bits(&b[r])
+            })
+    })
+    .unwrap_or(false)
 }
 
 /// How a step's model input is made from its latent, value by value: the restraint (where
@@ -196,33 +189,18 @@ impl InputRule {
             }
             return true;
         };
-        let (up_storage, up_layout) = z_up.storage_and_layout();
-        let (eps_storage, eps_layout) = eps.storage_and_layout();
-        let values = |s: &Storage, l: &candle_core::Layout| -> Option<Vec<f32>> {
-            let (Storage::Cpu(cpu), Some((from, _))) = (s, l.contiguous_offsets()) else {
-                return None;
-            };
-            let all = cpu.as_slice::<f32>().ok()?;
-            all.get(from + at..from + at + z.len()).map(<[f32]>::to_vec)
-        };
-        let (Some(up), Some(ep)) = (
-            values(&up_storage, up_layout),
-            values(&eps_storage, eps_layout),
-        ) else {
-            return false;
-        };
-        for (((o, &v), &x), &n) in out.iter_mut().zip(z).zip(&up).zip(&ep) {
-            *o = self.scale.apply(rule.apply(x, n, v));
-        }
-        true
+        let values = at..at + z.len();
+        let made = with_f32_values(z_up, |up| {
+            with_f32_values(eps, |ep| {
+                let (up, ep) = (up.get(values.clone())?, ep.get(values.clone())?);
+                for (((o, &v), &x), &n) in out.iter_mut().zip(z).zip(up).zip(ep) {
+                    *o = self.scale.apply(rule.apply(x, n, v));
+                }
+                Some(())
+            })
+        });
+        made.flatten().flatten().is_some()
     }
-}
-
-/// A tensor that already is contiguous f32 on the CPU.
-fn contiguous_f32(t: &Tensor) -> Option<()> {
-    let (storage, layout) = t.storage_and_layout();
-    let cpu = matches!(&*storage, Storage::Cpu(_));
-    (cpu && t.dtype() == DType::F32 && layout.contiguous_offsets().is_some()).then_some(())
 }
 
 /// Stops a step's input when dropped: a step opened early but never begun (the stage ended

@@ -325,19 +325,13 @@ impl StepViews {
         let local = local_views(stage, at)?;
         let global = global_views(stage)?;
         let globals = global.as_ref().map_or(0, |g| g.len());
-        let groups = task_groups(local.len(), globals, batch, head);
+        let (groups, head) = task_groups(local.len(), globals, batch, head);
         let (h, vh) = (local.latent_size().0, local.window().0);
-        let mut needs = vec![None; groups.len()];
-        for (need, group) in needs.iter_mut().zip(&groups) {
-            match group {
-                Group::Local(ix) => {
-                    let bottom = |i: usize| (local.rects()[i].top.max(0) as usize + vh).min(h);
-                    *need = ix.iter().map(|&i| bottom(i)).max();
-                }
-                // The first global task ends the head: what follows needs the whole input.
-                Group::Global(_) => break,
-            }
-        }
+        let bottom = |i: usize| (local.rects()[i].top.max(0) as usize + vh).min(h);
+        // The head's tasks need their views' rows; every other task the whole input.
+        let needs = (groups.iter().enumerate())
+            .map(|(ti, g)| (ti < head).then(|| g.views().iter().map(|&i| bottom(i)).max())?)
+            .collect();
         Ok(Self {
             local,
             global,
@@ -824,13 +818,14 @@ fn split_halves(merged: Tensor, guided: bool) -> Result<(Tensor, Option<Tensor>)
     })
 }
 
-/// The step's tasks: a head of up to `head` batches of local views (at most half of them),
-/// then the batches of global views, then the other local views, all in view order. The
-/// head's views lie at the top of the latent, so they can go out as soon as the step before
-/// has stepped those rows (`step_input.rs`); once the global views are merged, the fusion
-/// follows the local merge down the latent a band of rows at a time (see [`StepMerge`]).
-/// Without a head: the global views first. The order does not change the bytes.
-fn task_groups(locals: usize, globals: usize, batch: usize, head: usize) -> Vec<Group> {
+/// The step's tasks, and how many of them are its head: up to `head` batches of local views
+/// (at most half of them), then the batches of global views, then the other local views,
+/// all in view order. The head's views lie at the top of the latent, so they can go out as
+/// soon as the step before has stepped those rows (`step_input.rs`); once the global views
+/// are merged, the fusion follows the local merge down the latent a band of rows at a time
+/// (see [`StepMerge`]). Without a head: the global views first. The order does not change
+/// the bytes.
+fn task_groups(locals: usize, globals: usize, batch: usize, head: usize) -> (Vec<Group>, usize) {
     let chunks = |n: usize| {
         let ix: Vec<usize> = (0..n).collect();
         ix.chunks(batch.max(1))
@@ -838,15 +833,11 @@ fn task_groups(locals: usize, globals: usize, batch: usize, head: usize) -> Vec<
             .collect::<Vec<_>>()
     };
     let mut local = chunks(locals).into_iter().map(Group::Local);
-    let head = if globals == 0 {
-        0
-    } else {
-        head.min(local.len() / 2)
-    };
+    let head = head.min(local.len() / 2);
     let mut groups: Vec<Group> = local.by_ref().take(head).collect();
     groups.extend(chunks(globals).into_iter().map(Group::Global));
     groups.extend(local);
-    groups
+    (groups, head)
 }
 
 fn task_id(at: &StepAt, ti: usize) -> String {
@@ -1232,10 +1223,10 @@ mod tests {
         // Globals first (the fusion follows the merge), a head of local views before them
         // (as overlapping steps run), and locals first (the fusion runs whole at the end):
         // the same bytes.
-        let banded = task_groups(local.len(), global.len(), 3, 0);
-        let headed = task_groups(local.len(), global.len(), 3, 4);
-        let mut whole = task_groups(local.len(), 0, 3, 0);
-        whole.extend(task_groups(0, global.len(), 3, 0));
+        let banded = task_groups(local.len(), global.len(), 3, 0).0;
+        let headed = task_groups(local.len(), global.len(), 3, 4).0;
+        let mut whole = task_groups(local.len(), 0, 3, 0).0;
+        whole.extend(task_groups(0, global.len(), 3, 0).0);
         assert!(matches!(banded[0], Group::Global(_)) && matches!(whole[0], Group::Local(_)));
         let head = headed
             .iter()

@@ -217,13 +217,14 @@ impl Scheduler {
 
     /// The model input for step `step_index`: Euler divides by sqrt(σ² + 1), DDIM passes it on.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> TensorResult<Tensor> {
-        match self.input_scale(step_index)? {
-            InputScale::Identity => Ok(sample.clone()),
-            // One threaded pass of the value arithmetic; candle's division where it cannot.
-            InputScale::Times(m) => match fused::map(sample, |v| InputScale::Times(m).apply(v))? {
-                Some(scaled) => Ok(scaled),
-                None => sample / self.input_divisor(step_index)?,
-            },
+        let scale = self.input_scale(step_index)?;
+        if scale == InputScale::Identity {
+            return Ok(sample.clone());
+        }
+        // One threaded pass of the value arithmetic; candle's division where it cannot.
+        match fused::map(sample, |v| scale.apply(v))? {
+            Some(scaled) => Ok(scaled),
+            None => sample / self.input_divisor(step_index)?,
         }
     }
 
